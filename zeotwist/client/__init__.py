@@ -1,0 +1,1 @@
+"""The zeotwist client: the Deferred API, its cache, and the blocking ClientStorage."""

@@ -1,0 +1,38 @@
+"""Turn the addresses users give into Twisted client endpoints.
+
+Accepted: ``(host, port)`` tuples (as in ZEO), ``"host:port"``, a Unix
+socket path (a string containing ``/`` or ending in ``.sock``), any Twisted
+client endpoint string (``tcp:…``, ``unix:…``, ``tls:…``), or an object
+that already provides ``IStreamClientEndpoint``.  Pure; no I/O.
+"""
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+
+_SCHEMES = ("tcp:", "tcp6:", "unix:", "tls:", "ssl:", "systemd:", "host:")
+
+
+def endpoint_string(address) -> str:
+    """The endpoint string for ``address`` (not for endpoint objects)."""
+    if isinstance(address, tuple):
+        host, port = address
+        return "tcp:host=%s:port=%d" % (_escape(host), int(port))
+    if not isinstance(address, str):
+        raise TypeError("cannot make a server address of %r" % (address,))
+    if address.startswith(_SCHEMES):
+        return address
+    if "/" in address or address.endswith(".sock"):
+        return "unix:path=%s" % _escape(address)
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit():
+        return "tcp:host=%s:port=%s" % (_escape(host or "localhost"), port)
+    raise ValueError("cannot make a server address of %r" % (address,))
+
+
+def to_endpoint(reactor, address):
+    if IStreamClientEndpoint.providedBy(address):
+        return address
+    return clientFromString(reactor, endpoint_string(address))
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")

@@ -1,0 +1,103 @@
+"""The client end of one connection: typed calls out, Invalidate in.
+
+:meth:`ClientProtocol.call` sends a command and returns a *fresh* Deferred
+that fires with the parsed response or a typed exception (rebuilt from the
+wire code by :mod:`zeotwist.wire.codes`); the AMP-level Deferred always ends
+handled, so an error answer never drops the connection.  The server's
+``Invalidate`` is handed to the owning :class:`~zeotwist.client.client.Client`
+synchronously, in the order boxes arrive, and so is every answer: a load
+result reaches the cache before the next box is parsed.
+
+Runs on the reactor thread.
+"""
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionClosed
+from twisted.internet.protocol import Factory
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from zeotwist.errors import ClientDisconnected
+from zeotwist.wire import commands as C
+from zeotwist.wire.codes import rebuild
+from zeotwist.wire.framing import CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP
+
+
+def _convert(failure: Failure) -> BaseException:
+    err = failure.value
+    if isinstance(err, amp.RemoteAmpError):
+        return rebuild(err.errorCode, err.description)
+    if failure.check(ConnectionClosed, amp.ProtocolSwitched):
+        return ClientDisconnected("connection to the server was lost: %s" % (err,))
+    return err
+
+
+def _parse_load(box, proto):
+    if box.get(b"found") != b"True":
+        return None
+    r = C.LoadBefore.parseResponse(box, proto)
+    return r["data"], r["start"], r["end"]
+
+
+class ClientProtocol(BoundedAMP):
+    maxBoxBytes = CLIENT_MAX_BOX_BYTES
+    maxBoxKeys = CLIENT_MAX_BOX_KEYS
+
+    def __init__(self, client):
+        super().__init__()
+        self.client = client
+
+    def call(self, command, **kw) -> Deferred:
+        """Send ``command``; a fresh Deferred of its response dict."""
+        return self._ask(command, command.makeArguments(kw, self))
+
+    def send(self, command, **kw) -> None:
+        """Send a one-way ``command`` (no answer)."""
+        self._sendBoxCommand(command.commandName, command.makeArguments(kw, self), False)
+
+    def load_before(self, oid: bytes, tid: bytes) -> Deferred:
+        """The hot path: LoadBefore without the generic argument encoding.
+
+        Fires with ``(data, start, end)`` or None.
+        """
+        return self._ask(C.LoadBefore, amp.AmpBox({b"oid": oid, b"tid": tid}),
+                         _parse_load)
+
+    def _ask(self, command, box, parse=None) -> Deferred:
+        result = Deferred()
+        parse = parse or command.parseResponse
+        d = self._sendBoxCommand(command.commandName, box, True)
+
+        def done(answer):
+            if isinstance(answer, Failure):
+                result.errback(_convert(answer))
+                return
+            try:
+                value = parse(answer, self)
+            except Exception as e:
+                self.protocolViolation("bad %s answer: %s" % (
+                    command.commandName.decode("ascii"), e))
+                result.errback(ClientDisconnected("bad answer from server: %s" % e))
+                return
+            result.callback(value)
+
+        d.addBoth(done)
+        return result
+
+    @C.Invalidate.responder
+    def invalidate(self, tid, oids):
+        self.client._invalidated(self, tid, oids)
+        return {}
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.client._connection_lost(self, reason)
+
+
+class ClientFactory(Factory):
+    def __init__(self, client):
+        self.client = client
+
+    def buildProtocol(self, addr):
+        p = ClientProtocol(self.client)
+        p.factory = self
+        return p

@@ -1,0 +1,258 @@
+"""ClientStorage: the blocking ZODB storage, a thin adapter over :class:`Client`.
+
+ZODB's ``DB`` and its connections call this from ordinary threads.  Each
+method either answers locally (the cache, the oid pool, last tid) or hands a
+Deferred-returning :class:`Client` call to the reactor thread and waits,
+with a timeout, through :func:`~zeotwist.client.reactorthread.blocking_call`.
+Reactor-side code never calls back into this class, except ZODB's own
+callbacks (``db.invalidate``, the ``tpc_finish`` callback), which run on the
+reactor thread under the client's visibility lock.
+
+One transaction at a time per storage, as in ZEO: ``tpc_begin`` waits while
+another thread's transaction is in progress.
+"""
+import threading
+
+import zope.interface
+from ZODB import interfaces
+from ZODB.POSException import POSKeyError, ReadOnlyError, StorageTransactionError
+from ZODB.utils import maxtid, z64
+
+from zeotwist.client.addresses import to_endpoint
+from zeotwist.client.client import Client
+from zeotwist.client.reactorthread import blocking_call, default_reactor, in_reactor_thread
+from zeotwist.errors import ClientDisconnected
+
+DEFAULT_CACHE_SIZE = 20 * 2**20
+
+
+@zope.interface.implementer(interfaces.IStorage, interfaces.IMultiCommitStorage)
+class ClientStorage:
+    """A ZODB storage served by a zeotwist server.
+
+    :param addr: ``(host, port)``, ``"host:port"``, a Unix socket path, a
+        Twisted endpoint string or an endpoint object.
+    :param storage: the name of the storage on the server (default ``"1"``).
+    :param wait_timeout: seconds to wait for a connection, at construction
+        (with ``wait=True``) and for any call made while disconnected, before
+        raising :class:`~zeotwist.errors.ClientDisconnected`.
+    :param timeout: seconds a call waits for its answer once sent.
+    :param reactor: the reactor to use; default: the global one if it is
+        running, else a private reactor in a daemon thread.
+    """
+
+    def __init__(self, addr, storage: str = "1", cache_size: int = DEFAULT_CACHE_SIZE,
+                 name: str = "", read_only: bool = False, wait_timeout: float = 30.0,
+                 wait: bool = True, timeout: float = 300.0, server_sync: bool = False,
+                 reactor=None, **unsupported):
+        ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
+        if ignored:
+            raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
+        self._addr = addr
+        self._storage = storage
+        self._name = name or "%s:%s" % (addr, storage)
+        self._read_only = read_only
+        self._timeout = timeout
+        self._server_sync = server_sync
+        self._reactor = reactor or default_reactor()
+        self._db = None
+        self._tpc_cond = threading.Condition()
+        self._transaction = None      # the ZODB transaction being committed
+        self._txn = None              # its ClientTransaction
+        self._closed = False
+        endpoint = to_endpoint(self._reactor, addr)
+        self._client = Client(self._reactor, endpoint, storage=storage, read_only=read_only,
+                              cache_size=cache_size, wait_timeout=wait_timeout)
+        self._client.add_invalidation_listener(self._invalidate_db)
+        self._client.add_reset_listener(self._invalidate_db_cache)
+        if in_reactor_thread(self._reactor):
+            self._client.start()
+        else:
+            self._reactor.callFromThread(self._client.start)
+            if wait:
+                self._call(self._client.when_connected)
+
+    # -- plumbing --------------------------------------------------------------
+    def _call(self, f, *args, timeout=None):
+        return blocking_call(self._reactor, f, *args,
+                             timeout=timeout or self._timeout, on_timeout=self._timed_out)
+
+    def _timed_out(self):
+        return ClientDisconnected("no answer from the zeotwist server within %g s" % self._timeout)
+
+    @property
+    def client(self) -> Client:
+        """The Deferred-API client under this storage (same connection and cache)."""
+        return self._client
+
+    def _invalidate_db(self, tid, oids):
+        if self._db is not None:
+            self._db.invalidate(tid, oids)
+
+    def _invalidate_db_cache(self):
+        if self._db is not None:
+            self._db.invalidateCache()
+
+    # -- ZEO-style status --------------------------------------------------------
+    def is_connected(self, test: bool = False) -> bool:
+        if test and self._client.is_connected:
+            try:
+                self._call(self._client.ping)
+            except ClientDisconnected:
+                return False
+        return self._client.is_connected
+
+    def server_status(self) -> dict:
+        return dict(self._call(self._client.info))
+
+    def sync(self, force: bool = True) -> None:
+        """With ``server_sync=True``, make sure every invalidation sent so far
+        has arrived (one round trip); otherwise nothing to do."""
+        if self._server_sync:
+            self._call(self._client.ping)
+
+    # -- IStorage: identity and metadata ----------------------------------------
+    def getName(self) -> str:
+        return self._name
+
+    def sortKey(self) -> str:
+        return "%s:%s" % (self._addr, self._storage)
+
+    def getSize(self) -> int:
+        return self._call(self._client.info)["size"]
+
+    def __len__(self) -> int:
+        return self._call(self._client.info)["length"]
+
+    def isReadOnly(self) -> bool:
+        return self._read_only or self._client.server_read_only
+
+    def supportsUndo(self) -> bool:
+        return False
+
+    def lastTransaction(self) -> bytes:
+        return self._client.last_transaction()
+
+    def registerDB(self, db) -> None:
+        self._db = db
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reactor.running and not in_reactor_thread(self._reactor):
+            try:
+                self._call(self._client.stop, timeout=10)
+            except Exception:
+                pass
+        elif self._reactor.running:
+            self._client.stop()
+
+    # -- reads -------------------------------------------------------------------
+    def loadBefore(self, oid: bytes, tid: bytes):
+        r = self._client.cache.loadBefore(oid, tid)
+        if r is not None:
+            return r
+        return self._call(self._client.load_before, oid, tid)
+
+    def load(self, oid: bytes, version: str = ""):
+        r = self.loadBefore(oid, maxtid)
+        if r is None:
+            raise POSKeyError(oid)
+        return r[:2]
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        return self._call(self._client.load_serial, oid, serial)
+
+    def new_oid(self) -> bytes:
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        try:
+            return self._client._oids.popleft()
+        except IndexError:
+            return self._call(self._client.new_oid)
+
+    # -- two-phase commit --------------------------------------------------------
+    def tpc_transaction(self):
+        return self._transaction
+
+    def tpc_begin(self, transaction, tid=None, status=" "):
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        if tid is not None:
+            raise StorageTransactionError("tpc_begin with an explicit tid is restore(), "
+                                          "which zeotwist does not support yet")
+        with self._tpc_cond:
+            while self._transaction is not None:
+                if self._transaction is transaction:
+                    raise StorageTransactionError(
+                        "Duplicate tpc_begin calls for same transaction")
+                self._tpc_cond.wait(30)
+            self._transaction = transaction
+            self._txn = self._client.transaction(transaction, self._dispatch)
+
+    def _dispatch(self, f, *args):
+        if in_reactor_thread(self._reactor):
+            f(*args)
+        else:
+            self._reactor.callFromThread(f, *args)
+
+    def _check_trans(self, transaction, method):
+        if transaction is not self._transaction or self._txn is None:
+            raise StorageTransactionError(
+                "%s called with a transaction that is not being committed" % method)
+        return self._txn
+
+    def store(self, oid, serial, data, version, transaction):
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        if version:
+            raise TypeError("versions are not supported")
+        self._check_trans(transaction, "store").store(oid, serial, data)
+
+    def checkCurrentSerialInTransaction(self, oid, serial, transaction):
+        self._check_trans(transaction, "checkCurrentSerialInTransaction") \
+            .check_current_serial(oid, serial)
+
+    def tpc_vote(self, transaction):
+        txn = self._check_trans(transaction, "tpc_vote")
+        return self._call(txn.vote)
+
+    def tpc_finish(self, transaction, f=None):
+        txn = self._check_trans(transaction, "tpc_finish")
+        try:
+            return self._call(txn.finish, f)
+        finally:
+            self._end_transaction()
+
+    def tpc_abort(self, transaction, timeout=None):
+        if transaction is not self._transaction or self._txn is None:
+            return
+        try:
+            self._call(self._txn.abort, timeout=timeout)
+        except ClientDisconnected:
+            pass    # the server aborts it when the link drops
+        finally:
+            self._end_transaction()
+
+    def _end_transaction(self):
+        with self._tpc_cond:
+            self._transaction = self._txn = None
+            self._tpc_cond.notify_all()
+
+    # -- not yet: undo, history, pack, iteration, blobs (see docs/differences) --
+    def history(self, oid, size=1):
+        raise NotImplementedError("history() comes with the full storage API")
+
+    def pack(self, t, referencesf, gc=True):
+        raise NotImplementedError("pack() comes with the full storage API")
+
+    def undoLog(self, first=0, last=-20, filter=None):
+        return []
+
+    def undoInfo(self, first=0, last=-20, specification=None):
+        return []
+
+    def __repr__(self):
+        return "<ClientStorage %s storage %r%s>" % (
+            self._addr, self._storage, "" if self._client.is_connected else " (disconnected)")

@@ -1,0 +1,64 @@
+"""The exceptions zeotwist raises, rooted at ZODB's ``StorageError``.
+
+Where ZODB already has a class (``ConflictError``, ``ReadOnlyError``,
+``POSKeyError``, ``StorageTransactionError``) we raise ZODB's own, so code
+written against ZEO catches the same things.  The wire-code table that maps
+these classes to AMP error codes lives only in :mod:`zeotwist.wire.codes`.
+"""
+from ZODB.POSException import StorageError
+from transaction.interfaces import TransientError
+
+__all__ = [
+    "ZeotwistError",
+    "ClientDisconnected",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ProtocolVersionError",
+    "UnknownStorage",
+    "TransactionTooLarge",
+    "ReactorThreadError",
+    "StorageServerError",
+]
+
+
+class ZeotwistError(StorageError):
+    """Base class of the errors that are zeotwist's own."""
+
+
+class ClientDisconnected(ZeotwistError, TransientError):
+    """The client is not connected to a server, or lost it mid-call.
+
+    A ``TransientError``: a transaction that fails with it can be retried
+    once the client has reconnected.
+    """
+
+
+class ProtocolError(ZeotwistError):
+    """A peer broke the wire protocol (bad frame, bad argument, bad order)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The *other* side sent something malformed; the connection is dropped."""
+
+
+class ProtocolVersionError(ProtocolError):
+    """Client and server speak different protocol versions."""
+
+
+class UnknownStorage(ZeotwistError):
+    """The server serves no storage under the requested name."""
+
+
+class TransactionTooLarge(ZeotwistError):
+    """A transaction sent more data than the server's per-transaction cap."""
+
+
+class StorageServerError(ZeotwistError):
+    """The server failed in a way it had no specific error code for."""
+
+
+class ReactorThreadError(RuntimeError):
+    """A blocking zeotwist call was made on the reactor thread it needs.
+
+    Waiting there would deadlock; use the Deferred API instead.
+    """

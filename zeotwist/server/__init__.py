@@ -1,0 +1,1 @@
+"""The zeotwist server: StorageServer, per-connection sessions, twistd glue."""

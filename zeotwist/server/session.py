@@ -1,0 +1,296 @@
+"""One client connection to the server: AMP responders and its transaction.
+
+A session decodes a command, calls the :class:`StorageServer` or the
+storage, and encodes the answer.  Every way a connection can end - the
+peer closes or dies, a protocol violation, the handshake or transaction
+timeout - goes through :meth:`ServerSession.connectionLost`, which aborts
+this session's transaction and releases (or withdraws from) the commit lock.
+
+Runs on the reactor thread; ``_*_in_thread`` methods run in the storage's
+worker thread and touch nothing but the storage and the transaction.
+"""
+from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError, ReadOnlyError, StorageTransactionError
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from ZODB.POSException import POSKeyError
+
+from zeotwist.errors import (
+    ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
+from zeotwist.server.txnbuffer import TransactionBuffer
+from zeotwist.wire.records import CHECK
+from zeotwist.wire import commands as C
+from zeotwist.wire.framing import BoundedAMP
+
+_log = Logger()
+
+MAX_NEW_OIDS = 1000
+
+
+class _Txn:
+    """Server-side state of one client transaction.
+
+    ``state`` moves open -> locking -> voting -> voted -> finishing -> done,
+    or to ``aborted`` from any state before finishing.
+    """
+
+    def __init__(self, meta, buffer, read_only):
+        self.meta = meta
+        self.buffer = buffer
+        self.read_only = read_only
+        self.state = "open"
+        self.begun = False      # storage.tpc_begin was called (worker thread)
+        self.oids: list = []
+
+
+class ServerSession(BoundedAMP):
+    def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
+        super().__init__()
+        self._servers = servers
+        self._clock = clock
+        self._handshake_timeout = handshake_timeout
+        self._handshake_timer = None
+        self.server = None          # the StorageServer, once registered
+        self.read_only = True
+        self._txn: _Txn | None = None
+
+    # -- connection life -----------------------------------------------------
+    def connectionMade(self):
+        super().connectionMade()
+        self._handshake_timer = self._clock.callLater(
+            self._handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self):
+        self._handshake_timer = None
+        self.protocolViolation("no handshake within %g s" % self._handshake_timeout)
+
+    def connectionLost(self, reason):
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        if self.server is not None:
+            self.server.unregister(self)
+            self._abort_txn()
+        super().connectionLost(reason)
+
+    def send_frame(self, frame: bytes) -> None:
+        if self.transport is not None and not self._violated:
+            self.transport.write(frame)
+
+    def transaction_timed_out(self):
+        _log.warn("transaction of {peer} held the commit lock too long; "
+                  "disconnecting it", peer=self.transport and self.transport.getPeer())
+        self.protocolViolation("transaction timeout")
+
+    def locateResponder(self, name):
+        if self.server is None and name != C.Register.commandName:
+            return self._unregistered
+        return super().locateResponder(name)
+
+    def _unregistered(self, box):
+        self.protocolViolation("command before Register")
+        return Deferred()
+
+    # -- handshake -------------------------------------------------------------
+    @C.Register.responder
+    def register(self, protocol, storage, read_only):
+        if self.server is not None:
+            raise StorageTransactionError("already registered")
+        if protocol != C.PROTOCOL_VERSION:
+            raise ProtocolVersionError(
+                "server speaks %s, client %s" % (C.PROTOCOL_VERSION, protocol))
+        server = self._servers.get(storage)
+        if server is None:
+            raise UnknownStorage("no storage named %r" % storage)
+        if server.read_only and not read_only:
+            raise ReadOnlyError("storage %r is read-only" % storage)
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        self.server, self.read_only = server, read_only or server.read_only
+        server.register(self)
+        return dict(last_tid=server.last_tid, read_only=self.read_only,
+                    supports_undo=False, name=server.storage.getName())
+
+    # -- reads -------------------------------------------------------------------
+    @C.LoadBefore.responder
+    def load_before(self, oid, tid):
+        self.server.stats["loads"] += 1
+        r = self.server.storage.loadBefore(oid, tid)
+        if r is None:
+            return dict(found=False)
+        data, start, end = r
+        if end is None:
+            return dict(found=True, data=data, start=start)
+        return dict(found=True, data=data, start=start, end=end)
+
+    @C.LoadSerial.responder
+    def load_serial(self, oid, serial):
+        return dict(data=self.server.storage.loadSerial(oid, serial))
+
+    @C.LastTransaction.responder
+    def last_transaction(self):
+        return dict(tid=self.server.last_tid)
+
+    @C.Info.responder
+    def info(self):
+        return self.server.info()
+
+    @C.NewOids.responder
+    def new_oids(self, count):
+        if self.read_only:
+            raise ReadOnlyError()
+        new_oid = self.server.storage.new_oid
+        return dict(oids=[new_oid() for _ in range(max(1, min(count, MAX_NEW_OIDS)))])
+
+    # -- two-phase commit ------------------------------------------------------
+    @C.TpcBegin.responder
+    def tpc_begin(self, user, description, extension):
+        if self._txn is not None and self._txn.state not in ("done", "aborted"):
+            self.protocolViolation("TpcBegin inside a transaction")
+            return {}
+        meta = TransactionMetaData(user, description, extension)
+        buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
+        self._txn = _Txn(meta, buffer, self.read_only)
+        return {}
+
+    @C.StoreData.responder
+    def store_data(self, data):
+        txn = self._txn
+        if txn is None or txn.state != "open":
+            self.protocolViolation("StoreData outside a transaction")
+            return {}
+        txn.buffer.append(data)
+        return {}
+
+    @C.Vote.responder
+    def vote(self):
+        txn = self._txn
+        if txn is None or txn.state != "open":
+            raise StorageTransactionError("Vote without an open transaction")
+        if txn.read_only:
+            self._abort_txn()
+            raise ReadOnlyError()
+        txn.state = "locking"
+        d = self.server.lock.acquire(self)
+        d.addCallback(self._lock_granted, txn)
+        d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
+        return d
+
+    def _lock_granted(self, _, txn):
+        txn.state = "voting"
+        return self.server.call(self._vote_in_thread, txn)
+
+    def _vote_in_thread(self, txn):
+        storage, meta = self.server.storage, txn.meta
+        storage.tpc_begin(meta)
+        txn.begun = True
+        conflicts = []
+        for kind, oid, serial, data in txn.buffer.records():
+            if kind == CHECK:
+                storage.checkCurrentSerialInTransaction(oid, serial, meta)
+                continue
+            try:
+                storage.store(oid, serial, data, "", meta)
+            except ConflictError as e:
+                committed = (e.serials or (None, None))[0] or b"\0" * 8
+                conflicts.append(oid + committed + serial)
+            else:
+                txn.oids.append(oid)
+        if conflicts:
+            return (), conflicts
+        return storage.tpc_vote(meta) or (), ()
+
+    def _voted(self, result, txn):
+        resolved, conflicts = result
+        if txn.state != "voting":      # aborted meanwhile: nobody is listening
+            return dict(resolved=[], conflicts=b"")
+        if conflicts:
+            self.server.stats["conflicts"] += len(conflicts)
+            d = self._abort_txn()
+            return d.addCallback(lambda _: dict(resolved=[], conflicts=b"".join(conflicts)))
+        txn.state = "voted"
+        return dict(resolved=list(resolved), conflicts=b"")
+
+    _EXPECTED = (ConflictError, ReadOnlyError, StorageTransactionError,
+                 POSKeyError, TransactionTooLarge, RemoteProtocolError)
+
+    def _vote_failed(self, failure, txn):
+        if not failure.check(*self._EXPECTED):
+            _log.failure("vote failed", failure)
+        d = self._abort_txn() if txn.state in ("locking", "voting") else succeed(None)
+        if failure.check(RemoteProtocolError):
+            self.protocolViolation("malformed store stream: %s" % failure.value)
+        return d.addCallback(lambda _: failure)
+
+    @C.Finish.responder
+    def finish(self):
+        txn = self._txn
+        if txn is None or txn.state != "voted":
+            raise StorageTransactionError("Finish without a voted transaction")
+        txn.state = "finishing"
+        d = self.server.call(self._finish_in_thread, txn)
+        d.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
+        return d
+
+    def _finish_in_thread(self, txn):
+        tids = []
+        self.server.storage.tpc_finish(txn.meta, tids.append)
+        txn.buffer.close()
+        return tids[0]
+
+    def _finished(self, tid, txn):
+        txn.state = "done"
+        self.server.committed(tid, txn.oids, self)
+        self.server.lock.release(self)
+        return dict(tid=tid)
+
+    def _finish_failed(self, failure, txn):
+        _log.failure("tpc_finish failed; aborting", failure)
+        txn.state = "voted"
+        return self._abort_txn().addCallback(lambda _: failure)
+
+    @C.Abort.responder
+    def abort(self):
+        return self._abort_txn().addCallback(lambda _: {})
+
+    def _abort_txn(self):
+        """The one abort path: discard, tpc_abort if begun, release the lock."""
+        txn, server = self._txn, self.server
+        if txn is None or txn.state in ("done", "aborted", "finishing"):
+            return succeed(None)
+        state, txn.state = txn.state, "aborted"
+        server.stats["aborts"] += 1
+        if state in ("open", "locking"):
+            server.lock.release(self)     # withdraws a queued request
+            txn.buffer.close()
+            return succeed(None)
+        # voting or voted: the worker thread runs calls in order, so this
+        # tpc_abort runs after any vote still in progress.
+        d = server.call(self._abort_in_thread, txn)
+        d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
+        d.addBoth(lambda _: server.lock.release(self))
+        return d
+
+    def _abort_in_thread(self, txn):
+        try:
+            if txn.begun:
+                self.server.storage.tpc_abort(txn.meta)
+        finally:
+            txn.buffer.close()
+
+
+class SessionFactory(ServerFactory):
+    """Builds a :class:`ServerSession` per connection, sharing the servers."""
+
+    def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
+        self.servers = servers
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+
+    def buildProtocol(self, addr):
+        session = ServerSession(self.servers, self.clock, self.handshake_timeout)
+        session.factory = self
+        return session

@@ -1,0 +1,87 @@
+"""StorageServer: one per served storage.
+
+It owns the storage, the commit lock, the thread that runs the storage's
+commit calls, and the fan-out of invalidations to every connected session.
+Commits are serialised by the :class:`CommitLock`; the storage's
+``tpc_*``/``store`` calls run in one dedicated worker thread so the reactor
+never waits on a disk flush, while loads (short, page-cache reads) are served
+on the reactor thread.  Serving loads on the reactor thread is also what
+keeps a load reply and an invalidation in order on each connection: a reply
+computed before a commit's invalidation is always written before it.
+
+Runs on the reactor thread, except the functions passed to :meth:`call`.
+"""
+import time
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.threadpool import ThreadPool
+
+from zeotwist.server.commitlock import CommitLock
+from zeotwist.wire.commands import Invalidate
+
+_log = Logger()
+
+DEFAULT_TRANSACTION_TIMEOUT = 60.0
+
+
+class StorageServer:
+    def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
+                 transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
+                 max_transaction_bytes: int = 2**31):
+        self.storage = storage
+        self.name = name
+        self.read_only = read_only or storage.isReadOnly()
+        self.reactor = reactor
+        self.max_transaction_bytes = max_transaction_bytes
+        self.sessions: set = set()
+        self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out)
+        self.last_tid = storage.lastTransaction()
+        self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
+        self.start_time = time.time()
+        self._pool = ThreadPool(1, 1, name="zeotwist-storage-%s" % name)
+        self._pool.start()
+
+    # -- storage work off the reactor ----------------------------------------
+    def call(self, f, *args):
+        """Run ``f(*args)`` in this storage's worker thread; a Deferred."""
+        return deferToThreadPool(self.reactor, self._pool, f, *args)
+
+    # -- sessions ------------------------------------------------------------
+    def register(self, session) -> None:
+        self.sessions.add(session)
+
+    def unregister(self, session) -> None:
+        self.sessions.discard(session)
+
+    def committed(self, tid: bytes, oids: list, committer) -> None:
+        """A transaction is durable: tell every other session, in commit order.
+
+        Called while ``committer`` still holds the commit lock, so the next
+        transaction's invalidation can only be written after this one.
+        """
+        self.last_tid = tid
+        self.stats["commits"] += 1
+        box = amp.AmpBox(Invalidate.makeArguments({"tid": tid, "oids": oids}, None))
+        box[amp.COMMAND] = Invalidate.commandName
+        frame = box.serialize()
+        for session in list(self.sessions):
+            if session is not committer:
+                session.send_frame(frame)
+
+    def _lock_timed_out(self, session) -> None:
+        session.transaction_timed_out()
+
+    def info(self) -> dict:
+        storage = self.storage
+        return dict(
+            name=storage.getName(), size=int(storage.getSize()),
+            length=len(storage), last_tid=self.last_tid,
+            connections=len(self.sessions), waiting=self.lock.waiting(),
+            start_time=self.start_time, **self.stats)
+
+    def close(self) -> None:
+        """Stop the worker thread and close the storage (at service stop)."""
+        self._pool.stop()
+        self.storage.close()

@@ -1,0 +1,44 @@
+"""The server's buffer for one client transaction's store stream.
+
+Stores arrive as pieces of a byte stream (:mod:`zeotwist.wire.records`)
+before the client votes.  They are kept in a spooled temporary file: in
+memory up to ``spool_bytes``, on disk past that, refused past ``max_bytes``
+(the refusal is reported at vote).  Nothing here touches the storage.
+
+Appends run on the reactor thread; :meth:`TransactionBuffer.records` runs in
+the storage thread once the session has stopped appending.
+"""
+import tempfile
+from typing import Iterator
+
+from zeotwist.errors import TransactionTooLarge
+from zeotwist.wire.records import iter_records
+
+DEFAULT_SPOOL_BYTES = 8 * 2**20
+
+
+class TransactionBuffer:
+    def __init__(self, spool_bytes: int = DEFAULT_SPOOL_BYTES, max_bytes: int = 2**31):
+        self._file = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
+        self._max = max_bytes
+        self.size = 0
+        self.too_large = False
+
+    def append(self, piece: bytes) -> None:
+        if self.too_large:
+            return
+        if self.size + len(piece) > self._max:
+            self.too_large = True   # keep nothing more; reported at vote
+            return
+        self._file.write(piece)
+        self.size += len(piece)
+
+    def records(self) -> Iterator[tuple[bytes, bytes, bytes, bytes | None]]:
+        if self.too_large:
+            raise TransactionTooLarge(
+                "transaction larger than %d bytes" % self._max)
+        self._file.seek(0)
+        return iter_records(self._file)
+
+    def close(self) -> None:
+        self._file.close()

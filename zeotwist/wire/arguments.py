@@ -1,0 +1,86 @@
+"""AMP argument types for zeotwist: 8-byte ids, large byte strings, id lists.
+
+Runs wherever the protocol runs (the reactor thread).  Every decoder checks
+lengths, so a malformed value from a peer raises :class:`RemoteProtocolError`
+while the box is being parsed, before any storage code sees it.
+"""
+from twisted.protocols import amp
+
+from zeotwist.errors import RemoteProtocolError
+
+CHUNK = amp.MAX_VALUE_LENGTH
+
+
+class Id8(amp.Argument):
+    """An object id or transaction id: exactly 8 bytes."""
+
+    def fromString(self, inString: bytes) -> bytes:
+        if len(inString) != 8:
+            raise RemoteProtocolError(
+                "expected an 8-byte id, got %d bytes" % len(inString))
+        return inString
+
+    def toString(self, inObject: bytes) -> bytes:
+        if not isinstance(inObject, bytes) or len(inObject) != 8:
+            raise ValueError("ids are 8 bytes, not %r" % (inObject,))
+        return inObject
+
+
+class BigBytes(amp.Argument):
+    """A byte string of any size, split over the keys ``name``, ``name.1``, ...
+
+    AMP limits one value to 65,535 bytes; the pieces travel in the same box,
+    so a large value still costs one message.  The size of a whole box is
+    bounded by the receiving protocol (:mod:`zeotwist.wire.framing`).
+    """
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects.pop(name.decode("ascii"))
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise TypeError("%s must be bytes" % name.decode("ascii"))
+        if len(value) <= CHUNK:
+            strings[name] = bytes(value)
+            return
+        view = memoryview(value)
+        strings[name] = bytes(view[:CHUNK])
+        for i, off in enumerate(range(CHUNK, len(value), CHUNK), 1):
+            strings[b"%s.%d" % (name, i)] = bytes(view[off:off + CHUNK])
+
+    def fromBox(self, name, strings, objects, proto):
+        first = strings.pop(name, None)
+        if first is None:
+            if self.optional:
+                objects[name.decode("ascii")] = None
+                return
+            raise RemoteProtocolError("missing argument %r" % name)
+        parts, i = [first], 1
+        while True:
+            part = strings.pop(b"%s.%d" % (name, i), None)
+            if part is None:
+                break
+            parts.append(part)
+            i += 1
+        objects[name.decode("ascii")] = (
+            first if len(parts) == 1 else b"".join(parts))
+
+
+class IdList(BigBytes):
+    """A list of 8-byte ids, packed end to end."""
+
+    def toBox(self, name, strings, objects, proto):
+        key = name.decode("ascii")
+        objects[key] = b"".join(objects[key])
+        BigBytes.toBox(self, name, strings, objects, proto)
+
+    def fromBox(self, name, strings, objects, proto):
+        BigBytes.fromBox(self, name, strings, objects, proto)
+        key = name.decode("ascii")
+        objects[key] = split_ids(objects[key])
+
+
+def split_ids(packed: bytes) -> list[bytes]:
+    """Split a packed id string into 8-byte ids, rejecting a ragged tail."""
+    if len(packed) % 8:
+        raise RemoteProtocolError(
+            "id list of %d bytes is not a multiple of 8" % len(packed))
+    return [packed[i:i + 8] for i in range(0, len(packed), 8)]

@@ -1,0 +1,155 @@
+"""Every AMP command zeotwist speaks, both directions: the protocol in one file.
+
+docs/protocol.md describes each command; tests/test_protocol_doc.py checks
+that document against :data:`ALL_COMMANDS`.  Arguments are typed and checked
+while the box is parsed (8-byte ids, bounded sizes); nothing is pickled.
+Every command carries the full error map of :mod:`zeotwist.wire.codes`, so a
+server-side exception never drops the connection as an unmapped AMP error.
+"""
+from twisted.protocols import amp
+
+from zeotwist.wire.arguments import BigBytes, Id8, IdList
+from zeotwist.wire.codes import ERRORS
+
+#: Bumped whenever a command changes incompatibly.
+PROTOCOL_VERSION = "zeotwist-1"
+
+#: Largest piece of the store stream one StoreData message carries.
+STORE_CHUNK = 2**20
+
+
+class _Command(amp.Command):
+    errors = dict(ERRORS)
+
+
+# -- client -> server ---------------------------------------------------------
+
+class Register(_Command):
+    """Handshake: protocol version, storage name, access mode."""
+    commandName = b"Register"
+    arguments = [
+        (b"protocol", amp.Unicode()),
+        (b"storage", amp.Unicode()),
+        (b"read_only", amp.Boolean()),
+    ]
+    response = [
+        (b"last_tid", Id8()),
+        (b"read_only", amp.Boolean()),
+        (b"supports_undo", amp.Boolean()),
+        (b"name", amp.Unicode()),
+    ]
+
+
+class LoadBefore(_Command):
+    """The revision of ``oid`` that was current just before ``tid``."""
+    commandName = b"LoadBefore"
+    arguments = [(b"oid", Id8()), (b"tid", Id8())]
+    response = [
+        (b"found", amp.Boolean()),
+        (b"data", BigBytes(optional=True)),
+        (b"start", Id8(optional=True)),
+        (b"end", Id8(optional=True)),
+    ]
+
+
+class LoadSerial(_Command):
+    """The data of the revision of ``oid`` written by transaction ``serial``."""
+    commandName = b"LoadSerial"
+    arguments = [(b"oid", Id8()), (b"serial", Id8())]
+    response = [(b"data", BigBytes())]
+
+
+class NewOids(_Command):
+    """Allocate ``count`` (at most 1000) new object ids."""
+    commandName = b"NewOids"
+    arguments = [(b"count", amp.Integer())]
+    response = [(b"oids", IdList())]
+
+
+class TpcBegin(_Command):
+    """Open a transaction on this connection (one-way; errors surface at Vote)."""
+    commandName = b"TpcBegin"
+    requiresAnswer = False
+    arguments = [
+        (b"user", BigBytes()),
+        (b"description", BigBytes()),
+        (b"extension", BigBytes()),
+    ]
+
+
+class StoreData(_Command):
+    """A piece of the transaction's store stream (one-way).
+
+    The stream is a sequence of records, cut into pieces anywhere:
+    ``b"s" oid serial len(>I) data`` stores a revision, ``b"c" oid serial``
+    is checkCurrentSerialInTransaction.
+    """
+    commandName = b"StoreData"
+    requiresAnswer = False
+    arguments = [(b"data", BigBytes())]
+
+
+class Vote(_Command):
+    """Take the commit lock, apply the stores, vote.
+
+    Answers the oids whose conflicts the server resolved and, packed as
+    ``oid committed_serial sent_serial`` triples, those it could not.
+    """
+    commandName = b"Vote"
+    arguments = []
+    response = [(b"resolved", IdList()), (b"conflicts", BigBytes())]
+
+
+class Finish(_Command):
+    """Commit the voted transaction; answers its tid."""
+    commandName = b"Finish"
+    arguments = []
+    response = [(b"tid", Id8())]
+
+
+class Abort(_Command):
+    """Abort this connection's transaction, at whatever stage it is."""
+    commandName = b"Abort"
+    arguments = []
+    response = []
+
+
+class LastTransaction(_Command):
+    """The id of the last transaction committed (also a cheap ping)."""
+    commandName = b"LastTransaction"
+    arguments = []
+    response = [(b"tid", Id8())]
+
+
+class Info(_Command):
+    """Storage size and length, and the server's status counters."""
+    commandName = b"Info"
+    arguments = []
+    response = [
+        (b"name", amp.Unicode()),
+        (b"size", amp.Integer()),
+        (b"length", amp.Integer()),
+        (b"last_tid", Id8()),
+        (b"connections", amp.Integer()),
+        (b"waiting", amp.Integer()),
+        (b"commits", amp.Integer()),
+        (b"aborts", amp.Integer()),
+        (b"conflicts", amp.Integer()),
+        (b"loads", amp.Integer()),
+        (b"start_time", amp.Float()),
+    ]
+
+
+# -- server -> client ---------------------------------------------------------
+
+class Invalidate(_Command):
+    """Transaction ``tid`` changed ``oids`` (one-way, in commit order)."""
+    commandName = b"Invalidate"
+    requiresAnswer = False
+    arguments = [(b"tid", Id8()), (b"oids", IdList())]
+
+
+CLIENT_COMMANDS = [Register, LoadBefore, LoadSerial, NewOids, TpcBegin,
+                   StoreData, Vote, Finish, Abort, LastTransaction, Info]
+SERVER_COMMANDS = [Invalidate]
+ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS
