@@ -1,0 +1,96 @@
+"""The client cache: MVCC revisions, invalidation, eviction (pure logic)."""
+import threading
+
+from ZODB.utils import p64
+
+from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
+
+OID = p64(1)
+
+
+def test_current_revision_serves_later_snapshots():
+    c = ClientCache()
+    c.store(OID, p64(5), None, b"v5")
+    assert c.loadBefore(OID, p64(6)) == (b"v5", p64(5), None)
+    assert c.loadBefore(OID, p64(100)) == (b"v5", p64(5), None)
+    assert c.loadBefore(OID, p64(5)) is None       # snapshot before it was written
+    assert c.load(OID) == (b"v5", p64(5))
+
+
+def test_invalidation_ends_the_current_revision():
+    c = ClientCache()
+    c.store(OID, p64(5), None, b"v5")
+    c.invalidate(OID, p64(9))
+    assert c.load(OID) is None
+    assert c.loadBefore(OID, p64(9)) == (b"v5", p64(5), p64(9))
+    assert c.loadBefore(OID, p64(10)) is None      # the new revision is unknown
+    c.store(OID, p64(9), None, b"v9")
+    assert c.loadBefore(OID, p64(10)) == (b"v9", p64(9), None)
+    assert c.loadBefore(OID, p64(7)) == (b"v5", p64(5), p64(9))
+
+
+def test_invalidation_older_than_current_is_ignored():
+    # A load answered after a commit's data was durable, but before its
+    # invalidation arrived: the cached revision already is that commit's.
+    c = ClientCache()
+    c.store(OID, p64(9), None, b"v9")
+    c.invalidate(OID, p64(9))
+    assert c.load(OID) == (b"v9", p64(9))
+
+
+def test_older_current_store_does_not_replace_newer():
+    c = ClientCache()
+    c.store(OID, p64(9), None, b"v9")
+    c.store(OID, p64(5), None, b"v5")
+    assert c.load(OID) == (b"v9", p64(9))
+
+
+def test_eviction_is_lru_and_bounded():
+    size = 10 * (100 + ENTRY_OVERHEAD)
+    c = ClientCache(size)
+    for i in range(10):
+        c.store(p64(i), p64(1), None, b"x" * 100)
+    c.load(p64(0))                      # 0 becomes most recently used
+    c.store(p64(10), p64(1), None, b"x" * 100)
+    assert c.load(p64(1)) is None       # the least recently used went
+    assert c.load(p64(0)) is not None
+    stats = c.stats()
+    assert stats["bytes"] <= size and stats["evictions"] == 1
+
+
+def test_clear_and_stats():
+    c = ClientCache()
+    c.store(OID, p64(1), None, b"a")
+    c.store(OID, p64(0), p64(1), b"b")
+    assert len(c) == 2
+    c.load(OID)
+    c.load(p64(2))
+    assert c.stats()["hits"] == 1 and c.stats()["misses"] == 1
+    c.clear()
+    assert len(c) == 0 and c.stats()["bytes"] == 0 and c.load(OID) is None
+
+
+def test_concurrent_readers_and_writer():
+    c = ClientCache(50_000)
+    errors = []
+
+    def writer():
+        for i in range(2000):
+            c.store(p64(i % 300), p64(i + 1), None, b"y" * 50)
+            c.invalidate(p64((i + 7) % 300), p64(i + 2))
+
+    def reader():
+        try:
+            for i in range(4000):
+                r = c.loadBefore(p64(i % 300), p64(10**6))
+                assert r is None or r[0] == b"y" * 50
+        except Exception as e:     # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert c.stats()["bytes"] <= 50_000
