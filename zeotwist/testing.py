@@ -50,3 +50,42 @@ def start_server(filename: str, listen: str = "tcp:0:interface=127.0.0.1",
 
 
 __all__ = ["start_server", "RunningServer", "defer"]
+
+
+# -- in-memory protocol pairs (no sockets, no reactor) -------------------------
+
+class Recorder:
+    """Stands in for a Client behind a ClientProtocol: records what arrives."""
+
+    def __init__(self):
+        self.invalidations = []
+        self.lost = []
+
+    def _invalidated(self, proto, tid, oids):
+        self.invalidations.append((tid, list(oids)))
+
+    def _connection_lost(self, proto, reason):
+        self.lost.append(reason)
+
+
+def memory_server(storage, clock, **kw):
+    """A StorageServer whose storage calls run synchronously (deterministic tests)."""
+    from twisted.internet.defer import maybeDeferred
+    from zeotwist.server.storageserver import StorageServer
+    return StorageServer(storage, reactor=clock, run_storage_call=maybeDeferred, **kw)
+
+
+def connect_in_memory(servers: dict, clock, recorder=None, handshake_timeout=5.0):
+    """A ClientProtocol wired to a ServerSession over iosim's in-memory link.
+
+    Returns ``(client_protocol, server_session, pump, recorder)``; call
+    ``pump.flush()`` to move bytes both ways.
+    """
+    from twisted.test import iosim
+    from zeotwist.client.protocol import ClientProtocol
+    from zeotwist.server.session import ServerSession
+    recorder = recorder or Recorder()
+    client, session, pump = iosim.connectedServerAndClient(
+        lambda: ServerSession(servers, clock, handshake_timeout),
+        lambda: ClientProtocol(recorder))
+    return client, session, pump, recorder

@@ -29,7 +29,7 @@ DEFAULT_TRANSACTION_TIMEOUT = 60.0
 class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
-                 max_transaction_bytes: int = 2**31):
+                 max_transaction_bytes: int = 2**31, run_storage_call=None):
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -40,11 +40,16 @@ class StorageServer:
         self.last_tid = storage.lastTransaction()
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
         self.start_time = time.time()
-        self._pool = ThreadPool(1, 1, name="zeotwist-storage-%s" % name)
-        self._pool.start()
+        self._pool = None
+        if run_storage_call is None:
+            self._pool = ThreadPool(1, 1, name="zeotwist-storage-%s" % name)
+            self._pool.start()
+            run_storage_call = self._in_pool
+        #: ``call(f, *args) -> Deferred``; tests inject a synchronous one.
+        self.call = run_storage_call
 
     # -- storage work off the reactor ----------------------------------------
-    def call(self, f, *args):
+    def _in_pool(self, f, *args):
         """Run ``f(*args)`` in this storage's worker thread; a Deferred."""
         return deferToThreadPool(self.reactor, self._pool, f, *args)
 
@@ -83,5 +88,6 @@ class StorageServer:
 
     def close(self) -> None:
         """Stop the worker thread and close the storage (at service stop)."""
-        self._pool.stop()
+        if self._pool is not None:
+            self._pool.stop()
         self.storage.close()

@@ -35,7 +35,9 @@ class BigBytes(amp.Argument):
     """
 
     def toBox(self, name, strings, objects, proto):
-        value = objects.pop(name.decode("ascii"))
+        value = objects.pop(name.decode("ascii"), None)
+        if value is None and self.optional:
+            return
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError("%s must be bytes" % name.decode("ascii"))
         if len(value) <= CHUNK:

@@ -3,12 +3,11 @@
 An AMP error carries only a code and a text.  The server maps an exception
 to its code through :data:`ERRORS` (most specific class first: AMP picks the
 first class that matches); the client turns a code back into the exception
-with :func:`rebuild`, restoring what the text carries (a POSKeyError's oid).
+with :func:`rebuild`, restoring what the text carries (a POSKeyError's oid;
+AMP sends ``str(exception)`` as the text).
 """
-from binascii import hexlify, unhexlify
-
-from twisted.protocols import amp
 from ZODB import POSException as P
+from ZODB.utils import p64
 
 from zeotwist import errors as E
 
@@ -32,29 +31,15 @@ _CLASSES = {code: cls for cls, code in ERRORS.items()}
 _CLASSES[b"SERVER_ERROR"] = E.StorageServerError
 
 
-def describe(exc: BaseException) -> str:
-    """The text sent with an error: for POSKeyError, the hex oid."""
-    if isinstance(exc, P.POSKeyError) and exc.args and isinstance(exc.args[0], bytes):
-        return hexlify(exc.args[0]).decode("ascii")
-    return str(exc)
-
-
 def rebuild(code: bytes, description: str) -> BaseException:
     """Turn a received error code and text back into an exception."""
     cls = _CLASSES.get(code, E.StorageServerError)
     if cls is P.POSKeyError:
+        # str(POSKeyError(oid)) is ZODB's oid_repr: "0x2a"
         try:
-            return P.POSKeyError(unhexlify(description))
+            return P.POSKeyError(p64(int(description, 16)))
         except ValueError:
             return P.POSKeyError(description)
     if cls in (P.ConflictError, P.ReadConflictError):
         return cls(description or None)
     return cls(description)
-
-
-def rebuild_failure(failure):
-    """Errback: a RemoteAmpError (or AMP's own class for it) -> our type."""
-    err = failure.value
-    if isinstance(err, amp.RemoteAmpError):
-        raise rebuild(err.errorCode, err.description) from None
-    return failure

@@ -1,0 +1,267 @@
+"""The protocol over in-memory transports: deterministic, no reactor, no sockets.
+
+A real FileStorage sits behind the server; storage calls run synchronously
+and time is a Clock, so every ordering below is exact.
+"""
+import pytest
+from twisted.internet.task import Clock
+from twisted.protocols import amp
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+from ZODB.utils import maxtid, p64, z64
+
+from zeotwist.errors import ProtocolVersionError, UnknownStorage
+from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.wire import commands as C
+from zeotwist.wire.records import encode_check, encode_store
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    fs = FileStorage(str(tmp_path / "data.fs"))
+    server = memory_server(fs, clock, transaction_timeout=60)
+    yield clock, {"1": server}
+    server.close()
+
+
+def call(client, pump, command, **kw):
+    out = []
+    client.call(command, **kw).addBoth(out.append)
+    pump.flush()
+    assert out, "no answer to %s" % command.__name__
+    if isinstance(out[0], Exception):
+        raise out[0]
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def register(client, pump, read_only=False, storage="1"):
+    return call(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                storage=storage, read_only=read_only)
+
+
+def commit(client, pump, records, oids=None):
+    """Drive one two-phase commit; returns (vote answer, tid or None)."""
+    client.send(C.TpcBegin, user=b"u", description=b"d", extension=b"")
+    client.send(C.StoreData, data=b"".join(records))
+    voted = call(client, pump, C.Vote)
+    if voted["conflicts"]:
+        return voted, None
+    return voted, call(client, pump, C.Finish)["tid"]
+
+
+def test_register_answers_last_tid_and_mode(world):
+    clock, servers = world
+    client, session, pump, _ = connect_in_memory(servers, clock)
+    r = register(client, pump)
+    assert r["last_tid"] == z64 and r["read_only"] is False
+    assert session.server is servers["1"]
+
+
+def test_register_refusals(world):
+    clock, servers = world
+    client, _, pump, _ = connect_in_memory(servers, clock)
+    with pytest.raises(UnknownStorage):
+        register(client, pump, storage="nope")
+    with pytest.raises(ProtocolVersionError):
+        call(client, pump, C.Register, protocol="zeotwist-0", storage="1", read_only=False)
+    servers["1"].read_only = True
+    with pytest.raises(ReadOnlyError):
+        register(client, pump)
+    assert register(client, pump, read_only=True)["read_only"] is True
+
+
+def test_commit_load_and_invalidate_other_clients(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, rec_b = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+    oid = call(a, pa, C.NewOids, count=3)["oids"][0]
+    voted, tid = commit(a, pa, [encode_store(oid, z64, b"hello")])
+    assert voted == {"resolved": [], "conflicts": b""}
+    pb.flush()
+    assert rec_b.invalidations == [(tid, [oid])]
+    r = call(b, pb, C.LoadBefore, oid=oid, tid=maxtid)
+    assert (r["found"], r["data"], r["start"], r["end"]) == (True, b"hello", tid, None)
+    r = call(b, pb, C.LoadBefore, oid=oid, tid=tid)        # before it existed
+    assert r["found"] is False
+    assert call(b, pb, C.LastTransaction)["tid"] == tid
+
+
+def test_load_of_missing_object_is_poskeyerror(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    with pytest.raises(POSKeyError) as e:
+        call(a, pa, C.LoadBefore, oid=p64(42), tid=maxtid)
+    assert e.value.args[0] == p64(42)      # the oid survives the trip
+
+
+def test_unresolvable_conflict_comes_back_as_data_and_frees_the_lock(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    oid = call(a, pa, C.NewOids, count=1)["oids"][0]
+    _, tid1 = commit(a, pa, [encode_store(oid, z64, b"one")])
+    _, tid2 = commit(a, pa, [encode_store(oid, tid1, b"two")])
+    voted, tid = commit(a, pa, [encode_store(oid, tid1, b"stale")])
+    assert tid is None
+    assert voted["conflicts"] == oid + tid2 + tid1
+    assert servers["1"].lock.holder is None
+
+
+def test_check_current_serial_read_conflict(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    oid = call(a, pa, C.NewOids, count=1)["oids"][0]
+    _, tid1 = commit(a, pa, [encode_store(oid, z64, b"one")])
+    commit(a, pa, [encode_store(oid, tid1, b"two")])
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=encode_check(oid, tid1))
+    with pytest.raises(ConflictError):
+        call(a, pa, C.Vote)
+    assert servers["1"].lock.holder is None
+
+
+def test_read_only_session_cannot_commit(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    register(a, pa, read_only=True)
+    with pytest.raises(ReadOnlyError):
+        call(a, pa, C.NewOids, count=1)
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=encode_store(p64(1), z64, b"x"))
+    with pytest.raises(ReadOnlyError):
+        call(a, pa, C.Vote)
+
+
+def test_lock_waiter_is_served_when_holder_disconnects(world):
+    clock, servers = world
+    a, sa, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+    oid = call(a, pa, C.NewOids, count=2)["oids"]
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=encode_store(oid[0], z64, b"a"))
+    call(a, pa, C.Vote)                              # a holds the lock
+    b.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    b.send(C.StoreData, data=encode_store(oid[1], z64, b"b"))
+    waiting = []
+    b.call(C.Vote).addBoth(waiting.append)
+    pb.flush()
+    assert waiting == [] and servers["1"].lock.waiting() == 1
+    sa.transport.loseConnection()                     # a's link drops mid-commit
+    pa.flush()
+    pb.flush()
+    assert waiting and waiting[0]["conflicts"] == b""
+    assert call(b, pb, C.Finish)["tid"] > z64
+
+
+def test_transaction_timeout_drops_the_holder(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    register(a, pa)
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    call(a, pa, C.Vote)
+    assert servers["1"].lock.holder is sa
+    clock.advance(61)
+    pa.flush()
+    assert rec.lost and servers["1"].lock.holder is None
+
+
+def test_handshake_timeout_closes(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    clock.advance(4.9)
+    pa.flush()
+    assert not rec.lost
+    clock.advance(0.2)
+    pa.flush()
+    assert rec.lost
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xff\xff" + b"x" * 100,                    # key longer than 255
+    b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x07Nothing\x00\x00",   # unknown command
+    b"\x00\x08_command\x00\x0aLoadSerial\x00\x00",   # before Register
+])
+def test_bad_frames_close_the_connection(world, garbage):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    sa.dataReceived(garbage)
+    pa.flush()
+    assert rec.lost
+
+
+def test_oversized_box_refused_before_buffering(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    register(a, pa)
+    value = b"v" * 65535
+    piece = b"\x00\x01k" + b"\xff\xff" + value
+    sent = 0
+    while not rec.lost and sent < 200:
+        sa.dataReceived(piece)                     # one never-ending box
+        sent += 1
+        pa.flush()
+    assert rec.lost
+    assert sent * len(piece) < 5 * 2**20          # refused near the 4 MiB cap
+    assert len(sa._buf) < 70_000 and sa._box is None
+
+
+def test_malformed_argument_closes(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    register(a, pa)
+    box = amp.AmpBox({b"_ask": b"9", b"_command": b"LoadBefore", b"oid": b"short", b"tid": b"x" * 8})
+    sa.dataReceived(box.serialize())
+    pa.flush()
+    assert rec.lost
+
+
+def test_malformed_store_stream_closes_and_frees_lock(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    register(a, pa)
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=b"s" + b"\x00" * 10)     # truncated record
+    a.call(C.Vote).addErrback(lambda f: None)
+    pa.flush()
+    assert rec.lost and servers["1"].lock.holder is None
+
+
+def test_large_record_round_trips(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    oid = call(a, pa, C.NewOids, count=1)["oids"][0]
+    data = bytes(range(256)) * (6 * 2**20 // 256)     # 6 MiB: many StoreData pieces
+    stream = encode_store(oid, z64, data)
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    for off in range(0, len(stream), C.STORE_CHUNK):
+        a.send(C.StoreData, data=stream[off:off + C.STORE_CHUNK])
+    call(a, pa, C.Vote)
+    call(a, pa, C.Finish)
+    assert call(a, pa, C.LoadBefore, oid=oid, tid=maxtid)["data"] == data
+
+
+def test_transaction_cap(tmp_path):
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "cap.fs")), clock,
+                           max_transaction_bytes=1000)
+    try:
+        a, _, pa, _ = connect_in_memory({"1": server}, clock)
+        register(a, pa)
+        a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        a.send(C.StoreData, data=encode_store(p64(1), z64, b"x" * 2000))
+        from zeotwist.errors import TransactionTooLarge
+        with pytest.raises(TransactionTooLarge):
+            call(a, pa, C.Vote)
+        assert server.lock.holder is None
+    finally:
+        server.close()
