@@ -1,0 +1,121 @@
+"""Start and stop the two servers the benchmark compares, as subprocesses.
+
+* zeotwist: ``twistd -n --pidfile= zeotwist -f FILE --listen
+  tcp:0:interface=127.0.0.1 --address-file F``; ready when F appears.
+* ZEO 6: ``python -m ZEO.runzeo -a 127.0.0.1:PORT -f FILE`` on a port found
+  free by binding port 0; ready when the port accepts a connection.
+
+Both log to a file next to the database; the last lines are shown if a
+server dies or never becomes ready.  :meth:`Server.stop` sends SIGTERM, then
+SIGKILL after a grace period, and is safe to call more than once.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+HOST = "127.0.0.1"
+#: Seconds a server may take to start listening.
+START_TIMEOUT = 60.0
+#: Seconds a server may take to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+_TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+class ServerError(RuntimeError):
+    """A benchmark server did not start, or died."""
+
+
+class Server:
+    """One running server process; ``address`` is ``"127.0.0.1:PORT"``."""
+
+    def __init__(self, system: str, filename: str):
+        self.system = system
+        self.filename = filename
+        self.logname = filename + ".%s.log" % system
+        self.address = None
+        self.process = None
+
+    def start(self) -> "Server":
+        with open(self.logname, "ab") as log:
+            if self.system == "zeotwist":
+                self._start_zeotwist(log)
+            else:
+                self._start_zeo(log)
+        return self
+
+    def _start_zeotwist(self, log) -> None:
+        address_file = self.filename + ".address"
+        if os.path.exists(address_file):
+            os.unlink(address_file)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "zeotwist",
+             "-f", self.filename, "--listen", "tcp:0:interface=%s" % HOST,
+             "--address-file", address_file],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=os.path.dirname(self.filename))
+        self._wait(lambda: os.path.exists(address_file))
+        with open(address_file) as f:
+            self.address = f.read().split()[0]
+
+    def _start_zeo(self, log) -> None:
+        port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % (HOST, port),
+             "-f", self.filename],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=os.path.dirname(self.filename))
+        self._wait(lambda: accepts(HOST, port))
+        self.address = "%s:%d" % (HOST, port)
+
+    def _wait(self, ready) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not ready():
+            if self.process.poll() is not None:
+                raise ServerError("%s server exited with status %s:\n%s" % (
+                    self.system, self.process.returncode, self.log_tail()))
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError("%s server not listening after %g s:\n%s" % (
+                    self.system, START_TIMEOUT, self.log_tail()))
+            time.sleep(0.05)
+
+    def check(self) -> None:
+        """Raise ServerError if the server has died."""
+        if self.process is not None and self.process.poll() is not None:
+            raise ServerError("%s server died (status %s):\n%s" % (
+                self.system, self.process.returncode, self.log_tail()))
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.logname, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False

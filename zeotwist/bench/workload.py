@@ -1,0 +1,124 @@
+"""The client side of the benchmark: one workload in one fresh process.
+
+``python -m zeotwist.bench.workload CASE SYSTEM HOST:PORT OIDFILE [COUNT]``
+connects to the server with SYSTEM's client (``zeotwist`` or ``zeo``), runs
+CASE and prints one JSON line, ``{"count": n, "seconds": s}``, where only the
+measured loop is timed (not the interpreter start-up, the imports or the
+connection).  The runner (:mod:`zeotwist.bench.runner`) starts one process
+per case and round, so every cold read starts with empty caches.
+
+Also :func:`populate`, which builds the database file both servers serve.
+"""
+import json
+import sys
+import time
+
+import persistent
+import transaction
+from ZODB.utils import maxtid
+
+#: Objects written per transaction while populating.
+POPULATE_BATCH = 1000
+#: The commits case cycles over this many (pre-loaded) objects.
+COMMIT_WORKING_SET = 100
+
+
+class Item(persistent.Persistent):
+    """One small object (a pickle of a few dozen bytes)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def populate(filename: str, objects: int) -> list:
+    """Write ``root["items"]``, an OOBTree of ``objects`` Items, into a new
+    FileStorage; return the Items' oids in key order."""
+    import ZODB
+    from BTrees.OOBTree import OOBTree
+    from ZODB.FileStorage import FileStorage
+
+    db = ZODB.DB(FileStorage(filename, create=True))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        items = conn.root()["items"] = OOBTree()
+        made = []
+        for i in range(objects):
+            item = items[i] = Item(i)
+            made.append(item)
+            if (i + 1) % POPULATE_BATCH == 0:
+                tm.commit()
+        tm.commit()
+        oids = [item._p_oid for item in made]
+        conn.close()
+    finally:
+        db.close()
+    return oids
+
+
+def open_storage(system: str, host: str, port: int):
+    if system == "zeotwist":
+        import zeotwist
+        return zeotwist.ClientStorage((host, port), wait_timeout=30)
+    if system == "zeo":
+        from ZEO.ClientStorage import ClientStorage
+        return ClientStorage((host, port), wait_timeout=30)
+    raise ValueError("unknown system %r" % (system,))
+
+
+def cold_reads(storage, oids: list, count: int) -> tuple:
+    """Load each oid once with ``loadBefore(oid, maxtid)`` (what a ZODB
+    connection does on a cache miss); the caches start empty."""
+    load = storage.loadBefore
+    start = time.perf_counter()
+    for oid in oids:
+        if load(oid, maxtid) is None:
+            raise AssertionError("object %s is missing" % oid.hex())
+    return len(oids), time.perf_counter() - start
+
+
+def small_commits(storage, oids: list, count: int) -> tuple:
+    """``count`` transactions through ZODB's DB, each changing one Item."""
+    import ZODB
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        items = conn.root()["items"]
+        working = [items[i] for i in range(min(COMMIT_WORKING_SET, len(items)))]
+        for item in working:
+            item._p_activate()           # loaded before the clock starts
+        start = time.perf_counter()
+        for i in range(count):
+            working[i % len(working)].value = i
+            tm.commit()
+        elapsed = time.perf_counter() - start
+        conn.close()
+    finally:
+        db.close()
+    return count, elapsed
+
+
+CASES = {"cold": cold_reads, "commits": small_commits}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    case, system, address, oidfile = argv[:4]
+    count = int(argv[4]) if len(argv) > 4 else 0
+    with open(oidfile, "rb") as f:
+        raw = f.read()
+    oids = [raw[i:i + 8] for i in range(0, len(raw), 8)]
+    host, port = address.rsplit(":", 1)
+    storage = open_storage(system, host, int(port))
+    try:
+        n, seconds = CASES[case](storage, oids, count)
+    finally:
+        storage.close()
+    print(json.dumps({"count": n, "seconds": seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    # Run the module's own copy, so Item pickles as zeotwist.bench.workload.Item.
+    from zeotwist.bench.workload import main as _main
+    _main()
