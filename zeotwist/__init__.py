@@ -2,7 +2,8 @@
 
 The server is a twistd plugin (``twistd -n zeotwist -f data.fs``); the
 client is :class:`ClientStorage`, a ZODB storage, with ZEO-shaped helpers
-:func:`client`, :func:`DB` and :func:`connection`.
+:func:`client`, :func:`DB` and :func:`connection`.  As in ZEO, every
+argument of these helpers goes to :class:`ClientStorage`.
 """
 from zeotwist.client.storage import ClientStorage
 from zeotwist.errors import ClientDisconnected
@@ -16,28 +17,31 @@ def client(*args, **kw) -> ClientStorage:
 
 
 def DB(*args, **kw):
-    """A ZODB ``DB`` over a new :class:`ClientStorage` (as ``ZEO.DB``).
+    """A ZODB ``DB`` over ``ClientStorage(*args, **kw)`` (as ``ZEO.DB``).
 
-    Keyword arguments that ``ZODB.DB`` takes (``pool_size``, ``cache_size``
-    is the *client* cache here as in ZEO...) go to the DB when prefixed as
-    in ZEO: ``DB(addr, database_name=...)``.
+    Every argument, keyword arguments included, goes to
+    :class:`ClientStorage` (so ``cache_size`` is the client cache's size in
+    bytes); the ``DB`` gets ZODB's defaults.  For ``DB`` options such as
+    ``pool_size``, call ``ZODB.DB(zeotwist.client(...), pool_size=...)``.
+    If the ``DB`` cannot be made, the storage is closed.
     """
     import ZODB
-    db_kw = {k: kw.pop(k) for k in list(kw) if k in _DB_ARGS}
-    return ZODB.DB(ClientStorage(*args, **kw), **db_kw)
+    storage = ClientStorage(*args, **kw)
+    try:
+        return ZODB.DB(storage)
+    except Exception:
+        storage.close()
+        raise
 
 
 def connection(*args, **kw):
-    """An open ZODB connection to a new DB over a new ClientStorage (as
-    ``ZEO.connection``); closing the connection closes the DB."""
+    """An open connection to ``DB(*args, **kw)`` (as ``ZEO.connection``).
+
+    Closing the connection closes the DB and its storage.
+    """
     db = DB(*args, **kw)
-    conn = db.open()
-    conn.onCloseCallback(db.close)
-    return conn
-
-
-_DB_ARGS = {
-    "pool_size", "pool_timeout", "cache_size_bytes", "historical_pool_size",
-    "historical_cache_size", "historical_cache_size_bytes", "historical_timeout",
-    "database_name", "databases", "xrefs", "large_record_size",
-}
+    try:
+        return db.open_then_close_db_when_connection_closes()
+    except Exception:
+        db.close()
+        raise
