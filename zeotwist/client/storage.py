@@ -70,10 +70,16 @@ class ClientStorage:
         else:
             self._reactor.callFromThread(self._client.start)
             if wait:
-                self._call(self._client.when_connected)
+                try:
+                    self._call(self._client.when_connected)
+                except BaseException:
+                    self.close()     # else the client goes on reconnecting forever
+                    raise
 
     # -- plumbing --------------------------------------------------------------
     def _call(self, f, *args, timeout=None):
+        if self._closed:
+            raise ClientDisconnected("this ClientStorage is closed")
         return blocking_call(self._reactor, f, *args,
                              timeout=timeout or self._timeout, on_timeout=self._timed_out)
 
@@ -142,7 +148,7 @@ class ClientStorage:
         self._closed = True
         if self._reactor.running and not in_reactor_thread(self._reactor):
             try:
-                self._call(self._client.stop, timeout=10)
+                blocking_call(self._reactor, self._client.stop, timeout=10)
             except Exception:
                 pass
         elif self._reactor.running:
@@ -252,6 +258,11 @@ class ClientStorage:
 
     def undoInfo(self, first=0, last=-20, specification=None):
         return []
+
+    def undo(self, transaction_id, transaction):
+        if self.isReadOnly():
+            raise ReadOnlyError()
+        raise NotImplementedError("undo() comes with the full storage API")
 
     def __repr__(self):
         return "<ClientStorage %s storage %r%s>" % (
