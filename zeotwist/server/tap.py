@@ -121,6 +121,8 @@ class ServerService(service.Service):
         self.listening.errback(err)
         if self.reactor.running:
             self.reactor.stop()
+        else:   # twistd starts services before the reactor runs
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @defer.inlineCallbacks
     def stopService(self):
