@@ -322,7 +322,12 @@ class ClientTransaction:
         conflicts = answer["conflicts"]
         if conflicts:
             oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]
-            raise ConflictError(oid=oid, serials=(committed, sent))
+            try:    # ZODB names the class from the record we sent, as the server did
+                err = ConflictError(oid=oid, serials=(committed, sent),
+                                    data=self._written.get(oid))
+            except Exception:   # not a ZODB pickle
+                err = ConflictError(oid=oid, serials=(committed, sent))
+            raise err
         self.resolved = answer["resolved"]
         return self.resolved
 

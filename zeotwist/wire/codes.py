@@ -6,6 +6,8 @@ first class that matches); the client turns a code back into the exception
 with :func:`rebuild`, restoring what the text carries (a POSKeyError's oid;
 AMP sends ``str(exception)`` as the text).
 """
+import re
+
 from ZODB import POSException as P
 from ZODB.utils import p64
 
@@ -41,5 +43,32 @@ def rebuild(code: bytes, description: str) -> BaseException:
         except ValueError:
             return P.POSKeyError(description)
     if cls in (P.ConflictError, P.ReadConflictError):
-        return cls(description or None)
+        return _rebuild_conflict(cls, description)
     return cls(description)
+
+
+#: str(ConflictError): "message (oid 0x2a, class m.C, serial this txn started
+#: with 0x03.. <time>, serial currently committed 0x04.. <time>)"
+_CONFLICT_TEXT = re.compile(r"(.*) \(((?:oid|class|serial) .*)\)", re.S)
+_CONFLICT_FIELD = re.compile(
+    r"(?:^|, )(oid|class|serial this txn started with|serial currently committed) ([^ ,]+)")
+
+
+def _rebuild_conflict(cls, description: str):
+    """A conflict error with the oid, class name and serials its text names."""
+    m = _CONFLICT_TEXT.fullmatch(description or "")
+    if m is None:
+        return cls(description or None)
+    err = cls(m.group(1))
+    fields = dict(_CONFLICT_FIELD.findall(m.group(2)))
+    try:
+        if "oid" in fields:
+            err.oid = p64(int(fields["oid"], 16))
+        old = fields.get("serial this txn started with")
+        current = fields.get("serial currently committed")
+        if old and current:
+            err.serials = (p64(int(current, 16)), p64(int(old, 16)))
+    except ValueError:
+        return cls(description)
+    err.class_name = fields.get("class")
+    return err
