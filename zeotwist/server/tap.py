@@ -65,7 +65,8 @@ class ServerService(service.Service):
                  read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  handshake_timeout: float = 5.0, max_transaction_bytes: int = 2**31,
-                 address_file: str | None = None, reactor=None):
+                 address_file: str | None = None, reactor=None,
+                 stop_reactor_on_failure: bool = False):
         self.filename = filename
         self.listen = list(listen)
         self.storage_name = name
@@ -75,6 +76,9 @@ class ServerService(service.Service):
         self.max_transaction_bytes = max_transaction_bytes
         self.address_file = address_file
         self._reactor = reactor
+        #: True when this service *is* the process (twistd): a server that
+        #: cannot listen then stops the reactor instead of idling.
+        self.stop_reactor_on_failure = stop_reactor_on_failure
         self.servers: dict = {}
         self.ports: list = []
         self.listening = defer.Deferred()
@@ -119,6 +123,8 @@ class ServerService(service.Service):
         err = getattr(err, "subFailure", None) or failure
         _log.critical("zeotwist cannot listen: {err}", err=err.getErrorMessage())
         self.listening.errback(err)
+        if not self.stop_reactor_on_failure:
+            return
         if self.reactor.running:
             self.reactor.stop()
         else:   # twistd starts services before the reactor runs
@@ -151,4 +157,4 @@ def makeService(options: Options) -> ServerService:
         transaction_timeout=options["transaction-timeout"],
         handshake_timeout=options["handshake-timeout"],
         max_transaction_bytes=options["max-transaction-size"],
-        address_file=options["address-file"])
+        address_file=options["address-file"], stop_reactor_on_failure=True)
