@@ -15,6 +15,7 @@ deadlocking.
 """
 import atexit
 import threading
+from _thread import allocate_lock as _allocate_lock
 
 from twisted.internet import defer
 from twisted.python import threadable
@@ -79,18 +80,41 @@ def in_reactor_thread(reactor) -> bool:
 
 
 class _Waiter:
-    """One blocking call's hand-off from the reactor thread to the caller."""
-    __slots__ = ("event", "result", "deferred")
+    """One blocking call's hand-off from the reactor thread to the caller.
 
-    def __init__(self):
-        self.event = threading.Event()
-        self.result = None
-        self.deferred = None
+    The hot path of every blocking read, so it is lean: a raw lock, taken
+    here and released by the reactor thread once ``result`` is set (cheaper
+    than ``threading.Event``, which allocates a Condition and, per wait, one
+    more lock), and ``f`` called directly rather than via ``maybeDeferred``.
+    """
+    __slots__ = ("lock", "result", "deferred", "f", "args", "kw")
+
+    def __init__(self, f, args, kw):
+        self.lock = _allocate_lock()
+        self.lock.acquire()
+        self.result = self.deferred = None
+        self.f, self.args, self.kw = f, args, kw
+
+    def run(self):
+        """In the reactor thread: call ``f``; hand over its (eventual) result."""
+        try:
+            result = self.f(*self.args, **self.kw)
+        except BaseException:
+            result = Failure()
+        if isinstance(result, defer.Deferred):
+            self.deferred = result
+            result.addBoth(self.done)
+        else:
+            self.done(result)
 
     def done(self, result):
         self.result = result
-        self.event.set()
+        self.lock.release()
         return None   # the Deferred's chain ends here, handled
+
+    def cancel(self):
+        if self.deferred is not None:
+            self.deferred.cancel()
 
 
 def blocking_call(reactor, f, *args, timeout: float | None = None,
@@ -108,17 +132,11 @@ def blocking_call(reactor, f, *args, timeout: float | None = None,
             "blocking API from a worker thread (deferToThread)")
     if not reactor.running:
         raise RuntimeError("the reactor this client uses is not running")
-    waiter = _Waiter()
-
-    def run():
-        d = waiter.deferred = defer.maybeDeferred(f, *args, **kw)
-        d.addBoth(waiter.done)
-
-    reactor.callFromThread(run)
-    if not waiter.event.wait(timeout):
-        reactor.callFromThread(lambda: waiter.deferred and waiter.deferred.cancel())
-        waiter.event.wait(1.0)
-        if not waiter.event.is_set() or isinstance(waiter.result, Failure) and \
+    waiter = _Waiter(f, args, kw)
+    reactor.callFromThread(waiter.run)
+    if not waiter.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+        reactor.callFromThread(waiter.cancel)
+        if not waiter.lock.acquire(True, 1.0) or isinstance(waiter.result, Failure) and \
                 waiter.result.check(defer.CancelledError):
             raise (on_timeout() if on_timeout else TimeoutError(timeout))
     result = waiter.result
