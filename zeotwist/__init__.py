@@ -3,12 +3,18 @@
 The server is a twistd plugin (``twistd -n zeotwist -f data.fs``); the
 client is :class:`ClientStorage`, a ZODB storage, with ZEO-shaped helpers
 :func:`client`, :func:`DB` and :func:`connection`.  As in ZEO, every
-argument of these helpers goes to :class:`ClientStorage`.
+argument of these helpers goes to :class:`ClientStorage`.  Reactor programs
+use :func:`connect` (the Deferred API), invalidation events, and
+:class:`DatabasePool` to run ZODB work in worker threads.
 """
+from zeotwist.client.connect import connect
+from zeotwist.client.events import Invalidation
+from zeotwist.client.interaction import DatabasePool
 from zeotwist.client.storage import ClientStorage
-from zeotwist.errors import ClientDisconnected
+from zeotwist.errors import ClientDisconnected, ReactorThreadError
 
-__all__ = ["ClientStorage", "ClientDisconnected", "client", "DB", "connection"]
+__all__ = ["ClientStorage", "ClientDisconnected", "ReactorThreadError", "client", "DB",
+           "connection", "connect", "DatabasePool", "Invalidation"]
 
 
 def client(*args, **kw) -> ClientStorage:

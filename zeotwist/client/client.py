@@ -23,10 +23,11 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from ZODB.POSException import ConflictError
-from ZODB.utils import z64
+from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+from ZODB.utils import maxtid, z64
 
 from zeotwist.client.cache import ClientCache
+from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.protocol import ClientFactory
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire.records import encode_check, encode_store
@@ -58,6 +59,8 @@ class Client:
         self._oids: deque = deque()
         self._loads: dict = {}
         self._invalidation_listeners: list = []
+        #: Every transaction this client learns of, for reactor programs.
+        self.events = InvalidationEvents()
         self._reset_listeners: list = []
         self._service = ClientService(
             endpoint, ClientFactory(self),
@@ -147,8 +150,13 @@ class Client:
         """``listener()`` is called when the whole cache had to be dropped."""
         self._reset_listeners.append(listener)
 
+    def remove_listeners(self, *listeners) -> None:
+        """Withdraw listeners added by the two methods above."""
+        for group in (self._invalidation_listeners, self._reset_listeners):
+            group[:] = [l for l in group if l not in listeners]
+
     def _notify(self, listeners, *args) -> None:
-        for listener in listeners:
+        for listener in list(listeners):
             try:
                 listener(*args)
             except Exception:
@@ -163,6 +171,7 @@ class Client:
                 invalidate(oid, tid)
             self._notify(self._invalidation_listeners, tid, oids)
             self.cache.last_tid = tid
+        self.events.publish(Invalidation(tid, tuple(oids)))
 
     def _committed(self, tid, written: dict, resolved, callback):
         with self.visibility_lock:
@@ -176,6 +185,7 @@ class Client:
                     callback(tid)
             finally:
                 cache.last_tid = tid
+        self.events.publish(Invalidation(tid, tuple(written), local=True))
 
     # -- reads -------------------------------------------------------------------
     def last_transaction(self) -> bytes:
@@ -217,6 +227,14 @@ class Client:
         for d in waiters:
             d.callback(result)
 
+    def load(self, oid: bytes) -> Deferred:
+        """The current revision as ``(data, tid)``; POSKeyError if there is none."""
+        def current(r):
+            if r is None:
+                raise POSKeyError(oid)
+            return r[:2]
+        return self.load_before(oid, maxtid).addCallback(current)
+
     def load_serial(self, oid: bytes, serial: bytes) -> Deferred:
         return self._call(C.LoadSerial, oid=oid, serial=serial).addCallback(
             lambda r: r["data"])
@@ -239,6 +257,11 @@ class Client:
 
         return d.addCallback(got)
 
+    def new_oids(self, count: int) -> Deferred:
+        """A list of ``count`` fresh object ids (from the pool, then the server)."""
+        from twisted.internet.defer import gatherResults
+        return gatherResults([self.new_oid() for _ in range(count)], consumeErrors=True)
+
     def _call(self, command, **kw) -> Deferred:
         proto = self._proto
         if proto is None:
@@ -247,7 +270,31 @@ class Client:
 
     # -- writes ------------------------------------------------------------------
     def transaction(self, meta, dispatch=None) -> "ClientTransaction":
+        """The client side of a two-phase commit for ZODB metadata ``meta``."""
         return ClientTransaction(self, meta, dispatch)
+
+    def begin(self, user: str = "", description: str = "", extension=None) -> "ClientTransaction":
+        """Start a transaction for the Deferred API: ``store``/``check_current_serial``,
+        then ``await vote()``, ``await finish()`` (or ``abort()``)."""
+        from ZODB.Connection import TransactionMetaData
+        if self.read_only or self.server_read_only:
+            raise ReadOnlyError()
+        return ClientTransaction(self, TransactionMetaData(user, description, extension))
+
+    def open_db(self, **kw) -> Deferred:
+        """A Deferred ZODB ``DB`` whose storage shares this client's connection
+        and cache (one connection per storage per process).
+
+        ``ZODB.DB`` reads the root while it is built, so it is built in a
+        worker thread; use the DB from worker threads too (for example with
+        :class:`~zeotwist.client.interaction.DatabasePool`).
+        """
+        import ZODB
+        from twisted.internet.threads import deferToThreadPool
+        from zeotwist.client.storage import ClientStorage
+        storage = ClientStorage.from_client(self)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                 ZODB.DB, storage, **kw)
 
 
 class ClientTransaction:

@@ -48,33 +48,49 @@ class ClientStorage:
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
+        reactor = reactor or default_reactor()
+        client = Client(reactor, to_endpoint(reactor, addr), storage=storage,
+                        read_only=read_only, cache_size=cache_size, wait_timeout=wait_timeout)
+        self._setup(client, addr, name, timeout, server_sync, owns_client=True)
+        if in_reactor_thread(reactor):
+            client.start()
+        else:
+            reactor.callFromThread(client.start)
+            if wait:
+                try:
+                    self._call(client.when_connected)
+                except BaseException:
+                    self.close()     # else the client goes on reconnecting forever
+                    raise
+
+    @classmethod
+    def from_client(cls, client: Client, name: str = "", timeout: float = 300.0,
+                    server_sync: bool = False) -> "ClientStorage":
+        """A ClientStorage over an existing :class:`Client` (from
+        :func:`zeotwist.connect`): one connection and one cache for the
+        Deferred API and ZODB's DB.  Closing the storage leaves the client
+        running; whoever made the client stops it."""
+        self = cls.__new__(cls)
+        self._setup(client, client.endpoint, name, timeout, server_sync, owns_client=False)
+        return self
+
+    def _setup(self, client, addr, name, timeout, server_sync, owns_client):
         self._addr = addr
-        self._storage = storage
-        self._name = name or "%s:%s" % (addr, storage)
-        self._read_only = read_only
+        self._storage = client.storage_name
+        self._name = name or "%s:%s" % (addr, client.storage_name)
+        self._read_only = client.read_only
         self._timeout = timeout
         self._server_sync = server_sync
-        self._reactor = reactor or default_reactor()
+        self._reactor = client.reactor
         self._db = None
         self._tpc_cond = threading.Condition()
         self._transaction = None      # the ZODB transaction being committed
         self._txn = None              # its ClientTransaction
         self._closed = False
-        endpoint = to_endpoint(self._reactor, addr)
-        self._client = Client(self._reactor, endpoint, storage=storage, read_only=read_only,
-                              cache_size=cache_size, wait_timeout=wait_timeout)
-        self._client.add_invalidation_listener(self._invalidate_db)
-        self._client.add_reset_listener(self._invalidate_db_cache)
-        if in_reactor_thread(self._reactor):
-            self._client.start()
-        else:
-            self._reactor.callFromThread(self._client.start)
-            if wait:
-                try:
-                    self._call(self._client.when_connected)
-                except BaseException:
-                    self.close()     # else the client goes on reconnecting forever
-                    raise
+        self._owns_client = owns_client
+        self._client = client
+        client.add_invalidation_listener(self._invalidate_db)
+        client.add_reset_listener(self._invalidate_db_cache)
 
     # -- plumbing --------------------------------------------------------------
     def _call(self, f, *args, timeout=None):
@@ -146,6 +162,9 @@ class ClientStorage:
         if self._closed:
             return
         self._closed = True
+        self._client.remove_listeners(self._invalidate_db, self._invalidate_db_cache)
+        if not self._owns_client:
+            return
         if self._reactor.running and not in_reactor_thread(self._reactor):
             try:
                 blocking_call(self._reactor, self._client.stop, timeout=10)
