@@ -85,7 +85,7 @@ def small_commits(storage, oids: list, count: int) -> tuple:
         tm = transaction.TransactionManager()
         conn = db.open(tm)
         items = conn.root()["items"]
-        working = [items[i] for i in range(min(COMMIT_WORKING_SET, len(items)))]
+        working = [items[i] for i in range(min(COMMIT_WORKING_SET, len(oids)))]
         for item in working:
             item._p_activate()           # loaded before the clock starts
         start = time.perf_counter()
