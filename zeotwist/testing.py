@@ -5,6 +5,8 @@
 (by default the private background reactor that blocking clients use), so a
 test can run the real server on 127.0.0.1 with a real FileStorage and talk
 to it through :class:`~zeotwist.ClientStorage` without any subprocess.
+:func:`start_twistd` runs the real ``twistd -n zeotwist`` in a subprocess
+instead (multi-process and fault tests).
 """
 from twisted.internet import defer
 
@@ -89,3 +91,115 @@ def connect_in_memory(servers: dict, clock, recorder=None, handshake_timeout=5.0
         lambda: ServerSession(servers, clock, handshake_timeout),
         lambda: ClientProtocol(recorder))
     return client, session, pump, recorder
+
+
+# -- the real server in a subprocess: ``twistd -n zeotwist`` --------------------
+
+def twistd_command() -> list:
+    """The argv prefix that runs this interpreter's ``twistd``."""
+    import os
+    import sys
+    script = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class TwistdServer:
+    """A ``twistd -n`` process serving zeotwist, as started by :func:`start_twistd`."""
+
+    def __init__(self, process, addresses, log_file, output_file=None):
+        self.process = process
+        self.addresses = addresses
+        self.log_file = log_file
+        self.output_file = output_file
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def address(self):
+        """The first listening address as a ``(host, port)`` tuple or a path."""
+        first = self.addresses[0]
+        if first.startswith("unix:"):
+            return first[5:]
+        host, port = first.rsplit(":", 1)
+        return host, int(port)
+
+    def log(self) -> str:
+        """The server's log so far (twistd's ``-l`` file, then its stdout/stderr)."""
+        parts = []
+        for path in (self.log_file, self.output_file):
+            if path is None:
+                continue
+            try:
+                with open(path, errors="replace") as f:
+                    parts.append(f.read())
+            except OSError as e:
+                parts.append("(no %s: %s)\n" % (path, e))
+        return "".join(parts)
+
+    def rss(self) -> int:
+        """The process's resident set size in bytes (Linux ``/proc``)."""
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS for pid %d" % self.pid)
+
+    def stop(self, timeout: float = 10) -> int:
+        """SIGTERM (twistd stops the service cleanly), SIGKILL after ``timeout`` s."""
+        import subprocess
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        return self.process.returncode
+
+
+def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0.0.1",
+                 directory: str | None = None, env: dict | None = None,
+                 timeout: float = 30, twistd_args=(), server_command=None) -> TwistdServer:
+    """Start ``twistd -n zeotwist -f filename --listen listen *args``; wait until it listens.
+
+    The server writes its addresses to ``<directory>/zeotwist.address`` and
+    logs to ``<directory>/twistd.log`` (stdout and stderr go to
+    ``twistd.out``; directory: the data file's); raises RuntimeError, with
+    the log, if the process exits or does not listen within ``timeout``
+    seconds.  ``server_command`` replaces ``zeotwist -f ... --listen ...``
+    (e.g. ``["-y", "zeotwist.tac"]`` with ``ZEOTWIST_ADDRESS_FILE`` set to
+    ``<directory>/zeotwist.address`` in ``env``).
+    """
+    import os
+    import subprocess
+    import time
+    directory = directory or os.path.dirname(os.path.abspath(filename))
+    address_file = os.path.join(directory, "zeotwist.address")
+    log_file = os.path.join(directory, "twistd.log")
+    output_file = os.path.join(directory, "twistd.out")
+    for stale in (address_file, log_file):
+        if os.path.exists(stale):
+            os.remove(stale)
+    if server_command is None:
+        server_command = ["zeotwist", "-f", filename, "--listen", listen,
+                          "--address-file", address_file, *args]
+    argv = [*twistd_command(), "-n", "--pidfile=", "-l", log_file, *twistd_args,
+            *server_command]
+    with open(output_file, "wb") as output:
+        process = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    server = TwistdServer(process, [], log_file, output_file)
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(address_file):
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("twistd did not start listening (exit status %s):\n%s"
+                               % (process.returncode, server.log()))
+        time.sleep(0.02)     # polling a real condition, bounded by the deadline
+    with open(address_file) as f:
+        server.addresses = [line.strip() for line in f if line.strip()]
+    return server

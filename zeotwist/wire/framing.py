@@ -88,6 +88,17 @@ class BoundedAMP(amp.AMP):
         self._box, self._boxBytes = box, size
         self._buf = buf[off:] if off < n else b""
 
+    def ampBoxReceived(self, box):
+        # A box that is neither a command nor the answer to a question we
+        # asked is the peer's violation, not an unhandled error of ours.
+        tag = box.get(amp.ANSWER, box.get(amp.ERROR))
+        if tag is not None:
+            if tag not in self._outstandingRequests:
+                return self.protocolViolation("answer to no question %r" % (tag[:16],))
+        elif amp.COMMAND not in box:
+            return self.protocolViolation("box with no command")
+        super().ampBoxReceived(box)
+
     def locateResponder(self, name):
         responder = super().locateResponder(name)
         if responder is None:
