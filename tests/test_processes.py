@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 import transaction
 from ZODB import DB
 from ZODB.FileStorage import FileStorage
@@ -252,6 +253,8 @@ def _packaged_files(src, out) -> set:
     run through ``build_py``, the step that lays out a pure wheel's files;
     pip's isolated build would need the network for a newer setuptools.
     """
+    if subprocess.run([sys.executable, "-c", "import setuptools"]).returncode != 0:
+        pytest.skip("no setuptools in this environment to build with offline")
     probe = ("try:\n    import wheel\nexcept ImportError:\n"
              "    from setuptools.command import bdist_wheel\n")
     if subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0:
