@@ -13,10 +13,13 @@ Runs on the reactor thread, except the functions passed to :meth:`call`.
 """
 import time
 
-from twisted.internet.threads import deferToThreadPool
+import queue
+import threading
+
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
 from zeotwist.wire.commands import Invalidate
@@ -40,18 +43,13 @@ class StorageServer:
         self.last_tid = storage.lastTransaction()
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
         self.start_time = time.time()
-        self._pool = None
+        self._worker = None
         if run_storage_call is None:
-            self._pool = ThreadPool(1, 1, name="zeotwist-storage-%s" % name)
-            self._pool.start()
-            run_storage_call = self._in_pool
-        #: ``call(f, *args) -> Deferred``; tests inject a synchronous one.
+            self._worker = StorageWorker(reactor, "zeotwist-storage-%s" % name)
+            run_storage_call = self._worker.call
+        #: ``call(f, *args) -> Deferred``, run in order in the storage's own
+        #: thread; tests inject a synchronous one.
         self.call = run_storage_call
-
-    # -- storage work off the reactor ----------------------------------------
-    def _in_pool(self, f, *args):
-        """Run ``f(*args)`` in this storage's worker thread; a Deferred."""
-        return deferToThreadPool(self.reactor, self._pool, f, *args)
 
     # -- sessions ------------------------------------------------------------
     def register(self, session) -> None:
@@ -88,6 +86,50 @@ class StorageServer:
 
     def close(self) -> None:
         """Stop the worker thread and close the storage (at service stop)."""
-        if self._pool is not None:
-            self._pool.stop()
+        if self._worker is not None:
+            self._worker.stop()
         self.storage.close()
+
+
+class StorageWorker:
+    """One thread that runs storage calls in submission order.
+
+    Cheaper than a ThreadPool hop (no worker bookkeeping or context
+    copying); results come back to the reactor thread with callFromThread.
+    """
+
+    def __init__(self, reactor, name: str):
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, f, *args) -> Deferred:
+        """Run ``f(*args)`` in the worker thread; a Deferred of the result."""
+        d = Deferred()
+        self._queue.put((d, f, args))
+        return d
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            d, f, args = item
+            try:
+                result = f(*args)
+            except BaseException:
+                result = Failure()
+            self._reactor.callFromThread(self._deliver, d, result)
+
+    @staticmethod
+    def _deliver(d: Deferred, result) -> None:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Finish the queued calls, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)

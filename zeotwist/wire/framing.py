@@ -47,6 +47,13 @@ class BoundedAMP(amp.AMP):
             except OSError:  # Unix sockets and friends have no Nagle
                 pass
 
+    def sendBox(self, box) -> None:
+        if self._locked:
+            raise amp.ProtocolSwitched("This connection has switched: no AMP traffic allowed.")
+        if self.transport is None:
+            raise amp.ConnectionLost()
+        write_now(self.transport, box.serialize())
+
     def dataReceived(self, data: bytes) -> None:
         if self._violated:
             return
@@ -132,3 +139,25 @@ class BoundedAMP(amp.AMP):
         if transport is not None:
             abort = getattr(transport, "abortConnection", transport.loseConnection)
             abort()
+
+
+def write_now(transport, data: bytes) -> None:
+    """Write ``data``, trying the socket at once when nothing is queued.
+
+    ``transport.write`` only buffers until the next reactor turn; for
+    request/response traffic that costs a whole extra turn per message.  When
+    the transport's buffer is empty we hand the bytes to the socket directly
+    and queue only what it did not take, so ordering is unchanged.
+    """
+    send = getattr(transport, "writeSomeData", None)
+    if (send is None or not getattr(transport, "connected", False)
+            or transport.disconnecting or getattr(transport, "_writeDisconnected", True)
+            or transport.dataBuffer or transport._tempDataBuffer
+            or getattr(transport, "producer", None) is not None):
+        transport.write(data)
+        return
+    sent = send(data)
+    if not isinstance(sent, int):      # an error: let the transport report it
+        transport.write(data)
+    elif sent < len(data):
+        transport.write(data[sent:])
