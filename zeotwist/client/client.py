@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
-from ZODB.utils import maxtid, z64
+from ZODB.utils import maxtid, p64, u64, z64
 
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.events import Invalidation, InvalidationEvents
@@ -109,18 +109,53 @@ class Client:
         self.server_read_only = answer["read_only"]
         self.server_name = answer["name"]
         self._last_error = None
-        with self.visibility_lock:
-            cache = self.cache
-            reset = cache.last_tid is not None and (
-                self.connections > 1 or cache.last_tid != answer["last_tid"])
-            if reset:
-                cache.clear()
-            cache.last_tid = answer["last_tid"]
-            self._proto = proto
-            if reset:
-                self._notify(self._reset_listeners)
         _log.info("zeotwist client registered with storage {name!r} (last tid {tid})",
                   name=self.storage_name, tid=answer["last_tid"].hex())
+        if self.cache.last_tid is None:          # nothing cached, nothing to verify
+            with self.visibility_lock:
+                self.cache.last_tid = answer["last_tid"]
+                self._proto = proto
+            return None
+        d = proto.call(C.Verify, tid=self.cache.last_tid)
+        return d.addCallback(self._verified, proto)
+
+    def _verified(self, answer, proto):
+        """Bring the cache (and ZODB) up to the server's last transaction.
+
+        Runs before ``_proto`` is set, so invalidations pushed meanwhile are
+        ignored: they concern transactions this answer already covers.
+        """
+        server_tid, oids = answer["last_tid"], answer["oids"]
+        with self.visibility_lock:
+            cache = self.cache
+            mine = cache.last_tid
+            reset = server_tid < mine or not answer["complete"]
+            if server_tid < mine:
+                _log.error(
+                    "zeotwist: the server's last transaction {server} is OLDER than this "
+                    "client's cache ({mine}); its storage was restored from an older copy. "
+                    "Dropping the cache rather than serving data the server does not have.",
+                    server=server_tid.hex(), mine=mine.hex())
+            elif reset:
+                _log.info("zeotwist: cache too far behind the server to verify; dropping it")
+            if reset:
+                cache.clear()
+                self._notify(self._reset_listeners)
+            elif server_tid > mine:
+                # The first change after `mine` is at least mine + 1: ending the
+                # cached revisions there is exact for every snapshot we served.
+                first_possible = p64(u64(mine) + 1)
+                for oid in oids:
+                    cache.invalidate(oid, first_possible)
+                self._notify(self._invalidation_listeners, server_tid, oids)
+            cache.last_tid = server_tid
+            self._proto = proto
+        if reset:
+            self.events.publish(Invalidation(server_tid, (), reset=True))
+        elif server_tid > mine:
+            self.events.publish(Invalidation(server_tid, tuple(oids)))
+        _log.info("zeotwist cache verified: {n} objects changed while disconnected",
+                  n=len(oids))
 
     def _register_failed(self, failure, proto, wrapper):
         self._last_error = failure.value

@@ -19,10 +19,15 @@ _log = Logger()
 
 @dataclass(frozen=True)
 class Invalidation:
-    """Transaction ``tid`` changed ``oids``; ``local`` if this client made it."""
+    """Transaction ``tid`` changed ``oids``; ``local`` if this client made it.
+
+    ``reset`` marks the event sent when, after a reconnection, the client
+    could not verify its cache and dropped it: anything may have changed.
+    """
     tid: bytes
     oids: tuple
     local: bool = False
+    reset: bool = False
 
 
 class Subscription:

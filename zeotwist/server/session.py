@@ -163,6 +163,16 @@ class ServerSession(BoundedAMP):
         return dict(last_tid=server.last_tid, read_only=self.read_only,
                     supports_undo=False, name=server.storage.getName())
 
+    @C.Verify.responder
+    def verify(self, tid):
+        server = self.server
+        if tid > server.last_tid:
+            changed = None
+        else:
+            changed = server.invalidations.since(tid)
+        return dict(last_tid=server.last_tid, complete=changed is not None,
+                    oids=sorted(changed or ()))
+
     # -- reads -------------------------------------------------------------------
     @C.LoadBefore.responder
     def load_before(self, oid, tid):

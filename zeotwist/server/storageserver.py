@@ -22,17 +22,20 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
+from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
 
 DEFAULT_TRANSACTION_TIMEOUT = 60.0
+DEFAULT_INVALIDATION_QUEUE_SIZE = 100
 
 
 class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
-                 max_transaction_bytes: int = 2**31, run_storage_call=None):
+                 max_transaction_bytes: int = 2**31, run_storage_call=None,
+                 invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE):
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -41,6 +44,8 @@ class StorageServer:
         self.sessions: set = set()
         self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out)
         self.last_tid = storage.lastTransaction()
+        self.invalidations = RecentInvalidations(invalidation_queue_size)
+        self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
         self.start_time = time.time()
         self._worker = None
@@ -65,6 +70,7 @@ class StorageServer:
         transaction's invalidation can only be written after this one.
         """
         self.last_tid = tid
+        self.invalidations.append(tid, oids)
         self.stats["commits"] += 1
         box = amp.AmpBox(Invalidate.makeArguments({"tid": tid, "oids": oids}, None))
         box[amp.COMMAND] = Invalidate.commandName

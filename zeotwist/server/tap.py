@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from zeotwist.server.session import SessionFactory
-from zeotwist.server.storageserver import DEFAULT_TRANSACTION_TIMEOUT, StorageServer
+from zeotwist.server.storageserver import (
+    DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_TRANSACTION_TIMEOUT, StorageServer)
 
 _log = Logger()
 
@@ -38,6 +39,9 @@ class Options(usage.Options):
          "Seconds a new connection has to register before it is closed.", float],
         ["max-transaction-size", None, 2**31,
          "Bytes one transaction may send before it is refused.", int],
+        ["invalidation-queue-size", None, DEFAULT_INVALIDATION_QUEUE_SIZE,
+         "How many recent transactions the server remembers, so reconnecting "
+         "clients can verify their caches instead of dropping them.", int],
         ["address-file", None, None,
          "Write the addresses listened on to this file once listening."],
     ]
@@ -66,6 +70,7 @@ class ServerService(service.Service):
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  handshake_timeout: float = 5.0, max_transaction_bytes: int = 2**31,
                  address_file: str | None = None, reactor=None,
+                 invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  stop_reactor_on_failure: bool = False):
         self.filename = filename
         self.listen = list(listen)
@@ -75,6 +80,7 @@ class ServerService(service.Service):
         self.handshake_timeout = handshake_timeout
         self.max_transaction_bytes = max_transaction_bytes
         self.address_file = address_file
+        self.invalidation_queue_size = invalidation_queue_size
         self._reactor = reactor
         #: True when this service *is* the process (twistd): a server that
         #: cannot listen then stops the reactor instead of idling.
@@ -98,7 +104,8 @@ class ServerService(service.Service):
         server = StorageServer(
             storage, self.storage_name, reactor=self.reactor, read_only=self.read_only,
             transaction_timeout=self.transaction_timeout,
-            max_transaction_bytes=self.max_transaction_bytes)
+            max_transaction_bytes=self.max_transaction_bytes,
+            invalidation_queue_size=self.invalidation_queue_size)
         self.servers[self.storage_name] = server
         factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
@@ -157,4 +164,5 @@ def makeService(options: Options) -> ServerService:
         transaction_timeout=options["transaction-timeout"],
         handshake_timeout=options["handshake-timeout"],
         max_transaction_bytes=options["max-transaction-size"],
-        address_file=options["address-file"], stop_reactor_on_failure=True)
+        address_file=options["address-file"], stop_reactor_on_failure=True,
+        invalidation_queue_size=options["invalidation-queue-size"])

@@ -40,6 +40,24 @@ class Register(_Command):
     ]
 
 
+class Verify(_Command):
+    """Cache verification after (re)connecting: what changed after ``tid``.
+
+    ``complete`` is False when the server's recent-invalidations queue no
+    longer reaches back to ``tid`` (the client must drop its cache); ``oids``
+    is then empty.  ``last_tid`` is the server's last transaction: if it is
+    older than ``tid``, the server's storage is older than the client's
+    cache (restored from a backup) and the client must not trust its cache.
+    """
+    commandName = b"Verify"
+    arguments = [(b"tid", Id8())]
+    response = [
+        (b"last_tid", Id8()),
+        (b"complete", amp.Boolean()),
+        (b"oids", IdList()),
+    ]
+
+
 class LoadBefore(_Command):
     """The revision of ``oid`` that was current just before ``tid``."""
     commandName = b"LoadBefore"
@@ -149,7 +167,7 @@ class Invalidate(_Command):
     arguments = [(b"tid", Id8()), (b"oids", IdList())]
 
 
-CLIENT_COMMANDS = [Register, LoadBefore, LoadSerial, NewOids, TpcBegin,
+CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
                    StoreData, Vote, Finish, Abort, LastTransaction, Info]
 SERVER_COMMANDS = [Invalidate]
 ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS
