@@ -2,8 +2,9 @@
 
 Accepted: ``(host, port)`` tuples (as in ZEO), ``"host:port"``, a Unix
 socket path (a string containing ``/`` or ending in ``.sock``), any Twisted
-client endpoint string (``tcp:…``, ``unix:…``, ``tls:…``), or an object
-that already provides ``IStreamClientEndpoint``.  Pure; no I/O.
+client endpoint string (``tcp:…``, ``unix:…``, ``tls:…``), an object
+that already provides ``IStreamClientEndpoint``, or a *list* of any of
+these (several servers, tried in turn).  Pure; no I/O.
 """
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -29,8 +30,13 @@ def endpoint_string(address) -> str:
 
 
 def to_endpoint(reactor, address):
+    """One endpoint, or a FailoverEndpoint for a list of addresses."""
     if IStreamClientEndpoint.providedBy(address):
         return address
+    if isinstance(address, list):
+        from zeotwist.client.failover import FailoverEndpoint
+        return FailoverEndpoint([to_endpoint(reactor, a) for a in address],
+                                [str(a) for a in address])
     return clientFromString(reactor, endpoint_string(address))
 
 

@@ -43,12 +43,19 @@ CACHE_WRITES_LIMIT = 4 * 2**20
 class Client:
     def __init__(self, reactor, endpoint, *, storage: str = "1", read_only: bool = False,
                  cache: ClientCache | None = None, cache_size: int = 20 * 2**20,
-                 wait_timeout: float = 30.0, retry_policy=None):
+                 wait_timeout: float = 30.0, retry_policy=None,
+                 read_only_fallback: bool = False, fallback_check_interval: float = 5.0):
         self.reactor = reactor
         self.endpoint = endpoint
         self.storage_name = storage
         self.read_only = read_only
         self.server_read_only = read_only
+        #: connect read-only to a read-only server when no writable one answers,
+        #: and move back to a writable server when one appears
+        self.read_only_fallback = read_only_fallback and not read_only
+        self.fallback_check_interval = fallback_check_interval
+        self._refusals = 0           # read-only refusals since the last success
+        self._probe = None
         self.cache = cache if cache is not None else ClientCache(cache_size)
         self.wait_timeout = wait_timeout
         self.visibility_lock = RLock()
@@ -72,6 +79,8 @@ class Client:
         self._service.startService()
 
     def stop(self) -> Deferred:
+        if self._probe is not None:
+            self._probe.stop()
         return self._service.stopService()
 
     @property
@@ -97,14 +106,34 @@ class Client:
         # ClientService hands us its proxy around our protocol; we keep the
         # protocol itself, since that is what calls back into this client.
         proto = getattr(wrapper, "_protocol", wrapper)
-        d = proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
-                       storage=self.storage_name, read_only=self.read_only)
+        d = self._send_register(proto, self.read_only)
+        if self.read_only_fallback:
+            d.addErrback(self._maybe_fall_back, proto)
         d.addCallbacks(self._registered, self._register_failed, (proto,), None,
                        (proto, wrapper))
         return d
 
+    def _send_register(self, proto, read_only):
+        return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
+                          storage=self.storage_name, read_only=read_only)
+
+    def _maybe_fall_back(self, failure, proto):
+        """A read-only server refused a writable client: try the other
+        servers first; once each has refused, register read-only here."""
+        failure.trap(ReadOnlyError)
+        self._refusals += 1
+        if self._refusals < len(getattr(self.endpoint, "endpoints", ())):
+            return failure
+        _log.warn("zeotwist: no writable server; falling back to read-only")
+        return self._send_register(proto, True)
+
     def _registered(self, answer, proto):
         self.connections += 1
+        self._refusals = 0
+        if hasattr(self.endpoint, "start"):
+            self.endpoint.start = 0          # next time, servers in preferred order
+        if self.read_only_fallback and answer["read_only"]:
+            self._schedule_writable_probe()
         self._oids.clear()           # never hand out an oid twice across servers/restarts
         self.server_read_only = answer["read_only"]
         self.server_name = answer["name"]
@@ -160,6 +189,8 @@ class Client:
     def _register_failed(self, failure, proto, wrapper):
         self._last_error = failure.value
         _log.warn("zeotwist registration failed: {err}", err=failure.getErrorMessage())
+        if hasattr(self.endpoint, "skip_current"):
+            self.endpoint.skip_current()     # the next attempt tries the next server
         # ClientService (Twisted 26.10) has no transition for a connection
         # lost while it is still "connecting" (our handshake): it raises
         # NoTransition.  A failed handshake is reported through the returned
@@ -169,6 +200,21 @@ class Client:
         if proto.transport is not None:
             proto.transport.loseConnection()
         return failure
+
+    def _schedule_writable_probe(self):
+        from zeotwist.client.failover import WritableProbe
+        if self._probe is None:
+            self._probe = WritableProbe(self, self.fallback_check_interval)
+        self._probe.schedule()
+
+    def _writable_server_found(self, index):
+        """The probe found a writable server: reconnect there."""
+        if hasattr(self.endpoint, "start"):
+            self.endpoint.start = index
+        proto = self._proto
+        if proto is not None and self.server_read_only and proto.transport is not None:
+            _log.info("zeotwist: a writable server is back; reconnecting to it")
+            proto.transport.loseConnection()
 
     def _connection_lost(self, proto, reason):
         if proto is self._proto:

@@ -31,12 +31,16 @@ class ClientStorage:
     """A ZODB storage served by a zeotwist server.
 
     :param addr: ``(host, port)``, ``"host:port"``, a Unix socket path, a
-        Twisted endpoint string or an endpoint object.
+        Twisted endpoint string or an endpoint object; or a list of these
+        (several servers, tried in turn).
     :param storage: the name of the storage on the server (default ``"1"``).
     :param wait_timeout: seconds to wait for a connection, at construction
         (with ``wait=True``) and for any call made while disconnected, before
         raising :class:`~zeotwist.errors.ClientDisconnected`.
     :param timeout: seconds a call waits for its answer once sent.
+    :param read_only_fallback: if no writable server answers, use a
+        read-only one (the storage is then read-only) and move back to a
+        writable server when one appears.
     :param reactor: the reactor to use; default: the global one if it is
         running, else a private reactor in a daemon thread.
     """
@@ -44,13 +48,14 @@ class ClientStorage:
     def __init__(self, addr, storage: str = "1", cache_size: int = DEFAULT_CACHE_SIZE,
                  name: str = "", read_only: bool = False, wait_timeout: float = 30.0,
                  wait: bool = True, timeout: float = 300.0, server_sync: bool = False,
-                 reactor=None, **unsupported):
+                 reactor=None, read_only_fallback: bool = False, **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
         reactor = reactor or default_reactor()
         client = Client(reactor, to_endpoint(reactor, addr), storage=storage,
-                        read_only=read_only, cache_size=cache_size, wait_timeout=wait_timeout)
+                        read_only=read_only, cache_size=cache_size, wait_timeout=wait_timeout,
+                        read_only_fallback=read_only_fallback)
         self._setup(client, addr, name, timeout, server_sync, owns_client=True)
         if in_reactor_thread(reactor):
             client.start()
