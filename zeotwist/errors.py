@@ -18,6 +18,7 @@ __all__ = [
     "TransactionTooLarge",
     "ReactorThreadError",
     "StorageServerError",
+    "CacheLockedError",
 ]
 
 
@@ -55,6 +56,10 @@ class TransactionTooLarge(ZeotwistError):
 
 class StorageServerError(ZeotwistError):
     """The server failed in a way it had no specific error code for."""
+
+
+class CacheLockedError(ZeotwistError):
+    """The persistent client cache file is in use by another client."""
 
 
 class ReactorThreadError(RuntimeError):

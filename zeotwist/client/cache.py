@@ -106,6 +106,45 @@ class ClientCache:
             self._older.clear()
             self._bytes = 0
 
+    # -- persistence (see zeotwist.client.cachefile) -----------------------------
+    def snapshot(self):
+        """``(last_tid, [(oid, start, end, data), ...])``, least recently used first.
+
+        Taken atomically under the lock, so it is one consistent state.
+        """
+        with self._lock:
+            return self.last_tid, [(oid, start, end, data) for (oid, start), (end, data)
+                                   in self._entries.items()]
+
+    def restore(self, last_tid, entries) -> None:
+        """Replace the contents with a :meth:`snapshot` (LRU order).
+
+        Keeps the most recently used revisions that fit in ``size_limit``.
+        """
+        kept, seen, current, total = [], set(), set(), 0
+        for oid, start, end, data in reversed(entries):      # most recent first
+            if (oid, start) in seen or (end is None and oid in current):
+                continue
+            total += len(data) + ENTRY_OVERHEAD
+            if total > self.size_limit:
+                break
+            seen.add((oid, start))
+            if end is None:
+                current.add(oid)
+            kept.append((oid, start, end, data))
+        with self._lock:
+            self._entries.clear()
+            self._current.clear()
+            self._older.clear()
+            for oid, start, end, data in reversed(kept):
+                if end is None:
+                    self._current[oid] = start
+                else:
+                    self._older.setdefault(oid, []).append(start)
+                self._entries[(oid, start)] = [end, data]
+            self._bytes = sum(len(e[3]) + ENTRY_OVERHEAD for e in kept)
+            self.last_tid = last_tid
+
     def _evict(self) -> None:
         entries = self._entries
         while self._bytes > self.size_limit and entries:
