@@ -94,3 +94,15 @@ def test_concurrent_readers_and_writer():
         t.join(30)
     assert errors == []
     assert c.stats()["bytes"] <= 50_000
+
+
+def test_invalidate_after_for_verification():
+    c = ClientCache()
+    c.store(OID, p64(5), None, b"v5")          # current since before tid 7
+    c.store(p64(2), p64(9), None, b"w9")       # written after tid 7: may be stale
+    c.invalidate_after(OID, p64(7))
+    c.invalidate_after(p64(2), p64(7))
+    assert c.load(OID) is None
+    assert c.loadBefore(OID, p64(8)) == (b"v5", p64(5), p64(8))   # right for snapshots <= 7
+    assert c.loadBefore(OID, p64(9)) is None
+    assert c.load(p64(2)) is None and c.loadBefore(p64(2), p64(100)) is None

@@ -91,7 +91,7 @@ def test_database_from_url(server, bg_config, closing, tmp_path):
 def test_server_address_becomes_a_tuple():
     config, _ = ZConfig.loadConfigFile(
         ZODB.config.getStorageSchema(), io.StringIO(section("server localhost:8100")))
-    assert config.storage.config.server == ("localhost", 8100)
+    assert config.storage.config.server == [("localhost", 8100)]
 
 
 @pytest.mark.parametrize("form", ["path", "endpoint"])
@@ -125,10 +125,12 @@ def test_every_key_reaches_client_storage(monkeypatch):
     ZODB.config.storageFromString(section(
         "server 127.0.0.1:9", "storage other", "cache-size 3MB", "name fred",
         "read-only on", "wait off", "wait-timeout 1.5", "timeout 7",
-        "server-sync on"))
-    assert seen == dict(addr=("127.0.0.1", 9), storage="other", cache_size=3 * 2**20,
-                        name="fred", read_only=True, wait=False, wait_timeout=1.5,
-                        timeout=7.0, server_sync=True, reactor=sentinel)
+        "server-sync on", "client fred", "var /tmp/x", "read-only-fallback on",
+        "server 127.0.0.1:10"))
+    assert seen == dict(addr=[("127.0.0.1", 9), ("127.0.0.1", 10)], storage="other",
+                        cache_size=3 * 2**20, name="fred", read_only=True, wait=False,
+                        wait_timeout=1.5, timeout=7.0, server_sync=True, reactor=sentinel,
+                        client="fred", var="/tmp/x", read_only_fallback=True)
 
 
 def test_defaults_match_client_storage(monkeypatch):
@@ -192,7 +194,6 @@ def test_wait_timeout_bounds_opening(tmp_path, bg_config):
 @pytest.mark.parametrize("keys, message", [
     (("server 127.0.0.1:9", "bogus 1"), "not a known key"),
     (("server 127.0.0.1:9", "blob-dir /tmp/x"), "not a known key"),   # ZEO key, unsupported
-    (("server 127.0.0.1:9", "server 127.0.0.1:10"), "multiple values"),
     (("storage 1",), "server"),                                       # required
     (("server localhost",), "has no port"),
     (("server tcp:host=localhost:port=abc",), "cannot use endpoint string"),

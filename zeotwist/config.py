@@ -78,7 +78,14 @@ class ZeotwistClient(BaseConfig):
     def open(self):
         from zeotwist.client.storage import ClientStorage
         c = self.config
+        servers = c.server
+        extra = {}
+        if c.client:
+            extra.update(client=c.client, var=c.var)
+        if c.read_only_fallback:
+            extra.update(read_only_fallback=True)
         return ClientStorage(
-            c.server, storage=c.storage, cache_size=c.cache_size, name=c.name,
+            servers[0] if len(servers) == 1 else list(servers),
+            storage=c.storage, cache_size=c.cache_size, name=c.name,
             read_only=c.read_only, wait_timeout=c.wait_timeout, wait=c.wait,
-            timeout=c.timeout, server_sync=c.server_sync, reactor=reactor)
+            timeout=c.timeout, server_sync=c.server_sync, reactor=reactor, **extra)

@@ -99,6 +99,25 @@ class ClientCache:
             self._entries[(oid, start)][0] = tid
             self._older.setdefault(oid, []).append(start)
 
+    def invalidate_after(self, oid: bytes, after: bytes) -> None:
+        """Some transaction after ``after`` changed ``oid`` (cache verification).
+
+        A current revision that was current at ``after`` ends at ``after + 1``
+        (a lower bound of its real end, so every snapshot it serves is
+        right); one written after ``after`` may itself be stale: drop it.
+        """
+        with self._lock:
+            start = self._current.get(oid)
+            if start is None:
+                return
+            if start > after:
+                self._drop((oid, start))
+                return
+            end = (int.from_bytes(after, "big") + 1).to_bytes(8, "big")
+            del self._current[oid]
+            self._entries[(oid, start)][0] = end
+            self._older.setdefault(oid, []).append(start)
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
-from ZODB.utils import maxtid, p64, u64, z64
+from ZODB.utils import maxtid, z64
 
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.events import Invalidation, InvalidationEvents
@@ -171,11 +171,8 @@ class Client:
                 cache.clear()
                 self._notify(self._reset_listeners)
             elif server_tid > mine:
-                # The first change after `mine` is at least mine + 1: ending the
-                # cached revisions there is exact for every snapshot we served.
-                first_possible = p64(u64(mine) + 1)
                 for oid in oids:
-                    cache.invalidate(oid, first_possible)
+                    cache.invalidate_after(oid, mine)
                 self._notify(self._invalidation_listeners, server_tid, oids)
             cache.last_tid = server_tid
             self._proto = proto

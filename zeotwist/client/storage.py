@@ -19,6 +19,9 @@ from ZODB.POSException import POSKeyError, ReadOnlyError, StorageTransactionErro
 from ZODB.utils import maxtid, z64
 
 from zeotwist.client.addresses import to_endpoint
+from zeotwist.client.cache import ClientCache
+from zeotwist.client.cachefile import cache_path as persistent_cache_path
+from zeotwist.client.persist import DEFAULT_SAVE_INTERVAL, CachePersister
 from zeotwist.client.client import Client
 from zeotwist.client.reactorthread import blocking_call, default_reactor, in_reactor_thread
 from zeotwist.errors import ClientDisconnected
@@ -41,6 +44,8 @@ class ClientStorage:
     :param read_only_fallback: if no writable server answers, use a
         read-only one (the storage is then read-only) and move back to a
         writable server when one appears.
+    :param fallback_check_interval: seconds between the checks for a
+        writable server while fallen back to a read-only one.
     :param reactor: the reactor to use; default: the global one if it is
         running, else a private reactor in a daemon thread.
     """
@@ -48,22 +53,35 @@ class ClientStorage:
     def __init__(self, addr, storage: str = "1", cache_size: int = DEFAULT_CACHE_SIZE,
                  name: str = "", read_only: bool = False, wait_timeout: float = 30.0,
                  wait: bool = True, timeout: float = 300.0, server_sync: bool = False,
-                 reactor=None, read_only_fallback: bool = False, **unsupported):
+                 reactor=None, read_only_fallback: bool = False, client: str | None = None,
+                 var: str | None = None, cache_path: str | None = None,
+                 cache_save_interval: float = DEFAULT_SAVE_INTERVAL,
+                 fallback_check_interval: float = 5.0, **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
         reactor = reactor or default_reactor()
-        client = Client(reactor, to_endpoint(reactor, addr), storage=storage,
-                        read_only=read_only, cache_size=cache_size, wait_timeout=wait_timeout,
-                        read_only_fallback=read_only_fallback)
-        self._setup(client, addr, name, timeout, server_sync, owns_client=True)
+        cache = ClientCache(cache_size)
+        persister = None
+        if client is not None or cache_path is not None:
+            persister = CachePersister(
+                cache, cache_path or persistent_cache_path(client, var, storage),
+                cache_save_interval)
+        connection = Client(reactor, to_endpoint(reactor, addr), storage=storage,
+                            read_only=read_only, cache=cache, wait_timeout=wait_timeout,
+                            read_only_fallback=read_only_fallback,
+                            fallback_check_interval=fallback_check_interval)
+        self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
+        self._persister = persister
+        if persister is not None:
+            reactor.callFromThread(persister.start, reactor)
         if in_reactor_thread(reactor):
-            client.start()
+            connection.start()
         else:
-            reactor.callFromThread(client.start)
+            reactor.callFromThread(connection.start)
             if wait:
                 try:
-                    self._call(client.when_connected)
+                    self._call(connection.when_connected)
                 except BaseException:
                     self.close()     # else the client goes on reconnecting forever
                     raise
@@ -92,6 +110,7 @@ class ClientStorage:
         self._transaction = None      # the ZODB transaction being committed
         self._txn = None              # its ClientTransaction
         self._closed = False
+        self._persister = None
         self._owns_client = owns_client
         self._client = client
         client.add_invalidation_listener(self._invalidate_db)
@@ -177,6 +196,10 @@ class ClientStorage:
                 pass
         elif self._reactor.running:
             self._client.stop()
+        if self._persister is not None:
+            if self._reactor.running:
+                self._reactor.callFromThread(self._persister.stop)
+            self._persister.close()
 
     # -- reads -------------------------------------------------------------------
     def loadBefore(self, oid: bytes, tid: bytes):
