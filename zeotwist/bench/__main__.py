@@ -1,34 +1,58 @@
-"""Command line: ``python -m zeotwist.bench [--quick] [--rounds N] ...``."""
+"""Command line: ``python -m zeotwist.bench [--quick] [--rounds N] [--cases A,B] ...``."""
 import argparse
 import signal
 import sys
 
-from zeotwist.bench.runner import SYSTEMS, BenchError, ServerError, run
+from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, BenchError, ServerError, Settings, run
 
-QUICK = dict(objects=500, commits=50, rounds=1)
+QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1)
+
+
+def case_list(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CASE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            "unknown case(s) %s; choose from %s" % (", ".join(unknown) or "(none)",
+                                                    ", ".join(CASE_NAMES)))
+    return names
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m zeotwist.bench",
-        description="Compare zeotwist with ZEO 6: cold reads and small commits, "
-                    "server and client in separate processes, interleaved rounds.")
+        description="Compare zeotwist with ZEO 6: cold, pipelined, warm and hot-set reads, "
+                    "small commits; server and client in separate processes, "
+                    "interleaved rounds.")
     p.add_argument("--rounds", type=int, default=3, help="rounds per system (default 3)")
     p.add_argument("--objects", type=int, default=10_000,
-                   help="objects populated and cold-read (default 10000)")
+                   help="objects populated and read (default 10000)")
     p.add_argument("--commits", type=int, default=1000,
                    help="transactions in the small-commits case (default 1000)")
+    p.add_argument("--cases", type=case_list, default=CASE_NAMES, metavar="A,B",
+                   help="the cases to run, comma-separated, from: %s (default all)"
+                        % ", ".join(CASE_NAMES))
+    p.add_argument("--window", type=int, default=64,
+                   help="pipelined: loads kept outstanding by zeotwist (default 64)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="warm: timed passes over all objects (default 3)")
+    p.add_argument("--hot-reads", type=int, default=50_000,
+                   help="hotset: timed reads (default 50000)")
+    p.add_argument("--writer-rate", type=float, default=50.0,
+                   help="hotset: the writer process's commits per second (default 50)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: %(objects)d objects, %(commits)d commits, "
-                        "%(rounds)d round" % QUICK)
+                        "%(hot_reads)d hot-set reads, %(rounds)d round" % QUICK)
     p.add_argument("--only", choices=SYSTEMS, help="run one system only")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    for k in ("rounds", "objects", "commits"):
+    for k in ("rounds", "objects", "commits", "window", "passes", "hot_reads"):
         if getattr(args, k) < 1:
-            p.error("--%s must be at least 1" % k)
+            p.error("--%s must be at least 1" % k.replace("_", "-"))
+    if args.writer_rate <= 0:
+        p.error("--writer-rate must be positive")
     return args
 
 
@@ -37,8 +61,11 @@ def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the servers' finally blocks run.
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     systems = (args.only,) if args.only else SYSTEMS
+    settings = Settings(objects=args.objects, commits=args.commits, rounds=args.rounds,
+                        window=args.window, passes=args.passes, hot_reads=args.hot_reads,
+                        writer_rate=args.writer_rate, cases=args.cases)
     try:
-        run(args.objects, args.commits, args.rounds, systems)
+        run(settings, systems)
     except (BenchError, ServerError) as e:
         print("bench failed: %s" % e, file=sys.stderr)
         return 1

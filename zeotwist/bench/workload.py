@@ -1,11 +1,16 @@
 """The client side of the benchmark: one workload in one fresh process.
 
-``python -m zeotwist.bench.workload CASE SYSTEM HOST:PORT OIDFILE [COUNT]``
+``python -m zeotwist.bench.workload CASE SYSTEM HOST:PORT OIDFILE [KEY=N ...]``
 connects to the server with SYSTEM's client (``zeotwist`` or ``zeo``), runs
-CASE and prints one JSON line, ``{"count": n, "seconds": s}``, where only the
-measured loop is timed (not the interpreter start-up, the imports or the
-connection).  The runner (:mod:`zeotwist.bench.runner`) starts one process
-per case and round, so every cold read starts with empty caches.
+CASE and prints one JSON line, ``{"count": n, "seconds": s, "extra": {...}}``,
+where only the measured loop is timed (not the interpreter start-up, the
+imports, the connection or a warm-up).  The runner
+(:mod:`zeotwist.bench.runner`) starts one process per case and round, so
+every case starts with empty caches.  ``KEY=N`` parameters: ``count`` (the
+commits case), and those of :mod:`~zeotwist.bench.pipelined` and
+:mod:`~zeotwist.bench.reads` (``window``, ``passes``, ``reads``,
+``cache_size``, ``rate``, ``seed``).  The ``writer`` case prints a
+``{"ready": true}`` line once connected and commits until its stdin closes.
 
 Also :func:`populate`, which builds the database file both servers serve.
 """
@@ -56,13 +61,14 @@ def populate(filename: str, objects: int) -> list:
     return oids
 
 
-def open_storage(system: str, host: str, port: int):
+def open_storage(system: str, host: str, port: int, **kw):
+    """SYSTEM's blocking ``ClientStorage``; ``kw`` (e.g. ``cache_size``) goes to it."""
     if system == "zeotwist":
         import zeotwist
-        return zeotwist.ClientStorage((host, port), wait_timeout=30)
+        return zeotwist.ClientStorage((host, port), wait_timeout=30, **kw)
     if system == "zeo":
         from ZEO.ClientStorage import ClientStorage
-        return ClientStorage((host, port), wait_timeout=30)
+        return ClientStorage((host, port), wait_timeout=30, **kw)
     raise ValueError("unknown system %r" % (system,))
 
 
@@ -99,23 +105,47 @@ def small_commits(storage, oids: list, count: int) -> tuple:
     return count, elapsed
 
 
-CASES = {"cold": cold_reads, "commits": small_commits}
+#: Cases that run over a blocking ClientStorage with default settings.
+STORAGE_CASES = {"cold": cold_reads, "commits": small_commits}
+
+
+def run_case(case: str, system: str, host: str, port: int, oids: list, params: dict) -> dict:
+    """Run one case; ``{"count": n, "seconds": s, "extra": {...}}``."""
+    if case in STORAGE_CASES:
+        storage = open_storage(system, host, port)
+        try:
+            n, seconds = STORAGE_CASES[case](storage, oids, params.get("count", 0))
+        finally:
+            storage.close()
+        return {"count": n, "seconds": seconds, "extra": {}}
+    if case == "pipelined":
+        from zeotwist.bench import pipelined
+        return pipelined.run(system, host, port, oids, params)
+    from zeotwist.bench import reads
+    if case in reads.CASES:
+        return reads.CASES[case](system, host, port, oids, params)
+    raise ValueError("unknown case %r" % (case,))
+
+
+def parse_params(args: list) -> dict:
+    """``["count=5", "rate=2.5"]`` -> ``{"count": 5, "rate": 2.5}``."""
+    params = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        params[key] = float(value) if "." in value else int(value)
+    return params
 
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     case, system, address, oidfile = argv[:4]
-    count = int(argv[4]) if len(argv) > 4 else 0
+    params = parse_params(argv[4:])
     with open(oidfile, "rb") as f:
         raw = f.read()
     oids = [raw[i:i + 8] for i in range(0, len(raw), 8)]
     host, port = address.rsplit(":", 1)
-    storage = open_storage(system, host, int(port))
-    try:
-        n, seconds = CASES[case](storage, oids, count)
-    finally:
-        storage.close()
-    print(json.dumps({"count": n, "seconds": seconds}), flush=True)
+    result = run_case(case, system, host, int(port), oids, params)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

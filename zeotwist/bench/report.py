@@ -1,0 +1,129 @@
+"""The benchmark's summary: medians per system and case, ratios, and notes.
+
+``results`` maps ``(system, case)`` to one result per round (the client's
+``{"count", "seconds", "extra"}`` plus ``"rate"``).  Ratios are of the
+medians; "per-round ratios" is the lowest and highest ratio of the two
+values measured in the same round.
+"""
+import statistics
+from importlib import metadata
+
+SYSTEMS = ("zeotwist", "zeo")
+#: The issue's target for pipelined cold loads: this many times ZEO's
+#: sequential cold-load rate.
+PIPELINED_TARGET = 10.0
+
+
+def label(system: str) -> str:
+    if system == "zeo":
+        try:
+            return "ZEO " + metadata.version("ZEO")
+        except metadata.PackageNotFoundError:
+            return "ZEO"
+    return "zeotwist"
+
+
+def rates(results: dict, system: str, case: str) -> list:
+    return [r["rate"] for r in results.get((system, case), ())]
+
+
+def extras(results: dict, system: str, case: str, key: str) -> list:
+    return [r["extra"][key] for r in results.get((system, case), ())
+            if r["extra"].get(key) is not None]
+
+
+def median(values: list):
+    return statistics.median(values) if values else None
+
+
+def ratio(a: list, b: list) -> str:
+    """``"median(a)/median(b)  lo-hi"`` over rounds, or "" if either is missing."""
+    if not a or not b:
+        return ""
+    per = sorted(x / y for x, y in zip(a, b))
+    return "%.2f  (per round %.2f-%.2f)" % (median(a) / median(b), per[0], per[-1])
+
+
+def summary(results: dict, systems, cases, settings=None) -> str:
+    """The medians table (ratio columns only when both systems ran), then
+    the comparisons and cache figures of the cases that ran."""
+    both = set(SYSTEMS) <= set(systems)
+    cols = ["%-16s" % "case"] + ["%14s" % label(s) for s in SYSTEMS]
+    cols += ["%14s" % "zeotwist/ZEO", "  per-round ratios"] if both else []
+    lines = ["".join(cols) + "    (medians)"]
+    for case, lbl, unit in cases:
+        row = ["%-16s" % lbl]
+        for s in SYSTEMS:
+            m = median(rates(results, s, case)) if s in systems else None
+            row.append("%14.0f" % m if m is not None else "%14s" % "-")
+        if both:
+            zt, zeo = rates(results, "zeotwist", case), rates(results, "zeo", case)
+            row.append("%14.2f" % (median(zt) / median(zeo)))
+            per = sorted(a / b for a, b in zip(zt, zeo))
+            row.append("  %.2f-%.2f" % (per[0], per[-1]))
+        lines.append("".join(row) + "    " + unit)
+    names = {c for c, _, _ in cases}
+    notes = []
+    if "pipelined" in names:
+        notes += pipelined_notes(results, settings)
+    if "warm" in names:
+        notes += warm_notes(results)
+    if "hotset" in names:
+        notes += hotset_notes(results, settings)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def pipelined_notes(results: dict, settings) -> list:
+    window = settings.window if settings else 64
+    zt = rates(results, "zeotwist", "pipelined")
+    out = ["pipelined cold: zeotwist = Deferred API, %d load_before outstanding; "
+           "ZEO = ClientStorage.prefetch(all oids) then loadBefore each" % window]
+    for other, what in (("zeo", "%s sequential cold reads" % label("zeo")),
+                        ("zeotwist", "zeotwist sequential cold reads")):
+        r = ratio(zt, rates(results, other, "cold"))
+        if r:
+            target = " (target >= %g)" % PIPELINED_TARGET if other == "zeo" else ""
+            out.append("  zeotwist pipelined / %s: %s%s" % (what, r, target))
+    r = ratio(rates(results, "zeo", "pipelined"), rates(results, "zeo", "cold"))
+    if r:
+        out.append("  ZEO prefetch / ZEO sequential cold reads: %s" % r)
+    return out
+
+
+def warm_notes(results: dict) -> list:
+    line = ["warm reads without ZODB (storage.loadBefore, client cache only):"]
+    for s in SYSTEMS:
+        m = median(extras(results, s, "warm", "storage_rate"))
+        if m is not None:
+            line.append("%s %.0f loads/s" % (label(s), m))
+    r = ratio(extras(results, "zeotwist", "warm", "storage_rate"),
+              extras(results, "zeo", "warm", "storage_rate"))
+    return ["  ".join(line) + ("; zeotwist/ZEO %s" % r if r else "")]
+
+
+def hotset_notes(results: dict, settings) -> list:
+    out = []
+    if settings is not None:
+        out.append("hot-set mix: %d reads, 1 commit per 100 reads, client cache %d bytes, "
+                   "writer at %g commits/s" % (settings.hot_reads, settings.hot_cache_size,
+                                               settings.writer_rate))
+    for s in SYSTEMS:
+        if (s, "hotset") not in results:
+            continue
+        loads = extras(results, s, "hotset", "loads")
+        hits = extras(results, s, "hotset", "cache_hits")
+        misses = extras(results, s, "hotset", "cache_misses")
+        own = ""
+        if s == "zeotwist" and misses:
+            own = "cache.stats() hits/(hits+misses) %.3f" % median(
+                [h / (h + m) for h, m in zip(hits, misses) if h + m])
+        elif hits and loads:
+            own = "cache getStats() accesses/loads %.3f" % median(
+                [h / n for h, n in zip(hits, loads) if n])
+        out.append("  %-10s hit ratio %.3f (loads answered without a round trip); %s; "
+                   "conflicts %d; writer %.0f commits/s" % (
+                       label(s), median(extras(results, s, "hotset", "hit_ratio")) or 0.0,
+                       own, sum(extras(results, s, "hotset", "conflicts")) +
+                       sum(extras(results, s, "hotset", "writer_conflicts")),
+                       median(extras(results, s, "hotset", "writer_rate")) or 0.0))
+    return out
