@@ -61,6 +61,9 @@ class Client:
         self.visibility_lock = RLock()
         self.connections = 0
         self.server_name = None
+        #: optional ZODB interfaces of the served storage (from Register)
+        self.server_interfaces: tuple = ()
+        self.supports_undo = False
         self._proto = None
         self._last_error = None
         self._oids: deque = deque()
@@ -137,6 +140,8 @@ class Client:
         self._oids.clear()           # never hand out an oid twice across servers/restarts
         self.server_read_only = answer["read_only"]
         self.server_name = answer["name"]
+        self.server_interfaces = tuple(answer["interfaces"])
+        self.supports_undo = answer["supports_undo"]
         self._last_error = None
         _log.info("zeotwist client registered with storage {name!r} (last tid {tid})",
                   name=self.storage_name, tid=answer["last_tid"].hex())
@@ -432,6 +437,8 @@ class ClientTransaction:
 
     def vote(self) -> Deferred:
         """Send what is left and vote; fires with the oids the server resolved."""
+        if self._failed is not None:    # a piece was lost: waiting would not help
+            return fail(self._failed)
         if self._proto is None and self._client._proto is None:
             return self._client.when_connected().addCallback(lambda _: self.vote())
         self._flush_now()

@@ -19,6 +19,8 @@ from ZODB.POSException import POSKeyError, ReadOnlyError, StorageTransactionErro
 from ZODB.utils import maxtid, z64
 
 from zeotwist.client.addresses import to_endpoint
+from zeotwist.client.blobs import BlobStorageMixin
+from zeotwist.client.storageapi import StorageAPIMixin
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.cachefile import cache_path as persistent_cache_path
 from zeotwist.client.persist import DEFAULT_SAVE_INTERVAL, CachePersister
@@ -30,7 +32,7 @@ DEFAULT_CACHE_SIZE = 20 * 2**20
 
 
 @zope.interface.implementer(interfaces.IStorage, interfaces.IMultiCommitStorage)
-class ClientStorage:
+class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     """A ZODB storage served by a zeotwist server.
 
     :param addr: ``(host, port)``, ``"host:port"``, a Unix socket path, a
@@ -85,6 +87,15 @@ class ClientStorage:
                 except BaseException:
                     self.close()     # else the client goes on reconnecting forever
                     raise
+                self._declare_interfaces()
+
+    def _declare_interfaces(self) -> None:
+        """Provide exactly the optional interfaces the served storage has
+        (and this class implements)."""
+        for name in self._client.server_interfaces:
+            iface = getattr(interfaces, name, None)
+            if iface is not None and all(hasattr(self, m) for m in iface.names()):
+                zope.interface.alsoProvides(self, iface)
 
     @classmethod
     def from_client(cls, client: Client, name: str = "", timeout: float = 300.0,
@@ -174,7 +185,7 @@ class ClientStorage:
         return self._read_only or self._client.server_read_only
 
     def supportsUndo(self) -> bool:
-        return False
+        return self._client.supports_undo and self._undo_implemented
 
     def lastTransaction(self) -> bytes:
         return self._client.last_transaction()
@@ -235,6 +246,10 @@ class ClientStorage:
         if tid is not None:
             raise StorageTransactionError("tpc_begin with an explicit tid is restore(), "
                                           "which zeotwist does not support yet")
+        if not self._client.is_connected:
+            # Wait (up to wait_timeout) here, not at the vote: pieces stored
+            # while disconnected would be lost and fail the transaction.
+            self._call(self._client.when_connected)
         with self._tpc_cond:
             while self._transaction is not None:
                 if self._transaction is transaction:
@@ -292,24 +307,6 @@ class ClientStorage:
         with self._tpc_cond:
             self._transaction = self._txn = None
             self._tpc_cond.notify_all()
-
-    # -- not yet: undo, history, pack, iteration, blobs (see docs/differences) --
-    def history(self, oid, size=1):
-        raise NotImplementedError("history() comes with the full storage API")
-
-    def pack(self, t, referencesf, gc=True):
-        raise NotImplementedError("pack() comes with the full storage API")
-
-    def undoLog(self, first=0, last=-20, filter=None):
-        return []
-
-    def undoInfo(self, first=0, last=-20, specification=None):
-        return []
-
-    def undo(self, transaction_id, transaction):
-        if self.isReadOnly():
-            raise ReadOnlyError()
-        raise NotImplementedError("undo() comes with the full storage API")
 
     def __repr__(self):
         return "<ClientStorage %s storage %r%s>" % (

@@ -21,6 +21,8 @@ from ZODB.POSException import POSKeyError
 
 from zeotwist.errors import (
     ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
+from zeotwist.server.blobs import BlobResponders
+from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.wire.records import CHECK
 from zeotwist.wire import commands as C
@@ -59,7 +61,7 @@ class _Txn:
         self.oids: list = []
 
 
-class ServerSession(BoundedAMP):
+class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
         super().__init__()
         self._servers = servers
@@ -161,7 +163,8 @@ class ServerSession(BoundedAMP):
         self.server, self.read_only = server, read_only or server.read_only
         server.register(self)
         return dict(last_tid=server.last_tid, read_only=self.read_only,
-                    supports_undo=False, name=server.storage.getName())
+                    supports_undo=server.supports_undo, name=server.storage.getName(),
+                    interfaces=server.interfaces)
 
     @C.Verify.responder
     def verify(self, tid):

@@ -44,6 +44,10 @@ class StorageServer:
         self.sessions: set = set()
         self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out)
         self.last_tid = storage.lastTransaction()
+        #: ZODB storage interfaces the served storage provides, by name; the
+        #: client declares exactly these (see OPTIONAL_INTERFACES)
+        self.interfaces = provided_interfaces(storage)
+        self.supports_undo = bool(getattr(storage, "supportsUndo", lambda: False)())
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
@@ -95,6 +99,19 @@ class StorageServer:
         if self._worker is not None:
             self._worker.stop()
         self.storage.close()
+
+
+#: Optional ZODB interfaces a client may mirror, when the served storage has them.
+OPTIONAL_INTERFACES = (
+    "IStorageUndoable", "IStorageIteration", "IStorageRestoreable",
+    "IStorageCurrentRecordIteration", "IExternalGC", "IBlobStorage",
+)
+
+
+def provided_interfaces(storage) -> list:
+    from ZODB import interfaces
+    return [name for name in OPTIONAL_INTERFACES
+            if getattr(interfaces, name).providedBy(storage)]
 
 
 class StorageWorker:

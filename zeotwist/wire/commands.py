@@ -37,6 +37,7 @@ class Register(_Command):
         (b"read_only", amp.Boolean()),
         (b"supports_undo", amp.Boolean()),
         (b"name", amp.Unicode()),
+        (b"interfaces", amp.ListOf(amp.Unicode())),
     ]
 
 
