@@ -12,7 +12,8 @@ worker thread and touch nothing but the storage and the transaction.
 import struct
 
 from ZODB.Connection import TransactionMetaData
-from ZODB.POSException import ConflictError, ReadOnlyError, StorageTransactionError
+from ZODB.POSException import (
+    ConflictError, ReadConflictError, ReadOnlyError, StorageTransactionError)
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
@@ -24,7 +25,7 @@ from zeotwist.errors import (
 from zeotwist.server.blobs import BlobResponders
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
-from zeotwist.wire.records import CHECK
+from zeotwist.wire.records import CHECK, STORE
 from zeotwist.wire import commands as C
 from zeotwist.wire.framing import BoundedAMP, write_now
 
@@ -250,20 +251,29 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
         storage.tpc_begin(meta)
         txn.begun = True
         conflicts = []
-        for kind, oid, serial, data in txn.buffer.records():
-            if kind == CHECK:
-                storage.checkCurrentSerialInTransaction(oid, serial, meta)
-                continue
+        handlers = self.record_handlers
+        for kind, oid, serial, payload in txn.buffer.records(handlers):
             try:
-                storage.store(oid, serial, data, "", meta)
+                handlers[kind](self, storage, txn, oid, serial, payload)
             except ConflictError as e:
+                if isinstance(e, ReadConflictError):
+                    raise
                 committed = (e.serials or (None, None))[0] or b"\0" * 8
                 conflicts.append(oid + committed + serial)
-            else:
-                txn.oids.append(oid)
         if conflicts:
             return (), conflicts
         return storage.tpc_vote(meta) or (), ()
+
+    def _apply_store(self, storage, txn, oid, serial, data):
+        storage.store(oid, serial, data, "", txn.meta)
+        txn.oids.append(oid)
+
+    def _apply_check(self, storage, txn, oid, serial, payload):
+        storage.checkCurrentSerialInTransaction(oid, serial, txn.meta)
+
+    #: record kind -> handler(session, storage, txn, oid, serial, payload),
+    #: run in the storage thread during the vote.  Mixins add their kinds.
+    record_handlers = {STORE: _apply_store, CHECK: _apply_check}
 
     def _voted(self, result, txn):
         resolved, conflicts = result

@@ -33,12 +33,12 @@ class TransactionBuffer:
         self._file.write(piece)
         self.size += len(piece)
 
-    def records(self) -> Iterator[tuple[bytes, bytes, bytes, bytes | None]]:
+    def records(self, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
         if self.too_large:
             raise TransactionTooLarge(
                 "transaction larger than %d bytes" % self._max)
         self._file.seek(0)
-        return iter_records(self._file)
+        return iter_records(self._file, kinds)
 
     def close(self) -> None:
         self._file.close()

@@ -1,11 +1,16 @@
 """The store stream: the records a client sends for one transaction.
 
 The stream travels in ``StoreData`` pieces cut anywhere; the server spools
-it and parses it at vote time with :func:`iter_records`.  Layout::
+it and replays it at vote time.  Every record has the same layout::
 
-    b"s" oid(8) serial(8) length(>I) data   store a revision
-    b"c" oid(8) serial(8)                   checkCurrentSerialInTransaction
+    kind(1) oid(8) serial(8) length(>I) payload(length)
 
+Kinds (each applied in the vote by a handler registered for it on the server):
+
+    b"s"  store: payload is the object record, serial the one it was based on
+    b"c"  checkCurrentSerialInTransaction(oid, serial); empty payload
+
+Later kinds (undo, restore, deleteObject, blobs) use the same frame.
 Pure: no I/O beyond the file-like object handed in.
 """
 import struct
@@ -14,42 +19,39 @@ from typing import BinaryIO, Iterator
 from zeotwist.errors import RemoteProtocolError
 
 STORE, CHECK = b"s", b"c"
-_STORE_HEAD = struct.Struct(">c8s8sI")
-_CHECK = struct.Struct(">c8s8s")
+_HEAD = struct.Struct(">c8s8sI")
+HEAD_SIZE = _HEAD.size
+
+
+def encode(kind: bytes, oid: bytes, serial: bytes, payload: bytes = b"") -> bytes:
+    return _HEAD.pack(kind, oid, serial, len(payload)) + payload
 
 
 def encode_store(oid: bytes, serial: bytes, data: bytes) -> bytes:
-    return _STORE_HEAD.pack(STORE, oid, serial, len(data)) + data
+    return encode(STORE, oid, serial, data)
 
 
 def encode_check(oid: bytes, serial: bytes) -> bytes:
-    return _CHECK.pack(CHECK, oid, serial)
+    return encode(CHECK, oid, serial)
 
 
-def iter_records(f: BinaryIO) -> Iterator[tuple[bytes, bytes, bytes, bytes | None]]:
-    """Yield ``(kind, oid, serial, data)`` (data None for checks) from ``f``.
+def iter_records(f: BinaryIO, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
+    """Yield ``(kind, oid, serial, payload)`` from ``f``.
 
-    Raises RemoteProtocolError on a truncated or unknown record.
+    Raises RemoteProtocolError on a truncated record, or a kind not in
+    ``kinds`` (when given).
     """
     read = f.read
-    head_size = _STORE_HEAD.size - 1
     while True:
-        kind = read(1)
-        if not kind:
+        head = read(HEAD_SIZE)
+        if not head:
             return
-        if kind == STORE:
-            head = read(head_size)
-            if len(head) != head_size:
-                raise RemoteProtocolError("truncated store record")
-            _, oid, serial, length = _STORE_HEAD.unpack(kind + head)
-            data = read(length)
-            if len(data) != length:
-                raise RemoteProtocolError("truncated store data")
-            yield STORE, oid, serial, data
-        elif kind == CHECK:
-            body = read(16)
-            if len(body) != 16:
-                raise RemoteProtocolError("truncated check record")
-            yield CHECK, body[:8], body[8:], None
-        else:
+        if len(head) != HEAD_SIZE:
+            raise RemoteProtocolError("truncated record header")
+        kind, oid, serial, length = _HEAD.unpack(head)
+        if kinds is not None and kind not in kinds:
             raise RemoteProtocolError("unknown record kind %r" % kind)
+        payload = read(length)
+        if len(payload) != length:
+            raise RemoteProtocolError("truncated record payload")
+        yield kind, oid, serial, payload
