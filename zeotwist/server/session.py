@@ -205,8 +205,7 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
     def new_oids(self, count):
         if self.read_only:
             raise ReadOnlyError()
-        new_oid = self.server.storage.new_oid
-        return dict(oids=[new_oid() for _ in range(max(1, min(count, MAX_NEW_OIDS)))])
+        return dict(oids=self.server.new_oids(max(1, min(count, MAX_NEW_OIDS))))
 
     # -- two-phase commit ------------------------------------------------------
     @C.TpcBegin.responder

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
 from zeotwist.server.invalidations import RecentInvalidations
+from zeotwist.server.oids import OidReservation
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
@@ -35,7 +36,8 @@ class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  max_transaction_bytes: int = 2**31, run_storage_call=None,
-                 invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE):
+                 invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
+                 oid_reservation_path: str | None = "auto"):
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -48,6 +50,12 @@ class StorageServer:
         #: client declares exactly these (see OPTIONAL_INTERFACES)
         self.interfaces = provided_interfaces(storage)
         self.supports_undo = bool(getattr(storage, "supportsUndo", lambda: False)())
+        self._oids = None
+        if oid_reservation_path == "auto":     # beside a FileStorage's file
+            name = getattr(storage, "_file_name", None)
+            oid_reservation_path = name + ".oids" if isinstance(name, str) else None
+        if oid_reservation_path is not None and not self.read_only:
+            self._oids = OidReservation(storage, oid_reservation_path)
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
@@ -59,6 +67,14 @@ class StorageServer:
         #: ``call(f, *args) -> Deferred``, run in order in the storage's own
         #: thread; tests inject a synchronous one.
         self.call = run_storage_call
+
+    def new_oids(self, count: int) -> list:
+        """``count`` fresh oids, never handed out before, even across a crash
+        (when the server keeps an oid reservation file)."""
+        if self._oids is not None:
+            return self._oids.new_oids(count)
+        new_oid = self.storage.new_oid
+        return [new_oid() for _ in range(count)]
 
     # -- sessions ------------------------------------------------------------
     def register(self, session) -> None:
