@@ -23,6 +23,8 @@ from ZODB.POSException import POSKeyError
 from zeotwist.errors import (
     ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
 from zeotwist.server.blobs import BlobResponders
+from zeotwist.server.limits import (
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, pending_output)
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.wire.records import CHECK, STORE
@@ -90,11 +92,21 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
         if self.server is not None:
             self.server.unregister(self)
             self._abort_txn()
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.limiter.release()
         super().connectionLost(reason)
+
+    #: a client that leaves more than this unread is dropped
+    max_pending_output = DEFAULT_MAX_PENDING_OUTPUT
 
     def send_frame(self, frame: bytes) -> None:
         if self.transport is not None and not self._violated:
             write_now(self.transport, frame)
+            pending = pending_output(self.transport)
+            if pending > self.max_pending_output:
+                self.protocolViolation(
+                    "client is not reading: %d bytes of invalidations pending" % pending)
 
     def ampBoxReceived(self, box):
         # The hot path: a well-formed LoadBefore whose record fits one AMP
@@ -356,12 +368,19 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 class SessionFactory(ServerFactory):
     """Builds a :class:`ServerSession` per connection, sharing the servers."""
 
-    def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
+    def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT):
         self.servers = servers
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.limiter = ConnectionLimiter(clock, max_connections)
+        self.max_pending_output = max_pending_output
 
     def buildProtocol(self, addr):
+        if not self.limiter.admit(addr):
+            return None                  # Twisted closes the connection
         session = ServerSession(self.servers, self.clock, self.handshake_timeout)
         session.factory = self
+        session.max_pending_output = self.max_pending_output
         return session
