@@ -59,7 +59,8 @@ class ZeotwistStorageTestBase(StorageTestBase.StorageTestBase):
         # registered first, and also when setUp fails half way.
         tmp = tempfile.mkdtemp(prefix="zeotwist-conformance-")
         self.addCleanup(shutil.rmtree, tmp, True)
-        self._server = start_server(os.path.join(tmp, "data.fs"), reactor=background_reactor())
+        self._server = start_server(os.path.join(tmp, "data.fs"), reactor=background_reactor(),
+                                    conflict_classes=["ZODB.tests.ConflictResolution.*"])
         self.addCleanup(self._server.stop)
         self._clients = []
         self.addCleanup(self._close_clients)

@@ -22,6 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
+from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidReservation
 from zeotwist.wire.commands import Invalidate
@@ -37,7 +38,8 @@ class StorageServer:
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  max_transaction_bytes: int = 2**31, run_storage_call=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
-                 oid_reservation_path: str | None = "auto"):
+                 oid_reservation_path: str | None = "auto",
+                 conflict_classes=()):
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -56,6 +58,9 @@ class StorageServer:
             oid_reservation_path = name + ".oids" if isinstance(name, str) else None
         if oid_reservation_path is not None and not self.read_only:
             self._oids = OidReservation(storage, oid_reservation_path)
+        if hasattr(storage, "tryToResolveConflict"):
+            # never ZODB's unrestricted unpickler on client records
+            RestrictedResolver(storage, DEFAULT_ALLOWED + tuple(conflict_classes)).install()
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)

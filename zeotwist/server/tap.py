@@ -49,6 +49,12 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["conflict-classes"] = []
+
+    def opt_allow_conflict_class(self, pattern):
+        """A class (dotted name, * wildcards) whose _p_resolveConflict the
+        server may run, besides BTrees (repeatable)."""
+        self["conflict-classes"].append(pattern)
 
     def opt_listen(self, description):
         """A Twisted endpoint string to listen on, e.g. tcp:8100 or
@@ -71,7 +77,7 @@ class ServerService(service.Service):
                  handshake_timeout: float = 5.0, max_transaction_bytes: int = 2**31,
                  address_file: str | None = None, reactor=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
-                 stop_reactor_on_failure: bool = False):
+                 stop_reactor_on_failure: bool = False, conflict_classes=()):
         self.filename = filename
         self.listen = list(listen)
         self.storage_name = name
@@ -81,6 +87,7 @@ class ServerService(service.Service):
         self.max_transaction_bytes = max_transaction_bytes
         self.address_file = address_file
         self.invalidation_queue_size = invalidation_queue_size
+        self.conflict_classes = tuple(conflict_classes)
         self._reactor = reactor
         #: True when this service *is* the process (twistd): a server that
         #: cannot listen then stops the reactor instead of idling.
@@ -105,7 +112,8 @@ class ServerService(service.Service):
             storage, self.storage_name, reactor=self.reactor, read_only=self.read_only,
             transaction_timeout=self.transaction_timeout,
             max_transaction_bytes=self.max_transaction_bytes,
-            invalidation_queue_size=self.invalidation_queue_size)
+            invalidation_queue_size=self.invalidation_queue_size,
+            conflict_classes=self.conflict_classes)
         self.servers[self.storage_name] = server
         factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
@@ -165,4 +173,5 @@ def makeService(options: Options) -> ServerService:
         handshake_timeout=options["handshake-timeout"],
         max_transaction_bytes=options["max-transaction-size"],
         address_file=options["address-file"], stop_reactor_on_failure=True,
-        invalidation_queue_size=options["invalidation-queue-size"])
+        invalidation_queue_size=options["invalidation-queue-size"],
+        conflict_classes=options["conflict-classes"])

@@ -1,0 +1,98 @@
+"""Server-side conflict resolution unpickles client records with an
+allow-list: a record that would run code on the server runs nothing."""
+import os
+import pickle
+
+import pytest
+from BTrees.OOBTree import OOBucket
+from twisted.internet.task import Clock
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import ConflictError
+from ZODB.utils import z64
+
+from zeotwist.server.conflicts import RestrictedResolver
+from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.wire import commands as C
+from zeotwist.wire.records import encode_store
+
+
+def exec_pickle(marker):
+    """A ZODB-shaped record whose *class* part calls builtins.exec."""
+    code = "open(%r, 'w').write('pwned')" % marker
+    evil = b"c" + b"builtins\nexec\n" + b"(" + pickle.dumps(code, 0)[:-1] + b"tR."
+    return evil + pickle.dumps({}, 3)
+
+
+def record(obj):
+    """A ZODB record (class pickle + state pickle) for ``obj``."""
+    return pickle.dumps(type(obj), 3) + pickle.dumps(obj.__getstate__(), 3)
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    a, _, pump, _ = connect_in_memory({"1": server}, clock)
+    out = []
+    a.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False).addBoth(out.append)
+    pump.flush()
+    yield server, a, pump
+    server.close()
+
+
+def commit(a, pump, oid, serial, data):
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=encode_store(oid, serial, data))
+    out = []
+    a.call(C.Vote).addBoth(out.append)
+    pump.flush()
+    voted = out[0]
+    if voted["conflicts"]:
+        return voted, None
+    a.call(C.Finish).addBoth(out.append)
+    pump.flush()
+    return voted, out[1]["tid"]
+
+
+def new_oid(a, pump):
+    out = []
+    a.call(C.NewOids, count=1).addBoth(out.append)
+    pump.flush()
+    return out[0]["oids"][0]
+
+
+def test_exec_in_a_conflicting_record_runs_nothing(world, tmp_path):
+    server, a, pump = world
+    marker = str(tmp_path / "pwned")
+    oid = new_oid(a, pump)
+    _, tid1 = commit(a, pump, oid, z64, record(OOBucket({"a": 1})))
+    commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "b": 2})))
+    voted, tid = commit(a, pump, oid, tid1, exec_pickle(marker))    # stale: resolution
+    assert tid is None and voted["conflicts"][:8] == oid
+    assert not os.path.exists(marker)
+    assert server.lock.holder is None
+
+
+def test_btrees_still_resolve(world):
+    server, a, pump = world
+    oid = new_oid(a, pump)
+    _, tid1 = commit(a, pump, oid, z64, record(OOBucket({"a": 1})))
+    commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "b": 2})))
+    voted, tid = commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "c": 3})))
+    assert tid is not None and voted["resolved"] == [oid]
+    data, _ = server.storage.load(oid)
+    state = pickle.loads(data[len(pickle.dumps(OOBucket, 3)):])
+    bucket = OOBucket()
+    bucket.__setstate__(state)
+    assert dict(bucket.items()) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_allow_list_refuses_other_classes(tmp_path):
+    resolver = RestrictedResolver(storage=None)
+    assert resolver.find_class("BTrees.OOBTree", "OOBucket") is OOBucket
+    assert resolver.find_class("builtins", "set") is set
+    for module, name in [("builtins", "exec"), ("os", "system"), ("builtins", "eval"),
+                         ("persistent.mapping", "PersistentMapping"),
+                         ("BTrees.OOBTree", "nonexistent")]:
+        with pytest.raises(ConflictError):
+            resolver.find_class(module, name)

@@ -1,0 +1,116 @@
+"""Server-side conflict resolution that runs no code from the network.
+
+ZODB's own ``tryToResolveConflict`` unpickles client records with an
+unrestricted ``find_global``: any client could make the server import and
+call anything (``builtins.exec`` through a REDUCE).  :class:`RestrictedResolver`
+replaces it on the served storage.  It unpickles the three records (the new
+one, the old and the committed one) with a ``find_class`` that only returns
+
+* classes that define ``_p_resolveConflict`` and whose dotted name matches
+  the allow-list (default: everything under ``BTrees`` plus
+  ``BTrees.Length.Length``; extend it with server configuration), and
+* a few plain data types a state pickle may need (set, frozenset, ...),
+
+so a REDUCE can only call those.  Anything else aborts resolution and the
+client gets an ordinary ConflictError (it retries, as for any conflict).
+
+Runs in the storage's worker thread (called from ``storage.store``).
+"""
+import fnmatch
+import importlib
+from io import BytesIO
+
+from twisted.logger import Logger
+from ZODB.ConflictResolution import PersistentReferenceFactory, persistent_id
+from ZODB.POSException import ConflictError
+from ZODB._compat import PersistentPickler, Unpickler, _protocol
+
+_log = Logger()
+
+DEFAULT_ALLOWED = ("BTrees.*", "BTrees.Length.Length")
+#: Data types a state may contain that carry no behaviour worth abusing.
+SAFE_GLOBALS = {
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "complex"): complex,
+}
+
+
+class RefusedGlobal(ConflictError):
+    """A record named a global the resolver will not load."""
+
+
+class RestrictedResolver:
+    def __init__(self, storage, allowed=DEFAULT_ALLOWED):
+        self.storage = storage
+        self.allowed = tuple(allowed)
+        self._classes: dict = {}
+
+    def install(self) -> None:
+        """Make the storage resolve conflicts through this resolver."""
+        self.storage.tryToResolveConflict = self.resolve
+
+    # -- the allow-list -------------------------------------------------------
+    def find_class(self, module: str, name: str):
+        key = (module, name)
+        if key in SAFE_GLOBALS:
+            return SAFE_GLOBALS[key]
+        cached = self._classes.get(key)
+        if cached is not None:
+            return cached
+        dotted = "%s.%s" % (module, name)
+        if not any(fnmatch.fnmatchcase(dotted, pattern) for pattern in self.allowed):
+            raise RefusedGlobal("conflict resolution refuses global %s" % dotted)
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise RefusedGlobal("conflict resolution cannot find %s" % dotted) from None
+        if not isinstance(obj, type) or not hasattr(obj, "_p_resolveConflict"):
+            raise RefusedGlobal("%s is not a conflict-resolving class" % dotted)
+        self._classes[key] = obj
+        return obj
+
+    def _unpickler(self, data: bytes, refs):
+        u = Unpickler(BytesIO(data))
+        u.find_global = self.find_class
+        u.persistent_load = refs.persistent_load
+        return u
+
+    # -- resolution --------------------------------------------------------------
+    def resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data=b""):
+        try:
+            return self._resolve(oid, committed_serial, old_serial, new_pickle, committed_data)
+        except RefusedGlobal as e:
+            _log.warn("zeotwist: not resolving conflict on {oid}: {e}", oid=oid.hex(), e=e)
+        except ConflictError:
+            pass
+        except Exception:
+            _log.failure("zeotwist: conflict resolution failed on {oid}", oid=oid.hex())
+        raise ConflictError(oid=oid, serials=(committed_serial, old_serial))
+
+    def _resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data):
+        refs = PersistentReferenceFactory()
+        new = self._unpickler(new_pickle, refs)
+        meta = new.load()
+        klass, args = (meta[0], meta[1] or ()) if isinstance(meta, tuple) else (meta, ())
+        if isinstance(klass, tuple):
+            klass = self.find_class(*klass)
+        if not isinstance(klass, type) or not hasattr(klass, "_p_resolveConflict"):
+            raise RefusedGlobal("record class is not conflict-resolving")
+        inst = klass.__new__(klass, *args)
+        new_state = new.load()
+        old_state = self._state(oid, old_serial, refs)
+        committed_state = self._state(oid, committed_serial, refs, committed_data)
+        resolved = inst._p_resolveConflict(old_state, committed_state, new_state)
+        out = BytesIO()
+        pickler = PersistentPickler(persistent_id, out, _protocol)
+        pickler.dump(meta)
+        pickler.dump(resolved)
+        return out.getvalue()
+
+    def _state(self, oid, serial, refs, data=b""):
+        data = data or self.storage.loadSerial(oid, serial)
+        u = self._unpickler(data, refs)
+        u.load()                 # the class part
+        return u.load()
