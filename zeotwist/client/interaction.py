@@ -46,8 +46,12 @@ class DatabasePool:
         self.max_backoff = max_backoff
         self._reactor = reactor
         self.threadpool = ThreadPool(min_threads, max_threads, name="zeotwist-interaction")
-        self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self.close)
+        self._trigger = reactor.addSystemEventTrigger("during", "shutdown", self._shutdown)
         self.threadpool.start()
+
+    def _shutdown(self) -> None:
+        self._trigger = None      # firing now: it is no longer registered
+        self.close()
 
     def close(self) -> None:
         """Stop the worker threads (waits for running interactions)."""
