@@ -30,7 +30,8 @@ from zeotwist.client.cache import ClientCache
 from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.protocol import ClientFactory
 from zeotwist.errors import ClientDisconnected
-from zeotwist.wire.records import encode_check, encode_store
+from zeotwist.wire.records import (
+    encode_check, encode_delete, encode_restore, encode_store, encode_undo)
 from zeotwist.wire import commands as C
 
 _log = Logger()
@@ -38,6 +39,32 @@ _log = Logger()
 OID_BATCH = 100
 #: Data kept per transaction to refresh the cache with what was written.
 CACHE_WRITES_LIMIT = 4 * 2**20
+
+
+#: Oids per Prefetch request (the server's limit).
+PREFETCH_BATCH = 1000
+
+
+def _description(entry: dict, key: str) -> dict:
+    """A ZODB history (``key="tid"``) or undo log (``key="id"``) dict from a
+    wire entry; the extension, stored pickled, is unpickled here (the
+    client trusts its server; the server never unpickles it)."""
+    from ZODB._compat import loads
+    try:
+        extension = loads(entry["extension"]) if entry["extension"] else {}
+    except Exception:
+        extension = {}
+    if not isinstance(extension, dict):
+        extension = {}
+    d = {key: entry[key], "time": entry["time"], "user_name": entry["user_name"],
+         "description": entry["description"]}
+    if entry["size"] is not None:
+        d["size"] = entry["size"]
+    if key == "tid":          # as FileStorage.history: standard keys win
+        extension.update(d)
+        return extension
+    d.update(extension)       # as FileStorage.undoLog: extension keys win
+    return d
 
 
 class Client:
@@ -259,16 +286,19 @@ class Client:
     def _committed(self, tid, written: dict, resolved, callback):
         with self.visibility_lock:
             cache = self.cache
+            changed = [oid for oid in resolved if oid not in written]   # undone
             try:
                 for oid, data in written.items():
                     cache.invalidate(oid, tid)
                     if data is not None and oid not in resolved:
                         cache.store(oid, tid, None, data)
+                for oid in changed:
+                    cache.invalidate(oid, tid)
                 if callback is not None:
                     callback(tid)
             finally:
                 cache.last_tid = tid
-        self.events.publish(Invalidation(tid, tuple(written), local=True))
+        self.events.publish(Invalidation(tid, tuple(written) + tuple(changed), local=True))
 
     # -- reads -------------------------------------------------------------------
     def last_transaction(self) -> bytes:
@@ -284,6 +314,11 @@ class Client:
         r = self.cache.loadBefore(oid, tid)
         if r is not None:
             return succeed(r)
+        return self.fetch_before(oid, tid)
+
+    def fetch_before(self, oid: bytes, tid: bytes) -> Deferred:
+        """``load_before`` after a cache miss: ask the server (requests for
+        the same revision in flight share one round trip)."""
         key = oid + tid
         waiters = self._loads.get(key)
         if waiters is not None:
@@ -292,7 +327,7 @@ class Client:
             return d
         proto = self._proto
         if proto is None:
-            return self.when_connected().addCallback(lambda _: self.load_before(oid, tid))
+            return self.when_connected().addCallback(lambda _: self.fetch_before(oid, tid))
         d = Deferred()
         self._loads[key] = [d]
         proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
@@ -379,6 +414,126 @@ class Client:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                  ZODB.DB, storage, **kw)
 
+    # -- storage API: history, undo log, pack, iteration, prefetch ---------------
+    def history(self, oid: bytes, size: int = 1) -> Deferred:
+        """Up to ``size`` revisions of ``oid``, newest first, as ZODB's
+        history dicts (``tid``, ``time``, ``user_name``, ``description``,
+        ``size`` and the transaction's extension keys)."""
+        d = self._call(C.History, oid=oid, size=size)
+        return d.addCallback(lambda r: [_description(e, "tid") for e in r["entries"]])
+
+    def undo_log(self, first: int, last: int) -> Deferred:
+        """``(entries, complete)``: the undoable transactions ``first`` to
+        ``last`` (exclusive, newest first; the server answers at most 1000 at
+        a time) as ZODB's undo log dicts; ``complete`` when none is older."""
+        d = self._call(C.UndoLog, first=first, last=last)
+        return d.addCallback(
+            lambda r: ([_description(e, "id") for e in r["entries"]], r["complete"]))
+
+    def get_tid(self, oid: bytes) -> Deferred:
+        """The tid of the current revision of ``oid`` (asks the server)."""
+        return self._call(C.GetTid, oid=oid).addCallback(lambda r: r["tid"])
+
+    def pack(self, t: float, gc: bool | None = None) -> Deferred:
+        """Pack the storage as of time ``t``; fires when the server is done.
+        ``gc=None`` leaves garbage collection to the storage's setting."""
+        return self._call(C.Pack, time=float(t), gc=gc).addCallback(lambda _: None)
+
+    def iterator_start(self, start: bytes | None = None, stop: bytes | None = None) -> Deferred:
+        """Open an iterator over transactions ``start``..``stop`` on the server.
+
+        Fires with a token for :meth:`iterator_next` and :meth:`iterator_close`;
+        the iterator lives in this connection's session (the server drops it
+        when the connection ends, or when too many are open).
+        """
+        proto = self._proto
+        if proto is None:
+            return self.when_connected().addCallback(
+                lambda _: self.iterator_start(start, stop))
+        d = proto.call(C.IteratorStart, start=start, stop=stop)
+        return d.addCallback(lambda r: (proto, r["iid"]))
+
+    def iterator_next(self, token) -> Deferred:
+        """``(items, done)``: the next batch of the iterator; each item is a
+        transaction header (``status`` set) or a record (``oid`` set) of the
+        last header, in order."""
+        proto, iid = token
+        if proto is not self._proto:
+            return fail(ClientDisconnected("connection lost during iteration"))
+        return proto.call(C.IteratorNext, iid=iid).addCallback(
+            lambda r: (r["items"], r["done"]))
+
+    def iterator_close(self, token) -> None:
+        """Release an iterator the caller abandons before its end."""
+        proto, iid = token
+        if proto is self._proto and proto.transport is not None:
+            proto.send(C.IteratorClose, iid=iid)
+
+    def record_iternext(self, next: bytes | None = None) -> Deferred:
+        """``(oid, tid, data, next_oid)``: the first object at or after ``next``."""
+        d = self._call(C.RecordIternext, next=next)
+        return d.addCallback(lambda r: (r["oid"], r["tid"], r["data"], r["next"]))
+
+    def prefetch(self, oids, tid: bytes) -> Deferred:
+        """Load the revisions of ``oids`` valid before ``tid`` into the cache,
+        up to 1000 per round trip.  A load of one of them made meanwhile waits
+        for this answer instead of asking again.  Fires with the number of
+        records received; nothing is done while disconnected."""
+        proto = self._proto
+        if proto is None:
+            return succeed(0)
+        wanted = []
+        for oid in oids:
+            key = oid + tid
+            if key in self._loads or self.cache.loadBefore(oid, tid) is not None:
+                continue
+            self._loads[key] = []
+            wanted.append(oid)
+        ds = []
+        for i in range(0, len(wanted), PREFETCH_BATCH):
+            chunk = wanted[i:i + PREFETCH_BATCH]
+            d = proto.call(C.Prefetch, oids=chunk, tid=tid)
+            ds.append(d.addBoth(self._prefetched, chunk, tid))
+        from twisted.internet.defer import gatherResults
+        return gatherResults(ds).addCallback(sum)
+
+    def _prefetched(self, result, oids, tid) -> int:
+        answered = {}
+        if isinstance(result, Failure):
+            _log.info("zeotwist prefetch failed: {err}", err=result.getErrorMessage())
+        else:
+            answered = {rec["oid"]: rec for rec in result["records"]}
+        for oid in oids:
+            key = oid + tid
+            rec = answered.get(oid)
+            if rec is not None:
+                data = rec["data"]
+                self._loaded(None if data is None else (data, rec["start"], rec["end"]),
+                             oid, key)
+            elif not self._loads.get(key):
+                self._loads.pop(key, None)          # left out and nobody waits
+            elif self._proto is not None:           # left out: load it alone
+                self._proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
+            else:
+                self._loaded(Failure(ClientDisconnected("connection lost")), oid, key)
+        return len(answered)
+
+    # -- blobs ---------------------------------------------------------------------
+    def fetch_blob(self, oid: bytes, serial: bytes, f) -> Deferred:
+        """Download blob (``oid``, ``serial``) into the binary file object ``f``.
+
+        The chunks are pulled a few at a time and written to ``f`` in order,
+        on the reactor thread, as they arrive; fires with the blob's size,
+        or fails with POSKeyError if the server has no such blob.
+        Cancelling the Deferred stops the writes.
+        """
+        from zeotwist.client.blobtransfer import BlobDownload
+        proto = self._proto
+        if proto is None:
+            return self.when_connected().addCallback(
+                lambda _: self.fetch_blob(oid, serial, f))
+        return BlobDownload(proto, oid, serial, f).start()
+
 
 class ClientTransaction:
     """The client side of one two-phase commit.
@@ -410,6 +565,29 @@ class ClientTransaction:
         if len(self._stream) >= C.STORE_CHUNK:
             self._flush()
 
+    # -- storage API records: undo, restore, deleteObject ---------------------------
+    #: restore (tpc_begin with an explicit tid): sent with TpcBegin
+    tid = None
+    status = " "
+
+    def undo(self, undo_id: bytes) -> None:
+        """Undo the transaction ``undo_id`` (from the undo log) in this one;
+        the server answers the undone oids in Vote's ``resolved``."""
+        self._record(encode_undo(undo_id))
+
+    def restore(self, oid: bytes, serial: bytes, data, prev_txn) -> None:
+        self._record(encode_restore(oid, serial, data, prev_txn))
+        self._written[oid] = None            # invalidated, not cached
+
+    def delete_object(self, oid: bytes, serial: bytes) -> None:
+        self._record(encode_delete(oid, serial))
+        self._written[oid] = None
+
+    def _record(self, record: bytes) -> None:
+        self._stream += record
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+
     def check_current_serial(self, oid: bytes, serial: bytes) -> None:
         self._stream += encode_check(oid, serial)
 
@@ -428,7 +606,8 @@ class ClientTransaction:
             self._proto = proto
             meta = self.meta
             proto.send(C.TpcBegin, user=meta.user, description=meta.description,
-                       extension=meta.extension_bytes)
+                       extension=meta.extension_bytes, tid=self.tid,
+                       status=None if self.status == " " else self.status)
         elif proto is not self._proto:
             self._failed = ClientDisconnected("connection lost during the transaction")
             return
@@ -437,6 +616,9 @@ class ClientTransaction:
 
     def vote(self) -> Deferred:
         """Send what is left and vote; fires with the oids the server resolved."""
+        pending = self._blobs_pending()     # blobs: vote after their last chunk
+        if pending is not None:
+            return pending.addCallback(lambda _: self.vote())
         if self._failed is not None:    # a piece was lost: waiting would not help
             return fail(self._failed)
         if self._proto is None and self._client._proto is None:
@@ -482,3 +664,71 @@ class ClientTransaction:
         d = proto.call(C.Abort)
         d.addErrback(lambda f: f.trap(ClientDisconnected) and None)
         return d.addCallback(lambda _: None)
+
+    # -- blobs ---------------------------------------------------------------------
+    #: blob files numbered so far; the uploads (a BlobUploads) once one began
+    _blob_count = 0
+    _blob_uploads = None
+
+    def store_blob(self, oid: bytes, serial: bytes | None, data: bytes, path: str) -> Deferred:
+        """storeBlob: ``data`` is the record, ``path`` the blob file, which
+        is uploaded (the caller keeps it).  Fires once its last chunk is
+        handed to the connection; :meth:`vote` waits for that anyway."""
+        return self.send_blob_file(self.blob_record(oid, serial, data), path)
+
+    def store_blob_shared(self, oid: bytes, serial: bytes | None, data: bytes,
+                          name: str) -> None:
+        """storeBlob in the shared-blob-directory mode: ``name`` is the blob
+        file's path relative to the server's blob directory, in its ``tmp``."""
+        self.send_blob_name(self.blob_record(oid, serial, data), name)
+
+    def blob_record(self, oid: bytes, serial: bytes | None, data: bytes,
+                    restore: bool = False, prev_txn: bytes | None = None) -> int:
+        """Add a storeBlob (or restoreBlob) record for the next blob file to
+        the stream and return that file's number, for :meth:`send_blob_file`
+        or :meth:`send_blob_name`.  Called like :meth:`store`."""
+        from zeotwist.wire.records import encode_blob, encode_restore_blob
+        number = self._blob_count
+        self._blob_count += 1
+        if restore:
+            self._stream += encode_restore_blob(oid, serial, number, data, prev_txn)
+            self._written[oid] = None            # invalidated, not cached
+        else:
+            self._stream += encode_blob(oid, serial or z64, number, data)
+            if self._written_bytes + len(data) <= CACHE_WRITES_LIMIT:
+                self._written[oid] = data
+                self._written_bytes += len(data)
+            else:
+                self._written[oid] = None
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+        return number
+
+    def send_blob_file(self, number: int, path: str) -> Deferred:
+        """Upload the file at ``path`` as blob file ``number`` (reactor
+        thread), after the uploads already queued; fires when its last chunk
+        is handed to the connection, whose buffer paces the reads."""
+        from zeotwist.client.blobtransfer import BlobUploads
+        self._send(b"")                 # opens the transaction on the server first
+        if self._failed is not None:
+            return fail(self._failed)
+        if self._blob_uploads is None:
+            self._blob_uploads = BlobUploads()
+        d = self._blob_uploads.add(self._proto, number, path)
+        return d.addErrback(self._blob_failed)
+
+    def send_blob_name(self, number: int, name: str) -> None:
+        """Shared blob directory: blob file ``number`` is the file ``name``
+        (reactor thread).  The server checks the name; a refusal fails the vote."""
+        self._send(b"")
+        if self._failed is None:
+            self._proto.send(C.StoreBlobShared, blob=number, name=name)
+
+    def _blob_failed(self, failure):
+        if self._failed is None:        # the server is missing a blob file now
+            self._failed = failure.value
+        return failure
+
+    def _blobs_pending(self) -> Deferred | None:
+        uploads = self._blob_uploads
+        return None if uploads is None else uploads.idle()

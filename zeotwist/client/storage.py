@@ -31,6 +31,11 @@ from zeotwist.errors import ClientDisconnected
 DEFAULT_CACHE_SIZE = 20 * 2**20
 
 
+def _status(status) -> str:
+    """A transaction status as one character (restore may pass bytes)."""
+    return status.decode("ascii") if isinstance(status, bytes) else (status or " ")
+
+
 @zope.interface.implementer(interfaces.IStorage, interfaces.IMultiCommitStorage)
 class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     """A ZODB storage served by a zeotwist server.
@@ -217,7 +222,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         r = self._client.cache.loadBefore(oid, tid)
         if r is not None:
             return r
-        return self._call(self._client.load_before, oid, tid)
+        return self._call(self._client.fetch_before, oid, tid)
 
     def load(self, oid: bytes, version: str = ""):
         r = self.loadBefore(oid, maxtid)
@@ -243,9 +248,6 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     def tpc_begin(self, transaction, tid=None, status=" "):
         if self.isReadOnly():
             raise ReadOnlyError()
-        if tid is not None:
-            raise StorageTransactionError("tpc_begin with an explicit tid is restore(), "
-                                          "which zeotwist does not support yet")
         if not self._client.is_connected:
             # Wait (up to wait_timeout) here, not at the vote: pieces stored
             # while disconnected would be lost and fail the transaction.
@@ -258,6 +260,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                 self._tpc_cond.wait(30)
             self._transaction = transaction
             self._txn = self._client.transaction(transaction, self._dispatch)
+            self._txn.tid, self._txn.status = tid, _status(status)   # restore
 
     def _dispatch(self, f, *args):
         if in_reactor_thread(self._reactor):

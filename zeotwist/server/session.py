@@ -9,8 +9,6 @@ this session's transaction and releases (or withdraws from) the commit lock.
 Runs on the reactor thread; ``_*_in_thread`` methods run in the storage's
 worker thread and touch nothing but the storage and the transaction.
 """
-import struct
-
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import (
     ConflictError, ReadConflictError, ReadOnlyError, StorageTransactionError)
@@ -18,34 +16,24 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from ZODB.POSException import POSKeyError
+from ZODB.POSException import POSKeyError, UndoError
 
 from zeotwist.errors import (
     ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
-from zeotwist.server.blobs import BlobResponders
+from zeotwist.server.blobs import BLOB_RECORD_HANDLERS, BLOB_VOTE_ERRORS, BlobResponders
 from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, pending_output)
+from zeotwist.server.storageapi import RECORD_HANDLERS as STORAGE_API_RECORD_HANDLERS
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.wire.records import CHECK, STORE
 from zeotwist.wire import commands as C
-from zeotwist.wire.framing import BoundedAMP, write_now
+from zeotwist.wire.framing import BoundedAMP, frame as _frame
 
 _log = Logger()
 
 MAX_NEW_OIDS = 1000
 _MAX_VALUE = 0xFFFF
-_H = struct.Struct(">H").pack
-
-
-def _frame(*items: bytes) -> bytes:
-    """An AMP box from alternating keys and values (each <= 65,535 bytes)."""
-    parts = []
-    for item in items:
-        parts.append(_H(len(item)))
-        parts.append(item)
-    parts.append(b"\0\0")
-    return b"".join(parts)
 
 
 class _Txn:
@@ -62,6 +50,8 @@ class _Txn:
         self.state = "open"
         self.begun = False      # storage.tpc_begin was called (worker thread)
         self.oids: list = []
+        self.tid, self.status = None, " "   # restore: explicit tid and status
+        self.undone: list = []          # oids undone in this transaction
 
 
 class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
@@ -102,7 +92,7 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 
     def send_frame(self, frame: bytes) -> None:
         if self.transport is not None and not self._violated:
-            write_now(self.transport, frame)
+            self.emit(frame)
             pending = pending_output(self.transport)
             if pending > self.max_pending_output:
                 self.protocolViolation(
@@ -140,7 +130,7 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
                 frame = _frame(b"_answer", ask, b"data", data, b"end", end,
                                b"found", b"True", b"start", start)
         self.server.stats["loads"] += 1
-        write_now(self.transport, frame)
+        self.emit(frame)
         return True
 
     def transaction_timed_out(self):
@@ -221,13 +211,14 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 
     # -- two-phase commit ------------------------------------------------------
     @C.TpcBegin.responder
-    def tpc_begin(self, user, description, extension):
+    def tpc_begin(self, user, description, extension, tid=None, status=None):
         if self._txn is not None and self._txn.state not in ("done", "aborted"):
             self.protocolViolation("TpcBegin inside a transaction")
             return {}
         meta = TransactionMetaData(user, description, extension)
         buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
         self._txn = _Txn(meta, buffer, self.read_only)
+        self._txn.tid, self._txn.status = tid, status or " "
         return {}
 
     @C.StoreData.responder
@@ -259,7 +250,7 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 
     def _vote_in_thread(self, txn):
         storage, meta = self.server.storage, txn.meta
-        storage.tpc_begin(meta)
+        self._tpc_begin_in_thread(storage, txn)     # storageapi: optional tid/status
         txn.begun = True
         conflicts = []
         handlers = self.record_handlers
@@ -273,7 +264,8 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
                 conflicts.append(oid + committed + serial)
         if conflicts:
             return (), conflicts
-        return storage.tpc_vote(meta) or (), ()
+        resolved = storage.tpc_vote(meta) or ()
+        return (list(resolved) + txn.undone if txn.undone else resolved), ()
 
     def _apply_store(self, storage, txn, oid, serial, data):
         storage.store(oid, serial, data, "", txn.meta)
@@ -284,7 +276,8 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 
     #: record kind -> handler(session, storage, txn, oid, serial, payload),
     #: run in the storage thread during the vote.  Mixins add their kinds.
-    record_handlers = {STORE: _apply_store, CHECK: _apply_check}
+    record_handlers = {STORE: _apply_store, CHECK: _apply_check, **STORAGE_API_RECORD_HANDLERS}
+    record_handlers.update(BLOB_RECORD_HANDLERS)
 
     def _voted(self, result, txn):
         resolved, conflicts = result
@@ -298,7 +291,8 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
         return dict(resolved=list(resolved), conflicts=b"")
 
     _EXPECTED = (ConflictError, ReadOnlyError, StorageTransactionError,
-                 POSKeyError, TransactionTooLarge, RemoteProtocolError)
+                 POSKeyError, TransactionTooLarge, RemoteProtocolError, UndoError)
+    _EXPECTED += BLOB_VOTE_ERRORS
 
     def _vote_failed(self, failure, txn):
         if not failure.check(*self._EXPECTED):
