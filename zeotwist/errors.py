@@ -19,6 +19,7 @@ __all__ = [
     "ReactorThreadError",
     "StorageServerError",
     "CacheLockedError",
+    "BlobPathRefused",
 ]
 
 
@@ -52,6 +53,11 @@ class UnknownStorage(ZeotwistError):
 
 class TransactionTooLarge(ZeotwistError):
     """A transaction sent more data than the server's per-transaction cap."""
+
+
+class BlobPathRefused(ZeotwistError):
+    """The server refused a shared-blob-directory file name: it does not
+    name a regular file inside the server's blob directory's ``tmp`` area."""
 
 
 class StorageServerError(ZeotwistError):

@@ -55,6 +55,11 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         writable server while fallen back to a read-only one.
     :param reactor: the reactor to use; default: the global one if it is
         running, else a private reactor in a daemon thread.
+    :param blob_dir: the blob cache directory (or, with ``shared_blob_dir``,
+        the server's blob directory seen through a shared file system);
+        without it the storage has no blob support.  ``blob_cache_size``
+        bounds the cache (bytes), checked after every
+        ``blob_cache_size_check`` percent of it is loaded (docs/blobs.md).
     """
 
     def __init__(self, addr, storage: str = "1", cache_size: int = DEFAULT_CACHE_SIZE,
@@ -63,7 +68,9 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                  reactor=None, read_only_fallback: bool = False, client: str | None = None,
                  var: str | None = None, cache_path: str | None = None,
                  cache_save_interval: float = DEFAULT_SAVE_INTERVAL,
-                 fallback_check_interval: float = 5.0, **unsupported):
+                 fallback_check_interval: float = 5.0, blob_dir: str | None = None,
+                 shared_blob_dir: bool = False, blob_cache_size: int | None = None,
+                 blob_cache_size_check: int = 10, **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
@@ -79,6 +86,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                             read_only_fallback=read_only_fallback,
                             fallback_check_interval=fallback_check_interval)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
+        self._blob_setup(blob_dir, shared_blob_dir, blob_cache_size, blob_cache_size_check)
         self._persister = persister
         if persister is not None:
             reactor.callFromThread(persister.start, reactor)
@@ -291,9 +299,12 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
 
     def tpc_finish(self, transaction, f=None):
         txn = self._check_trans(transaction, "tpc_finish")
+        tid = None
         try:
-            return self._call(txn.finish, f)
+            tid = self._call(txn.finish, f)
+            return tid
         finally:
+            self._blobs_done(tid)
             self._end_transaction()
 
     def tpc_abort(self, transaction, timeout=None):
@@ -304,6 +315,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         except ClientDisconnected:
             pass    # the server aborts it when the link drops
         finally:
+            self._blobs_done(None)
             self._end_transaction()
 
     def _end_transaction(self):

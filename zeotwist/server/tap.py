@@ -42,6 +42,8 @@ class Options(usage.Options):
         ["invalidation-queue-size", None, DEFAULT_INVALIDATION_QUEUE_SIZE,
          "How many recent transactions the server remembers, so reconnecting "
          "clients can verify their caches instead of dropping them.", int],
+        ["blob-dir", None, None,
+         "The blob directory of the -f storage (blobs are off without it)."],
         ["address-file", None, None,
          "Write the addresses listened on to this file once listening."],
     ]
@@ -77,8 +79,10 @@ class ServerService(service.Service):
                  handshake_timeout: float = 5.0, max_transaction_bytes: int = 2**31,
                  address_file: str | None = None, reactor=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
-                 stop_reactor_on_failure: bool = False, conflict_classes=()):
+                 stop_reactor_on_failure: bool = False, conflict_classes=(),
+                 blob_dir: str | None = None):
         self.filename = filename
+        self.blob_dir = blob_dir
         self.listen = list(listen)
         self.storage_name = name
         self.read_only = read_only
@@ -107,7 +111,8 @@ class ServerService(service.Service):
         from ZODB.FileStorage import FileStorage
         super().startService()
         storage = FileStorage(self.filename, read_only=self.read_only,
-                              create=not os.path.exists(self.filename) and not self.read_only)
+                              create=not os.path.exists(self.filename) and not self.read_only,
+                              blob_dir=self.blob_dir)
         server = StorageServer(
             storage, self.storage_name, reactor=self.reactor, read_only=self.read_only,
             transaction_timeout=self.transaction_timeout,
@@ -174,4 +179,4 @@ def makeService(options: Options) -> ServerService:
         max_transaction_bytes=options["max-transaction-size"],
         address_file=options["address-file"], stop_reactor_on_failure=True,
         invalidation_queue_size=options["invalidation-queue-size"],
-        conflict_classes=options["conflict-classes"])
+        conflict_classes=options["conflict-classes"], blob_dir=options["blob-dir"])

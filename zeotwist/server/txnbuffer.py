@@ -23,6 +23,9 @@ class TransactionBuffer:
         self._max = max_bytes
         self.size = 0
         self.too_large = False
+        #: called without arguments by :meth:`close`: what mixins attached to
+        #: the transaction (spooled blob files) is released with it
+        self.on_close: list = []
 
     def append(self, piece: bytes) -> None:
         if self.too_large:
@@ -33,6 +36,15 @@ class TransactionBuffer:
         self._file.write(piece)
         self.size += len(piece)
 
+    def reserve(self, nbytes: int) -> bool:
+        """Count ``nbytes`` sent beside the stream (blob chunks) against the
+        cap; False (and the transaction refused at vote) once it is exceeded."""
+        if self.too_large or self.size + nbytes > self._max:
+            self.too_large = True
+            return False
+        self.size += nbytes
+        return True
+
     def records(self, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
         if self.too_large:
             raise TransactionTooLarge(
@@ -42,3 +54,6 @@ class TransactionBuffer:
 
     def close(self) -> None:
         self._file.close()
+        callbacks, self.on_close = self.on_close, []
+        for callback in callbacks:
+            callback()

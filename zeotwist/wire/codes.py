@@ -22,6 +22,7 @@ ERRORS: dict[type[BaseException], bytes] = {
     P.StorageTransactionError: b"STORAGE_TRANSACTION",
     P.UndoError: b"UNDO",
     E.TransactionTooLarge: b"TOO_LARGE",
+    E.BlobPathRefused: b"BLOB_PATH",
     E.ProtocolVersionError: b"PROTOCOL_VERSION",
     E.UnknownStorage: b"UNKNOWN_STORAGE",
     E.ProtocolError: b"PROTOCOL",

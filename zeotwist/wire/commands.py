@@ -159,6 +159,43 @@ class Info(_Command):
     ]
 
 
+# -- blobs -------------------------------------------------------------------
+
+#: Largest piece of a blob one StoreBlobChunk carries or one LoadBlobChunk answers.
+BLOB_CHUNK = 2**20
+
+
+class StoreBlobChunk(_Command):
+    """The next bytes of this transaction's blob file number ``blob`` (one-way).
+
+    Blob files are numbered 0, 1, ... in the order their first message
+    arrives; a file's chunks come together, in order.  The store stream's
+    storeBlob/restoreBlob records name the file by its number.
+    """
+    commandName = b"StoreBlobChunk"
+    requiresAnswer = False
+    arguments = [(b"blob", amp.Integer()), (b"data", BigBytes())]
+
+
+class StoreBlobShared(_Command):
+    """Shared blob directory: blob file ``blob`` is the file ``name`` (one-way).
+
+    ``name`` is relative to the server's blob directory and must resolve to
+    a regular file directly inside its temporary area (``tmp/``); the server
+    takes the file over at once.  Anything else is refused at Vote.
+    """
+    commandName = b"StoreBlobShared"
+    requiresAnswer = False
+    arguments = [(b"blob", amp.Integer()), (b"name", amp.Unicode())]
+
+
+class LoadBlobChunk(_Command):
+    """Up to BLOB_CHUNK bytes of blob (``oid``, ``serial``) from ``offset``."""
+    commandName = b"LoadBlobChunk"
+    arguments = [(b"oid", Id8()), (b"serial", Id8()), (b"offset", amp.Integer())]
+    response = [(b"data", BigBytes()), (b"size", amp.Integer())]
+
+
 # -- server -> client ---------------------------------------------------------
 
 class Invalidate(_Command):
@@ -170,5 +207,6 @@ class Invalidate(_Command):
 
 CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
                    StoreData, Vote, Finish, Abort, LastTransaction, Info]
+CLIENT_COMMANDS += [StoreBlobChunk, StoreBlobShared, LoadBlobChunk]   # blobs
 SERVER_COMMANDS = [Invalidate]
 ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS

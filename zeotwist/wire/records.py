@@ -10,7 +10,15 @@ Kinds (each applied in the vote by a handler registered for it on the server):
     b"s"  store: payload is the object record, serial the one it was based on
     b"c"  checkCurrentSerialInTransaction(oid, serial); empty payload
 
-Later kinds (undo, restore, deleteObject, blobs) use the same frame.
+Blob kinds (:mod:`zeotwist.server.blobs` applies them); ``blob`` numbers
+the transaction's blob files, 0, 1, ... in the order their StoreBlobChunk /
+StoreBlobShared messages began:
+
+    b"b"  storeBlob(oid, serial, data, <blob file>): payload is blob(>I), data
+    b"B"  restoreBlob(oid, serial, data, <blob file>, prev_txn): payload is
+          blob(>I), has_prev(1), prev_txn(8, if has_prev), data
+
+Later kinds (undo, restore, deleteObject) use the same frame.
 Pure: no I/O beyond the file-like object handed in.
 """
 import struct
@@ -55,3 +63,40 @@ def iter_records(f: BinaryIO, kinds=None) -> Iterator[tuple[bytes, bytes, bytes,
         if len(payload) != length:
             raise RemoteProtocolError("truncated record payload")
         yield kind, oid, serial, payload
+
+
+# -- blob records ---------------------------------------------------------------
+
+BLOB, RESTORE_BLOB = b"b", b"B"
+_BLOB_NUMBER = struct.Struct(">I")
+
+
+def encode_blob(oid: bytes, serial: bytes, blob: int, data: bytes) -> bytes:
+    """storeBlob of ``data`` with the transaction's blob file number ``blob``."""
+    return encode(BLOB, oid, serial, _BLOB_NUMBER.pack(blob) + data)
+
+
+def decode_blob(payload: bytes) -> tuple[int, bytes]:
+    """``(blob, data)`` of a storeBlob record's payload."""
+    if len(payload) < _BLOB_NUMBER.size:
+        raise RemoteProtocolError("truncated blob record")
+    return _BLOB_NUMBER.unpack_from(payload)[0], payload[_BLOB_NUMBER.size:]
+
+
+def encode_restore_blob(oid: bytes, serial: bytes, blob: int, data: bytes,
+                        prev_txn: bytes | None) -> bytes:
+    """restoreBlob of ``data`` with blob file ``blob``, based on ``prev_txn``."""
+    if prev_txn is not None and len(prev_txn) != 8:
+        raise ValueError("prev_txn must be an 8-byte tid")
+    head = _BLOB_NUMBER.pack(blob) + (b"\1" + prev_txn if prev_txn is not None else b"\0")
+    return encode(RESTORE_BLOB, oid, serial, head + data)
+
+
+def decode_restore_blob(payload: bytes) -> tuple[int, bytes, bytes | None]:
+    """``(blob, data, prev_txn)`` of a restoreBlob record's payload."""
+    blob, rest = decode_blob(payload)
+    if not rest or rest[0] > 1 or (rest[0] and len(rest) < 9):
+        raise RemoteProtocolError("malformed restoreBlob record")
+    if rest[0]:
+        return blob, rest[9:], rest[1:9]
+    return blob, rest[1:], None

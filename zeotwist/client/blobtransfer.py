@@ -1,0 +1,217 @@
+"""Blob transfers over one connection, with bounded memory on both ends.
+
+* :class:`BlobUpload` sends one file as ``StoreBlobChunk`` messages.  It is
+  a streaming producer registered with the connection's transport: it
+  reads and sends a chunk whenever the transport's buffer has drained and
+  stops when the transport says it is full, so a blob of any size costs the
+  client about one chunk (1 MiB) of memory, whatever the network's speed.
+* :class:`BlobUploads` runs a transaction's uploads one after another.
+* :class:`BlobDownload` pulls a committed blob with ``LoadBlobChunk``
+  requests, a few in flight, and writes each chunk to a file, in order, as
+  it arrives: the server never holds more than those few chunks for us.
+
+Runs on the reactor thread (the file reads and writes included: sequential
+1 MiB pieces of local files).
+"""
+from collections import deque
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from ZODB.POSException import StorageError
+from zope.interface import implementer
+
+from zeotwist.errors import ClientDisconnected
+from zeotwist.wire import commands as C
+
+#: LoadBlobChunk requests kept in flight by one download.
+DOWNLOAD_WINDOW = 4
+
+
+@implementer(IPushProducer)
+class BlobUpload:
+    """Send the file at ``path`` as blob file ``number`` of the transaction
+    open on ``proto``; :meth:`start` fires once the last chunk is handed
+    to the transport (or fails with ClientDisconnected or an OSError)."""
+
+    def __init__(self, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK):
+        self.proto = proto
+        self.number = number
+        self.path = path
+        self.chunk = chunk
+        self.sent = 0
+        self._file = None
+        self._transport = None
+        self._paused = False
+        self._done = None
+
+    def start(self) -> Deferred:
+        transport = self.proto.transport
+        if transport is None:
+            return fail(ClientDisconnected("not connected while uploading a blob"))
+        try:
+            self._file = open(self.path, "rb")
+        except OSError:
+            return fail()
+        d = self._done = Deferred()
+        self._transport = transport
+        transport.registerProducer(self, True)   # stops us at once if disconnected
+        if self._done is not None:
+            self.resumeProducing()
+        return d
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        first = self.sent == 0
+        while not self._paused and self._file is not None:
+            try:
+                data = self._file.read(self.chunk)
+            except OSError:
+                self._end(Failure())
+                return
+            if data or first:       # an empty blob is still one (empty) chunk
+                self.proto.send(C.StoreBlobChunk, blob=self.number, data=data)
+                self.sent += len(data)
+                first = False
+            if len(data) < self.chunk:
+                self._end(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._end(Failure(ClientDisconnected("connection lost while uploading a blob")))
+
+    def _end(self, failure) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+        transport = self._transport
+        if transport is not None and getattr(transport, "producer", None) is self:
+            transport.unregisterProducer()
+        d, self._done = self._done, None
+        if d is not None:
+            d.callback(self.sent) if failure is None else d.errback(failure)
+
+
+class BlobUploads:
+    """The uploads of one transaction, run in the order they were added."""
+
+    def __init__(self):
+        self._queue: deque = deque()
+        self._running = False
+        self._idle_waiters: list = []
+        self.failure = None      # the first upload that failed
+
+    def add(self, proto, number: int, path: str) -> Deferred:
+        d = Deferred()
+        self._queue.append((proto, number, path, d))
+        if not self._running:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._running = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        self._running = True
+        proto, number, path, d = self._queue.popleft()
+        if self.failure is not None:          # the transaction is lost anyway
+            d.errback(self.failure)
+            self._next()
+            return
+        BlobUpload(proto, number, path).start().addBoth(self._ended, d)
+
+    def _ended(self, result, d) -> None:
+        if isinstance(result, Failure) and self.failure is None:
+            self.failure = result
+        d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+        self._next()
+
+    def idle(self) -> Deferred | None:
+        """A fresh Deferred fired when no upload is left, or None if none is."""
+        if not self._running:
+            return None
+        d = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+
+class BlobDownload:
+    """Write blob (``oid``, ``serial``) to the binary file object ``f``;
+    :meth:`start` fires with the blob's size.  Cancelling stops it (no
+    write happens after the cancellation)."""
+
+    def __init__(self, proto, oid: bytes, serial: bytes, f, window: int = DOWNLOAD_WINDOW,
+                 chunk: int = C.BLOB_CHUNK):
+        self.proto = proto
+        self.oid = oid
+        self.serial = serial
+        self.f = f
+        self.window = max(1, window)
+        self.chunk = chunk
+        self.size = None
+        self._written = 0           # bytes written to f
+        self._asked = 0             # next offset to request
+        self._arrived: dict = {}    # offset -> data, arrived out of order
+        self._in_flight = 0
+        self._done = None
+
+    def start(self) -> Deferred:
+        self._done = Deferred(lambda d: self._stop())
+        self._ask()                 # the first answer tells the size
+        return self._done
+
+    def _ask(self) -> None:
+        offset = self._asked
+        self._asked += self.chunk
+        self._in_flight += 1
+        d = self.proto.call(C.LoadBlobChunk, oid=self.oid, serial=self.serial, offset=offset)
+        d.addCallbacks(self._got, self._failed, (offset,))
+
+    def _got(self, answer, offset) -> None:
+        self._in_flight -= 1
+        if self._done is None:
+            return
+        data, size = answer["data"], answer["size"]
+        if self.size is None:
+            self.size = size
+        expected = min(self.chunk, self.size - offset)
+        if size != self.size or len(data) != max(expected, 0):
+            self._finish(Failure(StorageError(
+                "blob %s/%s changed on the server while it was read"
+                % (self.oid.hex(), self.serial.hex()))))
+            return
+        self._arrived[offset] = data
+        try:
+            while self._written in self._arrived:
+                piece = self._arrived.pop(self._written)
+                self.f.write(piece)
+                self._written += len(piece)
+                if not piece:
+                    break
+        except OSError:
+            self._finish(Failure())
+            return
+        if self._written >= self.size:
+            self._finish(self.size)
+            return
+        while self._in_flight < self.window and self._asked < self.size:
+            self._ask()
+
+    def _failed(self, failure) -> None:
+        self._in_flight -= 1
+        if self._done is not None:
+            self._finish(failure)
+
+    def _stop(self) -> None:
+        self._done = None           # cancelled: ignore whatever still arrives
+
+    def _finish(self, result) -> None:
+        d, self._done = self._done, None
+        if d is not None:
+            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
