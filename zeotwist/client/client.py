@@ -41,6 +41,11 @@ OID_BATCH = 100
 CACHE_WRITES_LIMIT = 4 * 2**20
 
 
+def _utf8(value) -> bytes:
+    """Transaction user/description as bytes (ZODB code may set them as str)."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
 #: Oids per Prefetch request (the server's limit).
 PREFETCH_BATCH = 1000
 
@@ -605,7 +610,7 @@ class ClientTransaction:
                 return
             self._proto = proto
             meta = self.meta
-            proto.send(C.TpcBegin, user=meta.user, description=meta.description,
+            proto.send(C.TpcBegin, user=_utf8(meta.user), description=_utf8(meta.description),
                        extension=meta.extension_bytes, tid=self.tid,
                        status=None if self.status == " " else self.status)
         elif proto is not self._proto:

@@ -3,10 +3,418 @@ pack, iteration, restore, deleteObject, prefetch.
 
 A mixin of :class:`~zeotwist.server.session.ServerSession` (it uses the
 session's ``server``, ``read_only`` and transaction state).  Runs on the
-reactor thread; slow storage work goes through ``self.server.call``.
+reactor thread.  Short reads (``GetTid``, ``RecordIternext``, ``Prefetch``)
+are served there, as loads are; anything that may read a lot
+(``History``, ``UndoLog``, iterator batches) and ``Pack`` run in the
+reactor's thread pool, *not* in the storage's worker thread, so a long pack
+or a big undo log never holds up commits (FileStorage lets transactions
+commit while it packs: its packer takes the storage's commit lock only to
+copy the transactions that arrived meanwhile, at the end).
+
+Undo, restore and deleteObject are records of the store stream
+(:mod:`zeotwist.wire.records`), applied by :data:`RECORD_HANDLERS` in the
+storage thread during the vote.
+
+Transaction extensions are never unpickled here: history and undo log
+entries carry the extension bytes as stored and the client unpickles them.
+For a FileStorage the entries are read from the file directly
+(:func:`fs_history`, :func:`fs_undo_log`) because FileStorage's own
+``history``/``undoLog`` unpickle the extension; other storages go through
+their ``history``/``undoLog`` (which may).
 """
+import itertools
+from collections import OrderedDict
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.protocols import amp
+from ZODB.POSException import (
+    POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
+
+from zeotwist.wire import commands as C
+from zeotwist.wire.records import DELETE, RESTORE, UNDO, decode_restore
+
+_log = Logger()
+
+#: Open iterators one session may hold; opening one more closes the least
+#: recently used (a later IteratorNext on it fails with StorageError).
+MAX_ITERATORS = 16
+#: An iterator batch stops once it holds this many bytes of records ...
+ITERATOR_BATCH_BYTES = 2**20
+#: ... or this many items (transaction headers and records).
+ITERATOR_BATCH_ITEMS = 2000
+#: Undo log entries answered per UndoLog request (the client pages).
+MAX_UNDO_LOG = 1000
+#: History entries answered per History request.
+MAX_HISTORY = 10000
+#: Oids per Prefetch request, and the bytes of records one answer carries
+#: (oids past that are left out; the client loads them one by one).
+MAX_PREFETCH = 1000
+PREFETCH_BYTES = 4 * 2**20
+#: Transaction statuses a restoring client may give.
+RESTORE_STATUSES = (" ", "p", "u")
+
+_STANDARD_KEYS = frozenset(("id", "tid", "time", "user_name", "description", "size"))
 
 
 class StorageAPIResponders(amp.CommandLocator):
-    pass
+    #: iid -> _ServerIterator, least recently used first (created lazily)
+    _iterators = None
+    _iterator_ids = None
+
+    def _in_thread(self, f, *args):
+        """Run ``f(*args)`` in the reactor's thread pool (a Deferred).
+
+        Servers on a reactor without threads (in-memory tests with a Clock)
+        run it synchronously instead.
+        """
+        reactor = self.server.reactor
+        if not hasattr(reactor, "getThreadPool"):
+            return maybeDeferred(f, *args)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    def connectionLost(self, reason):
+        self._close_iterators()
+        super().connectionLost(reason)
+
+    # -- history and undo log ------------------------------------------------
+    @C.History.responder
+    def history(self, oid, size):
+        size = max(1, min(size, MAX_HISTORY))
+        d = self._in_thread(history_entries, self.server.storage, oid, size)
+        return d.addCallback(lambda entries: dict(entries=entries))
+
+    @C.UndoLog.responder
+    def undo_log(self, first, last):
+        first = max(0, first)
+        last = min(max(first, last), first + MAX_UNDO_LOG)
+        d = self._in_thread(undo_log_entries, self.server.storage, first, last)
+        return d.addCallback(lambda r: dict(entries=r[0], complete=r[1]))
+
+    @C.GetTid.responder
+    def get_tid(self, oid):
+        return dict(tid=self.server.storage.getTid(oid))
+
+    # -- pack ------------------------------------------------------------------
+    @C.Pack.responder
+    def pack(self, time, gc):
+        server = self.server
+        if self.read_only and not getattr(server, "allow_read_only_pack", False):
+            raise ReadOnlyError("read-only connections may not pack this server "
+                                "(see its --allow-read-only-pack option)")
+        _log.info("zeotwist: packing storage {name!r} as of {t}", name=server.name, t=time)
+        d = self._in_thread(self._pack_in_thread, time, gc)
+        d.addCallback(lambda _: _log.info("zeotwist: pack of {name!r} done", name=server.name))
+        return d.addCallback(lambda _: {})
+
+    def _pack_in_thread(self, t, gc):
+        from ZODB.serialize import referencesf
+        storage = self.server.storage
+        if gc is None:
+            storage.pack(t, referencesf)
+        else:
+            storage.pack(t, referencesf, gc=gc)
+
+    # -- iteration -------------------------------------------------------------
+    @C.IteratorStart.responder
+    def iterator_start(self, start, stop):
+        storage = self.server.storage
+        if not hasattr(storage, "iterator"):
+            raise Unsupported("the storage cannot iterate")
+        if self._iterators is None:
+            self._iterators = OrderedDict()
+            self._iterator_ids = itertools.count(1)
+        iid = next(self._iterator_ids)
+
+        def opened(source):
+            iterators = self._iterators
+            if self.transport is None or iterators is None:    # gone meanwhile
+                _ServerIterator(source).close()
+                raise StorageError("connection closed")
+            iterators[iid] = _ServerIterator(source)
+            while len(iterators) > MAX_ITERATORS:
+                _, oldest = iterators.popitem(last=False)
+                oldest.close()
+            return dict(iid=iid)
+
+        return self._in_thread(storage.iterator, start, stop).addCallback(opened)
+
+    @C.IteratorNext.responder
+    def iterator_next(self, iid):
+        it = (self._iterators or {}).get(iid)
+        if it is None:
+            raise StorageError("no iterator %d (finished, closed or expired)" % iid)
+        if it.busy:
+            raise StorageTransactionError("iterator %d is busy" % iid)
+        self._iterators.move_to_end(iid)
+        it.busy = True
+
+        def done(result):
+            it.busy = False
+            if it.closing:                # closed while the batch was read
+                it.close()
+            items, finished = result
+            if finished:
+                self._drop_iterator(iid)
+            return dict(items=items, done=finished)
+
+        def failed(failure):
+            it.busy = False
+            self._drop_iterator(iid)
+            return failure
+
+        return self._in_thread(it.batch).addCallbacks(done, failed)
+
+    @C.IteratorClose.responder
+    def iterator_close(self, iid):
+        self._drop_iterator(iid)
+        return {}
+
+    def _drop_iterator(self, iid):
+        it = (self._iterators or {}).pop(iid, None)
+        if it is not None:
+            it.close()
+
+    def _close_iterators(self):
+        iterators, self._iterators = self._iterators, None
+        for it in (iterators or {}).values():
+            it.close()
+
+    @C.RecordIternext.responder
+    def record_iternext(self, next):
+        storage = self.server.storage
+        if not hasattr(storage, "record_iternext"):
+            raise Unsupported("the storage has no record_iternext")
+        oid, tid, data, next_oid = storage.record_iternext(next)
+        return dict(oid=oid, tid=tid, data=data, next=next_oid)
+
+    # -- prefetch ----------------------------------------------------------------
+    @C.Prefetch.responder
+    def prefetch(self, oids, tid):
+        if len(oids) > MAX_PREFETCH:
+            raise StorageError("at most %d oids per Prefetch" % MAX_PREFETCH)
+        load_before = self.server.storage.loadBefore
+        records, size = [], 0
+        for oid in oids:
+            try:
+                r = load_before(oid, tid)
+            except POSKeyError:
+                continue                  # left out: the client loads it alone
+            if r is None:
+                records.append(dict(oid=oid))
+                continue
+            data, start, end = r
+            records.append(dict(oid=oid, data=data, start=start, end=end))
+            size += len(data)
+            if size >= PREFETCH_BYTES:
+                break
+        self.server.stats["loads"] += len(records)
+        return dict(records=records)
+
+    # -- transactions with an explicit tid (restore) ------------------------------
+    def _tpc_begin_in_thread(self, storage, txn):
+        """The storage's tpc_begin for ``txn`` (storage thread, commit lock held)."""
+        tid, status = txn.tid, txn.status
+        if tid is None and status == " ":
+            storage.tpc_begin(txn.meta)
+            return
+        if status not in RESTORE_STATUSES:
+            raise StorageTransactionError("invalid transaction status %r" % (status,))
+        if tid is not None and tid <= self.server.last_tid:
+            raise StorageTransactionError(
+                "transaction id %s is not later than the last one, %s"
+                % (tid.hex(), self.server.last_tid.hex()))
+        storage.tpc_begin(txn.meta, tid, status)
+
+
+# -- store stream records (storage thread, during the vote) --------------------
+
+def _storage_method(storage, name):
+    method = getattr(storage, name, None)
+    if method is None:
+        raise Unsupported("the storage has no %s" % name)
+    return method
+
+
+def _apply_undo(session, storage, txn, oid, serial, payload):
+    result = _storage_method(storage, "undo")(payload, txn.meta)
+    if result:
+        oids = list(result[1])
+        txn.oids.extend(oids)
+        txn.undone.extend(oids)
+
+
+def _apply_restore(session, storage, txn, oid, serial, payload):
+    data, prev_txn = decode_restore(payload)
+    _storage_method(storage, "restore")(oid, serial, data, "", prev_txn, txn.meta)
+    txn.oids.append(oid)
+
+
+def _apply_delete(session, storage, txn, oid, serial, payload):
+    _storage_method(storage, "deleteObject")(oid, serial, txn.meta)
+    txn.oids.append(oid)
+
+
+#: record kind -> handler, merged into ServerSession.record_handlers
+RECORD_HANDLERS = {UNDO: _apply_undo, RESTORE: _apply_restore, DELETE: _apply_delete}
+
+
+# -- iterators -------------------------------------------------------------------
+
+class _ServerIterator:
+    """One client's storage iterator, read in batches in the thread pool.
+
+    The transactions and their records are flattened into one sequence of
+    items (a header, its records, the next header, ...), cut into batches by
+    size, so a transaction may span batches.  ``busy`` is set while a batch
+    is read; a close requested meanwhile (``closing``) happens after it.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self.items = _flatten(source)
+        self.busy = False
+        self.closing = False
+        self.closed = False
+
+    def batch(self):
+        items, size = [], 0
+        for item, n in self.items:
+            items.append(item)
+            size += n
+            if size >= ITERATOR_BATCH_BYTES or len(items) >= ITERATOR_BATCH_ITEMS:
+                return items, False
+        return items, True
+
+    def close(self):
+        if self.busy:
+            self.closing = True
+            return
+        if self.closed:
+            return
+        self.closed = True
+        self.items.close()
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:
+                _log.failure("closing a storage iterator failed")
+
+
+def _flatten(source):
+    """``(item, size)`` pairs: each transaction header, then its records."""
+    for txn in source:
+        status = txn.status
+        if isinstance(status, bytes):
+            status = status.decode("ascii")
+        header = dict(tid=txn.tid, status=status, user=txn.user,
+                      description=txn.description, extension=txn.extension_bytes)
+        yield header, 64 + len(txn.user) + len(txn.description) + len(header["extension"])
+        for rec in txn:
+            data = rec.data
+            yield (dict(tid=rec.tid, oid=rec.oid, data=data, data_txn=rec.data_txn),
+                   48 + (len(data) if data is not None else 0))
+
+
+# -- history and undo log without unpickling ------------------------------------
+
+def _is_filestorage(storage) -> bool:
+    from ZODB.FileStorage import FileStorage
+    return isinstance(storage, FileStorage)
+
+
+def history_entries(storage, oid: bytes, size: int) -> list:
+    """History entries of ``oid`` as History sends them (a worker thread)."""
+    if _is_filestorage(storage):
+        return fs_history(storage, oid, size)
+    return [_entry(d, "tid") for d in storage.history(oid, size=size)]
+
+
+def undo_log_entries(storage, first: int, last: int) -> tuple:
+    """``(entries, complete)`` for UndoLog (a worker thread)."""
+    if _is_filestorage(storage):
+        return fs_undo_log(storage, first, last)
+    undo_log = getattr(storage, "undoLog", None)
+    if undo_log is None or not storage.supportsUndo():
+        return [], True
+    log = undo_log(first, last)
+    return [_entry(d, "id") for d in log], len(log) < last - first
+
+
+def _entry(d: dict, key: str) -> dict:
+    """An entry from a storage's own description dict: the keys beyond the
+    standard ones are its (already unpickled) extension, pickled again."""
+    from ZODB._compat import _protocol, dumps
+    extension = {k: v for k, v in d.items() if k not in _STANDARD_KEYS}
+    return {key: d[key], "time": d["time"], "user_name": d.get("user_name", b""),
+            "description": d.get("description", b""), "size": d.get("size"),
+            "extension": dumps(extension, _protocol) if extension else b""}
+
+
+def fs_history(fs, oid: bytes, size: int) -> list:
+    """FileStorage.history, with the extension left as stored."""
+    from persistent.TimeStamp import TimeStamp
+    entries = []
+    with fs._lock:
+        pos = fs._lookup_pos(oid)
+        while len(entries) < size:
+            h = fs._read_data_header(pos)
+            th = fs._read_txn_header(h.tloc)
+            entries.append(dict(tid=h.tid, time=TimeStamp(h.tid).timeTime(),
+                                user_name=th.user, description=th.descr,
+                                size=h.plen, extension=th.ext))
+            if not h.prev:
+                break
+            pos = h.prev
+    return entries
+
+
+def fs_undo_log(fs, first: int, last: int) -> tuple:
+    """FileStorage.undoLog(first, last), with the extension left as stored.
+
+    Walks the transactions backwards from the end of the file as
+    FileStorage's ``UndoSearch`` does, stopping at a packed transaction,
+    and lets other threads at the storage every 20 transactions.
+    """
+    from struct import unpack
+    from persistent.TimeStamp import TimeStamp
+    from ZODB.FileStorage.format import TRANS_HDR, TRANS_HDR_LEN
+    from ZODB.utils import u64
+    entries, i = [], 0
+    with fs._lock:
+        if fs._pack_is_in_progress:
+            raise UndoError("Undo is currently disabled for database maintenance.")
+        file, pos = fs._file, fs._pos
+        steps = 0
+        while i < last:
+            if pos < 39:
+                return entries, True
+            steps += 1
+            if steps % 20 == 0:
+                fs._lock.release()
+                fs._lock.acquire()
+                if fs._file is not file:             # packed meanwhile
+                    raise UndoError("the storage was packed during the undo log search")
+            file.seek(pos - 8)
+            pos -= u64(file.read(8)) + 8
+            file.seek(pos)
+            tid, tl, status, ul, dl, el = unpack(TRANS_HDR, file.read(TRANS_HDR_LEN))
+            if status == b"p":
+                return entries, True
+            if status != b" ":
+                continue
+            user, descr, ext = file.read(ul), file.read(dl), file.read(el)
+            if i >= first:
+                entries.append(dict(id=_undo_id(tid), time=TimeStamp(tid).timeTime(),
+                                    user_name=user, description=descr, size=tl,
+                                    extension=ext))
+            i += 1
+    return entries, pos < 39
+
+
+def _undo_id(tid: bytes) -> bytes:
+    """FileStorage's undo id for ``tid`` (base64, as its undoLog gives)."""
+    from base64 import encodebytes
+    return encodebytes(tid).rstrip()

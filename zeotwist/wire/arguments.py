@@ -86,3 +86,68 @@ def split_ids(packed: bytes) -> list[bytes]:
         raise RemoteProtocolError(
             "id list of %d bytes is not a multiple of 8" % len(packed))
     return [packed[i:i + 8] for i in range(0, len(packed), 8)]
+
+
+class BoxList(BigBytes):
+    """A list of small boxes, each typed by ``arglist``, sent as one BigBytes.
+
+    Each item is a dict encoded with ``arglist`` exactly as an AMP command's
+    arguments are (so an item may hold ``Id8``, ``BigBytes``, optional
+    fields, ...) and serialized as an AMP box; the boxes are concatenated.
+    Lists of records (history entries, iterator batches) thus travel typed,
+    without pickles, and may exceed AMP's 64 KiB per value.
+    """
+
+    def __init__(self, arglist, optional=False):
+        super().__init__(optional=optional)
+        self.arglist = list(arglist)
+
+    def toBox(self, name, strings, objects, proto):
+        key = name.decode("ascii")
+        items = objects.get(key)
+        if items is None and self.optional:
+            objects.pop(key, None)
+            return
+        parts = []
+        for item in items:
+            box = amp._objectsToStrings(item, self.arglist, amp.AmpBox(), proto)
+            parts.append(box.serialize())
+        objects[key] = b"".join(parts)
+        BigBytes.toBox(self, name, strings, objects, proto)
+
+    def fromBox(self, name, strings, objects, proto):
+        BigBytes.fromBox(self, name, strings, objects, proto)
+        key = name.decode("ascii")
+        packed = objects[key]
+        if packed is None:
+            return
+        objects[key] = [amp._stringsToObjects(box, self.arglist, proto)
+                        for box in split_boxes(packed)]
+
+
+def split_boxes(packed: bytes) -> list:
+    """Parse concatenated AMP boxes; RemoteProtocolError if malformed."""
+    boxes, box = [], {}
+    off, n = 0, len(packed)
+    while off < n:
+        if n - off < 2:
+            raise RemoteProtocolError("truncated box list")
+        klen = (packed[off] << 8) | packed[off + 1]
+        off += 2
+        if klen == 0:
+            boxes.append(box)
+            box = {}
+            continue
+        if klen > amp.MAX_KEY_LENGTH or n - off < klen + 2:
+            raise RemoteProtocolError("malformed box list")
+        key = packed[off:off + klen]
+        off += klen
+        vlen = (packed[off] << 8) | packed[off + 1]
+        off += 2
+        if n - off < vlen:
+            raise RemoteProtocolError("truncated box list value")
+        box[key] = packed[off:off + vlen]
+        off += vlen
+    if box:
+        raise RemoteProtocolError("unterminated box in box list")
+    return boxes

@@ -8,7 +8,7 @@ server-side exception never drops the connection as an unmapped AMP error.
 """
 from twisted.protocols import amp
 
-from zeotwist.wire.arguments import BigBytes, Id8, IdList
+from zeotwist.wire.arguments import BigBytes, BoxList, Id8, IdList
 from zeotwist.wire.codes import ERRORS
 
 #: Bumped whenever a command changes incompatibly.
@@ -93,6 +93,9 @@ class TpcBegin(_Command):
         (b"user", BigBytes()),
         (b"description", BigBytes()),
         (b"extension", BigBytes()),
+        # restore (IStorageRestoreable): the transaction's own tid and status
+        (b"tid", Id8(optional=True)),
+        (b"status", amp.Unicode(optional=True)),
     ]
 
 
@@ -159,6 +162,104 @@ class Info(_Command):
     ]
 
 
+# -- storage API --------------------------------------------------------------
+
+#: Fields of one transaction description (history and undo log entries).
+#: ``extension`` is the transaction's extension exactly as stored (ZODB's
+#: pickled dict); the client unpickles it, the server never does.
+_DESCRIPTION = [
+    (b"time", amp.Float()),
+    (b"user_name", BigBytes()),
+    (b"description", BigBytes()),
+    (b"size", amp.Integer(optional=True)),
+    (b"extension", BigBytes()),
+]
+
+
+class History(_Command):
+    """Up to ``size`` revisions of ``oid``, newest first."""
+    commandName = b"History"
+    arguments = [(b"oid", Id8()), (b"size", amp.Integer())]
+    response = [(b"entries", BoxList([(b"tid", Id8())] + _DESCRIPTION))]
+
+
+class UndoLog(_Command):
+    """Undoable transactions ``first`` to ``last`` (exclusive), newest first."""
+    commandName = b"UndoLog"
+    arguments = [(b"first", amp.Integer()), (b"last", amp.Integer())]
+    response = [(b"entries", BoxList([(b"id", BigBytes())] + _DESCRIPTION)),
+                (b"complete", amp.Boolean())]
+
+
+class GetTid(_Command):
+    """The tid of the current revision of ``oid``."""
+    commandName = b"GetTid"
+    arguments = [(b"oid", Id8())]
+    response = [(b"tid", Id8())]
+
+
+class Pack(_Command):
+    """Pack the storage as of ``time``; answered when the pack is done."""
+    commandName = b"Pack"
+    arguments = [(b"time", amp.Float()), (b"gc", amp.Boolean(optional=True))]
+    response = []
+
+
+class IteratorStart(_Command):
+    """Open a transaction iterator over [start, stop] on the server."""
+    commandName = b"IteratorStart"
+    arguments = [(b"start", Id8(optional=True)), (b"stop", Id8(optional=True))]
+    response = [(b"iid", amp.Integer())]
+
+
+#: One item of an iterator batch: a transaction header (``status`` present)
+#: or one of its data records (``oid`` present), in iteration order.
+_ITERATOR_ITEM = [
+    (b"tid", Id8()),
+    (b"status", amp.Unicode(optional=True)),
+    (b"user", BigBytes(optional=True)),
+    (b"description", BigBytes(optional=True)),
+    (b"extension", BigBytes(optional=True)),
+    (b"oid", Id8(optional=True)),
+    (b"data", BigBytes(optional=True)),
+    (b"data_txn", Id8(optional=True)),
+]
+
+
+class IteratorNext(_Command):
+    """The next batch of iterator ``iid``; ``done`` once it is exhausted."""
+    commandName = b"IteratorNext"
+    arguments = [(b"iid", amp.Integer())]
+    response = [(b"items", BoxList(_ITERATOR_ITEM)), (b"done", amp.Boolean())]
+
+
+class IteratorClose(_Command):
+    """Release iterator ``iid`` on the server (one-way)."""
+    commandName = b"IteratorClose"
+    requiresAnswer = False
+    arguments = [(b"iid", amp.Integer())]
+
+
+class RecordIternext(_Command):
+    """The current record of the first object at or after ``next``."""
+    commandName = b"RecordIternext"
+    arguments = [(b"next", Id8(optional=True))]
+    response = [(b"oid", Id8()), (b"tid", Id8()), (b"data", BigBytes()),
+                (b"next", Id8(optional=True))]
+
+
+class Prefetch(_Command):
+    """``loadBefore(oid, tid)`` for many oids in one round trip."""
+    commandName = b"Prefetch"
+    arguments = [(b"oids", IdList()), (b"tid", Id8())]
+    response = [(b"records", BoxList([
+        (b"oid", Id8()),
+        (b"data", BigBytes(optional=True)),
+        (b"start", Id8(optional=True)),
+        (b"end", Id8(optional=True)),
+    ]))]
+
+
 # -- blobs -------------------------------------------------------------------
 
 #: Largest piece of a blob one StoreBlobChunk carries or one LoadBlobChunk answers.
@@ -206,7 +307,10 @@ class Invalidate(_Command):
 
 
 CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
-                   StoreData, Vote, Finish, Abort, LastTransaction, Info]
+                   StoreData, Vote, Finish, Abort, LastTransaction, Info,
+                   # storage API
+                   History, UndoLog, GetTid, Pack, IteratorStart, IteratorNext,
+                   IteratorClose, RecordIternext, Prefetch]
 CLIENT_COMMANDS += [StoreBlobChunk, StoreBlobShared, LoadBlobChunk]   # blobs
 SERVER_COMMANDS = [Invalidate]
 ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS

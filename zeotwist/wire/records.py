@@ -10,6 +10,14 @@ Kinds (each applied in the vote by a handler registered for it on the server):
     b"s"  store: payload is the object record, serial the one it was based on
     b"c"  checkCurrentSerialInTransaction(oid, serial); empty payload
 
+Storage API kinds (:mod:`zeotwist.server.storageapi` applies them):
+
+    b"u"  undo: payload is the undo id (from undoLog); oid and serial zero
+    b"r"  restore(oid, serial, data, prev_txn): payload is a flags byte
+          (1: data present, 2: prev_txn present), then prev_txn (8 bytes)
+          if present, then data
+    b"d"  deleteObject(oid, serial); empty payload
+
 Blob kinds (:mod:`zeotwist.server.blobs` applies them); ``blob`` numbers
 the transaction's blob files, 0, 1, ... in the order their StoreBlobChunk /
 StoreBlobShared messages began:
@@ -18,7 +26,6 @@ StoreBlobShared messages began:
     b"B"  restoreBlob(oid, serial, data, <blob file>, prev_txn): payload is
           blob(>I), has_prev(1), prev_txn(8, if has_prev), data
 
-Later kinds (undo, restore, deleteObject) use the same frame.
 Pure: no I/O beyond the file-like object handed in.
 """
 import struct
@@ -27,6 +34,8 @@ from typing import BinaryIO, Iterator
 from zeotwist.errors import RemoteProtocolError
 
 STORE, CHECK = b"s", b"c"
+#: storage API kinds (undo, restore, deleteObject)
+UNDO, RESTORE, DELETE = b"u", b"r", b"d"
 _HEAD = struct.Struct(">c8s8sI")
 HEAD_SIZE = _HEAD.size
 
@@ -63,6 +72,46 @@ def iter_records(f: BinaryIO, kinds=None) -> Iterator[tuple[bytes, bytes, bytes,
         if len(payload) != length:
             raise RemoteProtocolError("truncated record payload")
         yield kind, oid, serial, payload
+
+
+# -- storage API records --------------------------------------------------------
+
+_Z8 = b"\0" * 8
+RESTORE_DATA, RESTORE_PREV = 1, 2
+
+
+def encode_undo(undo_id: bytes) -> bytes:
+    return encode(UNDO, _Z8, _Z8, undo_id)
+
+
+def encode_delete(oid: bytes, serial: bytes) -> bytes:
+    return encode(DELETE, oid, serial)
+
+
+def encode_restore(oid: bytes, serial: bytes, data, prev_txn) -> bytes:
+    flags = (RESTORE_DATA if data is not None else 0) | \
+        (RESTORE_PREV if prev_txn is not None else 0)
+    if prev_txn is not None and len(prev_txn) != 8:
+        raise ValueError("prev_txn must be an 8-byte tid")
+    payload = bytes((flags,)) + (prev_txn or b"") + (data if data is not None else b"")
+    return encode(RESTORE, oid, serial, payload)
+
+
+def decode_restore(payload: bytes) -> tuple:
+    """``(data, prev_txn)`` of a restore record's payload (either may be None)."""
+    if not payload or payload[0] & ~(RESTORE_DATA | RESTORE_PREV):
+        raise RemoteProtocolError("malformed restore record")
+    flags, rest = payload[0], payload[1:]
+    prev_txn = None
+    if flags & RESTORE_PREV:
+        if len(rest) < 8:
+            raise RemoteProtocolError("truncated restore record")
+        prev_txn, rest = rest[:8], rest[8:]
+    if flags & RESTORE_DATA:
+        return rest, prev_txn
+    if rest:
+        raise RemoteProtocolError("restore record without data carries data")
+    return None, prev_txn
 
 
 # -- blob records ---------------------------------------------------------------
