@@ -632,3 +632,12 @@ def test_box_list_round_trip_and_malformed_input():
             split_boxes(bad)
     with pytest.raises(RemoteProtocolError):
         arg.fromBox(b"items", {b"items": b"\x00\x03tid\x00\x01x\x00\x00"}, {}, None)
+
+
+def test_pack_without_waiting(server, make_client):
+    cs = make_client()
+    oid, revs = _three_revisions(cs)
+    while time.time() <= _tid_time(revs[-1]):
+        time.sleep(0.01)
+    cs.pack(wait=False)                        # ZEO's spelling: returns at once
+    _wait_for(lambda: len(cs.history(oid, 10)) == 1, "the pack to finish")

@@ -87,17 +87,21 @@ class StorageAPIMixin:
         self._check_trans(transaction, "undo").undo(transaction_id)
 
     # -- pack ----------------------------------------------------------------------
-    def pack(self, t=None, referencesf=None, gc=None, days=0):
+    def pack(self, t=None, referencesf=None, gc=None, days=0, wait=True):
         """Pack the storage on the server as of ``t`` (default: now) less
         ``days`` days, and wait for the server to finish (up to
-        :attr:`pack_timeout`).  ``referencesf`` is ignored: the server uses
+        :attr:`pack_timeout`; with ``wait=False``, as ZEO's, return at once
+        and only log a failure).  ``referencesf`` is ignored: the server uses
         ZODB's.  ``gc=None`` keeps the server storage's GC setting.  A
         read-only client may pack only a server started with
         ``--allow-read-only-pack``."""
         if t is None:
             t = time.time()
         t -= days * 86400
-        self._call(self._client.pack, t, gc, timeout=self.pack_timeout)
+        if wait:
+            self._call(self._client.pack, t, gc, timeout=self.pack_timeout)
+        elif not self._closed:
+            self._reactor.callFromThread(_pack_in_background, self._client, t, gc)
 
     # -- iteration -----------------------------------------------------------------
     def iterator(self, start=None, stop=None):
@@ -138,6 +142,11 @@ class StorageAPIMixin:
             _prefetch(self._client, oids, tid)
         else:
             self._reactor.callFromThread(_prefetch, self._client, oids, tid)
+
+
+def _pack_in_background(client, t, gc):
+    d = client.pack(t, gc)
+    d.addErrback(lambda f: _log.failure("zeotwist pack failed", f))
 
 
 def _prefetch(client, oids, tid):

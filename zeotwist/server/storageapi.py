@@ -81,7 +81,7 @@ class StorageAPIResponders(amp.CommandLocator):
     # -- history and undo log ------------------------------------------------
     @C.History.responder
     def history(self, oid, size):
-        size = max(1, min(size, MAX_HISTORY))
+        size = max(0, min(size, MAX_HISTORY))
         d = self._in_thread(history_entries, self.server.storage, oid, size)
         return d.addCallback(lambda entries: dict(entries=entries))
 
