@@ -1,4 +1,4 @@
-"""The chat example (docs/examples/chatter.py) with three real participants.
+"""The chat example (docs/examples/chatter.py).
 
 Three chatter processes post 100 lines each, concurrently, through a live
 server; every process must show each of the other two's 200 messages exactly
@@ -7,12 +7,18 @@ poster's messages in the order they were typed, and the channel's B-tree
 must end up with exactly the 300 messages.  The test waits for the outputs
 with a deadline, then closes the inputs: each process then waits for its own
 commits, reads once more, and exits 0.
+
+Also: ChatSession on its own (same-instant keys, late commits, the cursor's
+backup), a participant across a server restart that resets its cache, a
+participant stopped by SIGTERM, and DatabasePool stopping with its reactor.
 """
+import math
 import os
 import subprocess
 import sys
 import threading
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -167,6 +173,129 @@ def test_terminated_participant_exits(server):
         p.kill()
     assert code is not None, "still running after SIGTERM: " + "".join(p.errors)[-4000:]
     assert not any("Traceback" in e for e in p.errors), "".join(p.errors)
+
+
+# -- ChatSession on its own (an in-memory database) -------------------------------
+
+@pytest.fixture
+def chat_root(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import transaction
+    import ZODB
+    db = ZODB.DB(None)
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    yield conn.root(), tm
+    tm.abort()
+    conn.close()
+    db.close()
+
+
+def test_messages_at_the_same_instant_all_kept(chat_root, monkeypatch):
+    import chatter
+    root, tm = chat_root
+    chatter.open_session(root, "c")
+    session = root[chatter.ROOT_KEY]["c"]
+    monkeypatch.setattr(chatter, "time", types.SimpleNamespace(time=lambda: 1000.0))
+    keys = [session.add_message("m%d" % i, author)
+            for i, author in enumerate(["ann", "bob", "ann", "ann"])]
+    tm.commit()
+    assert len(set(keys)) == 4 and len(session._messages) == 4
+    later = math.nextafter(1000.0, math.inf)
+    assert keys == [(1000.0, "ann"), (1000.0, "bob"), (later, "ann"),
+                    (math.nextafter(later, math.inf), "ann")]
+    assert [m for _, _, m in session.new_messages()] == ["m0", "m1", "m2", "m3"]
+
+
+def test_new_messages_returns_late_commits_once(chat_root):
+    import chatter
+    root, tm = chat_root
+    chatter.open_session(root, "c")
+    session = root[chatter.ROOT_KEY]["c"]
+    session._messages[100.0, "ann"] = "first"
+    session._messages[200.0, "bob"] = "second"
+    assert [m for _, _, m in session.new_messages()] == ["first", "second"]
+    assert session.new_messages() == []
+    session._messages[150.0, "cyd"] = "late"       # stamped before "second"
+    session._messages[250.0, "ann"] = "third"
+    assert session.new_messages() == [(150.0, "cyd", "late"), (250.0, "ann", "third")]
+    assert session.new_messages() == []
+    # Older than the look-back window: taken as final, never scanned again.
+    session._messages[250.0 - chatter.LATE - 1, "dee"] = "too late"
+    assert session.new_messages() == []
+
+
+def test_cursor_backup_survives_a_ghost(chat_root):
+    import chatter
+    root, tm = chat_root
+    chatter.open_session(root, "c")
+    tm.commit()
+    session = root[chatter.ROOT_KEY]["c"]
+    session._messages[100.0, "ann"] = "hello"
+    tm.commit()
+    backup = {}
+    assert len(session.new_messages(backup)) == 1
+    session._p_invalidate()                        # what dropping the cache does
+    assert not hasattr(session, "_v_seen")
+    assert session.new_messages(backup) == []      # not the history again
+    session._p_invalidate()
+    assert len(session.new_messages()) == 1        # without a backup: from the start
+
+
+def test_participant_survives_a_cache_reset(tmp_path, monkeypatch):
+    """A server restart after which the clients cannot verify their caches
+    (commits were made meanwhile, and the server remembers too few): they
+    drop their caches, ZODB ghosts every object, which drops the _v_
+    cursor.  A participant then shows the messages it missed, then the new
+    ones, and not the history again."""
+    import transaction
+    import ZODB
+    import ZODB.FileStorage
+    from zeotwist.testing import start_server
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import chatter
+
+    filename = str(tmp_path / "data.fs")
+    srv = start_server(filename, invalidation_queue_size=1)
+    host, port = srv.address
+    until = time.monotonic() + 45
+    ann = Participant((host, port), "ann")
+    bob = Participant((host, port), "bob", 10)
+    try:
+        ann.process.stdin.write(
+            "".join(message("ann", i) + "\n" for i in range(10)).encode())
+        ann.process.stdin.flush()
+        assert bob.wait_for_all(until), (bob.lines, bob.errors)
+        srv.stop()
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(filename))    # while nobody serves
+        try:
+            tm = transaction.TransactionManager()
+            session = db.open(tm).root()[chatter.ROOT_KEY]["lobby"]
+            for i in range(2):
+                session.add_message(message("cyd", i), "cyd")
+                tm.commit()
+        finally:
+            db.close()
+        srv = start_server(filename, listen="tcp:%d:interface=127.0.0.1" % port,
+                           invalidation_queue_size=1)
+        bob.expected = 12
+        assert bob.wait_for_all(until), (bob.lines, bob.errors)
+        ann.process.stdin.write(
+            "".join(message("ann", i) + "\n" for i in range(10, 20)).encode())
+        ann.process.stdin.flush()
+        bob.expected = 22
+        arrived = bob.wait_for_all(until)
+        codes = [ann.finish(until), bob.finish(until)]
+    finally:
+        ann.kill()
+        bob.kill()
+        srv.stop()
+    report = (bob.lines, "".join(ann.errors + bob.errors)[-4000:])
+    assert bob.lines == (["ann: " + message("ann", i) for i in range(10)]
+                         + ["cyd: " + message("cyd", i) for i in range(2)]
+                         + ["ann: " + message("ann", i) for i in range(10, 20)]), report
+    assert ann.lines == ["cyd: " + message("cyd", i) for i in range(2)], report
+    assert arrived and codes == [0, 0], report
 
 
 def test_database_pool_stops_with_its_reactor():

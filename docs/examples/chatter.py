@@ -42,8 +42,10 @@ The data structure (see :class:`ChatSession`):
   gives its pool a single worker thread, so all its transactions use one
   ZODB connection and one cursor.  The session object is never modified
   after it is created, so other participants' commits do not invalidate it
-  and its cursor survives (a reconnection to the server, which drops the
-  whole cache, would show the history again).
+  and its cursor survives.  When the client must drop its whole cache (a
+  reconnection after which it cannot tell what changed), ZODB drops every
+  object's state, ``_v_`` attributes included: for that case the program
+  keeps a copy of the cursor (see ``new_messages``).
 
 Pickling: objects are stored under their class's module name.  Run as a
 script, this file is the module ``__main__``, so the script imports its
@@ -59,6 +61,10 @@ import time
 
 import BTrees.OOBTree
 from persistent import Persistent
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.protocols.basic import LineReceiver
+from zope.interface import implementer
 
 #: new_messages() looks back this many seconds before the newest message it
 #: returned, for messages that commit late.  A message stamped earlier than
@@ -91,7 +97,7 @@ class ChatSession(Persistent):
         self._messages[now, author] = message
         return now, author
 
-    def new_messages(self):
+    def new_messages(self, backup=None):
         """The messages not returned yet through this connection, as
         ``(time, author, message)`` tuples in time order.
 
@@ -99,12 +105,18 @@ class ChatSession(Persistent):
         final) and ``_v_seen`` (the keys returned since): a message that
         commits late, after a later-stamped one was returned, is still
         returned, once.
+
+        ``_v_`` attributes go when ZODB turns the object into a ghost (as it
+        does to every object when the client drops its whole cache).  A
+        caller that must not see the history again then passes ``backup``,
+        a dict of its own that keeps a copy of the cursor.
         """
         messages = self._messages             # also loads a ghost before _v_ reads
         try:
             seen, horizon = self._v_seen, self._v_horizon
         except AttributeError:
-            seen, horizon = set(), -math.inf
+            backup = {} if backup is None else backup
+            seen, horizon = backup.get("seen", set()), backup.get("horizon", -math.inf)
         new = []
         for key, message in messages.items(min=(horizon,)):
             if key not in seen:
@@ -114,6 +126,8 @@ class ChatSession(Persistent):
             horizon = max(horizon, max(t for t, _, _ in new) - LATE)
             seen = {key for key in seen if key[0] >= horizon}
         self._v_seen, self._v_horizon = seen, horizon
+        if backup is not None:
+            backup.update(seen=seen, horizon=horizon)
         return new
 
 
@@ -135,8 +149,8 @@ def post(root, channel, text, author, tried):
     return key
 
 
-def read_new(root, channel):
-    return root[ROOT_KEY][channel].new_messages()
+def read_new(root, channel, backup):
+    return root[ROOT_KEY][channel].new_messages(backup)
 
 
 # -- the Twisted side -------------------------------------------------------------
@@ -148,7 +162,6 @@ class Chat:
     """
 
     def __init__(self, client, pool, channel, name, show):
-        from twisted.internet.defer import Deferred
         self.client = client
         self.pool = pool
         self.channel = channel
@@ -157,6 +170,7 @@ class Chat:
         self.failures = 0
         self.done = Deferred()        # fires once input ended and all is shown
         self._mine = set()            # keys of own messages not read back yet
+        self._cursor = {}             # the worker's copy of the _v_ cursor
         self._outbox = []             # lines waiting to be posted, in order
         self._posting = False
         self._reading = False
@@ -171,7 +185,10 @@ class Chat:
         self._read()
 
     def _committed(self, event):
-        if not event.local:           # another process committed: look at it
+        # Another process committed something, or, after a reconnection,
+        # commits were made while this client was away (event.reset: it had
+        # to drop its cache).  Look at the channel.
+        if not event.local:
             self._read()
 
     # -- posting: one transaction per line, one at a time, in input order
@@ -194,10 +211,12 @@ class Chat:
             self._mine.add(key)       # that is not marked as own yet
 
         def posted(key):
-            for key in attempts[:-1]:     # attempts that did not commit
-                self._mine.discard(key)
+            for other in attempts[:-1]:   # attempts that did not commit
+                self._mine.discard(other)
 
         def failed(failure):
+            for other in attempts:
+                self._mine.discard(other)
             self.failures += 1
             self._error("could not post %r: %s" % (text, failure.getErrorMessage()))
 
@@ -214,7 +233,7 @@ class Chat:
             self._read_again = True   # it may have started before this commit
             return
         self._reading = True
-        d = self.pool.run_read_only(read_new, self.channel)
+        d = self.pool.run_read_only(read_new, self.channel, self._cursor)
         d.addCallbacks(self._show, self._read_failed).addBoth(self._read_done)
 
     def _show(self, messages):
@@ -257,41 +276,35 @@ class Chat:
         sys.stderr.flush()
 
 
-def _terminal_protocol(chat):
-    """A LineReceiver on stdin/stdout for ``chat`` (built here so that the
-    module imports without Twisted's protocols when used as a library)."""
-    from twisted.internet.defer import Deferred
-    from twisted.internet.interfaces import IHalfCloseableProtocol
-    from twisted.protocols.basic import LineReceiver
-    from zope.interface import implementer
+@implementer(IHalfCloseableProtocol)
+class Terminal(LineReceiver):
+    """Standard input and output of a :class:`Chat`: a line in is a post,
+    a line out is a message.  ``closed`` fires once output is flushed."""
 
-    @implementer(IHalfCloseableProtocol)
-    class Terminal(LineReceiver):
-        delimiter = b"\n"
-        MAX_LENGTH = 64 * 1024
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024
 
-        def __init__(self):
-            self.closed = Deferred()
+    def __init__(self, chat):
+        self.chat = chat
+        self.closed = Deferred()
 
-        def lineReceived(self, line):
-            text = line.decode("utf-8", "replace").rstrip("\r")
-            if text:
-                chat.say(text)
+    def lineReceived(self, line):
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            self.chat.say(text)
 
-        def readConnectionLost(self):      # end of input
-            if self._buffer:               # a last line without a newline
-                self.lineReceived(self._buffer)
-                self._buffer = b""
-            chat.end_of_input()
+    def readConnectionLost(self):          # end of input
+        if self._buffer:                   # a last line without a newline
+            self.lineReceived(self._buffer)
+            self._buffer = b""
+        self.chat.end_of_input()
 
-        def writeConnectionLost(self):     # nobody reads our output any more
-            chat.end_of_input()
+    def writeConnectionLost(self):         # nobody reads our output any more
+        self.chat.end_of_input()
 
-        def connectionLost(self, reason):
-            chat.end_of_input()
-            self.closed.callback(None)
-
-    return Terminal()
+    def connectionLost(self, reason):
+        self.chat.end_of_input()
+        self.closed.callback(None)
 
 
 def parse_args(argv):
@@ -335,7 +348,6 @@ async def run(reactor, args):
     Stopping the reactor (Ctrl-C, SIGTERM) ends the input too: the reactor's
     shutdown waits until what was typed is posted and everything is closed.
     """
-    from twisted.internet.defer import Deferred
     from twisted.internet.stdio import StandardIO
     from twisted.internet.threads import deferToThread
     import zeotwist
@@ -366,7 +378,7 @@ async def run(reactor, args):
             terminal = None
             chat = Chat(client, pool, args.channel, args.name,
                         lambda line: terminal.sendLine(line.encode("utf-8")))
-            terminal = _terminal_protocol(chat)
+            terminal = Terminal(chat)
             StandardIO(terminal, reactor=reactor)
             chat.start()
             if args.verbose or sys.stdin.isatty():
