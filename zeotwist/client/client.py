@@ -412,12 +412,30 @@ class Client:
         worker thread; use the DB from worker threads too (for example with
         :class:`~zeotwist.client.interaction.DatabasePool`).
         """
+        import time
+
         import ZODB
         from twisted.internet.threads import deferToThreadPool
         from zeotwist.client.storage import ClientStorage
         storage = ClientStorage.from_client(self)
+
+        def build():
+            # Processes opening an empty database together race to create
+            # its root: the losers get a conflict and simply try again.
+            for attempt in range(10):
+                try:
+                    return ZODB.DB(storage, **kw)
+                except ConflictError:
+                    if attempt == 9:
+                        raise
+                    time.sleep(0.02 * (attempt + 1))     # backoff, in a worker thread
+
+        def failed(failure):
+            storage.close()
+            return failure
+
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                 ZODB.DB, storage, **kw)
+                                 build).addErrback(failed)
 
     # -- storage API: history, undo log, pack, iteration, prefetch ---------------
     def history(self, oid: bytes, size: int = 1) -> Deferred:
