@@ -442,6 +442,25 @@ def test_read_only_clients_cannot_pack_or_undo(server, make_client):
     assert len(writer.history(oid, 10)) == 3   # nothing was packed or undone
 
 
+def test_server_may_allow_read_only_clients_to_pack(tmp_path):
+    running = start_server(str(tmp_path / "data.fs"), allow_read_only_pack=True)
+    try:
+        writer = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10)
+        reader = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10,
+                               read_only=True)
+        try:
+            oid, revs = _three_revisions(writer)
+            while time.time() <= _tid_time(revs[-1]):
+                time.sleep(0.01)
+            reader.pack()
+            assert len(writer.history(oid, 10)) == 1
+        finally:
+            writer.close()
+            reader.close()
+    finally:
+        running.stop()
+
+
 # -- undo, restore, deleteObject ----------------------------------------------------------
 
 def test_undo_invalidates_other_clients(server, make_client):
@@ -632,6 +651,16 @@ def test_box_list_round_trip_and_malformed_input():
             split_boxes(bad)
     with pytest.raises(RemoteProtocolError):
         arg.fromBox(b"items", {b"items": b"\x00\x03tid\x00\x01x\x00\x00"}, {}, None)
+
+
+def test_allow_read_only_pack_command_line(tmp_path):
+    from zeotwist.server.tap import Options, makeService
+    flag = Options()
+    flag.parseOptions(["-f", str(tmp_path / "a.fs"), "--allow-read-only-pack"])
+    assert makeService(flag).allow_read_only_pack is True
+    default = Options()
+    default.parseOptions(["-f", str(tmp_path / "a.fs")])
+    assert makeService(default).allow_read_only_pack is False
 
 
 def test_pack_without_waiting(server, make_client):

@@ -28,6 +28,7 @@ class Options(usage.Options):
                 "tcp:8100 on the loopback interface unless --listen is given.")
     optFlags = [
         ["read-only", "r", "Serve the storage read-only."],
+        ["allow-read-only-pack", None, "Let read-only client connections pack the storage."],
     ]
     optParameters = [
         ["filename", "f", "data.fs", "The FileStorage file to serve (created if missing)."],
@@ -80,7 +81,7 @@ class ServerService(service.Service):
                  address_file: str | None = None, reactor=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  stop_reactor_on_failure: bool = False, conflict_classes=(),
-                 blob_dir: str | None = None):
+                 blob_dir: str | None = None, allow_read_only_pack: bool = False):
         self.filename = filename
         self.blob_dir = blob_dir
         self.listen = list(listen)
@@ -92,6 +93,8 @@ class ServerService(service.Service):
         self.address_file = address_file
         self.invalidation_queue_size = invalidation_queue_size
         self.conflict_classes = tuple(conflict_classes)
+        #: read-only connections may pack (storageapi's Pack)
+        self.allow_read_only_pack = allow_read_only_pack
         self._reactor = reactor
         #: True when this service *is* the process (twistd): a server that
         #: cannot listen then stops the reactor instead of idling.
@@ -119,6 +122,7 @@ class ServerService(service.Service):
             max_transaction_bytes=self.max_transaction_bytes,
             invalidation_queue_size=self.invalidation_queue_size,
             conflict_classes=self.conflict_classes)
+        server.allow_read_only_pack = self.allow_read_only_pack
         self.servers[self.storage_name] = server
         factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
@@ -179,4 +183,5 @@ def makeService(options: Options) -> ServerService:
         max_transaction_bytes=options["max-transaction-size"],
         address_file=options["address-file"], stop_reactor_on_failure=True,
         invalidation_queue_size=options["invalidation-queue-size"],
-        conflict_classes=options["conflict-classes"], blob_dir=options["blob-dir"])
+        conflict_classes=options["conflict-classes"], blob_dir=options["blob-dir"],
+        allow_read_only_pack=bool(options["allow-read-only-pack"]))
