@@ -16,6 +16,7 @@ hold stale objects.
 Runs on the reactor thread, except :meth:`ClientTransaction.store` and
 ``check_current_serial``, which the committing thread may call.
 """
+import random
 from collections import deque
 from threading import RLock
 
@@ -106,7 +107,10 @@ class Client:
         self._reset_listeners: list = []
         self._service = ClientService(
             endpoint, ClientFactory(self),
-            retryPolicy=retry_policy or backoffPolicy(initialDelay=0.05, maxDelay=5.0),
+            # capped exponential backoff; up to 0.25 s of jitter spreads out
+            # many clients reconnecting to a restarted server
+            retryPolicy=retry_policy or backoffPolicy(
+                initialDelay=0.05, maxDelay=5.0, jitter=lambda: random.random() * 0.25),
             clock=reactor, prepareConnection=self._register)
 
     # -- connection ------------------------------------------------------------
@@ -736,7 +740,7 @@ class ClientTransaction:
         if self._failed is not None:
             return fail(self._failed)
         if self._blob_uploads is None:
-            self._blob_uploads = BlobUploads()
+            self._blob_uploads = BlobUploads(self._client.reactor)
         d = self._blob_uploads.add(self._proto, number, path)
         return d.addErrback(self._blob_failed)
 
