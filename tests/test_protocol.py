@@ -265,3 +265,42 @@ def test_transaction_cap(tmp_path):
         assert server.lock.holder is None
     finally:
         server.close()
+
+
+def test_client_stopped_before_vote_delays_nobody(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, _ = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+    oids = call(a, pa, C.NewOids, count=2)["oids"]
+    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    a.send(C.StoreData, data=encode_store(oids[0], z64, b"a"))
+    pa.flush()                   # a stops here: stores sent, never votes
+    _, tid = commit(b, pb, [encode_store(oids[1], z64, b"b")])
+    assert tid is not None and servers["1"].lock.holder is None
+
+
+def test_waiters_are_served_in_arrival_order(world):
+    clock, servers = world
+    clients = [connect_in_memory(servers, clock) for _ in range(4)]
+    for c, _, p, _ in clients:
+        register(c, p)
+    oids = call(clients[0][0], clients[0][2], C.NewOids, count=4)["oids"]
+    for (c, _, p, _), oid in zip(clients, oids):
+        c.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        c.send(C.StoreData, data=encode_store(oid, z64, b"x"))
+    order = []
+    first, _, p0, _ = clients[0]
+    call(first, p0, C.Vote)                                    # holds the lock
+    for name, (c, _, p, _) in zip("bcd", clients[1:]):
+        c.call(C.Vote).addCallback(lambda _, n=name: order.append(n))
+        p.flush()
+    assert order == [] and servers["1"].lock.waiting() == 3
+    call(first, p0, C.Finish)
+    for name, (c, _, p, _) in zip("bcd", clients[1:]):
+        for _, _, q, _ in clients:
+            q.flush()
+        assert order[-1] == name                               # the next in line voted
+        call(c, p, C.Finish)
+    assert order == ["b", "c", "d"]
