@@ -8,6 +8,6 @@ from twisted.application.service import ServiceMaker
 zeotwist = ServiceMaker(
     "zeotwist",
     "zeotwist.server.tap",
-    "Serve a ZODB FileStorage to zeotwist clients over AMP",
+    "Serve ZODB storages (a FileStorage, or those of a -C file) to zeotwist clients over AMP",
     "zeotwist",
 )

@@ -67,7 +67,7 @@ class StorageServer:
         self.start_time = time.time()
         self._worker = None
         if run_storage_call is None:
-            self._worker = StorageWorker(reactor, "zeotwist-storage-%s" % name)
+            self._worker = StorageWorker(reactor, "zeotwist-storage-%s" % self.name)
             run_storage_call = self._worker.call
         #: ``call(f, *args) -> Deferred``, run in order in the storage's own
         #: thread; tests inject a synchronous one.

@@ -1,18 +1,34 @@
-"""The twistd glue: ``twistd -n zeotwist -f data.fs --listen tcp:8100``.
+"""The twistd glue: ``twistd -n zeotwist -f data.fs --listen tcp:8100``, or
+``twistd -n zeotwist -C server.conf`` for several storages.
 
-:class:`Options` parses the command line; :func:`makeService` builds a
-:class:`ServerService`, which opens the FileStorage when it starts, listens
-on every endpoint given, and on stop drops its clients and closes the
-storage.  Runs on the reactor thread.
+:class:`Options` parses the command line and, with ``-C``/``--config``, the
+server configuration file (:mod:`zeotwist.server.config`); the command line
+overrides the file.  :func:`makeService` builds a :class:`ServerService`,
+which opens every storage (each with its own :class:`StorageServer`: commit
+lock, worker thread, invalidations) when it starts, listens on every
+endpoint given, and on stop drops its clients and closes the storages.  A
+storage that cannot be opened stops the server with
+:class:`StorageOpenError`.  Runs on the reactor thread.
+
+Precedence, for every option: the command line, then the ``<zeotwist>``
+section of the file, then the built-in default.  ``--listen`` on the command
+line replaces all of the file's ``listen``/``address`` keys; ``-r`` can only
+switch read-only on.  ``-f FILE`` adds a FileStorage named by ``-s``
+(default ``"1"``) to the file's storages; without ``-C`` it is the only one
+(``data.fs`` when ``-f`` is not given either).
 """
 import os
 
+import ZConfig.datatypes
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
+from zeotwist.errors import ZeotwistError
+from zeotwist.server.config import (
+    DEFAULT_STORAGE_NAME, ConfigError, describe, read_config)
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.storageserver import (
     DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_TRANSACTION_TIMEOUT, StorageServer)
@@ -20,29 +36,79 @@ from zeotwist.server.storageserver import (
 _log = Logger()
 
 DEFAULT_LISTEN = "tcp:8100:interface=127.0.0.1"
+DEFAULT_FILENAME = "data.fs"
+
+#: The built-in defaults of the server options (ServerService keyword names).
+DEFAULTS = dict(
+    read_only=False,
+    transaction_timeout=DEFAULT_TRANSACTION_TIMEOUT,
+    handshake_timeout=5.0,
+    max_transaction_bytes=2**31,
+    invalidation_queue_size=DEFAULT_INVALIDATION_QUEUE_SIZE,
+    address_file=None,
+    allow_read_only_pack=False,
+)
+
+#: command-line option -> ServerService keyword (the options a file can also set)
+_CLI = {
+    "transaction-timeout": "transaction_timeout",
+    "handshake-timeout": "handshake_timeout",
+    "max-transaction-size": "max_transaction_bytes",
+    "invalidation-queue-size": "invalidation_queue_size",
+    "address-file": "address_file",
+}
+
+
+class StorageOpenError(ZeotwistError):
+    """A storage the server was told to serve cannot be opened; the server
+    does not start.  ``str()`` names the storage and the cause."""
+
+    def __init__(self, name, what, cause):
+        self.storage_name, self.what, self.cause = name, what, cause
+        super().__init__("cannot open storage %r (%s): %s: %s"
+                         % (name, what, type(cause).__name__, cause))
+
+
+def _byte_size(value):
+    return ZConfig.datatypes.Registry().get("byte-size")(value)
+
+
+_byte_size.coerceDoc = "Bytes; KB, MB and GB suffixes allowed."
 
 
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = ("Serve a ZODB FileStorage to zeotwist clients. Listens on "
-                "tcp:8100 on the loopback interface unless --listen is given.")
+    longdesc = ("Serve ZODB storages to zeotwist clients: one FileStorage (-f), or the "
+                "storages of a configuration file (-C, like ZEO's zeo.conf). Listens on "
+                "tcp:8100 on the loopback interface unless --listen (or the file) says "
+                "otherwise. Command-line options override the configuration file.")
     optFlags = [
-        ["read-only", "r", "Serve the storage read-only."],
-        ["allow-read-only-pack", None, "Let read-only client connections pack the storage."],
+        ["read-only", "r", "Serve the storages read-only."],
+        ["allow-read-only-pack", None, "Let read-only client connections pack the storages."],
     ]
     optParameters = [
-        ["filename", "f", "data.fs", "The FileStorage file to serve (created if missing)."],
-        ["storage", "s", "1", "The name clients use for the storage."],
-        ["transaction-timeout", None, DEFAULT_TRANSACTION_TIMEOUT,
+        ["config", "C", None,
+         "A server configuration file: a <zeotwist> section with the server options "
+         "and storage sections (<filestorage NAME>, ...; see docs/config.md)."],
+        ["filename", "f", None,
+         "A FileStorage file to serve (created if missing) "
+         "[default: %s, unless -C is given]." % DEFAULT_FILENAME],
+        ["storage", "s", None,
+         "The name clients use for the -f storage [default: %s]." % DEFAULT_STORAGE_NAME],
+        ["transaction-timeout", None, None,
          "Seconds a transaction may hold the commit lock before its client "
-         "is disconnected (0 = no limit).", float],
-        ["handshake-timeout", None, 5.0,
-         "Seconds a new connection has to register before it is closed.", float],
-        ["max-transaction-size", None, 2**31,
-         "Bytes one transaction may send before it is refused.", int],
-        ["invalidation-queue-size", None, DEFAULT_INVALIDATION_QUEUE_SIZE,
+         "is disconnected (0 = no limit) [default: %g]."
+         % DEFAULTS["transaction_timeout"], float],
+        ["handshake-timeout", None, None,
+         "Seconds a new connection has to register before it is closed "
+         "[default: %g]." % DEFAULTS["handshake_timeout"], float],
+        ["max-transaction-size", None, None,
+         "Bytes one transaction may send before it is refused [default: 2GB]",
+         _byte_size],
+        ["invalidation-queue-size", None, None,
          "How many recent transactions the server remembers, so reconnecting "
-         "clients can verify their caches instead of dropping them.", int],
+         "clients can verify their caches instead of dropping them "
+         "[default: %d]." % DEFAULTS["invalidation_queue_size"], int],
         ["blob-dir", None, None,
          "The blob directory of the -f storage (blobs are off without it)."],
         ["address-file", None, None,
@@ -53,6 +119,9 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["conflict-classes"] = []
+        #: after parsing: storage name -> opener, and ServerService keywords
+        self.storages: dict = {}
+        self.settings: dict = {}
 
     def opt_allow_conflict_class(self, pattern):
         """A class (dotted name, * wildcards) whose _p_resolveConflict the
@@ -66,15 +135,98 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_configure(self, path):
+        """Same as --config (runzeo's spelling)."""
+        self["config"] = path
+
     def postOptions(self):
-        if not self["listen"]:
-            self["listen"] = [DEFAULT_LISTEN]
+        settings = dict(DEFAULTS)
+        storages = {}
+        path = self["config"]
+        if path:
+            try:
+                conf = read_config(path)
+            except ConfigError as e:
+                raise usage.UsageError("cannot use configuration file %s: %s" % (path, e))
+            settings.update(conf.settings)
+            storages.update(conf.storages)
+        for option, kw in _CLI.items():
+            if self[option] is not None:
+                settings[kw] = self[option]
+        if self["read-only"]:
+            settings["read_only"] = True
+        if self["allow-read-only-pack"]:
+            settings["allow_read_only_pack"] = True
+        settings["listen"] = list(self["listen"] or settings.get("listen") or [DEFAULT_LISTEN])
+        settings["conflict_classes"] = list(self["conflict-classes"])
+        if self["filename"] or not path:
+            name = self["storage"] or DEFAULT_STORAGE_NAME
+            if name in storages:
+                raise usage.UsageError(
+                    "-f: the configuration file already has a storage named %r; "
+                    "name the -f storage with -s" % name)
+            storages[name] = FileStorageFile(self["filename"] or DEFAULT_FILENAME,
+                                             read_only=settings["read_only"],
+                                             blob_dir=self["blob-dir"])
+        elif self["blob-dir"]:
+            raise usage.UsageError("--blob-dir is the -f storage's blob directory; give -f "
+                                   "too (with -C, set blob-dir in the storage section)")
+        elif self["storage"]:
+            raise usage.UsageError("-s/--storage names the -f storage; give -f too "
+                                   "(with -C, name storages by their section names)")
+        if not storages:
+            raise usage.UsageError("no storages to serve: %s has no storage sections "
+                                   "and no -f was given" % path)
+        self["listen"] = settings["listen"]
+        self.settings, self.storages = settings, storages
+
+
+class FileStorageFile:
+    """Opens a FileStorage at ``path`` (created if missing, unless read-only)."""
+
+    def __init__(self, path: str, read_only: bool = False, **options):
+        self.path = path
+        self.read_only = read_only
+        self.options = options
+
+    def open(self):
+        from ZODB.FileStorage import FileStorage
+        create = not os.path.exists(self.path) and not self.read_only
+        return FileStorage(self.path, read_only=self.read_only, create=create, **self.options)
+
+    def describe(self) -> str:
+        return "FileStorage %s" % self.path
+
+    def __repr__(self):
+        return "<FileStorageFile %s>" % self.path
+
+
+def open_storage(opener):
+    """A storage from a :meth:`ServerService.from_storages` value: a storage
+    as is, a ZODB storage section (or anything with ``open()``) opened, or a
+    callable called."""
+    if hasattr(opener, "loadBefore"):
+        return opener
+    if hasattr(opener, "open"):
+        return opener.open()
+    if callable(opener):
+        return opener()
+    raise TypeError("cannot make a storage of %r" % (opener,))
 
 
 class ServerService(service.Service):
-    """Opens the storage, serves it on every endpoint, closes it on stop."""
+    """Opens the storages, serves them on every endpoint, closes them on stop.
 
-    def __init__(self, filename: str, listen=(DEFAULT_LISTEN,), *, name: str = "1",
+    ``ServerService(filename, listen, name="1", ...)`` serves one
+    FileStorage; :meth:`from_storages` serves several, :meth:`from_config`
+    the storages of a configuration file.  The storages are opened by
+    :meth:`open_storages`: in ``privilegedStartService`` under twistd (so a
+    storage that cannot be opened stops twistd before its reactor runs), or
+    else in ``startService``.
+    """
+
+    def __init__(self, filename: str | None = None, listen=(DEFAULT_LISTEN,), *,
+                 name: str = DEFAULT_STORAGE_NAME, storages: dict | None = None,
                  read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  handshake_timeout: float = 5.0, max_transaction_bytes: int = 2**31,
@@ -82,10 +234,24 @@ class ServerService(service.Service):
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  stop_reactor_on_failure: bool = False, conflict_classes=(),
                  blob_dir: str | None = None, allow_read_only_pack: bool = False):
+        if storages is None:
+            if filename is None:
+                raise TypeError("ServerService needs a filename or storages")
+            storages = {name: FileStorageFile(filename, read_only=read_only,
+                                              blob_dir=blob_dir)}
+        elif filename is not None:
+            raise TypeError("ServerService takes a filename or storages, not both")
+        elif blob_dir is not None:
+            raise TypeError("blob_dir is the filename storage's; with storages, give "
+                            "each storage its own blob directory")
+        if not storages:
+            raise ValueError("ServerService needs at least one storage")
+        #: storage name -> what opens it (see :func:`open_storage`)
+        self.storages = dict(storages)
         self.filename = filename
         self.blob_dir = blob_dir
+        self.storage_name = next(iter(self.storages))
         self.listen = list(listen)
-        self.storage_name = name
         self.read_only = read_only
         self.transaction_timeout = transaction_timeout or None
         self.handshake_timeout = handshake_timeout
@@ -99,9 +265,28 @@ class ServerService(service.Service):
         #: True when this service *is* the process (twistd): a server that
         #: cannot listen then stops the reactor instead of idling.
         self.stop_reactor_on_failure = stop_reactor_on_failure
+        #: storage name -> StorageServer, once opened; the sessions look
+        #: storages up in this very dict
         self.servers: dict = {}
         self.ports: list = []
         self.listening = defer.Deferred()
+
+    @classmethod
+    def from_storages(cls, storages: dict, listen=(DEFAULT_LISTEN,), **options):
+        """Serve ``{name: storage, section or factory}`` (see :func:`open_storage`)."""
+        return cls(None, listen, storages=storages, **options)
+
+    @classmethod
+    def from_config(cls, path: str, **options):
+        """Serve the storages of configuration file ``path``; keyword
+        ``options`` (ServerService's) override the file's settings."""
+        conf = read_config(path)
+        if not conf.storages:
+            raise ConfigError("%s has no storage sections" % path)
+        settings = dict(DEFAULTS, listen=[DEFAULT_LISTEN])
+        settings.update(conf.settings)
+        settings.update(options)
+        return cls.from_storages(conf.storages, **settings)
 
     @property
     def reactor(self):
@@ -110,20 +295,53 @@ class ServerService(service.Service):
             self._reactor = reactor
         return self._reactor
 
+    def open_storages(self) -> None:
+        """Open every storage and give each its StorageServer (idempotent).
+
+        If one cannot be opened, those already open are closed again, the
+        cause is logged and :class:`StorageOpenError` raised.
+        """
+        if self.servers:
+            return
+        opened = {}
+        try:
+            for name, opener in self.storages.items():
+                opened[name] = self._open_one(name, opener)
+        except StorageOpenError as e:
+            for server in opened.values():
+                server.close()
+            _log.critical("zeotwist {err}; not starting", err=e)
+            raise
+        self.servers.update(opened)
+
+    def _open_one(self, name, opener):
+        what = describe(opener)
+        storage = None
+        try:
+            storage = open_storage(opener)
+            server = StorageServer(
+                storage, name, reactor=self.reactor, read_only=self.read_only,
+                transaction_timeout=self.transaction_timeout,
+                max_transaction_bytes=self.max_transaction_bytes,
+                invalidation_queue_size=self.invalidation_queue_size,
+                conflict_classes=self.conflict_classes)
+            server.allow_read_only_pack = self.allow_read_only_pack
+            return server
+        except Exception as e:
+            if storage is not None and storage is not opener:
+                try:
+                    storage.close()
+                except Exception:
+                    pass
+            raise StorageOpenError(name, what, e) from e
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self.open_storages()
+
     def startService(self):
-        from ZODB.FileStorage import FileStorage
+        self.open_storages()
         super().startService()
-        storage = FileStorage(self.filename, read_only=self.read_only,
-                              create=not os.path.exists(self.filename) and not self.read_only,
-                              blob_dir=self.blob_dir)
-        server = StorageServer(
-            storage, self.storage_name, reactor=self.reactor, read_only=self.read_only,
-            transaction_timeout=self.transaction_timeout,
-            max_transaction_bytes=self.max_transaction_bytes,
-            invalidation_queue_size=self.invalidation_queue_size,
-            conflict_classes=self.conflict_classes)
-        server.allow_read_only_pack = self.allow_read_only_pack
-        self.servers[self.storage_name] = server
         factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
         d = defer.gatherResults(ds, consumeErrors=True)
@@ -132,9 +350,10 @@ class ServerService(service.Service):
     def _listening(self, ports):
         self.ports = ports
         addresses = [format_address(p.getHost()) for p in ports]
-        for a in addresses:
-            _log.info("zeotwist serving {file} as storage {name!r} on {address}",
-                      file=self.filename, name=self.storage_name, address=a)
+        for name, server in self.servers.items():
+            for a in addresses:
+                _log.info("zeotwist serving {file} as storage {name!r} on {address}",
+                          file=server.storage.getName(), name=name, address=a)
         if self.address_file:
             tmp = self.address_file + ".tmp"
             with open(tmp, "w") as f:
@@ -175,13 +394,5 @@ def format_address(host) -> str:
 
 
 def makeService(options: Options) -> ServerService:
-    return ServerService(
-        options["filename"], options["listen"], name=options["storage"],
-        read_only=bool(options["read-only"]),
-        transaction_timeout=options["transaction-timeout"],
-        handshake_timeout=options["handshake-timeout"],
-        max_transaction_bytes=options["max-transaction-size"],
-        address_file=options["address-file"], stop_reactor_on_failure=True,
-        invalidation_queue_size=options["invalidation-queue-size"],
-        conflict_classes=options["conflict-classes"], blob_dir=options["blob-dir"],
-        allow_read_only_pack=bool(options["allow-read-only-pack"]))
+    return ServerService.from_storages(options.storages, stop_reactor_on_failure=True,
+                                       **options.settings)

@@ -1,0 +1,192 @@
+"""The server's configuration file: ``twistd -n zeotwist -C server.conf``.
+
+The file is ZConfig text checked against ``zeotwist/server/schema.xml``
+(shipped with the package), in the spirit of ZEO's ``zeo.conf``::
+
+    <zeotwist>
+      listen tcp:8100:interface=127.0.0.1
+      listen unix:/var/run/zeotwist.sock
+      transaction-timeout 30
+    </zeotwist>
+
+    <filestorage main>
+      path /var/db/main.fs
+    </filestorage>
+
+    %import mypackage
+    <mystorage catalog>
+      ...
+    </mystorage>
+
+:func:`read_config` parses such a file into a :class:`ServerConfig`: the
+server options that the file sets (as :class:`~zeotwist.server.tap.ServerService`
+keyword arguments) and the storage sections by name, still unopened.  How
+the file and the command line combine is :mod:`zeotwist.server.tap`'s
+business (the command line wins).
+
+Parsing does no I/O beyond reading the file (and the imported packages'
+``component.xml``); storages are opened when the server starts.
+"""
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+import ZConfig
+from ZConfig.datatypes import SocketBindingAddress
+from twisted.internet.endpoints import serverFromString
+
+SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.xml")
+
+#: The storage name of an unnamed storage section (and of ``-f``'s default).
+DEFAULT_STORAGE_NAME = "1"
+
+#: <zeotwist> key (as ZConfig's attribute) -> ServerService keyword argument
+_KEYS = {
+    "read_only": "read_only",
+    "transaction_timeout": "transaction_timeout",
+    "handshake_timeout": "handshake_timeout",
+    "invalidation_queue_size": "invalidation_queue_size",
+    "max_transaction_size": "max_transaction_bytes",
+    "address_file": "address_file",
+    "allow_read_only_pack": "allow_read_only_pack",
+}
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be read or makes no sense."""
+
+
+class _NoReactor:
+    """Stands in for a reactor while an endpoint string is only parsed."""
+
+
+def listen_endpoint(value: str) -> str:
+    """The ``listen`` key: a Twisted server endpoint string, checked to parse."""
+    value = value.strip()
+    try:
+        serverFromString(_NoReactor(), value)
+    except Exception as e:    # whatever the endpoint parser objects to
+        raise ValueError("cannot listen on %r: %s: %s" % (value, type(e).__name__, e)) from None
+    return value
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def zeo_address(value: str) -> str:
+    """The ``address`` key: ZEO's PORT, HOST:PORT or PATH, as an endpoint string."""
+    addr = SocketBindingAddress(value.strip())
+    if addr.family == getattr(socket, "AF_UNIX", None):
+        return "unix:" + _escape(addr.address)
+    host, port = addr.address
+    if not host:
+        return "tcp:%d" % port
+    kind = "tcp6" if addr.family == socket.AF_INET6 else "tcp"
+    return "%s:%d:interface=%s" % (kind, port, _escape(host))
+
+
+_schema = None
+
+
+def load_schema():
+    """The server schema (parsed once per process)."""
+    global _schema
+    if _schema is None:
+        _schema = ZConfig.loadSchema(SCHEMA)
+    return _schema
+
+
+@dataclass
+class ServerConfig:
+    """What a configuration file says.
+
+    ``settings`` holds only the options the file gives, as ServerService
+    keyword arguments (``listen`` is the list of endpoint strings, when the
+    file names any); ``storages`` maps storage names to ZODB's storage
+    section objects (``.open()`` opens one), in the file's order.
+    """
+    path: str
+    settings: dict = field(default_factory=dict)
+    storages: dict = field(default_factory=dict)
+
+
+def read_config(path: str) -> ServerConfig:
+    """Parse the server configuration file (or URL) ``path``.
+
+    Raises :class:`ConfigError` with ZConfig's message (which names the
+    line) for syntax errors, unknown section types or keys, failed
+    ``%import`` and bad values, and for storage names that collide.
+    """
+    try:
+        conf, _ = ZConfig.loadConfig(load_schema(), path)
+    except ZConfig.ConfigurationError as e:
+        where = _enclosing_section(getattr(e, "url", None), getattr(e, "lineno", None))
+        raise ConfigError("%s%s" % ("in %s: " % where if where else "", e)) from None
+    except OSError as e:
+        raise ConfigError("%s: %s" % (type(e).__name__, e)) from None
+    result = ServerConfig(path)
+    section = conf.server
+    if section is not None:
+        for key, kw in _KEYS.items():
+            value = getattr(section, key)
+            if value is not None:
+                result.settings[kw] = value
+        listen = list(section.listen) + list(section.address)
+        if listen:
+            result.settings["listen"] = listen
+    unnamed = [s for s in conf.storages if s.name is None]
+    if len(unnamed) > 1:
+        raise ConfigError("at most one storage section may be unnamed (it is storage %r)"
+                          % DEFAULT_STORAGE_NAME)
+    for s in conf.storages:
+        name = DEFAULT_STORAGE_NAME if s.name is None else s.name
+        if name in result.storages:
+            raise ConfigError("two storages named %r (an unnamed section is storage %r)"
+                              % (name, DEFAULT_STORAGE_NAME))
+        result.storages[name] = s
+    return result
+
+
+_OPEN = re.compile(r"\s*<\s*([^/\s>][^\s>]*)(?:\s+([^>]*?))?\s*(/?)>")
+_CLOSE = re.compile(r"\s*</")
+
+
+def _enclosing_section(url, lineno):
+    """The ``<type name>`` that line ``lineno`` of file ``url`` is in, or None.
+
+    Only for messages: ZConfig's errors give a line, the reader wants to
+    know which storage it belongs to.
+    """
+    if not url or not lineno or not url.startswith("file:"):
+        return None
+    from urllib.parse import unquote, urlparse
+    try:
+        with open(unquote(urlparse(url).path), errors="replace") as f:
+            lines = f.read().splitlines()[:lineno - 1]
+    except OSError:
+        return None
+    stack = []
+    for line in lines:
+        if _CLOSE.match(line):
+            if stack:
+                stack.pop()
+            continue
+        m = _OPEN.match(line)
+        if m and not m.group(3):
+            stack.append(m.group(1) + (" " + m.group(2) if m.group(2) else ""))
+    return "<%s>" % stack[-1] if stack else None
+
+
+def describe(opener) -> str:
+    """A short text for logs: a section's type and path, or the opener's repr."""
+    config = getattr(opener, "config", None)
+    if config is not None and hasattr(config, "getSectionType"):
+        path = getattr(config, "path", None)
+        kind = config.getSectionType()
+        return "<%s> %s" % (kind, path) if path else "<%s>" % kind
+    describe_self = getattr(opener, "describe", None)
+    if describe_self is not None:
+        return describe_self()
+    return repr(opener)
