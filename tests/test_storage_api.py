@@ -663,6 +663,16 @@ def test_allow_read_only_pack_command_line(tmp_path):
     assert makeService(default).allow_read_only_pack is False
 
 
+def test_allow_read_only_pack_config_key(tmp_path):
+    from zeotwist.server.tap import Options, makeService
+    conf = tmp_path / "server.conf"
+    conf.write_text("<zeotwist>\n  allow-read-only-pack on\n</zeotwist>\n"
+                    "<filestorage main>\n  path %s\n</filestorage>\n" % (tmp_path / "a.fs"))
+    options = Options()
+    options.parseOptions(["-C", str(conf)])
+    assert makeService(options).allow_read_only_pack is True
+
+
 def test_pack_without_waiting(server, make_client):
     cs = make_client()
     oid, revs = _three_revisions(cs)
