@@ -114,3 +114,374 @@ def test_zodb_reusable_blob_suite(case):
     problems = [text for _, text in result.errors]
     problems += [text for _, text in result.failures if not _tolerated_as_root(text)]
     assert not problems, "\n\n".join(problems)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+@pytest.fixture
+def blob_server(tmp_path):
+    """A live server whose FileStorage has the blob directory tmp_path/blobs."""
+    made = []
+
+    def start(**options):
+        srv = start_server(str(tmp_path / "data.fs"), blob_dir=str(tmp_path / "blobs"),
+                           **options)
+        made.append(srv)
+        return srv
+
+    yield start
+    for srv in made:
+        srv.stop()
+
+
+@pytest.fixture
+def clients():
+    made = []
+
+    def make(address, **kw):
+        kw.setdefault("reactor", background_reactor())
+        kw.setdefault("wait_timeout", 10)
+        cs = ClientStorage(address, **kw)
+        made.append(cs)
+        return cs
+
+    yield make
+    for cs in made:
+        cs.close()
+
+
+def commit_blobs(db, blobs: dict) -> None:
+    """Commit ``{key: bytes}`` as blobs in the root of ``db``."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        for key, data in blobs.items():
+            conn.root()[key] = Blob(data)
+        tm.commit()
+    finally:
+        tm.abort()
+        conn.close()
+
+
+def blob_refs(db) -> dict:
+    """``{key: (oid, serial)}`` of the root's blobs."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        blobs = {k: b for k, b in conn.root().items() if isinstance(b, Blob)}
+        for b in blobs.values():
+            b._p_activate()
+        return {k: (b._p_oid, b._p_serial) for k, b in blobs.items()}
+    finally:
+        conn.close()
+
+
+def listing(directory) -> list:
+    return sorted(os.listdir(directory))
+
+
+# -- interfaces and configuration --------------------------------------------------------
+
+def test_blob_interface_only_with_a_blob_dir(blob_server, clients, tmp_path):
+    srv = blob_server()
+    assert "IBlobStorage" in srv.server.interfaces
+    plain = clients(srv.address)
+    assert not IBlobStorage.providedBy(plain)
+    assert not hasattr(plain, "loadBlob") and not hasattr(plain, "storeBlob")
+    cached = clients(srv.address, blob_dir=str(tmp_path / "cache"))
+    assert IBlobStorage.providedBy(cached)
+    assert cached.temporaryDirectory() == str(tmp_path / "cache" / "tmp")
+    with open(str(tmp_path / "cache" / ".layout")) as f:
+        assert f.read() == "zeotwist-cache"
+
+
+def test_no_blob_interface_when_the_server_has_no_blobs(server, make_client, tmp_path):
+    cs = make_client(blob_dir=str(tmp_path / "cache"))
+    assert "IBlobStorage" not in server.server.interfaces
+    assert not IBlobStorage.providedBy(cs)
+
+
+def test_blob_keys_in_a_client_configuration_file(blob_server, tmp_path, monkeypatch):
+    import ZODB.config
+    import zeotwist.config
+    monkeypatch.setattr(zeotwist.config, "reactor", background_reactor())
+    srv = blob_server()
+    host, port = srv.address
+    storage = ZODB.config.storageFromString(textwrap.dedent("""\
+        %%import zeotwist
+        <zeotwistclient>
+          server %s:%d
+          blob-dir %s
+          blob-cache-size 1MB
+          blob-cache-size-check 20
+        </zeotwistclient>
+        """) % (host, port, tmp_path / "cache"))
+    try:
+        assert IBlobStorage.providedBy(storage)
+        assert storage.blob_cache.size == 2**20
+        assert storage.blob_cache.check_bytes == 2**20 // 5
+    finally:
+        storage.close()
+
+
+# -- transfers, caps and cleanup --------------------------------------------------------
+
+def test_blobs_of_many_sizes_round_trip(blob_server, clients, tmp_path):
+    srv = blob_server()
+    writer = clients(srv.address, blob_dir=str(tmp_path / "w"))
+    chunk = 2**20
+    sizes = [0, 1, chunk - 1, chunk, chunk + 1, 3 * chunk + 17]
+    data = {"b%d" % n: os.urandom(n) for n in sizes}
+    commit_blobs(ZODB.DB(writer), data)
+    reader = clients(srv.address, blob_dir=str(tmp_path / "r"))
+    for key, (oid, serial) in blob_refs(ZODB.DB(reader)).items():
+        with open(reader.loadBlob(oid, serial), "rb") as f:
+            assert f.read() == data[key], key
+        with reader.openCommittedBlobFile(oid, serial) as f:
+            assert f.read() == data[key], key
+    # the writer keeps what it committed in its cache: nothing to download
+    for key, (oid, serial) in blob_refs(ZODB.DB(writer)).items():
+        assert writer.blob_cache.lookup(oid, serial) is not None, key
+
+
+def test_transaction_cap_counts_blob_bytes_and_spool_is_removed(blob_server, clients, tmp_path):
+    srv = blob_server(max_transaction_bytes=2**20)
+    cs = clients(srv.address, blob_dir=str(tmp_path / "cache"))
+    from zeotwist.errors import TransactionTooLarge
+    db = ZODB.DB(cs)
+    with pytest.raises(TransactionTooLarge):
+        commit_blobs(db, {"big": b"x" * (3 * 2**20)})
+    assert listing(tmp_path / "blobs" / "tmp") == []          # spool removed
+    assert not [n for d in os.listdir(tmp_path / "cache") if len(d) == 2
+                for n in os.listdir(tmp_path / "cache" / d) if n.endswith(".upload")]
+    commit_blobs(db, {"small": b"y" * 1000})                 # the connection is fine
+    (oid, serial), = blob_refs(db).values()
+    with open(cs.loadBlob(oid, serial), "rb") as f:
+        assert f.read() == b"y" * 1000
+
+
+def test_aborted_upload_leaves_no_files(blob_server, clients, tmp_path):
+    srv = blob_server()
+    cs = clients(srv.address, blob_dir=str(tmp_path / "cache"))
+    t = TransactionMetaData()
+    cs.tpc_begin(t)
+    src = tmp_path / "upload.bin"
+    src.write_bytes(b"z" * (2 * 2**20))
+    cs.storeBlob(cs.new_oid(), z64, b"record", str(src), "", t)
+    assert not src.exists()                                   # the storage took it
+    cs.tpc_abort(t)
+    cs.sync()
+    assert cs.is_connected(test=True)                         # a round trip after the abort
+    assert listing(tmp_path / "blobs" / "tmp") == []
+    uploads = [n for d in os.listdir(tmp_path / "cache") if len(d) == 2
+               for n in os.listdir(tmp_path / "cache" / d) if not n.startswith(".")]
+    assert uploads == []
+
+
+# -- the shared blob directory: only names inside it ------------------------------------
+
+def _atime_is_updated_by_reads(tmp_path) -> bool:
+    probe = tmp_path / "atime-probe"
+    probe.write_bytes(b"probe")
+    old = os.stat(probe).st_mtime - 3 * 86400
+    os.utime(probe, (old, old - 86400))
+    probe.read_bytes()
+    return os.stat(probe).st_atime > old
+
+
+def test_shared_blob_dir_refuses_files_outside_it(blob_server, clients, tmp_path):
+    srv = blob_server()
+    blob_dir = tmp_path / "blobs"
+    cs = clients(srv.address, blob_dir=str(blob_dir), shared_blob_dir=True)
+    db = ZODB.DB(cs)
+    commit_blobs(db, {"committed": b"committed data"})
+    (c_oid, c_serial), = blob_refs(db).values()
+    committed = os.path.relpath(cs.loadBlob(c_oid, c_serial), str(blob_dir))
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for the server")
+    past = os.stat(secret).st_mtime - 3 * 86400
+    os.utime(secret, (past, past - 86400))   # a read would move atime (relatime)
+    os.symlink(str(secret), str(blob_dir / "tmp" / "link-out"))
+    os.mkdir(str(blob_dir / "tmp" / "a-directory"))
+    outside_dir = tmp_path / "outside"
+    outside_dir.mkdir()
+    (outside_dir / "file.tmp").write_bytes(b"outside")
+    os.symlink(str(outside_dir), str(blob_dir / "tmp" / "dir-link"))
+    names = [str(secret), "../secret.txt", "tmp/../../secret.txt", "tmp/link-out",
+             "tmp/dir-link/file.tmp", "tmp/a-directory", "tmp/no-such-file", committed,
+             "", "tmp/\0x"]
+    for name in names:
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        txn = cs._check_trans(t, "test")
+        number = txn.blob_record(cs.new_oid(), z64, b"record")
+        cs._dispatch(txn.send_blob_name, number, name)
+        with pytest.raises(BlobPathRefused) as err:
+            cs.tpc_vote(t)
+        cs.tpc_abort(t)
+        assert "blob directory" in str(err.value) or "regular file" in str(err.value), name
+
+    # nothing was read (checked first: the checks below read it), moved or changed
+    atime = os.stat(secret).st_atime
+    if _atime_is_updated_by_reads(tmp_path):
+        assert atime == pytest.approx(past)
+    assert secret.read_bytes() == b"not for the server"
+    assert os.path.islink(str(blob_dir / "tmp" / "link-out"))
+    assert (outside_dir / "file.tmp").read_bytes() == b"outside"
+    assert os.path.isdir(str(blob_dir / "tmp" / "a-directory"))
+    with open(cs.loadBlob(c_oid, c_serial), "rb") as f:
+        assert f.read() == b"committed data"
+    # the connection survived every refusal, and a good name still works
+    assert cs.is_connected(test=True)
+    assert len(srv.server.sessions) == 1
+    commit_blobs(db, {"after": b"fine"})
+    refs = blob_refs(db)
+    with open(cs.loadBlob(*refs["after"]), "rb") as f:
+        assert f.read() == b"fine"
+    assert sorted(os.listdir(str(blob_dir / "tmp"))) == ["a-directory", "dir-link", "link-out"]
+    db.close()
+
+
+# -- the blob cache's size bound -----------------------------------------------------------
+
+def test_blob_cache_is_bounded_and_evicts_least_recently_used(blob_server, clients, tmp_path):
+    srv = blob_server()
+    writer = ZODB.DB(clients(srv.address, blob_dir=str(tmp_path / "w")))
+    size = 100_000
+    data = {"b%d" % i: bytes([i]) * size for i in range(8)}
+    commit_blobs(writer, data)
+    refs = blob_refs(writer)
+    bound = 350_000          # three blobs fit below 350_000 - 10 %
+    reader = clients(srv.address, blob_dir=str(tmp_path / "r"), blob_cache_size=bound)
+    cache = reader.blob_cache
+
+    def load(key):
+        with open(reader.loadBlob(*refs[key]), "rb") as f:
+            assert f.read() == data[key]
+        assert cache.total() <= bound
+
+    for key in ("b0", "b1", "b2"):
+        load(key)
+    assert cache.total() == 3 * size
+    load("b0")                    # cached: b0 is now the most recently used
+    load("b3")                    # over the bound: b1, the least recently used, goes
+    assert cache.lookup(*refs["b1"]) is None
+    for key in ("b0", "b2", "b3"):
+        assert cache.lookup(*refs[key]) is not None, key
+    for key in sorted(data):      # every blob, evicted or not, still loads
+        load(key)
+    assert cache.total() <= bound
+    with reader.openCommittedBlobFile(*refs["b1"]) as f:
+        assert f.read() == data["b1"]
+    writer.close()
+
+
+def test_one_blob_larger_than_the_cache_is_still_served(blob_server, clients, tmp_path):
+    srv = blob_server()
+    writer = ZODB.DB(clients(srv.address, blob_dir=str(tmp_path / "w")))
+    commit_blobs(writer, {"big": b"B" * 300_000, "small": b"s" * 10})
+    refs = blob_refs(writer)
+    reader = clients(srv.address, blob_dir=str(tmp_path / "r"), blob_cache_size=100_000)
+    with open(reader.loadBlob(*refs["small"]), "rb") as f:
+        assert f.read() == b"s" * 10
+    path = reader.loadBlob(*refs["big"])
+    with open(path, "rb") as f:     # kept for its caller although over the bound
+        assert f.read() == b"B" * 300_000
+    assert reader.blob_cache.lookup(*refs["small"]) is None
+    writer.close()
+
+
+# -- a 200 MB blob, client and server in separate processes, memory measured ---------------
+
+BIG_MB = 200
+
+_BIG_CLIENT = textwrap.dedent('''
+    import hashlib, json, os, sys, time
+    import transaction, ZODB
+    from ZODB.blob import Blob
+    from zeotwist import ClientStorage
+
+    def peak():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+
+    host, port = sys.argv[1].rsplit(":", 1)
+    work, megabytes = sys.argv[2], int(sys.argv[3])
+    source = os.path.join(work, "big.bin")
+    digest = hashlib.sha256()
+    block = bytearray(os.urandom(2**20))
+    with open(source, "wb") as f:
+        for i in range(megabytes):
+            block[:8] = i.to_bytes(8, "big")
+            f.write(block)
+            digest.update(block)
+    del block
+
+    def database(cache):
+        return ZODB.DB(ClientStorage((host, int(port)), blob_dir=os.path.join(work, cache),
+                                     wait_timeout=30))
+
+    db = database("cache-store")
+    conn = db.open()
+    base = peak()
+    t0 = time.monotonic()
+    blob = Blob()
+    blob.consumeFile(source)
+    conn.root.big = blob
+    transaction.commit()
+    store = time.monotonic() - t0
+    db.close()
+
+    db = database("cache-load")           # an empty cache: the blob is downloaded
+    conn = db.open()
+    t0 = time.monotonic()
+    check = hashlib.sha256()
+    with conn.root.big.open() as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            check.update(piece)
+    load = time.monotonic() - t0
+    db.close()
+    print(json.dumps(dict(base=base, peak=peak(), store_s=store, load_s=load,
+                          same=check.hexdigest() == digest.hexdigest())))
+''')
+
+
+def _peak(pid) -> int:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM for %d" % pid)
+
+
+def test_200mb_blob_with_bounded_memory_on_both_sides(tmp_path):
+    server = start_twistd(str(tmp_path / "data.fs"), "--blob-dir", str(tmp_path / "blobs"))
+    try:
+        server_base = _peak(server.pid)
+        script = tmp_path / "big_client.py"
+        script.write_text(_BIG_CLIENT)
+        host, port = server.address
+        out = subprocess.run(
+            [sys.executable, str(script), "%s:%d" % (host, port), str(tmp_path), str(BIG_MB)],
+            capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr + server.log()
+        server_peak = _peak(server.pid)
+    finally:
+        server.stop()
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["same"]
+    client_growth = figures["peak"] - figures["base"]
+    server_growth = server_peak - server_base
+    mb = 2**20
+    print("\n200 MB blob: store %.2f s (%.0f MB/s), load %.2f s (%.0f MB/s); peak RSS growth: "
+          "client %.1f MB (peak %.1f MB), server %.1f MB (peak %.1f MB)" % (
+              figures["store_s"], BIG_MB / figures["store_s"], figures["load_s"],
+              BIG_MB / figures["load_s"], client_growth / mb, figures["peak"] / mb,
+              server_growth / mb, server_peak / mb))
+    assert client_growth < 100 * mb
+    assert server_growth < 100 * mb
+    # the committed blob is in the server's blob directory, nothing left in its tmp
+    assert os.listdir(str(tmp_path / "blobs" / "tmp")) == []

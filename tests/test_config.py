@@ -193,7 +193,7 @@ def test_wait_timeout_bounds_opening(tmp_path, bg_config):
 
 @pytest.mark.parametrize("keys, message", [
     (("server 127.0.0.1:9", "bogus 1"), "not a known key"),
-    (("server 127.0.0.1:9", "blob-dir /tmp/x"), "not a known key"),   # ZEO key, unsupported
+    (("server 127.0.0.1:9", "client-label x"), "not a known key"),    # ZEO key, unsupported
     (("storage 1",), "server"),                                       # required
     (("server localhost",), "has no port"),
     (("server tcp:host=localhost:port=abc",), "cannot use endpoint string"),

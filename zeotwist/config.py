@@ -84,6 +84,10 @@ class ZeotwistClient(BaseConfig):
             extra.update(client=c.client, var=c.var)
         if c.read_only_fallback:
             extra.update(read_only_fallback=True)
+        if c.blob_dir:
+            extra.update(blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
+                         blob_cache_size=c.blob_cache_size,
+                         blob_cache_size_check=c.blob_cache_size_check)
         return ClientStorage(
             servers[0] if len(servers) == 1 else list(servers),
             storage=c.storage, cache_size=c.cache_size, name=c.name,

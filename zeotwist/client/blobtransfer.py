@@ -5,6 +5,9 @@
   reads and sends a chunk whenever the transport's buffer has drained and
   stops when the transport says it is full, so a blob of any size costs the
   client about one chunk (1 MiB) of memory, whatever the network's speed.
+  It always begins in a reactor turn of its own: boxes sent while incoming
+  data is being handled are held back until that is done
+  (``BoundedAMP.emit``), where no transport could pause it.
 * :class:`BlobUploads` runs a transaction's uploads one after another.
 * :class:`BlobDownload` pulls a committed blob with ``LoadBlobChunk``
   requests, a few in flight, and writes each chunk to a file, in order, as
@@ -15,7 +18,7 @@ Runs on the reactor thread (the file reads and writes included: sequential
 """
 from collections import deque
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from ZODB.POSException import StorageError
@@ -25,7 +28,7 @@ from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 
 #: LoadBlobChunk requests kept in flight by one download.
-DOWNLOAD_WINDOW = 4
+DOWNLOAD_WINDOW = 8
 
 
 @implementer(IPushProducer)
@@ -34,7 +37,8 @@ class BlobUpload:
     open on ``proto``; :meth:`start` fires once the last chunk is handed
     to the transport (or fails with ClientDisconnected or an OSError)."""
 
-    def __init__(self, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK):
+    def __init__(self, reactor, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK):
+        self.reactor = reactor
         self.proto = proto
         self.number = number
         self.path = path
@@ -46,19 +50,24 @@ class BlobUpload:
         self._done = None
 
     def start(self) -> Deferred:
+        d = self._done = Deferred()
+        self.reactor.callLater(0, self._begin)
+        return d
+
+    def _begin(self) -> None:
         transport = self.proto.transport
         if transport is None:
-            return fail(ClientDisconnected("not connected while uploading a blob"))
+            self._end(Failure(ClientDisconnected("not connected while uploading a blob")))
+            return
         try:
             self._file = open(self.path, "rb")
         except OSError:
-            return fail()
-        d = self._done = Deferred()
+            self._end(Failure())
+            return
         self._transport = transport
         transport.registerProducer(self, True)   # stops us at once if disconnected
         if self._done is not None:
             self.resumeProducing()
-        return d
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -98,7 +107,8 @@ class BlobUpload:
 class BlobUploads:
     """The uploads of one transaction, run in the order they were added."""
 
-    def __init__(self):
+    def __init__(self, reactor):
+        self.reactor = reactor
         self._queue: deque = deque()
         self._running = False
         self._idle_waiters: list = []
@@ -124,7 +134,7 @@ class BlobUploads:
             d.errback(self.failure)
             self._next()
             return
-        BlobUpload(proto, number, path).start().addBoth(self._ended, d)
+        BlobUpload(self.reactor, proto, number, path).start().addBoth(self._ended, d)
 
     def _ended(self, result, d) -> None:
         if isinstance(result, Failure) and self.failure is None:
