@@ -23,6 +23,7 @@ import textwrap
 import unittest
 
 import pytest
+import pytest_twisted
 import transaction
 import ZODB
 import ZODB.tests.testblob
@@ -485,3 +486,153 @@ def test_200mb_blob_with_bounded_memory_on_both_sides(tmp_path):
     assert server_growth < 100 * mb
     # the committed blob is in the server's blob directory, nothing left in its tmp
     assert os.listdir(str(tmp_path / "blobs" / "tmp")) == []
+
+
+# -- the Deferred API, in the running (pytest-twisted) reactor ------------------------------
+
+@pytest.fixture
+def rblob_server(tmp_path):
+    from twisted.internet import reactor
+    from zeotwist.server.tap import ServerService
+    svc = ServerService(str(tmp_path / "data.fs"), ["tcp:0:interface=127.0.0.1"],
+                        reactor=reactor, blob_dir=str(tmp_path / "blobs"))
+    svc.startService()
+    host, port = pytest_twisted.blockon(svc.listening)[0].rsplit(":", 1)
+    yield "tcp:host=%s:port=%s" % (host, port)
+    pytest_twisted.blockon(svc.stopService())
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferred_api_upload_is_paced_even_when_started_in_a_callback(
+        rblob_server, tmp_path, monkeypatch):
+    from twisted.internet import reactor
+    import zeotwist
+    from zeotwist.wire import framing
+    writes = []
+    real_write_now = framing.write_now
+
+    def write_now(transport, data):
+        writes.append(len(data))
+        real_write_now(transport, data)
+
+    monkeypatch.setattr(framing, "write_now", write_now)
+    client = await zeotwist.connect(reactor, rblob_server, wait_timeout=10)
+    try:
+        data = os.urandom(12 * 2**20 + 5)
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        transport = client._proto.transport
+        real_write = transport.write
+        monkeypatch.setattr(transport, "write",
+                            lambda d: (writes.append(len(d)), real_write(d))[1])
+        oid = await client.new_oid()     # resumes while the server's answer is handled
+        txn = client.begin()
+        uploaded = txn.store_blob(oid, None, b"record", str(src))
+        await txn.vote()                 # waits for the upload to be sent
+        assert uploaded.called
+        tid = await txn.finish()
+        assert max(writes) < 2 * 2**20, "a write of %d bytes: the upload was not paced" % max(writes)
+        with open(str(tmp_path / "dst.bin"), "wb") as f:
+            size = await client.fetch_blob(oid, tid, f)
+        assert size == len(data) and (tmp_path / "dst.bin").read_bytes() == data
+        from ZODB.POSException import POSKeyError
+        with pytest.raises(POSKeyError):
+            with open(str(tmp_path / "none.bin"), "wb") as f:
+                await client.fetch_blob(oid, z64, f)
+    finally:
+        await client.stop()
+
+
+# -- protocol misuse, in memory (a Clock, synchronous storage calls) ------------------------
+
+@pytest.fixture
+def memory_world(tmp_path):
+    from twisted.internet.task import Clock
+    from ZODB.FileStorage import FileStorage
+    from zeotwist.testing import memory_server
+    clock = Clock()
+    servers = {
+        "1": memory_server(FileStorage(str(tmp_path / "b.fs"), blob_dir=str(tmp_path / "blobs")),
+                           clock),
+        "plain": memory_server(FileStorage(str(tmp_path / "p.fs")), clock),
+    }
+    yield clock, servers, tmp_path
+    for server in servers.values():
+        server.close()
+
+
+def _session(world, storage="1"):
+    from zeotwist.testing import connect_in_memory
+    from zeotwist.wire import commands as C
+    clock, servers, _ = world
+    client, session, pump, rec = connect_in_memory(servers, clock)
+    out = []
+    client.call(C.Register, protocol=C.PROTOCOL_VERSION, storage=storage,
+                read_only=False).addBoth(out.append)
+    pump.flush()
+    assert isinstance(out[0], dict)
+    return client, session, pump, rec
+
+
+def _vote(client, pump):
+    from zeotwist.wire import commands as C
+    out = []
+    client.call(C.Vote).addBoth(out.append)
+    pump.flush()
+    return out[0] if out else None
+
+
+@pytest.mark.parametrize("misuse", ["chunk-outside-txn", "out-of-order", "no-blobs-storage",
+                                    "negative-offset", "unsent-blob-file"])
+def test_blob_protocol_misuse_drops_the_connection(memory_world, misuse):
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.records import encode_blob
+    client, session, pump, rec = _session(
+        memory_world, "plain" if misuse == "no-blobs-storage" else "1")
+    oid = b"\0" * 7 + b"\1"
+    if misuse == "chunk-outside-txn":
+        client.send(C.StoreBlobChunk, blob=0, data=b"x")
+    elif misuse == "negative-offset":
+        client.call(C.LoadBlobChunk, oid=oid, serial=z64, offset=-1).addErrback(lambda f: None)
+    else:
+        client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        if misuse == "out-of-order":
+            client.send(C.StoreBlobChunk, blob=1, data=b"x")
+        elif misuse == "no-blobs-storage":
+            client.send(C.StoreBlobChunk, blob=0, data=b"x")
+        else:
+            client.send(C.StoreBlobChunk, blob=0, data=b"x")
+            client.send(C.StoreData, data=encode_blob(oid, z64, 1, b"record"))
+            _vote(client, pump)
+    pump.flush()
+    assert rec.lost, misuse
+    assert session.server.lock.waiting() == 0
+    spool_dir = memory_world[2] / "blobs" / "tmp"
+    assert not spool_dir.exists() or os.listdir(str(spool_dir)) == []
+
+
+def test_blob_chunks_and_records_commit_in_memory(memory_world):
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.records import encode_blob
+    client, session, pump, rec = _session(memory_world)
+    oid = b"\0" * 7 + b"\1"
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    client.send(C.StoreBlobChunk, blob=0, data=b"first ")
+    client.send(C.StoreBlobChunk, blob=0, data=b"blob")
+    client.send(C.StoreBlobChunk, blob=1, data=b"")          # an empty one
+    client.send(C.StoreData, data=encode_blob(oid, z64, 0, b"record 1")
+                + encode_blob(oid[:7] + b"\2", z64, 1, b"record 2"))
+    assert _vote(client, pump) == dict(resolved=[], conflicts=b"")
+    out = []
+    client.call(C.Finish).addBoth(out.append)
+    pump.flush()
+    tid = out[0]["tid"]
+    got = []
+    client.call(C.LoadBlobChunk, oid=oid, serial=tid, offset=0).addBoth(got.append)
+    client.call(C.LoadBlobChunk, oid=oid, serial=tid, offset=6).addBoth(got.append)
+    client.call(C.LoadBlobChunk, oid=oid[:7] + b"\2", serial=tid, offset=0).addBoth(got.append)
+    pump.flush()
+    assert got == [dict(data=b"first blob", size=10), dict(data=b"blob", size=10),
+                   dict(data=b"", size=0)]
+    assert not rec.lost
+    assert os.listdir(str(memory_world[2] / "blobs" / "tmp")) == []

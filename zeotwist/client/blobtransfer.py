@@ -4,17 +4,17 @@
   a streaming producer registered with the connection's transport: it
   reads and sends a chunk whenever the transport's buffer has drained and
   stops when the transport says it is full, so a blob of any size costs the
-  client about one chunk (1 MiB) of memory, whatever the network's speed.
+  client about one chunk (60 KB) of memory, whatever the network's speed.
   It always begins in a reactor turn of its own: boxes sent while incoming
   data is being handled are held back until that is done
   (``BoundedAMP.emit``), where no transport could pause it.
 * :class:`BlobUploads` runs a transaction's uploads one after another.
 * :class:`BlobDownload` pulls a committed blob with ``LoadBlobChunk``
-  requests, a few in flight, and writes each chunk to a file, in order, as
+  requests, 16 in flight, and writes each chunk to a file, in order, as
   it arrives: the server never holds more than those few chunks for us.
 
 Runs on the reactor thread (the file reads and writes included: sequential
-1 MiB pieces of local files).
+pieces of at most 120 KB of local files).
 """
 from collections import deque
 
@@ -26,9 +26,10 @@ from zope.interface import implementer
 
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
+from zeotwist.wire.framing import frame
 
 #: LoadBlobChunk requests kept in flight by one download.
-DOWNLOAD_WINDOW = 8
+DOWNLOAD_WINDOW = 16
 
 
 @implementer(IPushProducer)
@@ -79,7 +80,8 @@ class BlobUpload:
                 self._end(Failure())
                 return
             if data or first:       # an empty blob is still one (empty) chunk
-                self.proto.send(C.StoreBlobChunk, blob=self.number, data=data)
+                self.proto.emit(frame(b"_command", b"StoreBlobChunk",
+                                      b"blob", b"%d" % self.number, b"data", data))
                 self.sent += len(data)
                 first = False
             if len(data) < self.chunk:
@@ -157,7 +159,7 @@ class BlobDownload:
     write happens after the cancellation)."""
 
     def __init__(self, proto, oid: bytes, serial: bytes, f, window: int = DOWNLOAD_WINDOW,
-                 chunk: int = C.BLOB_CHUNK):
+                 chunk: int = C.BLOB_LOAD_CHUNK):
         self.proto = proto
         self.oid = oid
         self.serial = serial

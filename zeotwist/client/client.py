@@ -549,7 +549,7 @@ class Client:
     def fetch_blob(self, oid: bytes, serial: bytes, f) -> Deferred:
         """Download blob (``oid``, ``serial``) into the binary file object ``f``.
 
-        The chunks are pulled a few at a time and written to ``f`` in order,
+        The chunks are pulled 16 at a time and written to ``f`` in order,
         on the reactor thread, as they arrive; fires with the blob's size,
         or fails with POSKeyError if the server has no such blob.
         Cancelling the Deferred stops the writes.

@@ -6,7 +6,7 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
 * Upload: during a transaction the client sends each blob file as
   ``StoreBlobChunk`` messages (one-way), which are appended on the reactor
   thread to a spool file in the storage's blob temporary directory (small
-  sequential writes; a chunk is at most 1 MiB), counted against the
+  sequential writes; a chunk is at most 60 KB), counted against the
   transaction's size cap.  In the shared-blob-directory mode the client
   sends only a file name (``StoreBlobShared``); the name is checked and the
   file moved into the spool at once.  At vote, in the storage thread, the
@@ -14,7 +14,7 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
   ``storeBlob``/``restoreBlob``, which move them into the blob directory.
   Whatever a transaction spooled and did not hand over is removed when the
   transaction ends, however it ends (``TransactionBuffer.on_close``).
-* Download: ``LoadBlobChunk`` reads up to 1 MiB of a committed blob file in
+* Download: ``LoadBlobChunk`` reads up to 120 KB of a committed blob file in
   the storage thread (``self.server.call``); the client pulls the chunks, a
   few at a time, so the server never holds more than those in memory.
 """
@@ -23,6 +23,7 @@ import stat
 import tempfile
 
 from ZODB.POSException import POSKeyError, Unsupported
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -34,6 +35,22 @@ _log = Logger()
 
 
 class BlobResponders(amp.CommandLocator):
+
+    def ampBoxReceived(self, box):
+        # The upload's hot path (thousands of boxes per blob): a plain
+        # StoreBlobChunk goes straight to the spool, without AMP's argument
+        # machinery.  Anything unusual takes the ordinary path, which
+        # validates and drops a misbehaving client.
+        if box.get(b"_command") == b"StoreBlobChunk" and len(box) == 3 \
+                and self.server is not None:
+            blob, data = box.get(b"blob"), box.get(b"data")
+            if blob is not None and data is not None and blob.isdigit() and len(blob) < 10:
+                try:
+                    self.store_blob_chunk(int(blob), data)
+                except RemoteProtocolError as e:
+                    self.protocolViolation("bad StoreBlobChunk: %s" % e)
+                return
+        super().ampBoxReceived(box)
 
     @C.StoreBlobChunk.responder
     def store_blob_chunk(self, blob, data):
@@ -73,12 +90,13 @@ class BlobResponders(amp.CommandLocator):
     @C.LoadBlobChunk.responder
     def load_blob_chunk(self, oid, serial, offset):
         if offset < 0:
-            raise RemoteProtocolError("negative blob offset %d" % offset)
+            self.protocolViolation("LoadBlobChunk at offset %d" % offset)
+            return Deferred()                # never answered: the link is closing
         return self.server.call(read_blob_chunk, self.server.storage, oid, serial, offset)
 
 
 def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int) -> dict:
-    """Up to BLOB_CHUNK bytes of a committed blob and its size (storage thread)."""
+    """Up to BLOB_LOAD_CHUNK bytes of a committed blob and its size (storage thread)."""
     load = getattr(storage, "loadBlob", None)
     if load is None:
         raise Unsupported("this storage has no blobs")
@@ -87,7 +105,7 @@ def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int) -> dict:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             f.seek(offset)
-            data = f.read(C.BLOB_CHUNK)
+            data = f.read(C.BLOB_LOAD_CHUNK)
     except FileNotFoundError:       # packed away meanwhile
         raise POSKeyError(oid)
     return dict(data=data, size=size)
