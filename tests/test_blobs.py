@@ -30,7 +30,7 @@ import ZODB.tests.testblob
 import zope.interface
 from ZODB.blob import Blob
 from ZODB.Connection import TransactionMetaData
-from ZODB.interfaces import IBlobStorage
+from ZODB.interfaces import IBlobStorage, IBlobStorageRestoreable
 from ZODB.utils import z64
 
 from zeotwist import ClientStorage
@@ -86,7 +86,8 @@ def _cases(suite):
 def _reusable_suite_cases():
     cases = []
     for prefix, factory in (("BlobCache", _cache_factory), ("SharedBlobDir", _shared_factory)):
-        suite = ZODB.tests.testblob.storage_reusable_suite(prefix, factory)
+        suite = ZODB.tests.testblob.storage_reusable_suite(
+            prefix, factory, test_blob_storage_recovery=True)
         for case in _cases(suite):
             name = case.id().rsplit(".", 1)[-1] if "." in case.id() else case.id()
             cases.append(pytest.param(case, id="%s-%s" % (prefix, name)))
@@ -188,9 +189,10 @@ def test_blob_interface_only_with_a_blob_dir(blob_server, clients, tmp_path):
     assert "IBlobStorage" in srv.server.interfaces
     plain = clients(srv.address)
     assert not IBlobStorage.providedBy(plain)
+    assert not IBlobStorageRestoreable.providedBy(plain)
     assert not hasattr(plain, "loadBlob") and not hasattr(plain, "storeBlob")
     cached = clients(srv.address, blob_dir=str(tmp_path / "cache"))
-    assert IBlobStorage.providedBy(cached)
+    assert IBlobStorage.providedBy(cached) and IBlobStorageRestoreable.providedBy(cached)
     assert cached.temporaryDirectory() == str(tmp_path / "cache" / "tmp")
     with open(str(tmp_path / "cache" / ".layout")) as f:
         assert f.read() == "zeotwist-cache"

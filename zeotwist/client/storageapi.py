@@ -115,6 +115,9 @@ class StorageAPIMixin:
 
     def copyTransactionsFrom(self, other, verbose=0):
         """Copy every transaction of ``other`` here (with restore)."""
+        if self.fshelper is not None:     # with a blob directory: blob files too
+            import ZODB.blob
+            return ZODB.blob.copyTransactionsFromTo(other, self)
         copy(other, self, verbose)
 
     # -- restore, deleteObject --------------------------------------------------------

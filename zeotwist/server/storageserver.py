@@ -126,6 +126,7 @@ class StorageServer:
 OPTIONAL_INTERFACES = (
     "IStorageUndoable", "IStorageIteration", "IStorageRestoreable",
     "IStorageCurrentRecordIteration", "IExternalGC", "IBlobStorage",
+    "IBlobStorageRestoreable",
 )
 
 
