@@ -638,3 +638,66 @@ def test_blob_chunks_and_records_commit_in_memory(memory_world):
                    dict(data=b"", size=0)]
     assert not rec.lost
     assert os.listdir(str(memory_world[2] / "blobs" / "tmp")) == []
+
+
+# -- transfers that stop making progress (a Clock, fake connections) ------------------------
+
+class _SilentProto:
+    """A connection whose server never answers and whose transport, once
+    written to, stays full (it never asks the producer to resume)."""
+
+    def __init__(self):
+        from twisted.internet.defer import Deferred
+        self.asked = []
+        self.transport = self
+        self.producer = None
+        self._Deferred = Deferred
+
+    def call(self, command, **kw):
+        self.asked.append(kw)
+        return self._Deferred()
+
+    def emit(self, frame):
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+def test_a_stalled_download_fails_after_its_idle_timeout(tmp_path):
+    from twisted.internet.task import Clock
+    from zeotwist.client.blobtransfer import BlobDownload
+    from zeotwist.errors import ClientDisconnected
+    clock, proto, out = Clock(), _SilentProto(), []
+    with open(str(tmp_path / "partial"), "wb") as f:
+        BlobDownload(proto, b"\0" * 8, b"\1" * 8, f, reactor=clock,
+                     idle_timeout=30).start().addBoth(out.append)
+        clock.advance(29)
+        assert out == [] and len(proto.asked) == 1
+        clock.advance(2)
+    assert out and out[0].check(ClientDisconnected)
+    assert "no progress for 30 s" in str(out[0].value)
+
+
+def test_a_stalled_upload_fails_after_its_idle_timeout_but_a_slow_one_does_not(tmp_path):
+    from twisted.internet.task import Clock
+    from zeotwist.client.blobtransfer import BlobUpload
+    from zeotwist.errors import ClientDisconnected
+    src = tmp_path / "blob"
+    src.write_bytes(b"x" * 500_000)
+    clock, proto, out = Clock(), _SilentProto(), []
+    upload = BlobUpload(clock, proto, 0, str(src), idle_timeout=30)
+    upload.start().addBoth(out.append)
+    clock.advance(0)                               # begins in a turn of its own
+    assert upload.sent > 0 and proto.producer is upload
+    for _ in range(5):                             # slow but moving: one chunk per 20 s
+        clock.advance(20)
+        upload.resumeProducing()
+    assert out == []
+    clock.pump([1] * 61)                           # then stuck
+    assert out and out[0].check(ClientDisconnected)
+    assert proto.producer is None                  # unregistered

@@ -30,6 +30,10 @@ from zeotwist.client.blobcache import BlobCache
 
 _log = Logger()
 
+#: Blob transfers have no overall deadline (a big blob may take long); they
+#: fail instead after the storage's ``timeout`` without progress.
+NO_DEADLINE = 365 * 86400.0
+
 
 class blob_method:
     """A ClientStorage method that exists only when the storage was given a
@@ -139,7 +143,8 @@ class BlobStorageMixin:
         f, partial = blobs.new_file(oid, ".dl")
         try:
             with f:
-                size = self._call(self._client.fetch_blob, oid, serial, f)
+                size = self._call(self._client.fetch_blob, oid, serial, f, self._timeout,
+                                  timeout=NO_DEADLINE)
             return blobs.add(oid, serial, partial), size
         except BaseException:
             _remove_quietly(partial)
@@ -199,7 +204,7 @@ class BlobStorageMixin:
             return
         path = self._blobs.take_over(oid, blobfilename)
         self._blob_files.append((oid, path))
-        self._call(txn.send_blob_file, number, path)
+        self._call(txn.send_blob_file, number, path, self._timeout, timeout=NO_DEADLINE)
 
     def _blobs_done(self, tid: bytes | None) -> None:
         """End of this storage's transaction (``tid`` None: aborted).

@@ -13,6 +13,10 @@
   requests, 16 in flight, and writes each chunk to a file, in order, as
   it arrives: the server never holds more than those few chunks for us.
 
+A transfer may last long (a big blob, a slow network), so rather than a
+deadline for the whole of it, both kinds take an ``idle_timeout``: they fail
+with ClientDisconnected when they make no progress for that long.
+
 Runs on the reactor thread (the file reads and writes included: sequential
 pieces of at most 120 KB of local files).
 """
@@ -32,19 +36,52 @@ from zeotwist.wire.framing import frame
 DOWNLOAD_WINDOW = 16
 
 
+class ProgressWatchdog:
+    """Calls ``stalled()`` once if ``progress()`` (a growing count) stays the
+    same for ``timeout`` seconds; does nothing when ``timeout`` is None."""
+
+    def __init__(self, reactor, timeout, progress, stalled):
+        self.reactor, self.timeout = reactor, timeout
+        self.progress, self.stalled = progress, stalled
+        self._call = None
+        self._seen = None
+
+    def start(self) -> None:
+        if self.timeout:
+            self._seen = self.progress()
+            self._call = self.reactor.callLater(self.timeout, self._check)
+
+    def _check(self) -> None:
+        now = self.progress()
+        if now != self._seen:
+            self._seen = now
+            self._call = self.reactor.callLater(self.timeout, self._check)
+        else:
+            self._call = None
+            self.stalled()
+
+    def stop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
 @implementer(IPushProducer)
 class BlobUpload:
     """Send the file at ``path`` as blob file ``number`` of the transaction
     open on ``proto``; :meth:`start` fires once the last chunk is handed
     to the transport (or fails with ClientDisconnected or an OSError)."""
 
-    def __init__(self, reactor, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK):
+    def __init__(self, reactor, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK,
+                 idle_timeout: float | None = None):
         self.reactor = reactor
         self.proto = proto
         self.number = number
         self.path = path
         self.chunk = chunk
         self.sent = 0
+        self._watchdog = ProgressWatchdog(reactor, idle_timeout, lambda: self.sent,
+                                          self._stalled)
         self._file = None
         self._transport = None
         self._paused = False
@@ -53,7 +90,12 @@ class BlobUpload:
     def start(self) -> Deferred:
         d = self._done = Deferred()
         self.reactor.callLater(0, self._begin)
+        self._watchdog.start()
         return d
+
+    def _stalled(self) -> None:
+        self._end(Failure(ClientDisconnected(
+            "blob upload made no progress for %g s" % self._watchdog.timeout)))
 
     def _begin(self) -> None:
         transport = self.proto.transport
@@ -95,6 +137,7 @@ class BlobUpload:
         self._end(Failure(ClientDisconnected("connection lost while uploading a blob")))
 
     def _end(self, failure) -> None:
+        self._watchdog.stop()
         f, self._file = self._file, None
         if f is not None:
             f.close()
@@ -116,9 +159,9 @@ class BlobUploads:
         self._idle_waiters: list = []
         self.failure = None      # the first upload that failed
 
-    def add(self, proto, number: int, path: str) -> Deferred:
+    def add(self, proto, number: int, path: str, idle_timeout: float | None = None) -> Deferred:
         d = Deferred()
-        self._queue.append((proto, number, path, d))
+        self._queue.append((proto, number, path, idle_timeout, d))
         if not self._running:
             self._next()
         return d
@@ -131,12 +174,13 @@ class BlobUploads:
                 d.callback(None)
             return
         self._running = True
-        proto, number, path, d = self._queue.popleft()
+        proto, number, path, idle_timeout, d = self._queue.popleft()
         if self.failure is not None:          # the transaction is lost anyway
             d.errback(self.failure)
             self._next()
             return
-        BlobUpload(self.reactor, proto, number, path).start().addBoth(self._ended, d)
+        upload = BlobUpload(self.reactor, proto, number, path, idle_timeout=idle_timeout)
+        upload.start().addBoth(self._ended, d)
 
     def _ended(self, result, d) -> None:
         if isinstance(result, Failure) and self.failure is None:
@@ -159,8 +203,12 @@ class BlobDownload:
     write happens after the cancellation)."""
 
     def __init__(self, proto, oid: bytes, serial: bytes, f, window: int = DOWNLOAD_WINDOW,
-                 chunk: int = C.BLOB_LOAD_CHUNK):
+                 chunk: int = C.BLOB_LOAD_CHUNK, reactor=None,
+                 idle_timeout: float | None = None):
         self.proto = proto
+        self._answers = 0
+        self._watchdog = ProgressWatchdog(reactor, idle_timeout if reactor else None,
+                                          lambda: self._answers, self._stalled)
         self.oid = oid
         self.serial = serial
         self.f = f
@@ -174,9 +222,14 @@ class BlobDownload:
         self._done = None
 
     def start(self) -> Deferred:
-        self._done = Deferred(lambda d: self._stop())
+        d = self._done = Deferred(lambda d: self._stop())
+        self._watchdog.start()
         self._ask()                 # the first answer tells the size
-        return self._done
+        return d
+
+    def _stalled(self) -> None:
+        self._finish(Failure(ClientDisconnected(
+            "blob download made no progress for %g s" % self._watchdog.timeout)))
 
     def _ask(self) -> None:
         offset = self._asked
@@ -187,6 +240,7 @@ class BlobDownload:
 
     def _got(self, answer, offset) -> None:
         self._in_flight -= 1
+        self._answers += 1
         if self._done is None:
             return
         data, size = answer["data"], answer["size"]
@@ -221,9 +275,11 @@ class BlobDownload:
             self._finish(failure)
 
     def _stop(self) -> None:
+        self._watchdog.stop()
         self._done = None           # cancelled: ignore whatever still arrives
 
     def _finish(self, result) -> None:
+        self._watchdog.stop()
         d, self._done = self._done, None
         if d is not None:
             d.callback(result) if not isinstance(result, Failure) else d.errback(result)

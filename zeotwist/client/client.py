@@ -546,20 +546,23 @@ class Client:
         return len(answered)
 
     # -- blobs ---------------------------------------------------------------------
-    def fetch_blob(self, oid: bytes, serial: bytes, f) -> Deferred:
+    def fetch_blob(self, oid: bytes, serial: bytes, f,
+                   idle_timeout: float | None = None) -> Deferred:
         """Download blob (``oid``, ``serial``) into the binary file object ``f``.
 
         The chunks are pulled 16 at a time and written to ``f`` in order,
         on the reactor thread, as they arrive; fires with the blob's size,
         or fails with POSKeyError if the server has no such blob.
-        Cancelling the Deferred stops the writes.
+        Cancelling the Deferred stops the writes; with ``idle_timeout`` it
+        fails with ClientDisconnected after that many seconds without progress.
         """
         from zeotwist.client.blobtransfer import BlobDownload
         proto = self._proto
         if proto is None:
             return self.when_connected().addCallback(
-                lambda _: self.fetch_blob(oid, serial, f))
-        return BlobDownload(proto, oid, serial, f).start()
+                lambda _: self.fetch_blob(oid, serial, f, idle_timeout))
+        return BlobDownload(proto, oid, serial, f, reactor=self.reactor,
+                            idle_timeout=idle_timeout).start()
 
 
 class ClientTransaction:
@@ -731,17 +734,19 @@ class ClientTransaction:
             self._flush()
         return number
 
-    def send_blob_file(self, number: int, path: str) -> Deferred:
+    def send_blob_file(self, number: int, path: str,
+                       idle_timeout: float | None = None) -> Deferred:
         """Upload the file at ``path`` as blob file ``number`` (reactor
         thread), after the uploads already queued; fires when its last chunk
-        is handed to the connection, whose buffer paces the reads."""
+        is handed to the connection, whose buffer paces the reads.  With
+        ``idle_timeout``, fails after that many seconds without progress."""
         from zeotwist.client.blobtransfer import BlobUploads
         self._send(b"")                 # opens the transaction on the server first
         if self._failed is not None:
             return fail(self._failed)
         if self._blob_uploads is None:
             self._blob_uploads = BlobUploads(self._client.reactor)
-        d = self._blob_uploads.add(self._proto, number, path)
+        d = self._blob_uploads.add(self._proto, number, path, idle_timeout)
         return d.addErrback(self._blob_failed)
 
     def send_blob_name(self, number: int, name: str) -> None:
