@@ -9,7 +9,7 @@ from zeotwist.bench.__main__ import parse
 from zeotwist.bench.reads import HOT_READS, HotSet
 from zeotwist.bench.runner import CASE_NAMES
 
-ROWS = ("cold reads", "pipelined cold", "warm reads", "hot-set mix", "small commits")
+ROWS = ("cold reads", "pipelined cold", "warm reads", "hot-set mix", "small commits", "pack")
 
 
 def bench(tmp_path, *args):
@@ -32,6 +32,14 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
                     r"([0-9.]+)", out, re.M)
     assert hit, out
     assert 0 < float(hit.group(1)) <= 1 and 0 < float(hit.group(2)) <= 1, out
+    # pack: 2,000 Items with history and garbage; the packed file is smaller
+    assert "database of 2000 Items" in out, out
+    sizes = re.search(r"^  zeotwist\s+file ([0-9.]+) MB -> ([0-9.]+) MB", out, re.M)
+    assert sizes and float(sizes.group(2)) < float(sizes.group(1)), out
+    # blobs: the blob bench's table, after the rounds
+    for op in ("large store", "large load", "small store", "small load"):
+        row = re.search(r"^%s: \d+ x \d+ [KM]B\s+([0-9.]+)$" % op, out, re.M)
+        assert row and float(row.group(1)) > 0, out
 
 
 def test_one_case_runs_alone(tmp_path):
@@ -40,6 +48,7 @@ def test_one_case_runs_alone(tmp_path):
     for case in ROWS:
         if case != "warm reads":
             assert not re.search(r"^%s\s" % case, out, re.M), out
+    assert "blob throughput" not in out, out
 
 
 def test_cases_option_rejects_an_unknown_case(capsys):
@@ -47,7 +56,11 @@ def test_cases_option_rejects_an_unknown_case(capsys):
         parse(["--cases", "cold,bogus"])
     assert "bogus" in capsys.readouterr().err
     assert parse(["--cases", "hotset,cold"]).cases == ("hotset", "cold")
+    assert parse(["--cases", "pack,blobs"]).cases == ("pack", "blobs")
     assert parse([]).cases == CASE_NAMES
+    assert {"pack", "blobs"} <= set(CASE_NAMES)
+    assert parse(["--quick"]).pack_objects == 2000
+    assert parse([]).pack_objects == 100_000
 
 
 def test_hot_set_is_fixed_and_gets_most_reads():

@@ -5,7 +5,7 @@ import sys
 
 from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, BenchError, ServerError, Settings, run
 
-QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1)
+QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1, pack_objects=2000)
 
 
 def case_list(text: str) -> tuple:
@@ -22,8 +22,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m zeotwist.bench",
         description="Compare zeotwist with ZEO 6: cold, pipelined, warm and hot-set reads, "
-                    "small commits; server and client in separate processes, "
-                    "interleaved rounds.")
+                    "small commits, pack time; server and client in separate processes, "
+                    "interleaved rounds; then blob throughput (python -m "
+                    "zeotwist.bench.blobs).")
     p.add_argument("--rounds", type=int, default=3, help="rounds per system (default 3)")
     p.add_argument("--objects", type=int, default=10_000,
                    help="objects populated and read (default 10000)")
@@ -40,15 +41,18 @@ def parse(argv=None) -> argparse.Namespace:
                    help="hotset: timed reads (default 50000)")
     p.add_argument("--writer-rate", type=float, default=50.0,
                    help="hotset: the writer process's commits per second (default 50)")
+    p.add_argument("--pack-objects", type=int, default=100_000,
+                   help="pack: Items in the pack case's database (default 100000)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: %(objects)d objects, %(commits)d commits, "
-                        "%(hot_reads)d hot-set reads, %(rounds)d round" % QUICK)
+                        "%(hot_reads)d hot-set reads, %(pack_objects)d pack objects, "
+                        "%(rounds)d round, small blobs" % QUICK)
     p.add_argument("--only", choices=SYSTEMS, help="run one system only")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
-    for k in ("rounds", "objects", "commits", "window", "passes", "hot_reads"):
+    for k in ("rounds", "objects", "commits", "window", "passes", "hot_reads", "pack_objects"):
         if getattr(args, k) < 1:
             p.error("--%s must be at least 1" % k.replace("_", "-"))
     if args.writer_rate <= 0:
@@ -63,7 +67,8 @@ def main(argv=None) -> int:
     systems = (args.only,) if args.only else SYSTEMS
     settings = Settings(objects=args.objects, commits=args.commits, rounds=args.rounds,
                         window=args.window, passes=args.passes, hot_reads=args.hot_reads,
-                        writer_rate=args.writer_rate, cases=args.cases)
+                        writer_rate=args.writer_rate, pack_objects=args.pack_objects,
+                        cases=args.cases, quick=args.quick)
     try:
         run(settings, systems)
     except (BenchError, ServerError) as e:

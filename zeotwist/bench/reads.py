@@ -102,8 +102,8 @@ class LoadCounter:
 
     Wraps, on the instances, ``storage.loadBefore`` (what ZODB calls) and the
     call each ClientStorage makes only on a cache miss:
-    ``storage.client.load_before`` (zeotwist) or ``storage._server.load_before``
-    (ZEO)."""
+    ``storage.client.fetch_before`` (zeotwist; ``load_before`` in versions
+    without it) or ``storage._server.load_before`` (ZEO)."""
 
     def __init__(self, system: str, storage):
         self.loads = self.misses = 0
@@ -114,14 +114,15 @@ class LoadCounter:
             return load(oid, tid)
 
         target = storage.client if system == "zeotwist" else storage._server
-        fetch = target.load_before
+        name = "fetch_before" if hasattr(target, "fetch_before") else "load_before"
+        fetch = getattr(target, name)
 
         def counted_fetch(oid, tid):
             self.misses += 1
             return fetch(oid, tid)
 
         storage.loadBefore = counted_load
-        target.load_before = counted_fetch
+        setattr(target, name, counted_fetch)
 
     def snapshot(self) -> tuple:
         return self.loads, self.misses

@@ -9,7 +9,8 @@ imports, the connection or a warm-up).  The runner
 every case starts with empty caches.  ``KEY=N`` parameters: ``count`` (the
 commits case), and those of :mod:`~zeotwist.bench.pipelined` and
 :mod:`~zeotwist.bench.reads` (``window``, ``passes``, ``reads``,
-``cache_size``, ``rate``, ``seed``).  The ``writer`` case prints a
+``cache_size``, ``rate``, ``seed``); the ``pack`` case
+(:mod:`~zeotwist.bench.packing`) has none.  The ``writer`` case prints a
 ``{"ready": true}`` line once connected and commits until its stdin closes.
 
 Also :func:`populate`, which builds the database file both servers serve.
@@ -121,6 +122,9 @@ def run_case(case: str, system: str, host: str, port: int, oids: list, params: d
     if case == "pipelined":
         from zeotwist.bench import pipelined
         return pipelined.run(system, host, port, oids, params)
+    if case == "pack":
+        from zeotwist.bench import packing
+        return packing.pack(system, host, port, oids, params)
     from zeotwist.bench import reads
     if case in reads.CASES:
         return reads.CASES[case](system, host, port, oids, params)
