@@ -88,6 +88,12 @@ class ZeotwistClient(BaseConfig):
             extra.update(blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
                          blob_cache_size=c.blob_cache_size,
                          blob_cache_size_check=c.blob_cache_size_check)
+        if c.username is not None or c.password is not None:
+            extra.update(username=c.username, password=c.password)
+        tls = {k: v for k, v in (("ca", c.tls_ca), ("cert", c.tls_cert), ("key", c.tls_key),
+                                 ("hostname", c.tls_server_hostname)) if v}
+        if tls or c.tls:
+            extra.update(tls=tls or True)
         return ClientStorage(
             servers[0] if len(servers) == 1 else list(servers),
             storage=c.storage, cache_size=c.cache_size, name=c.name,

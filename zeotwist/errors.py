@@ -20,6 +20,8 @@ __all__ = [
     "StorageServerError",
     "CacheLockedError",
     "BlobPathRefused",
+    "Unauthorized",
+    "NotLoggedIn",
 ]
 
 
@@ -58,6 +60,16 @@ class TransactionTooLarge(ZeotwistError):
 class BlobPathRefused(ZeotwistError):
     """The server refused a shared-blob-directory file name: it does not
     name a regular file inside the server's blob directory's ``tmp`` area."""
+
+
+class Unauthorized(ZeotwistError):
+    """The server refused a login (wrong name, password or certificate), or
+    the logged-in user has no rights on the storage asked for."""
+
+
+class NotLoggedIn(Unauthorized):
+    """The server authenticates its clients and this one sent a command
+    before logging in (see docs/tls-auth.md)."""
 
 
 class StorageServerError(ZeotwistError):

@@ -29,8 +29,12 @@ def endpoint_string(address) -> str:
     raise ValueError("cannot make a server address of %r" % (address,))
 
 
-def to_endpoint(reactor, address):
-    """One endpoint, or a FailoverEndpoint for a list of addresses."""
+def to_endpoint(reactor, address, tls=None):
+    """One endpoint, or a FailoverEndpoint for a list of addresses; with
+    ``tls``, TLS over each (see :func:`zeotwist.tls.client_endpoint`)."""
+    if tls:
+        from zeotwist.tls import client_endpoint
+        return client_endpoint(reactor, address, tls)
     if IStreamClientEndpoint.providedBy(address):
         return address
     if isinstance(address, list):

@@ -31,6 +31,7 @@ from zeotwist.client.cache import ClientCache
 from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.protocol import ClientFactory
 from zeotwist.errors import ClientDisconnected
+from zeotwist.tls import describe_error
 from zeotwist.wire.records import (
     encode_check, encode_delete, encode_restore, encode_store, encode_undo)
 from zeotwist.wire import commands as C
@@ -73,12 +74,34 @@ def _description(entry: dict, key: str) -> dict:
     return d
 
 
+class _ErrorKeepingEndpoint:
+    """The endpoint ClientService connects through: a failed attempt (refused,
+    unreachable, a TLS failure before the connection is up) becomes the
+    client's last error, which ``when_connected`` reports."""
+
+    def __init__(self, endpoint, client):
+        self._endpoint, self._client = endpoint, client
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure):
+        self._client._last_error = failure.value
+        return failure
+
+
 class Client:
     def __init__(self, reactor, endpoint, *, storage: str = "1", read_only: bool = False,
                  cache: ClientCache | None = None, cache_size: int = 20 * 2**20,
                  wait_timeout: float = 30.0, retry_policy=None,
-                 read_only_fallback: bool = False, fallback_check_interval: float = 5.0):
+                 read_only_fallback: bool = False, fallback_check_interval: float = 5.0,
+                 credentials: tuple | None = None):
         self.reactor = reactor
+        #: (username, password) sent in Login before every Register; a None
+        #: password logs in with the TLS client certificate (docs/tls-auth.md)
+        self.credentials = credentials
         self.endpoint = endpoint
         self.storage_name = storage
         self.read_only = read_only
@@ -106,7 +129,7 @@ class Client:
         self.events = InvalidationEvents()
         self._reset_listeners: list = []
         self._service = ClientService(
-            endpoint, ClientFactory(self),
+            _ErrorKeepingEndpoint(endpoint, self), ClientFactory(self),
             # capped exponential backoff; up to 0.25 s of jitter spreads out
             # many clients reconnecting to a restarted server
             retryPolicy=retry_policy or backoffPolicy(
@@ -137,20 +160,34 @@ class Client:
         return d
 
     def _not_connected(self, failure, timeout):
-        why = " (last error: %s)" % (self._last_error,) if self._last_error else ""
+        last = self._last_error
+        why = " (last error: %s)" % describe_error(last) if last else ""
         raise ClientDisconnected(
-            "no connection to the zeotwist server within %g s%s" % (timeout, why))
+            "no connection to the zeotwist server within %g s%s" % (timeout, why)) from last
 
     def _register(self, wrapper):
         # ClientService hands us its proxy around our protocol; we keep the
         # protocol itself, since that is what calls back into this client.
         proto = getattr(wrapper, "_protocol", wrapper)
-        d = self._send_register(proto, self.read_only)
+        d = self._login(proto).addCallback(
+            lambda _: self._send_register(proto, self.read_only))
         if self.read_only_fallback:
             d.addErrback(self._maybe_fall_back, proto)
         d.addCallbacks(self._registered, self._register_failed, (proto,), None,
                        (proto, wrapper))
         return d
+
+    def _login(self, proto):
+        """Login (when the client has credentials), before Register."""
+        if self.credentials is None:
+            return succeed(None)
+        username, password = self.credentials
+        d = proto.call(C.Login, username=username, password=password)
+        return d.addCallback(self._logged_in)
+
+    def _logged_in(self, answer):
+        if not answer["user"]:
+            _log.warn("zeotwist: this server does not authenticate; credentials unused")
 
     def _send_register(self, proto, read_only):
         return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,

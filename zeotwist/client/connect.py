@@ -16,7 +16,8 @@ DEFAULT_CACHE_SIZE = 20 * 2**20
 
 
 def connect(reactor, endpoint, storage: str = "1", *, read_only: bool = False,
-            cache_size: int = DEFAULT_CACHE_SIZE, wait_timeout: float = 30.0) -> Deferred:
+            cache_size: int = DEFAULT_CACHE_SIZE, wait_timeout: float = 30.0,
+            username: str | None = None, password: str | None = None, tls=None) -> Deferred:
     """Connect to a zeotwist server; a Deferred that fires with a registered
     :class:`~zeotwist.client.client.Client`, or fails with ClientDisconnected
     after ``wait_timeout`` seconds.
@@ -24,10 +25,13 @@ def connect(reactor, endpoint, storage: str = "1", *, read_only: bool = False,
     :param endpoint: a Twisted client endpoint string (``"tcp:host:port"``,
         ``"unix:/path"``, ``"tls:..."``), ``"host:port"``, ``(host, port)``,
         or an ``IStreamClientEndpoint``.
+    :param username, password, tls: log in and use TLS, as for
+        :class:`~zeotwist.client.storage.ClientStorage` (docs/tls-auth.md).
     """
-    client = Client(reactor, to_endpoint(reactor, endpoint), storage=storage,
+    credentials = None if username is None and password is None else (username, password)
+    client = Client(reactor, to_endpoint(reactor, endpoint, tls), storage=storage,
                     read_only=read_only, cache=ClientCache(cache_size),
-                    wait_timeout=wait_timeout)
+                    wait_timeout=wait_timeout, credentials=credentials)
     client.start()
     d = client.when_connected(wait_timeout)
 

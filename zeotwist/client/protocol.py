@@ -17,6 +17,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist.errors import ClientDisconnected
+from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
@@ -52,6 +53,10 @@ class ClientProtocol(BoundedAMP):
     def __init__(self, client):
         super().__init__()
         self.client = client
+
+    def connectionMade(self):
+        super().connectionMade()
+        use_clock(self.transport, getattr(self.client, "reactor", None))   # TLS: see zeotwist.tls
 
     def call(self, command, **kw) -> Deferred:
         """Send ``command``; a fresh Deferred of its response dict."""

@@ -60,6 +60,14 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         without it the storage has no blob support.  ``blob_cache_size``
         bounds the cache (bytes), checked after every
         ``blob_cache_size_check`` percent of it is loaded (docs/blobs.md).
+    :param username: log in as this user of the server's password file,
+        with ``password``; without a password, with the TLS client
+        certificate (docs/tls-auth.md).
+    :param tls: connect with TLS: ``True`` (the system's CAs), a dict
+        (``ca``: PEM file or directory of CAs to trust; ``cert``/``key``:
+        the client certificate; ``hostname``: the name the server's
+        certificate must carry, default the address's host), or a Twisted
+        ``IOpenSSLClientConnectionCreator``.
     """
 
     def __init__(self, addr, storage: str = "1", cache_size: int = DEFAULT_CACHE_SIZE,
@@ -70,7 +78,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                  cache_save_interval: float = DEFAULT_SAVE_INTERVAL,
                  fallback_check_interval: float = 5.0, blob_dir: str | None = None,
                  shared_blob_dir: bool = False, blob_cache_size: int | None = None,
-                 blob_cache_size_check: int = 10, **unsupported):
+                 blob_cache_size_check: int = 10, username: str | None = None,
+                 password: str | None = None, tls=None, **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
@@ -81,10 +90,12 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
             persister = CachePersister(
                 cache, cache_path or persistent_cache_path(client, var, storage),
                 cache_save_interval)
-        connection = Client(reactor, to_endpoint(reactor, addr), storage=storage,
+        credentials = None if username is None and password is None else (username, password)
+        connection = Client(reactor, to_endpoint(reactor, addr, tls), storage=storage,
                             read_only=read_only, cache=cache, wait_timeout=wait_timeout,
                             read_only_fallback=read_only_fallback,
-                            fallback_check_interval=fallback_check_interval)
+                            fallback_check_interval=fallback_check_interval,
+                            credentials=credentials)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
         self._blob_setup(blob_dir, shared_blob_dir, blob_cache_size, blob_cache_size_check)
         self._persister = persister

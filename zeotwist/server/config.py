@@ -50,6 +50,10 @@ _KEYS = {
     "max_transaction_size": "max_transaction_bytes",
     "address_file": "address_file",
     "allow_read_only_pack": "allow_read_only_pack",
+    "tls_cert": "tls_cert",
+    "tls_key": "tls_key",
+    "tls_ca": "tls_ca",
+    "auth_file": "auth_file",
 }
 
 
@@ -136,6 +140,8 @@ def read_config(path: str) -> ServerConfig:
         listen = list(section.listen) + list(section.address)
         if listen:
             result.settings["listen"] = listen
+        if section.listen_tls:
+            result.settings["listen_tls"] = list(section.listen_tls)
     unnamed = [s for s in conf.storages if s.name is None]
     if len(unnamed) > 1:
         raise ConfigError("at most one storage section may be unnamed (it is storage %r)"

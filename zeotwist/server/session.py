@@ -20,12 +20,14 @@ from ZODB.POSException import POSKeyError, UndoError
 
 from zeotwist.errors import (
     ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
+from zeotwist.server.auth import AuthResponders
 from zeotwist.server.blobs import BLOB_RECORD_HANDLERS, BLOB_VOTE_ERRORS, BlobResponders
 from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, pending_output)
 from zeotwist.server.storageapi import RECORD_HANDLERS as STORAGE_API_RECORD_HANDLERS
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
+from zeotwist.tls import use_clock
 from zeotwist.wire.records import CHECK, STORE
 from zeotwist.wire import commands as C
 from zeotwist.wire.framing import BoundedAMP, frame as _frame
@@ -54,7 +56,7 @@ class _Txn:
         self.undone: list = []          # oids undone in this transaction
 
 
-class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
+class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, BoundedAMP):
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
         super().__init__()
         self._servers = servers
@@ -68,6 +70,7 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
     # -- connection life -----------------------------------------------------
     def connectionMade(self):
         super().connectionMade()
+        use_clock(self.transport, self._clock)      # TLS: see zeotwist.tls
         self._handshake_timer = self._clock.callLater(
             self._handshake_timeout, self._handshake_expired)
 
@@ -139,7 +142,10 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
         self.protocolViolation("transaction timeout")
 
     def locateResponder(self, name):
-        if self.server is None and name != C.Register.commandName:
+        refuse = self.auth_gate(name)           # auth: NOT_LOGGED_IN before Login
+        if refuse is not None:
+            return refuse
+        if self.server is None and name not in (C.Register.commandName, C.Login.commandName):
             return self._unregistered
         return super().locateResponder(name)
 
@@ -155,11 +161,15 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
         if protocol != C.PROTOCOL_VERSION:
             raise ProtocolVersionError(
                 "server speaks %s, client %s" % (C.PROTOCOL_VERSION, protocol))
+        access = self.storage_access(storage)   # auth: the user's rights decide
         server = self._servers.get(storage)
         if server is None:
             raise UnknownStorage("no storage named %r" % storage)
         if server.read_only and not read_only:
             raise ReadOnlyError("storage %r is read-only" % storage)
+        if access == "ro" and not read_only:
+            raise ReadOnlyError("user %r may only read storage %r" % (self.user.name, storage))
+        self.access = access
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
@@ -362,6 +372,9 @@ class ServerSession(StorageAPIResponders, BlobResponders, BoundedAMP):
 class SessionFactory(ServerFactory):
     """Builds a :class:`ServerSession` per connection, sharing the servers."""
 
+    #: a twisted.cred Portal when clients must log in (zeotwist.server.auth)
+    portal = None
+
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT):
@@ -376,5 +389,6 @@ class SessionFactory(ServerFactory):
             return None                  # Twisted closes the connection
         session = ServerSession(self.servers, self.clock, self.handshake_timeout)
         session.factory = self
+        session.portal = self.portal
         session.max_pending_output = self.max_pending_output
         return session

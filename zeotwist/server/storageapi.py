@@ -100,7 +100,8 @@ class StorageAPIResponders(amp.CommandLocator):
     @C.Pack.responder
     def pack(self, time, gc):
         server = self.server
-        if self.read_only and not getattr(server, "allow_read_only_pack", False):
+        if self.read_only and (not getattr(server, "allow_read_only_pack", False)
+                               or self.access == "ro"):     # a read-only user never packs
             raise ReadOnlyError("read-only connections may not pack this server "
                                 "(see its --allow-read-only-pack option)")
         _log.info("zeotwist: packing storage {name!r} as of {t}", name=server.name, t=time)

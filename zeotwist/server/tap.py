@@ -30,6 +30,7 @@ from zeotwist.errors import ZeotwistError
 from zeotwist.server.config import (
     DEFAULT_STORAGE_NAME, ConfigError, describe, read_config)
 from zeotwist.server.session import SessionFactory
+from zeotwist.tls import TLSConfigError, listen_tls, server_options
 from zeotwist.server.storageserver import (
     DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_TRANSACTION_TIMEOUT, StorageServer)
 
@@ -47,6 +48,11 @@ DEFAULTS = dict(
     invalidation_queue_size=DEFAULT_INVALIDATION_QUEUE_SIZE,
     address_file=None,
     allow_read_only_pack=False,
+    listen_tls=(),          # TLS and authentication: docs/tls-auth.md
+    tls_cert=None,
+    tls_key=None,
+    tls_ca=None,
+    auth_file=None,
 )
 
 #: command-line option -> ServerService keyword (the options a file can also set)
@@ -56,6 +62,10 @@ _CLI = {
     "max-transaction-size": "max_transaction_bytes",
     "invalidation-queue-size": "invalidation_queue_size",
     "address-file": "address_file",
+    "tls-cert": "tls_cert",
+    "tls-key": "tls_key",
+    "tls-ca": "tls_ca",
+    "auth-file": "auth_file",
 }
 
 
@@ -113,11 +123,22 @@ class Options(usage.Options):
          "The blob directory of the -f storage (blobs are off without it)."],
         ["address-file", None, None,
          "Write the addresses listened on to this file once listening."],
+        ["tls-cert", None, None,
+         "The server's TLS certificate (PEM; may hold the key and a chain too), "
+         "for the --listen-tls endpoints."],
+        ["tls-key", None, None, "The private key of --tls-cert (PEM), if not in that file."],
+        ["tls-ca", None, None,
+         "Require TLS clients to present a certificate signed by a CA of this PEM "
+         "file (or directory of .pem files)."],
+        ["auth-file", None, None,
+         "Clients must log in as a user of this password file, which also gives "
+         "each user's rights per storage (docs/tls-auth.md; python -m zeotwist adduser)."],
     ]
 
     def __init__(self):
         super().__init__()
         self["listen"] = []
+        self["listen-tls"] = []
         self["conflict-classes"] = []
         #: after parsing: storage name -> opener, and ServerService keywords
         self.storages: dict = {}
@@ -134,6 +155,11 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_listen_tls(self, description):
+        """A Twisted server endpoint string to listen on with TLS (--tls-cert,
+        --tls-key, --tls-ca), e.g. tcp:8443:interface=0.0.0.0 (repeatable)."""
+        self["listen-tls"].append(description)
 
     def opt_configure(self, path):
         """Same as --config (runzeo's spelling)."""
@@ -157,7 +183,12 @@ class Options(usage.Options):
             settings["read_only"] = True
         if self["allow-read-only-pack"]:
             settings["allow_read_only_pack"] = True
-        settings["listen"] = list(self["listen"] or settings.get("listen") or [DEFAULT_LISTEN])
+        settings["listen_tls"] = list(self["listen-tls"] or settings.get("listen_tls") or [])
+        settings["listen"] = list(self["listen"] or settings.get("listen")
+                                  or ([] if settings["listen_tls"] else [DEFAULT_LISTEN]))
+        problem = check_tls_auth(settings)
+        if problem:
+            raise usage.UsageError(problem)
         settings["conflict_classes"] = list(self["conflict-classes"])
         if self["filename"] or not path:
             name = self["storage"] or DEFAULT_STORAGE_NAME
@@ -233,7 +264,14 @@ class ServerService(service.Service):
                  address_file: str | None = None, reactor=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  stop_reactor_on_failure: bool = False, conflict_classes=(),
-                 blob_dir: str | None = None, allow_read_only_pack: bool = False):
+                 blob_dir: str | None = None, allow_read_only_pack: bool = False,
+                 listen_tls=(),
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None, auth_file: str | None = None):
+        problem = check_tls_auth(dict(listen_tls=listen_tls, tls_cert=tls_cert,
+                                      tls_key=tls_key, tls_ca=tls_ca))
+        if problem:
+            raise ValueError(problem)
         if storages is None:
             if filename is None:
                 raise TypeError("ServerService needs a filename or storages")
@@ -261,6 +299,11 @@ class ServerService(service.Service):
         self.conflict_classes = tuple(conflict_classes)
         #: read-only connections may pack (storageapi's Pack)
         self.allow_read_only_pack = allow_read_only_pack
+        #: TLS endpoints and their certificate files; the password file (auth)
+        self.listen_tls = list(listen_tls)
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self.auth_file = auth_file
+        self._tls_options = None
         self._reactor = reactor
         #: True when this service *is* the process (twistd): a server that
         #: cannot listen then stops the reactor instead of idling.
@@ -283,7 +326,8 @@ class ServerService(service.Service):
         conf = read_config(path)
         if not conf.storages:
             raise ConfigError("%s has no storage sections" % path)
-        settings = dict(DEFAULTS, listen=[DEFAULT_LISTEN])
+        settings = dict(DEFAULTS, listen=[] if conf.settings.get("listen_tls")
+                        else [DEFAULT_LISTEN])
         settings.update(conf.settings)
         settings.update(options)
         return cls.from_storages(conf.storages, **settings)
@@ -338,14 +382,36 @@ class ServerService(service.Service):
     def privilegedStartService(self):
         super().privilegedStartService()
         self.open_storages()
+        self.tls_options()          # key files are often readable by root only
 
     def startService(self):
         self.open_storages()
         super().startService()
         factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
+        factory.portal = self.auth_portal()
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
+        ds += [listen_tls(self.reactor, desc, factory, self.tls_options())
+               for desc in self.listen_tls]
         d = defer.gatherResults(ds, consumeErrors=True)
         d.addCallbacks(self._listening, self._listen_failed)
+
+    def tls_options(self):
+        """The TLS options of the --listen-tls endpoints, read once (None
+        without); a file that cannot be used is logged and raised."""
+        if self.listen_tls and self._tls_options is None:
+            try:
+                self._tls_options = server_options(self.tls_cert, self.tls_key, self.tls_ca)
+            except TLSConfigError as e:
+                _log.critical("zeotwist cannot use its TLS files: {err}; not starting", err=e)
+                raise
+        return self._tls_options
+
+    def auth_portal(self):
+        """The twisted.cred Portal of --auth-file, or None (no login)."""
+        if self.auth_file is None:
+            return None
+        from zeotwist.server.auth import make_portal
+        return make_portal(self.auth_file, self.reactor)
 
     def _listening(self, ports):
         self.ports = ports
@@ -391,6 +457,20 @@ def format_address(host) -> str:
     if hasattr(host, "port"):
         return "%s:%d" % (host.host, host.port)
     return "unix:%s" % (host.name.decode() if isinstance(host.name, bytes) else host.name)
+
+
+def check_tls_auth(settings: dict) -> str | None:
+    """What is wrong with the TLS and auth settings, or None."""
+    if settings.get("listen_tls") and not settings.get("tls_cert"):
+        return "--listen-tls needs --tls-cert (the server's certificate)"
+    given = [k for k in ("tls_cert", "tls_key", "tls_ca") if settings.get(k)]
+    if given and not settings.get("listen_tls"):
+        return ("%s applies to --listen-tls endpoints; give one (a plain --listen "
+                "never uses TLS)" % "/".join("--" + k.replace("_", "-") for k in given))
+    auth = settings.get("auth_file")
+    if auth and not os.path.isfile(auth):
+        return "--auth-file: no password file %s (python -m zeotwist adduser makes one)" % auth
+    return None
 
 
 def makeService(options: Options) -> ServerService:

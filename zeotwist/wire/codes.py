@@ -25,6 +25,8 @@ ERRORS: dict[type[BaseException], bytes] = {
     E.BlobPathRefused: b"BLOB_PATH",
     E.ProtocolVersionError: b"PROTOCOL_VERSION",
     E.UnknownStorage: b"UNKNOWN_STORAGE",
+    E.NotLoggedIn: b"NOT_LOGGED_IN",
+    E.Unauthorized: b"UNAUTHORIZED",
     E.ProtocolError: b"PROTOCOL",
     P.StorageError: b"STORAGE",
     Exception: b"SERVER_ERROR",

@@ -301,6 +301,24 @@ class LoadBlobChunk(_Command):
     response = [(b"data", BigBytes()), (b"size", amp.Integer())]
 
 
+# -- authentication -----------------------------------------------------------
+
+class Login(_Command):
+    """Log in before Register, on a server that authenticates its clients.
+
+    With ``password``: the user ``username`` of the server's password file.
+    Without: the identity of the client's TLS certificate (its common name,
+    which ``username``, if given, must equal).  Answers the user logged in
+    as; ``""`` from a server that does not authenticate.
+    """
+    commandName = b"Login"
+    arguments = [
+        (b"username", amp.Unicode(optional=True)),
+        (b"password", amp.Unicode(optional=True)),
+    ]
+    response = [(b"user", amp.Unicode())]
+
+
 # -- server -> client ---------------------------------------------------------
 
 class Invalidate(_Command):
@@ -316,5 +334,6 @@ CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
                    History, UndoLog, GetTid, Pack, IteratorStart, IteratorNext,
                    IteratorClose, RecordIternext, Prefetch]
 CLIENT_COMMANDS += [StoreBlobChunk, StoreBlobShared, LoadBlobChunk]   # blobs
+CLIENT_COMMANDS += [Login]                                           # authentication
 SERVER_COMMANDS = [Invalidate]
 ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS

@@ -176,7 +176,12 @@ def write_now(transport, data: bytes) -> None:
     the transport's buffer is empty we hand the bytes to the socket directly
     and queue only what it did not take, so ordering is unchanged.
     """
-    send = getattr(transport, "writeSomeData", None)
+    # Only a real socket transport: a wrapper such as TLS's forwards unknown
+    # attributes to the socket under it, whose writeSomeData bypasses TLS.
+    if getattr(type(transport), "writeSomeData", None) is None:
+        transport.write(data)
+        return
+    send = transport.writeSomeData
     if (send is None or not getattr(transport, "connected", False)
             or transport.disconnecting or getattr(transport, "_writeDisconnected", True)
             or transport.dataBuffer or transport._tempDataBuffer

@@ -1,0 +1,447 @@
+"""Who may use which storage: the password file, twisted.cred, the Login step.
+
+Off unless the server is given ``--auth-file FILE``.  The file is text, one
+user a line (``#`` comments and blank lines are skipped)::
+
+    # NAME:PASSWORD:RIGHTS
+    alice:pbkdf2-sha256$600000$c2FsdA==$aGFzaA==:rw=*
+    bob:pbkdf2-sha256$600000$...$...:ro=main,archive
+    backup:!:ro=*;rw=scratch
+
+* PASSWORD is ``pbkdf2-sha256$ITERATIONS$SALT$HASH`` (base64), made by
+  ``python -m zeotwist adduser FILE NAME`` (or :func:`hash_password`); ``!``
+  means the user cannot log in with a password, only with a TLS client
+  certificate whose common name is NAME.
+* RIGHTS is ``;``-separated groups ``rw=LIST`` or ``ro=LIST``, LIST a
+  ``,``-separated list of storage names or ``*`` (every storage).  A name
+  given explicitly wins over ``*``; a name in both groups is read-write.
+  A storage the rights do not name cannot be registered.
+
+:class:`PasswordFile` is a ``twisted.cred`` ``FilePasswordDB`` that re-reads
+the file at every login (edits apply to the next login) and checks the
+password hash in a worker thread; :class:`CertificateChecker` accepts a
+verified TLS client certificate whose common name is a user of the file.
+:func:`make_portal` puts both behind a ``Portal`` whose realm hands out
+:class:`StorageUser` avatars.  :class:`AuthResponders` is the session's
+side: the ``Login`` responder and the gate in front of every other command.
+
+Runs on the reactor thread, except the hash checks.  See docs/tls-auth.md.
+"""
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import FilePasswordDB
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import Attribute, Interface, implementer
+
+from zeotwist.errors import NotLoggedIn, Unauthorized
+from zeotwist.wire import commands as C
+from zeotwist.wire.codes import ERRORS
+
+_log = Logger()
+
+SCHEME = "pbkdf2-sha256"
+#: PBKDF2-HMAC-SHA256 rounds for new entries (OWASP's 2023 advice)
+DEFAULT_ITERATIONS = 600_000
+#: the PASSWORD field of a certificate-only user
+NO_PASSWORD = "!"
+READ_WRITE, READ_ONLY = "rw", "ro"
+
+
+# -- password hashes ---------------------------------------------------------------
+
+def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS,
+                  salt: bytes | None = None) -> str:
+    """The PASSWORD field for ``password``: ``pbkdf2-sha256$N$SALT$HASH``."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return "%s$%d$%s$%s" % (SCHEME, iterations, base64.b64encode(salt).decode("ascii"),
+                            base64.b64encode(digest).decode("ascii"))
+
+
+#: checked when the user does not exist, so that a wrong name takes as long
+#: to refuse as a wrong password (of a default entry); matches nothing
+_DUMMY = "%s$%d$%s$%s" % (SCHEME, DEFAULT_ITERATIONS, base64.b64encode(b"\0" * 16).decode(),
+                          base64.b64encode(b"\0" * 32).decode())
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Whether ``password`` matches the PASSWORD field ``stored`` (constant
+    time in the digest; False for ``!`` and malformed fields)."""
+    try:
+        scheme, rounds, salt, digest = stored.split("$")
+        if scheme != SCHEME:
+            return False
+        iterations = int(rounds)
+        if not 1 <= iterations <= 10**8:
+            return False
+        salt, digest = base64.b64decode(salt, validate=True), base64.b64decode(digest,
+                                                                               validate=True)
+    except ValueError:
+        return False
+    mine = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    return hmac.compare_digest(mine, digest)
+
+
+# -- rights --------------------------------------------------------------------------
+
+def parse_rights(text: str) -> dict:
+    """``"rw=main;ro=*"`` -> ``{"main": "rw", "*": "ro"}``; ValueError if malformed."""
+    rights: dict = {}
+    for group in filter(None, (g.strip() for g in text.split(";"))):
+        mode, sep, names = group.partition("=")
+        mode = mode.strip()
+        if not sep or mode not in (READ_WRITE, READ_ONLY):
+            raise ValueError("rights group %r is not rw=NAMES or ro=NAMES" % group)
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            if rights.get(name) != READ_WRITE:
+                rights[name] = mode
+    return rights
+
+
+def format_rights(rights: dict) -> str:
+    groups = []
+    for mode in (READ_WRITE, READ_ONLY):
+        names = [n for n, m in rights.items() if m == mode]
+        if names:
+            groups.append("%s=%s" % (mode, ",".join(names)))
+    return ";".join(groups)
+
+
+class IStorageUser(Interface):
+    """The avatar of a logged-in client."""
+    name = Attribute("the user name (str)")
+
+    def access(storage):
+        """``"rw"``, ``"ro"`` or None (no rights) for storage name ``storage``."""
+
+
+@implementer(IStorageUser)
+class StorageUser:
+    def __init__(self, name: str, rights: dict, how: str = "password"):
+        self.name = name
+        self.rights = dict(rights)
+        self.how = how          # "password" or "certificate"
+
+    def access(self, storage: str):
+        return self.rights.get(storage, self.rights.get("*"))
+
+    def __repr__(self):
+        return "<StorageUser %s (%s) %s>" % (self.name, self.how, format_rights(self.rights))
+
+
+# -- the file ------------------------------------------------------------------------
+
+class Entry:
+    """One line of the password file."""
+
+    def __init__(self, name: str, password: str, rights: str):
+        self.name, self.password, self.rights_text = name, password, rights
+
+    @property
+    def rights(self) -> dict:
+        return parse_rights(self.rights_text)
+
+    def line(self) -> str:
+        return "%s:%s:%s" % (self.name, self.password, self.rights_text)
+
+
+def read_entries(path) -> dict:
+    """name -> :class:`Entry` for every user line of the file at ``path``."""
+    entries = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(":")
+            if len(parts) < 2:
+                continue
+            name, password = parts[0].strip(), parts[1].strip()
+            entries[name] = Entry(name, password, ":".join(parts[2:]).strip())
+    return entries
+
+
+def check_name(name: str) -> str:
+    if not name or any(c in name for c in ":#\n\r") or name != name.strip():
+        raise ValueError("a user name must be non-empty, without ':', '#', line breaks "
+                         "or surrounding spaces: %r" % (name,))
+    return name
+
+
+def set_user(path, name: str, password: str | None, rights: str,
+             iterations: int = DEFAULT_ITERATIONS) -> None:
+    """Add user ``name`` to the file at ``path`` (created if missing), or
+    replace its line; ``password=None`` makes a certificate-only user.
+    Written to a temporary file and renamed into place (mode 0600 when new)."""
+    check_name(name)
+    parse_rights(rights)
+    field = NO_PASSWORD if password is None else hash_password(password, iterations)
+    new_line = Entry(name, field, rights).line()
+    lines, replaced = [], False
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f.read().splitlines():
+                stripped = line.strip()
+                if stripped and not stripped.startswith("#") \
+                        and stripped.split(":")[0].strip() == name:
+                    if not replaced:
+                        lines.append(new_line)
+                    replaced = True
+                else:
+                    lines.append(line)
+        mode = os.stat(path).st_mode & 0o777
+    else:
+        lines.append("# zeotwist users: NAME:PASSWORD:RIGHTS (docs/tls-auth.md)")
+        mode = 0o600
+    if not replaced:
+        lines.append(new_line)
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+class PasswordFile(FilePasswordDB):
+    """The password checker: ``twisted.cred``'s file database over the
+    format above, hashes checked in a worker thread of ``reactor``."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, path, reactor):
+        super().__init__(path, delim=b":", hash=self._no_inline_hash, cache=False)
+        self.path = path
+        self.reactor = reactor
+
+    @staticmethod
+    def _no_inline_hash(username, password, stored):  # pragma: no cover - not used
+        raise NotImplementedError("hashes are checked in requestAvatarId")
+
+    def entries(self) -> dict:
+        try:
+            return read_entries(self.path)
+        except (OSError, UnicodeDecodeError) as e:
+            _log.error("zeotwist cannot read the password file {path}: {e}",
+                       path=self.path, e=e)
+            raise cred_error.UnauthorizedLogin("the password file cannot be read")
+
+    def getUser(self, username: bytes):
+        entry = self.entries().get(username.decode("utf-8", "replace"))
+        if entry is None:
+            raise KeyError(username)
+        return username, entry.password.encode("utf-8")
+
+    def requestAvatarId(self, credentials):
+        try:
+            _name, stored = self.getUser(credentials.username)
+            stored = stored.decode("utf-8")
+        except KeyError:
+            stored = None
+        except cred_error.UnauthorizedLogin as e:
+            return defer.fail(e)
+        password = credentials.password.decode("utf-8", "replace")
+        usable = stored is not None and stored.startswith(SCHEME + "$")   # not "!"
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      verify_password, password, stored if usable else _DUMMY)
+
+        def checked(ok):
+            if ok and usable:
+                return credentials.username
+            raise cred_error.UnauthorizedLogin()
+
+        return d.addCallback(checked)
+
+
+class ICertificateIdentity(Interface):
+    """A client identified by its verified TLS certificate."""
+    common_name = Attribute("the certificate subject's common name (str)")
+
+
+@implementer(ICertificateIdentity)
+class CertificateIdentity:
+    def __init__(self, common_name: str):
+        self.common_name = common_name
+
+
+class CertificateChecker:
+    """Accepts a verified client certificate whose common name is a user of
+    the password file (that user's password is not needed)."""
+    credentialInterfaces = (ICertificateIdentity,)
+
+    def __init__(self, password_file: PasswordFile):
+        self.password_file = password_file
+
+    def requestAvatarId(self, credentials):
+        try:
+            known = credentials.common_name in self.password_file.entries()
+        except cred_error.UnauthorizedLogin as e:
+            return defer.fail(e)
+        if not known:
+            return defer.fail(cred_error.UnauthorizedLogin())
+        return defer.succeed(credentials.common_name.encode("utf-8"))
+
+
+@implementer(IRealm)
+class StorageRealm:
+    """Makes a :class:`StorageUser` with the rights the file gives."""
+
+    def __init__(self, password_file: PasswordFile):
+        self.password_file = password_file
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IStorageUser not in interfaces:
+            raise NotImplementedError("zeotwist users only")
+        name = avatarId.decode("utf-8")
+        entry = self.password_file.entries().get(name)
+        try:
+            rights = entry.rights if entry is not None else {}
+        except ValueError as e:
+            _log.error("zeotwist password file {path}: user {name}: {e}; no rights",
+                       path=self.password_file.path, name=name, e=e)
+            rights = {}
+        return IStorageUser, StorageUser(name, rights, mind or "password"), lambda: None
+
+
+def make_portal(path, reactor) -> Portal:
+    """The portal of ``--auth-file path``: passwords and certificates."""
+    if not os.path.isfile(path):
+        raise ValueError("no password file %s" % path)
+    passwords = PasswordFile(path, reactor)
+    return Portal(StorageRealm(passwords), [passwords, CertificateChecker(passwords)])
+
+
+def peer_common_name(transport) -> str | None:
+    """The common name of the peer's *verified* TLS certificate, or None."""
+    if getattr(transport, "getPeerCertificate", None) is None:
+        return None             # not TLS
+    try:
+        # the chain OpenSSL verified against --tls-ca: None when nothing was
+        # verified (no CA given, or no certificate sent)
+        chain = transport.getHandle().get_verified_chain()
+        if not chain:
+            return None
+        from cryptography.x509.oid import NameOID
+        names = chain[0].to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except Exception:
+        return None
+    return str(names[0].value) if names else None
+
+
+# -- the session's side ----------------------------------------------------------------
+
+_NOT_LOGGED_IN = ERRORS[NotLoggedIn]
+
+
+class AuthResponders(amp.CommandLocator):
+    """Mixin of :class:`~zeotwist.server.session.ServerSession`: ``Login``
+    and the gate in front of every other command while auth is on.
+
+    With a portal (``--auth-file``), a connection whose first box arrives
+    with a verified TLS client certificate naming a user of the file is
+    logged in as that user; otherwise every command but ``Login`` is
+    answered ``NOT_LOGGED_IN`` (one-way commands are a protocol violation),
+    and the handshake timeout still runs.  ``Register`` then applies the
+    user's rights (:meth:`storage_access`).
+    """
+
+    #: the Portal (set by the SessionFactory) or None: no authentication
+    portal = None
+    #: the StorageUser once logged in
+    user = None
+    #: "rw" or "ro": what the user may do with the registered storage
+    access = None
+    _login_running = False
+    _certificate_tried = False
+
+    def auth_gate(self, name: bytes):
+        """A responder refusing command ``name``, or None to let it through."""
+        if self.portal is None or self.user is not None or name == C.Login.commandName:
+            return None
+        if not self._certificate_tried:
+            self._certificate_tried = True
+            cn = peer_common_name(self.transport)
+            if cn is not None:        # the checks are synchronous: done on return
+                d = self._portal_login(CertificateIdentity(cn), "certificate")
+                d.addErrback(self._certificate_refused)   # the gate answers below
+                if self.user is not None:
+                    return None
+        return self._not_logged_in
+
+    _refusal = ("this server requires a login: give the client a user name and "
+                "password, or a client certificate it knows")
+
+    def _certificate_refused(self, failure):
+        self._refusal = "%s; log in with a password instead" % failure.getErrorMessage()
+
+    def _not_logged_in(self, box):
+        if amp.ASK not in box:
+            self.protocolViolation("one-way command before Login")
+            return defer.Deferred()
+        return defer.fail(amp.RemoteAmpError(_NOT_LOGGED_IN, self._refusal))
+
+    def storage_access(self, storage: str):
+        """``"rw"`` when auth is off, else the user's access to ``storage``;
+        raises Unauthorized if the user has none."""
+        if self.portal is None:
+            return READ_WRITE
+        access = self.user.access(storage)
+        if access not in (READ_WRITE, READ_ONLY):
+            raise Unauthorized("user %r has no rights on storage %r" % (self.user.name, storage))
+        return access
+
+    @C.Login.responder
+    def login(self, username=None, password=None):
+        if self.portal is None:
+            return {"user": ""}
+        if self.server is not None:
+            raise Unauthorized("Login must come before Register")
+        if self._login_running:
+            raise Unauthorized("a Login is already in progress")
+        if password is None:
+            cn = peer_common_name(self.transport)
+            if cn is None:
+                raise Unauthorized("no password and no verified client certificate")
+            if username is not None and username != cn:
+                raise Unauthorized("the client certificate is %r's, not %r's" % (cn, username))
+            return self._portal_login(CertificateIdentity(cn), "certificate")
+        if username is None:
+            raise Unauthorized("a password without a user name")
+        return self._portal_login(
+            UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), "password")
+
+    def _portal_login(self, credentials, how):
+        self._login_running = True
+        d = self.portal.login(credentials, how, IStorageUser)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(credentials, how))
+        return d
+
+    def _logged_in(self, result):
+        self._login_running = False
+        _iface, self.user, _logout = result
+        _log.info("zeotwist: {peer} logged in as {user!r} ({how})",
+                  peer=self.transport.getPeer() if self.transport else None,
+                  user=self.user.name, how=self.user.how)
+        return {"user": self.user.name}
+
+    def _login_failed(self, failure, credentials, how):
+        self._login_running = False
+        if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+            _log.failure("zeotwist: login failed", failure)
+        name = getattr(credentials, "username", None)
+        name = name.decode("utf-8", "replace") if name is not None \
+            else getattr(credentials, "common_name", "?")
+        _log.warn("zeotwist: failed {how} login as {user!r} from {peer}", how=how, user=name,
+                  peer=self.transport.getPeer() if self.transport else None)
+        if how == "certificate":
+            raise Unauthorized("the client certificate's name %r is not a user of this "
+                               "server" % name)
+        raise Unauthorized("login failed: unknown user %r or wrong password" % name)
