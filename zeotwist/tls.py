@@ -12,8 +12,8 @@ and :func:`client_endpoint` layers it over the client's address.
 
 :func:`describe_error` turns OpenSSL's and service_identity's exceptions
 into one readable line ("certificate verify failed", "tlsv13 alert
-certificate required", "hostname mismatch ..."), which is what a client
-reports when it cannot connect.  See docs/tls-auth.md.
+certificate required", "the server's certificate is not valid for HOST"),
+which is what a client reports when it cannot connect.  See docs/tls-auth.md.
 
 Files are read when these functions are called (at server start, at client
 construction), never on the reactor's hot path.
