@@ -301,6 +301,8 @@ def test_hostile_bytes_cost_a_connection_not_memory(twistd_server):
         growth = twistd_server.rss() - baseline
         print("pushed %s; server RSS %+.1f MiB from %.1f MiB" % (
             results, growth / MiB, baseline / MiB))
+        print("[peak memory] handshake timeout + hostile bytes (%d MiB attempted): server "
+              "VmHWM %.1f MiB" % (attempted // MiB, twistd_server.peak_rss() / MiB))
         assert growth < 50 * MiB, "server RSS grew by %.1f MiB" % (growth / MiB)
     finally:
         db.close()

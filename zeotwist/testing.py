@@ -140,13 +140,17 @@ class TwistdServer:
                 parts.append("(no %s: %s)\n" % (path, e))
         return "".join(parts)
 
-    def rss(self) -> int:
+    def rss(self, field: str = "VmRSS") -> int:
         """The process's resident set size in bytes (Linux ``/proc``)."""
         with open("/proc/%d/status" % self.pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS for pid %d" % self.pid)
+        raise RuntimeError("no %s for pid %d" % (field, self.pid))
+
+    def peak_rss(self) -> int:
+        """The most resident memory the process has had, in bytes (``VmHWM``)."""
+        return self.rss("VmHWM")
 
     def stop(self, timeout: float = 10) -> int:
         """SIGTERM (twistd stops the service cleanly), SIGKILL after ``timeout`` s."""
@@ -163,14 +167,16 @@ class TwistdServer:
 
 def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0.0.1",
                  directory: str | None = None, env: dict | None = None,
-                 timeout: float = 30, twistd_args=(), server_command=None) -> TwistdServer:
+                 timeout: float = 30, twistd_args=(), server_command=None,
+                 preexec_fn=None) -> TwistdServer:
     """Start ``twistd -n zeotwist -f filename --listen listen *args``; wait until it listens.
 
     The server writes its addresses to ``<directory>/zeotwist.address`` and
     logs to ``<directory>/twistd.log`` (stdout and stderr go to
     ``twistd.out``; directory: the data file's); raises RuntimeError, with
     the log, if the process exits or does not listen within ``timeout``
-    seconds.  ``server_command`` replaces ``zeotwist -f ... --listen ...``
+    seconds.  ``preexec_fn`` runs in the child before twistd (e.g. to set
+    resource limits).  ``server_command`` replaces ``zeotwist -f ... --listen ...``
     (e.g. ``["-y", "zeotwist.tac"]`` with ``ZEOTWIST_ADDRESS_FILE`` set to
     ``<directory>/zeotwist.address`` in ``env``).
     """
@@ -191,7 +197,8 @@ def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0
             *server_command]
     with open(output_file, "wb") as output:
         process = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
-                                   stdout=output, stderr=subprocess.STDOUT)
+                                   stdout=output, stderr=subprocess.STDOUT,
+                                   preexec_fn=preexec_fn)
     server = TwistdServer(process, [], log_file, output_file)
     deadline = time.monotonic() + timeout
     while not os.path.exists(address_file):

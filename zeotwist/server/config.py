@@ -50,6 +50,9 @@ _KEYS = {
     "max_transaction_size": "max_transaction_bytes",
     "address_file": "address_file",
     "allow_read_only_pack": "allow_read_only_pack",
+    "max_connections": "max_connections",
+    "max_pending_output": "max_pending_output",
+    "client_conflict_resolution": "client_conflict_resolution",
     "tls_cert": "tls_cert",
     "tls_key": "tls_key",
     "tls_ca": "tls_ca",
@@ -137,6 +140,8 @@ def read_config(path: str) -> ServerConfig:
             value = getattr(section, key)
             if value is not None:
                 result.settings[kw] = value
+        if section.allow_conflict_class:
+            result.settings["conflict_classes"] = list(section.allow_conflict_class)
         listen = list(section.listen) + list(section.address)
         if listen:
             result.settings["listen"] = listen

@@ -41,6 +41,14 @@ class RefusedGlobal(ConflictError):
     """A record named a global the resolver will not load."""
 
 
+def refuse_resolution(storage) -> None:
+    """``--client-conflict-resolution``: the server unpickles no client
+    record at all; every conflict goes back to the client as ConflictError."""
+    def no_resolution(oid, committed_serial, old_serial, new_pickle, committed_data=b""):
+        raise ConflictError(oid=oid, serials=(committed_serial, old_serial))
+    storage.tryToResolveConflict = no_resolution
+
+
 class RestrictedResolver:
     def __init__(self, storage, allowed=DEFAULT_ALLOWED):
         self.storage = storage

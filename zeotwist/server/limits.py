@@ -10,11 +10,17 @@
   storage are never slowed by it.
 * :class:`RateLimitedLog` logs a repeated event at most once per interval,
   with the count of the ones it swallowed.
+* :class:`AcceptGuard` watches a listening port: when ``accept`` fails
+  anyway (out of descriptors because something else used the reserve,
+  ``ENFILE``, ``ENOBUFS``), the port's per-connection log lines become one
+  rate-limited warning, and accepting pauses for a short, growing delay
+  instead of being retried on every reactor turn.
 
 Pure logic (the clock is injected); runs on the reactor thread.
 """
 import resource
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 _log = Logger()
@@ -77,3 +83,91 @@ class ConnectionLimiter:
 
     def release(self) -> None:
         self.active -= 1
+
+
+class RefusedConnection(Protocol):
+    """What a connection past the cap gets: it is aborted at once.
+
+    (Returning None from ``buildProtocol`` does the same for plain TCP, but
+    a TLS port's wrapping factory cannot handle None.)
+    """
+
+    def connectionMade(self):
+        self.transport.abortConnection()
+
+
+#: How twisted.internet.tcp logs accept trouble (``_accept``'s messages).
+_EMFILE_ROUND = "EMFILE encountered"
+_ACCEPT_FAILED = "Could not accept"
+_ACCEPT_NOISE = ("EMFILE recovery", "Re-reserving EMFILE")
+
+
+class AcceptGuard:
+    """Rate-limited accept-error logging and backing off, for one port.
+
+    Twisted's TCP port logs each EMFILE recovery round and one line per
+    connection it had to close, and when ``accept`` fails without its
+    reserved descriptor it retries on every reactor turn, logging each
+    time.  The guard takes the port's log events: accept trouble becomes
+    one warning per interval (with a count of what it swallowed), other
+    events pass through; a failed accept also stops the port reading for
+    ``pause`` seconds, doubling (up to ``MAX_PAUSE``) while failures go on.
+    """
+
+    MIN_PAUSE, MAX_PAUSE = 0.05, 2.0
+
+    def __init__(self, port, clock, interval: float = 10.0):
+        self.port = port
+        self.clock = clock
+        self.log = RateLimitedLog(clock, interval)
+        self.backoff_log = RateLimitedLog(clock, interval)
+        self.pause = self.MIN_PAUSE
+        self.errors = 0
+        self._last_error = None
+        self._resume = None
+        logger = port._logger
+        self._observer = logger.observer
+        port._logger = Logger(namespace=logger.namespace, observer=self)
+
+    @classmethod
+    def install(cls, port, clock):
+        """Guard ``port`` if it is a Twisted TCP (or Unix, or TLS) port."""
+        if isinstance(getattr(port, "_logger", None), Logger):
+            return cls(port, clock)
+        return None
+
+    def __call__(self, event) -> None:
+        fmt = event.get("log_format") or ""
+        if fmt.startswith(_EMFILE_ROUND):
+            self.errors += 1
+            self.log.warn("zeotwist: out of file descriptors; closing the connections "
+                          "the server cannot take (raise the limit or lower "
+                          "--max-connections)")
+        elif fmt.startswith(_ACCEPT_FAILED):
+            self.errors += 1
+            self._back_off(event.get("acceptError"))
+        elif not fmt.startswith(_ACCEPT_NOISE):
+            self._observer(event)
+
+    def _back_off(self, error) -> None:
+        now = self.clock.seconds()
+        if self._last_error is not None and now - self._last_error < 4 * self.MAX_PAUSE:
+            self.pause = min(self.MAX_PAUSE, self.pause * 2)
+        else:
+            self.pause = self.MIN_PAUSE
+        self._last_error = now
+        self.backoff_log.warn("zeotwist: cannot accept connections ({error}); pausing "
+                              "accepts for {pause:.2f} s", error=error, pause=self.pause)
+        if self._resume is None or not self._resume.active():
+            self.port.stopReading()
+            self._resume = self.clock.callLater(self.pause, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if getattr(self.port, "connected", False):
+            self.port.startReading()
+
+    def stop(self) -> None:
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
+        self._resume = None

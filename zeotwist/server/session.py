@@ -9,6 +9,8 @@ this session's transaction and releases (or withdraws from) the commit lock.
 Runs on the reactor thread; ``_*_in_thread`` methods run in the storage's
 worker thread and touch nothing but the storage and the transaction.
 """
+from collections import deque
+
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import (
     ConflictError, ReadConflictError, ReadOnlyError, StorageTransactionError)
@@ -23,7 +25,8 @@ from zeotwist.errors import (
 from zeotwist.server.auth import AuthResponders
 from zeotwist.server.blobs import BLOB_RECORD_HANDLERS, BLOB_VOTE_ERRORS, BlobResponders
 from zeotwist.server.limits import (
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, pending_output)
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RefusedConnection,
+    pending_output)
 from zeotwist.server.storageapi import RECORD_HANDLERS as STORAGE_API_RECORD_HANDLERS
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
@@ -85,6 +88,9 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         if self.server is not None:
             self.server.unregister(self)
             self._abort_txn()
+        if self._output_check is not None and self._output_check.active():
+            self._output_check.cancel()
+        self._output_check = self._held = None
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.limiter.release()
@@ -101,15 +107,66 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
                 self.protocolViolation(
                     "client is not reading: %d bytes of invalidations pending" % pending)
 
+    # A client that sends requests but does not read the answers: once more
+    # than max_pending_output waits for it, the session stops reading it and
+    # holds the requests already read, until the client has taken half of
+    # that; answers are never dropped, and the client only waits.
+    _held = None            # a deque of boxes while reading is paused
+    _output_check = None    # the timer that looks at the output again meanwhile
+    _unread = 0             # bytes emitted since this burst of input began
+    _budget = 2**62         # bytes the burst may emit before reading pauses
+    OUTPUT_CHECK_INTERVAL = 0.05
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport is not None:
+            self._unread = 0
+            self._budget = self.max_pending_output - pending_output(self.transport)
+        super().dataReceived(data)
+
+    def emit(self, frame: bytes) -> None:
+        self._unread += len(frame)
+        super().emit(frame)
+
+    def _pause_reading(self) -> None:
+        self._held = deque()
+        self.transport.pauseProducing()
+        self._output_check = self._clock.callLater(
+            self.OUTPUT_CHECK_INTERVAL, self._check_output)
+
+    def _check_output(self) -> None:
+        self._output_check = None
+        if self.transport is None or self._violated:
+            return
+        pending = pending_output(self.transport)
+        if pending > self.max_pending_output // 2:
+            self._output_check = self._clock.callLater(
+                self.OUTPUT_CHECK_INTERVAL, self._check_output)
+            return
+        held, self._held = self._held, None
+        self._unread, self._budget = 0, self.max_pending_output - pending
+        while held and self._held is None and self.transport is not None \
+                and not self._violated:
+            self.ampBoxReceived(held.popleft())
+        if self._held is not None:          # paused again: keep the order
+            held.extend(self._held)
+            self._held = held
+        elif self.transport is not None and not self._violated:
+            self.transport.resumeProducing()
+
     def ampBoxReceived(self, box):
+        if self._held is not None:
+            self._held.append(box)
+            return
         # The hot path: a well-formed LoadBefore whose record fits one AMP
         # value is answered here, without AMP's Deferred and argument
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
-        if box.get(b"_command") == b"LoadBefore" and self.server is not None \
-                and self._fast_load(box):
-            return
-        super().ampBoxReceived(box)
+        if not (box.get(b"_command") == b"LoadBefore" and self.server is not None
+                and self._fast_load(box)):
+            super().ampBoxReceived(box)
+        if self._unread > self._budget and self.transport is not None \
+                and not self._violated:
+            self._pause_reading()
 
     def _fast_load(self, box) -> bool:
         ask, oid, tid = box.get(b"_ask"), box.get(b"oid"), box.get(b"tid")
@@ -386,7 +443,7 @@ class SessionFactory(ServerFactory):
 
     def buildProtocol(self, addr):
         if not self.limiter.admit(addr):
-            return None                  # Twisted closes the connection
+            return RefusedConnection()   # aborted at once
         session = ServerSession(self.servers, self.clock, self.handshake_timeout)
         session.factory = self
         session.portal = self.portal

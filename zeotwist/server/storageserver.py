@@ -22,7 +22,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
-from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver
+from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidReservation
 from zeotwist.wire.commands import Invalidate
@@ -39,7 +39,7 @@ class StorageServer:
                  max_transaction_bytes: int = 2**31, run_storage_call=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
-                 conflict_classes=()):
+                 conflict_classes=(), client_conflict_resolution: bool = False):
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -58,7 +58,9 @@ class StorageServer:
             oid_reservation_path = name + ".oids" if isinstance(name, str) else None
         if oid_reservation_path is not None and not self.read_only:
             self._oids = OidReservation(storage, oid_reservation_path)
-        if hasattr(storage, "tryToResolveConflict"):
+        if hasattr(storage, "tryToResolveConflict") and client_conflict_resolution:
+            refuse_resolution(storage)          # no client record unpickled at all
+        elif hasattr(storage, "tryToResolveConflict"):
             # never ZODB's unrestricted unpickler on client records
             RestrictedResolver(storage, DEFAULT_ALLOWED + tuple(conflict_classes)).install()
         self.invalidations = RecentInvalidations(invalidation_queue_size)

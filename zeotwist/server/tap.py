@@ -29,6 +29,8 @@ from twisted.python import usage
 from zeotwist.errors import ZeotwistError
 from zeotwist.server.config import (
     DEFAULT_STORAGE_NAME, ConfigError, describe, read_config)
+from zeotwist.server.limits import (
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE, AcceptGuard)
 from zeotwist.server.session import SessionFactory
 from zeotwist.tls import TLSConfigError, listen_tls, server_options
 from zeotwist.server.storageserver import (
@@ -48,6 +50,9 @@ DEFAULTS = dict(
     invalidation_queue_size=DEFAULT_INVALIDATION_QUEUE_SIZE,
     address_file=None,
     allow_read_only_pack=False,
+    max_connections=DEFAULT_MAX_CONNECTIONS,
+    max_pending_output=DEFAULT_MAX_PENDING_OUTPUT,
+    client_conflict_resolution=False,
     listen_tls=(),          # TLS and authentication: docs/tls-auth.md
     tls_cert=None,
     tls_key=None,
@@ -62,6 +67,8 @@ _CLI = {
     "max-transaction-size": "max_transaction_bytes",
     "invalidation-queue-size": "invalidation_queue_size",
     "address-file": "address_file",
+    "max-connections": "max_connections",
+    "max-pending-output": "max_pending_output",
     "tls-cert": "tls_cert",
     "tls-key": "tls_key",
     "tls-ca": "tls_ca",
@@ -95,6 +102,9 @@ class Options(usage.Options):
     optFlags = [
         ["read-only", "r", "Serve the storages read-only."],
         ["allow-read-only-pack", None, "Let read-only client connections pack the storages."],
+        ["client-conflict-resolution", None,
+         "Never unpickle client records on the server, not even for conflict "
+         "resolution: every conflict reaches its client as a ConflictError."],
     ]
     optParameters = [
         ["config", "C", None,
@@ -119,6 +129,14 @@ class Options(usage.Options):
          "How many recent transactions the server remembers, so reconnecting "
          "clients can verify their caches instead of dropping them "
          "[default: %d]." % DEFAULTS["invalidation_queue_size"], int],
+        ["max-connections", None, None,
+         "Concurrent client connections; more are closed at once. Kept %d below "
+         "the file-descriptor limit [default: %d]."
+         % (FD_RESERVE, DEFAULT_MAX_CONNECTIONS), int],
+        ["max-pending-output", None, None,
+         "Bytes of output a client may leave unread: past it, a client that does "
+         "not take its invalidations is disconnected, and one that does not read "
+         "its answers is not read from until it does [default: 64MB].", _byte_size],
         ["blob-dir", None, None,
          "The blob directory of the -f storage (blobs are off without it)."],
         ["address-file", None, None,
@@ -183,13 +201,20 @@ class Options(usage.Options):
             settings["read_only"] = True
         if self["allow-read-only-pack"]:
             settings["allow_read_only_pack"] = True
+        if self["client-conflict-resolution"]:
+            settings["client_conflict_resolution"] = True
+        for kw in ("max_connections", "max_pending_output"):
+            if settings[kw] < 1:
+                raise usage.UsageError("%s must be at least 1, not %s"
+                                       % (kw.replace("_", "-"), settings[kw]))
         settings["listen_tls"] = list(self["listen-tls"] or settings.get("listen_tls") or [])
         settings["listen"] = list(self["listen"] or settings.get("listen")
                                   or ([] if settings["listen_tls"] else [DEFAULT_LISTEN]))
         problem = check_tls_auth(settings)
         if problem:
             raise usage.UsageError(problem)
-        settings["conflict_classes"] = list(self["conflict-classes"])
+        settings["conflict_classes"] = (list(settings.get("conflict_classes", ()))
+                                        + list(self["conflict-classes"]))
         if self["filename"] or not path:
             name = self["storage"] or DEFAULT_STORAGE_NAME
             if name in storages:
@@ -265,7 +290,9 @@ class ServerService(service.Service):
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  stop_reactor_on_failure: bool = False, conflict_classes=(),
                  blob_dir: str | None = None, allow_read_only_pack: bool = False,
-                 listen_tls=(),
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+                 client_conflict_resolution: bool = False, listen_tls=(),
                  tls_cert: str | None = None, tls_key: str | None = None,
                  tls_ca: str | None = None, auth_file: str | None = None):
         problem = check_tls_auth(dict(listen_tls=listen_tls, tls_cert=tls_cert,
@@ -297,6 +324,10 @@ class ServerService(service.Service):
         self.address_file = address_file
         self.invalidation_queue_size = invalidation_queue_size
         self.conflict_classes = tuple(conflict_classes)
+        #: the server unpickles no client record (conflicts go to the clients)
+        self.client_conflict_resolution = client_conflict_resolution
+        self.max_connections = max_connections
+        self.max_pending_output = max_pending_output
         #: read-only connections may pack (storageapi's Pack)
         self.allow_read_only_pack = allow_read_only_pack
         #: TLS endpoints and their certificate files; the password file (auth)
@@ -368,7 +399,8 @@ class ServerService(service.Service):
                 transaction_timeout=self.transaction_timeout,
                 max_transaction_bytes=self.max_transaction_bytes,
                 invalidation_queue_size=self.invalidation_queue_size,
-                conflict_classes=self.conflict_classes)
+                conflict_classes=self.conflict_classes,
+                client_conflict_resolution=self.client_conflict_resolution)
             server.allow_read_only_pack = self.allow_read_only_pack
             return server
         except Exception as e:
@@ -387,7 +419,9 @@ class ServerService(service.Service):
     def startService(self):
         self.open_storages()
         super().startService()
-        factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout)
+        factory = SessionFactory(self.servers, self.reactor, self.handshake_timeout,
+                                 max_connections=self.max_connections,
+                                 max_pending_output=self.max_pending_output)
         factory.portal = self.auth_portal()
         ds = [serverFromString(self.reactor, desc).listen(factory) for desc in self.listen]
         ds += [listen_tls(self.reactor, desc, factory, self.tls_options())
@@ -415,6 +449,7 @@ class ServerService(service.Service):
 
     def _listening(self, ports):
         self.ports = ports
+        self.accept_guards = [AcceptGuard.install(p, self.reactor) for p in ports]
         addresses = [format_address(p.getHost()) for p in ports]
         for name, server in self.servers.items():
             for a in addresses:
@@ -442,6 +477,8 @@ class ServerService(service.Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        for guard in filter(None, getattr(self, "accept_guards", ())):
+            guard.stop()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         for server in self.servers.values():
