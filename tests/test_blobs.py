@@ -701,3 +701,54 @@ def test_a_stalled_upload_fails_after_its_idle_timeout_but_a_slow_one_does_not(t
     clock.pump([1] * 61)                           # then stuck
     assert out and out[0].check(ClientDisconnected)
     assert proto.producer is None                  # unregistered
+
+
+def test_a_spool_write_error_fails_the_vote_not_the_connection(tmp_path):
+    from ZODB.POSException import StorageError
+    from zeotwist.server.blobs import BlobSpool
+
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    spool = BlobSpool(str(tmp_path))
+    spool.append(0, b"first")
+    spool._file = FullDisk()                  # the disk fills up
+    spool.append(0, b"more")                  # kept, not raised
+    spool.append(1, b"next blob")             # ignored from now on
+    with pytest.raises(StorageError, match="No space left"):
+        spool.take(0)
+    spool.close()
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_blobs_over_tls(tmp_path):
+    """Uploads register a producer with the connection's transport: under TLS
+    that is the TLS wrapper, which must pace them (and flush) too."""
+    certs = pytest.importorskip("certs")
+    (tmp_path / "pki").mkdir()
+    pki = certs.make_pki(tmp_path / "pki")
+    loopback = "tcp:0:interface=127.0.0.1"
+    srv = start_server(str(tmp_path / "data.fs"), listen=loopback, listen_tls=[loopback],
+                       tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                       blob_dir=str(tmp_path / "blobs"))
+    try:
+        host, port = srv.addresses[-1].rsplit(":", 1)
+        address = (host, int(port))
+        tls = dict(ca=str(pki.ca))
+        writer = ClientStorage(address, tls=tls, blob_dir=str(tmp_path / "w"),
+                               reactor=background_reactor(), wait_timeout=10)
+        data = {"big": os.urandom(3 * 2**20 + 3), "empty": b""}
+        commit_blobs(ZODB.DB(writer), data)
+        reader = ClientStorage(address, tls=tls, blob_dir=str(tmp_path / "r"),
+                               reactor=background_reactor(), wait_timeout=10)
+        db = ZODB.DB(reader)
+        for key, ref in blob_refs(db).items():
+            with open(reader.loadBlob(*ref), "rb") as f:
+                assert f.read() == data[key], key
+        db.close()
+    finally:
+        srv.stop()

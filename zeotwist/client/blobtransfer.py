@@ -107,8 +107,12 @@ class BlobUpload:
         except OSError:
             self._end(Failure())
             return
+        try:
+            transport.registerProducer(self, True)   # stops us at once if disconnected
+        except Exception:       # another producer (a bug): fail, do not hang
+            self._end(Failure())
+            return
         self._transport = transport
-        transport.registerProducer(self, True)   # stops us at once if disconnected
         if self._done is not None:
             self.resumeProducing()
 
@@ -141,8 +145,11 @@ class BlobUpload:
         f, self._file = self._file, None
         if f is not None:
             f.close()
-        transport = self._transport
-        if transport is not None and getattr(transport, "producer", None) is self:
+        # Unregister whatever the transport did before (it clears its own
+        # producer when the connection is lost); a TLS transport registers a
+        # wrapper of us, so we cannot compare ``transport.producer``.
+        transport, self._transport = self._transport, None
+        if transport is not None:
             transport.unregisterProducer()
         d, self._done = self._done, None
         if d is not None:

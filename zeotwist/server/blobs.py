@@ -15,14 +15,14 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
   Whatever a transaction spooled and did not hand over is removed when the
   transaction ends, however it ends (``TransactionBuffer.on_close``).
 * Download: ``LoadBlobChunk`` reads up to 120 KB of a committed blob file in
-  the storage thread (``self.server.call``); the client pulls the chunks, a
-  few at a time, so the server never holds more than those in memory.
+  the storage thread (``self.server.call``); the client pulls the chunks, 16
+  at a time, so the server never holds more than those in memory.
 """
 import os
 import stat
 import tempfile
 
-from ZODB.POSException import POSKeyError, Unsupported
+from ZODB.POSException import POSKeyError, StorageError, Unsupported
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -133,6 +133,7 @@ class BlobSpool:
         self.directory = directory
         self.paths: list = []          # blob number -> spool file
         self.refused: dict = {}        # blob number -> why its name was refused
+        self.error = None              # why spooling failed (disk full, ...), if it did
         self._file = None              # the file receiving the last blob's chunks
 
     def _next(self, blob: int) -> tuple[int, str]:
@@ -145,13 +146,27 @@ class BlobSpool:
         return fd, path
 
     def append(self, blob: int, data: bytes) -> None:
-        """Append a chunk to blob file ``blob`` (the last one, or a new one)."""
-        if blob == len(self.paths):
-            fd, _ = self._next(blob)
-            self._file = os.fdopen(fd, "wb")
-        elif blob != len(self.paths) - 1 or self._file is None:
-            raise RemoteProtocolError("chunk for blob file %d, which has ended" % blob)
-        self._file.write(data)
+        """Append a chunk to blob file ``blob`` (the last one, or a new one).
+
+        A file error (disk full) is kept, not raised: the vote reports it.
+        """
+        if self.error is not None:
+            return
+        try:
+            if blob == len(self.paths):
+                fd, _ = self._next(blob)
+                self._file = os.fdopen(fd, "wb")
+            elif blob != len(self.paths) - 1 or self._file is None:
+                raise RemoteProtocolError("chunk for blob file %d, which has ended" % blob)
+            self._file.write(data)
+        except OSError as e:
+            self._failed(e)
+            self._end_file()
+
+    def _failed(self, error: OSError) -> None:
+        if self.error is None:
+            self.error = "the server could not spool a blob file: %s" % (error,)
+            _log.error("{why}", why=self.error)
 
     def adopt(self, blob: int, name: str, blob_dir: str) -> str | None:
         """Make the shared-directory file ``name`` blob file ``blob``.
@@ -177,6 +192,8 @@ class BlobSpool:
     def take(self, blob: int) -> str:
         """The spooled file of blob ``blob``, for the storage (storage thread)."""
         self._end_file()
+        if self.error is not None:
+            raise StorageError(self.error)
         if blob in self.refused:
             raise BlobPathRefused(self.refused[blob])
         if not 0 <= blob < len(self.paths):
@@ -187,7 +204,10 @@ class BlobSpool:
     def _end_file(self) -> None:
         f, self._file = self._file, None
         if f is not None:
-            f.close()
+            try:
+                f.close()
+            except OSError as e:        # the last buffered bytes did not fit
+                self._failed(e)
 
     def close(self) -> None:
         """Remove every spooled file the storage did not take."""
