@@ -752,3 +752,24 @@ def test_blobs_over_tls(tmp_path):
         db.close()
     finally:
         srv.stop()
+
+
+def test_read_only_session_spools_and_moves_nothing(memory_world):
+    from zeotwist.testing import connect_in_memory
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.records import encode_blob
+    from ZODB.POSException import ReadOnlyError
+    clock, servers, tmp_path = memory_world
+    client, session, pump, rec = connect_in_memory(servers, clock)
+    client.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=True)
+    pump.flush()
+    shared = tmp_path / "blobs" / "tmp" / "someone-elses.tmp"
+    shared.write_bytes(b"in flight")
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    client.send(C.StoreBlobChunk, blob=0, data=b"x" * 1000)
+    client.send(C.StoreBlobShared, blob=1, name="tmp/someone-elses.tmp")
+    client.send(C.StoreData, data=encode_blob(b"\0" * 7 + b"\1", z64, 0, b"r"))
+    answer = _vote(client, pump)
+    assert answer is not None and answer.check(ReadOnlyError)
+    assert not rec.lost
+    assert os.listdir(str(tmp_path / "blobs" / "tmp")) == ["someone-elses.tmp"]

@@ -72,7 +72,8 @@ class BlobResponders(amp.CommandLocator):
 
     def _blob_spool(self, command: str):
         """This transaction's :class:`BlobSpool` (made on first use), or
-        None after dropping a client that sends blobs out of place."""
+        None: after dropping a client that sends blobs out of place, or for
+        a read-only session (whose vote fails with ReadOnlyError)."""
         txn = self._txn
         if txn is None or txn.state != "open":
             self.protocolViolation("%s outside a transaction" % command)
@@ -80,6 +81,8 @@ class BlobResponders(amp.CommandLocator):
         if "IBlobStorage" not in self.server.interfaces:
             self.protocolViolation("%s: storage %r has no blob directory"
                                    % (command, self.server.name))
+            return None
+        if txn.read_only:         # refused at vote anyway: keep and move nothing
             return None
         spool = getattr(txn, "blob_spool", None)
         if spool is None:
