@@ -23,3 +23,13 @@ def test_commit_and_see_it_elsewhere(make_client):
     finally:
         db1.close()
         db2.close()
+
+
+def test_interfaces_declared_without_waiting(server, make_client):
+    from ZODB.interfaces import IStorageUndoable
+    cs = make_client(wait=False)
+    assert not IStorageUndoable.providedBy(cs)   # nothing known before registering
+    # the declaration runs in the reactor turn that completes registration,
+    # before anything queued after it
+    cs._call(cs.client.when_connected)
+    assert cs.supportsUndo() and IStorageUndoable.providedBy(cs)

@@ -102,16 +102,24 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         if persister is not None:
             reactor.callFromThread(persister.start, reactor)
         if in_reactor_thread(reactor):
-            connection.start()
+            self._start_and_declare()
+        elif not wait:
+            reactor.callFromThread(self._start_and_declare)
         else:
             reactor.callFromThread(connection.start)
-            if wait:
-                try:
-                    self._call(connection.when_connected)
-                except BaseException:
-                    self.close()     # else the client goes on reconnecting forever
-                    raise
-                self._declare_interfaces()
+            try:
+                self._call(connection.when_connected)
+            except BaseException:
+                self.close()     # else the client goes on reconnecting forever
+                raise
+            self._declare_interfaces()
+
+    def _start_and_declare(self) -> None:
+        """Start connecting without waiting; declare the served storage's
+        interfaces once the first registration is done (reactor thread)."""
+        self._client.start()
+        d = self._client._service.whenConnected()
+        d.addCallbacks(lambda _: self._declare_interfaces(), lambda f: None)
 
     def _declare_interfaces(self) -> None:
         """Provide exactly the optional interfaces the served storage has
