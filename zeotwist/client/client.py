@@ -374,22 +374,22 @@ class Client:
         proto = self._proto
         if proto is None:
             return self.when_connected().addCallback(lambda _: self.fetch_before(oid, tid))
-        d = Deferred()
-        self._loads[key] = [d]
-        proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
-        return d
+        self._loads[key] = []        # later requests for the same revision wait here
+        return proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
 
     def _loaded(self, result, oid, key):
-        waiters = self._loads.pop(key)
+        """Cache a load's answer and hand it to every waiter; passes it on."""
+        waiters = self._loads.pop(key, ())
         if isinstance(result, Failure):
             for d in waiters:
                 d.errback(result)
-            return
+            return result
         if result is not None:
             data, start, end = result
             self.cache.store(oid, start, end, data)
         for d in waiters:
             d.callback(result)
+        return result
 
     def load(self, oid: bytes) -> Deferred:
         """The current revision as ``(data, tid)``; POSKeyError if there is none."""
@@ -577,7 +577,8 @@ class Client:
             elif not self._loads.get(key):
                 self._loads.pop(key, None)          # left out and nobody waits
             elif self._proto is not None:           # left out: load it alone
-                self._proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
+                self._proto.load_before(oid, tid).addBoth(self._loaded, oid, key) \
+                    .addErrback(lambda f: None)     # the waiters have it
             else:
                 self._loaded(Failure(ClientDisconnected("connection lost")), oid, key)
         return len(answered)

@@ -10,6 +10,8 @@ result reaches the cache before the next box is parsed.
 
 Runs on the reactor thread.
 """
+import struct
+
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory
@@ -21,7 +23,7 @@ from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
-    CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP, frame as _frame)
+    CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP)
 
 
 def _convert(failure: Failure) -> BaseException:
@@ -31,6 +33,42 @@ def _convert(failure: Failure) -> BaseException:
     if failure.check(ConnectionClosed, amp.ProtocolSwitched):
         return ClientDisconnected("connection to the server was lost: %s" % (err,))
     return err
+
+
+_H = struct.Struct(">H").pack
+_ASK_KEY = b"\0\x04_ask"
+_LOAD_MIDDLE = b"\0\x08_command\0\x0aLoadBefore\0\x03oid\0\x08"
+_TID_KEY = b"\0\x03tid\0\x08"
+
+
+class _LoadAnswer:
+    """Stands where AMP keeps a question's Deferred (``_outstandingRequests``)
+    for one LoadBefore: AMP calls ``addErrback``/``callback``/``errback`` on
+    it; it parses the answer straight into :attr:`result`, a fresh Deferred,
+    so a LoadBefore costs one Deferred instead of two."""
+
+    __slots__ = ("proto", "result")
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.result = Deferred()
+
+    def addErrback(self, *args, **kw):
+        return self          # errors are converted below, never left unhandled
+
+    def callback(self, box):
+        try:
+            value = _fast_parse_load(box, self.proto)
+        except Exception as e:
+            self.proto.protocolViolation("bad LoadBefore answer: %s" % e)
+            self.result.errback(ClientDisconnected("bad answer from server: %s" % e))
+            return
+        self.result.callback(value)
+
+    def errback(self, reason):
+        if not isinstance(reason, Failure):
+            reason = Failure(reason)
+        self.result.errback(_convert(reason))
 
 
 def _fast_parse_load(box, proto):
@@ -74,25 +112,13 @@ class ClientProtocol(BoundedAMP):
         """
         if self._failAllReason is not None or self.transport is None:
             return fail(ClientDisconnected("not connected"))
+        if len(oid) != 8 or len(tid) != 8:
+            raise ValueError("oids and tids are 8 bytes")
         tag = self._nextTag()
-        d = self._outstandingRequests[tag] = Deferred()
-        self.emit(_frame(b"_ask", tag, b"_command", b"LoadBefore", b"oid", oid, b"tid", tid))
-        result = Deferred()
-
-        def done(box):
-            if isinstance(box, Failure):
-                result.errback(_convert(box))
-                return
-            try:
-                value = _fast_parse_load(box, self)
-            except Exception as e:
-                self.protocolViolation("bad LoadBefore answer: %s" % e)
-                result.errback(ClientDisconnected("bad answer from server: %s" % e))
-                return
-            result.callback(value)
-
-        d.addBoth(done)
-        return result
+        answer = self._outstandingRequests[tag] = _LoadAnswer(self)
+        self.emit(b"".join((_ASK_KEY, _H(len(tag)), tag, _LOAD_MIDDLE, oid, _TID_KEY, tid,
+                            b"\0\0")))
+        return answer.result
 
     def _ask(self, command, box, parse=None) -> Deferred:
         result = Deferred()
