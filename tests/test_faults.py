@@ -101,6 +101,7 @@ def test_lock_holder_fault_releases_commit_lock(tmp_path, children, fault):
             holder.expect("garbage-sent")
         tid = waiter.expect("committed", timeout=RECOVERY_BOUND)
         waited = time.monotonic() - start
+        print("[liveness] %s: holder stalled -> waiter committed in %.2f s" % (fault, waited))
         assert waited < RECOVERY_BOUND
         waiter.finish()
         if fault == "garbage":
