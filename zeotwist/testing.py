@@ -14,6 +14,15 @@ from zeotwist.client.reactorthread import background_reactor, blocking_call
 from zeotwist.server.tap import ServerService
 
 
+def parse_address(text: str):
+    """A listening address as the server logs it (``host:port`` or
+    ``unix:/path``) -> a ``(host, port)`` tuple or a socket path."""
+    if text.startswith("unix:"):
+        return text[5:]
+    host, port = text.rsplit(":", 1)
+    return host, int(port)
+
+
 class RunningServer:
     def __init__(self, service, reactor, addresses):
         self.service = service
@@ -23,11 +32,7 @@ class RunningServer:
     @property
     def address(self):
         """The first listening address as a ``(host, port)`` tuple or a path."""
-        first = self.addresses[0]
-        if first.startswith("unix:"):
-            return first[5:]
-        host, port = first.rsplit(":", 1)
-        return host, int(port)
+        return parse_address(self.addresses[0])
 
     @property
     def server(self):
@@ -121,11 +126,7 @@ class TwistdServer:
     @property
     def address(self):
         """The first listening address as a ``(host, port)`` tuple or a path."""
-        first = self.addresses[0]
-        if first.startswith("unix:"):
-            return first[5:]
-        host, port = first.rsplit(":", 1)
-        return host, int(port)
+        return parse_address(self.addresses[0])
 
     def log(self) -> str:
         """The server's log so far (twistd's ``-l`` file, then its stdout/stderr)."""

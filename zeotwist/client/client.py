@@ -625,13 +625,17 @@ class ClientTransaction:
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes) -> None:
         self._stream += encode_store(oid, serial or z64, data)
+        self._remember_written(oid, data)
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+
+    def _remember_written(self, oid: bytes, data: bytes) -> None:
+        """Keep what was written, up to a limit, to refresh the cache at finish."""
         if self._written_bytes + len(data) <= CACHE_WRITES_LIMIT:
             self._written[oid] = data
             self._written_bytes += len(data)
         else:
             self._written[oid] = None
-        if len(self._stream) >= C.STORE_CHUNK:
-            self._flush()
 
     # -- storage API records: undo, restore, deleteObject ---------------------------
     #: restore (tpc_begin with an explicit tid): sent with TpcBegin
@@ -763,11 +767,7 @@ class ClientTransaction:
             self._written[oid] = None            # invalidated, not cached
         else:
             self._stream += encode_blob(oid, serial or z64, number, data)
-            if self._written_bytes + len(data) <= CACHE_WRITES_LIMIT:
-                self._written[oid] = data
-                self._written_bytes += len(data)
-            else:
-                self._written[oid] = None
+            self._remember_written(oid, data)
         if len(self._stream) >= C.STORE_CHUNK:
             self._flush()
         return number
