@@ -1,0 +1,226 @@
+"""ClientTransaction: the client side of one two-phase commit.
+
+Records are encoded into a local buffer by the committing thread (``store``,
+``check_current_serial``, ``undo``, ``restore``, ``delete_object``, blobs);
+full pieces go to the reactor through ``dispatch``; ``vote``, ``finish`` and
+``abort`` run on the reactor thread, on the connection the transaction
+started on (a transaction never survives a reconnection: it fails with
+ClientDisconnected and the application retries it).
+"""
+from twisted.internet.defer import Deferred, fail, succeed
+from ZODB.POSException import ConflictError
+from ZODB.utils import z64
+
+from zeotwist.errors import ClientDisconnected
+from zeotwist.wire import commands as C
+from zeotwist.wire.records import (
+    encode_check, encode_delete, encode_restore, encode_store, encode_undo)
+
+#: Data kept per transaction to refresh the cache with what was written.
+CACHE_WRITES_LIMIT = 4 * 2**20
+
+
+def _utf8(value) -> bytes:
+    """Transaction user/description as bytes (ZODB code may set them as str)."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+class ClientTransaction:
+    """The client side of one two-phase commit.
+
+    ``store``/``check_current_serial`` only encode into a local buffer; full
+    pieces are handed to the reactor through ``dispatch`` (a direct call in
+    reactor code, ``reactor.callFromThread`` from a committing thread).  The
+    first piece opens the transaction on the server; ``vote`` sends the rest.
+    """
+
+    def __init__(self, client, meta, dispatch=None):
+        self.meta = meta
+        self.resolved = ()
+        self._client = client
+        self._dispatch = dispatch or (lambda f, *a: f(*a))
+        self._stream = bytearray()
+        self._written: dict = {}
+        self._written_bytes = 0
+        self._proto = None
+        self._failed = None
+
+    def store(self, oid: bytes, serial: bytes | None, data: bytes) -> None:
+        self._stream += encode_store(oid, serial or z64, data)
+        self._remember_written(oid, data)
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+
+    def _remember_written(self, oid: bytes, data: bytes) -> None:
+        """Keep what was written, up to a limit, to refresh the cache at finish."""
+        if self._written_bytes + len(data) <= CACHE_WRITES_LIMIT:
+            self._written[oid] = data
+            self._written_bytes += len(data)
+        else:
+            self._written[oid] = None
+
+    # -- storage API records: undo, restore, deleteObject ---------------------------
+    #: restore (tpc_begin with an explicit tid): sent with TpcBegin
+    tid = None
+    status = " "
+
+    def undo(self, undo_id: bytes) -> None:
+        """Undo the transaction ``undo_id`` (from the undo log) in this one;
+        the server answers the undone oids in Vote's ``resolved``."""
+        self._record(encode_undo(undo_id))
+
+    def restore(self, oid: bytes, serial: bytes, data, prev_txn) -> None:
+        self._record(encode_restore(oid, serial, data, prev_txn))
+        self._written[oid] = None            # invalidated, not cached
+
+    def delete_object(self, oid: bytes, serial: bytes) -> None:
+        self._record(encode_delete(oid, serial))
+        self._written[oid] = None
+
+    def _record(self, record: bytes) -> None:
+        self._stream += record
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+
+    def check_current_serial(self, oid: bytes, serial: bytes) -> None:
+        self._stream += encode_check(oid, serial)
+
+    def _flush(self) -> None:
+        chunk, self._stream = bytes(self._stream), bytearray()
+        self._dispatch(self._send, chunk)
+
+    def _send(self, chunk: bytes) -> None:
+        if self._failed is not None:
+            return
+        proto = self._client._proto
+        if self._proto is None:
+            if proto is None:
+                self._failed = ClientDisconnected("not connected to the server")
+                return
+            self._proto = proto
+            meta = self.meta
+            proto.send(C.TpcBegin, user=_utf8(meta.user), description=_utf8(meta.description),
+                       extension=meta.extension_bytes, tid=self.tid,
+                       status=None if self.status == " " else self.status)
+        elif proto is not self._proto:
+            self._failed = ClientDisconnected("connection lost during the transaction")
+            return
+        for off in range(0, len(chunk), C.STORE_CHUNK):
+            proto.send(C.StoreData, data=chunk[off:off + C.STORE_CHUNK])
+
+    def vote(self) -> Deferred:
+        """Send what is left and vote; fires with the oids the server resolved."""
+        pending = self._blobs_pending()     # blobs: vote after their last chunk
+        if pending is not None:
+            return pending.addCallback(lambda _: self.vote())
+        if self._failed is not None:    # a piece was lost: waiting would not help
+            return fail(self._failed)
+        if self._proto is None and self._client._proto is None:
+            return self._client.when_connected().addCallback(lambda _: self.vote())
+        self._flush_now()
+        if self._failed is not None:
+            return fail(self._failed)
+        return self._proto.call(C.Vote).addCallback(self._voted)
+
+    def _flush_now(self) -> None:
+        chunk, self._stream = bytes(self._stream), bytearray()
+        self._send(chunk)
+
+    def _voted(self, answer):
+        conflicts = answer["conflicts"]
+        if conflicts:
+            oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]
+            try:    # ZODB names the class from the record we sent, as the server did
+                err = ConflictError(oid=oid, serials=(committed, sent),
+                                    data=self._written.get(oid))
+            except Exception:   # not a ZODB pickle
+                err = ConflictError(oid=oid, serials=(committed, sent))
+            raise err
+        self.resolved = answer["resolved"]
+        return self.resolved
+
+    def finish(self, callback=None) -> Deferred:
+        """Commit; ``callback(tid)`` runs before any later invalidation is applied."""
+        if self._proto is None or self._proto is not self._client._proto:
+            return fail(ClientDisconnected("connection lost before finish"))
+        d = self._proto.call(C.Finish)
+        return d.addCallback(self._finished, callback)
+
+    def _finished(self, answer, callback):
+        tid = answer["tid"]
+        self._client._committed(tid, self._written, set(self.resolved), callback)
+        return tid
+
+    def abort(self) -> Deferred:
+        proto = self._proto
+        if proto is None or proto is not self._client._proto:
+            return succeed(None)   # the server aborts it when the link drops
+        d = proto.call(C.Abort)
+        d.addErrback(lambda f: f.trap(ClientDisconnected) and None)
+        return d.addCallback(lambda _: None)
+
+    # -- blobs ---------------------------------------------------------------------
+    #: blob files numbered so far; the uploads (a BlobUploads) once one began
+    _blob_count = 0
+    _blob_uploads = None
+
+    def store_blob(self, oid: bytes, serial: bytes | None, data: bytes, path: str) -> Deferred:
+        """storeBlob: ``data`` is the record, ``path`` the blob file, which
+        is uploaded (the caller keeps it).  Fires once its last chunk is
+        handed to the connection; :meth:`vote` waits for that anyway."""
+        return self.send_blob_file(self.blob_record(oid, serial, data), path)
+
+    def store_blob_shared(self, oid: bytes, serial: bytes | None, data: bytes,
+                          name: str) -> None:
+        """storeBlob in the shared-blob-directory mode: ``name`` is the blob
+        file's path relative to the server's blob directory, in its ``tmp``."""
+        self.send_blob_name(self.blob_record(oid, serial, data), name)
+
+    def blob_record(self, oid: bytes, serial: bytes | None, data: bytes,
+                    restore: bool = False, prev_txn: bytes | None = None) -> int:
+        """Add a storeBlob (or restoreBlob) record for the next blob file to
+        the stream and return that file's number, for :meth:`send_blob_file`
+        or :meth:`send_blob_name`.  Called like :meth:`store`."""
+        from zeotwist.wire.records import encode_blob, encode_restore_blob
+        number = self._blob_count
+        self._blob_count += 1
+        if restore:
+            self._stream += encode_restore_blob(oid, serial, number, data, prev_txn)
+            self._written[oid] = None            # invalidated, not cached
+        else:
+            self._stream += encode_blob(oid, serial or z64, number, data)
+            self._remember_written(oid, data)
+        if len(self._stream) >= C.STORE_CHUNK:
+            self._flush()
+        return number
+
+    def send_blob_file(self, number: int, path: str,
+                       idle_timeout: float | None = None) -> Deferred:
+        """Upload the file at ``path`` as blob file ``number`` (reactor
+        thread), after the uploads already queued; fires when its last chunk
+        is handed to the connection, whose buffer paces the reads.  With
+        ``idle_timeout``, fails after that many seconds without progress."""
+        from zeotwist.client.blobtransfer import BlobUploads
+        self._send(b"")                 # opens the transaction on the server first
+        if self._failed is not None:
+            return fail(self._failed)
+        if self._blob_uploads is None:
+            self._blob_uploads = BlobUploads(self._client.reactor)
+        d = self._blob_uploads.add(self._proto, number, path, idle_timeout)
+        return d.addErrback(self._blob_failed)
+
+    def send_blob_name(self, number: int, name: str) -> None:
+        """Shared blob directory: blob file ``number`` is the file ``name``
+        (reactor thread).  The server checks the name; a refusal fails the vote."""
+        self._send(b"")
+        if self._failed is None:
+            self._proto.send(C.StoreBlobShared, blob=number, name=name)
+
+    def _blob_failed(self, failure):
+        if self._failed is None:        # the server is missing a blob file now
+            self._failed = failure.value
+        return failure
+
+    def _blobs_pending(self) -> Deferred | None:
+        uploads = self._blob_uploads
+        return None if uploads is None else uploads.idle()
