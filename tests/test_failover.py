@@ -106,3 +106,36 @@ def test_read_only_fallback_and_back_to_a_writable_server(tmp_path, closing):
     assert conn.root()["x"]["v"] == 2
     tm.abort()
     conn.close()
+
+
+def test_new_addr_moves_the_client(tmp_path):
+    """ZEO's ``new_addr``: the client drops its server and uses another."""
+    import shutil
+    import transaction
+    from ZODB import DB
+    from zeotwist import ClientStorage
+    from zeotwist.client.reactorthread import background_reactor
+    from zeotwist.testing import start_server
+    first = start_server(str(tmp_path / "a.fs"))
+    cs = ClientStorage(first.address, reactor=background_reactor(), wait_timeout=10)
+    db = DB(cs)
+    second = None
+    try:
+        with db.transaction() as conn:
+            conn.root()["where"] = "first"
+        first.stop()
+        shutil.copy(str(tmp_path / "a.fs"), str(tmp_path / "b.fs"))
+        second = start_server(str(tmp_path / "b.fs"))
+        cs.new_addr(second.address)
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        assert conn.root()["where"] == "first"      # the cache verified against b
+        conn.root()["where"] = "second"
+        tm.commit()
+        assert len(second.server.sessions) == 1
+        assert second.server.last_tid == cs.lastTransaction()
+        conn.close()
+    finally:
+        db.close()
+        if second is not None:
+            second.stop()

@@ -118,13 +118,28 @@ class Client:
         #: Every transaction this client learns of, for reactor programs.
         self.events = InvalidationEvents()
         self._reset_listeners: list = []
-        self._service = ClientService(
+        # capped exponential backoff; up to 0.25 s of jitter spreads out
+        # many clients reconnecting to a restarted server
+        self._retry_policy = retry_policy or backoffPolicy(
+            initialDelay=0.05, maxDelay=5.0, jitter=lambda: random.random() * 0.25)
+        self._service = self._make_service(endpoint)
+
+    def _make_service(self, endpoint) -> ClientService:
+        return ClientService(
             _ErrorKeepingEndpoint(endpoint, self), ClientFactory(self),
-            # capped exponential backoff; up to 0.25 s of jitter spreads out
-            # many clients reconnecting to a restarted server
-            retryPolicy=retry_policy or backoffPolicy(
-                initialDelay=0.05, maxDelay=5.0, jitter=lambda: random.random() * 0.25),
-            clock=reactor, prepareConnection=self._register)
+            retryPolicy=self._retry_policy, clock=self.reactor,
+            prepareConnection=self._register)
+
+    def set_endpoint(self, endpoint) -> Deferred:
+        """Use other server address(es) from now on (ZEO's ``new_addr``):
+        drop the current connection and connect to ``endpoint``; the cache
+        is verified against the new server as after any reconnection.
+        Fires once the old connection is closed and the new service runs."""
+        old, self.endpoint = self._service, endpoint
+        self._service = self._make_service(endpoint)
+        d = old.stopService()
+        d.addCallback(lambda _: self._service.startService())
+        return d
 
     # -- connection ------------------------------------------------------------
     def start(self) -> None:

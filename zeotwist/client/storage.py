@@ -97,6 +97,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                             fallback_check_interval=fallback_check_interval,
                             credentials=credentials)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
+        self._tls = tls
         self._blob_setup(blob_dir, shared_blob_dir, blob_cache_size, blob_cache_size_check)
         self._persister = persister
         if persister is not None:
@@ -155,6 +156,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         self._closed = False
         self._persister = None
         self._owns_client = owns_client
+        self._tls = None
         self._client = client
         client.add_invalidation_listener(self._invalidate_db)
         client.add_reset_listener(self._invalidate_db_cache)
@@ -190,6 +192,14 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
             except ClientDisconnected:
                 return False
         return self._client.is_connected
+
+    def new_addr(self, addr) -> None:
+        """Switch to other server address(es) (as ZEO's ``new_addr``): the
+        client drops its connection and connects there; calls made
+        meanwhile wait for the new connection up to ``wait_timeout``."""
+        endpoint = to_endpoint(self._reactor, addr, self._tls)
+        self._addr = addr
+        self._call(self._client.set_endpoint, endpoint)
 
     def server_status(self) -> dict:
         return dict(self._call(self._client.info))
