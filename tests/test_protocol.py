@@ -42,10 +42,16 @@ def register(client, pump, read_only=False, storage="1"):
                 storage=storage, read_only=read_only)
 
 
+def open_txn(client, data=b""):
+    """TpcBegin and one StoreData piece carrying ``data`` (one-way, unanswered)."""
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    if data:
+        client.send(C.StoreData, data=data)
+
+
 def commit(client, pump, records, oids=None):
     """Drive one two-phase commit; returns (vote answer, tid or None)."""
-    client.send(C.TpcBegin, user=b"u", description=b"d", extension=b"")
-    client.send(C.StoreData, data=b"".join(records))
+    open_txn(client, b"".join(records))
     voted = call(client, pump, C.Vote)
     if voted["conflicts"]:
         return voted, None
@@ -120,8 +126,7 @@ def test_check_current_serial_read_conflict(world):
     oid = call(a, pa, C.NewOids, count=1)["oids"][0]
     _, tid1 = commit(a, pa, [encode_store(oid, z64, b"one")])
     commit(a, pa, [encode_store(oid, tid1, b"two")])
-    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    a.send(C.StoreData, data=encode_check(oid, tid1))
+    open_txn(a, encode_check(oid, tid1))
     with pytest.raises(ConflictError):
         call(a, pa, C.Vote)
     assert servers["1"].lock.holder is None
@@ -133,8 +138,7 @@ def test_read_only_session_cannot_commit(world):
     register(a, pa, read_only=True)
     with pytest.raises(ReadOnlyError):
         call(a, pa, C.NewOids, count=1)
-    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    a.send(C.StoreData, data=encode_store(p64(1), z64, b"x"))
+    open_txn(a, encode_store(p64(1), z64, b"x"))
     with pytest.raises(ReadOnlyError):
         call(a, pa, C.Vote)
 
@@ -146,11 +150,9 @@ def test_lock_waiter_is_served_when_holder_disconnects(world):
     register(a, pa)
     register(b, pb)
     oid = call(a, pa, C.NewOids, count=2)["oids"]
-    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    a.send(C.StoreData, data=encode_store(oid[0], z64, b"a"))
+    open_txn(a, encode_store(oid[0], z64, b"a"))
     call(a, pa, C.Vote)                              # a holds the lock
-    b.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    b.send(C.StoreData, data=encode_store(oid[1], z64, b"b"))
+    open_txn(b, encode_store(oid[1], z64, b"b"))
     waiting = []
     b.call(C.Vote).addBoth(waiting.append)
     pb.flush()
@@ -257,8 +259,7 @@ def test_transaction_cap(tmp_path):
     try:
         a, _, pa, _ = connect_in_memory({"1": server}, clock)
         register(a, pa)
-        a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-        a.send(C.StoreData, data=encode_store(p64(1), z64, b"x" * 2000))
+        open_txn(a, encode_store(p64(1), z64, b"x" * 2000))
         from zeotwist.errors import TransactionTooLarge
         with pytest.raises(TransactionTooLarge):
             call(a, pa, C.Vote)
@@ -274,8 +275,7 @@ def test_client_stopped_before_vote_delays_nobody(world):
     register(a, pa)
     register(b, pb)
     oids = call(a, pa, C.NewOids, count=2)["oids"]
-    a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    a.send(C.StoreData, data=encode_store(oids[0], z64, b"a"))
+    open_txn(a, encode_store(oids[0], z64, b"a"))
     pa.flush()                   # a stops here: stores sent, never votes
     _, tid = commit(b, pb, [encode_store(oids[1], z64, b"b")])
     assert tid is not None and servers["1"].lock.holder is None
@@ -288,8 +288,7 @@ def test_waiters_are_served_in_arrival_order(world):
         register(c, p)
     oids = call(clients[0][0], clients[0][2], C.NewOids, count=4)["oids"]
     for (c, _, p, _), oid in zip(clients, oids):
-        c.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-        c.send(C.StoreData, data=encode_store(oid, z64, b"x"))
+        open_txn(c, encode_store(oid, z64, b"x"))
     order = []
     first, _, p0, _ = clients[0]
     call(first, p0, C.Vote)                                    # holds the lock
