@@ -175,6 +175,22 @@ def test_terminated_participant_exits(server):
     assert not any("Traceback" in e for e in p.errors), "".join(p.errors)
 
 
+def test_no_server_is_one_line_not_a_traceback():
+    """Nothing listening: one line saying it cannot connect, exit status 1."""
+    import socket
+    with socket.socket() as bound:                 # bound, not listening: refused
+        bound.bind(("127.0.0.1", 0))
+        p = Participant(bound.getsockname(), "eve", 0, "--wait-timeout", "1")
+        try:
+            code = p.finish(time.monotonic() + 20)
+        finally:
+            p.kill()
+    errors = "".join(p.errors)
+    assert code == 1, errors
+    assert p.errors[-1].startswith("chatter: cannot connect to 127.0.0.1:"), errors
+    assert "Traceback" not in errors and len(p.errors) <= 2, errors
+
+
 # -- ChatSession on its own (an in-memory database) -------------------------------
 
 @pytest.fixture

@@ -350,10 +350,15 @@ async def run(reactor, args):
     """
     from twisted.internet.stdio import StandardIO
     from twisted.internet.threads import deferToThread
+    from ZODB.POSException import StorageError
     import zeotwist
 
-    client = await zeotwist.connect(reactor, args.server, args.storage,
-                                    wait_timeout=args.wait_timeout)
+    try:
+        client = await zeotwist.connect(reactor, args.server, args.storage,
+                                        wait_timeout=args.wait_timeout)
+    except (zeotwist.ClientDisconnected, ValueError, StorageError) as e:
+        sys.stderr.write("chatter: cannot connect to %s: %s\n" % (args.server, e))
+        return 1
     chat = None
     closed = Deferred()           # fires once everything below is closed
     stopping = []

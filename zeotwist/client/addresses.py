@@ -1,6 +1,7 @@
 """Turn the addresses users give into Twisted client endpoints.
 
-Accepted: ``(host, port)`` tuples (as in ZEO), ``"host:port"``, a Unix
+Accepted: ``(host, port)`` tuples and bare ports (``8100``: 127.0.0.1, as in
+ZEO), ``"host:port"``, a Unix
 socket path (a string containing ``/`` or ending in ``.sock``), any Twisted
 client endpoint string (``tcp:…``, ``unix:…``, ``tls:…``), an object
 that already provides ``IStreamClientEndpoint``, or a *list* of any of
@@ -14,6 +15,8 @@ _SCHEMES = ("tcp:", "tcp6:", "unix:", "tls:", "ssl:", "systemd:", "host:")
 
 def endpoint_string(address) -> str:
     """The endpoint string for ``address`` (not for endpoint objects)."""
+    if isinstance(address, int) and not isinstance(address, bool):
+        address = ("127.0.0.1", address)          # a bare port, as ZEO takes it
     if isinstance(address, tuple):
         host, port = address
         return "tcp:host=%s:port=%d" % (_escape(host), int(port))
@@ -32,6 +35,8 @@ def endpoint_string(address) -> str:
 def to_endpoint(reactor, address, tls=None):
     """One endpoint, or a FailoverEndpoint for a list of addresses; with
     ``tls``, TLS over each (see :func:`zeotwist.tls.client_endpoint`)."""
+    if isinstance(address, int) and not isinstance(address, bool):
+        address = ("127.0.0.1", address)
     if tls:
         from zeotwist.tls import client_endpoint
         return client_endpoint(reactor, address, tls)

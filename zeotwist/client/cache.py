@@ -30,6 +30,10 @@ class ClientCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def getLastTid(self) -> bytes | None:
+        """ZEO's name for :attr:`last_tid` (``ClientStorage._cache``)."""
+        return self.last_tid
+
     def stats(self) -> dict:
         return dict(hits=self.hits, misses=self.misses, evictions=self.evictions,
                     bytes=self._bytes, revisions=len(self._entries),

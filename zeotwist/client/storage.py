@@ -201,6 +201,21 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         self._addr = addr
         self._call(self._client.set_endpoint, endpoint)
 
+    def ping(self) -> None:
+        """One round trip to the server (ZEO's ``ping``): raises
+        ClientDisconnected if it does not answer; every invalidation it sent
+        before has arrived when this returns."""
+        self._call(self._client.ping)
+
+    @property
+    def _cache(self):
+        """The client cache under ZEO's name, for tools written for ZEO: its
+        ``clear()`` empties it (the next loads go to the server), as
+        zodbshootout does before its "cold" reads; ``len()``,
+        ``getLastTid()``, ``load(oid)`` and ``loadBefore(oid, tid)`` work
+        as on ZEO's cache (docs/differences.md)."""
+        return self._client.cache
+
     def server_status(self) -> dict:
         return dict(self._call(self._client.info))
 
@@ -239,6 +254,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         if self._closed:
             return
         self._closed = True
+        with self._tpc_cond:          # wake threads waiting in tpc_begin: they fail
+            self._tpc_cond.notify_all()
         self._client.remove_listeners(self._invalidate_db, self._invalidate_db_cache)
         if not self._owns_client:
             return
@@ -290,7 +307,11 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
             # while disconnected would be lost and fail the transaction.
             self._call(self._client.when_connected)
         with self._tpc_cond:
-            while self._transaction is not None:
+            while True:
+                if self._closed:     # close() wakes a thread waiting here
+                    raise ClientDisconnected("this ClientStorage is closed")
+                if self._transaction is None:
+                    break
                 if self._transaction is transaction:
                     raise StorageTransactionError(
                         "Duplicate tpc_begin calls for same transaction")

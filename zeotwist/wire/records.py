@@ -41,7 +41,21 @@ HEAD_SIZE = _HEAD.size
 
 
 def encode(kind: bytes, oid: bytes, serial: bytes, payload: bytes = b"") -> bytes:
+    """One record; TypeError naming the argument if ``oid`` or ``serial`` is
+    not 8 bytes or ``payload`` not bytes (``struct`` would pad or refuse)."""
+    if type(oid) is not bytes or type(serial) is not bytes or len(oid) != 8 \
+            or len(serial) != 8 or not isinstance(payload, (bytes, bytearray)):
+        _check_arguments(oid, serial, payload)
     return _HEAD.pack(kind, oid, serial, len(payload)) + payload
+
+
+def _check_arguments(oid, serial, payload) -> None:
+    for name, value in (("oid", oid), ("serial", serial)):
+        if not isinstance(value, (bytes, bytearray)) or len(value) != 8:
+            raise TypeError("%s must be 8 bytes, not %s %.40r" % (
+                name, type(value).__name__, value))
+    if not isinstance(payload, (bytes, bytearray)):
+        raise TypeError("data must be bytes, not %s" % type(payload).__name__)
 
 
 def encode_store(oid: bytes, serial: bytes, data: bytes) -> bytes:
