@@ -13,7 +13,7 @@ from zeotwist.client.interaction import DatabasePool
 from zeotwist.client.storage import ClientStorage
 from zeotwist.errors import ClientDisconnected, ReactorThreadError
 
-__all__ = ["ClientStorage", "ClientDisconnected", "ReactorThreadError", "client", "DB",
+__all__ = ["__version__", "ClientStorage", "ClientDisconnected", "ReactorThreadError", "client", "DB",
            "connection", "connect", "DatabasePool", "Invalidation"]
 
 
@@ -51,3 +51,17 @@ def connection(*args, **kw):
     except Exception:
         db.close()
         raise
+
+
+def __getattr__(name: str):
+    """``zeotwist.__version__``: the installed distribution's version, read
+    from its metadata when first asked for."""
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            value = version("zeotwist")
+        except PackageNotFoundError:      # imported from a checkout, not installed
+            value = "0+unknown"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError("module 'zeotwist' has no attribute %r" % name)
