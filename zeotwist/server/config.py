@@ -19,10 +19,10 @@ The file is ZConfig text checked against ``zeotwist/server/schema.xml``
     </mystorage>
 
 :func:`read_config` parses such a file into a :class:`ServerConfig`: the
-server options that the file sets (as :class:`~zeotwist.server.tap.ServerService`
-keyword arguments) and the storage sections by name, still unopened.  How
-the file and the command line combine is :mod:`zeotwist.server.tap`'s
-business (the command line wins).
+server options that the file sets (by :class:`~zeotwist.server.settings.
+ServerSettings` field: each field names its keys) and the storage sections
+by name, still unopened.  How the file and the command line combine is
+:mod:`zeotwist.server.tap`'s business (the command line wins).
 
 Parsing does no I/O beyond reading the file (and the imported packages'
 ``component.xml``); storages are opened when the server starts.
@@ -36,29 +36,12 @@ import ZConfig
 from ZConfig.datatypes import SocketBindingAddress
 from twisted.internet.endpoints import serverFromString
 
+from zeotwist.server.settings import LIST, file_keys, option_fields
+
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.xml")
 
 #: The storage name of an unnamed storage section (and of ``-f``'s default).
 DEFAULT_STORAGE_NAME = "1"
-
-#: <zeotwist> key (as ZConfig's attribute) -> ServerService keyword argument
-_KEYS = {
-    "read_only": "read_only",
-    "transaction_timeout": "transaction_timeout",
-    "handshake_timeout": "handshake_timeout",
-    "invalidation_queue_size": "invalidation_queue_size",
-    "max_transaction_size": "max_transaction_bytes",
-    "address_file": "address_file",
-    "allow_read_only_pack": "allow_read_only_pack",
-    "max_connections": "max_connections",
-    "max_pending_output": "max_pending_output",
-    "client_conflict_resolution": "client_conflict_resolution",
-    "tls_cert": "tls_cert",
-    "tls_key": "tls_key",
-    "tls_ca": "tls_ca",
-    "auth_file": "auth_file",
-}
-
 
 class ConfigError(Exception):
     """The configuration file cannot be read or makes no sense."""
@@ -109,14 +92,30 @@ def load_schema():
 class ServerConfig:
     """What a configuration file says.
 
-    ``settings`` holds only the options the file gives, as ServerService
-    keyword arguments (``listen`` is the list of endpoint strings, when the
-    file names any); ``storages`` maps storage names to ZODB's storage
+    ``settings`` holds only the options the file gives, by
+    :class:`~zeotwist.server.settings.ServerSettings` field name (``listen``
+    is the list of endpoint strings, when the file names any); ``storages`` maps storage names to ZODB's storage
     section objects (``.open()`` opens one), in the file's order.
     """
     path: str
     settings: dict = field(default_factory=dict)
     storages: dict = field(default_factory=dict)
+
+
+def section_values(section) -> dict:
+    """The options a ``<zeotwist>`` section gives, by ServerSettings field
+    (each field reads the keys :func:`~zeotwist.server.settings.file_keys`
+    names; a list field concatenates its keys' values)."""
+    values = {}
+    for f in option_fields():
+        given = [getattr(section, key) for key in file_keys(f)]
+        if f.metadata["kind"] == LIST:
+            items = [item for value in given for item in (value or ())]
+            if items:
+                values[f.name] = items
+        elif given[0] is not None:
+            values[f.name] = given[0]
+    return values
 
 
 def read_config(path: str) -> ServerConfig:
@@ -134,19 +133,8 @@ def read_config(path: str) -> ServerConfig:
     except OSError as e:
         raise ConfigError("%s: %s" % (type(e).__name__, e)) from None
     result = ServerConfig(path)
-    section = conf.server
-    if section is not None:
-        for key, kw in _KEYS.items():
-            value = getattr(section, key)
-            if value is not None:
-                result.settings[kw] = value
-        if section.allow_conflict_class:
-            result.settings["conflict_classes"] = list(section.allow_conflict_class)
-        listen = list(section.listen) + list(section.address)
-        if listen:
-            result.settings["listen"] = listen
-        if section.listen_tls:
-            result.settings["listen_tls"] = list(section.listen_tls)
+    if conf.server is not None:
+        result.settings = section_values(conf.server)
     unnamed = [s for s in conf.storages if s.name is None]
     if len(unnamed) > 1:
         raise ConfigError("at most one storage section may be unnamed (it is storage %r)"
