@@ -22,7 +22,7 @@ from threading import RLock
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from ZODB.utils import maxtid, z64
@@ -111,6 +111,8 @@ class Client:
         self.server_interfaces: tuple = ()
         self.supports_undo = False
         self._proto = None
+        #: a connection loss we asked for (stop, new address): not a warning
+        self._leaving = False
         self._last_error = None
         self._oids: deque = deque()
         self._loads: dict = {}
@@ -137,15 +139,18 @@ class Client:
         Fires once the old connection is closed and the new service runs."""
         old, self.endpoint = self._service, endpoint
         self._service = self._make_service(endpoint)
+        self._leaving = True
         d = old.stopService()
-        d.addCallback(lambda _: self._service.startService())
+        d.addCallback(lambda _: self.start())
         return d
 
     # -- connection ------------------------------------------------------------
     def start(self) -> None:
+        self._leaving = False
         self._service.startService()
 
     def stop(self) -> Deferred:
+        self._leaving = True
         if self._probe is not None:
             self._probe.stop()
         return self._service.stopService()
@@ -299,7 +304,8 @@ class Client:
     def _connection_lost(self, proto, reason):
         if proto is self._proto:
             self._proto = None
-            _log.info("zeotwist client lost its connection: {why}",
+            level = LogLevel.info if self._leaving else LogLevel.warn
+            _log.emit(level, "zeotwist client lost its connection: {why}",
                       why=reason.getErrorMessage())
 
     # -- listeners ---------------------------------------------------------------

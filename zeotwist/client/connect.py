@@ -8,6 +8,7 @@ Runs on the reactor thread.
 """
 from twisted.internet.defer import Deferred
 
+from zeotwist import logbridge
 from zeotwist.client.addresses import to_endpoint
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.client import Client
@@ -28,6 +29,7 @@ def connect(reactor, endpoint, storage: str = "1", *, read_only: bool = False,
     :param username, password, tls: log in and use TLS, as for
         :class:`~zeotwist.client.storage.ClientStorage` (docs/tls-auth.md).
     """
+    logbridge.install()
     credentials = None if username is None and password is None else (username, password)
     client = Client(reactor, to_endpoint(reactor, endpoint, tls), storage=storage,
                     read_only=read_only, cache=ClientCache(cache_size),

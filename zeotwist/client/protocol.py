@@ -152,6 +152,8 @@ class ClientProtocol(BoundedAMP):
 
 
 class ClientFactory(Factory):
+    noisy = False        # no "Starting factory" line at every connection attempt
+
     def __init__(self, client):
         self.client = client
 

@@ -26,6 +26,7 @@ from zeotwist.client.cachefile import cache_path as persistent_cache_path
 from zeotwist.client.persist import DEFAULT_SAVE_INTERVAL, CachePersister
 from zeotwist.client.client import Client
 from zeotwist.client.reactorthread import blocking_call, default_reactor, in_reactor_thread
+from zeotwist import logbridge
 from zeotwist.errors import ClientDisconnected
 
 DEFAULT_CACHE_SIZE = 20 * 2**20
@@ -83,6 +84,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
+        logbridge.install()      # our log lines reach Python's logging (docs/logging.md)
         reactor = reactor or default_reactor()
         cache = ClientCache(cache_size)
         persister = None

@@ -1,0 +1,178 @@
+"""Client diagnostics reach Python's logging (issue 13, item 3).
+
+A client process that sets up only the standard ``logging`` module (as an
+ordinary ZODB program or Zope does) gets zeotwist's events under ``zeotwist.*``
+logger names at sensible levels: a dropped cache file and a lost connection
+are warnings, the reconnection is info.  A process that began Twisted logging
+itself gets them through its own observer and not twice through ``logging``.
+The server runs in this process (background reactor), stopped and restarted
+on the same port; the client is a child process.
+"""
+import logging
+import queue
+import time
+
+import pytest
+from twisted.logger import LogLevel, Logger
+
+from zeotwist import logbridge
+from zeotwist.testing import start_server
+
+from procutil import Child
+
+#: prints every stdlib log record as one line: LOG <logger> <LEVEL> <message>
+STDLIB_HANDLER = """
+import logging
+class Show(logging.Handler):
+    def emit(self, record):
+        say("LOG", record.name, record.levelname, record.getMessage())
+logging.getLogger().addHandler(Show())
+logging.getLogger().setLevel(logging.INFO)
+"""
+
+CLIENT = STDLIB_HANDLER + """
+storage = ClientStorage(ADDR, client="c", var=ARGS[0], wait_timeout=20)
+say("READY")
+sys.stdin.readline()
+storage.close()
+say("DONE")
+"""
+
+TWISTED_CLIENT = STDLIB_HANDLER + """
+from twisted.logger import globalLogBeginner
+def observe(event):
+    if event.get("log_namespace", "").startswith("zeotwist"):
+        say("TWISTED", event["log_namespace"], event["log_level"].name)
+globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+storage = ClientStorage(ADDR, client="c", var=ARGS[0], wait_timeout=20)
+say("READY")
+sys.stdin.readline()
+storage.close()
+say("DONE")
+"""
+
+
+def expect_containing(child: Child, text: str, timeout: float = 20) -> str:
+    """Skip lines until one containing ``text``; fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = child.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            pytest.fail("no line containing %r\n%s" % (text, child.describe()))
+        if text in line:
+            return line
+
+
+def test_stdlib_logging_gets_cache_file_and_reconnection(tmp_path):
+    (tmp_path / "c-1.zec").write_bytes(b"this is not a cache file")
+    server = start_server(str(tmp_path / "data.fs"))
+    host, port = server.address
+    child = Child(CLIENT, (host, port), tmp_path)
+    try:
+        line = expect_containing(child, "ignoring client cache file")
+        assert line.startswith("LOG zeotwist.client.cachefile WARNING "), line
+        expect_containing(child, "READY")
+        server.stop()
+        line = expect_containing(child, "lost its connection")
+        assert line.startswith("LOG zeotwist.client.") and " WARNING " in line, line
+        server = start_server(str(tmp_path / "data.fs"),
+                              listen="tcp:%d:interface=127.0.0.1" % port)
+        line = expect_containing(child, "registered with storage")
+        assert line.startswith("LOG zeotwist.client.") and " INFO " in line, line
+        line = expect_containing(child, "cache verified")      # the handshake is done
+        assert line.startswith("LOG zeotwist.client.") and " INFO " in line, line
+        child.send()
+        line = expect_containing(child, "lost its connection")  # closed: not a warning
+        assert " INFO " in line, line
+        expect_containing(child, "DONE")
+        child.finish()
+    finally:
+        child.close()
+        server.stop()
+    assert "Traceback" not in "".join(child.errors), "".join(child.errors)[-2000:]
+
+
+def test_application_with_twisted_logging_is_not_logged_twice(tmp_path):
+    (tmp_path / "c-1.zec").write_bytes(b"this is not a cache file")
+    server = start_server(str(tmp_path / "data.fs"))
+    child = Child(TWISTED_CLIENT, server.address, tmp_path)
+    try:
+        line = expect_containing(child, "zeotwist.client.cachefile")
+        assert line == "TWISTED zeotwist.client.cachefile warn", line
+        expect_containing(child, "READY")
+        child.send()
+        expect_containing(child, "DONE")
+        child.finish()
+    finally:
+        child.close()
+        server.stop()
+    assert not [l for l in child.output if l.startswith("LOG zeotwist")], child.output
+
+
+# -- the bridge on its own (in this process) ---------------------------------------
+
+@pytest.fixture
+def records():
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record)
+
+    handler = Keep(level=logging.DEBUG)
+    logger = logging.getLogger("zeotwist")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield got
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def _event(namespace, level, text="something {what}", **kw):
+    return dict(log_namespace=namespace, log_level=level, log_format=text, what="happened",
+                **kw)
+
+
+def test_levels_and_names(records, monkeypatch):
+    monkeypatch.setattr(logbridge, "twisted_logging_begun", lambda: False)
+    for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
+                  LogLevel.critical):
+        logbridge.forward_to_stdlib(_event("zeotwist.client.client", level))
+    logbridge.forward_to_stdlib(_event("twisted.internet", LogLevel.error))
+    logbridge.forward_to_stdlib(_event("zeotwistish", LogLevel.error))
+    assert [(r.name, r.levelname, r.getMessage()) for r in records] == [
+        ("zeotwist.client.client", name, "something happened")
+        for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")]
+
+
+def test_failures_keep_their_traceback(records, monkeypatch):
+    monkeypatch.setattr(logbridge, "twisted_logging_begun", lambda: False)
+    log = Logger(namespace="zeotwist.test", observer=logbridge.forward_to_stdlib)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("listener failed")
+    assert records[0].levelname == "CRITICAL" and records[0].exc_info[0] is ZeroDivisionError
+
+
+def test_nothing_forwarded_once_twisted_logging_began(records, monkeypatch):
+    monkeypatch.setattr(logbridge, "twisted_logging_begun", lambda: True)
+    logbridge.forward_to_stdlib(_event("zeotwist.client.client", LogLevel.warn))
+    assert records == []
+
+
+def test_twisted_private_name_still_means_begun():
+    """The one private Twisted name the bridge reads: a fresh LogBeginner has
+    a start-up buffer, which ``beginLoggingTo`` sets to None."""
+    import io
+    import sys
+    import warnings
+    from twisted.logger import LogBeginner, LogPublisher
+    beginner = LogBeginner(LogPublisher(), io.StringIO(), sys, warnings)
+    assert beginner._temporaryObserver is not None
+    beginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
+    assert beginner._temporaryObserver is None
