@@ -14,6 +14,7 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "ProtocolVersionError",
+    "WrongServer",
     "UnknownStorage",
     "TransactionTooLarge",
     "ReactorThreadError",
@@ -47,6 +48,11 @@ class RemoteProtocolError(ProtocolError):
 
 class ProtocolVersionError(ProtocolError):
     """Client and server speak different protocol versions."""
+
+
+class WrongServer(ProtocolError):
+    """The address answers, but not as a zeotwist server: a ZEO server (its
+    first bytes are ZEO's protocol announcement) or something else."""
 
 
 class UnknownStorage(ZeotwistError):

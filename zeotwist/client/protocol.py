@@ -18,7 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from zeotwist.errors import ClientDisconnected
+from zeotwist.errors import ClientDisconnected, WrongServer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import rebuild
@@ -96,6 +96,32 @@ class ClientProtocol(BoundedAMP):
         super().connectionMade()
         use_clock(self.transport, getattr(self.client, "reactor", None))   # TLS: see zeotwist.tls
 
+    # -- what answers: a zeotwist server, or a ZEO server ----------------------------
+    #: the first bytes, until they show an AMP box (None from then on)
+    _greeting: bytes | None = b""
+    #: the WrongServer error, once the first bytes showed another protocol
+    wrong_server = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._greeting is not None:
+            # A zeotwist server speaks only to answer, and every AMP box
+            # starts with a key length of 1 to 255: b"\0" then not b"\0".
+            # A ZEO server speaks first, a 4-byte length then b"M5" or b"Z5".
+            data = self._greeting + data
+            if len(data) < 2 or data[:2] == b"\0\0" and len(data) < 6:
+                self._greeting = data
+                return
+            self._greeting = None
+            if data[:2] == b"\0\0":
+                self._refuse_server(data)
+                return
+        super().dataReceived(data)
+
+    def _refuse_server(self, first: bytes) -> None:
+        self.wrong_server = WrongServer(describe_greeting(first, peer_text(self.transport)))
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        abort()
+
     def call(self, command, **kw) -> Deferred:
         """Send ``command``; a fresh Deferred of its response dict."""
         return self._ask(command, command.makeArguments(kw, self))
@@ -147,8 +173,30 @@ class ClientProtocol(BoundedAMP):
         return {}
 
     def connectionLost(self, reason):
+        if self.wrong_server is not None:       # what the waiting calls should hear
+            reason = Failure(self.wrong_server)
         super().connectionLost(reason)
         self.client._connection_lost(self, reason)
+
+
+def peer_text(transport) -> str:
+    """``host:port`` (or the socket path) of the other end, for messages."""
+    peer = getattr(transport, "getPeer", lambda: None)()
+    if hasattr(peer, "port"):
+        return "%s:%s" % (peer.host, peer.port)
+    name = getattr(peer, "name", None)
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "server")
+
+
+def describe_greeting(first: bytes, where: str) -> str:
+    """Why the server at ``where``, whose first bytes were ``first``, is not ours."""
+    size = int.from_bytes(first[:4], "big")
+    announced = first[4:4 + size]
+    if 2 <= size <= 16 and announced[:1] in (b"M", b"Z") and announced[1:].isdigit():
+        return ("%s is a ZEO server (it announced ZEO protocol %s), not a zeotwist server: "
+                "use ZEO's ClientStorage for it, or point this client at a zeotwist server "
+                "(twistd zeotwist)" % (where, announced.decode("ascii")))
+    return "%s is not a zeotwist server (it sent %r first)" % (where, first[:16])
 
 
 class ClientFactory(Factory):

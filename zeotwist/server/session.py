@@ -79,7 +79,10 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
 
     def _handshake_expired(self):
         self._handshake_timer = None
-        self.protocolViolation("no handshake within %g s" % self._handshake_timeout)
+        why = "no handshake within %g s" % self._handshake_timeout
+        if not self._heard:         # ZEO clients wait for a ZEO server's greeting
+            why += "; not one byte received: a ZEO client? (it needs a ZEO server)"
+        self.protocolViolation(why)
 
     def connectionLost(self, reason):
         if self._handshake_timer is not None and self._handshake_timer.active():
@@ -117,7 +120,10 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     _budget = 2**62         # bytes the burst may emit before reading pauses
     OUTPUT_CHECK_INTERVAL = 0.05
 
+    _heard = False          # any byte received yet (see _handshake_expired)
+
     def dataReceived(self, data: bytes) -> None:
+        self._heard = True
         if self.transport is not None:
             self._unread = 0
             self._budget = self.max_pending_output - pending_output(self.transport)
