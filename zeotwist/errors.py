@@ -5,7 +5,7 @@ Where ZODB already has a class (``ConflictError``, ``ReadOnlyError``,
 written against ZEO catches the same things.  The wire-code table that maps
 these classes to AMP error codes lives only in :mod:`zeotwist.wire.codes`.
 """
-from ZODB.POSException import StorageError
+from ZODB.POSException import StorageError, StorageTransactionError
 from transaction.interfaces import TransientError
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "WrongServer",
     "UnknownStorage",
     "TransactionTooLarge",
+    "TransactionStateError",
     "ReactorThreadError",
     "StorageServerError",
     "CacheLockedError",
@@ -61,6 +62,12 @@ class UnknownStorage(ZeotwistError):
 
 class TransactionTooLarge(ZeotwistError):
     """A transaction sent more data than the server's per-transaction cap."""
+
+
+class TransactionStateError(ZeotwistError, StorageTransactionError):
+    """A server transaction was asked to move where its state table
+    (:mod:`zeotwist.server.txnstate`) has no move: a command at the wrong
+    time, or a bug in the server's own sequencing."""
 
 
 class BlobPathRefused(ZeotwistError):

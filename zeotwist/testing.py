@@ -77,9 +77,9 @@ class Recorder:
 
 def memory_server(storage, clock, **kw):
     """A StorageServer whose storage calls run synchronously (deterministic tests)."""
-    from twisted.internet.defer import maybeDeferred
+    from zeotwist.server.storagecalls import SynchronousCalls
     from zeotwist.server.storageserver import StorageServer
-    return StorageServer(storage, reactor=clock, run_storage_call=maybeDeferred, **kw)
+    return StorageServer(storage, reactor=clock, threads=SynchronousCalls(), **kw)
 
 
 def connect_in_memory(servers: dict, clock, recorder=None, handshake_timeout=5.0):

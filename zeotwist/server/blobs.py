@@ -15,7 +15,7 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
   Whatever a transaction spooled and did not hand over is removed when the
   transaction ends, however it ends (``TransactionBuffer.on_close``).
 * Download: ``LoadBlobChunk`` reads up to 120 KB of a committed blob file in
-  the storage thread (``self.server.call``); the client pulls the chunks, 16
+  the storage thread (``self.server.threads.in_order``); the client pulls the chunks, 16
   at a time, so the server never holds more than those in memory.
 """
 import os
@@ -28,8 +28,9 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from zeotwist.errors import BlobPathRefused, RemoteProtocolError
+from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
-from zeotwist.wire.records import BLOB, RESTORE_BLOB, decode_blob, decode_restore_blob
+from zeotwist.wire.records import decode_blob, decode_restore_blob
 
 _log = Logger()
 
@@ -75,7 +76,7 @@ class BlobResponders(amp.CommandLocator):
         None: after dropping a client that sends blobs out of place, or for
         a read-only session (whose vote fails with ReadOnlyError)."""
         txn = self._txn
-        if txn is None or txn.state != "open":
+        if txn is None or not txn.state.can(Event.STORE):
             self.protocolViolation("%s outside a transaction" % command)
             return None
         if "IBlobStorage" not in self.server.interfaces:
@@ -95,7 +96,7 @@ class BlobResponders(amp.CommandLocator):
         if offset < 0:
             self.protocolViolation("LoadBlobChunk at offset %d" % offset)
             return Deferred()                # never answered: the link is closing
-        return self.server.call(read_blob_chunk, self.server.storage, oid, serial, offset)
+        return self.server.threads.in_order(read_blob_chunk, self.server.storage, oid, serial, offset)
 
 
 def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int) -> dict:
@@ -260,21 +261,18 @@ def _spool_of(txn) -> BlobSpool:
     return spool
 
 
-def _apply_blob(session, storage, txn, oid, serial, payload):
+def apply_blob(storage, txn, oid, serial, payload):
     blob, data = decode_blob(payload)
     path = _spool_of(txn).take(blob)
     storage.storeBlob(oid, serial, data, path, "", txn.meta)
     txn.oids.append(oid)
 
 
-def _apply_restore_blob(session, storage, txn, oid, serial, payload):
+def apply_restore_blob(storage, txn, oid, serial, payload):
     blob, data, prev_txn = decode_restore_blob(payload)
     path = _spool_of(txn).take(blob)
     storage.restoreBlob(oid, serial, data, path, prev_txn, txn.meta)
     txn.oids.append(oid)
 
-
-#: merged into ServerSession.record_handlers
-BLOB_RECORD_HANDLERS = {BLOB: _apply_blob, RESTORE_BLOB: _apply_restore_blob}
 #: errors a vote may answer because of blobs, without logging a traceback
 BLOB_VOTE_ERRORS = (BlobPathRefused,)

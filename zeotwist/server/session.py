@@ -6,32 +6,36 @@ peer closes or dies, a protocol violation, the handshake or transaction
 timeout - goes through :meth:`ServerSession.connectionLost`, which aborts
 this session's transaction and releases (or withdraws from) the commit lock.
 
-Runs on the reactor thread; ``_*_in_thread`` methods run in the storage's
-worker thread and touch nothing but the storage and the transaction.
+The transaction's states and moves are the table in
+:mod:`zeotwist.server.txnstate`; its storage calls are in
+:mod:`zeotwist.server.commit`.
+
+Runs on the reactor thread; the storage calls of the commit run in the
+storage's worker thread (``server.threads.in_order``).
 """
 from collections import deque
 
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import (
-    ConflictError, ReadConflictError, ReadOnlyError, StorageTransactionError)
+    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
-from ZODB.POSException import POSKeyError, UndoError
-
 from zeotwist.errors import (
-    ProtocolVersionError, RemoteProtocolError, TransactionTooLarge, UnknownStorage)
+    ProtocolVersionError, RemoteProtocolError, TransactionStateError, TransactionTooLarge,
+    UnknownStorage)
 from zeotwist.server.auth import AuthResponders
-from zeotwist.server.blobs import BLOB_RECORD_HANDLERS, BLOB_VOTE_ERRORS, BlobResponders
+from zeotwist.server import commit
+from zeotwist.server.blobs import BLOB_VOTE_ERRORS, BlobResponders
+from zeotwist.server.commit import ServerTransaction
 from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RefusedConnection,
     pending_output)
-from zeotwist.server.storageapi import RECORD_HANDLERS as STORAGE_API_RECORD_HANDLERS
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
+from zeotwist.server.txnstate import IN_STORAGE, Event, State
 from zeotwist.tls import use_clock
-from zeotwist.wire.records import CHECK, STORE
 from zeotwist.wire import commands as C
 from zeotwist.wire.framing import BoundedAMP, frame as _frame
 
@@ -39,24 +43,6 @@ _log = Logger()
 
 MAX_NEW_OIDS = 1000
 _MAX_VALUE = 0xFFFF
-
-
-class _Txn:
-    """Server-side state of one client transaction.
-
-    ``state`` moves open -> locking -> voting -> voted -> finishing -> done,
-    or to ``aborted`` from any state before finishing.
-    """
-
-    def __init__(self, meta, buffer, read_only):
-        self.meta = meta
-        self.buffer = buffer
-        self.read_only = read_only
-        self.state = "open"
-        self.begun = False      # storage.tpc_begin was called (worker thread)
-        self.oids: list = []
-        self.tid, self.status = None, " "   # restore: explicit tid and status
-        self.undone: list = []          # oids undone in this transaction
 
 
 class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, BoundedAMP):
@@ -68,7 +54,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         self._handshake_timer = None
         self.server = None          # the StorageServer, once registered
         self.read_only = True
-        self._txn: _Txn | None = None
+        self._txn: ServerTransaction | None = None
 
     # -- connection life -----------------------------------------------------
     def connectionMade(self):
@@ -283,21 +269,22 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         return dict(oids=self.server.new_oids(max(1, min(count, MAX_NEW_OIDS))))
 
     # -- two-phase commit ------------------------------------------------------
+    # Every move of the transaction goes through its state table
+    # (zeotwist.server.txnstate); the storage calls are in zeotwist.server.commit.
     @C.TpcBegin.responder
     def tpc_begin(self, user, description, extension, tid=None, status=None):
-        if self._txn is not None and self._txn.state not in ("done", "aborted"):
+        if self._txn is not None and not self._txn.state.final:
             self.protocolViolation("TpcBegin inside a transaction")
             return {}
         meta = TransactionMetaData(user, description, extension)
         buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
-        self._txn = _Txn(meta, buffer, self.read_only)
-        self._txn.tid, self._txn.status = tid, status or " "
+        self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ")
         return {}
 
     @C.StoreData.responder
     def store_data(self, data):
         txn = self._txn
-        if txn is None or txn.state != "open":
+        if txn is None or not txn.state.can(Event.STORE):
             self.protocolViolation("StoreData outside a transaction")
             return {}
         txn.buffer.append(data)
@@ -306,61 +293,31 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     @C.Vote.responder
     def vote(self):
         txn = self._txn
-        if txn is None or txn.state != "open":
-            raise StorageTransactionError("Vote without an open transaction")
+        if txn is None or not txn.state.can(Event.VOTE):
+            raise TransactionStateError("Vote without an open transaction")
         if txn.read_only:
             self._abort_txn()
             raise ReadOnlyError()
-        txn.state = "locking"
+        txn.state.move(Event.VOTE)
         d = self.server.lock.acquire(self)
         d.addCallback(self._lock_granted, txn)
         d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
         return d
 
     def _lock_granted(self, _, txn):
-        txn.state = "voting"
-        return self.server.call(self._vote_in_thread, txn)
-
-    def _vote_in_thread(self, txn):
-        storage, meta = self.server.storage, txn.meta
-        self._tpc_begin_in_thread(storage, txn)     # storageapi: optional tid/status
-        txn.begun = True
-        conflicts = []
-        handlers = self.record_handlers
-        for kind, oid, serial, payload in txn.buffer.records(handlers):
-            try:
-                handlers[kind](self, storage, txn, oid, serial, payload)
-            except ConflictError as e:
-                if isinstance(e, ReadConflictError):
-                    raise
-                committed = (e.serials or (None, None))[0] or b"\0" * 8
-                conflicts.append(oid + committed + serial)
-        if conflicts:
-            return (), conflicts
-        resolved = storage.tpc_vote(meta) or ()
-        return (list(resolved) + txn.undone if txn.undone else resolved), ()
-
-    def _apply_store(self, storage, txn, oid, serial, data):
-        storage.store(oid, serial, data, "", txn.meta)
-        txn.oids.append(oid)
-
-    def _apply_check(self, storage, txn, oid, serial, payload):
-        storage.checkCurrentSerialInTransaction(oid, serial, txn.meta)
-
-    #: record kind -> handler(session, storage, txn, oid, serial, payload),
-    #: run in the storage thread during the vote.  Mixins add their kinds.
-    record_handlers = {STORE: _apply_store, CHECK: _apply_check, **STORAGE_API_RECORD_HANDLERS}
-    record_handlers.update(BLOB_RECORD_HANDLERS)
+        txn.state.move(Event.LOCK_GRANTED)
+        server = self.server
+        return server.threads.in_order(commit.vote, server.storage, txn, server.last_tid)
 
     def _voted(self, result, txn):
         resolved, conflicts = result
-        if txn.state != "voting":      # aborted meanwhile: nobody is listening
+        if txn.state.state is not State.VOTING:   # aborted meanwhile: nobody is listening
             return dict(resolved=[], conflicts=b"")
         if conflicts:
             self.server.stats["conflicts"] += len(conflicts)
             d = self._abort_txn()
             return d.addCallback(lambda _: dict(resolved=[], conflicts=b"".join(conflicts)))
-        txn.state = "voted"
+        txn.state.move(Event.VOTED)
         return dict(resolved=list(resolved), conflicts=b"")
 
     _EXPECTED = (ConflictError, ReadOnlyError, StorageTransactionError,
@@ -370,7 +327,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     def _vote_failed(self, failure, txn):
         if not failure.check(*self._EXPECTED):
             _log.failure("vote failed", failure)
-        d = self._abort_txn() if txn.state in ("locking", "voting") else succeed(None)
+        # locking or voting: this is still the session's transaction
+        d = self._abort_txn() if txn.state.can(Event.ABORT) else succeed(None)
         if failure.check(RemoteProtocolError):
             self.protocolViolation("malformed store stream: %s" % failure.value)
         return d.addCallback(lambda _: failure)
@@ -378,29 +336,23 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     @C.Finish.responder
     def finish(self):
         txn = self._txn
-        if txn is None or txn.state != "voted":
-            raise StorageTransactionError("Finish without a voted transaction")
-        txn.state = "finishing"
-        d = self.server.call(self._finish_in_thread, txn)
+        if txn is None or not txn.state.can(Event.FINISH):
+            raise TransactionStateError("Finish without a voted transaction")
+        txn.state.move(Event.FINISH)
+        d = self.server.threads.in_order(commit.finish, self.server.storage, txn)
         d.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
         return d
 
-    def _finish_in_thread(self, txn):
-        tids = []
-        self.server.storage.tpc_finish(txn.meta, tids.append)
-        txn.buffer.close()
-        return tids[0]
-
     def _finished(self, tid, txn):
-        txn.state = "done"
+        txn.state.move(Event.FINISHED)
         self.server.committed(tid, txn.oids, self)
         self.server.lock.release(self)
         return dict(tid=tid)
 
     def _finish_failed(self, failure, txn):
         _log.failure("tpc_finish failed; aborting", failure)
-        txn.state = "voted"
-        return self._abort_txn().addCallback(lambda _: failure)
+        left = txn.state.move(Event.FINISH_FAILED)
+        return self._discard(txn, left).addCallback(lambda _: failure)
 
     @C.Abort.responder
     def abort(self):
@@ -408,28 +360,25 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
 
     def _abort_txn(self):
         """The one abort path: discard, tpc_abort if begun, release the lock."""
-        txn, server = self._txn, self.server
-        if txn is None or txn.state in ("done", "aborted", "finishing"):
-            return succeed(None)
-        state, txn.state = txn.state, "aborted"
+        txn = self._txn
+        if txn is None or not txn.state.can(Event.ABORT):
+            return succeed(None)      # none, over, or finishing (the finish ends it)
+        return self._discard(txn, txn.state.move(Event.ABORT))
+
+    def _discard(self, txn, left: State):
+        """Undo what ``txn`` holds, having left state ``left``."""
+        server = self.server
         server.stats["aborts"] += 1
-        if state in ("open", "locking"):
+        if left not in IN_STORAGE:
             server.lock.release(self)     # withdraws a queued request
             txn.buffer.close()
             return succeed(None)
-        # voting or voted: the worker thread runs calls in order, so this
-        # tpc_abort runs after any vote still in progress.
-        d = server.call(self._abort_in_thread, txn)
+        # The storage thread runs calls in order, so this tpc_abort runs
+        # after any vote still in progress.
+        d = server.threads.in_order(commit.abort, server.storage, txn)
         d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
         d.addBoth(lambda _: server.lock.release(self))
         return d
-
-    def _abort_in_thread(self, txn):
-        try:
-            if txn.begun:
-                self.server.storage.tpc_abort(txn.meta)
-        finally:
-            txn.buffer.close()
 
 
 class SessionFactory(ServerFactory):

@@ -12,8 +12,8 @@ commit while it packs: its packer takes the storage's commit lock only to
 copy the transactions that arrived meanwhile, at the end).
 
 Undo, restore and deleteObject are records of the store stream
-(:mod:`zeotwist.wire.records`), applied by :data:`RECORD_HANDLERS` in the
-storage thread during the vote.
+(:mod:`zeotwist.wire.records`), applied in the storage thread during the
+vote (:mod:`zeotwist.server.commit`).
 
 Transaction extensions are never unpickled here: history and undo log
 entries carry the extension bytes as stored and the client unpickles them.
@@ -25,15 +25,12 @@ their ``history``/``undoLog`` (which may).
 import itertools
 from collections import OrderedDict
 
-from twisted.internet.defer import maybeDeferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import amp
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
 
 from zeotwist.wire import commands as C
-from zeotwist.wire.records import DELETE, RESTORE, UNDO, decode_restore
 
 _log = Logger()
 
@@ -63,17 +60,6 @@ class StorageAPIResponders(amp.CommandLocator):
     _iterators = None
     _iterator_ids = None
 
-    def _in_thread(self, f, *args):
-        """Run ``f(*args)`` in the reactor's thread pool (a Deferred).
-
-        Servers on a reactor without threads (in-memory tests with a Clock)
-        run it synchronously instead.
-        """
-        reactor = self.server.reactor
-        if not hasattr(reactor, "getThreadPool"):
-            return maybeDeferred(f, *args)
-        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
     def connectionLost(self, reason):
         self._close_iterators()
         super().connectionLost(reason)
@@ -82,14 +68,14 @@ class StorageAPIResponders(amp.CommandLocator):
     @C.History.responder
     def history(self, oid, size):
         size = max(0, min(size, MAX_HISTORY))
-        d = self._in_thread(history_entries, self.server.storage, oid, size)
+        d = self.server.threads.in_pool(history_entries, self.server.storage, oid, size)
         return d.addCallback(lambda entries: dict(entries=entries))
 
     @C.UndoLog.responder
     def undo_log(self, first, last):
         first = max(0, first)
         last = min(max(first, last), first + MAX_UNDO_LOG)
-        d = self._in_thread(undo_log_entries, self.server.storage, first, last)
+        d = self.server.threads.in_pool(undo_log_entries, self.server.storage, first, last)
         return d.addCallback(lambda r: dict(entries=r[0], complete=r[1]))
 
     @C.GetTid.responder
@@ -105,7 +91,7 @@ class StorageAPIResponders(amp.CommandLocator):
             raise ReadOnlyError("read-only connections may not pack this server "
                                 "(see its --allow-read-only-pack option)")
         _log.info("zeotwist: packing storage {name!r} as of {t}", name=server.name, t=time)
-        d = self._in_thread(self._pack_in_thread, time, gc)
+        d = self.server.threads.in_pool(self._pack_in_thread, time, gc)
         d.addCallback(lambda _: _log.info("zeotwist: pack of {name!r} done", name=server.name))
         return d.addCallback(lambda _: {})
 
@@ -139,7 +125,7 @@ class StorageAPIResponders(amp.CommandLocator):
                 oldest.close()
             return dict(iid=iid)
 
-        return self._in_thread(storage.iterator, start, stop).addCallback(opened)
+        return self.server.threads.in_pool(storage.iterator, start, stop).addCallback(opened)
 
     @C.IteratorNext.responder
     def iterator_next(self, iid):
@@ -165,7 +151,7 @@ class StorageAPIResponders(amp.CommandLocator):
             self._drop_iterator(iid)
             return failure
 
-        return self._in_thread(it.batch).addCallbacks(done, failed)
+        return self.server.threads.in_pool(it.batch).addCallbacks(done, failed)
 
     @C.IteratorClose.responder
     def iterator_close(self, iid):
@@ -213,52 +199,21 @@ class StorageAPIResponders(amp.CommandLocator):
         self.server.stats["loads"] += len(records)
         return dict(records=records)
 
-    # -- transactions with an explicit tid (restore) ------------------------------
-    def _tpc_begin_in_thread(self, storage, txn):
-        """The storage's tpc_begin for ``txn`` (storage thread, commit lock held)."""
-        tid, status = txn.tid, txn.status
-        if tid is None and status == " ":
-            storage.tpc_begin(txn.meta)
-            return
-        if status not in RESTORE_STATUSES:
-            raise StorageTransactionError("invalid transaction status %r" % (status,))
-        if tid is not None and tid <= self.server.last_tid:
-            raise StorageTransactionError(
-                "transaction id %s is not later than the last one, %s"
-                % (tid.hex(), self.server.last_tid.hex()))
-        storage.tpc_begin(txn.meta, tid, status)
 
 
-# -- store stream records (storage thread, during the vote) --------------------
+# -- transactions with an explicit tid (restore) ------------------------------
 
-def _storage_method(storage, name):
-    method = getattr(storage, name, None)
-    if method is None:
-        raise Unsupported("the storage has no %s" % name)
-    return method
-
-
-def _apply_undo(session, storage, txn, oid, serial, payload):
-    result = _storage_method(storage, "undo")(payload, txn.meta)
-    if result:
-        oids = list(result[1])
-        txn.oids.extend(oids)
-        txn.undone.extend(oids)
-
-
-def _apply_restore(session, storage, txn, oid, serial, payload):
-    data, prev_txn = decode_restore(payload)
-    _storage_method(storage, "restore")(oid, serial, data, "", prev_txn, txn.meta)
-    txn.oids.append(oid)
-
-
-def _apply_delete(session, storage, txn, oid, serial, payload):
-    _storage_method(storage, "deleteObject")(oid, serial, txn.meta)
-    txn.oids.append(oid)
-
-
-#: record kind -> handler, merged into ServerSession.record_handlers
-RECORD_HANDLERS = {UNDO: _apply_undo, RESTORE: _apply_restore, DELETE: _apply_delete}
+def begin_restore(storage, txn, last_tid: bytes) -> None:
+    """The storage's tpc_begin for a transaction with an explicit tid or
+    status (storage thread, commit lock held)."""
+    tid, status = txn.tid, txn.status
+    if status not in RESTORE_STATUSES:
+        raise StorageTransactionError("invalid transaction status %r" % (status,))
+    if tid is not None and tid <= last_tid:
+        raise StorageTransactionError(
+            "transaction id %s is not later than the last one, %s"
+            % (tid.hex(), last_tid.hex()))
+    storage.tpc_begin(txn.meta, tid, status)
 
 
 # -- iterators -------------------------------------------------------------------

@@ -9,22 +9,18 @@ on the reactor thread.  Serving loads on the reactor thread is also what
 keeps a load reply and an invalidation in order on each connection: a reply
 computed before a commit's invalidation is always written before it.
 
-Runs on the reactor thread, except the functions passed to :meth:`call`.
+Runs on the reactor thread, except the functions passed to ``threads``.
 """
 import time
 
-import queue
-import threading
-
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from zeotwist.server.commitlock import CommitLock
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidReservation
+from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
@@ -36,7 +32,7 @@ DEFAULT_INVALIDATION_QUEUE_SIZE = 100
 class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
-                 max_transaction_bytes: int = 2**31, run_storage_call=None,
+                 max_transaction_bytes: int = 2**31, threads=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
                  conflict_classes=(), client_conflict_resolution: bool = False):
@@ -67,13 +63,9 @@ class StorageServer:
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
         self.start_time = time.time()
-        self._worker = None
-        if run_storage_call is None:
-            self._worker = StorageWorker(reactor, "zeotwist-storage-%s" % self.name)
-            run_storage_call = self._worker.call
-        #: ``call(f, *args) -> Deferred``, run in order in the storage's own
-        #: thread; tests inject a synchronous one.
-        self.call = run_storage_call
+        #: how storage calls leave the reactor thread (zeotwist.server.storagecalls);
+        #: in-memory tests inject SynchronousCalls
+        self.threads = threads or StorageThreads(reactor, "zeotwist-storage-%s" % self.name)
 
     def new_oids(self, count: int) -> list:
         """``count`` fresh oids, never handed out before, even across a crash
@@ -119,8 +111,7 @@ class StorageServer:
 
     def close(self) -> None:
         """Stop the worker thread and close the storage (at service stop)."""
-        if self._worker is not None:
-            self._worker.stop()
+        self.threads.stop()
         self.storage.close()
 
 
@@ -136,47 +127,3 @@ def provided_interfaces(storage) -> list:
     from ZODB import interfaces
     return [name for name in OPTIONAL_INTERFACES
             if getattr(interfaces, name).providedBy(storage)]
-
-
-class StorageWorker:
-    """One thread that runs storage calls in submission order.
-
-    Cheaper than a ThreadPool hop (no worker bookkeeping or context
-    copying); results come back to the reactor thread with callFromThread.
-    """
-
-    def __init__(self, reactor, name: str):
-        self._reactor = reactor
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def call(self, f, *args) -> Deferred:
-        """Run ``f(*args)`` in the worker thread; a Deferred of the result."""
-        d = Deferred()
-        self._queue.put((d, f, args))
-        return d
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            d, f, args = item
-            try:
-                result = f(*args)
-            except BaseException:
-                result = Failure()
-            self._reactor.callFromThread(self._deliver, d, result)
-
-    @staticmethod
-    def _deliver(d: Deferred, result) -> None:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
-
-    def stop(self, timeout: float = 60) -> None:
-        """Finish the queued calls, then end the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)

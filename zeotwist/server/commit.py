@@ -1,0 +1,133 @@
+"""The storage side of one client transaction: its state and the storage
+calls of the commit.
+
+:class:`ServerTransaction` is what a session keeps of a client transaction
+(the metadata, the spooled store stream, the state in
+:mod:`~zeotwist.server.txnstate`'s table).  The functions below are the
+commit's storage calls: :func:`vote` (``tpc_begin``, every record of the
+store stream, ``tpc_vote``), :func:`finish` and :func:`abort`.  They run in
+the storage's worker thread (``StorageThreads.in_order``), while the session
+holds the commit lock, so nothing else changes the storage meanwhile.
+
+:data:`RECORD_HANDLERS` is the one registry of store-stream record kinds
+(:mod:`zeotwist.wire.records`) and the function that applies each.
+"""
+from ZODB.POSException import ConflictError, ReadConflictError, Unsupported
+
+from zeotwist.server.blobs import apply_blob, apply_restore_blob
+from zeotwist.server.storageapi import begin_restore
+from zeotwist.server.txnbuffer import TransactionBuffer
+from zeotwist.server.txnstate import TxnState
+from zeotwist.wire.records import (
+    BLOB, CHECK, DELETE, RESTORE, RESTORE_BLOB, STORE, UNDO, decode_restore)
+
+
+class ServerTransaction:
+    """Server-side state of one client transaction (reactor thread, except
+    where the storage calls below fill ``begun``, ``oids`` and ``undone``)."""
+
+    def __init__(self, meta, buffer: TransactionBuffer, read_only: bool,
+                 tid: bytes | None = None, status: str = " "):
+        self.meta = meta
+        self.buffer = buffer
+        self.read_only = read_only
+        self.state = TxnState()
+        self.tid, self.status = tid, status    # restore: explicit tid and status
+        self.begun = False      # storage.tpc_begin was called (worker thread)
+        self.oids: list = []                   # oids this transaction changes
+        self.undone: list = []                 # oids undone in this transaction
+
+
+# -- the commit's storage calls (storage thread, commit lock held) --------------
+
+def vote(storage, txn: ServerTransaction, last_tid: bytes) -> tuple:
+    """``(resolved, conflicts)``: tpc_begin, the records, then tpc_vote.
+
+    ``conflicts`` lists ``oid + committed serial + serial`` per store that
+    conflicted (the vote then stops short of tpc_vote; the caller aborts).
+    """
+    if txn.tid is None and txn.status == " ":
+        storage.tpc_begin(txn.meta)
+    else:
+        begin_restore(storage, txn, last_tid)
+    txn.begun = True
+    conflicts = []
+    for kind, oid, serial, payload in txn.buffer.records(RECORD_HANDLERS):
+        try:
+            RECORD_HANDLERS[kind](storage, txn, oid, serial, payload)
+        except ConflictError as e:
+            if isinstance(e, ReadConflictError):
+                raise
+            committed = (e.serials or (None, None))[0] or b"\0" * 8
+            conflicts.append(oid + committed + serial)
+    if conflicts:
+        return (), conflicts
+    resolved = storage.tpc_vote(txn.meta) or ()
+    return (list(resolved) + txn.undone if txn.undone else resolved), ()
+
+
+def finish(storage, txn: ServerTransaction) -> bytes:
+    """tpc_finish; the new transaction's tid."""
+    tids = []
+    storage.tpc_finish(txn.meta, tids.append)
+    txn.buffer.close()
+    return tids[0]
+
+
+def abort(storage, txn: ServerTransaction) -> None:
+    """tpc_abort if the storage began the transaction; drop its buffer."""
+    try:
+        if txn.begun:
+            storage.tpc_abort(txn.meta)
+    finally:
+        txn.buffer.close()
+
+
+# -- the store stream's records ---------------------------------------------------
+
+def _storage_method(storage, name):
+    method = getattr(storage, name, None)
+    if method is None:
+        raise Unsupported("the storage has no %s" % name)
+    return method
+
+
+def apply_store(storage, txn, oid, serial, data):
+    storage.store(oid, serial, data, "", txn.meta)
+    txn.oids.append(oid)
+
+
+def apply_check(storage, txn, oid, serial, payload):
+    storage.checkCurrentSerialInTransaction(oid, serial, txn.meta)
+
+
+def apply_undo(storage, txn, oid, serial, payload):
+    result = _storage_method(storage, "undo")(payload, txn.meta)
+    if result:
+        oids = list(result[1])
+        txn.oids.extend(oids)
+        txn.undone.extend(oids)
+
+
+def apply_restore(storage, txn, oid, serial, payload):
+    data, prev_txn = decode_restore(payload)
+    _storage_method(storage, "restore")(oid, serial, data, "", prev_txn, txn.meta)
+    txn.oids.append(oid)
+
+
+def apply_delete(storage, txn, oid, serial, payload):
+    _storage_method(storage, "deleteObject")(oid, serial, txn.meta)
+    txn.oids.append(oid)
+
+
+#: record kind -> handler(storage, txn, oid, serial, payload): every kind a
+#: store stream may carry.  A kind not here is a protocol violation.
+RECORD_HANDLERS = {
+    STORE: apply_store,
+    CHECK: apply_check,
+    UNDO: apply_undo,
+    RESTORE: apply_restore,
+    DELETE: apply_delete,
+    BLOB: apply_blob,
+    RESTORE_BLOB: apply_restore_blob,
+}
