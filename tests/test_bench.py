@@ -8,14 +8,19 @@ import pytest
 from zeotwist.bench.__main__ import parse
 from zeotwist.bench.reads import HOT_READS, HotSet
 from zeotwist.bench.runner import CASE_NAMES
+from zeotwist.bench.runner import ROWS as RUNNER_ROWS
 
-ROWS = ("cold reads", "pipelined cold", "warm reads", "hot-set mix", "small commits", "pack")
+ROWS = tuple(label for _, _, label, _ in RUNNER_ROWS)
+#: Smaller than --quick: the bench's code paths, not its figures.
+TINY = ("--writer-commits", "3", "--iterations", "3", "--holders", "2", "--records", "1",
+        "--record-mb", "0.2", "--hot-reads", "500", "--commits", "10",
+        "--blob-args", "--large-mb 1 --small-count 20")
 
 
 def bench(tmp_path, *args):
     done = subprocess.run(
-        [sys.executable, "-m", "zeotwist.bench", "--quick", "--only", "zeotwist"] + list(args),
-        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        [sys.executable, "-m", "zeotwist.bench", "--quick", "--only", "zeotwist"] + list(TINY)
+        + list(args), capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -23,10 +28,28 @@ def bench(tmp_path, *args):
 def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     out = bench(tmp_path)
     for case in ROWS:
-        row = re.search(r"^%s\s+([0-9.]+)\s" % case, out, re.M)
+        row = re.search(r"^%s\s+([0-9.]+)\s" % re.escape(case), out, re.M)
         assert row, out
         assert float(row.group(1)) > 0, out
     assert "ZEO" in out    # the summary names the other column, shown as "-"
+    assert {"graph cold read", "writers, 1 counter", "100 oids, c=2", "empty tpc, c=2",
+            "big record load", "blob small load"} <= set(ROWS)
+    # latency and memory: p50/p99 where a latency, client and server peak RSS for every row
+    table = out[out.index("latency, memory"):]
+    for case in ("cold reads", "graph cold read", "small commits", "writers, 1 counter",
+                 "empty tpc, c=1", "big record store"):
+        lat = re.search(r"^%s\s+([0-9.]+)/([0-9.]+)\s+([0-9]+)/([0-9]+)$" % re.escape(case),
+                        table, re.M)
+        assert lat and 0 < float(lat.group(1)) <= float(lat.group(2)), table
+        assert int(lat.group(3)) > 10 and int(lat.group(4)) > 10, table    # MB
+    for case in ROWS:
+        assert re.search(r"^%s\s.*\s[0-9]+/[0-9]+$" % re.escape(case), table, re.M), table
+    assert re.search(r"^  zeotwist\s+server CPU per commit [0-9]+ µs", out, re.M), out
+    # writers: 4 processes x 3 increments each, checked against the counters afterwards
+    for what in ("distinct Counters", "one Counter"):
+        assert "writers, %s: 4 processes, each committing 3 increments" % what in out, out
+    assert len(re.findall(r"^  zeotwist\s+conflicts [0-9]+ \(all rounds\), lost updates 0$",
+                          out, re.M)) == 2, out
     assert "zeotwist pipelined / zeotwist sequential cold reads: " in out, out
     hit = re.search(r"^  zeotwist\s+hit ratio ([0-9.]+) .*cache.stats\(\) hits/\(hits\+misses\) "
                     r"([0-9.]+)", out, re.M)
@@ -36,10 +59,6 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     assert "database of 2000 Items" in out, out
     sizes = re.search(r"^  zeotwist\s+file ([0-9.]+) MB -> ([0-9.]+) MB", out, re.M)
     assert sizes and float(sizes.group(2)) < float(sizes.group(1)), out
-    # blobs: the blob bench's table, after the rounds
-    for op in ("large store", "large load", "small store", "small load"):
-        row = re.search(r"^%s: \d+ x \d+ [KM]B\s+([0-9.]+)$" % op, out, re.M)
-        assert row and float(row.group(1)) > 0, out
 
 
 def test_one_case_runs_alone(tmp_path):
@@ -48,7 +67,7 @@ def test_one_case_runs_alone(tmp_path):
     for case in ROWS:
         if case != "warm reads":
             assert not re.search(r"^%s\s" % case, out, re.M), out
-    assert "blob throughput" not in out, out
+    assert "blob" not in out, out
 
 
 def test_cases_option_rejects_an_unknown_case(capsys):
@@ -72,3 +91,27 @@ def test_hot_set_is_fixed_and_gets_most_reads():
     for picks in (first, second):     # the same hot set for warm-up and timed reads
         share = sum(k in hot for k in picks) / len(picks)
         assert HOT_READS - 0.03 < share < HOT_READS + 0.03
+
+
+def test_quick_keeps_explicit_options():
+    args = parse(["--quick", "--writer-commits", "7", "--holders", "3"])
+    assert (args.writer_commits, args.holders, args.iterations) == (7, 3, 20)
+    assert parse(["--writers", "2"]).writers == 2
+    with pytest.raises(SystemExit):
+        parse(["--writers", "9"])        # more than the populated Counters
+
+
+def _proc(count, initial, final, shared, samples=(0.001,)):
+    return {"count": count, "seconds": 1.0, "extra": {
+        "initial": initial, "final": final, "shared": shared, "samples": list(samples),
+        "conflicts": 1, "rss_mb": 50.0}}
+
+
+def test_group_results_combine_and_lost_updates_are_counted():
+    from zeotwist.bench.groups import combine
+    ok = combine([_proc(5, 0, 10, True), _proc(5, 0, 10, True, (0.002, 0.004))])
+    assert ok["count"] == 10 and ok["extra"]["lost"] == 0 and ok["extra"]["conflicts"] == 2
+    assert ok["extra"]["p50"] == 2.0 and ok["extra"]["p99"] == 4.0     # ms, all samples
+    assert combine([_proc(5, 0, 10, True), _proc(5, 0, 9, True)])["extra"]["lost"] == 1
+    assert combine([_proc(5, 3, 8, False), _proc(5, 0, 4, False)])["extra"]["lost"] == 1
+    assert "lost" not in combine([{"count": 3, "seconds": 1.0, "extra": {"samples": [1]}}])["extra"]

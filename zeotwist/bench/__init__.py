@@ -11,14 +11,28 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
   emptied, answered from the client cache; loads/s.
 * **hotset**: a read-mostly mix on a hot set with a small client cache and
   a second writer process; ops/s and the client cache's hit ratio.
+* **graph**: through ZODB with an empty client cache, every Holder (a
+  record referencing 100 persistent Items) and every Item in it activated;
+  objects/s, p50/p99 per activation.
 * **commits**: one client process commits one changed object per
-  transaction through ZODB's ``DB``; commits/s.
+  transaction through ZODB's ``DB``; commits/s, p50/p99, server CPU.
+* **writers** / **counter**: 4 client processes started together, each
+  incrementing its own Counter / all one Counter (conflicts retried);
+  commits/s, p50/p99, conflicts, lost updates (must be 0).
+* **oids** / **tpc**: zodbshootout's "allocate 100 OIDs" and empty
+  two-phase commit, at concurrency 1 and 2.
+* **bigrecord**: records of 10 MB stored through ZODB, then cold-loaded;
+  MB/s both ways.
 * **pack**: a database of its own, 100,000 Items with history (30 %
   rewritten once) and garbage (10 % dropped from the BTree), written once
   with a local FileStorage; the time of ``storage.pack(time.time(),
   referencesf)`` from a client; seconds, lower is better.
-* **blobs**: not part of the rounds: ``python -m zeotwist.bench.blobs``
-  (blob store and load throughput) once, after them; MB/s.
+* **blobs**: ``python -m zeotwist.bench.blobs --json`` per system and
+  round (blob store and load throughput, large and small blobs; its own
+  server); MB/s.
+
+Every row also gets the peak RSS of the client process(es) and of the
+server during that case.
 
 Server and client always run as separate processes, and the systems
 alternate in interleaved rounds; the summary shows medians and the ratio
@@ -27,6 +41,10 @@ zeotwist/ZEO.  Modules: :mod:`~zeotwist.bench.runner` (rounds),
 :mod:`~zeotwist.bench.servers` (server subprocesses),
 :mod:`~zeotwist.bench.workload` (client processes, the populated data, the
 cold and commits cases), :mod:`~zeotwist.bench.pipelined`,
-:mod:`~zeotwist.bench.reads` and :mod:`~zeotwist.bench.packing` (the other
-cases), :mod:`~zeotwist.bench.blobs` (blob throughput).
+:mod:`~zeotwist.bench.reads`, :mod:`~zeotwist.bench.graph`,
+:mod:`~zeotwist.bench.parallel` (with :mod:`~zeotwist.bench.groups`, its
+runner side), :mod:`~zeotwist.bench.records` and
+:mod:`~zeotwist.bench.packing` (the other cases),
+:mod:`~zeotwist.bench.blobs` (blob throughput),
+:mod:`~zeotwist.bench.procstat` (peak RSS, CPU, percentiles).
 """

@@ -1,11 +1,17 @@
 """Command line: ``python -m zeotwist.bench [--quick] [--rounds N] [--cases A,B] ...``."""
 import argparse
+import shlex
 import signal
 import sys
 
+from zeotwist.bench.parallel import MAX_WRITERS
 from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, BenchError, ServerError, Settings, run
 
-QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1, pack_objects=2000)
+QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1, pack_objects=2000,
+             holders=5, writer_commits=20, iterations=20, records=2, record_mb=1.0)
+#: Options that must be at least 1.
+POSITIVE = ("rounds", "objects", "commits", "window", "passes", "hot_reads", "pack_objects",
+            "holders", "writers", "writer_commits", "iterations", "records")
 
 
 def case_list(text: str) -> tuple:
@@ -21,10 +27,11 @@ def case_list(text: str) -> tuple:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m zeotwist.bench",
-        description="Compare zeotwist with ZEO 6: cold, pipelined, warm and hot-set reads, "
-                    "small commits, pack time; server and client in separate processes, "
-                    "interleaved rounds; then blob throughput (python -m "
-                    "zeotwist.bench.blobs).")
+        description="Compare zeotwist with ZEO 6: cold, pipelined, warm, hot-set and "
+                    "object-graph reads, small commits, concurrent writers, OID allocation "
+                    "and empty two-phase commits, big records, pack time, blob throughput; "
+                    "server and client in separate processes, interleaved rounds, medians "
+                    "and ratios, latencies and peak memory.")
     p.add_argument("--rounds", type=int, default=3, help="rounds per system (default 3)")
     p.add_argument("--objects", type=int, default=10_000,
                    help="objects populated and read (default 10000)")
@@ -43,20 +50,38 @@ def parse(argv=None) -> argparse.Namespace:
                    help="hotset: the writer process's commits per second (default 50)")
     p.add_argument("--pack-objects", type=int, default=100_000,
                    help="pack: Items in the pack case's database (default 100000)")
+    p.add_argument("--holders", type=int, default=100,
+                   help="graph: Holders of 100 Items each (default 100)")
+    p.add_argument("--writers", type=int, default=4,
+                   help="writers, counter: processes (default 4, at most %d)" % MAX_WRITERS)
+    p.add_argument("--writer-commits", type=int, default=250,
+                   help="writers, counter: commits per process (default 250)")
+    p.add_argument("--iterations", type=int, default=1000,
+                   help="oids, tpc: iterations per process (default 1000)")
+    p.add_argument("--records", type=int, default=5,
+                   help="bigrecord: records stored and loaded (default 5)")
+    p.add_argument("--record-mb", type=float, default=10.0,
+                   help="bigrecord: MB per record (default 10)")
+    p.add_argument("--blob-args", default="", metavar="'--small-count 10 ...'",
+                   help="blobs: more options for python -m zeotwist.bench.blobs")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: %(objects)d objects, %(commits)d commits, "
                         "%(hot_reads)d hot-set reads, %(pack_objects)d pack objects, "
-                        "%(rounds)d round, small blobs" % QUICK)
+                        "%(rounds)d round, %(holders)d holders, %(writer_commits)d commits "
+                        "per writer, %(iterations)d oid/tpc iterations, %(records)d records of "
+                        "%(record_mb)g MB, small blobs" % QUICK)
     p.add_argument("--only", choices=SYSTEMS, help="run one system only")
     args = p.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            setattr(args, k, v)
-    for k in ("rounds", "objects", "commits", "window", "passes", "hot_reads", "pack_objects"):
+    if args.quick:                 # --quick changes the defaults; explicit options win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    for k in POSITIVE:
         if getattr(args, k) < 1:
             p.error("--%s must be at least 1" % k.replace("_", "-"))
-    if args.writer_rate <= 0:
-        p.error("--writer-rate must be positive")
+    if args.writer_rate <= 0 or args.record_mb <= 0:
+        p.error("--writer-rate and --record-mb must be positive")
+    if args.writers > MAX_WRITERS:
+        p.error("--writers must be at most %d" % MAX_WRITERS)
     return args
 
 
@@ -68,12 +93,20 @@ def main(argv=None) -> int:
     settings = Settings(objects=args.objects, commits=args.commits, rounds=args.rounds,
                         window=args.window, passes=args.passes, hot_reads=args.hot_reads,
                         writer_rate=args.writer_rate, pack_objects=args.pack_objects,
-                        cases=args.cases, quick=args.quick)
+                        holders=args.holders, writers=args.writers,
+                        writer_commits=args.writer_commits, iterations=args.iterations,
+                        records=args.records, record_mb=args.record_mb,
+                        cases=args.cases, quick=args.quick,
+                        blob_args=tuple(shlex.split(args.blob_args)))
     try:
-        run(settings, systems)
+        results = run(settings, systems)
     except (BenchError, ServerError) as e:
         print("bench failed: %s" % e, file=sys.stderr)
         return 1
+    lost = sum(r["extra"].get("lost") or 0 for runs in results.values() for r in runs)
+    if lost:
+        print("bench failed: %d lost updates (see the writers notes)" % lost, file=sys.stderr)
+        return 2
     return 0
 
 

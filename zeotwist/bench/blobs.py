@@ -12,9 +12,13 @@ Both clients are ClientStorages with a blob cache directory (ZEO:
 
 "store" times the commits (the upload included); "load" times ``loadBlob``
 of every blob by a second client with an empty cache (the download).
-Figures are MB/s of blob data, best of ``--repeat`` runs.
+Figures are MB/s of blob data, best of ``--repeat`` runs.  With ``--json``
+(how ``python -m zeotwist.bench`` runs it, one system per round) the output
+is one JSON line instead of the table: per operation the rate, and the peak
+RSS of the server and of this client process.
 """
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -22,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from zeotwist.bench.procstat import own_peak_rss_mb, peak_rss_mb
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -203,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per case (best kept)")
     parser.add_argument("--systems", default="zeotwist,zeo",
                         help="comma-separated: zeotwist, zeo")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON line (rates and peak RSS) instead of the table")
     parser.add_argument("--workdir", help="where servers and caches live (default: a "
                         "temporary directory, removed afterwards)")
     args = parser.parse_args(argv)
@@ -219,13 +227,29 @@ def main(argv=None) -> int:
                 for name, count, size, per_txn in cases:
                     results[system, name] = run_case(server, directory, name, count, size,
                                                      per_txn, args.repeat)
+                results[system, "rss"] = peak_rss_mb(server.process.pid)
             finally:
                 server.stop()
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    print(report(results, cases))
+    print(json_rows(results, cases) if args.json else report(results, cases))
     return 0
+
+
+def json_rows(results: dict, cases) -> str:
+    """``{system: {"rows": {"blob-large-store": {"rate", "count", "seconds", "extra"}}}}``."""
+    out = {}
+    for system in {s for s, _ in results}:
+        rows = out.setdefault(system, {"rows": {}})["rows"]
+        for name, count, size, _ in cases:
+            for op in ("store", "load"):
+                rate = results[system, name][op]
+                rows["blob-%s-%s" % (name, op)] = {
+                    "rate": rate, "count": count * size / 1e6, "seconds": count * size / 1e6 / rate,
+                    "extra": {"rss_mb": own_peak_rss_mb(),
+                              "server_rss_mb": results[system, "rss"]}}
+    return json.dumps(out)
 
 
 def report(results: dict, cases) -> str:

@@ -1,7 +1,8 @@
 """The benchmark's summary: medians per system and case, ratios, and notes.
 
 ``results`` maps ``(system, case)`` to one result per round (the client's
-``{"count", "seconds", "extra"}`` plus ``"rate"``).  Ratios are of the
+``{"count", "seconds", "extra"}`` plus ``"rate"``), ``case`` there being
+a row of :data:`zeotwist.bench.runner.ROWS`.  Ratios are of the
 medians; "per-round ratios" is the lowest and highest ratio of the two
 values measured in the same round.  The cases in :data:`TIMED` (``pack``)
 show seconds, not rates: there the ratio zeotwist/ZEO is of times, and lower
@@ -54,39 +55,92 @@ def ratio(a: list, b: list) -> str:
     return "%.2f  (per round %.2f-%.2f)" % (median(a) / median(b), per[0], per[-1])
 
 
-def summary(results: dict, systems, cases, settings=None) -> str:
-    """The medians table (ratio columns only when both systems ran), then
-    the comparisons and cache figures of the cases that ran."""
+def summary(results: dict, systems, rows, settings=None) -> str:
+    """The medians table (ratio columns only when both systems ran), the
+    latency and memory table, then the comparisons and figures of the cases
+    that ran.  ``rows`` are :data:`zeotwist.bench.runner.ROWS` entries."""
     both = set(SYSTEMS) <= set(systems)
-    cols = ["%-16s" % "case"] + ["%14s" % label(s) for s in SYSTEMS]
+    cols = ["%-20s" % "case"] + ["%14s" % label(s) for s in SYSTEMS]
     cols += ["%14s" % "zeotwist/ZEO", "  per-round ratios"] if both else []
     lines = ["".join(cols) + "    (medians)"]
-    for case, lbl, unit in cases:
-        row = ["%-16s" % lbl]
-        fmt = "%14.2f" if case in TIMED else "%14.0f"
+    for row, _, lbl, unit in rows:
+        out = ["%-20s" % lbl]
+        fmt = "%14.2f" if row in TIMED else "%14.0f"
         for s in SYSTEMS:
-            m = median(values(results, s, case)) if s in systems else None
-            row.append(fmt % m if m is not None else "%14s" % "-")
+            m = median(values(results, s, row)) if s in systems else None
+            out.append(fmt % m if m is not None else "%14s" % "-")
         if both:
-            zt, zeo = values(results, "zeotwist", case), values(results, "zeo", case)
-            row.append("%14.2f" % (median(zt) / median(zeo)))
+            zt, zeo = values(results, "zeotwist", row), values(results, "zeo", row)
+            out.append("%14.2f" % (median(zt) / median(zeo)))
             per = sorted(a / b for a, b in zip(zt, zeo))
-            row.append("  %.2f-%.2f" % (per[0], per[-1]))
-        lines.append("".join(row) + "    " + unit)
-    names = {c for c, _, _ in cases}
+            out.append("  %.2f-%.2f" % (per[0], per[-1]))
+        lines.append("".join(out) + "    " + unit)
+    lines += [""] + latency_memory(results, systems, rows)
+    names = {r for r, _, _, _ in rows}
     notes = []
-    if "pipelined" in names:
-        notes += pipelined_notes(results, settings)
-    if "warm" in names:
-        notes += warm_notes(results)
-    if "hotset" in names:
-        notes += hotset_notes(results, settings)
-    if "pack" in names:
-        notes += pack_notes(results, settings)
+    for name, notes_of in (("pipelined", pipelined_notes), ("warm", warm_notes),
+                           ("hotset", hotset_notes), ("commits", commit_notes),
+                           ("writers", writer_notes), ("counter", writer_notes),
+                           ("pack", pack_notes)):
+        if name in names:
+            notes += notes_of(results, settings, name)
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def pipelined_notes(results: dict, settings) -> list:
+def _cell(values: list, fmt: str) -> str:
+    m = median(values)
+    if m is None:
+        return "-"
+    return "%.0f" % m if fmt == "ms" and m >= 100 else ("%.3g" if fmt == "ms" else fmt) % m
+
+
+def latency_memory(results: dict, systems, rows) -> list:
+    """Per row: p50/p99 in ms where it is a latency, and the peak RSS (MB)
+    of the client process(es) and of the server, per system (medians)."""
+    shown = [s for s in SYSTEMS if s in systems]
+    head = "%-20s" % "latency, memory" + "".join(
+        "%22s%16s" % ("%s p50/p99 ms" % label(s), "RSS cli/srv MB") for s in shown)
+    out = [head]
+    for row, _, lbl, _ in rows:
+        cells = []
+        for s in shown:
+            p50, p99 = extras(results, s, row, "p50"), extras(results, s, row, "p99")
+            lat = "%s/%s" % (_cell(p50, "ms"), _cell(p99, "ms")) if p50 else ""
+            rss = "%s/%s" % (_cell(extras(results, s, row, "rss_mb"), "%.0f"),
+                             _cell(extras(results, s, row, "server_rss_mb"), "%.0f"))
+            cells.append("%22s%16s" % (lat, rss))
+        out.append("%-20s" % lbl + "".join(cells))
+    return out
+
+
+def commit_notes(results: dict, settings, row: str) -> list:
+    out = []
+    for s in SYSTEMS:
+        runs = results.get((s, row), ())
+        cpu = [r["extra"]["server_cpu"] / r["count"] for r in runs
+               if r["extra"].get("server_cpu") is not None and r["count"]]
+        if cpu:
+            out.append("  %-10s server CPU per commit %.0f µs (%.2f s per 1,000 commits)" % (
+                label(s), median(cpu) * 1e6, median(cpu) * 1e3))
+    return (["small commits: one Item changed per transaction through ZODB; server CPU "
+             "from /proc over the timed loop"] + out) if out else []
+
+
+def writer_notes(results: dict, settings, row: str) -> list:
+    n = getattr(settings, "writers", 4) if settings else 4
+    what = "distinct Counters" if row == "writers" else "one Counter"
+    out = ["writers, %s: %d processes, each committing %s increments (conflicts "
+           "retried); lost = committed increments missing from the counter" % (
+               what, n, getattr(settings, "writer_commits", "N") if settings else "N")]
+    for s in SYSTEMS:
+        if results.get((s, row)):
+            out.append("  %-10s conflicts %d (all rounds), lost updates %d" % (
+                label(s), sum(extras(results, s, row, "conflicts")),
+                sum(extras(results, s, row, "lost"))))
+    return out
+
+
+def pipelined_notes(results: dict, settings, row: str = "pipelined") -> list:
     window = settings.window if settings else 64
     zt = rates(results, "zeotwist", "pipelined")
     out = ["pipelined cold: zeotwist = Deferred API, %d load_before outstanding; "
@@ -103,7 +157,7 @@ def pipelined_notes(results: dict, settings) -> list:
     return out
 
 
-def warm_notes(results: dict) -> list:
+def warm_notes(results: dict, settings=None, row: str = "warm") -> list:
     line = ["warm reads without ZODB (storage.loadBefore, client cache only):"]
     for s in SYSTEMS:
         m = median(extras(results, s, "warm", "storage_rate"))
@@ -114,7 +168,7 @@ def warm_notes(results: dict) -> list:
     return ["  ".join(line) + ("; zeotwist/ZEO %s" % r if r else "")]
 
 
-def hotset_notes(results: dict, settings) -> list:
+def hotset_notes(results: dict, settings, row: str = "hotset") -> list:
     out = []
     if settings is not None:
         out.append("hot-set mix: %d reads, 1 commit per 100 reads, client cache %d bytes, "
@@ -142,7 +196,7 @@ def hotset_notes(results: dict, settings) -> list:
     return out
 
 
-def pack_notes(results: dict, settings) -> list:
+def pack_notes(results: dict, settings, row: str = "pack") -> list:
     built = getattr(settings, "pack_built", None) if settings else None
     head = "pack: storage.pack(time.time(), referencesf) from a client until it returns"
     if built:

@@ -4,15 +4,18 @@ One FileStorage is populated here, then copied for every server run, so both
 systems serve byte-identical data.  A round, for each system in turn (the
 order alternates between rounds), starts that system's server on a fresh
 copy, runs one fresh client process per selected case against it (the
-hotset case with a writer process beside it), and stops it, in a
-``finally``.  The ``pack`` case has a database of its own
-(:func:`zeotwist.bench.packing.build`, also written once and copied): a
-second server is started on a fresh copy of it after the first has stopped.
-Rates are ``count / seconds`` as timed inside the client process (the pack
-case reports its seconds); :mod:`zeotwist.bench.report` prints per-system
-medians over the rounds and ratios of those medians, with the spread of the
-per-round ratios.  The ``blobs`` case is not part of the rounds: it runs
-``python -m zeotwist.bench.blobs`` once, after them, and prints its table.
+hotset case with a writer process beside it; the writers, counter, oids and
+tpc cases as groups of processes started together,
+:mod:`zeotwist.bench.groups`), and stops it, in a ``finally``.  The ``pack``
+case has a database of its own (:func:`zeotwist.bench.packing.build`, also
+written once and copied): a second server is started on a fresh copy of it
+after the first has stopped.  The ``blobs`` case runs ``python -m
+zeotwist.bench.blobs --json`` for the system, which starts a blob server of
+its own.  Rates are ``count / seconds`` as timed inside the client process
+(the pack case reports its seconds); the server's peak RSS is reset before
+each case and read after it.  :mod:`zeotwist.bench.report` prints
+per-system medians over the rounds and ratios of those medians, with the
+spread of the per-round ratios.
 """
 import datetime
 import json
@@ -25,33 +28,51 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from zeotwist.bench.groups import GroupError, run_group
 from zeotwist.bench.packing import build
+from zeotwist.bench.procstat import peak_rss_mb, reset_peak
 from zeotwist.bench.report import TIMED, label, summary
 from zeotwist.bench.servers import Server, ServerError
 from zeotwist.bench.workload import populate
 
 SYSTEMS = ("zeotwist", "zeo")
-#: (case, label, unit), in the order a round runs them; the case name is the
-#: workload's.  Read cases come first, so they read the populated data.
-CASES = (
-    ("cold", "cold reads", "loads/s"),
-    ("pipelined", "pipelined cold", "loads/s"),
-    ("warm", "warm reads", "loads/s"),
-    ("hotset", "hot-set mix", "ops/s"),
-    ("commits", "small commits", "commits/s"),
-    ("pack", "pack", "s (lower is better)"),
+#: (row, case, label, unit), in the order a round runs them.  A case is
+#: what ``--cases`` selects and one client run (or group of processes)
+#: measures; some cases give several rows.  Read cases come first, so they
+#: read the populated data; ``pack`` and ``blobs`` have servers of their own.
+ROWS = (
+    ("cold", "cold", "cold reads", "loads/s"),
+    ("pipelined", "pipelined", "pipelined cold", "loads/s"),
+    ("warm", "warm", "warm reads", "loads/s"),
+    ("hotset", "hotset", "hot-set mix", "ops/s"),
+    ("graph", "graph", "graph cold read", "objects/s"),
+    ("commits", "commits", "small commits", "commits/s"),
+    ("writers", "writers", "writers, distinct", "commits/s"),
+    ("counter", "counter", "writers, 1 counter", "commits/s"),
+    ("oids1", "oids", "100 oids, c=1", "allocs/s"),
+    ("oids2", "oids", "100 oids, c=2", "allocs/s"),
+    ("tpc1", "tpc", "empty tpc, c=1", "tpc/s"),
+    ("tpc2", "tpc", "empty tpc, c=2", "tpc/s"),
+    ("bigstore", "bigrecord", "big record store", "MB/s"),
+    ("bigload", "bigrecord", "big record load", "MB/s"),
+    ("pack", "pack", "pack", "s (lower is better)"),
+    ("blob-large-store", "blobs", "blob large store", "MB/s"),
+    ("blob-large-load", "blobs", "blob large load", "MB/s"),
+    ("blob-small-store", "blobs", "blob small store", "MB/s"),
+    ("blob-small-load", "blobs", "blob small load", "MB/s"),
 )
-#: The round cases, then ``blobs`` (run once, after the rounds).
-CASE_NAMES = tuple(c for c, _, _ in CASES) + ("blobs",)
-#: The cases that read or write the populated database (not ``pack``'s own).
-POPULATED_CASES = ("cold", "pipelined", "warm", "hotset", "commits")
+#: The cases, in the order a round runs them.
+CASE_NAMES = tuple(dict.fromkeys(case for _, case, _, _ in ROWS))
+#: The cases served by the populated database (not ``pack``'s or ``blobs``'s own).
+POPULATED_CASES = CASE_NAMES[:CASE_NAMES.index("pack")]
+#: Cases run as a group of client processes started together: concurrency levels.
+GROUP_CASES = {"writers": None, "counter": None, "oids": (1, 2), "tpc": (1, 2)}
 #: Seconds one client process may run.
 CLIENT_TIMEOUT = 900.0
 #: Seconds the blob bench may run.
 BLOBS_TIMEOUT = 3600.0
 #: ``python -m zeotwist.bench.blobs`` options of a ``--quick`` run.
-QUICK_BLOBS = ("--large-mb", "2", "--large-count", "2", "--small-count", "100",
-               "--repeat", "1")
+QUICK_BLOBS = ("--large-mb", "2", "--large-count", "2", "--small-count", "100")
 #: Seconds the writer may take to connect and report ready, and to exit.
 WRITER_TIMEOUT = 120.0
 #: Client cache bytes per populated object in the hotset case: with Items of
@@ -74,8 +95,15 @@ class Settings:
     hot_reads: int = 50_000     # hotset: timed reads
     writer_rate: float = 50.0   # hotset: the writer's commits per second
     pack_objects: int = 100_000  # pack: Items in the pack case's database
+    holders: int = 100          # graph: Holders of 100 Items each
+    writers: int = 4            # writers, counter: processes
+    writer_commits: int = 250   # writers, counter: commits per process
+    iterations: int = 1000      # oids, tpc: iterations per process
+    records: int = 5            # bigrecord: records stored and loaded
+    record_mb: float = 10.0     # bigrecord: MB per record
     cases: tuple = field(default=CASE_NAMES)
     quick: bool = False         # blobs: a small run
+    blob_args: tuple = ()       # blobs: more options for python -m zeotwist.bench.blobs
     pack_built: dict = None     # set by run(): what packing.build() wrote
 
     @property
@@ -85,12 +113,13 @@ class Settings:
 
 def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
     """Run every round; print progress and the summary to ``out``; return
-    ``{(system, case): [result per round]}``, a result being the client's
+    ``{(system, row): [result per round]}``, a result being the client's
     ``{"count", "seconds", "extra"}`` plus ``"rate"`` (for ``pack`` also
-    ``"size_before"`` and ``"size_after"``, the file's bytes)."""
+    ``"size_before"`` and ``"size_after"``, the file's bytes), its ``extra``
+    with the client's and the server's peak RSS (``rss_mb``, ``server_rss_mb``)."""
     out = out or sys.stdout
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
-    cases = [c for c in CASES if c[0] in settings.cases]
+    rows = [r for r in ROWS if r[1] in settings.cases]
     say(header(settings))
     tmp = tempfile.mkdtemp(prefix="zeotwist-bench-")
     try:
@@ -98,27 +127,24 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         oidfile = os.path.join(tmp, "oids")
         with open(oidfile, "wb") as f:
             if any(c in settings.cases for c in POPULATED_CASES):
-                f.write(b"".join(populate(base, settings.objects)))
+                f.write(b"".join(populate(base, settings.objects, settings.holders)))
         if "pack" in settings.cases:
             settings.pack_built = build(os.path.join(tmp, "pack.fs"), settings.pack_objects)
-        results = {(s, c): [] for s in systems for c, _, _ in cases}
-        for r in range(settings.rounds if cases else 0):
+        results = {(s, row): [] for s in systems for row, _, _, _ in rows}
+        for r in range(settings.rounds if rows else 0):
             order = systems if r % 2 == 0 else tuple(reversed(systems))
             for system in order:
                 got = one_round(system, tmp, oidfile, settings,
                                 os.path.join(tmp, "r%d" % r))
-                for case, result in got.items():
-                    results[system, case].append(result)
+                for row, result in got.items():
+                    results[system, row].append(result)
                 say("round %d  %-10s %s" % (r + 1, label(system), "   ".join(
-                    ("%s %.2fs" if c in TIMED else "%s %.0f") % (
-                        c, got[c]["seconds" if c in TIMED else "rate"])
-                    for c, _, _ in cases)))
-        if cases:
+                    ("%s %.2fs" if row in TIMED else "%s %.0f") % (
+                        row, got[row]["seconds" if row in TIMED else "rate"])
+                    for row, _, _, _ in rows)))
+        if rows:
             say()
-            say(summary(results, systems, cases, settings))
-        if "blobs" in settings.cases:
-            say()
-            say(blobs(settings, systems, tmp))
+            say(summary(results, systems, rows, settings))
         if hasattr(os, "getloadavg"):
             say()
             say("load average at the end: %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg())
@@ -127,12 +153,14 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def blobs(settings: Settings, systems, tmp: str) -> str:
-    """Run ``python -m zeotwist.bench.blobs`` (small with ``quick``); its table."""
-    work = os.path.join(tmp, "blobs")
+def blobs(settings: Settings, system: str, directory: str) -> dict:
+    """Run ``python -m zeotwist.bench.blobs --json`` for ``system`` (small
+    with ``quick``); its rows."""
+    work = os.path.join(directory, "blobs-%s" % system)
     os.makedirs(work)
-    argv = [sys.executable, "-m", "zeotwist.bench.blobs", "--workdir", work,
-            "--systems", ",".join(systems)] + list(QUICK_BLOBS if settings.quick else ())
+    argv = [sys.executable, "-m", "zeotwist.bench.blobs", "--workdir", work, "--json",
+            "--systems", system, "--repeat", "1"] + list(
+                QUICK_BLOBS if settings.quick else ()) + list(settings.blob_args)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=BLOBS_TIMEOUT,
                               stdin=subprocess.DEVNULL)
@@ -141,31 +169,70 @@ def blobs(settings: Settings, systems, tmp: str) -> str:
     if done.returncode != 0:
         raise BenchError("the blob bench failed (status %d):\n%s" % (
             done.returncode, done.stderr[-3000:]))
-    return done.stdout.rstrip("\n")
+    return json.loads(done.stdout.strip().splitlines()[-1])[system]["rows"]
 
 
 def header(settings: Settings) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return ("zeotwist bench %s: %d objects, %d commits, %d pack objects, %d round(s), "
+    return ("zeotwist bench %s: %d objects, %d commits, %d holders, %d x %d writer commits, "
+            "%d oid/tpc iterations, %d x %g MB records, %d pack objects, %d round(s), "
             "cases %s; Python %s on %s, %d CPU(s), load average %.2f" % (
                 datetime.date.today().isoformat(), settings.objects, settings.commits,
+                settings.holders, settings.writers, settings.writer_commits,
+                settings.iterations, settings.records, settings.record_mb,
                 settings.pack_objects, settings.rounds, ",".join(settings.cases),
                 platform.python_version(), platform.machine(), os.cpu_count() or 0, load))
+
+
+def case_params(settings: Settings, case: str) -> dict:
+    return {
+        "cold": {},
+        "pipelined": {"window": settings.window},
+        "warm": {"passes": settings.passes},
+        "hotset": {"reads": settings.hot_reads, "cache_size": settings.hot_cache_size},
+        "graph": {},
+        "commits": {"count": settings.commits},
+        "writers": {"count": settings.writer_commits},
+        "counter": {"count": settings.writer_commits},
+        "oids": {"count": settings.iterations},
+        "tpc": {"count": settings.iterations},
+        "bigrecord": {"records": settings.records, "mb": float(settings.record_mb)},
+    }[case]
+
+
+def populated_case(server: Server, case: str, oidfile: str, settings: Settings) -> dict:
+    """Run one case of the populated database; ``{row: result}``, each result
+    with the server's peak RSS during the case."""
+    params = case_params(settings, case)
+    if case in GROUP_CASES:
+        got = {}
+        for n in GROUP_CASES[case] or (settings.writers,):
+            reset_peak(server.process.pid)
+            result = group(server, case, oidfile, n, params)
+            result["extra"]["server_rss_mb"] = peak_rss_mb(server.process.pid)
+            got[case + str(n) if GROUP_CASES[case] else case] = result
+        return got
+    reset_peak(server.process.pid)
+    if case == "hotset":
+        result = with_writer(server, oidfile, params, settings.writer_rate)
+    else:
+        if case == "commits":
+            params = dict(params, server_pid=server.process.pid)
+        result = client(server, case, oidfile, params)
+    peak = peak_rss_mb(server.process.pid)
+    rows = result.get("rows") or {case: result}
+    for one in rows.values():
+        one["extra"]["server_rss_mb"] = peak
+    return rows
 
 
 def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
               directory: str) -> dict:
     """Serve a fresh copy of the populated database with ``system`` and run
     each selected case once against it; then, for ``pack``, a fresh copy of
-    the pack case's database with another server of ``system``."""
+    the pack case's database with another server of ``system``; then, for
+    ``blobs``, the blob bench (which starts its own server).  ``{row: result}``."""
     os.makedirs(directory, exist_ok=True)
-    params = {
-        "cold": {},
-        "pipelined": {"window": settings.window},
-        "warm": {"passes": settings.passes},
-        "hotset": {"reads": settings.hot_reads, "cache_size": settings.hot_cache_size},
-        "commits": {"count": settings.commits},
-    }
     got = {}
     if any(c in settings.cases for c in POPULATED_CASES):
         server = Server(system, fresh_copy(os.path.join(tmp, "base.fs"), directory,
@@ -173,13 +240,8 @@ def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
         try:
             server.start()
             for case in POPULATED_CASES:
-                if case not in settings.cases:
-                    continue
-                if case == "hotset":
-                    got[case] = with_writer(server, oidfile, params[case],
-                                            settings.writer_rate)
-                else:
-                    got[case] = client(server, case, oidfile, params[case])
+                if case in settings.cases:
+                    got.update(populated_case(server, case, oidfile, settings))
         finally:
             server.stop()
     if "pack" in settings.cases:
@@ -189,9 +251,13 @@ def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
         try:
             server.start()
             got["pack"] = client(server, "pack", oidfile, {})
+            got["pack"]["extra"]["server_rss_mb"] = peak_rss_mb(server.process.pid)
         finally:
             server.stop()
         got["pack"].update(size_before=size, size_after=os.path.getsize(filename))
+    if "blobs" in settings.cases:
+        for row, result in blobs(settings, system, directory).items():
+            got[row] = parse_result(json.dumps(result))
     return got
 
 
@@ -209,6 +275,18 @@ def argv_for(server: Server, case: str, oidfile: str, params: dict) -> list:
             server.address, oidfile] + ["%s=%s" % kv for kv in sorted(params.items())]
 
 
+def group(server: Server, case: str, oidfile: str, n: int, params: dict) -> dict:
+    """Run ``n`` processes of ``case`` side by side; the combined result."""
+    argvs = [argv_for(server, case, oidfile, dict(params, index=i)) for i in range(n)]
+    try:
+        result = run_group(argvs)
+    except GroupError as e:
+        server.check()
+        raise BenchError("%s %s: %s" % (server.system, case, e))
+    result["rate"] = result["count"] / result["seconds"]
+    return result
+
+
 def client(server: Server, case: str, oidfile: str, params: dict) -> dict:
     """Run one workload in a fresh process; its result, with ``rate`` in operations/s."""
     try:
@@ -224,9 +302,12 @@ def client(server: Server, case: str, oidfile: str, params: dict) -> dict:
 
 
 def parse_result(stdout: str) -> dict:
+    """The client's last line: one result, or ``{"rows": {row: result}}``;
+    each result gets ``rate`` (operations/s) unless it has one."""
     result = json.loads(stdout.strip().splitlines()[-1])
-    result.setdefault("extra", {})
-    result["rate"] = result["count"] / result["seconds"]
+    for one in (result.get("rows") or {"": result}).values():
+        one.setdefault("extra", {})
+        one.setdefault("rate", one["count"] / one["seconds"])
     return result
 
 
@@ -278,4 +359,4 @@ def tail(f, size: int = 3000) -> str:
     return f.read()[-size:]
 
 
-__all__ = ["run", "Settings", "BenchError", "ServerError", "SYSTEMS", "CASES", "CASE_NAMES"]
+__all__ = ["run", "Settings", "BenchError", "ServerError", "SYSTEMS", "ROWS", "CASE_NAMES"]

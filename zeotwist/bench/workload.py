@@ -23,6 +23,8 @@ import persistent
 import transaction
 from ZODB.utils import maxtid
 
+from zeotwist.bench.procstat import cpu_seconds, latencies, own_peak_rss_mb
+
 #: Objects written per transaction while populating.
 POPULATE_BATCH = 1000
 #: The commits case cycles over this many (pre-loaded) objects.
@@ -36,12 +38,17 @@ class Item(persistent.Persistent):
         self.value = value
 
 
-def populate(filename: str, objects: int) -> list:
-    """Write ``root["items"]``, an OOBTree of ``objects`` Items, into a new
-    FileStorage; return the Items' oids in key order."""
+def populate(filename: str, objects: int, holders: int = 0) -> list:
+    """Write ``root["items"]``, an OOBTree of ``objects`` Items, the
+    counters of :mod:`~zeotwist.bench.parallel` and ``holders`` Holders of
+    :mod:`~zeotwist.bench.graph` into a new FileStorage; return the Items'
+    oids in key order."""
     import ZODB
     from BTrees.OOBTree import OOBTree
     from ZODB.FileStorage import FileStorage
+
+    from zeotwist.bench.graph import populate_graph
+    from zeotwist.bench.parallel import populate_counters
 
     db = ZODB.DB(FileStorage(filename, create=True))
     try:
@@ -55,6 +62,8 @@ def populate(filename: str, objects: int) -> list:
             if (i + 1) % POPULATE_BATCH == 0:
                 tm.commit()
         tm.commit()
+        populate_counters(conn, tm)
+        populate_graph(conn, tm, holders)
         oids = [item._p_oid for item in made]
         conn.close()
     finally:
@@ -73,20 +82,26 @@ def open_storage(system: str, host: str, port: int, **kw):
     raise ValueError("unknown system %r" % (system,))
 
 
-def cold_reads(storage, oids: list, count: int) -> tuple:
+def cold_reads(storage, oids: list, params: dict) -> dict:
     """Load each oid once with ``loadBefore(oid, maxtid)`` (what a ZODB
-    connection does on a cache miss); the caches start empty."""
-    load = storage.loadBefore
-    start = time.perf_counter()
+    connection does on a cache miss); the caches start empty.  p50/p99 per load."""
+    load, clock, samples = storage.loadBefore, time.perf_counter, []
+    start = clock()
     for oid in oids:
+        t = clock()
         if load(oid, maxtid) is None:
             raise AssertionError("object %s is missing" % oid.hex())
-    return len(oids), time.perf_counter() - start
+        samples.append(clock() - t)
+    return {"count": len(oids), "seconds": clock() - start, "extra": latencies(samples)}
 
 
-def small_commits(storage, oids: list, count: int) -> tuple:
-    """``count`` transactions through ZODB's DB, each changing one Item."""
+def small_commits(storage, oids: list, params: dict) -> dict:
+    """``count`` transactions through ZODB's DB, each changing one Item;
+    p50/p99 per commit, and the server's CPU seconds over the timed loop
+    (``server_cpu``) when ``server_pid`` is given (Linux)."""
     import ZODB
+    count, pid = params.get("count", 0), params.get("server_pid")
+    cpu = lambda: cpu_seconds(pid) if pid else None               # noqa: E731
     db = ZODB.DB(storage)
     try:
         tm = transaction.TransactionManager()
@@ -95,15 +110,20 @@ def small_commits(storage, oids: list, count: int) -> tuple:
         working = [items[i] for i in range(min(COMMIT_WORKING_SET, len(oids)))]
         for item in working:
             item._p_activate()           # loaded before the clock starts
-        start = time.perf_counter()
+        clock, samples = time.perf_counter, []
+        cpu0, start = cpu(), clock()
         for i in range(count):
+            t = clock()
             working[i % len(working)].value = i
             tm.commit()
-        elapsed = time.perf_counter() - start
+            samples.append(clock() - t)
+        elapsed, cpu1 = clock() - start, cpu()
         conn.close()
     finally:
         db.close()
-    return count, elapsed
+    extra = latencies(samples)
+    extra["server_cpu"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    return {"count": count, "seconds": elapsed, "extra": extra}
 
 
 #: Cases that run over a blocking ClientStorage with default settings.
@@ -115,19 +135,20 @@ def run_case(case: str, system: str, host: str, port: int, oids: list, params: d
     if case in STORAGE_CASES:
         storage = open_storage(system, host, port)
         try:
-            n, seconds = STORAGE_CASES[case](storage, oids, params.get("count", 0))
+            return STORAGE_CASES[case](storage, oids, params)
         finally:
             storage.close()
-        return {"count": n, "seconds": seconds, "extra": {}}
     if case == "pipelined":
         from zeotwist.bench import pipelined
         return pipelined.run(system, host, port, oids, params)
     if case == "pack":
         from zeotwist.bench import packing
         return packing.pack(system, host, port, oids, params)
-    from zeotwist.bench import reads
-    if case in reads.CASES:
-        return reads.CASES[case](system, host, port, oids, params)
+    from zeotwist.bench import graph, parallel, reads, records
+    cases = dict(reads.CASES, graph=graph.graph_reads, bigrecord=records.big_records,
+                 **parallel.CASES)
+    if case in cases:
+        return cases[case](system, host, port, oids, params)
     raise ValueError("unknown case %r" % (case,))
 
 
@@ -149,6 +170,8 @@ def main(argv=None) -> None:
     oids = [raw[i:i + 8] for i in range(0, len(raw), 8)]
     host, port = address.rsplit(":", 1)
     result = run_case(case, system, host, int(port), oids, params)
+    for one in result.get("rows", {"": result}).values():
+        one.setdefault("extra", {})["rss_mb"] = own_peak_rss_mb()
     print(json.dumps(result), flush=True)
 
 
