@@ -523,7 +523,7 @@ async def test_deferred_api_upload_is_paced_even_when_started_in_a_callback(
         data = os.urandom(12 * 2**20 + 5)
         src = tmp_path / "src.bin"
         src.write_bytes(data)
-        transport = client._proto.transport
+        transport = client.protocol.transport
         real_write = transport.write
         monkeypatch.setattr(transport, "write",
                             lambda d: (writes.append(len(d)), real_write(d))[1])

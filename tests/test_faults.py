@@ -50,7 +50,7 @@ say('voted', oid.hex())
 if ARGS[0] == 'garbage':
     sys.stdin.readline()               # the test's go: someone queues behind us now
     # A malformed frame on this client's own connection: key length 0xffff.
-    proto = storage.client._proto
+    proto = storage.client.protocol
     storage._reactor.callFromThread(proto.transport.write, b'\\xff\\xff' + b'garbage' * 20)
     say('garbage-sent')
 sys.stdin.read()                       # hold on until the test ends (or kills us)

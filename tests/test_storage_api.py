@@ -624,9 +624,9 @@ def test_server_never_unpickles_the_extension(server, make_client):
     cs.tpc_vote(t)
     cs.tpc_finish(t)
     client = cs.client
-    log = blocking_call(client.reactor, client._call, C.UndoLog, first=0, last=5, timeout=10)
+    log = blocking_call(client.reactor, client.call, C.UndoLog, first=0, last=5, timeout=10)
     assert log["entries"][0]["extension"] == evil
-    history = blocking_call(client.reactor, client._call, C.History, oid=oid, size=1,
+    history = blocking_call(client.reactor, client.call, C.History, oid=oid, size=1,
                             timeout=10)
     assert history["entries"][0]["extension"] == evil
     txn = [t for t in cs.iterator()][-1]

@@ -24,6 +24,7 @@ __all__ = [
     "BlobPathRefused",
     "Unauthorized",
     "NotLoggedIn",
+    "UsageError",
 ]
 
 
@@ -91,6 +92,11 @@ class StorageServerError(ZeotwistError):
 
 class CacheLockedError(ZeotwistError):
     """The persistent client cache file is in use by another client."""
+
+
+class UsageError(ZeotwistError, TypeError):
+    """zeotwist was used in a way it does not support: a programming error
+    in the calling code (also a ``TypeError``, as such errors were before)."""
 
 
 class ReactorThreadError(RuntimeError):

@@ -62,16 +62,18 @@ __all__ = ["start_server", "RunningServer", "defer"]
 # -- in-memory protocol pairs (no sockets, no reactor) -------------------------
 
 class Recorder:
-    """Stands in for a Client behind a ClientProtocol: records what arrives."""
+    """Stands in for the Connector behind a ClientProtocol: records what arrives."""
 
     def __init__(self):
         self.invalidations = []
         self.lost = []
 
-    def _invalidated(self, proto, tid, oids):
+    reactor = None
+
+    def invalidated(self, proto, tid, oids):
         self.invalidations.append((tid, list(oids)))
 
-    def _connection_lost(self, proto, reason):
+    def connection_lost(self, proto, reason):
         self.lost.append(reason)
 
 

@@ -7,8 +7,9 @@ server endpoint (``tcp:8443:interface=...``, ``unix:...``) with TLS on top.
 
 Client: :func:`client_creator` turns ``ClientStorage(..., tls=...)`` into a
 connection creator (``True``: the system's CAs; a dict with ``ca``,
-``cert``, ``key``, ``hostname``; or a ready ``IOpenSSLClientConnectionCreator``)
-and :func:`client_endpoint` layers it over the client's address.
+``cert``, ``key``, ``hostname``; or a ready ``IOpenSSLClientConnectionCreator``);
+:func:`zeotwist.client.addresses.to_endpoint` layers it over the client's
+address (this module builds no endpoints and imports nothing of zeotwist).
 
 :func:`describe_error` turns OpenSSL's and service_identity's exceptions
 into one readable line ("certificate verify failed", "tlsv13 alert
@@ -156,64 +157,6 @@ def client_creator(tls, hostname: str | None):
     elif settings.get("key"):
         raise ValueError("tls: a key without a cert")
     return optionsForClientTLS(hostname, **kw)
-
-
-def client_endpoint(reactor, address, tls):
-    """The endpoint for ClientStorage's ``addr`` with TLS on top (``tls`` as
-    for :func:`client_creator`; the host name checked is the address's host
-    unless ``tls`` names one).  A list gives a FailoverEndpoint of TLS
-    endpoints.  An address that is already a ``tls:``/``ssl:`` endpoint
-    string is refused (TLS twice)."""
-    from twisted.internet.endpoints import clientFromString
-    from twisted.internet.interfaces import IStreamClientEndpoint
-    from zeotwist.client.addresses import endpoint_string
-    if isinstance(address, list):
-        from zeotwist.client.failover import FailoverEndpoint
-        return FailoverEndpoint([client_endpoint(reactor, a, tls) for a in address],
-                                [str(a) for a in address])
-    if IStreamClientEndpoint.providedBy(address):
-        endpoint = address
-    else:
-        text = endpoint_string(address)
-        if text.startswith(("tls:", "ssl:")):
-            raise ValueError("%r is a TLS endpoint already; leave out tls=" % (address,))
-        endpoint = clientFromString(reactor, text)
-    creator = client_creator(tls, _host_of(address))
-    from twisted.internet.endpoints import wrapClientTLS
-    return wrapClientTLS(creator, endpoint, clock=reactor)
-
-
-def _host_of(address) -> str | None:
-    """The host name of a ``(host, port)``, ``host:port`` or ``tcp:`` address."""
-    if isinstance(address, tuple):
-        return str(address[0])
-    if not isinstance(address, str):
-        return None
-    if address.startswith(("tcp:", "tcp6:", "host:")):
-        parts = _split_unescaped(address.split(":", 1)[1])
-        for part in parts:
-            if part.startswith("host="):
-                return part[5:]
-        positional = [p for p in parts if "=" not in p]
-        return positional[0] if positional else None
-    if "/" in address or address.endswith(".sock") or ":" not in address:
-        return None
-    host = address.rpartition(":")[0]
-    return host.strip("[]") or "localhost"
-
-
-def _split_unescaped(text: str) -> list:
-    parts, current, chars = [], [], iter(text)
-    for c in chars:
-        if c == "\\":
-            current.append(next(chars, ""))
-        elif c == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    parts.append("".join(current))
-    return parts
 
 
 def use_clock(transport, clock) -> None:

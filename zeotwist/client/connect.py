@@ -12,6 +12,7 @@ from zeotwist import logbridge
 from zeotwist.client.addresses import to_endpoint
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.client import Client
+from zeotwist.client.storage import ClientStorage
 
 DEFAULT_CACHE_SIZE = 20 * 2**20
 
@@ -33,7 +34,8 @@ def connect(reactor, endpoint, storage: str = "1", *, read_only: bool = False,
     credentials = None if username is None and password is None else (username, password)
     client = Client(reactor, to_endpoint(reactor, endpoint, tls), storage=storage,
                     read_only=read_only, cache=ClientCache(cache_size),
-                    wait_timeout=wait_timeout, credentials=credentials)
+                    wait_timeout=wait_timeout, credentials=credentials,
+                    storage_factory=ClientStorage.from_client)
     client.start()
     d = client.when_connected(wait_timeout)
 

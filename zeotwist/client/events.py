@@ -1,13 +1,20 @@
 """Invalidation events for reactor programs.
 
 Every transaction this client learns about - another client's commit pushed
-by the server, or its own commit - is published as an
-:class:`Invalidation` after the cache has applied it.  Programs subscribe
-with a callback, or ask for a fresh Deferred that fires with the first
-transaction after a given tid.
+by the server, its own commit, or the catch-up of a verification - is one
+:class:`Invalidation`, delivered in two stages:
 
-Runs on the reactor thread.  Subscriber exceptions are logged, never
-propagated into the protocol.
+* ``subscribe(callback, before_visible=True)``: called under the client's
+  visibility lock, after the cache has applied the event and *before* its
+  tid becomes ``last_transaction()`` (ZODB's ``DB.invalidate`` must run
+  here, or a connection could start a snapshot at that tid with stale
+  objects);
+* ``subscribe(callback)`` and :meth:`InvalidationEvents.next_after`: after
+  the tid is visible, for reactor programs.
+
+This is the client's only subscription mechanism.  Runs on the reactor
+thread.  Subscriber exceptions are logged, never propagated into the
+protocol.
 """
 from dataclasses import dataclass
 
@@ -31,9 +38,10 @@ class Invalidation:
 
 
 class Subscription:
-    def __init__(self, events: "InvalidationEvents", callback):
+    def __init__(self, events: "InvalidationEvents", callback, before_visible: bool = False):
         self._events = events
         self.callback = callback
+        self.before_visible = before_visible
 
     def cancel(self) -> None:
         """Stop receiving events (idempotent)."""
@@ -43,18 +51,26 @@ class Subscription:
 class InvalidationEvents:
     def __init__(self):
         self._subscriptions: list[Subscription] = []
+        self._early: list[Subscription] = []
         self._waiters: list[tuple[bytes, Deferred]] = []
         self.last: Invalidation | None = None
 
-    def subscribe(self, callback) -> Subscription:
-        """``callback(Invalidation)`` for every transaction from now on."""
-        sub = Subscription(self, callback)
-        self._subscriptions.append(sub)
+    def subscribe(self, callback, *, before_visible: bool = False) -> Subscription:
+        """``callback(Invalidation)`` for every transaction from now on;
+        with ``before_visible``, under the visibility lock (see above)."""
+        sub = Subscription(self, callback, before_visible)
+        (self._early if before_visible else self._subscriptions).append(sub)
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        if sub in self._subscriptions:
-            self._subscriptions.remove(sub)
+        for group in (self._early, self._subscriptions):
+            if sub in group:
+                group.remove(sub)
+
+    def publish_before_visible(self, event: Invalidation) -> None:
+        """Stage one: the ``before_visible`` subscribers (the caller holds
+        the visibility lock)."""
+        _call_each(self._early, event)
 
     def next_after(self, tid: bytes) -> Deferred:
         """A fresh Deferred of the first :class:`Invalidation` with a tid > ``tid``.
@@ -72,14 +88,19 @@ class InvalidationEvents:
         self._waiters = [(t, w) for t, w in self._waiters if w is not d]
 
     def publish(self, event: Invalidation) -> None:
+        """Stage two: ``event``'s tid is visible now."""
         self.last = event
-        for sub in list(self._subscriptions):
-            try:
-                sub.callback(event)
-            except Exception:
-                _log.failure("invalidation subscriber {cb!r} failed", cb=sub.callback)
+        _call_each(self._subscriptions, event)
         if self._waiters:
             ready = [w for t, w in self._waiters if event.tid > t]
             self._waiters = [(t, w) for t, w in self._waiters if not event.tid > t]
             for d in ready:
                 d.callback(event)
+
+
+def _call_each(subscriptions: list, event: Invalidation) -> None:
+    for sub in list(subscriptions):
+        try:
+            sub.callback(event)
+        except Exception:
+            _log.failure("invalidation subscriber {cb!r} failed", cb=sub.callback)

@@ -6,7 +6,8 @@ fails only when every one has failed (Twisted's ``ClientService`` then backs
 off and tries again).  The client moves :attr:`start` past a server that
 accepted the TCP connection but refused the handshake (for instance a
 read-only server when the client wants to write), so the next attempt goes
-to the next server.
+to the next server.  (The probe that looks for a writable server while
+fallen back to a read-only one is in :mod:`zeotwist.client.connector`.)
 
 Runs on the reactor thread.
 """
@@ -67,68 +68,3 @@ class FailoverEndpoint:
 
         try_one(0)
         return result
-
-
-class _Silent:
-    """The client a probe connection reports to: it wants nothing."""
-
-    def _invalidated(self, proto, tid, oids):
-        pass
-
-    def _connection_lost(self, proto, reason):
-        pass
-
-
-class WritableProbe:
-    """While a ``read_only_fallback`` client sits on a read-only server, look
-    for a writable one every ``interval`` seconds (a throwaway connection and
-    a writable Register); when one answers, tell the client to move."""
-
-    def __init__(self, client, interval: float):
-        self._client = client
-        self._interval = interval
-        self._call = None
-        self._stopped = False
-
-    def schedule(self) -> None:
-        if self._stopped or (self._call is not None and self._call.active()):
-            return
-        self._call = self._client.reactor.callLater(self._interval, self._run)
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-
-    def _run(self) -> None:
-        from zeotwist.client.protocol import ClientFactory
-        client = self._client
-        if not (client.is_connected and client.server_read_only):
-            return
-        endpoints = list(getattr(client.endpoint, "endpoints", [client.endpoint]))
-        factory = ClientFactory(_Silent())
-
-        def try_index(i):
-            if i == len(endpoints):
-                self.schedule()
-                return
-            d = endpoints[i].connect(factory)
-            d.addCallback(lambda proto: self._try_register(proto, i))
-            d.addErrback(lambda f: False)
-            d.addCallback(lambda found: None if found else try_index(i + 1))
-
-        try_index(0)
-
-    def _try_register(self, proto, index):
-        client = self._client
-        d = client._send_register(proto, False)
-
-        def done(result):
-            if proto.transport is not None:
-                proto.transport.loseConnection()
-            if isinstance(result, dict):
-                client._writable_server_found(index)
-                return True
-            return False
-
-        return d.addBoth(done)

@@ -4,7 +4,9 @@
 that fires with the parsed response or a typed exception (rebuilt from the
 wire code by :mod:`zeotwist.wire.codes`); the AMP-level Deferred always ends
 handled, so an error answer never drops the connection.  The server's
-``Invalidate`` is handed to the owning :class:`~zeotwist.client.client.Client`
+``Invalidate`` is handed to the protocol's owner (a
+:class:`~zeotwist.client.connector.Connector`: ``owner.invalidated(proto,
+tid, oids)``, ``owner.connection_lost(proto, reason)``, ``owner.reactor``)
 synchronously, in the order boxes arrive, and so is every answer: a load
 result reaches the cache before the next box is parsed.
 
@@ -88,13 +90,13 @@ class ClientProtocol(BoundedAMP):
     maxBoxBytes = CLIENT_MAX_BOX_BYTES
     maxBoxKeys = CLIENT_MAX_BOX_KEYS
 
-    def __init__(self, client):
+    def __init__(self, owner):
         super().__init__()
-        self.client = client
+        self.owner = owner
 
     def connectionMade(self):
         super().connectionMade()
-        use_clock(self.transport, getattr(self.client, "reactor", None))   # TLS: see zeotwist.tls
+        use_clock(self.transport, getattr(self.owner, "reactor", None))   # TLS: see zeotwist.tls
 
     # -- what answers: a zeotwist server, or a ZEO server ----------------------------
     #: the first bytes, until they show an AMP box (None from then on)
@@ -169,14 +171,14 @@ class ClientProtocol(BoundedAMP):
 
     @C.Invalidate.responder
     def invalidate(self, tid, oids):
-        self.client._invalidated(self, tid, oids)
+        self.owner.invalidated(self, tid, oids)
         return {}
 
     def connectionLost(self, reason):
         if self.wrong_server is not None:       # what the waiting calls should hear
             reason = Failure(self.wrong_server)
         super().connectionLost(reason)
-        self.client._connection_lost(self, reason)
+        self.owner.connection_lost(self, reason)
 
 
 def peer_text(transport) -> str:
@@ -202,10 +204,10 @@ def describe_greeting(first: bytes, where: str) -> str:
 class ClientFactory(Factory):
     noisy = False        # no "Starting factory" line at every connection attempt
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, owner):
+        self.owner = owner
 
     def buildProtocol(self, addr):
-        p = ClientProtocol(self.client)
+        p = ClientProtocol(self.owner)
         p.factory = self
         return p

@@ -16,7 +16,7 @@ import threading
 import zope.interface
 from ZODB import interfaces
 from ZODB.POSException import POSKeyError, ReadOnlyError, StorageTransactionError
-from ZODB.utils import maxtid, z64
+from ZODB.utils import maxtid
 
 from zeotwist.client.addresses import to_endpoint
 from zeotwist.client.blobs import BlobStorageMixin
@@ -97,7 +97,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                             read_only=read_only, cache=cache, wait_timeout=wait_timeout,
                             read_only_fallback=read_only_fallback,
                             fallback_check_interval=fallback_check_interval,
-                            credentials=credentials)
+                            credentials=credentials,
+                            storage_factory=ClientStorage.from_client)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
         self._tls = tls
         self._blob_setup(blob_dir, shared_blob_dir, blob_cache_size, blob_cache_size_check)
@@ -121,7 +122,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         """Start connecting without waiting; declare the served storage's
         interfaces once the first registration is done (reactor thread)."""
         self._client.start()
-        d = self._client._service.whenConnected()
+        d = self._client.connector.when_connected()
         d.addCallbacks(lambda _: self._declare_interfaces(), lambda f: None)
 
     def _declare_interfaces(self) -> None:
@@ -160,8 +161,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         self._owns_client = owns_client
         self._tls = None
         self._client = client
-        client.add_invalidation_listener(self._invalidate_db)
-        client.add_reset_listener(self._invalidate_db_cache)
+        self._subscription = client.events.subscribe(self._invalidate_db,
+                                                     before_visible=True)
 
     # -- plumbing --------------------------------------------------------------
     def _call(self, f, *args, timeout=None):
@@ -178,13 +179,16 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         """The Deferred-API client under this storage (same connection and cache)."""
         return self._client
 
-    def _invalidate_db(self, tid, oids):
-        if self._db is not None:
-            self._db.invalidate(tid, oids)
-
-    def _invalidate_db_cache(self):
-        if self._db is not None:
-            self._db.invalidateCache()
+    def _invalidate_db(self, event) -> None:
+        """Tell ZODB's DB of other clients' transactions, before their tid
+        is visible (the DB learns of our own through tpc_finish's callback)."""
+        db = self._db
+        if db is None or event.local:
+            return
+        if event.reset:
+            db.invalidateCache()
+        else:
+            db.invalidate(event.tid, event.oids)
 
     # -- ZEO-style status --------------------------------------------------------
     def is_connected(self, test: bool = False) -> bool:
@@ -258,7 +262,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         self._closed = True
         with self._tpc_cond:          # wake threads waiting in tpc_begin: they fail
             self._tpc_cond.notify_all()
-        self._client.remove_listeners(self._invalidate_db, self._invalidate_db_cache)
+        self._subscription.cancel()
         if not self._owns_client:
             return
         if self._reactor.running and not in_reactor_thread(self._reactor):
@@ -292,10 +296,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     def new_oid(self) -> bytes:
         if self.isReadOnly():
             raise ReadOnlyError()
-        try:
-            return self._client._oids.popleft()
-        except IndexError:
-            return self._call(self._client.new_oid)
+        oid = self._client.take_oid()
+        return oid if oid is not None else self._call(self._client.new_oid)
 
     # -- two-phase commit --------------------------------------------------------
     def tpc_transaction(self):

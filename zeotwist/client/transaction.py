@@ -92,7 +92,7 @@ class ClientTransaction:
     def _send(self, chunk: bytes) -> None:
         if self._failed is not None:
             return
-        proto = self._client._proto
+        proto = self._client.protocol
         if self._proto is None:
             if proto is None:
                 self._failed = ClientDisconnected("not connected to the server")
@@ -115,7 +115,7 @@ class ClientTransaction:
             return pending.addCallback(lambda _: self.vote())
         if self._failed is not None:    # a piece was lost: waiting would not help
             return fail(self._failed)
-        if self._proto is None and self._client._proto is None:
+        if self._proto is None and self._client.protocol is None:
             return self._client.when_connected().addCallback(lambda _: self.vote())
         self._flush_now()
         if self._failed is not None:
@@ -141,19 +141,19 @@ class ClientTransaction:
 
     def finish(self, callback=None) -> Deferred:
         """Commit; ``callback(tid)`` runs before any later invalidation is applied."""
-        if self._proto is None or self._proto is not self._client._proto:
+        if self._proto is None or self._proto is not self._client.protocol:
             return fail(ClientDisconnected("connection lost before finish"))
         d = self._proto.call(C.Finish)
         return d.addCallback(self._finished, callback)
 
     def _finished(self, answer, callback):
         tid = answer["tid"]
-        self._client._committed(tid, self._written, set(self.resolved), callback)
+        self._client.committed(tid, self._written, set(self.resolved), callback)
         return tid
 
     def abort(self) -> Deferred:
         proto = self._proto
-        if proto is None or proto is not self._client._proto:
+        if proto is None or proto is not self._client.protocol:
             return succeed(None)   # the server aborts it when the link drops
         d = proto.call(C.Abort)
         d.addErrback(lambda f: f.trap(ClientDisconnected) and None)

@@ -1,0 +1,320 @@
+"""The connection lifecycle of one :class:`~zeotwist.client.client.Client`.
+
+A :class:`Connector` keeps one *registered* connection to the server: it
+owns Twisted's ``ClientService`` (capped exponential backoff, injected
+clock), and runs the handshake as the service's ``prepareConnection`` step:
+Login (with credentials), Register, then Verify when the cache already
+covers some transactions.  :attr:`Connector.protocol` is set only once the
+cache is up to date, under the client's visibility lock, together with the
+cache's last tid.  It also owns the read-only fallback (try the other
+servers, then register read-only) and the :class:`WritableProbe` that
+moves back to a writable server.
+
+The connector is the owner every :class:`~zeotwist.client.protocol.ClientProtocol`
+reports to (``invalidated``, ``connection_lost``); it hands the client only
+the invalidations of the registered connection.
+
+Runs on the reactor thread.
+"""
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger, LogLevel
+from ZODB.POSException import ReadOnlyError
+
+from zeotwist.client.events import Invalidation
+from zeotwist.client.protocol import ClientFactory
+from zeotwist.wire import commands as C
+
+_log = Logger()
+
+
+class _ErrorKeepingEndpoint:
+    """The endpoint ClientService connects through: a failed attempt (refused,
+    unreachable, a TLS failure before the connection is up) becomes the
+    connector's last error, which ``Client.when_connected`` reports."""
+
+    def __init__(self, endpoint, connector: "Connector"):
+        self._endpoint, self._connector = endpoint, connector
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+        d.addErrback(self._failed)
+        return d
+
+    def _failed(self, failure):
+        self._connector.last_error = failure.value
+        return failure
+
+
+class Connector:
+    """Keeps ``client`` registered with storage ``client.storage_name``."""
+
+    def __init__(self, client, endpoint, retry_policy, *, credentials: tuple | None = None,
+                 read_only_fallback: bool = False, fallback_check_interval: float = 5.0,
+                 on_register=None):
+        self.reactor = client.reactor
+        self._client = client
+        self.endpoint = endpoint
+        #: (username, password) sent in Login before every Register
+        self.credentials = credentials
+        self.read_only_fallback = read_only_fallback
+        self.fallback_check_interval = fallback_check_interval
+        self._on_register = on_register or (lambda: None)
+        self._retry_policy = retry_policy
+        self._refusals = 0           # read-only refusals since the last success
+        self._probe = None
+        #: a connection loss we asked for (stop, new address): not a warning
+        self._leaving = False
+        #: the registered, verified protocol, or None
+        self.protocol = None
+        #: why the last attempt failed (reported by ``when_connected``)
+        self.last_error: BaseException | None = None
+        #: registrations so far
+        self.connections = 0
+        #: the server's Register answer: its name, read-only flag, interfaces
+        self.server_name = None
+        self.server_read_only = client.read_only
+        self.server_interfaces: tuple = ()
+        self.supports_undo = False
+        self._service = self._make_service(endpoint)
+
+    def _make_service(self, endpoint) -> ClientService:
+        return ClientService(
+            _ErrorKeepingEndpoint(endpoint, self), ClientFactory(self),
+            retryPolicy=self._retry_policy, clock=self.reactor,
+            prepareConnection=self._register)
+
+    # -- the service -------------------------------------------------------------
+    def start(self) -> None:
+        self._leaving = False
+        self._service.startService()
+
+    def stop(self) -> Deferred:
+        self._leaving = True
+        if self._probe is not None:
+            self._probe.stop()
+        return self._service.stopService()
+
+    def set_endpoint(self, endpoint) -> Deferred:
+        """Drop the current connection and connect to ``endpoint`` from now on;
+        fires once the old connection is closed and the new service runs."""
+        old, self.endpoint = self._service, endpoint
+        self._service = self._make_service(endpoint)
+        self._leaving = True
+        d = old.stopService()
+        d.addCallback(lambda _: self.start())
+        return d
+
+    def when_connected(self) -> Deferred:
+        """A Deferred of the next registered protocol (no timeout)."""
+        if self.protocol is not None:
+            return succeed(self.protocol)
+        return self._service.whenConnected()
+
+    # -- what every ClientProtocol reports ---------------------------------------------
+    def invalidated(self, proto, tid: bytes, oids) -> None:
+        if proto is self.protocol:        # else: a handshake's, or a dead connection's
+            self._client.apply_invalidation(tid, oids)
+
+    def connection_lost(self, proto, reason) -> None:
+        if proto is self.protocol:
+            self.protocol = None
+            level = LogLevel.info if self._leaving else LogLevel.warn
+            _log.emit(level, "zeotwist client lost its connection: {why}",
+                      why=reason.getErrorMessage())
+
+    # -- the handshake -----------------------------------------------------------------
+    def _register(self, wrapper):
+        # ClientService hands us its proxy around our protocol; we keep the
+        # protocol itself, since that is what reports to this connector.
+        proto = getattr(wrapper, "_protocol", wrapper)
+        d = self._login(proto).addCallback(
+            lambda _: self.send_register(proto, self._client.read_only))
+        if self.read_only_fallback:
+            d.addErrback(self._maybe_fall_back, proto)
+        d.addCallbacks(self._registered, self._register_failed, (proto,), None,
+                       (proto, wrapper))
+        return d
+
+    def _login(self, proto) -> Deferred:
+        """Login (when the client has credentials), before Register."""
+        if self.credentials is None:
+            return succeed(None)
+        username, password = self.credentials
+        d = proto.call(C.Login, username=username, password=password)
+        return d.addCallback(self._logged_in)
+
+    def _logged_in(self, answer):
+        if not answer["user"]:
+            _log.warn("zeotwist: this server does not authenticate; credentials unused")
+
+    def send_register(self, proto, read_only: bool) -> Deferred:
+        """Register on ``proto``; a Deferred of the server's answer."""
+        return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
+                          storage=self._client.storage_name, read_only=read_only)
+
+    def _maybe_fall_back(self, failure, proto):
+        """A read-only server refused a writable client: try the other
+        servers first; once each has refused, register read-only here."""
+        failure.trap(ReadOnlyError)
+        self._refusals += 1
+        if self._refusals < len(getattr(self.endpoint, "endpoints", ())):
+            return failure
+        _log.warn("zeotwist: no writable server; falling back to read-only")
+        return self.send_register(proto, True)
+
+    def _registered(self, answer, proto):
+        self.connections += 1
+        self._refusals = 0
+        if hasattr(self.endpoint, "start"):
+            self.endpoint.start = 0          # next time, servers in preferred order
+        if self.read_only_fallback and answer["read_only"]:
+            self._schedule_writable_probe()
+        self._on_register()
+        self.server_read_only = answer["read_only"]
+        self.server_name = answer["name"]
+        self.server_interfaces = tuple(answer["interfaces"])
+        self.supports_undo = answer["supports_undo"]
+        self.last_error = None
+        _log.info("zeotwist client registered with storage {name!r} (last tid {tid})",
+                  name=self._client.storage_name, tid=answer["last_tid"].hex())
+        cache = self._client.cache
+        if cache.last_tid is None:          # nothing cached, nothing to verify
+            self._client.make_visible(answer["last_tid"], None, then=self._use(proto))
+            return None
+        d = proto.call(C.Verify, tid=cache.last_tid)
+        return d.addCallback(self._verified, proto)
+
+    def _use(self, proto):
+        def use():
+            self.protocol = proto
+        return use
+
+    def _verified(self, answer, proto):
+        """Bring the cache (and ZODB) up to the server's last transaction.
+
+        Runs before :attr:`protocol` is set, so invalidations pushed
+        meanwhile are ignored: they concern transactions this answer
+        already covers.
+        """
+        server_tid, oids = answer["last_tid"], answer["oids"]
+        client = self._client
+        mine = client.cache.last_tid        # changes only on this (the reactor) thread
+        use = self._use(proto)
+        if server_tid < mine:
+            _log.error(
+                "zeotwist: the server's last transaction {server} is OLDER than this "
+                "client's cache ({mine}); its storage was restored from an older copy. "
+                "Dropping the cache rather than serving data the server does not have.",
+                server=server_tid.hex(), mine=mine.hex())
+        elif not answer["complete"]:
+            _log.info("zeotwist: cache too far behind the server to verify; dropping it")
+        if server_tid < mine or not answer["complete"]:
+            client.make_visible(server_tid, Invalidation(server_tid, (), reset=True),
+                                client.cache.clear, then=use)
+        elif server_tid > mine:
+            def invalidate():
+                for oid in oids:
+                    client.cache.invalidate_after(oid, mine)
+            client.make_visible(server_tid, Invalidation(server_tid, tuple(oids)),
+                                invalidate, then=use)
+        else:
+            client.make_visible(server_tid, None, then=use)
+        _log.info("zeotwist cache verified: {n} objects changed while disconnected",
+                  n=len(oids))
+
+    def _register_failed(self, failure, proto, wrapper):
+        self.last_error = failure.value
+        _log.warn("zeotwist registration failed: {err}", err=failure.getErrorMessage())
+        if hasattr(self.endpoint, "skip_current"):
+            self.endpoint.skip_current()     # the next attempt tries the next server
+        # ClientService (Twisted 26.10) has no transition for a connection
+        # lost while it is still "connecting" (our handshake): it raises
+        # NoTransition.  A failed handshake is reported through the returned
+        # failure instead, so silence the proxy's lost-notification first.
+        if hasattr(wrapper, "_lostNotification"):
+            wrapper._lostNotification = lambda reason: None
+        if proto.transport is not None:
+            proto.transport.loseConnection()
+        return failure
+
+    # -- read-only fallback ------------------------------------------------------------
+    def _schedule_writable_probe(self) -> None:
+        if self._probe is None:
+            self._probe = WritableProbe(self, self.fallback_check_interval)
+        self._probe.schedule()
+
+    def writable_server_found(self, index: int) -> None:
+        """The probe found a writable server: reconnect there."""
+        if hasattr(self.endpoint, "start"):
+            self.endpoint.start = index
+        proto = self.protocol
+        if proto is not None and self.server_read_only and proto.transport is not None:
+            _log.info("zeotwist: a writable server is back; reconnecting to it")
+            proto.transport.loseConnection()
+
+
+class _Silent:
+    """The owner a probe connection reports to: it wants nothing."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def invalidated(self, proto, tid, oids) -> None:
+        pass
+
+    def connection_lost(self, proto, reason) -> None:
+        pass
+
+
+class WritableProbe:
+    """While a ``read_only_fallback`` client sits on a read-only server, look
+    for a writable one every ``interval`` seconds (a throwaway connection and
+    a writable Register); when one answers, tell the connector to move."""
+
+    def __init__(self, connector: Connector, interval: float):
+        self._connector = connector
+        self._interval = interval
+        self._call = None
+        self._stopped = False
+
+    def schedule(self) -> None:
+        if self._stopped or (self._call is not None and self._call.active()):
+            return
+        self._call = self._connector.reactor.callLater(self._interval, self._run)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+
+    def _run(self) -> None:
+        connector = self._connector
+        if not (connector.protocol is not None and connector.server_read_only):
+            return
+        endpoints = list(getattr(connector.endpoint, "endpoints", [connector.endpoint]))
+        factory = ClientFactory(_Silent(connector.reactor))
+
+        def try_index(i):
+            if i == len(endpoints):
+                self.schedule()
+                return
+            d = endpoints[i].connect(factory)
+            d.addCallback(lambda proto: self._try_register(proto, i))
+            d.addErrback(lambda f: False)
+            d.addCallback(lambda found: None if found else try_index(i + 1))
+
+        try_index(0)
+
+    def _try_register(self, proto, index):
+        d = self._connector.send_register(proto, False)
+
+        def done(result):
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            if isinstance(result, dict):
+                self._connector.writable_server_found(index)
+                return True
+            return False
+
+        return d.addBoth(done)
