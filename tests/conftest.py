@@ -39,3 +39,31 @@ def make_client(server):
     yield make
     for cs in made:
         cs.close()
+
+
+# -- PostgreSQL (scale-out tests: docs/scale-out.md) ------------------------------
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throw-away PostgreSQL cluster for the whole session (initdb on a
+    free loopback port, as the postgres user when we are root).  Skipped
+    where PostgreSQL or RelStorage is missing, except under CI, where that
+    is a failure: CI must run these tests."""
+    import os
+    from zeotwist.pgtesting import PostgresCluster, PostgresUnavailable
+    try:
+        import psycopg2  # noqa: F401
+        import relstorage  # noqa: F401
+        cluster = PostgresCluster().start()
+    except (ImportError, PostgresUnavailable) as e:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI must run the PostgreSQL tests: %s" % e)
+        pytest.skip("no PostgreSQL here: %s" % e)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster):
+    """A DSN of a new, empty database in the session's cluster."""
+    return pg_cluster.dsn(pg_cluster.create_database())

@@ -45,8 +45,20 @@ class RunningServer:
 def start_server(filename: str, listen: str = "tcp:0:interface=127.0.0.1",
                  reactor=None, timeout: float = 30, **options) -> RunningServer:
     """Serve ``filename`` on ``listen`` from ``reactor``'s thread; wait until listening."""
-    reactor = reactor or background_reactor()
-    service = ServerService(filename, [listen], reactor=reactor, **options)
+    return _start(ServerService(filename, [listen], reactor=reactor or background_reactor(),
+                                **options), timeout)
+
+
+def start_storages(storages: dict, listen: str = "tcp:0:interface=127.0.0.1",
+                   reactor=None, timeout: float = 30, **options) -> RunningServer:
+    """Serve ``{name: storage or opener}`` (as :meth:`ServerService.from_storages`)
+    on ``listen`` from ``reactor``'s thread; wait until listening."""
+    return _start(ServerService.from_storages(
+        storages, [listen], reactor=reactor or background_reactor(), **options), timeout)
+
+
+def _start(service, timeout: float) -> RunningServer:
+    reactor = service.reactor
 
     def start():
         service.startService()
@@ -56,7 +68,7 @@ def start_server(filename: str, listen: str = "tcp:0:interface=127.0.0.1",
     return RunningServer(service, reactor, addresses)
 
 
-__all__ = ["start_server", "RunningServer", "defer"]
+__all__ = ["start_server", "start_storages", "RunningServer", "defer"]
 
 
 # -- in-memory protocol pairs (no sockets, no reactor) -------------------------

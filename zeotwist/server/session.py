@@ -18,7 +18,7 @@ from collections import deque
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import (
     ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
@@ -230,13 +230,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
 
     @C.Verify.responder
     def verify(self, tid):
-        server = self.server
-        if tid > server.last_tid:
-            changed = None
-        else:
-            changed = server.invalidations.since(tid)
-        return dict(last_tid=server.last_tid, complete=changed is not None,
-                    oids=sorted(changed or ()))
+        return self.server.verify(tid)
 
     # -- reads -------------------------------------------------------------------
     @C.LoadBefore.responder
@@ -325,6 +319,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     _EXPECTED += BLOB_VOTE_ERRORS
 
     def _vote_failed(self, failure, txn):
+        if failure.check(ConflictError):
+            self.server.stats["conflicts"] += 1
         if not failure.check(*self._EXPECTED):
             _log.failure("vote failed", failure)
         # locking or voting: this is still the session's transaction
@@ -345,9 +341,14 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
 
     def _finished(self, tid, txn):
         txn.state.move(Event.FINISHED)
-        self.server.committed(tid, txn.oids, self)
+        # a Deferred when the feed announces our commit among others' (RelStorage)
+        d = maybeDeferred(self.server.committed, tid, txn.oids, self)
+        d.addBoth(self._release_lock)
+        return d.addCallback(lambda _: dict(tid=tid))
+
+    def _release_lock(self, result):
         self.server.lock.release(self)
-        return dict(tid=tid)
+        return result
 
     def _finish_failed(self, failure, txn):
         _log.failure("tpc_finish failed; aborting", failure)

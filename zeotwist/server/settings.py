@@ -31,7 +31,7 @@ import ZConfig.datatypes
 
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
 from zeotwist.server.storageserver import (
-    DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_TRANSACTION_TIMEOUT)
+    DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_TRANSACTION_TIMEOUT)
 
 DEFAULT_LISTEN = "tcp:8100:interface=127.0.0.1"
 
@@ -125,6 +125,11 @@ class ServerSettings:
     auth_file: str | None = option(
         None, "Clients must log in as a user of this password file, which also gives "
         "each user's rights per storage (docs/tls-auth.md; python -m zeotwist adduser)")
+    poll_interval: float = option(
+        DEFAULT_POLL_INTERVAL, "Seconds between two looks for transactions committed "
+        "through other servers of the same database (RelStorage; PostgreSQL "
+        "notifications usually bring them sooner; docs/scale-out.md)", coerce=float,
+        minimum=0.01)
 
     def __post_init__(self):
         # No listen endpoint given: the default one, unless TLS endpoints are.

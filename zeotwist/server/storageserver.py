@@ -18,6 +18,7 @@ from twisted.protocols import amp
 
 from zeotwist.server.commitlock import CommitLock
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
+from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidReservation
 from zeotwist.server.storagecalls import StorageThreads
@@ -35,7 +36,9 @@ class StorageServer:
                  max_transaction_bytes: int = 2**31, threads=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
-                 conflict_classes=(), client_conflict_resolution: bool = False):
+                 conflict_classes=(), client_conflict_resolution: bool = False,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL):
+        storage = served_storage(storage)       # IMVCC: one instance per thread
         self.storage = storage
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
@@ -66,6 +69,8 @@ class StorageServer:
         #: how storage calls leave the reactor thread (zeotwist.server.storagecalls);
         #: in-memory tests inject SynchronousCalls
         self.threads = threads or StorageThreads(reactor, "zeotwist-storage-%s" % self.name)
+        #: where others' commits come from (zeotwist.server.external)
+        self.feed = start_feed(self, storage, poll_interval)
 
     def new_oids(self, count: int) -> list:
         """``count`` fresh oids, never handed out before, even across a crash
@@ -82,12 +87,20 @@ class StorageServer:
     def unregister(self, session) -> None:
         self.sessions.discard(session)
 
-    def committed(self, tid: bytes, oids: list, committer) -> None:
-        """A transaction is durable: tell every other session, in commit order.
+    def committed(self, tid: bytes, oids: list, committer):
+        """Our transaction ``tid`` is durable: the feed fans it out in tid
+        order among others' commits.  None once done, or a Deferred that
+        fires when it is (the committer answers then).
 
         Called while ``committer`` still holds the commit lock, so the next
         transaction's invalidation can only be written after this one.
         """
+        return self.feed.own_commit(tid, oids, committer)
+
+    def fan_out(self, tid: bytes, oids: list, committer) -> None:
+        """Transaction ``tid`` (ours or another writer's) is the newest:
+        remember it and send its invalidations to every session but
+        ``committer``.  Only feeds call this, in tid order."""
         self.last_tid = tid
         self.invalidations.append(tid, oids)
         self.stats["commits"] += 1
@@ -97,6 +110,26 @@ class StorageServer:
         for session in list(self.sessions):
             if session is not committer:
                 session.send_frame(frame)
+
+    def reset_history(self, tid: bytes) -> None:
+        """Others' commits up to ``tid`` are unknown: no cache can be
+        verified against older tids any more."""
+        self.last_tid = max(self.last_tid, tid)
+        self.invalidations.append(self.last_tid, ())
+        self.invalidations.complete_after = self.last_tid
+
+    def verify(self, tid: bytes):
+        """The Verify answer for a client whose cache is at ``tid``.  A
+        client that knows a later transaction than this server (it was on
+        another server) first waits, bounded, for this server to catch up."""
+        if tid > self.last_tid:
+            return self.feed.catch_up(tid).addCallback(lambda _: self._verify_now(tid))
+        return self._verify_now(tid)
+
+    def _verify_now(self, tid: bytes) -> dict:
+        changed = None if tid > self.last_tid else self.invalidations.since(tid)
+        return dict(last_tid=self.last_tid, complete=changed is not None,
+                    oids=sorted(changed or ()))
 
     def _lock_timed_out(self, session) -> None:
         session.transaction_timed_out()
@@ -110,7 +143,8 @@ class StorageServer:
             start_time=self.start_time, **self.stats)
 
     def close(self) -> None:
-        """Stop the worker thread and close the storage (at service stop)."""
+        """Stop the feed and the worker thread, close the storage (at service stop)."""
+        self.feed.close()
         self.threads.stop()
         self.storage.close()
 

@@ -312,7 +312,8 @@ class ServerService(service.Service):
                 max_transaction_bytes=s.max_transaction_bytes,
                 invalidation_queue_size=s.invalidation_queue_size,
                 conflict_classes=self.conflict_classes,
-                client_conflict_resolution=s.client_conflict_resolution)
+                client_conflict_resolution=s.client_conflict_resolution,
+                poll_interval=s.poll_interval)
             server.allow_read_only_pack = s.allow_read_only_pack
             return server
         except Exception as e:

@@ -1,0 +1,267 @@
+"""Several zeotwist servers over one RelStorage database on PostgreSQL.
+
+Real servers (the background reactor, in this process) serving RelStorage
+on a real PostgreSQL the tests start themselves (``pg_cluster`` in
+conftest.py: one cluster per session, one database per test).  Every wait
+polls a real condition under a deadline.  docs/scale-out.md.
+"""
+import statistics
+import threading
+import time
+
+import pytest
+import transaction
+from ZODB import DB
+from ZODB.POSException import ConflictError, ReadConflictError
+
+from zeotwist.client.reactorthread import background_reactor, blocking_call
+from zeotwist.pgtesting import relstorage_opener
+from zeotwist.server.mvcc import PerThreadStorage
+from zeotwist.testing import start_storages
+
+from procutil import wait_for
+from test_reconnect import WAIT, client, closing, commit  # noqa: F401
+
+HISTORY = pytest.mark.parametrize("keep_history", [True, False], ids=["history", "history-free"])
+
+
+def serve(dsn, closing, keep_history=True, rs_options=None, **options):
+    server = start_storages({"1": relstorage_opener(dsn, keep_history, **(rs_options or {}))},
+                            **options)
+    closing(server)
+    return server
+
+
+def on_reactor(f, *args):
+    return blocking_call(background_reactor(), lambda: __import__(
+        "twisted.internet.defer", fromlist=["maybeDeferred"]).maybeDeferred(f, *args), timeout=10)
+
+
+def record_invalidations(cs) -> list:
+    seen = []
+    cs.client.add_invalidation_listener(lambda tid, oids: seen.append((tid, list(oids))))
+    return seen
+
+
+def read(db, name):
+    """root[name]['v'] in a new transaction (None if absent)."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        with tm:
+            obj = conn.root().get(name)
+            return None if obj is None else obj["v"]
+    finally:
+        conn.close()
+
+
+def read_settled(db, name):
+    """``read``, or None where a history-free database no longer has the
+    revision of the client's (lagging) snapshot: ReadConflictError, retried."""
+    try:
+        return read(db, name)
+    except ReadConflictError:
+        return None
+
+
+def reached(cs, tid):
+    return cs.lastTransaction() >= tid
+
+
+def commit_retrying(db, **changes):
+    """``commit`` as applications do it: a ConflictError means retry."""
+    for _ in range(20):
+        try:
+            return commit(db, **changes)
+        except ConflictError:
+            continue
+    raise AssertionError("20 conflicts in a row")
+
+
+def open_dbs(closing, first, *others):
+    """ZODB DBs over the clients; the root is created through ``first`` and
+    the others wait to hear of it (else they would create it too: a conflict)."""
+    dbs = [DB(first)]
+    closing(dbs[0])
+    for cs in others:
+        wait_for(lambda: reached(cs, first.lastTransaction()), WAIT, "the root's creation")
+        dbs.append(DB(cs))
+        closing(dbs[-1])
+    return dbs
+
+
+@HISTORY
+def test_commits_through_either_server_reach_clients_of_both_in_tid_order(
+        pg_dsn, closing, keep_history):
+    s1 = serve(pg_dsn, closing, keep_history)
+    s2 = serve(pg_dsn, closing, keep_history)
+    a, watcher, b = client(s1.address), client(s1.address), client(s2.address)
+    for cs in (a, watcher, b):
+        closing(cs)
+    seen = {name: record_invalidations(cs) for name, cs in
+            (("a", a), ("watcher", watcher), ("b", b))}
+    db_a, db_b = open_dbs(closing, a, b)
+    tids = [commit(db_a, x=-1, y=-1)]
+    wait_for(lambda: reached(b, tids[0]), WAIT, "the mappings' creation")
+    for i in range(8):
+        tids.append(commit_retrying(db_a, x=i))
+        tids.append(commit_retrying(db_b, y=i))
+    last = max(tids)
+    for cs in (a, watcher, b):
+        wait_for(lambda: reached(cs, last), WAIT, "every client to reach the last tid")
+    for name, got in seen.items():
+        order = [tid for tid, _ in got]
+        assert order == sorted(set(order)), "%s: not in tid order" % name
+    # the passive client of server 1 heard of every commit, its own server's
+    # and the other's (history-free: each announced tid covers the window)
+    heard = {tid for tid, _ in seen["watcher"]}
+    if keep_history:
+        assert set(tids) <= heard
+    assert last in heard
+    db_w, = open_dbs(closing, watcher)
+    assert read(db_w, "x") == 7 and read(db_w, "y") == 7
+    assert s1.server.last_tid == s2.server.last_tid == last
+
+
+def test_a_commit_reaches_the_other_servers_clients_by_notification(pg_dsn, closing):
+    # a poll interval far longer than the test: only notifications can be quick
+    s1 = serve(pg_dsn, closing, poll_interval=30)
+    s2 = serve(pg_dsn, closing, poll_interval=30)
+    assert s1.server.feed.listener is not None and s2.server.feed.listener is not None
+    a, b = client(s1.address), client(s2.address)
+    closing(a)
+    closing(b)
+    db_a = DB(a)
+    closing(db_a)
+    latencies = []
+    for i in range(10):
+        tid = commit(db_a, x=i)
+        start = time.monotonic()
+        wait_for(lambda: reached(b, tid), 5, "the other server's client")
+        latencies.append(time.monotonic() - start)
+    assert max(latencies) < 5           # far below the 30 s poll interval
+    assert s2.server.feed.stats["notifications"] >= 1
+    print("fan-out latency through NOTIFY: median %.1f ms, max %.1f ms"
+          % (1000 * statistics.median(latencies), 1000 * max(latencies)))
+
+
+def test_polling_alone_brings_commits_of_plain_relstorage_clients(pg_dsn, closing):
+    s1 = serve(pg_dsn, closing, poll_interval=0.2)
+    s1.server.feed.listen = False                  # no notifications: polling only
+    on_reactor(s1.server.feed.listener.stop)
+    b = client(s1.address)
+    closing(b)
+    db_b = DB(b)
+    closing(db_b)
+    commit(db_b, x=0)
+    # a plain RelStorage client of the same database, no zeotwist in between
+    plain = DB(relstorage_opener(pg_dsn)())
+    closing(plain)
+    tid = commit(plain, x=1)
+    wait_for(lambda: reached(b, tid), WAIT, "the poll to bring the plain client's commit")
+    assert read(db_b, "x") == 1
+    assert s1.server.feed.stats["notifications"] == 0
+
+
+def pg_sessions(pg_cluster, dsn):
+    db = dsn.split("dbname='")[1].split("'")[0]
+    return pg_cluster.execute(
+        "SELECT application_name, state, EXTRACT(EPOCH FROM now() - xact_start) "
+        "FROM pg_stat_activity WHERE datname = '%s' AND pid <> pg_backend_pid()" % db)
+
+
+def test_an_idle_server_holds_no_postgresql_transaction(pg_cluster, pg_dsn, closing):
+    s1 = serve(pg_dsn, closing, poll_interval=0.2)
+    a = client(s1.address)
+    closing(a)
+    db_a = DB(a)
+    closing(db_a)
+    for i in range(3):
+        commit(db_a, x=i)
+        a.history(db_a.open().root()._p_oid, size=2)      # thread-pool work
+    wait_for(lambda: all(state == "idle" for _, state, _ in pg_sessions(pg_cluster, pg_dsn)),
+             WAIT, "every connection of the idle server to leave its transaction")
+    sessions = pg_sessions(pg_cluster, pg_dsn)
+    assert sessions, "the server keeps its connections, only not in a transaction"
+
+
+def test_one_storage_instance_per_thread_released_on_close(pg_cluster, pg_dsn, closing):
+    s1 = serve(pg_dsn, closing)
+    storage = s1.server.storage
+    assert isinstance(storage, PerThreadStorage)
+    a = client(s1.address)
+    closing(a)
+    db_a = DB(a)
+    closing(db_a)
+    commit(db_a, x=1)                               # storage thread
+    read(db_a, "x")                                 # reactor thread (loads)
+    a.history(b"\0" * 8, size=1)                    # thread pool
+    roots = {id(inst.storage) for inst in storage._instances}
+    assert len(roots) == storage.instances() >= 3   # each thread its own
+    assert storage.root not in [inst.storage for inst in storage._instances]
+    a.close()
+    s1.stop()
+    wait_for(lambda: not pg_sessions(pg_cluster, pg_dsn), WAIT,
+             "the stopped server to close every PostgreSQL connection")
+
+
+def increment(db, n, counts, errors):
+    """``n`` increments of root['counter']['v'], retrying conflicts; the
+    ConflictErrors of commits (the server's) go to ``errors``."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    done = 0
+    while done < n:
+        tm.begin()
+        try:
+            conn.root()["counter"]["v"] += 1
+        except ReadConflictError:       # history-free: the snapshot's revision is gone
+            tm.abort()
+            continue
+        try:
+            tm.commit()
+        except ConflictError:
+            tm.abort()
+            errors.append(1)
+            continue
+        done += 1
+        counts.append(1)
+    conn.close()
+
+
+@HISTORY
+def test_a_counter_through_two_servers_is_exact(pg_dsn, closing, keep_history):
+    from twisted.logger import globalLogPublisher, LogLevel
+    bad = []
+
+    def observe(event):
+        if event.get("log_failure") is not None or event.get("log_level") in (
+                LogLevel.critical, LogLevel.error):
+            bad.append(event)
+    globalLogPublisher.addObserver(observe)
+    try:
+        s1 = serve(pg_dsn, closing, keep_history)
+        s2 = serve(pg_dsn, closing, keep_history)
+        clients = [client(s.address) for s in (s1, s2)]
+        for cs in clients:
+            closing(cs)
+        dbs = open_dbs(closing, *clients)
+        created = commit(dbs[0], counter=0)
+        wait_for(lambda: reached(clients[1], created), WAIT, "the counter's creation")
+        per_server = {0: [], 1: []}
+        errors: list = []
+        threads = [threading.Thread(target=increment, args=(dbs[i % 2], 15, per_server[i % 2],
+                                                             errors)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        total = len(per_server[0]) + len(per_server[1])
+        assert total == 60 and per_server[0] and per_server[1]
+        for db in dbs:
+            wait_for(lambda: read_settled(db, "counter") == total, WAIT, "both servers to agree")
+        counted = s1.server.stats["conflicts"] + s2.server.stats["conflicts"]
+        assert counted >= len(errors)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not bad, [e.get("log_format") for e in bad][:5]
