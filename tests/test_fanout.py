@@ -1,0 +1,137 @@
+"""Fan-out: zeotwist servers that serve a ClientStorage of another zeotwist
+server (ZEO's ``zeo-fan-out.test``, adapted).
+
+Three real ``twistd zeotwist`` processes: an upstream serving a FileStorage
+and two fan-out servers, each started with ``-C`` on a file holding a
+``<zeotwistclient>`` section for the upstream.  The fan-out servers hear of
+commits made through the other ones from their ClientStorage (``registerDB``)
+and push them to their own clients.  The test's clients are blocking
+ClientStorages in this process.  Every wait polls a real condition under a
+deadline.
+"""
+import os
+import threading
+
+import persistent.mapping
+import pytest
+import transaction
+from ZODB import DB
+from ZODB.POSException import ConflictError
+
+from zeotwist.testing import start_twistd
+
+from procutil import child_env, wait_for
+from test_reconnect import WAIT, client, closing  # noqa: F401
+
+FANOUT_CONF = """\
+%%import zeotwist
+<zeotwist>
+  listen tcp:0:interface=127.0.0.1
+</zeotwist>
+<zeotwistclient 1>
+  server %s:%d
+  wait-timeout 30
+</zeotwistclient>
+"""
+
+
+def start_fanout(tmp_path, name, upstream):
+    directory = tmp_path / name
+    directory.mkdir()
+    conf = directory / "server.conf"
+    conf.write_text(FANOUT_CONF % upstream.address)
+    address_file = str(directory / "zeotwist.address")
+    return start_twistd(str(directory / "unused.fs"), directory=str(directory), env=child_env(),
+                        server_command=["zeotwist", "-C", str(conf),
+                                        "--address-file", address_file])
+
+
+@pytest.fixture
+def servers(tmp_path):
+    started = []
+    upstream = start_twistd(str(tmp_path / "data.fs"), env=child_env())
+    started.append(upstream)
+    try:
+        started.append(start_fanout(tmp_path, "f1", upstream))
+        started.append(start_fanout(tmp_path, "f2", upstream))
+        yield started
+    finally:
+        for server in reversed(started):
+            status = server.stop()
+            print("--- %s (exit %s) ---\n%s" % (server.addresses, status, server.log()))
+
+
+def sync_root(tm, conn):
+    tm.begin()
+    return conn.root()
+
+
+def test_two_fan_out_servers_over_one_upstream(servers, closing):
+    upstream, f1, f2 = servers
+    c0, c1, c2 = client(upstream.address), client(f1.address), client(f2.address)
+    for cs in (c0, c1, c2):
+        closing(cs)
+    # the root is created after the fan-out servers started
+    db0 = DB(c0)
+    closing(db0)
+    root_tid = c0.lastTransaction()
+    for cs in (c1, c2):
+        wait_for(lambda: cs.lastTransaction() >= root_tid, WAIT, "the root's creation")
+    db1, db2 = DB(c1), DB(c2)
+    closing(db1)
+    closing(db2)
+    tm1, tm2, tm0 = (transaction.TransactionManager() for _ in range(3))
+    conn1, conn2, conn0 = db1.open(tm1), db2.open(tm2), db0.open(tm0)
+    r1 = conn1.root()
+    r1[1] = persistent.mapping.PersistentMapping(v=1000)
+    r1[2] = persistent.mapping.PersistentMapping(v=-1000)
+    for i in range(100, 300):
+        r1[i] = persistent.mapping.PersistentMapping(v=0)
+    tm1.commit()
+    wait_for(lambda: 1 in sync_root(tm2, conn2), WAIT, "f2's client to see f1's commit")
+    assert conn2.root()[1]["v"] == 1000 and conn2.root()[2]["v"] == -1000
+
+    def transfer(n):
+        tm = transaction.TransactionManager()
+        conn = db1.open(tm)
+        done = 0
+        while done < n:
+            try:
+                with tm:
+                    r = conn.root()
+                    r[1]["v"] -= 1
+                    r[2]["v"] += 1
+                done += 1
+            except ConflictError:
+                pass
+        conn.close()
+
+    threads = [threading.Thread(target=transfer, args=(40,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    inconsistent = []
+
+    def caught_up():
+        r2 = sync_root(tm2, conn2)
+        if r2[1]["v"] + r2[2]["v"]:
+            inconsistent.append((r2[1]["v"], r2[2]["v"]))
+        return r2[1]["v"] == 920
+    wait_for(caught_up, 60, "f2's client to see all 80 transfers")
+    for t in threads:
+        t.join(60)
+    assert not inconsistent         # every snapshot of f2's client is consistent
+
+    # commits through f2 reach f1's clients and the upstream's own
+    r2 = sync_root(tm2, conn2)
+    r2[1]["v"] = 5
+    tm2.commit()
+    last = c2.lastTransaction()
+    wait_for(lambda: sync_root(tm1, conn1)[1]["v"] == 5, WAIT, "f1's client to see f2's commit")
+    wait_for(lambda: sync_root(tm0, conn0)[1]["v"] == 5, WAIT, "the upstream's client")
+    assert c1.lastTransaction() == c0.lastTransaction() == last
+    # a fresh connection to either fan-out server starts from the newest state
+    fresh = client(f1.address)
+    closing(fresh)
+    assert fresh.lastTransaction() == last
+    for conn in (conn0, conn1, conn2):
+        conn.close()
