@@ -38,8 +38,13 @@ def on_reactor(f, *args):
 
 
 def record_invalidations(cs) -> list:
+    """The (tid, oids) of other clients' transactions as ``cs`` hears of them."""
     seen = []
-    cs.client.add_invalidation_listener(lambda tid, oids: seen.append((tid, list(oids))))
+
+    def heard(event):
+        if not event.local and not event.reset:
+            seen.append((event.tid, list(event.oids)))
+    cs.client.events.subscribe(heard, before_visible=True)
     return seen
 
 
