@@ -1,11 +1,15 @@
 """Server-side conflict resolution unpickles client records with an
-allow-list: a record that would run code on the server runs nothing."""
+allow-list: a record that would run code on the server runs nothing.
+
+Over a FileStorage and over RelStorage on PostgreSQL (whose vote resolves
+conflicts with its own resolver, routed through zeotwist's)."""
 import os
 import pickle
 
 import pytest
 from BTrees.OOBTree import OOBucket
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 from ZODB.utils import z64
@@ -28,10 +32,17 @@ def record(obj):
     return pickle.dumps(type(obj), 3) + pickle.dumps(obj.__getstate__(), 3)
 
 
-@pytest.fixture
-def world(tmp_path):
+def open_storage(kind, tmp_path, request):
+    if kind == "filestorage":
+        return FileStorage(str(tmp_path / "data.fs"))
+    from zeotwist.pgtesting import relstorage_opener
+    return relstorage_opener(request.getfixturevalue("pg_dsn"))()
+
+
+@pytest.fixture(params=["filestorage", "relstorage"])
+def world(tmp_path, request):
     clock = Clock()
-    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    server = memory_server(open_storage(request.param, tmp_path, request), clock)
     a, _, pump, _ = connect_in_memory({"1": server}, clock)
     out = []
     a.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False).addBoth(out.append)
@@ -47,6 +58,9 @@ def commit(a, pump, oid, serial, data):
     a.call(C.Vote).addBoth(out.append)
     pump.flush()
     voted = out[0]
+    if isinstance(voted, Failure):     # RelStorage raises conflicts from its vote
+        voted.trap(ConflictError)
+        return dict(resolved=[], conflicts=voted.value.oid), None
     if voted["conflicts"]:
         return voted, None
     a.call(C.Finish).addBoth(out.append)
@@ -96,3 +110,22 @@ def test_allow_list_refuses_other_classes(tmp_path):
                          ("BTrees.OOBTree", "nonexistent")]:
         with pytest.raises(ConflictError):
             resolver.find_class(module, name)
+
+
+def test_no_resolution_at_all_over_relstorage(tmp_path, request):
+    """--client-conflict-resolution: RelStorage's vote resolves nothing either."""
+    clock = Clock()
+    server = memory_server(open_storage("relstorage", tmp_path, request), clock,
+                           client_conflict_resolution=True)
+    try:
+        a, _, pump, _ = connect_in_memory({"1": server}, clock)
+        a.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False)
+        pump.flush()
+        oid = new_oid(a, pump)
+        _, tid1 = commit(a, pump, oid, z64, record(OOBucket({"a": 1})))
+        commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "b": 2})))
+        voted, tid = commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "c": 3})))
+        assert tid is None and voted["conflicts"][:8] == oid
+        assert server.stats["conflicts"] == 1
+    finally:
+        server.close()

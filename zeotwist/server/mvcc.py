@@ -72,6 +72,10 @@ class PerThreadStorage:
         for name in METHODS:
             if hasattr(root, name) and name != "__len__":
                 setattr(self, name, self._delegate(name))
+        if hasattr(root, "tryToResolveConflict"):
+            #: the server's conflict policy (zeotwist.server.conflicts installs
+            #: it); the storage's own resolution is routed to it (relstorage.py)
+            self.tryToResolveConflict = None
 
     def __len__(self) -> int:
         return self._call("__len__", (), {})

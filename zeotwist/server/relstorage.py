@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from ZODB.POSException import ConflictError, ReadConflictError
 from ZODB.utils import p64, u64
 
+from zeotwist.server.conflicts import RestrictedResolver
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, Feed
 from zeotwist.server.mvcc import PerThreadStorage
 
@@ -100,6 +101,10 @@ def install_resolver_hook() -> None:
             resolve = getattr(self._served_as, "tryToResolveConflict", None)
             if resolve is None:          # fail closed: never the unrestricted unpickler
                 raise ConflictError(oid=oid, serials=(committed, old))
+            restricted = getattr(resolve, "__self__", None)
+            if isinstance(restricted, RestrictedResolver):
+                # the same allow-list, reading old states from what the vote fetched
+                resolve = RestrictedResolver(self, restricted.allowed).resolve
             return resolve(oid, committed, old, new, committed_data)
 
     vote._CachedConflictResolver = ServedResolver
