@@ -270,3 +270,50 @@ def test_a_counter_through_two_servers_is_exact(pg_dsn, closing, keep_history):
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not bad, [e.get("log_format") for e in bad][:5]
+
+
+def test_a_client_moving_to_a_server_behind_waits_for_it(pg_dsn, closing):
+    s1 = serve(pg_dsn, closing)
+    s2 = serve(pg_dsn, closing, poll_interval=30)
+    s2.server.feed.listen = False                  # s2 hears of nothing by itself
+    on_reactor(s2.server.feed.listener.stop)
+    c = client(s1.address)
+    closing(c)
+    resets = []
+    c.client.events.subscribe(lambda e: e.reset and resets.append(e), before_visible=True)
+    db, = open_dbs(closing, c)
+    for i in range(5):
+        tid = commit(db, counter=i)
+    assert s2.server.last_tid < tid                # s2 is behind the client
+    c.new_addr(s2.address)
+    wait_for(lambda: len(s2.server.sessions) == 1 and c.client.is_connected, WAIT,
+             "the client to move to server 2")
+    assert c.lastTransaction() == tid              # not back in time
+    assert s2.server.last_tid >= tid               # s2 caught up before it answered
+    assert not resets                              # and the cache was kept
+    assert read(db, "counter") == 4
+
+
+def test_catch_up_is_bounded_and_fires_in_order():
+    from twisted.internet.task import Clock
+    from zeotwist.server.external import Feed
+
+    class Server:
+        last_tid = b"\0" * 7 + b"\x05"
+
+    clock = Clock()
+    server = Server()
+    server.reactor = clock
+    feed = Feed(server)
+    assert feed.catch_up(b"\0" * 7 + b"\x09").result is False    # nobody else writes
+    feed.others_write = True
+    assert feed.catch_up(b"\0" * 7 + b"\x05").result is True
+    got = []
+    feed.catch_up(b"\0" * 7 + b"\x07", timeout=5).addCallback(lambda r: got.append(("7", r)))
+    feed.catch_up(b"\0" * 7 + b"\x09", timeout=5).addCallback(lambda r: got.append(("9", r)))
+    server.last_tid = b"\0" * 7 + b"\x08"
+    feed.advanced()
+    assert got == [("7", True)]
+    clock.advance(5)
+    assert got == [("7", True), ("9", False)]
+    assert not clock.getDelayedCalls()
