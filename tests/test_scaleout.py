@@ -317,3 +317,39 @@ def test_catch_up_is_bounded_and_fires_in_order():
     clock.advance(5)
     assert got == [("7", True), ("9", False)]
     assert not clock.getDelayedCalls()
+
+
+@HISTORY
+def test_blobs_in_the_database_through_two_servers(pg_dsn, closing, tmp_path, keep_history):
+    from ZODB.blob import Blob
+    servers = [serve(pg_dsn, closing, keep_history,
+                     rs_options=dict(blob_dir=str(tmp_path / ("server%d-blobs" % i)),
+                                     shared_blob_dir=False)) for i in (1, 2)]
+    clients = [client(s.address, blob_dir=str(tmp_path / ("client%d-blobs" % i)))
+               for i, s in enumerate(servers)]
+    for cs in clients:
+        closing(cs)
+    db1, db2 = open_dbs(closing, *clients)
+    data = bytes(range(256)) * 4096 + b"tail"          # 1 MiB and a bit
+    tm = transaction.TransactionManager()
+    conn = db1.open(tm)
+    with tm:
+        conn.root()["blob"] = Blob(data)
+    conn.close()
+    tid = clients[0].lastTransaction()
+    wait_for(lambda: reached(clients[1], tid), WAIT, "server 2's client")
+    tm2 = transaction.TransactionManager()
+    conn2 = db2.open(tm2)
+    with tm2:
+        with conn2.root()["blob"].open() as f:
+            assert f.read() == data
+        with conn2.root()["blob"].open("w") as f:            # and back the other way
+            f.write(b"rewritten through server 2")
+    conn2.close()
+    tid2 = clients[1].lastTransaction()
+    wait_for(lambda: reached(clients[0], tid2), WAIT, "server 1's client")
+    conn = db1.open(tm)
+    with tm:
+        with conn.root()["blob"].open() as f:
+            assert f.read() == b"rewritten through server 2"
+    conn.close()
