@@ -454,11 +454,53 @@ def test_queue_too_short_drops_the_cache_and_zodbs(tmp_path, closing):
 
 # -- 4. a server OLDER than the client's cache ----------------------------------------
 
-def test_server_older_than_the_cache_drops_it_and_serves_the_server_data(tmp_path, closing):
+def test_server_older_than_the_cache_is_refused(tmp_path, closing):
+    """By default: a clear error, logged and in the calls' ClientDisconnected;
+    the client keeps its cache and takes the right server when it is back."""
     fs, old = str(tmp_path / "data.fs"), str(tmp_path / "old.fs")
     sock = str(tmp_path / "s.sock")
     server = start_server(fs, listen="unix:" + sock)
-    cs_a = client(sock)
+    cs_a = client(sock, wait_timeout=1)
+    closing(cs_a)
+    db_a = DB(cs_a)
+    closing(db_a)
+    commit(db_a, o1=1)
+    shutil.copyfile(fs, old)                 # a backup taken at T1
+    tid2 = commit(db_a, o1=2)
+    server.stop()
+    wait_for(lambda: not connected(cs_a), WAIT, "A to notice the server stop")
+    with ErrorLog() as errors:
+        restored = start_server(old, listen="unix:" + sock)
+        wait_for(lambda: "older than this client's cache" in errors.text(), WAIT,
+                 "the refusal to be logged")
+    assert not connected(cs_a) and cs_a.lastTransaction() == tid2
+    with pytest.raises(ClientDisconnected, match="older than this client's cache"):
+        cs_a.server_status()
+    restored.stop()
+    server = start_server(fs, listen="unix:" + sock)         # the right server again
+    closing(server)
+    wait_for(lambda: connected(cs_a), WAIT, "A to take the right server")
+    assert cs_a.lastTransaction() == tid2
+    assert read_o1(db_a) == 2
+
+
+def read_o1(db):
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    try:
+        with tm:
+            return conn.root()["o1"]["v"]
+    finally:
+        conn.close()
+
+
+def test_server_older_than_the_cache_allowed_drops_it_and_serves_the_server_data(
+        tmp_path, closing):
+    """With allow_older_server=True (operators who mean it), as before."""
+    fs, old = str(tmp_path / "data.fs"), str(tmp_path / "old.fs")
+    sock = str(tmp_path / "s.sock")
+    server = start_server(fs, listen="unix:" + sock)
+    cs_a = client(sock, allow_older_server=True)
     closing(cs_a)
     db_a = DB(cs_a)
     closing(db_a)

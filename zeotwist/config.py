@@ -84,6 +84,8 @@ class ZeotwistClient(BaseConfig):
             extra.update(client=c.client, var=c.var)
         if c.read_only_fallback:
             extra.update(read_only_fallback=True)
+        if c.allow_older_server:
+            extra.update(allow_older_server=True)
         if c.blob_dir:
             extra.update(blob_dir=c.blob_dir, shared_blob_dir=c.shared_blob_dir,
                          blob_cache_size=c.blob_cache_size,

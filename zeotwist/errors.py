@@ -86,6 +86,13 @@ class NotLoggedIn(Unauthorized):
     before logging in (see docs/tls-auth.md)."""
 
 
+class ServerOlderThanCache(ZeotwistError):
+    """The server's last transaction is older than this client's cache: its
+    storage was restored from an older copy (or it serves another
+    database).  The client refuses it rather than go back in time; a client
+    made with ``allow_older_server=True`` drops its cache and uses it."""
+
+
 class StorageServerError(ZeotwistError):
     """The server failed in a way it had no specific error code for."""
 

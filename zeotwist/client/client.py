@@ -80,7 +80,8 @@ class Client(StorageCallsMixin):
                  cache: ClientCache | None = None, cache_size: int = 20 * 2**20,
                  wait_timeout: float = 30.0, retry_policy=None,
                  read_only_fallback: bool = False, fallback_check_interval: float = 5.0,
-                 credentials: tuple | None = None, storage_factory=None):
+                 credentials: tuple | None = None, storage_factory=None,
+                 allow_older_server: bool = False):
         self.reactor = reactor
         self.storage_name = storage
         self.read_only = read_only
@@ -101,7 +102,8 @@ class Client(StorageCallsMixin):
         self.connector = Connector(
             self, endpoint, retry_policy, credentials=credentials,
             read_only_fallback=read_only_fallback and not read_only,
-            fallback_check_interval=fallback_check_interval, on_register=self._oids.clear)
+            fallback_check_interval=fallback_check_interval, on_register=self._oids.clear,
+            allow_older_server=allow_older_server)
         # never hand out an oid twice across servers/restarts: the pool is
         # emptied at every registration (on_register above)
 

@@ -23,6 +23,7 @@ from ZODB.POSException import ReadOnlyError
 
 from zeotwist.client.events import Invalidation
 from zeotwist.client.protocol import ClientFactory
+from zeotwist.errors import ServerOlderThanCache
 from zeotwist.wire import commands as C
 
 _log = Logger()
@@ -51,13 +52,15 @@ class Connector:
 
     def __init__(self, client, endpoint, retry_policy, *, credentials: tuple | None = None,
                  read_only_fallback: bool = False, fallback_check_interval: float = 5.0,
-                 on_register=None):
+                 on_register=None, allow_older_server: bool = False):
         self.reactor = client.reactor
         self._client = client
         self.endpoint = endpoint
         #: (username, password) sent in Login before every Register
         self.credentials = credentials
         self.read_only_fallback = read_only_fallback
+        #: use a server older than the cache (dropping the cache) instead of refusing it
+        self.allow_older_server = allow_older_server
         self.fallback_check_interval = fallback_check_interval
         self._on_register = on_register or (lambda: None)
         self._retry_policy = retry_policy
@@ -132,8 +135,9 @@ class Connector:
             lambda _: self.send_register(proto, self._client.read_only))
         if self.read_only_fallback:
             d.addErrback(self._maybe_fall_back, proto)
-        d.addCallbacks(self._registered, self._register_failed, (proto,), None,
-                       (proto, wrapper))
+        d.addCallback(self._registered, proto)
+        # a failed Register or Verify (a server older than the cache) alike
+        d.addErrback(self._register_failed, proto, wrapper)
         return d
 
     def _login(self, proto) -> Deferred:
@@ -201,12 +205,18 @@ class Connector:
         client = self._client
         mine = client.cache.last_tid        # changes only on this (the reactor) thread
         use = self._use(proto)
+        if server_tid < mine and not self.allow_older_server:
+            raise ServerOlderThanCache(
+                "the server's last transaction %s is older than this client's cache (%s): "
+                "its storage was restored from an older copy or is another database; "
+                "refusing it rather than going back in time (allow_older_server=True, "
+                "allow-older-server on, uses it and drops the cache)"
+                % (server_tid.hex(), mine.hex()))
         if server_tid < mine:
             _log.error(
                 "zeotwist: the server's last transaction {server} is OLDER than this "
-                "client's cache ({mine}); its storage was restored from an older copy. "
-                "Dropping the cache rather than serving data the server does not have.",
-                server=server_tid.hex(), mine=mine.hex())
+                "client's cache ({mine}); allow-older-server is on: dropping the cache "
+                "and going back to the server's state.", server=server_tid.hex(), mine=mine.hex())
         elif not answer["complete"]:
             _log.info("zeotwist: cache too far behind the server to verify; dropping it")
         if server_tid < mine or not answer["complete"]:
@@ -225,7 +235,10 @@ class Connector:
 
     def _register_failed(self, failure, proto, wrapper):
         self.last_error = failure.value
-        _log.warn("zeotwist registration failed: {err}", err=failure.getErrorMessage())
+        if failure.check(ServerOlderThanCache):
+            _log.error("zeotwist: {err}", err=failure.getErrorMessage())
+        else:
+            _log.warn("zeotwist registration failed: {err}", err=failure.getErrorMessage())
         if hasattr(self.endpoint, "skip_current"):
             self.endpoint.skip_current()     # the next attempt tries the next server
         # ClientService (Twisted 26.10) has no transition for a connection

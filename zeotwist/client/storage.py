@@ -52,6 +52,12 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     :param read_only_fallback: if no writable server answers, use a
         read-only one (the storage is then read-only) and move back to a
         writable server when one appears.
+    :param allow_older_server: use a server whose last transaction is older
+        than this client's cache (a storage restored from a backup): the
+        cache is dropped and the application goes back to the server's
+        state.  By default such a server is refused
+        (:class:`~zeotwist.errors.ServerOlderThanCache`, logged; calls
+        fail with ClientDisconnected naming it) and other addresses are tried.
     :param fallback_check_interval: seconds between the checks for a
         writable server while fallen back to a read-only one.
     :param reactor: the reactor to use; default: the global one if it is
@@ -80,7 +86,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                  fallback_check_interval: float = 5.0, blob_dir: str | None = None,
                  shared_blob_dir: bool = False, blob_cache_size: int | None = None,
                  blob_cache_size_check: int = 10, username: str | None = None,
-                 password: str | None = None, tls=None, **unsupported):
+                 password: str | None = None, tls=None, allow_older_server: bool = False,
+                 **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
             raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
@@ -97,7 +104,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                             read_only=read_only, cache=cache, wait_timeout=wait_timeout,
                             read_only_fallback=read_only_fallback,
                             fallback_check_interval=fallback_check_interval,
-                            credentials=credentials,
+                            credentials=credentials, allow_older_server=allow_older_server,
                             storage_factory=ClientStorage.from_client)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
         self._tls = tls
