@@ -25,6 +25,7 @@ __all__ = [
     "Unauthorized",
     "NotLoggedIn",
     "UsageError",
+    "StartupFailed",
 ]
 
 
@@ -111,3 +112,8 @@ class ReactorThreadError(RuntimeError):
 
     Waiting there would deadlock; use the Deferred API instead.
     """
+
+
+class StartupFailed(ZeotwistError):
+    """The server could not start (listen, open a storage, read its TLS
+    files); ``str()`` is the one line said on the terminal and in the log."""

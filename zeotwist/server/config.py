@@ -29,14 +29,12 @@ Parsing does no I/O beyond reading the file (and the imported packages'
 """
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 
 import ZConfig
-from ZConfig.datatypes import SocketBindingAddress
-from twisted.internet.endpoints import serverFromString
 
-from zeotwist.server.settings import LIST, file_keys, option_fields
+from zeotwist.server.settings import (   # the schema names the datatypes here
+    LIST, file_keys, listen_endpoint, option_fields, zeo_address)
 
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.xml")
 
@@ -45,36 +43,6 @@ DEFAULT_STORAGE_NAME = "1"
 
 class ConfigError(Exception):
     """The configuration file cannot be read or makes no sense."""
-
-
-class _NoReactor:
-    """Stands in for a reactor while an endpoint string is only parsed."""
-
-
-def listen_endpoint(value: str) -> str:
-    """The ``listen`` key: a Twisted server endpoint string, checked to parse."""
-    value = value.strip()
-    try:
-        serverFromString(_NoReactor(), value)
-    except Exception as e:    # whatever the endpoint parser objects to
-        raise ValueError("cannot listen on %r: %s: %s" % (value, type(e).__name__, e)) from None
-    return value
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace(":", "\\:")
-
-
-def zeo_address(value: str) -> str:
-    """The ``address`` key: ZEO's PORT, HOST:PORT or PATH, as an endpoint string."""
-    addr = SocketBindingAddress(value.strip())
-    if addr.family == getattr(socket, "AF_UNIX", None):
-        return "unix:" + _escape(addr.address)
-    host, port = addr.address
-    if not host:
-        return "tcp:%d" % port
-    kind = "tcp6" if addr.family == socket.AF_INET6 else "tcp"
-    return "%s:%d:interface=%s" % (kind, port, _escape(host))
 
 
 _schema = None
@@ -100,6 +68,8 @@ class ServerConfig:
     path: str
     settings: dict = field(default_factory=dict)
     storages: dict = field(default_factory=dict)
+    #: ZConfig's <eventlog> factory (call it to set up Python logging), or None
+    eventlog: object = None
 
 
 def section_values(section) -> dict:
@@ -129,12 +99,17 @@ def read_config(path: str) -> ServerConfig:
         conf, _ = ZConfig.loadConfig(load_schema(), path)
     except ZConfig.ConfigurationError as e:
         where = _enclosing_section(getattr(e, "url", None), getattr(e, "lineno", None))
-        raise ConfigError("%s%s" % ("in %s: " % where if where else "", e)) from None
+        raise ConfigError("%s%s%s" % ("in %s: " % where if where else "", e,
+                                      _zeo_hint(where, str(e)))) from None
     except OSError as e:
         raise ConfigError("%s: %s" % (type(e).__name__, e)) from None
     result = ServerConfig(path)
-    if conf.server is not None:
-        result.settings = section_values(conf.server)
+    if conf.server is not None and conf.zeo is not None:
+        raise ConfigError("a <zeo> and a <zeotwist> section: keep one (they take the same keys)")
+    section = conf.server if conf.server is not None else conf.zeo
+    if section is not None:
+        result.settings = section_values(section)
+    result.eventlog = conf.eventlog
     unnamed = [s for s in conf.storages if s.name is None]
     if len(unnamed) > 1:
         raise ConfigError("at most one storage section may be unnamed (it is storage %r)"
@@ -146,6 +121,32 @@ def read_config(path: str) -> ServerConfig:
                               % (name, DEFAULT_STORAGE_NAME))
         result.storages[name] = s
     return result
+
+
+#: what a zeo.conf may hold that zeotwist does not take, and what to do instead
+_ZEO_HINTS = [
+    ("'ssl'", "for TLS, give listen-tls, tls-cert, tls-key and tls-ca keys instead of "
+              "the <ssl> section (docs/tls-auth.md)"),
+    ("'runner'", "the <runner> section is zdaemon's (zeoctl); twistd runs zeotwist: "
+                 "remove it (twistd --pidfile, --logfile, -u/-g do its work)"),
+    ("'invalidation-age'", "zeotwist has no invalidation-age: remove it (reconnecting "
+                           "clients verify against invalidation-queue-size)"),
+    ("'msgpack'", "zeotwist's wire format is AMP, not msgpack or pickle: remove the key"),
+    ("'monitor-address'", "ZEO's monitor server is gone; remove the key and use "
+                          "--metrics or python -m zeotwist status"),
+]
+
+
+def _zeo_hint(where: str | None, message: str) -> str:
+    """A hint for a ZEO configuration file that zeotwist does not take as is."""
+    for needle, hint in _ZEO_HINTS:
+        if needle in message:
+            return "; " + hint
+    if where and where.startswith("<zeo") and not where.startswith("<zeotwist"):
+        return ("; zeotwist's <zeo> section takes address, read-only, "
+                "invalidation-queue-size, transaction-timeout, pid-filename, "
+                "client-conflict-resolution and the <zeotwist> keys (docs/config.md)")
+    return ""
 
 
 _OPEN = re.compile(r"\s*<\s*([^/\s>][^\s>]*)(?:\s+([^>]*?))?\s*(/?)>")

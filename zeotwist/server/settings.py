@@ -25,9 +25,12 @@ To add an option:
 Pure data: no I/O, no reactor.
 """
 import os
+import socket
 from dataclasses import dataclass, field, fields
 
 import ZConfig.datatypes
+from ZConfig.datatypes import SocketBindingAddress
+from twisted.internet.endpoints import serverFromString
 
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
 from zeotwist.server.storageserver import (
@@ -40,6 +43,42 @@ DEFAULT_LISTEN = "tcp:8100:interface=127.0.0.1"
 FLAG, VALUE, LIST = "flag", "value", "list"
 
 
+class _NoReactor:
+    """Stands in for a reactor while an endpoint string is only parsed."""
+
+
+def listen_endpoint(value: str) -> str:
+    """The ``listen`` key: a Twisted server endpoint string, checked to parse."""
+    value = value.strip()
+    try:
+        serverFromString(_NoReactor(), value)
+    except Exception as e:    # whatever the endpoint parser objects to
+        if value.isdigit():
+            raise ValueError(
+                "%r is not an endpoint string: write tcp:%s:interface=127.0.0.1 (or give "
+                "runzeo's -a/--address %s, which listens on every interface)"
+                % (value, value, value)) from None
+        raise ValueError("cannot listen on %r: not a valid endpoint string: %s"
+                         % (value, e)) from None
+    return value
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def zeo_address(value: str) -> str:
+    """The ``address`` key: ZEO's PORT, HOST:PORT or PATH, as an endpoint string."""
+    addr = SocketBindingAddress(value.strip())
+    if addr.family == getattr(socket, "AF_UNIX", None):
+        return "unix:" + _escape(addr.address)
+    host, port = addr.address
+    if not host:
+        return "tcp:%d" % port
+    kind = "tcp6" if addr.family == socket.AF_INET6 else "tcp"
+    return "%s:%d:interface=%s" % (kind, port, _escape(host))
+
+
 def byte_size(value: str) -> int:
     """``64MB``, ``2GB``, ``512KB`` or plain bytes (ZConfig's byte-size)."""
     return ZConfig.datatypes.Registry().get("byte-size")(value)
@@ -50,7 +89,7 @@ byte_size.coerceDoc = "Bytes; KB, MB and GB suffixes allowed."
 
 def option(default, help: str, *, kind: str = VALUE, coerce=None, short: str | None = None,
            cli: str | None = "", keys: tuple | None = None, shown: str | None = None,
-           extend: bool = False, minimum=None):
+           extend: bool = False, minimum=None, aliases: tuple = ()):
     """A field of :class:`ServerSettings` and how it is spelled outside.
 
     ``cli``: the command-line name ("" = the field name with dashes, None =
@@ -58,10 +97,11 @@ def option(default, help: str, *, kind: str = VALUE, coerce=None, short: str | N
     it (default: the command-line name; several for a list, concatenated);
     ``shown``: the default as the help text shows it; ``extend``: the
     command line adds to the file's list instead of replacing it;
-    ``minimum``: the least value accepted.
+    ``minimum``: the least value accepted; ``aliases``: more command-line
+    spellings of a list, ``(name, short, coerce, help)`` each.
     """
     meta = dict(help=help, kind=kind, coerce=coerce, short=short, cli=cli, keys=keys,
-                shown=shown, extend=extend, minimum=minimum)
+                shown=shown, extend=extend, minimum=minimum, aliases=aliases)
     if kind == LIST or isinstance(default, list):
         return field(default_factory=lambda: list(default or ()), metadata=meta)
     return field(default=default, metadata=meta)
@@ -75,12 +115,16 @@ class ServerSettings:
     as the keyword arguments of ``ServerService``.
     """
     listen: list = option(
-        None, "A Twisted endpoint string to listen on, e.g. tcp:8100 or "
-        "unix:/tmp/zeo.sock (repeatable; default %s)" % DEFAULT_LISTEN,
-        kind=LIST, short="l", keys=("listen", "address"))
+        None, "A Twisted endpoint string to listen on, e.g. tcp:8100:interface=127.0.0.1 "
+        "or unix:/run/zeo.sock (repeatable; default %s)" % DEFAULT_LISTEN,
+        kind=LIST, short="l", keys=("listen", "address"), coerce=listen_endpoint,
+        aliases=[("address", "a", zeo_address,
+                  "runzeo's form of --listen: HOST:PORT, a bare PORT (every interface) "
+                  "or a Unix socket PATH (repeatable)")])
     listen_tls: list = option(
         (), "A Twisted server endpoint string to listen on with TLS (--tls-cert, "
-        "--tls-key, --tls-ca), e.g. tcp:8443:interface=0.0.0.0 (repeatable)", kind=LIST)
+        "--tls-key, --tls-ca), e.g. tcp:8443:interface=127.0.0.1 (repeatable)", kind=LIST,
+        coerce=listen_endpoint)
     read_only: bool = option(False, "Serve the storages read-only", kind=FLAG, short="r")
     allow_read_only_pack: bool = option(
         False, "Let read-only client connections pack the storages", kind=FLAG)
@@ -122,6 +166,9 @@ class ServerSettings:
     tls_ca: str | None = option(
         None, "Require TLS clients to present a certificate signed by a CA of this PEM "
         "file (or directory of .pem files)")
+    pid_filename: str | None = option(
+        None, "Write the server's process id to this file once listening; removed at "
+        "stop (ZEO's pid-filename; twistd's own --pidfile works too)")
     auth_file: str | None = option(
         None, "Clients must log in as a user of this password file, which also gives "
         "each user's rights per storage (docs/tls-auth.md; python -m zeotwist adduser)")

@@ -1,0 +1,253 @@
+"""Starting the server as an operator does: real twistd processes, exit codes, stderr.
+
+Every start-up failure (port in use, a Unix socket's missing directory, a
+storage that cannot be opened, a mistake on the command line or in the
+configuration file) exits non-zero with one line saying why, in the
+foreground (``-n``) and daemonized.  runzeo's ``-a/--address`` and a ZEO
+operator's ``zeo.conf`` work; Unix sockets are private unless the endpoint
+says ``mode=``; ``make test``/``make serve`` set up the virtualenv.
+"""
+import os
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+import pytest
+import transaction
+from ZODB import DB
+from ZODB.FileStorage import FileStorage
+
+from zeotwist import ClientStorage
+from zeotwist.client.reactorthread import background_reactor
+from zeotwist.server.tap import Options
+from zeotwist.testing import start_server, twistd_command
+
+from procutil import REPO, child_env
+
+
+def twistd(tmp_path, *args, daemon=False, timeout=60):
+    """Run ``twistd [-n] zeotwist *args`` in tmp_path until it exits."""
+    mode = ["--pidfile", str(tmp_path / "twistd.pid")] if daemon else ["-n", "--pidfile="]
+    argv = [*twistd_command(), *mode, "-l", str(tmp_path / "twistd.log"), "zeotwist", *args]
+    return subprocess.run(argv, cwd=str(tmp_path), env=child_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+# -- 1. start-up failures: status 1 and one line, foreground and daemonized ----------
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_port_in_use(tmp_path, busy_port, daemon):
+    listen = "tcp:%d:interface=127.0.0.1" % busy_port
+    out = twistd(tmp_path, "-f", "d.fs", "-l", listen, daemon=daemon)
+    assert out.returncode == 1, out
+    said = lines(out.stderr)
+    assert said[0] == ("zeotwist: cannot listen on %s: Address already in use "
+                       "(another server is listening there?)" % listen), out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    if daemon:          # twistd's own line follows; it is not cut off mid-reason
+        assert said[1:] == ["An error has occurred: b'zeotwist.errors.StartupFailed: did not "
+                            "start; the reason is above and in the log'",
+                            "Please look at log file for more information."]
+    else:
+        assert len(said) == 1
+    log = (tmp_path / "twistd.log").read_text()
+    assert "zeotwist cannot listen on %s" % listen in log
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_missing_unix_socket_directory(tmp_path, daemon):
+    out = twistd(tmp_path, "-f", "d.fs", "-l", "unix:/nonexistent/dir/x.sock", daemon=daemon)
+    assert out.returncode == 1, out
+    assert lines(out.stderr)[0] == ("zeotwist: cannot listen on unix:/nonexistent/dir/x.sock: "
+                                    "the directory /nonexistent/dir does not exist")
+    assert "Errno" not in out.stderr
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
+def test_storage_that_cannot_be_opened(tmp_path, daemon):
+    held = FileStorage(str(tmp_path / "d.fs"))          # holds d.fs.lock
+    try:
+        out = twistd(tmp_path, "-f", "d.fs", "-l", "tcp:0:interface=127.0.0.1", daemon=daemon)
+    finally:
+        held.close()
+    assert out.returncode == 1, out
+    first = lines(out.stderr)[0]
+    assert first.startswith("zeotwist: cannot open storage '1' (FileStorage d.fs): "
+                            "LockError: Couldn't lock"), out.stderr
+    assert "[stderr#error]" not in (tmp_path / "twistd.log").read_text()
+
+
+def test_daemon_that_starts_lets_go_of_the_terminal(tmp_path):
+    """A successful daemonized start exits 0 at once and closes stdout/stderr
+    (the kept copy of stderr is released), so capture_output returns."""
+    out = twistd(tmp_path, "-f", "d.fs", "-l", "unix:%s" % (tmp_path / "s.sock"),
+                 "--address-file", str(tmp_path / "addr"), daemon=True, timeout=30)
+    try:
+        assert out.returncode == 0 and out.stderr == "", out
+        assert (tmp_path / "addr").read_text().strip() == "unix:%s" % (tmp_path / "s.sock")
+    finally:
+        pid = int((tmp_path / "twistd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while (tmp_path / "twistd.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)        # polling the daemon's own exit, bounded
+    assert not (tmp_path / "twistd.pid").exists()
+
+
+# -- 10. mistakes on the command line or in the file: one line, no usage page ------------
+
+@pytest.mark.parametrize("args, expected", [
+    (["-l", "8100"], "twistd zeotwist: --listen: '8100' is not an endpoint string: write "
+                     "tcp:8100:interface=127.0.0.1 (or give runzeo's -a/--address 8100, "
+                     "which listens on every interface)"),
+    (["-l", "tcp:notaport"], "twistd zeotwist: --listen: cannot listen on 'tcp:notaport': "
+                             "not a valid endpoint string: invalid literal for int() with "
+                             "base 10: 'notaport'"),
+    (["--addr", "127.0.0.1:8110"], "twistd zeotwist: unknown option --addr; abbreviations "
+                                   "are not accepted: did you mean --address or "
+                                   "--address-file?"),
+    (["-C", "missing.conf"], "twistd zeotwist: cannot use configuration file missing.conf: "
+                             "error opening file {tmp}/missing.conf: [Errno 2] No such file "
+                             "or directory: '{tmp}/missing.conf'"),
+    (["--max-connections", "0"], "twistd zeotwist: max-connections must be at least 1, not 0"),
+])
+def test_command_line_mistakes(tmp_path, args, expected):
+    out = twistd(tmp_path, *args)
+    assert out.returncode == 1, out
+    assert lines(out.stderr) == [expected.format(tmp=tmp_path)]
+    assert "Usage:" not in out.stdout
+
+
+def test_zeo_section_that_needs_a_change_says_which(tmp_path):
+    (tmp_path / "zeo.conf").write_text(
+        "<zeo>\n  address 127.0.0.1:0\n  invalidation-age 30\n</zeo>\n"
+        "<filestorage 1>\n  path %s\n</filestorage>\n" % (tmp_path / "d.fs"))
+    out = twistd(tmp_path, "-C", "zeo.conf")
+    assert out.returncode == 1, out
+    (line,) = lines(out.stderr)
+    assert "in <zeo>: 'invalidation-age' is not a known key name" in line
+    assert line.endswith("zeotwist has no invalidation-age: remove it (reconnecting "
+                         "clients verify against invalidation-queue-size)")
+
+
+# -- 2. runzeo's -a/--address and a ZEO operator's zeo.conf ---------------------------
+
+def test_runzeo_address_forms():
+    def listen(*argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options.settings.listen, options.settings.address_file
+    assert listen("--address", "127.0.0.1:8110") == (["tcp:8110:interface=127.0.0.1"], None)
+    assert listen("-a", "8110") == (["tcp:8110"], None)             # every interface, as runzeo
+    assert listen("-a", "/run/zeo.sock", "-l", "tcp:1") == (["unix:/run/zeo.sock", "tcp:1"], None)
+    assert listen("--address-file", "f")[1] == "f"
+
+
+ZEO_CONF = """\
+<zeo>
+  address %(sock)s
+  read-only false
+  invalidation-queue-size 200
+  transaction-timeout 30
+  pid-filename %(pid)s
+</zeo>
+
+<filestorage 1>
+  path %(fs)s
+</filestorage>
+
+<eventlog>
+  level info
+  <logfile>
+    path %(log)s
+    format %%(asctime)s %%(message)s
+  </logfile>
+</eventlog>
+"""
+
+
+def test_zeo_conf_runs_unchanged(tmp_path):
+    paths = dict(sock=tmp_path / "zeo.sock", pid=tmp_path / "zeo.pid", fs=tmp_path / "Data.fs",
+                 log=tmp_path / "zeo.log")
+    (tmp_path / "zeo.conf").write_text(ZEO_CONF % paths)
+    argv = [*twistd_command(), "-n", "--pidfile=", "-l", str(tmp_path / "twistd.log"),
+            "zeotwist", "-C", str(tmp_path / "zeo.conf")]
+    server = subprocess.Popen(argv, cwd=str(tmp_path), env=child_env(),
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not paths["pid"].exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+            time.sleep(0.05)        # polling the server's pid file, bounded
+        assert int(paths["pid"].read_text()) == server.pid
+        db = DB(ClientStorage(str(paths["sock"]), reactor=background_reactor(), wait_timeout=10))
+        try:
+            conn = db.open()
+            conn.root()["zeo"] = "conf"
+            transaction.commit()
+        finally:
+            db.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        status = server.wait(30)
+    assert status in (0, -signal.SIGTERM)
+    assert not paths["pid"].exists()                    # removed at stop
+    log = paths["log"].read_text()                      # the <eventlog> got the events
+    assert "zeotwist serving %s as storage '1' on unix:%s" % (paths["fs"], paths["sock"]) in log
+    fs = FileStorage(str(paths["fs"]), read_only=True)
+    try:
+        assert DB(fs).open().root()["zeo"] == "conf"
+    finally:
+        fs.close()
+
+
+# -- 9. Unix sockets are the owner's unless the endpoint says otherwise ---------------
+
+def test_unix_socket_modes(tmp_path):
+    old = os.umask(0)                  # Twisted's 0666 would show through
+    try:
+        private = start_server(str(tmp_path / "a.fs"), listen="unix:%s" % (tmp_path / "a.sock"))
+        shared = start_server(str(tmp_path / "b.fs"),
+                              listen="unix:%s:mode=660" % (tmp_path / "b.sock"))
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "a.sock").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(tmp_path / "b.sock").st_mode) == 0o660
+    finally:
+        private.stop()
+        shared.stop()
+
+
+# -- 0. the README's two commands ---------------------------------------------------
+
+def test_make_targets_set_up_the_virtualenv(tmp_path):
+    venv = tmp_path / "venv"
+    for target, runs in (("test", "%s/bin/python -m pytest" % venv),
+                         ("serve", "%s/bin/twistd -n zeotwist -f data.fs" % venv)):
+        out = subprocess.run(["make", "-n", target, "VENV=%s" % venv], cwd=str(REPO),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        steps = out.stdout.splitlines()
+        assert steps[0] == "python3 -m venv %s" % venv
+        assert any("pip install" in s and "editable_mode=compat" in s for s in steps)
+        assert steps[-1].startswith(runs), steps
+    assert "\nmake test\n" in (REPO / ".ci" / "run").read_text()
+    readme = (REPO / "README.md").read_text()
+    assert "    make serve " in readme and "    make test " in readme

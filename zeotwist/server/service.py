@@ -1,0 +1,371 @@
+"""ServerService: opens the storages, listens, serves, and closes them at stop.
+
+``ServerService(filename, listen, ...)`` serves one FileStorage;
+:meth:`ServerService.from_storages` several, :meth:`ServerService.from_config`
+the storages of a configuration file.  Every server option is read from
+one :class:`~zeotwist.server.settings.ServerSettings` (``service.settings``).
+Each storage gets its own :class:`StorageServer` (commit lock, worker
+thread, invalidations).  A storage that cannot be opened stops the server
+with :class:`StorageOpenError`; when the service is the process (twistd),
+every start-up failure is one line on the starting terminal and a non-zero
+exit (:mod:`zeotwist.server.startup`).  Runs on the reactor thread.
+"""
+import atexit
+import os
+import sys
+from dataclasses import replace
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zeotwist.errors import StartupFailed, ZeotwistError
+from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, describe, read_config
+from zeotwist.server.limits import AcceptGuard
+from zeotwist.server.session import SessionFactory
+from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
+from zeotwist.server.startup import StartupReporter, listen_problem, private_unix_socket
+from zeotwist.server.storageserver import StorageServer
+from zeotwist.tls import TLSConfigError, listen_tls, server_options
+
+_log = Logger()
+
+
+class StorageOpenError(ZeotwistError):
+    """A storage the server was told to serve cannot be opened; the server
+    does not start.  ``str()`` names the storage and the cause."""
+
+    def __init__(self, name, what, cause):
+        self.storage_name, self.what, self.cause = name, what, cause
+        super().__init__("cannot open storage %r (%s): %s: %s"
+                         % (name, what, type(cause).__name__, cause))
+
+
+class FileStorageFile:
+    """Opens a FileStorage at ``path`` (created if missing, unless read-only)."""
+
+    def __init__(self, path: str, read_only: bool = False, **options):
+        self.path = path
+        self.read_only = read_only
+        self.options = options
+
+    def open(self):
+        from ZODB.FileStorage import FileStorage
+        create = not os.path.exists(self.path) and not self.read_only
+        return FileStorage(self.path, read_only=self.read_only, create=create, **self.options)
+
+    def describe(self) -> str:
+        return "FileStorage %s" % self.path
+
+    def __repr__(self):
+        return "<FileStorageFile %s>" % self.path
+
+
+def open_storage(opener):
+    """A storage from a :meth:`ServerService.from_storages` value: a storage
+    as is, a ZODB storage section (or anything with ``open()``) opened, or a
+    callable called."""
+    if hasattr(opener, "loadBefore"):
+        return opener
+    if hasattr(opener, "open"):
+        return opener.open()
+    if callable(opener):
+        return opener()
+    raise TypeError("cannot make a storage of %r" % (opener,))
+
+class ServerService(service.Service):
+    """Opens the storages, serves them on every endpoint, closes them on stop.
+
+    ``ServerService(filename, listen, name="1", ...)`` serves one
+    FileStorage; :meth:`from_storages` serves several, :meth:`from_config`
+    the storages of a configuration file.  The storages are opened by
+    :meth:`open_storages`: in ``privilegedStartService`` under twistd (so a
+    storage that cannot be opened stops twistd before its reactor runs), or
+    else in ``startService``.
+    """
+
+    def __init__(self, filename: str | None = None, listen=None, *,
+                 name: str = DEFAULT_STORAGE_NAME, storages: dict | None = None,
+                 blob_dir: str | None = None, settings: ServerSettings | None = None,
+                 reactor=None, stop_reactor_on_failure: bool = False, **options):
+        """``options``: :class:`ServerSettings` fields, over ``settings``."""
+        if listen is not None:
+            options["listen"] = list(listen)
+        settings = replace(settings, **options) if settings else ServerSettings(**options)
+        problem = check_tls_auth(settings)
+        if problem:
+            raise ValueError(problem)
+        if storages is None:
+            if filename is None:
+                raise TypeError("ServerService needs a filename or storages")
+            storages = {name: FileStorageFile(filename, read_only=settings.read_only,
+                                              blob_dir=blob_dir)}
+        elif filename is not None:
+            raise TypeError("ServerService takes a filename or storages, not both")
+        elif blob_dir is not None:
+            raise TypeError("blob_dir is the filename storage's; with storages, give "
+                            "each storage its own blob directory")
+        if not storages:
+            raise ValueError("ServerService needs at least one storage")
+        #: every server option (read-only here: replace() makes a changed copy)
+        self.settings = settings
+        #: storage name -> what opens it (see :func:`open_storage`)
+        self.storages = dict(storages)
+        self.filename = filename
+        self.blob_dir = blob_dir
+        self.storage_name = next(iter(self.storages))
+        self._tls_options = None
+        self._reactor = reactor
+        #: True when this service *is* the process (twistd): a server that
+        #: cannot start says so on the starting terminal and exits non-zero.
+        self.stop_reactor_on_failure = stop_reactor_on_failure
+        self._reporter = StartupReporter() if stop_reactor_on_failure else None
+        self._listen_started = False
+        #: storage name -> StorageServer, once opened; the sessions look
+        #: storages up in this very dict
+        self.servers: dict = {}
+        self.ports: list = []
+        self.listening = defer.Deferred()
+
+    def __getattr__(self, name: str):
+        # service.listen, service.read_only, ...: the settings' fields
+        if name != "settings" and name in ServerSettings.__dataclass_fields__:
+            return getattr(self.settings, name)
+        raise AttributeError("%r object has no attribute %r" % (type(self).__name__, name))
+
+    @property
+    def conflict_classes(self) -> tuple:
+        """The allow-listed conflict classes, as each StorageServer gets them."""
+        return tuple(self.settings.conflict_classes)
+
+    @classmethod
+    def from_storages(cls, storages: dict, listen=None, **options):
+        """Serve ``{name: storage, section or factory}`` (see :func:`open_storage`)."""
+        return cls(None, listen, storages=storages, **options)
+
+    @classmethod
+    def from_config(cls, path: str, **options):
+        """Serve the storages of configuration file ``path``; keyword
+        ``options`` (ServerSettings fields, or ServerService's own) override
+        the file's settings."""
+        conf = read_config(path)
+        if not conf.storages:
+            raise ConfigError("%s has no storage sections" % path)
+        fields = ServerSettings.__dataclass_fields__
+        given = {k: v for k, v in options.items() if k in fields}
+        rest = {k: v for k, v in options.items() if k not in fields}
+        settings = layered(conf.settings, given)
+        return cls.from_storages(conf.storages, settings=settings, **rest)
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+            self._reactor = reactor
+        return self._reactor
+
+    def open_storages(self) -> None:
+        """Open every storage and give each its StorageServer (idempotent).
+
+        If one cannot be opened, those already open are closed again, the
+        cause is logged and :class:`StorageOpenError` raised.
+        """
+        if self.servers:
+            return
+        opened = {}
+        try:
+            for name, opener in self.storages.items():
+                opened[name] = self._open_one(name, opener)
+        except StorageOpenError as e:
+            for server in opened.values():
+                server.close()
+            _log.critical("zeotwist {err}; not starting", err=e)
+            raise
+        self.servers.update(opened)
+
+    def _open_one(self, name, opener):
+        what = describe(opener)
+        storage = None
+        try:
+            storage = open_storage(opener)
+            s = self.settings
+            server = StorageServer(
+                storage, name, reactor=self.reactor, read_only=s.read_only,
+                transaction_timeout=s.transaction_timeout or None,
+                max_transaction_bytes=s.max_transaction_bytes,
+                invalidation_queue_size=s.invalidation_queue_size,
+                conflict_classes=self.conflict_classes,
+                client_conflict_resolution=s.client_conflict_resolution,
+                poll_interval=s.poll_interval)
+            server.allow_read_only_pack = s.allow_read_only_pack
+            return server
+        except Exception as e:
+            if storage is not None and storage is not opener:
+                try:
+                    storage.close()
+                except Exception:
+                    pass
+            raise StorageOpenError(name, what, e) from e
+
+    def privilegedStartService(self):
+        # Under twistd: after daemonizing, before the reactor runs and before
+        # privileges are dropped (ports below 1024, root-only key files).
+        super().privilegedStartService()
+        try:
+            self.open_storages()
+            self.tls_options()
+            self._listen()
+        except (StorageOpenError, TLSConfigError, StartupFailed) as e:
+            if self._reporter is None:
+                raise
+            self._reporter.failed(str(e))       # raises StartupFailed
+
+    def startService(self):
+        self.open_storages()
+        super().startService()
+        if not self._listen_started:
+            self._listen()
+
+    def _listen(self) -> None:
+        """Listen on every endpoint; :attr:`listening` fires with the addresses.
+
+        TCP and Unix endpoints listen at once, so a failure is raised here
+        as StartupFailed; an endpoint that listens later reports through
+        :meth:`_listen_failed`.
+        """
+        self._listen_started = True
+        s = self.settings
+        factory = SessionFactory(self.servers, self.reactor, s.handshake_timeout,
+                                 max_connections=s.max_connections,
+                                 max_pending_output=s.max_pending_output)
+        factory.portal = self.auth_portal()
+        factory.noisy = False               # no "Starting factory <...>" lines
+        tls = self.tls_options()            # TLSConfigError as is, before any listening
+        ds = [self._listen_one(desc, lambda desc: serverFromString(
+            self.reactor, private_unix_socket(desc)).listen(factory)) for desc in s.listen]
+        ds += [self._listen_one(desc, lambda desc: listen_tls(
+            self.reactor, private_unix_socket(desc), factory, tls)) for desc in s.listen_tls]
+        outcome = []
+        d = defer.DeferredList(ds, consumeErrors=True)
+        d.addCallback(self._listened).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+
+    @staticmethod
+    def _listen_one(description: str, listen) -> defer.Deferred:
+        try:
+            d = listen(description)
+        except Exception as e:          # a bad endpoint string given in Python
+            d = defer.fail(e)
+
+        def explain(failure):
+            raise StartupFailed(listen_problem(description, failure.value))
+        return d.addErrback(explain)
+
+    def _listened(self, results) -> None:
+        ports = [port for ok, port in results if ok]
+        failures = [f for ok, f in results if not ok]
+        if not failures:
+            return self._listening(ports)
+        for port in ports:
+            port.stopListening()
+        err = failures[0].value
+        _log.critical("zeotwist {err}; not starting", err=err)
+        self.listening.errback(failures[0])
+        if self._reporter is None:
+            return                  # whoever started the service watches .listening
+        self.listening.addErrback(lambda _: None)
+        if not self.reactor.running:
+            raise err               # to privilegedStartService, and so to twistd
+        self._fail_running_process(str(err))
+
+    def tls_options(self):
+        """The TLS options of the --listen-tls endpoints, read once (None
+        without); a file that cannot be used is logged and raised."""
+        s = self.settings
+        if s.listen_tls and self._tls_options is None:
+            try:
+                self._tls_options = server_options(s.tls_cert, s.tls_key, s.tls_ca)
+            except TLSConfigError as e:
+                _log.critical("zeotwist cannot use its TLS files: {err}; not starting", err=e)
+                raise
+        return self._tls_options
+
+    def auth_portal(self):
+        """The twisted.cred Portal of --auth-file, or None (no login)."""
+        if self.settings.auth_file is None:
+            return None
+        from zeotwist.server.auth import make_portal
+        return make_portal(self.settings.auth_file, self.reactor)
+
+    def _listening(self, ports):
+        self.ports = ports
+        self.accept_guards = [AcceptGuard.install(p, self.reactor) for p in ports]
+        addresses = [format_address(p.getHost()) for p in ports]
+        for name, server in self.servers.items():
+            for a in addresses:
+                _log.info("zeotwist serving {file} as storage {name!r} on {address}",
+                          file=server.storage.getName(), name=name, address=a)
+        if self.settings.address_file:
+            _write_atomically(self.settings.address_file, "\n".join(addresses) + "\n")
+        if self.settings.pid_filename:
+            _write_atomically(self.settings.pid_filename, "%d\n" % os.getpid())
+        if self._reporter is not None:
+            self._reporter.started()
+        self.listening.callback(addresses)
+
+    def _fail_running_process(self, message: str) -> None:
+        """A late listening failure (the reactor runs): stop, exit non-zero."""
+        try:
+            self._reporter.failed(message)
+        except StartupFailed:
+            pass
+        atexit.register(_exit_failed)
+        self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        for guard in filter(None, getattr(self, "accept_guards", ())):
+            guard.stop()
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
+        self.ports = []
+        if self.settings.pid_filename and self.listening.called:
+            try:
+                os.remove(self.settings.pid_filename)
+            except OSError:
+                pass
+        for server in self.servers.values():
+            for session in list(server.sessions):
+                if session.transport is not None:
+                    session.transport.abortConnection()
+            server.close()
+        self.servers.clear()
+
+
+def format_address(host) -> str:
+    """An endpoint-ish text for a listening address (for logs and tests)."""
+    if hasattr(host, "port"):
+        return "%s:%d" % (host.host, host.port)
+    return "unix:%s" % (host.name.decode() if isinstance(host.name, bytes) else host.name)
+
+
+def _exit_failed() -> None:
+    # atexit, after twistd removed its pid file: the status of a server
+    # whose listening failed once the reactor ran (a supervisor must not
+    # see a clean exit).  os._exit is the only way to set it from here.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,151 @@
+"""Start-up failures of a server process: one clear line and a non-zero exit.
+
+Under twistd, a server that cannot start (the port is in use, a Unix
+socket's directory is missing, a storage cannot be opened, a TLS file is
+unreadable) must not look like a clean exit to a supervisor, and its
+operator must see why on the terminal it was started from, also when
+twistd daemonizes (which points the daemon's stderr at /dev/null and cuts
+the message it passes back to 100 bytes).  :class:`StartupReporter` keeps a
+duplicate of the starting terminal's stderr from the moment the service is
+made (before twistd forks), writes the one line there, and raises
+:class:`~zeotwist.errors.StartupFailed`: twistd then removes its pid file
+and exits with status 1 (the daemon's launching process too), and
+:func:`_quiet_excepthook` keeps Python from adding a traceback for it.  The
+duplicate is closed once the server listens, so a supervisor reading the
+terminal's pipe sees it end.
+
+Also here: the readable text of a listening failure, and the default
+permissions of Unix sockets (0600: the owner only).
+
+Runs on the reactor thread (or before the reactor runs).
+"""
+import errno
+import os
+import sys
+
+from zeotwist.errors import StartupFailed
+
+#: the mode of a Unix socket whose endpoint string does not give ``mode=``
+UNIX_SOCKET_MODE = "600"
+
+
+def private_unix_socket(description: str) -> str:
+    """A ``unix:`` endpoint string with ``mode=600`` unless it gives a mode.
+
+    Twisted creates Unix sockets world-writable (0666) whatever the umask;
+    anyone who can connect could use the database.
+    """
+    if not description.startswith("unix:"):
+        return description
+    params = _endpoint_params(description)
+    if "mode" in params:
+        return description
+    return "%s:mode=%s" % (description, UNIX_SOCKET_MODE)
+
+
+def _endpoint_params(description: str) -> set:
+    """The ``key=`` names of an endpoint string (``\\:`` escapes respected)."""
+    names, part, escaped = set(), "", False
+    for ch in description + ":":
+        if escaped:
+            part, escaped = part + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            if "=" in part:
+                names.add(part.split("=", 1)[0])
+            part = ""
+        else:
+            part += ch
+    return names
+
+
+def unix_path(description: str) -> str | None:
+    """The socket path of a ``unix:`` endpoint string, else None."""
+    if not description.startswith("unix:"):
+        return None
+    path, escaped = "", False
+    for ch in description[5:]:
+        if escaped:
+            path, escaped = path + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            break
+        else:
+            path += ch
+    return path
+
+
+def listen_problem(description: str, error: BaseException) -> str:
+    """One line saying why the server cannot listen on ``description``."""
+    path = unix_path(description)
+    if path is not None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            return ("cannot listen on %s: the directory %s does not exist"
+                    % (description, directory))
+    cause = getattr(error, "socketError", None) or error
+    if isinstance(cause, OSError) and cause.errno is not None:
+        text = os.strerror(cause.errno)
+        if cause.errno == errno.EADDRINUSE:
+            text += " (another server is listening there?)"
+        elif cause.errno == errno.EACCES:
+            text += " (a port below 1024 needs root; or the socket's directory is not writable)"
+    elif isinstance(cause, str):
+        text = cause
+    else:
+        text = "%s: %s" % (type(cause).__name__, cause)
+    return "cannot listen on %s: %s" % (description, text)
+
+
+class StartupReporter:
+    """The terminal of a server process's start, until it has started.
+
+    Made when the service is made (before twistd daemonizes); holds a
+    duplicate of file descriptor 2 until :meth:`started` or :meth:`failed`.
+    """
+
+    def __init__(self):
+        self._pid = os.getpid()         # another pid later: twistd daemonized
+        try:
+            self._fd = os.dup(2)        # not inherited by child processes
+        except OSError:
+            self._fd = None
+
+    def started(self) -> None:
+        """The server listens: let go of the terminal."""
+        self._close()
+
+    def failed(self, message: str) -> None:
+        """Say ``message`` on the starting terminal and raise StartupFailed."""
+        self._fd_used = False
+        if self._fd is not None:
+            try:
+                os.write(self._fd, ("zeotwist: %s\n" % message).encode("utf-8", "replace"))
+                self._fd_used = True
+            except OSError:
+                pass
+        self._close()
+        _install_quiet_excepthook()
+        if os.getpid() != self._pid and self._fd_used:
+            # twistd's launching process repeats this text, cut to 100 bytes
+            raise StartupFailed("did not start; the reason is above and in the log")
+        raise StartupFailed(message)
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _quiet_excepthook(kind, value, tb, _previous=sys.excepthook):
+    # StartupFailed was said on the terminal and logged; twistd's exit is
+    # status 1 either way.  Anything else: the usual traceback.
+    if not issubclass(kind, StartupFailed):
+        _previous(kind, value, tb)
+
+
+def _install_quiet_excepthook() -> None:
+    if sys.excepthook is not _quiet_excepthook:
+        sys.excepthook = _quiet_excepthook
