@@ -23,8 +23,17 @@ def test_the_commit_path():
     assert t.state is S.DONE and t.final
 
 
+def test_the_commit_path_with_client_side_resolution():
+    t = walk(E.STORE, E.VOTE, E.LOCK_GRANTED)
+    assert [t.move(e) for e in (E.CONFLICTS_LEFT, E.STORE_RESOLVED, E.VOTE, E.VOTED)] == \
+        [S.VOTING, S.RESOLVING, S.RESOLVING, S.REVOTING]
+    assert t.state is S.VOTED and t.can(E.FINISH)
+
+
 @pytest.mark.parametrize("before", [(), (E.VOTE,), (E.VOTE, E.LOCK_GRANTED),
-                                    (E.VOTE, E.LOCK_GRANTED, E.VOTED)])
+                                    (E.VOTE, E.LOCK_GRANTED, E.VOTED),
+                                    (E.VOTE, E.LOCK_GRANTED, E.CONFLICTS_LEFT),
+                                    (E.VOTE, E.LOCK_GRANTED, E.CONFLICTS_LEFT, E.VOTE)])
 def test_abort_from_every_state_before_finishing(before):
     t = walk(*before)
     assert t.can(E.ABORT)
@@ -56,17 +65,19 @@ def test_every_move_not_in_the_table_raises_the_typed_error(state):
 
 
 def test_no_backwards_edge_and_final_states_are_final():
-    order = [S.OPEN, S.LOCKING, S.VOTING, S.VOTED, S.FINISHING, S.DONE]
+    order = [S.OPEN, S.LOCKING, S.VOTING, S.RESOLVING, S.REVOTING, S.VOTED, S.FINISHING,
+             S.DONE]
     for state, moves in TRANSITIONS.items():
         for target in moves.values():
             if target is not S.ABORTED and state is not S.ABORTED:
                 assert order.index(target) >= order.index(state), (state, target)
     assert FINAL == {S.DONE, S.ABORTED}
     assert all(not TRANSITIONS[s] for s in FINAL)
-    # stores only while open; votes and finishes once
+    # stores only while open (resolved records only while resolving); finishes once
     assert [s for s in S if E.STORE in TRANSITIONS[s]] == [S.OPEN]
+    assert [s for s in S if E.STORE_RESOLVED in TRANSITIONS[s]] == [S.RESOLVING]
     assert [s for s in S if E.FINISH in TRANSITIONS[s]] == [S.VOTED]
-    assert IN_STORAGE == {S.VOTING, S.VOTED, S.FINISHING}
+    assert IN_STORAGE == {S.VOTING, S.RESOLVING, S.REVOTING, S.VOTED, S.FINISHING}
 
 
 def test_the_error_is_a_storage_transaction_error_and_ours():

@@ -25,6 +25,7 @@ from zeotwist.client.cache import ClientCache
 from zeotwist.client.cachefile import cache_path as persistent_cache_path
 from zeotwist.client.persist import DEFAULT_SAVE_INTERVAL, CachePersister
 from zeotwist.client.client import Client
+from zeotwist.client.resolve import ConflictResolver
 from zeotwist.client.reactorthread import blocking_call, default_reactor, in_reactor_thread
 from zeotwist import logbridge
 from zeotwist.errors import ClientDisconnected
@@ -160,6 +161,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         self._server_sync = server_sync
         self._reactor = client.reactor
         self._db = None
+        self._resolver = ConflictResolver()
         self._tpc_cond = threading.Condition()
         self._transaction = None      # the ZODB transaction being committed
         self._txn = None              # its ClientTransaction
@@ -262,6 +264,9 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
 
     def registerDB(self, db) -> None:
         self._db = db
+        # as ZODB's ConflictResolvingStorage: resolve through the wrapper's
+        # record transforms (identity for a plain DB)
+        self._resolver = ConflictResolver.for_wrapper(db)
 
     def close(self) -> None:
         if self._closed:
@@ -329,6 +334,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                 self._tpc_cond.wait(30)
             self._transaction = transaction
             self._txn = self._client.transaction(transaction, self._dispatch)
+            self._txn.resolver = self._resolver
             self._txn.tid, self._txn.status = tid, _status(status)   # restore
 
     def _dispatch(self, f, *args):
@@ -356,7 +362,14 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
 
     def tpc_vote(self, transaction):
         txn = self._check_trans(transaction, "tpc_vote")
-        return self._call(txn.vote)
+        to_resolve = self._call(txn.vote_once)
+        if to_resolve:
+            # Conflicts left to this client: resolved here, in the committing
+            # thread, with the application's classes; the server holds the
+            # commit lock until the second vote (or the abort ZODB sends
+            # when the ConflictError propagates).
+            self._call(txn.revote, txn.resolve(to_resolve))
+        return txn.resolved
 
     def tpc_finish(self, transaction, f=None):
         txn = self._check_trans(transaction, "tpc_finish")

@@ -6,11 +6,20 @@ full pieces go to the reactor through ``dispatch``; ``vote``, ``finish`` and
 ``abort`` run on the reactor thread, on the connection the transaction
 started on (a transaction never survives a reconnection: it fails with
 ClientDisconnected and the application retries it).
+
+Client-side conflict resolution (a server in ``--client-conflict-resolution``
+mode): :meth:`ClientTransaction.vote_once` may fire with conflicts to
+resolve; :meth:`~ClientTransaction.resolve` runs ZODB's resolution
+(:mod:`zeotwist.client.resolve`) in the caller's thread, never the
+reactor's, and :meth:`~ClientTransaction.revote` sends the resolved records
+and votes again while the server holds the commit lock.
 """
-from twisted.internet.defer import Deferred, fail, succeed
-from ZODB.POSException import ConflictError
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
+from zeotwist.client.resolve import ConflictResolver
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import (
@@ -37,6 +46,10 @@ class ClientTransaction:
     def __init__(self, client, meta, dispatch=None):
         self.meta = meta
         self.resolved = ()
+        #: resolves the conflicts a server leaves to this client (ClientStorage
+        #: sets one with the record transforms of the DB it serves)
+        self.resolver = ConflictResolver()
+        self._client_resolved: list = []    # oids this client resolved
         self._client = client
         self._dispatch = dispatch or (lambda f, *a: f(*a))
         self._stream = bytearray()
@@ -109,18 +122,65 @@ class ClientTransaction:
             proto.send(C.StoreData, data=chunk[off:off + C.STORE_CHUNK])
 
     def vote(self) -> Deferred:
-        """Send what is left and vote; fires with the oids the server resolved."""
+        """Send what is left and vote; fires with the oids whose data changed
+        (resolved conflicts, undone objects).  Conflicts the server leaves to
+        this client are resolved in a thread of the reactor's pool; one that
+        cannot be resolved aborts the transaction and fails with ConflictError."""
+        return self.vote_once().addCallback(self._resolve_in_pool)
+
+    def _resolve_in_pool(self, to_resolve):
+        if not to_resolve:
+            return self.resolved
+        reactor = self._client.reactor
+        if hasattr(reactor, "getThreadPool"):
+            d = deferToThreadPool(reactor, reactor.getThreadPool(), self.resolve, to_resolve)
+        else:                               # a test clock: no threads
+            d = maybeDeferred(self.resolve, to_resolve)
+        d.addErrback(lambda f: self.abort().addBoth(lambda _: f))   # releases the lock
+        return d.addCallback(self.revote)
+
+    def vote_once(self) -> Deferred:
+        """Send what is left and vote once.  Fires with the conflicts the
+        server leaves to this client (``to_resolve`` items; :meth:`resolve`
+        them, then :meth:`revote`), or an empty list: voted, and
+        :attr:`resolved` holds the oids whose data changed."""
         pending = self._blobs_pending()     # blobs: vote after their last chunk
         if pending is not None:
-            return pending.addCallback(lambda _: self.vote())
+            return pending.addCallback(lambda _: self.vote_once())
         if self._failed is not None:    # a piece was lost: waiting would not help
             return fail(self._failed)
         if self._proto is None and self._client.protocol is None:
-            return self._client.when_connected().addCallback(lambda _: self.vote())
+            return self._client.when_connected().addCallback(lambda _: self.vote_once())
         self._flush_now()
         if self._failed is not None:
             return fail(self._failed)
-        return self._proto.call(C.Vote).addCallback(self._voted)
+        return self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
+
+    def resolve(self, to_resolve) -> list:
+        """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
+        the reactor's); the resolved records, or ConflictError."""
+        return self.resolver.resolve_all(to_resolve)
+
+    def revote(self, records) -> Deferred:
+        """Send the resolved ``records`` (from :meth:`resolve`) and vote
+        again; fires with :attr:`resolved` once voted (reactor thread)."""
+        if self._client_resolved:
+            return fail(StorageTransactionError("this transaction has re-voted already"))
+        if self._proto is not self._client.protocol:
+            return fail(ClientDisconnected("connection lost during conflict resolution"))
+        for oid, committed, data in records:
+            self._stream += encode_store(oid, committed, data)
+            self._client_resolved.append(oid)
+        self._flush_now()
+        if self._failed is not None:
+            return fail(self._failed)
+        d = self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
+        return d.addCallback(lambda to_resolve: self._revoted(to_resolve))
+
+    def _revoted(self, to_resolve):
+        if to_resolve:      # the server holds the lock: one round always suffices
+            raise StorageTransactionError("the server asked for a second resolution")
+        return self.resolved
 
     def _flush_now(self) -> None:
         chunk, self._stream = bytes(self._stream), bytearray()
@@ -136,8 +196,11 @@ class ClientTransaction:
             except Exception:   # not a ZODB pickle
                 err = ConflictError(oid=oid, serials=(committed, sent))
             raise err
-        self.resolved = answer["resolved"]
-        return self.resolved
+        to_resolve = answer.get("to_resolve")
+        if to_resolve:
+            return to_resolve
+        self.resolved = list(answer["resolved"]) + self._client_resolved
+        return []
 
     def finish(self, callback=None) -> Deferred:
         """Commit; ``callback(tid)`` runs before any later invalidation is applied."""

@@ -5,7 +5,9 @@ calls of the commit.
 (the metadata, the spooled store stream, the state in
 :mod:`~zeotwist.server.txnstate`'s table).  The functions below are the
 commit's storage calls: :func:`vote` (``tpc_begin``, every record of the
-store stream, ``tpc_vote``), :func:`finish` and :func:`abort`.  They run in
+store stream, ``tpc_vote``), :func:`revote` (after the client resolved the
+conflicts :func:`vote` left to it, :mod:`zeotwist.server.resolution`),
+:func:`finish` and :func:`abort`.  They run in
 the storage's worker thread (``StorageThreads.in_order``), while the session
 holds the commit lock, so nothing else changes the storage meanwhile.
 
@@ -36,22 +38,33 @@ class ServerTransaction:
         self.begun = False      # storage.tpc_begin was called (worker thread)
         self.oids: list = []                   # oids this transaction changes
         self.undone: list = []                 # oids undone in this transaction
+        #: the conflicts left to the client (a Resolution), if it resolves them
+        self.resolution = None
+        self.fixes: TransactionBuffer | None = None   # the client's resolved records
+
+    def close_buffers(self) -> None:
+        self.buffer.close()
+        if self.fixes is not None:
+            self.fixes.close()
 
 
 # -- the commit's storage calls (storage thread, commit lock held) --------------
 
 def vote(storage, txn: ServerTransaction, last_tid: bytes) -> tuple:
-    """``(resolved, conflicts)``: tpc_begin, the records, then tpc_vote.
+    """``(resolved, conflicts, to_resolve)``: tpc_begin, the records, then tpc_vote.
 
     ``conflicts`` lists ``oid + committed serial + serial`` per store that
     conflicted (the vote then stops short of tpc_vote; the caller aborts).
+    With ``txn.resolution``, conflicting stores are left to the client
+    instead: ``to_resolve`` lists them, the vote stops short of tpc_vote and
+    the storage transaction stays begun for :func:`revote`.
     """
     if txn.tid is None and txn.status == " ":
         storage.tpc_begin(txn.meta)
     else:
         begin_restore(storage, txn, last_tid)
     txn.begun = True
-    conflicts = []
+    conflicts, resolution = [], txn.resolution
     for kind, oid, serial, payload in txn.buffer.records(RECORD_HANDLERS):
         try:
             RECORD_HANDLERS[kind](storage, txn, oid, serial, payload)
@@ -59,18 +72,35 @@ def vote(storage, txn: ServerTransaction, last_tid: bytes) -> tuple:
             if isinstance(e, ReadConflictError):
                 raise
             committed = (e.serials or (None, None))[0] or b"\0" * 8
-            conflicts.append(oid + committed + serial)
+            if resolution is not None and kind == STORE and e.serials:
+                resolution.add(storage, oid, serial, committed, payload)
+            else:
+                conflicts.append(oid + committed + serial)
     if conflicts:
-        return (), conflicts
+        return (), conflicts, ()
+    if resolution:            # left to the client: it re-votes, the lock held
+        return (), (), resolution.items()
+    return _tpc_vote(storage, txn)
+
+
+def revote(storage, txn: ServerTransaction) -> tuple:
+    """Store the client's resolved records (exactly one per conflict left to
+    it, else RemoteProtocolError), then tpc_vote; as :func:`vote` answers."""
+    txn.resolution.apply(txn.fixes.records((STORE,)),
+                         lambda oid, serial, data: apply_store(storage, txn, oid, serial, data))
+    return _tpc_vote(storage, txn)
+
+
+def _tpc_vote(storage, txn: ServerTransaction) -> tuple:
     resolved = storage.tpc_vote(txn.meta) or ()
-    return (list(resolved) + txn.undone if txn.undone else resolved), ()
+    return (list(resolved) + txn.undone if txn.undone else resolved), (), ()
 
 
 def finish(storage, txn: ServerTransaction) -> bytes:
     """tpc_finish; the new transaction's tid."""
     tids = []
     storage.tpc_finish(txn.meta, tids.append)
-    txn.buffer.close()
+    txn.close_buffers()
     return tids[0]
 
 
@@ -80,7 +110,7 @@ def abort(storage, txn: ServerTransaction) -> None:
         if txn.begun:
             storage.tpc_abort(txn.meta)
     finally:
-        txn.buffer.close()
+        txn.close_buffers()
 
 
 # -- the store stream's records ---------------------------------------------------

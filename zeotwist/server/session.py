@@ -32,6 +32,7 @@ from zeotwist.server.commit import ServerTransaction
 from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RefusedConnection,
     pending_output)
+from zeotwist.server.resolution import Resolution
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import IN_STORAGE, Event, State
@@ -278,6 +279,10 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     @C.StoreData.responder
     def store_data(self, data):
         txn = self._txn
+        if txn is not None and txn.state.can(Event.STORE_RESOLVED):
+            txn.state.move(Event.STORE_RESOLVED)
+            txn.fixes.append(data)          # the client's resolved records
+            return {}
         if txn is None or not txn.state.can(Event.STORE):
             self.protocolViolation("StoreData outside a transaction")
             return {}
@@ -285,14 +290,17 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         return {}
 
     @C.Vote.responder
-    def vote(self):
+    def vote(self, can_resolve=None):
         txn = self._txn
         if txn is None or not txn.state.can(Event.VOTE):
             raise TransactionStateError("Vote without an open transaction")
         if txn.read_only:
             self._abort_txn()
             raise ReadOnlyError()
-        txn.state.move(Event.VOTE)
+        if txn.state.move(Event.VOTE) is State.RESOLVING:
+            return self._revote(txn)
+        if can_resolve and self.server.client_conflict_resolution:
+            txn.resolution = Resolution()
         d = self.server.lock.acquire(self)
         d.addCallback(self._lock_granted, txn)
         d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
@@ -303,14 +311,26 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         server = self.server
         return server.threads.in_order(commit.vote, server.storage, txn, server.last_tid)
 
+    def _revote(self, txn):
+        """The client sent its resolved records: store them and vote (lock held)."""
+        server = self.server
+        d = server.threads.in_order(commit.revote, server.storage, txn)
+        d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
+        return d
+
     def _voted(self, result, txn):
-        resolved, conflicts = result
-        if txn.state.state is not State.VOTING:   # aborted meanwhile: nobody is listening
+        resolved, conflicts, to_resolve = result
+        if not txn.state.can(Event.VOTED):     # aborted meanwhile: nobody is listening
             return dict(resolved=[], conflicts=b"")
         if conflicts:
             self.server.stats["conflicts"] += len(conflicts)
             d = self._abort_txn()
             return d.addCallback(lambda _: dict(resolved=[], conflicts=b"".join(conflicts)))
+        if to_resolve:          # the client resolves; the lock stays ours meanwhile
+            txn.state.move(Event.CONFLICTS_LEFT)
+            self.server.stats["client_resolutions"] += 1
+            txn.fixes = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
+            return dict(resolved=[], conflicts=b"", to_resolve=to_resolve)
         txn.state.move(Event.VOTED)
         return dict(resolved=list(resolved), conflicts=b"")
 
@@ -372,7 +392,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         server.stats["aborts"] += 1
         if left not in IN_STORAGE:
             server.lock.release(self)     # withdraws a queued request
-            txn.buffer.close()
+            txn.close_buffers()
             return succeed(None)
         # The storage thread runs calls in order, so this tpc_abort runs
         # after any vote still in progress.

@@ -57,6 +57,8 @@ class StorageServer:
             oid_reservation_path = name + ".oids" if isinstance(name, str) else None
         if oid_reservation_path is not None and not self.read_only:
             self._oids = OidReservation(storage, oid_reservation_path)
+        #: conflicts are left to clients that resolve them (zeotwist.server.resolution)
+        self.client_conflict_resolution = client_conflict_resolution
         if hasattr(storage, "tryToResolveConflict") and client_conflict_resolution:
             refuse_resolution(storage)          # no client record unpickled at all
         elif hasattr(storage, "tryToResolveConflict"):
@@ -64,7 +66,7 @@ class StorageServer:
             RestrictedResolver(storage, DEFAULT_ALLOWED + tuple(conflict_classes)).install()
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
-        self.stats = dict(commits=0, aborts=0, conflicts=0, loads=0)
+        self.stats = dict(commits=0, aborts=0, conflicts=0, client_resolutions=0, loads=0)
         self.start_time = time.time()
         #: how storage calls leave the reactor thread (zeotwist.server.storagecalls);
         #: in-memory tests inject SynchronousCalls

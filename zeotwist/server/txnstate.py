@@ -17,6 +17,15 @@ error, not a silently wrong state.
     finishing --FINISH_FAILED--> aborted
     open, locking, voting, voted --ABORT--> aborted
 
+Client-side conflict resolution (``--client-conflict-resolution``, a client
+that can resolve; :mod:`zeotwist.server.resolution`): the vote leaves the
+conflicts to the client and keeps the commit lock, the client sends the
+resolved records and votes again::
+
+    voting --CONFLICTS_LEFT--> resolving --STORE_RESOLVED--> resolving
+    resolving --VOTE--> revoting --VOTED--> voted
+    resolving, revoting --ABORT--> aborted
+
 There is no way out of ``finishing`` but the storage's answer: an abort
 requested meanwhile (the connection drops) does nothing, the finish ends
 the transaction either way.  ``done`` and ``aborted`` are final.
@@ -32,6 +41,8 @@ class State(Enum):
     OPEN = "open"              # TpcBegin received; stores arrive
     LOCKING = "locking"        # Vote received; waiting for the commit lock
     VOTING = "voting"          # the storage thread runs tpc_begin, the records, tpc_vote
+    RESOLVING = "resolving"    # conflicts left to the client; the lock is held meanwhile
+    REVOTING = "revoting"      # the storage thread stores the resolved records, tpc_vote
     VOTED = "voted"            # the vote succeeded; the lock is held until Finish or Abort
     FINISHING = "finishing"    # the storage thread runs tpc_finish
     DONE = "done"              # committed
@@ -43,6 +54,8 @@ class Event(Enum):
     VOTE = "vote"                      # the client's Vote
     LOCK_GRANTED = "lock granted"      # the commit lock is ours
     VOTED = "voted"                    # the storage's vote succeeded
+    CONFLICTS_LEFT = "conflicts left"  # the vote answers conflicts for the client to resolve
+    STORE_RESOLVED = "store resolved"  # a piece of the client's resolved records
     FINISH = "finish"                  # the client's Finish
     FINISHED = "finished"              # tpc_finish returned
     FINISH_FAILED = "finish failed"    # tpc_finish raised
@@ -56,7 +69,9 @@ S, E = State, Event
 TRANSITIONS: dict[State, dict[Event, State]] = {
     S.OPEN: {E.STORE: S.OPEN, E.VOTE: S.LOCKING, E.ABORT: S.ABORTED},
     S.LOCKING: {E.LOCK_GRANTED: S.VOTING, E.ABORT: S.ABORTED},
-    S.VOTING: {E.VOTED: S.VOTED, E.ABORT: S.ABORTED},
+    S.VOTING: {E.VOTED: S.VOTED, E.CONFLICTS_LEFT: S.RESOLVING, E.ABORT: S.ABORTED},
+    S.RESOLVING: {E.STORE_RESOLVED: S.RESOLVING, E.VOTE: S.REVOTING, E.ABORT: S.ABORTED},
+    S.REVOTING: {E.VOTED: S.VOTED, E.ABORT: S.ABORTED},
     S.VOTED: {E.FINISH: S.FINISHING, E.ABORT: S.ABORTED},
     S.FINISHING: {E.FINISHED: S.DONE, E.FINISH_FAILED: S.ABORTED},
     S.DONE: {},
@@ -69,7 +84,7 @@ FINAL = frozenset(s for s, moves in TRANSITIONS.items() if not moves)
 #: ran or may be running in the storage thread): leaving them for
 #: ``aborted`` takes a ``tpc_abort`` there; leaving the others only drops
 #: the buffer.
-IN_STORAGE = frozenset((S.VOTING, S.VOTED, S.FINISHING))
+IN_STORAGE = frozenset((S.VOTING, S.RESOLVING, S.REVOTING, S.VOTED, S.FINISHING))
 
 
 class TxnState:

@@ -111,15 +111,35 @@ class StoreData(_Command):
     arguments = [(b"data", BigBytes())]
 
 
+#: One conflict a Vote leaves to the client (``--client-conflict-resolution``):
+#: the store of ``data`` based on ``serial`` met the committed revision
+#: ``committed``; ``committed_data`` and ``old_data`` are the records of
+#: those two revisions (``old_data`` absent if the server has no such
+#: revision any more).  Records are the storage's bytes, opaque here.
+CONFLICT_TO_RESOLVE = [
+    (b"oid", Id8()),
+    (b"serial", Id8()),
+    (b"committed", Id8()),
+    (b"data", BigBytes()),
+    (b"committed_data", BigBytes()),
+    (b"old_data", BigBytes(optional=True)),
+]
+
+
 class Vote(_Command):
     """Take the commit lock, apply the stores, vote.
 
     Answers the oids whose conflicts the server resolved and, packed as
-    ``oid committed_serial sent_serial`` triples, those it could not.
+    ``oid committed_serial sent_serial`` triples, those it could not.  A
+    client that ``can_resolve`` may instead get ``to_resolve`` from a server
+    in client-resolution mode: it resolves those, sends one store per
+    conflict (based on ``committed``) and sends Vote again; the server
+    holds the commit lock meanwhile.
     """
     commandName = b"Vote"
-    arguments = []
-    response = [(b"resolved", IdList()), (b"conflicts", BigBytes())]
+    arguments = [(b"can_resolve", amp.Boolean(optional=True))]
+    response = [(b"resolved", IdList()), (b"conflicts", BigBytes()),
+                (b"to_resolve", BoxList(CONFLICT_TO_RESOLVE, optional=True))]
 
 
 class Finish(_Command):
@@ -157,6 +177,7 @@ class Info(_Command):
         (b"commits", amp.Integer()),
         (b"aborts", amp.Integer()),
         (b"conflicts", amp.Integer()),
+        (b"client_resolutions", amp.Integer()),
         (b"loads", amp.Integer()),
         (b"start_time", amp.Float()),
     ]
