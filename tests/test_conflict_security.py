@@ -129,3 +129,40 @@ def test_no_resolution_at_all_over_relstorage(tmp_path, request):
         assert server.stats["conflicts"] == 1
     finally:
         server.close()
+
+
+def call(a, pump, command, **kw):
+    out = []
+    a.call(command, **kw).addBoth(out.append)
+    pump.flush()
+    return out[0]
+
+
+def test_client_resolution_mode_unpickles_no_record(tmp_path, request):
+    """--client-conflict-resolution with a client that resolves: the exec
+    record goes back to the client as bytes, and an exec record sent as the
+    "resolved" one is stored as bytes; nothing runs on the server."""
+    clock = Clock()
+    server = memory_server(open_storage("filestorage", tmp_path, request), clock,
+                           client_conflict_resolution=True)
+    a, session, pump, _ = connect_in_memory({"1": server}, clock)
+    try:
+        call(a, pump, C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False)
+        marker = str(tmp_path / "pwned")
+        oid = new_oid(a, pump)
+        _, tid1 = commit(a, pump, oid, z64, record(OOBucket({"a": 1})))
+        _, tid2 = commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "b": 2})))
+        a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        a.send(C.StoreData, data=encode_store(oid, tid1, exec_pickle(marker)))
+        voted = call(a, pump, C.Vote, can_resolve=True)
+        (item,) = voted["to_resolve"]
+        assert item["data"] == exec_pickle(marker) and item["committed"] == tid2
+        assert server.lock.holder is session and not os.path.exists(marker)
+        a.send(C.StoreData, data=encode_store(oid, tid2, exec_pickle(marker)))
+        voted = call(a, pump, C.Vote, can_resolve=True)
+        assert voted["conflicts"] == b"" and not voted["to_resolve"]
+        tid3 = call(a, pump, C.Finish)["tid"]
+        assert server.storage.load(oid) == (exec_pickle(marker), tid3)
+        assert not os.path.exists(marker) and server.lock.holder is None
+    finally:
+        server.close()

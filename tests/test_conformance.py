@@ -53,6 +53,8 @@ class ZeotwistStorageTestBase(StorageTestBase.StorageTestBase):
     """A live zeotwist server per test and ``self._storage``, a client of it."""
 
     wait_timeout = 10
+    #: extra options of the server (start_server's keywords)
+    server_options: dict = {}
 
     def setUp(self):
         super().setUp()
@@ -61,7 +63,8 @@ class ZeotwistStorageTestBase(StorageTestBase.StorageTestBase):
         tmp = tempfile.mkdtemp(prefix="zeotwist-conformance-")
         self.addCleanup(shutil.rmtree, tmp, True)
         self._server = start_server(os.path.join(tmp, "data.fs"), reactor=background_reactor(),
-                                    conflict_classes=["ZODB.tests.ConflictResolution.*"])
+                                    conflict_classes=["ZODB.tests.ConflictResolution.*"],
+                                    **self.server_options)
         self.addCleanup(self._server.stop)
         self._clients = []
         self.addCleanup(self._close_clients)
@@ -117,6 +120,19 @@ class ConflictResolutionTests(ZeotwistStorageTestBase,
 
 
 @_collect_check_methods
+class ClientSideConflictResolutionTests(ZeotwistStorageTestBase,
+                                        ConflictResolution.ConflictResolvingStorage):
+    """The same tests against a server that leaves every conflict to its clients."""
+
+    server_options = dict(client_conflict_resolution=True)
+
+    def test_resolution_happened_on_the_client(self):
+        self.checkResolve()
+        stats = self._server.server.stats
+        assert stats["client_resolutions"] == 1 and stats["conflicts"] == 0
+
+
+@_collect_check_methods
 class PersistentStorageTests(ZeotwistStorageTestBase, PersistentStorage.PersistentStorage):
     pass
 
@@ -128,7 +144,8 @@ class ReadOnlyStorageTests(ZeotwistStorageTestBase, ReadOnlyStorage.ReadOnlyStor
 
 CONFORMANCE_CLASSES = [
     BasicStorageTests, SynchronizationTests, MTStorageTests, RevisionStorageTests,
-    ConflictResolutionTests, PersistentStorageTests, ReadOnlyStorageTests]
+    ConflictResolutionTests, ClientSideConflictResolutionTests, PersistentStorageTests,
+    ReadOnlyStorageTests]
 
 
 def test_every_mixin_test_is_collected():
