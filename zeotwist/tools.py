@@ -19,7 +19,8 @@ from zeotwist.errors import ClientDisconnected
 _LABELS = (("name", "storage name"), ("length", "objects"), ("size", "size"),
            ("last_tid", "last commit"), ("connections", "connections"),
            ("waiting", "commit-lock waiters"), ("commits", "commits"), ("aborts", "aborts"),
-           ("conflicts", "conflicts"), ("loads", "loads"), ("start_time", "up since"))
+           ("conflicts", "conflicts"), ("client_resolutions", "client resolutions"),
+           ("loads", "loads"), ("start_time", "up since"))
 
 
 def _error(prog: str, message: str) -> int:
