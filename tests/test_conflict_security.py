@@ -166,3 +166,25 @@ def test_client_resolution_mode_unpickles_no_record(tmp_path, request):
         assert not os.path.exists(marker) and server.lock.holder is None
     finally:
         server.close()
+
+
+def test_relstorage_leaves_nothing_to_the_client_either(tmp_path, request):
+    """RelStorage finds conflicts in its tpc_vote, not in store: with
+    --client-conflict-resolution a resolving client still gets a plain
+    conflict (docs/security.md), and the lock is free."""
+    clock = Clock()
+    server = memory_server(open_storage("relstorage", tmp_path, request), clock,
+                           client_conflict_resolution=True)
+    a, _, pump, _ = connect_in_memory({"1": server}, clock)
+    try:
+        call(a, pump, C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False)
+        oid = new_oid(a, pump)
+        _, tid1 = commit(a, pump, oid, z64, record(OOBucket({"a": 1})))
+        commit(a, pump, oid, tid1, record(OOBucket({"a": 1, "b": 2})))
+        a.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        a.send(C.StoreData, data=encode_store(oid, tid1, record(OOBucket({"a": 1, "c": 3}))))
+        voted = call(a, pump, C.Vote, can_resolve=True)    # raised by RelStorage's vote
+        assert voted.check(ConflictError) and voted.value.oid == oid
+        assert server.lock.holder is None and server.stats["client_resolutions"] == 0
+    finally:
+        server.close()
