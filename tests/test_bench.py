@@ -59,6 +59,18 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     assert "database of 2000 Items" in out, out
     sizes = re.search(r"^  zeotwist\s+file ([0-9.]+) MB -> ([0-9.]+) MB", out, re.M)
     assert sizes and float(sizes.group(2)) < float(sizes.group(1)), out
+    assert "scale-out" in out and "blob" in out.split("scale-out")[0], out     # last
+
+
+def test_scale_out_case_measures_two_servers_over_postgresql(tmp_path, pg_cluster):
+    """With PostgreSQL here (pg_cluster: under CI it must be), the case runs:
+    its own cluster, two twistd servers, fan-out latency and commits/s."""
+    out = bench(tmp_path, "--cases", "scaleout")
+    lat = re.search(r"fan-out latency\s+median ([0-9.]+) ms, p99 ([0-9.]+) ms \(20 commits\)",
+                    out)
+    assert lat and 0 <= float(lat.group(1)) <= float(lat.group(2)), out
+    rates = re.search(r"commits/s\s+([0-9]+) through 1 server, ([0-9]+) through 2", out)
+    assert rates and int(rates.group(1)) > 0 and int(rates.group(2)) > 0, out
 
 
 def test_one_case_runs_alone(tmp_path):
@@ -77,7 +89,7 @@ def test_cases_option_rejects_an_unknown_case(capsys):
     assert parse(["--cases", "hotset,cold"]).cases == ("hotset", "cold")
     assert parse(["--cases", "pack,blobs"]).cases == ("pack", "blobs")
     assert parse([]).cases == CASE_NAMES
-    assert {"pack", "blobs"} <= set(CASE_NAMES)
+    assert {"pack", "blobs", "scaleout"} <= set(CASE_NAMES)
     assert parse(["--quick"]).pack_objects == 2000
     assert parse([]).pack_objects == 100_000
 

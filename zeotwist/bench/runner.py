@@ -61,8 +61,10 @@ ROWS = (
     ("blob-small-store", "blobs", "blob small store", "MB/s"),
     ("blob-small-load", "blobs", "blob small load", "MB/s"),
 )
-#: The cases, in the order a round runs them.
-CASE_NAMES = tuple(dict.fromkeys(case for _, case, _, _ in ROWS))
+#: The cases, in the order a round runs them; ``scaleout`` (zeotwist only:
+#: two servers over PostgreSQL, :mod:`zeotwist.bench.scaleout`) runs after
+#: the rounds, where PostgreSQL is available.
+CASE_NAMES = tuple(dict.fromkeys(case for _, case, _, _ in ROWS)) + ("scaleout",)
 #: The cases served by the populated database (not ``pack``'s or ``blobs``'s own).
 POPULATED_CASES = CASE_NAMES[:CASE_NAMES.index("pack")]
 #: Cases run as a group of client processes started together: concurrency levels.
@@ -145,6 +147,9 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         if rows:
             say()
             say(summary(results, systems, rows, settings))
+        if "scaleout" in settings.cases and "zeotwist" in systems:
+            say()
+            say(scaleout(settings))
         if hasattr(os, "getloadavg"):
             say()
             say("load average at the end: %.2f %.2f %.2f (1, 5, 15 min)" % os.getloadavg())
@@ -170,6 +175,23 @@ def blobs(settings: Settings, system: str, directory: str) -> dict:
         raise BenchError("the blob bench failed (status %d):\n%s" % (
             done.returncode, done.stderr[-3000:]))
     return json.loads(done.stdout.strip().splitlines()[-1])[system]["rows"]
+
+
+def scaleout(settings: Settings) -> str:
+    """``python -m zeotwist.bench.scaleout`` (small with ``quick``): its report,
+    or the line saying there is no PostgreSQL here."""
+    from zeotwist.bench.scaleout import NO_POSTGRES
+    argv = [sys.executable, "-m", "zeotwist.bench.scaleout"] + (
+        ["--quick"] if settings.quick else [])
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=BLOBS_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise BenchError("the scale-out bench ran over %g s" % BLOBS_TIMEOUT)
+    if done.returncode not in (0, NO_POSTGRES):
+        raise BenchError("the scale-out bench failed (status %d):\n%s" % (
+            done.returncode, done.stderr[-3000:]))
+    return done.stdout.strip()
 
 
 def header(settings: Settings) -> str:
