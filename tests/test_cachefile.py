@@ -309,3 +309,12 @@ def test_restore_replaces_contents_and_skips_duplicates():
     c.restore(None, [(p64(1), p64(1), None, b"older current"), rev, rev])
     assert c.snapshot() == (None, [rev])
     assert c.stats()["bytes"] == 1 + ENTRY_OVERHEAD
+
+
+def test_missing_var_folder_is_created(tmp_path):
+    """As ZEO's ``var``: the folder of the cache file is made when missing."""
+    from zeotwist.client.cachefile import CacheFile
+    path = tmp_path / "var" / "cache" / "web1-1.zec"
+    with CacheFile(str(path)) as f:
+        f.save(b"\0" * 8, [])
+    assert path.exists()

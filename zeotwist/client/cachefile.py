@@ -70,8 +70,13 @@ class CacheFile:
         """Lock the file for this client.
 
         :raises CacheLockedError: another client (process or opener) has it.
+        :raises OSError: the folder (created if missing, as ZEO's ``var``)
+            cannot be made or written.
         """
         if self._lock is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
             try:
                 self._lock = zc.lockfile.LockFile(self.path + ".lock")
             except zc.lockfile.LockError:
