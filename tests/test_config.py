@@ -19,7 +19,7 @@ import zeotwist.config
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.client import storage as storage_module
 from zeotwist.client.storage import ClientStorage
-from zeotwist.errors import ClientDisconnected
+from zeotwist.errors import ClientDisconnected, UnknownStorage
 from zeotwist.testing import start_server
 
 
@@ -170,7 +170,7 @@ def test_name_cache_size_and_server_sync(server, bg_config, closing):
 
 
 def test_storage_name_mismatch_is_a_clear_error(server, bg_config):
-    with pytest.raises(ClientDisconnected, match="no storage named 'nosuch'"):
+    with pytest.raises(UnknownStorage, match="no storage named 'nosuch'"):
         ZODB.config.storageFromString(section(
             "server " + hostport(server), "storage nosuch", "wait-timeout 0.5"))
 

@@ -2,8 +2,9 @@
 
 A client process that sets up only the standard ``logging`` module (as an
 ordinary ZODB program or Zope does) gets zeotwist's events under ``zeotwist.*``
-logger names at sensible levels: a dropped cache file and a lost connection
-are warnings, the reconnection is info.  A process that began Twisted logging
+logger names at sensible levels: a dropped cache file, a lost connection and
+the retries (one line, however many attempts) are warnings, the reconnection
+is info.  A process that began Twisted logging
 itself gets them through its own observer and not twice through ``logging``.
 The server runs in this process (background reactor), stopped and restarted
 on the same port; the client is a child process.
@@ -78,10 +79,14 @@ def test_stdlib_logging_gets_cache_file_and_reconnection(tmp_path):
         server.stop()
         line = expect_containing(child, "lost its connection")
         assert line.startswith("LOG zeotwist.client.") and " WARNING " in line, line
+        line = expect_containing(child, "cannot connect")        # the retries begin
+        assert line.startswith("LOG zeotwist.client.connector WARNING "), line
+        assert line.endswith("; retrying"), line
         server = start_server(str(tmp_path / "data.fs"),
                               listen="tcp:%d:interface=127.0.0.1" % port)
         line = expect_containing(child, "registered with storage")
         assert line.startswith("LOG zeotwist.client.") and " INFO " in line, line
+        assert sum("cannot connect" in l for l in child.output) == 1, child.output
         line = expect_containing(child, "cache verified")      # the handshake is done
         assert line.startswith("LOG zeotwist.client.") and " INFO " in line, line
         child.send()

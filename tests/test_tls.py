@@ -13,7 +13,7 @@ from twisted.internet.interfaces import ISSLTransport
 
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
-from zeotwist.errors import ClientDisconnected, NotLoggedIn
+from zeotwist.errors import ClientDisconnected, NotLoggedIn, Unauthorized
 from zeotwist.server.auth import peer_common_name, set_user
 from zeotwist.testing import start_server
 from zeotwist.tls import TLSConfigError, load_identity, server_options
@@ -57,6 +57,15 @@ def refused(address, **kw) -> str:
         open_storage(address, wait_timeout=WAIT, **kw)
     assert time.monotonic() - start < WAIT + 3
     return str(info.value)
+
+
+def refused_at_once(address, **kw) -> str:
+    """Connect, expecting a login refusal at once (not after WAIT): "Type: text"."""
+    start = time.monotonic()
+    with pytest.raises(Unauthorized) as info:
+        open_storage(address, wait_timeout=WAIT, **kw)
+    assert time.monotonic() - start < WAIT / 2
+    return "%s: %s" % (type(info.value).__name__, info.value)
 
 
 def commit_and_load(address, **kw):
@@ -186,13 +195,13 @@ def test_certificate_common_name_is_the_identity_with_auth(tmp_path, pki):
         finally:
             cs.close()
         # bob's certificate is valid, but bob is no user of the file
-        text = refused(tls_address(server), tls=dict(ca=str(pki.ca), cert=str(pki.bob_cert),
-                                                     key=str(pki.bob_key)))
+        text = refused_at_once(tls_address(server), tls=dict(
+            ca=str(pki.ca), cert=str(pki.bob_cert), key=str(pki.bob_key)))
         assert "NotLoggedIn" in text and "'bob' is not a user" in text
         # naming the certificate's user explicitly (Login without a password)
         cs = open_storage(tls_address(server), tls=alice(pki), username="alice")
         cs.close()
-        text = refused(tls_address(server), tls=alice(pki), username="mallory")
+        text = refused_at_once(tls_address(server), tls=alice(pki), username="mallory")
         assert "Unauthorized" in text and "'alice'" in text
     finally:
         server.stop()
@@ -203,10 +212,9 @@ def test_certificate_user_cannot_log_in_with_a_password(tmp_path, pki):
     set_user(users, "alice", None, "rw=1")
     server = tls_server(tmp_path, pki, ca=True, auth_file=users)
     try:
-        with pytest.raises(ClientDisconnected) as info:
-            open_storage(tls_address(server), tls=alice(pki), username="alice", password="!",
-                         wait_timeout=WAIT)
-        assert "wrong password" in str(info.value)
+        text = refused_at_once(tls_address(server), tls=alice(pki), username="alice",
+                               password="!")
+        assert "wrong password" in text
     finally:
         server.stop()
 
@@ -216,9 +224,8 @@ def test_plain_listener_without_certificate_must_log_in(tmp_path, pki):
     set_user(users, "alice", None, "rw=1")
     server = tls_server(tmp_path, pki, ca=True, auth_file=users)
     try:
-        with pytest.raises(ClientDisconnected) as info:
+        with pytest.raises(NotLoggedIn):
             open_storage(server.address, wait_timeout=WAIT)
-        assert isinstance(info.value.__cause__, NotLoggedIn)
     finally:
         server.stop()
 

@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 from zeotwist import ClientStorage
 from zeotwist.client.protocol import describe_greeting
 from zeotwist.client.reactorthread import background_reactor
-from zeotwist.errors import ClientDisconnected, WrongServer
+from zeotwist.errors import WrongServer
 from zeotwist.testing import start_server
 
 
@@ -31,13 +31,13 @@ def zeo_server(tmp_path):
 
 def test_zeotwist_client_at_a_zeo_server_says_so(zeo_server):
     start = time.monotonic()
-    with pytest.raises((WrongServer, ClientDisconnected)) as info:
-        ClientStorage(zeo_server, reactor=background_reactor(), wait_timeout=3)
+    with pytest.raises(WrongServer) as info:
+        ClientStorage(zeo_server, reactor=background_reactor(), wait_timeout=20)
     took = time.monotonic() - start
     text = str(info.value)
     assert re.search(r"is a ZEO server \(it announced ZEO protocol [MZ]5\)", text), text
     assert "%s:%d" % zeo_server in text
-    assert took < 5
+    assert took < 3                 # at once, not after wait_timeout
 
 
 def test_zeo_client_at_a_zeotwist_server_is_named_in_the_log(tmp_path):

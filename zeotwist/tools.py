@@ -41,13 +41,15 @@ def _open(options, prog: str, wait_timeout: float, **kw):
 
     from zeotwist.cli import client_arguments
     from zeotwist.client.storage import ClientStorage
+    from zeotwist.tls import describe_error
     _quiet_logging()
     try:
         kw.update(client_arguments(options))
         return ClientStorage(options.address, storage=options.storage, cache_size=2**20,
                              wait_timeout=wait_timeout, **kw)
     except (StorageError, ValueError, TypeError, OSError) as e:
-        _error(prog, "cannot connect to %s: %s" % (options.address, e))
+        why = str(e) if isinstance(e, ClientDisconnected) else describe_error(e)
+        _error(prog, "cannot connect to %s: %s" % (options.address, why))
         return None
 
 

@@ -151,6 +151,9 @@ class Client(StorageCallsMixin):
         return d
 
     def _not_connected(self, failure, timeout):
+        refused = self.connector.refused
+        if refused is not None:         # permanent: no use waiting for the timeout
+            raise refused
         last = self.connector.last_error
         why = " (last error: %s)" % describe_error(last) if last else ""
         raise ClientDisconnected(

@@ -17,14 +17,20 @@ the invalidations of the registered connection.
 Runs on the reactor thread.
 """
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from ZODB.POSException import ReadOnlyError
 
 from zeotwist.client.events import Invalidation
-from zeotwist.client.protocol import ClientFactory
-from zeotwist.errors import ServerOlderThanCache
+from zeotwist.client.protocol import ClientFactory, peer_text
+from zeotwist.errors import (
+    ProtocolVersionError, ServerOlderThanCache, Unauthorized, UnknownStorage, WrongServer)
+from zeotwist.tls import describe_error
 from zeotwist.wire import commands as C
+
+#: registration failures that retrying the same server cannot cure
+PERMANENT = (UnknownStorage, ReadOnlyError, Unauthorized, WrongServer, ProtocolVersionError)
 
 _log = Logger()
 
@@ -43,7 +49,7 @@ class _ErrorKeepingEndpoint:
         return d
 
     def _failed(self, failure):
-        self._connector.last_error = failure.value
+        self._connector.unreachable(failure.value)
         return failure
 
 
@@ -72,6 +78,12 @@ class Connector:
         self.protocol = None
         #: why the last attempt failed (reported by ``when_connected``)
         self.last_error: BaseException | None = None
+        #: the permanent refusal every server gave since the last success
+        #: (``when_connected`` fails with it at once), or None
+        self.refused: BaseException | None = None
+        self._refusing: set = set()  # servers (indexes) that refused permanently
+        self._waiting: list = []     # when_connected Deferreds, failed by a refusal
+        self._unreachable_said = False   # "cannot connect" is logged once per outage
         #: registrations so far
         self.connections = 0
         #: the server's Register answer: its name, read-only flag, interfaces
@@ -109,10 +121,56 @@ class Connector:
         return d
 
     def when_connected(self) -> Deferred:
-        """A Deferred of the next registered protocol (no timeout)."""
+        """A Deferred of the next registered protocol (no timeout); it fails
+        with the refusal once every server refused this client permanently."""
         if self.protocol is not None:
             return succeed(self.protocol)
-        return self._service.whenConnected()
+        if self.refused is not None:
+            return fail(self.refused)
+        d = self._service.whenConnected()
+        self._waiting.append(d)
+
+        def done(result):
+            if d in self._waiting:
+                self._waiting.remove(d)
+            return result
+        return d.addBoth(done)
+
+    # -- failed attempts -----------------------------------------------------------
+    def unreachable(self, error: BaseException) -> None:
+        """A connection attempt failed (nothing listening, unreachable, TLS):
+        a retry; said once per outage."""
+        self.last_error, self.refused = error, None
+        self._refusing.clear()
+        if not self._unreachable_said:
+            self._unreachable_said = True
+            _log.warn("zeotwist: cannot connect to the server for storage {name!r}: {err}; "
+                      "retrying", name=self._client.storage_name, err=describe_error(error))
+
+    def _refused(self, error: BaseException, proto) -> BaseException:
+        """A registration refusal: the error with what it concerns; once every
+        server refused permanently, the waiting calls fail with it now."""
+        if not isinstance(error, PERMANENT) or isinstance(error, WrongServer):
+            return error
+        where = peer_text(proto.transport)
+        if isinstance(error, ReadOnlyError):
+            text = ("%s on %s: open it with read_only=True (or read_only_fallback=True)"
+                    % (error or "storage %r is read-only" % self._client.storage_name, where))
+        else:
+            text = "%s (server %s)" % (error, where)
+        return type(error)(text)
+
+    def _count_refusal(self, error: BaseException) -> None:
+        """Refused for good once every server refused permanently (with
+        several, one that cannot be reached may yet come back and accept)."""
+        if not isinstance(error, PERMANENT):
+            self._refusing.clear()
+            return
+        self._refusing.add(getattr(self.endpoint, "current", None) or 0)
+        if len(self._refusing) >= len(getattr(self.endpoint, "endpoints", (None,))):
+            self.refused = error
+            for d in list(self._waiting):
+                d.cancel()            # Client.when_connected reports self.refused
 
     # -- what every ClientProtocol reports ---------------------------------------------
     def invalidated(self, proto, tid: bytes, oids) -> None:
@@ -179,7 +237,9 @@ class Connector:
         self.server_name = answer["name"]
         self.server_interfaces = tuple(answer["interfaces"])
         self.supports_undo = answer["supports_undo"]
-        self.last_error = None
+        self.last_error = self.refused = None
+        self._refusing.clear()
+        self._unreachable_said = False
         _log.info("zeotwist client registered with storage {name!r} (last tid {tid})",
                   name=self._client.storage_name, tid=answer["last_tid"].hex())
         cache = self._client.cache
@@ -234,11 +294,14 @@ class Connector:
                   n=len(oids))
 
     def _register_failed(self, failure, proto, wrapper):
-        self.last_error = failure.value
-        if failure.check(ServerOlderThanCache):
-            _log.error("zeotwist: {err}", err=failure.getErrorMessage())
+        error = self.last_error = self._refused(failure.value, proto)
+        if error is not failure.value:
+            failure = Failure(error)
+        if isinstance(error, ServerOlderThanCache):
+            _log.error("zeotwist: {err}", err=str(error))
         else:
-            _log.warn("zeotwist registration failed: {err}", err=failure.getErrorMessage())
+            _log.warn("zeotwist registration failed: {err}", err=str(error))
+        self._count_refusal(error)
         if hasattr(self.endpoint, "skip_current"):
             self.endpoint.skip_current()     # the next attempt tries the next server
         # ClientService (Twisted 26.10) has no transition for a connection
