@@ -93,30 +93,32 @@ def test_nothing_listening_is_a_retry_logged_once(tmp_path):
         if "cannot connect" in (event.get("log_format") or ""):
             lines.append(event)
 
-    with socket.socket() as bound:                   # bound, not listening: refused
-        bound.bind(("127.0.0.1", 0))
-        port = bound.getsockname()[1]
-        globalLogPublisher.addObserver(observe)
-        try:
+    globalLogPublisher.addObserver(observe)
+    cs = server = None
+    try:
+        with socket.socket() as bound:                   # bound, not listening: refused
+            bound.bind(("127.0.0.1", 0))
+            port = bound.getsockname()[1]
             start = time.monotonic()
             with pytest.raises(ClientDisconnected, match="Connection refused"):
                 ClientStorage(("127.0.0.1", port), reactor=background_reactor(),
                               wait_timeout=1.5)
             assert time.monotonic() - start >= 1.5       # retried until wait_timeout
+            assert len(lines) == 1 and lines[0]["log_level"].name == "warn"
             cs = ClientStorage(("127.0.0.1", port), reactor=background_reactor(),
                                wait=False, wait_timeout=10)
-        finally:
-            globalLogPublisher.removeObserver(observe)
-    try:
-        assert len(lines) == 2, lines           # one per client, not one per attempt
-        assert lines[0]["log_level"].name == "warn"
+            deadline = time.monotonic() + 10
+            while len(lines) < 2:                        # its first attempt failed
+                assert time.monotonic() < deadline
+                time.sleep(0.01)                         # polling a real condition
         server = start_server(str(tmp_path / "data.fs"),
                               listen="tcp:%d:interface=127.0.0.1" % port)
-        try:
-            assert cs.getSize() >= 0            # it waits for, and gets, the connection
-            assert cs.is_connected()
-        finally:
-            cs.close()
-            server.stop()
+        assert cs.getSize() >= 0            # it waits for, and gets, the connection
+        assert cs.is_connected()
+        assert len(lines) == 2, lines       # one per client, not one per attempt
     finally:
-        cs.close()
+        globalLogPublisher.removeObserver(observe)
+        if cs is not None:
+            cs.close()
+        if server is not None:
+            server.stop()
