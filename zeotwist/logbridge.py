@@ -19,7 +19,9 @@ Observers run in the thread that logs (mostly the reactor thread);
 import logging
 import threading
 
-from twisted.logger import LogLevel, formatEvent, globalLogBeginner, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from zeotwist.twistedcompat import logging_begun
 
 #: the namespace (and stdlib logger) prefix of every zeotwist log event
 PREFIX = "zeotwist"
@@ -35,11 +37,10 @@ _install_lock = threading.Lock()
 def twisted_logging_begun() -> bool:
     """Whether the application has begun Twisted logging.
 
-    Twisted's one private name here: ``LogBeginner._temporaryObserver`` (the
-    start-up buffer) is set to None by the first ``beginLoggingTo``
-    (Twisted 23.10 to 26.10; tests/test_logging.py checks it).
+    The first ``beginLoggingTo`` drops Twisted's start-up buffer
+    (:func:`zeotwist.twistedcompat.logging_begun`, a private name).
     """
-    return getattr(globalLogBeginner, "_temporaryObserver", False) is None
+    return logging_begun()
 
 
 def _ours(namespace: str) -> bool:

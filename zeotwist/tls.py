@@ -170,10 +170,8 @@ def use_clock(transport, clock) -> None:
     ``connectionMade``, before anything is written; does nothing for
     other transports.
     """
-    aggregator = getattr(transport, "_aggregator", None) if clock is not None else None
-    if aggregator is not None and getattr(aggregator, "_clock", clock) is not clock:
-        if getattr(aggregator, "_scheduled", None) is None:
-            aggregator._clock = clock
+    from zeotwist.twistedcompat import set_tls_flush_clock
+    set_tls_flush_clock(transport, clock)
 
 
 def describe_error(err) -> str:

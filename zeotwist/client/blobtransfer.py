@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
-from zeotwist.wire.framing import frame
+from zeotwist.wire import fast
 
 #: LoadBlobChunk requests kept in flight by one download.
 DOWNLOAD_WINDOW = 16
@@ -126,8 +126,7 @@ class BlobUpload:
                 self._end(Failure())
                 return
             if data or first:       # an empty blob is still one (empty) chunk
-                self.proto.emit(frame(b"_command", b"StoreBlobChunk",
-                                      b"blob", b"%d" % self.number, b"data", data))
+                self.proto.emit(fast.store_blob_chunk(self.number, data))
                 self.sent += len(data)
                 first = False
             if len(data) < self.chunk:

@@ -22,6 +22,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from ZODB.POSException import ReadOnlyError
 
+from zeotwist import twistedcompat
 from zeotwist.client.events import Invalidation
 from zeotwist.client.protocol import ClientFactory, peer_text
 from zeotwist.errors import (
@@ -188,7 +189,7 @@ class Connector:
     def _register(self, wrapper):
         # ClientService hands us its proxy around our protocol; we keep the
         # protocol itself, since that is what reports to this connector.
-        proto = getattr(wrapper, "_protocol", wrapper)
+        proto = twistedcompat.service_protocol(wrapper)
         d = self._login(proto).addCallback(
             lambda _: self.send_register(proto, self._client.read_only))
         if self.read_only_fallback:
@@ -308,8 +309,7 @@ class Connector:
         # lost while it is still "connecting" (our handshake): it raises
         # NoTransition.  A failed handshake is reported through the returned
         # failure instead, so silence the proxy's lost-notification first.
-        if hasattr(wrapper, "_lostNotification"):
-            wrapper._lostNotification = lambda reason: None
+        twistedcompat.silence_lost_notification(wrapper)
         if proto.transport is not None:
             proto.transport.loseConnection()
         return failure

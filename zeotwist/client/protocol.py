@@ -12,17 +12,17 @@ result reaches the cache before the next box is parsed.
 
 Runs on the reactor thread.
 """
-import struct
-
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected, WrongServer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
+from zeotwist.wire import fast
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
     CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP)
@@ -37,15 +37,9 @@ def _convert(failure: Failure) -> BaseException:
     return err
 
 
-_H = struct.Struct(">H").pack
-_ASK_KEY = b"\0\x04_ask"
-_LOAD_MIDDLE = b"\0\x08_command\0\x0aLoadBefore\0\x03oid\0\x08"
-_TID_KEY = b"\0\x03tid\0\x08"
-
-
 class _LoadAnswer:
-    """Stands where AMP keeps a question's Deferred (``_outstandingRequests``)
-    for one LoadBefore: AMP calls ``addErrback``/``callback``/``errback`` on
+    """Stands where AMP keeps a question's Deferred for one LoadBefore
+    (:func:`zeotwist.twistedcompat.amp_expect_answer`): AMP calls ``addErrback``/``callback``/``errback`` on
     it; it parses the answer straight into :attr:`result`, a fresh Deferred,
     so a LoadBefore costs one Deferred instead of two."""
 
@@ -60,7 +54,7 @@ class _LoadAnswer:
 
     def callback(self, box):
         try:
-            value = _fast_parse_load(box, self.proto)
+            value = fast.read_load_before_answer(box, self.proto)
         except Exception as e:
             self.proto.protocolViolation("bad LoadBefore answer: %s" % e)
             self.result.errback(ClientDisconnected("bad answer from server: %s" % e))
@@ -71,19 +65,6 @@ class _LoadAnswer:
         if not isinstance(reason, Failure):
             reason = Failure(reason)
         self.result.errback(_convert(reason))
-
-
-def _fast_parse_load(box, proto):
-    if box.get(b"found") != b"True":
-        return None
-    if b"data.1" in box:                       # a record over 64 KiB: the generic way
-        r = C.LoadBefore.parseResponse(box, proto)
-        return r["data"], r["start"], r["end"]
-    start, end = box[b"start"], box.get(b"end")
-    if len(start) != 8 or (end is not None and len(end) != 8):
-        raise ValueError("tids must be 8 bytes")
-    return box[b"data"], start, end
-
 
 
 class ClientProtocol(BoundedAMP):
@@ -130,7 +111,8 @@ class ClientProtocol(BoundedAMP):
 
     def send(self, command, **kw) -> None:
         """Send a one-way ``command`` (no answer)."""
-        self._sendBoxCommand(command.commandName, command.makeArguments(kw, self), False)
+        twistedcompat.amp_send_box(self, command.commandName,
+                                   command.makeArguments(kw, self), False)
 
     def load_before(self, oid: bytes, tid: bytes) -> Deferred:
         """The hot path: LoadBefore without AMP's generic encoding and parsing.
@@ -138,20 +120,19 @@ class ClientProtocol(BoundedAMP):
         Fires with ``(data, start, end)`` or None (never with an AMP-level
         failure: errors are converted like every other answer).
         """
-        if self._failAllReason is not None or self.transport is None:
+        if twistedcompat.amp_closed(self) or self.transport is None:
             return fail(ClientDisconnected("not connected"))
         if len(oid) != 8 or len(tid) != 8:
             raise ValueError("oids and tids are 8 bytes")
-        tag = self._nextTag()
-        answer = self._outstandingRequests[tag] = _LoadAnswer(self)
-        self.emit(b"".join((_ASK_KEY, _H(len(tag)), tag, _LOAD_MIDDLE, oid, _TID_KEY, tid,
-                            b"\0\0")))
+        answer = _LoadAnswer(self)
+        tag = twistedcompat.amp_expect_answer(self, answer)
+        self.emit(fast.load_before_request(tag, oid, tid))
         return answer.result
 
     def _ask(self, command, box, parse=None) -> Deferred:
         result = Deferred()
         parse = parse or command.parseResponse
-        d = self._sendBoxCommand(command.commandName, box, True)
+        d = twistedcompat.amp_send_box(self, command.commandName, box, True)
 
         def done(answer):
             if isinstance(answer, Failure):

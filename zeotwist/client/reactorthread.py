@@ -51,9 +51,8 @@ def default_reactor():
 
 
 def _start_private_reactor():
-    from twisted.internet.epollreactor import EPollReactor
-    reactor = EPollReactor()
-    reactor._registerAsIOThread = False   # leave the global io-thread marker alone
+    from zeotwist.twistedcompat import private_reactor
+    reactor = private_reactor()     # the platform's default reactor class
     started = threading.Event()
     reactor.callWhenRunning(started.set)
     thread = threading.Thread(

@@ -30,6 +30,7 @@ from twisted.protocols import amp
 from zeotwist.errors import BlobPathRefused, RemoteProtocolError
 from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
+from zeotwist.wire import fast
 from zeotwist.wire.records import decode_blob, decode_restore_blob
 
 _log = Logger()
@@ -42,15 +43,13 @@ class BlobResponders(amp.CommandLocator):
         # StoreBlobChunk goes straight to the spool, without AMP's argument
         # machinery.  Anything unusual takes the ordinary path, which
         # validates and drops a misbehaving client.
-        if box.get(b"_command") == b"StoreBlobChunk" and len(box) == 3 \
-                and self.server is not None:
-            blob, data = box.get(b"blob"), box.get(b"data")
-            if blob is not None and data is not None and blob.isdigit() and len(blob) < 10:
-                try:
-                    self.store_blob_chunk(int(blob), data)
-                except RemoteProtocolError as e:
-                    self.protocolViolation("bad StoreBlobChunk: %s" % e)
-                return
+        chunk = fast.read_store_blob_chunk(box) if self.server is not None else None
+        if chunk is not None:
+            try:
+                self.store_blob_chunk(*chunk)
+            except RemoteProtocolError as e:
+                self.protocolViolation("bad StoreBlobChunk: %s" % e)
+            return
         super().ampBoxReceived(box)
 
     @C.StoreBlobChunk.responder

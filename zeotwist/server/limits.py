@@ -23,6 +23,9 @@ import resource
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+# pending_output is re-exported: the server's sessions import it from here
+from zeotwist.twistedcompat import pending_output, port_logger, set_port_logger  # noqa: F401
+
 _log = Logger()
 
 #: File descriptors kept free for the storage files, logs and sockets.
@@ -36,14 +39,6 @@ def effective_connection_cap(wanted: int, reserve: int = FD_RESERVE) -> int:
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, soft - reserve))
-
-
-def pending_output(transport) -> int:
-    """Bytes written to ``transport`` but not yet taken by the socket (0 if
-    the transport does not say)."""
-    buffered = getattr(transport, "_tempDataLen", 0)
-    data = getattr(transport, "dataBuffer", b"")
-    return buffered + len(data) - getattr(transport, "offset", 0)
 
 
 class RateLimitedLog:
@@ -125,14 +120,14 @@ class AcceptGuard:
         self.errors = 0
         self._last_error = None
         self._resume = None
-        logger = port._logger
+        logger = port_logger(port)
         self._observer = logger.observer
-        port._logger = Logger(namespace=logger.namespace, observer=self)
+        set_port_logger(port, Logger(namespace=logger.namespace, observer=self))
 
     @classmethod
     def install(cls, port, clock):
         """Guard ``port`` if it is a Twisted TCP (or Unix, or TLS) port."""
-        if isinstance(getattr(port, "_logger", None), Logger):
+        if isinstance(port_logger(port), Logger):
             return cls(port, clock)
         return None
 

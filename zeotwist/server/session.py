@@ -38,12 +38,12 @@ from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import IN_STORAGE, Event, State
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
-from zeotwist.wire.framing import BoundedAMP, frame as _frame
+from zeotwist.wire import fast
+from zeotwist.wire.framing import BoundedAMP
 
 _log = Logger()
 
 MAX_NEW_OIDS = 1000
-_MAX_VALUE = 0xFFFF
 
 
 class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, BoundedAMP):
@@ -154,34 +154,24 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         # value is answered here, without AMP's Deferred and argument
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
-        if not (box.get(b"_command") == b"LoadBefore" and self.server is not None
-                and self._fast_load(box)):
+        if not (self.server is not None and self._fast_load(box)):
             super().ampBoxReceived(box)
         if self._unread > self._budget and self.transport is not None \
                 and not self._violated:
             self._pause_reading()
 
     def _fast_load(self, box) -> bool:
-        ask, oid, tid = box.get(b"_ask"), box.get(b"oid"), box.get(b"tid")
-        if ask is None or oid is None or tid is None or len(oid) != 8 \
-                or len(tid) != 8 or len(box) != 4:
+        request = fast.read_load_before_request(box)
+        if request is None:
             return False
+        ask, oid, tid = request
         try:
             r = self.server.storage.loadBefore(oid, tid)
         except Exception:
             return False
-        if r is None:
-            frame = _frame(b"_answer", ask, b"found", b"False")
-        else:
-            data, start, end = r
-            if len(data) > _MAX_VALUE:
-                return False
-            if end is None:
-                frame = _frame(b"_answer", ask, b"data", data, b"found", b"True",
-                               b"start", start)
-            else:
-                frame = _frame(b"_answer", ask, b"data", data, b"end", end,
-                               b"found", b"True", b"start", start)
+        frame = fast.load_before_answer(ask, r)
+        if frame is None:
+            return False
         self.server.stats["loads"] += 1
         self.emit(frame)
         return True

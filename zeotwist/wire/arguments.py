@@ -7,6 +7,7 @@ while the box is being parsed, before any storage code sees it.
 from twisted.protocols import amp
 
 from zeotwist.errors import RemoteProtocolError
+from zeotwist.twistedcompat import amp_decode_fields, amp_encode_fields
 
 CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -110,7 +111,7 @@ class BoxList(BigBytes):
             return
         parts = []
         for item in items:
-            box = amp._objectsToStrings(item, self.arglist, amp.AmpBox(), proto)
+            box = amp_encode_fields(item, self.arglist, proto)
             parts.append(box.serialize())
         objects[key] = b"".join(parts)
         BigBytes.toBox(self, name, strings, objects, proto)
@@ -121,7 +122,7 @@ class BoxList(BigBytes):
         packed = objects[key]
         if packed is None:
             return
-        objects[key] = [amp._stringsToObjects(box, self.arglist, proto)
+        objects[key] = [amp_decode_fields(box, self.arglist, proto)
                         for box in split_boxes(packed)]
 
 

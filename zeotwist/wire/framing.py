@@ -9,12 +9,11 @@ one line and drops the connection.
 
 Runs on the reactor thread.
 """
-import struct
-
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
 
 _log = Logger()
@@ -52,7 +51,7 @@ class BoundedAMP(amp.AMP):
     _batch = None
 
     def sendBox(self, box) -> None:
-        if self._locked:
+        if twistedcompat.amp_switched(self):
             raise amp.ProtocolSwitched("This connection has switched: no AMP traffic allowed.")
         if self.transport is None:
             raise amp.ConnectionLost()
@@ -127,7 +126,7 @@ class BoundedAMP(amp.AMP):
         # asked is the peer's violation, not an unhandled error of ours.
         tag = box.get(amp.ANSWER, box.get(amp.ERROR))
         if tag is not None:
-            if tag not in self._outstandingRequests:
+            if not twistedcompat.amp_is_outstanding(self, tag):
                 return self.protocolViolation("answer to no question %r" % (tag[:16],))
         elif amp.COMMAND not in box:
             return self.protocolViolation("box with no command")
@@ -182,10 +181,7 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
         return
     send = transport.writeSomeData
-    if (send is None or not getattr(transport, "connected", False)
-            or transport.disconnecting or getattr(transport, "_writeDisconnected", True)
-            or transport.dataBuffer or transport._tempDataBuffer
-            or getattr(transport, "producer", None) is not None):
+    if send is None or not twistedcompat.nothing_queued(transport):
         transport.write(data)
         return
     sent = send(data)
@@ -193,18 +189,3 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
     elif sent < len(data):
         transport.write(data[sent:])
-
-
-_H = struct.Struct(">H").pack
-
-
-def frame(*items: bytes) -> bytes:
-    """One serialized AMP box from alternating keys and values (each at
-    most 65,535 bytes; the caller guarantees it): the hot paths build their
-    boxes with this instead of ``AmpBox.serialize``, which sorts and checks."""
-    parts = []
-    for item in items:
-        parts.append(_H(len(item)))
-        parts.append(item)
-    parts.append(b"\0\0")
-    return b"".join(parts)

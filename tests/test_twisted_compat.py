@@ -1,0 +1,178 @@
+"""Every private Twisted name zeotwist uses (all in zeotwist/twistedcompat.py)
+still exists and still does what we rely on.  When one of these fails after
+a Twisted upgrade, fix twistedcompat.py and the Twisted range in pyproject.toml.
+"""
+import inspect
+
+import pytest
+from twisted.application.internet import ClientService
+from twisted.internet import abstract, tcp
+from twisted.internet.base import ReactorBase
+from twisted.internet.defer import succeed
+from twisted.internet.interfaces import IReactorCore
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger, LogBeginner, LogPublisher
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.python.runtime import platform
+
+from zeotwist import twistedcompat as compat
+
+
+def connected_amp():
+    proto = amp.AMP()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+class Receiver:
+    def __init__(self):
+        self.boxes, self.failures = [], []
+
+    def addErrback(self, *a, **kw):
+        return self
+
+    def callback(self, box):
+        self.boxes.append(box)
+
+    def errback(self, failure):
+        self.failures.append(failure)
+
+
+def test_amp_answer_receiver_gets_the_answer_box():
+    proto, transport = connected_amp()
+    receiver = Receiver()
+    tag = compat.amp_expect_answer(proto, receiver)
+    assert isinstance(tag, bytes) and compat.amp_is_outstanding(proto, tag)
+    proto.dataReceived(amp.AmpBox({amp.ANSWER: tag, b"x": b"1"}).serialize())
+    assert [dict(b) for b in receiver.boxes] == [{amp.ANSWER: tag, b"x": b"1"}]
+    assert not compat.amp_is_outstanding(proto, tag)
+
+
+def test_amp_closed_after_connection_lost_and_receivers_fail():
+    proto, transport = connected_amp()
+    receiver = Receiver()
+    compat.amp_expect_answer(proto, receiver)
+    assert not compat.amp_closed(proto) and not compat.amp_switched(proto)
+    proto.connectionLost(Failure(Exception("gone")))
+    assert compat.amp_closed(proto)
+    assert len(receiver.failures) == 1
+    assert not compat.amp_is_outstanding(proto, b"1")     # no table any more
+
+
+def test_amp_send_box_one_way_and_asked():
+    proto, transport = connected_amp()
+    assert compat.amp_send_box(proto, b"Ping", amp.AmpBox({b"a": b"b"}), False) is None
+    [box] = amp.parseString(transport.value())
+    assert box == {b"_command": b"Ping", b"a": b"b"}
+    transport.clear()
+    d = compat.amp_send_box(proto, b"Ping", amp.AmpBox(), True)
+    [box] = amp.parseString(transport.value())
+    proto.dataReceived(amp.AmpBox({amp.ANSWER: box[amp.ASK], b"r": b"s"}).serialize())
+    assert d.result[b"r"] == b"s"
+
+
+def test_amp_field_encoding_round_trips():
+    arglist = [(b"n", amp.Integer()), (b"s", amp.Unicode())]
+    box = compat.amp_encode_fields({"n": 5, "s": "é"}, arglist, None)
+    assert isinstance(box, amp.AmpBox) and box == {b"n": b"5", b"s": "é".encode()}
+    assert compat.amp_decode_fields(box, arglist, None) == {"n": 5, "s": "é"}
+
+
+def test_transport_buffers():
+    fd = abstract.FileDescriptor(reactor=MemoryReactorClock())
+    fd.connected = True
+    for name in ("_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "dataBuffer",
+                 "offset"):
+        assert hasattr(fd, name), name
+    assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
+    fd.write(b"abc")
+    assert not compat.nothing_queued(fd) and compat.pending_output(fd) == 3
+
+
+def test_tls_flush_clock_is_moved():
+    from twisted.internet.ssl import optionsForClientTLS
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    first, second = Clock(), Clock()
+    factory = TLSMemoryBIOFactory(optionsForClientTLS("example.com"), True,
+                                  Factory.forProtocol(Protocol), clock=first)
+    tls = factory.buildProtocol(None)
+    tls.makeConnection(StringTransport())
+    assert tls._aggregator._clock is first and tls._aggregator._scheduled is None
+    compat.set_tls_flush_clock(tls, second)
+    assert tls._aggregator._clock is second
+    tls._aggregator.write(b"x")
+    assert second.getDelayedCalls() and not first.getDelayedCalls()
+
+
+def test_port_logger_is_what_accept_errors_go_through():
+    port = tcp.Port(0, Factory.forProtocol(Protocol), interface="127.0.0.1",
+                    reactor=MemoryReactorClock())
+    assert isinstance(compat.port_logger(port), Logger)
+    assert "self._logger" in inspect.getsource(tcp.Port.doRead)
+    replacement = Logger(namespace="x")
+    compat.set_port_logger(port, replacement)
+    assert compat.port_logger(port) is replacement
+
+
+def test_private_reactor_is_the_platform_default_class():
+    cls = compat.default_reactor_class()
+    assert IReactorCore.implementedBy(cls)
+    if platform.isLinux():
+        from twisted.internet.epollreactor import EPollReactor
+        assert cls is EPollReactor
+    assert ReactorBase._registerAsIOThread is True
+    reactor = compat.private_reactor()
+    assert isinstance(reactor, cls) and reactor._registerAsIOThread is False
+
+
+def test_client_service_proxy():
+    proxies = []
+
+    class Endpoint:
+        def connect(self, factory):
+            proto = factory.buildProtocol(None)
+            proto.makeConnection(StringTransport())
+            return succeed(proto)
+
+    def prepare(proxy):
+        proxies.append(proxy)
+
+    service = ClientService(Endpoint(), Factory.forProtocol(Protocol), clock=Clock(),
+                            prepareConnection=prepare)
+    service.startService()
+    [proxy] = proxies
+    assert "_protocol" in vars(proxy) and "_lostNotification" in vars(proxy)
+    inner = compat.service_protocol(proxy)
+    assert type(inner) is Protocol and inner is not proxy
+    compat.silence_lost_notification(proxy)
+    proxy.connectionLost(Failure(Exception("gone")))     # ClientService not told
+    assert service.whenConnected().called               # still "connected"
+
+
+def test_logging_begun(monkeypatch):
+    import io
+    import types
+    import warnings
+
+    import twisted.logger
+    fake_sys = types.SimpleNamespace(stdout=io.StringIO(), stderr=io.StringIO())
+    fake_warnings = types.SimpleNamespace(showwarning=warnings.showwarning)
+    beginner = LogBeginner(LogPublisher(), io.StringIO(), fake_sys, fake_warnings)
+    monkeypatch.setattr(twisted.logger, "globalLogBeginner", beginner)
+    assert not compat.logging_begun()
+    beginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
+    assert compat.logging_begun()
+
+
+@pytest.mark.parametrize("name", ["amp_closed", "amp_switched", "amp_expect_answer",
+                                  "amp_is_outstanding", "amp_send_box", "amp_encode_fields",
+                                  "amp_decode_fields", "nothing_queued", "pending_output",
+                                  "set_tls_flush_clock", "port_logger", "private_reactor",
+                                  "service_protocol", "silence_lost_notification",
+                                  "logging_begun"])
+def test_every_helper_is_tested_here(name):
+    assert ("compat.%s(" % name) in inspect.getsource(inspect.getmodule(test_logging_begun))

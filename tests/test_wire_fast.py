@@ -1,0 +1,118 @@
+"""zeotwist/wire/fast.py frames exactly what AMP's own serializer makes of
+the declarations in zeotwist/wire/commands.py, and its readers agree with
+AMP's parser and the declarations' own parsing, in both directions."""
+import pytest
+from twisted.protocols import amp
+
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+
+OID, TID, START, END = b"\0" * 7 + b"\1", b"\x03" * 8, b"\x01" * 8, b"\x02" * 8
+
+
+def amp_frame(command, values: dict, tag_key: bytes, tag: bytes, response=False) -> bytes:
+    """What AMP itself sends for ``command`` with ``values``."""
+    make = command.makeResponse if response else command.makeArguments
+    box = amp.AmpBox(make(dict(values), None))
+    if tag_key is not None:
+        box[tag_key] = tag
+    if not response:
+        box[amp.COMMAND] = command.commandName
+    return box.serialize()
+
+
+def parse_one(frame: bytes) -> amp.AmpBox:
+    boxes = amp.parseString(frame)
+    assert len(boxes) == 1
+    return boxes[0]
+
+
+@pytest.mark.parametrize("tag", [b"1", b"ff", b"a" * 40])
+def test_load_before_request_is_amps_own(tag):
+    frame = fast.load_before_request(tag, OID, TID)
+    assert frame == amp_frame(C.LoadBefore, {"oid": OID, "tid": TID}, amp.ASK, tag)
+    box = parse_one(frame)
+    assert fast.read_load_before_request(box) == (tag, OID, TID)
+    assert C.LoadBefore.parseArguments(box, None) == {"oid": OID, "tid": TID}
+
+
+RECORDS = [
+    None,
+    (b"", START, None),
+    (b"record", START, None),
+    (b"record", START, END),
+    (b"x" * fast.MAX_VALUE, START, END),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=["missing", "empty", "current", "replaced", "64k"])
+def test_load_before_answer_is_amps_own(record):
+    tag = b"7f"
+    frame = fast.load_before_answer(tag, record)
+    if record is None:
+        values = {"found": False}
+    else:
+        data, start, end = record
+        values = {"found": True, "data": data, "start": start, "end": end}
+    assert frame == amp_frame(C.LoadBefore, values, amp.ANSWER, tag, response=True)
+    box = parse_one(frame)
+    assert box[amp.ANSWER] == tag
+    del box[amp.ANSWER]
+    assert fast.read_load_before_answer(amp.AmpBox(box), None) == record
+    parsed = C.LoadBefore.parseResponse(amp.AmpBox(box), None)
+    assert parsed["found"] is (record is not None)
+    if record is not None:
+        assert (parsed["data"], parsed["start"], parsed["end"]) == record
+
+
+def test_a_record_over_one_value_takes_amps_path_and_still_reads():
+    data = b"y" * (fast.MAX_VALUE + 10)
+    assert fast.load_before_answer(b"1", (data, START, None)) is None
+    box = parse_one(amp_frame(C.LoadBefore, {"found": True, "data": data, "start": START},
+                              amp.ANSWER, b"1", response=True))
+    assert fast.read_load_before_answer(box, None) == (data, START, None)
+
+
+@pytest.mark.parametrize("box", [
+    {b"_ask": b"1", b"_command": b"LoadBefore", b"oid": OID},                   # tid missing
+    {b"_ask": b"1", b"_command": b"LoadBefore", b"oid": OID[:7], b"tid": TID},  # short oid
+    {b"_ask": b"1", b"_command": b"LoadSerial", b"oid": OID, b"tid": TID},      # other command
+    {b"_ask": b"1", b"_command": b"LoadBefore", b"oid": OID, b"xxx": TID},      # other key
+])
+def test_unusual_load_requests_are_left_to_amp(box):
+    assert fast.read_load_before_request(amp.AmpBox(box)) is None
+
+
+def test_a_malformed_answer_raises():
+    with pytest.raises(ValueError):
+        fast.read_load_before_answer(amp.AmpBox({b"found": b"True", b"data": b"",
+                                                 b"start": b"short"}), None)
+
+
+@pytest.mark.parametrize("number,data", [(0, b""), (3, b"chunk"), (123456, b"z" * C.BLOB_CHUNK)])
+def test_store_blob_chunk_is_amps_own(number, data):
+    frame = fast.store_blob_chunk(number, data)
+    assert frame == amp_frame(C.StoreBlobChunk, {"blob": number, "data": data}, None, None)
+    box = parse_one(frame)
+    assert fast.read_store_blob_chunk(box) == (number, data)
+    assert C.StoreBlobChunk.parseArguments(box, None) == {"blob": number, "data": data}
+
+
+@pytest.mark.parametrize("box", [
+    {b"_command": b"StoreBlobChunk", b"blob": b"-1", b"data": b""},
+    {b"_command": b"StoreBlobChunk", b"blob": b"12345678901", b"data": b""},
+    {b"_command": b"StoreBlobChunk", b"blob": b"1"},
+    {b"_command": b"StoreBlobShared", b"blob": b"1", b"data": b""},
+    {b"_command": b"StoreBlobChunk", b"blob": b"1", b"data": b"", b"_ask": b"1"},
+])
+def test_unusual_chunks_are_left_to_amp(box):
+    assert fast.read_store_blob_chunk(amp.AmpBox(box)) is None
+
+
+def test_a_declaration_that_no_longer_fits_fails_loudly():
+    fields = fast._fields(C.LoadBefore.arguments, amp.ASK, {amp.COMMAND: b"LoadBefore"})
+    pieces, slots = fast._template(fields)
+    with pytest.raises(TypeError, match="out of step"):
+        fast._expect(slots, amp.ASK, b"tid", b"oid")
+    with pytest.raises(TypeError, match="not declared"):
+        fast._fields(C.LoadBefore.arguments, amp.ASK, {b"serial": b"x"})

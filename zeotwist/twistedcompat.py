@@ -1,0 +1,164 @@
+"""Every use of a private Twisted name, in one place.
+
+zeotwist reaches under Twisted's public API in a few places, each for a
+measured reason (named below).  Nothing else in zeotwist touches a name
+Twisted keeps private: a Twisted release that renames one breaks this
+module only, and tests/test_twisted_compat.py fails loudly, naming it.
+Where a missing name has a safe answer, the code here degrades to it at
+run time (the test still fails).  The
+tested Twisted range is declared in pyproject.toml.
+
+Runs wherever its callers run (the reactor thread, except
+:func:`private_reactor`, which builds a reactor for its own thread).
+"""
+import importlib
+
+from twisted.internet.interfaces import IReactorCore
+from twisted.protocols import amp
+
+# -- AMP (twisted.protocols.amp) ------------------------------------------------------
+# LoadBefore's hot path registers its own answer receiver under a fresh tag
+# instead of a Deferred (one Deferred per load instead of two), and one-way
+# commands are sent without AMP's callRemote argument copying.
+
+
+def amp_encode_fields(objects: dict, arglist, proto):
+    """An ``AmpBox`` of ``objects`` encoded by ``arglist`` (``[(name,
+    Argument)]``), as a command's arguments are (``_objectsToStrings``):
+    a list of boxes inside one value (``wire.arguments.BoxList``)."""
+    return amp._objectsToStrings(objects, arglist, amp.AmpBox(), proto)
+
+
+def amp_decode_fields(box, arglist, proto) -> dict:
+    """The objects of a box encoded by :func:`amp_encode_fields` (``_stringsToObjects``)."""
+    return amp._stringsToObjects(box, arglist, proto)
+
+
+def amp_closed(proto) -> bool:
+    """The AMP connection failed every outstanding question (``_failAllReason``)."""
+    return proto._failAllReason is not None
+
+
+def amp_switched(proto) -> bool:
+    """The connection switched protocols: no more AMP boxes (``_locked``)."""
+    return proto._locked
+
+
+def amp_expect_answer(proto, receiver) -> bytes:
+    """A fresh question tag whose answer AMP hands to ``receiver``
+    (``callback(box)``, ``errback(failure)``, ``addErrback``)."""
+    tag = proto._nextTag()
+    proto._outstandingRequests[tag] = receiver
+    return tag
+
+
+def amp_is_outstanding(proto, tag: bytes) -> bool:
+    """``tag`` names a question still waiting for its answer."""
+    requests = proto._outstandingRequests
+    return requests is not None and tag in requests
+
+
+def amp_send_box(proto, name: bytes, box, requires_answer: bool):
+    """Send an argument box under command ``name`` (``_sendBoxCommand``):
+    a Deferred of the answer box, or None for a one-way command."""
+    return proto._sendBoxCommand(name, box, requires_answer)
+
+
+# -- transports (twisted.internet.abstract.FileDescriptor) -----------------------------
+# Request/response traffic writes straight to an idle socket instead of
+# waiting a reactor turn (framing.write_now); the server measures what a
+# client leaves unread (limits).
+
+
+def nothing_queued(transport) -> bool:
+    """A connected socket transport with nothing buffered, not closing:
+    bytes written to its socket now keep their order."""
+    return (getattr(transport, "connected", False) and not transport.disconnecting
+            and not getattr(transport, "_writeDisconnected", True)
+            and not transport.dataBuffer and not transport._tempDataBuffer
+            and getattr(transport, "producer", None) is None)
+
+
+def pending_output(transport) -> int:
+    """Bytes written to ``transport`` but not yet taken by the socket (0 if
+    the transport does not say)."""
+    buffered = getattr(transport, "_tempDataLen", 0)
+    data = getattr(transport, "dataBuffer", b"")
+    return buffered + len(data) - getattr(transport, "offset", 0)
+
+
+# -- TLS (twisted.protocols.tls) ---------------------------------------------------------
+# The TLS transport flushes small writes on a clock that defaults to the
+# *global* reactor; a connection served by the private reactor must use its own.
+
+
+def set_tls_flush_clock(transport, clock) -> None:
+    """Make a TLS transport flush its buffered writes on ``clock``; nothing
+    for other transports, or once a flush is already scheduled."""
+    aggregator = getattr(transport, "_aggregator", None) if clock is not None else None
+    if aggregator is not None and getattr(aggregator, "_clock", clock) is not clock:
+        if getattr(aggregator, "_scheduled", None) is None:
+            aggregator._clock = clock
+
+
+# -- listening ports (twisted.internet.tcp.Port) -------------------------------------------
+# The accept guard sees the port's accept errors (EMFILE) through its logger.
+
+
+def port_logger(port):
+    """The ``twisted.logger.Logger`` a listening port logs through, or None."""
+    return getattr(port, "_logger", None)
+
+
+def set_port_logger(port, logger) -> None:
+    port._logger = logger
+
+
+# -- reactors (twisted.internet.default, base.ReactorBase) ----------------------------------
+def default_reactor_class() -> type:
+    """The reactor class Twisted installs by default on this platform
+    (epoll on Linux, poll or select elsewhere), without installing it."""
+    from twisted.internet import default
+    from twisted.python.runtime import platform
+    module = importlib.import_module(default._getInstallFunction(platform).__module__)
+    found = [v for v in vars(module).values()
+             if isinstance(v, type) and v.__module__ == module.__name__
+             and v.__name__.endswith("Reactor") and IReactorCore.implementedBy(v)]
+    if len(found) != 1:
+        raise ImportError("no single reactor class in %s: %r" % (module.__name__, found))
+    return found[0]
+
+
+def private_reactor():
+    """A new reactor of the platform's default class that leaves Twisted's
+    global io-thread marker alone (``_registerAsIOThread``), for a thread
+    of its own."""
+    reactor = default_reactor_class()()
+    reactor._registerAsIOThread = False
+    return reactor
+
+
+# -- ClientService (twisted.application.internet) -------------------------------------------
+# The handshake runs as ``prepareConnection``, which gets a proxy around our
+# protocol; a handshake that fails must not be reported as a lost connection
+# too (ClientService has no transition for that while connecting).
+
+
+def service_protocol(proxy):
+    """Our protocol behind ClientService's proxy (``_protocol``); the proxy
+    itself if it has none (it forwards everything to the protocol)."""
+    return getattr(proxy, "_protocol", proxy)
+
+
+def silence_lost_notification(proxy) -> None:
+    """The proxy's connection loss is not reported to ClientService."""
+    if hasattr(proxy, "_lostNotification"):
+        proxy._lostNotification = lambda reason: None
+
+
+# -- twisted.logger -------------------------------------------------------------------------
+def logging_begun() -> bool:
+    """The application has begun Twisted logging: ``beginLoggingTo`` sets
+    the start-up buffer (``_temporaryObserver``) to None."""
+    from twisted.logger import globalLogBeginner
+    return getattr(globalLogBeginner, "_temporaryObserver", False) is None

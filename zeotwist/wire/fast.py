@@ -1,0 +1,181 @@
+"""The hot paths of the wire format, framed and read without AMP's machinery.
+
+Two exchanges are too frequent for AMP's generic argument encoding and its
+Deferreds: ``LoadBefore`` (every cache miss; the client frames the request
+and reads the answer, the server reads the request and frames the answer)
+and ``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
+server reads).  Both ends use only this module for them, and
+tests/test_wire_fast.py checks every frame byte for byte against AMP's own
+serializer (``Command.makeArguments``/``makeResponse``, ``AmpBox.serialize``)
+and parses each one back through the command's declaration.
+
+AMP's box format: for each key in sorted order, a 2-byte big-endian length
+and the key, a 2-byte length and the value; then two zero bytes.  The
+constant parts of each box below are built at import from the declarations
+in :mod:`zeotwist.wire.commands` (command name, argument and response
+names, the 8-byte ``Id8`` fields): a declaration that no longer fits a fast
+path fails the import, not a peer.
+
+Pure functions; no I/O.
+"""
+import struct
+
+from twisted.protocols import amp
+
+from zeotwist.wire import commands as C
+from zeotwist.wire.arguments import BigBytes, Id8
+
+#: The most bytes one AMP value holds; a longer record takes AMP's own path.
+MAX_VALUE = amp.MAX_VALUE_LENGTH
+
+_H = struct.Struct(">H").pack
+_FIXED = object()         # a field of 8 bytes (Id8)
+_ANY = object()           # a field of any length below MAX_VALUE
+
+
+def _spec(argument) -> object:
+    if isinstance(argument, Id8):
+        return _FIXED
+    if isinstance(argument, (BigBytes, amp.Integer)):
+        return _ANY
+    raise TypeError("no fast encoding for %r" % (argument,))
+
+
+def _fields(declared, tag: bytes, constants: dict, leave_out=()) -> dict:
+    """The box's fields: ``tag`` (``_ask``/``_answer``, any length), the
+    declared fields by their type, ``constants`` (name -> fixed value) in
+    place of theirs, minus ``leave_out``."""
+    fields = {tag: _ANY}
+    names = {name for name, _ in declared}
+    for name, argument in declared:
+        if name not in leave_out:
+            fields[name] = constants[name] if name in constants else _spec(argument)
+    unknown = (set(constants) | set(leave_out)) - names - {amp.COMMAND}
+    if unknown:
+        raise TypeError("not declared: %s" % sorted(unknown))
+    if amp.COMMAND in constants:
+        fields[amp.COMMAND] = constants[amp.COMMAND]
+    return fields
+
+
+def _template(fields: dict) -> tuple[tuple, tuple]:
+    """``(constants, slots)``: the box in AMP's order as constant pieces
+    around its variable values; ``slots`` names those values in order."""
+    pieces, slots, current = [], [], b""
+    for key in sorted(fields):
+        spec = fields[key]
+        current += _H(len(key)) + key
+        if isinstance(spec, bytes):
+            current += _H(len(spec)) + spec
+            continue
+        if spec is _FIXED:
+            current += _H(8)
+        pieces.append(current)
+        slots.append(key)
+        current = b""
+    pieces.append(current + b"\0\0")
+    return tuple(pieces), tuple(slots)
+
+
+def _expect(slots: tuple, *names: bytes) -> None:
+    """The functions below fill the slots in this order."""
+    if slots != names:
+        raise TypeError("fast frame out of step with commands.py: %r != %r" % (slots, names))
+
+
+# -- LoadBefore --------------------------------------------------------------------
+_LOAD = C.LoadBefore
+_REQUEST, slots = _template(_fields(
+    _LOAD.arguments, amp.ASK, {amp.COMMAND: _LOAD.commandName}))
+_expect(slots, amp.ASK, b"oid", b"tid")
+_MISSING, slots = _template(_fields(
+    _LOAD.response, amp.ANSWER, {b"found": b"False"}, (b"data", b"start", b"end")))
+_expect(slots, amp.ANSWER)
+_CURRENT, slots = _template(_fields(
+    _LOAD.response, amp.ANSWER, {b"found": b"True"}, (b"end",)))
+_expect(slots, amp.ANSWER, b"data", b"start")
+_REPLACED, slots = _template(_fields(_LOAD.response, amp.ANSWER, {b"found": b"True"}))
+_expect(slots, amp.ANSWER, b"data", b"end", b"start")
+_REQUEST_KEYS = frozenset({amp.ASK, amp.COMMAND} | {name for name, _ in _LOAD.arguments})
+
+
+def load_before_request(tag: bytes, oid: bytes, tid: bytes) -> bytes:
+    """The LoadBefore question ``tag`` (``oid`` and ``tid``: 8 bytes each,
+    which the caller has checked)."""
+    c = _REQUEST
+    return b"".join((c[0], _H(len(tag)), tag, c[1], oid, c[2], tid, c[3]))
+
+
+def read_load_before_request(box) -> tuple | None:
+    """``(tag, oid, tid)`` of a plain LoadBefore box, or None for anything
+    else (which then takes AMP's validating path)."""
+    if len(box) != 4 or box.keys() != _REQUEST_KEYS \
+            or box[amp.COMMAND] != _LOAD.commandName:
+        return None
+    oid, tid = box[b"oid"], box[b"tid"]
+    if len(oid) != 8 or len(tid) != 8:
+        return None
+    return box[amp.ASK], oid, tid
+
+
+def load_before_answer(tag: bytes, record) -> bytes | None:
+    """The answer to LoadBefore ``tag``: ``record`` is ``(data, start, end)``
+    or None (not found).  None when ``data`` does not fit one AMP value
+    (AMP's path splits it)."""
+    if record is None:
+        c = _MISSING
+        return b"".join((c[0], _H(len(tag)), tag, c[1]))
+    data, start, end = record
+    if len(data) > MAX_VALUE:
+        return None
+    if end is None:
+        c = _CURRENT
+        return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], start,
+                         c[3]))
+    c = _REPLACED
+    return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], end, c[3],
+                     start, c[4]))
+
+
+def read_load_before_answer(box, proto) -> tuple | None:
+    """``(data, start, end)`` or None from a LoadBefore answer box; raises
+    on a malformed one (a record over 64 KiB is read through the declaration)."""
+    if box.get(b"found") != b"True":
+        return None
+    if b"data.1" in box:
+        r = _LOAD.parseResponse(box, proto)
+        return r["data"], r["start"], r["end"]
+    start, end = box[b"start"], box.get(b"end")
+    if len(start) != 8 or (end is not None and len(end) != 8):
+        raise ValueError("tids must be 8 bytes")
+    return box[b"data"], start, end
+
+
+# -- StoreBlobChunk -----------------------------------------------------------------
+_CHUNK = C.StoreBlobChunk
+_CHUNK_FRAME, slots = _template(_fields(
+    _CHUNK.arguments, amp.COMMAND, {amp.COMMAND: _CHUNK.commandName}))
+_expect(slots, b"blob", b"data")
+_CHUNK_KEYS = frozenset({amp.COMMAND} | {name for name, _ in _CHUNK.arguments})
+
+
+def store_blob_chunk(number: int, data: bytes) -> bytes:
+    """The one-way StoreBlobChunk of blob file ``number`` (``data`` at most
+    ``BLOB_CHUNK`` bytes)."""
+    c, blob = _CHUNK_FRAME, b"%d" % number
+    return b"".join((c[0], _H(len(blob)), blob, c[1], _H(len(data)), data, c[2]))
+
+
+def read_store_blob_chunk(box) -> tuple | None:
+    """``(number, data)`` of a plain StoreBlobChunk box, or None for
+    anything else (which then takes AMP's validating path)."""
+    if len(box) != 3 or box.keys() != _CHUNK_KEYS \
+            or box[amp.COMMAND] != _CHUNK.commandName:
+        return None
+    blob = box[b"blob"]
+    if not (blob.isdigit() and len(blob) < 10):
+        return None
+    return int(blob), box[b"data"]
+
+
+del slots
