@@ -13,6 +13,7 @@ import pytest
 import transaction
 from BTrees.Length import Length
 from BTrees.OOBTree import OOBTree
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from ZODB import DB
 from ZODB.FileStorage import FileStorage
@@ -25,7 +26,9 @@ from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.client.resolve import ConflictResolver
 from zeotwist.errors import ClientDisconnected, RemoteProtocolError
-from zeotwist.testing import connect_in_memory, memory_server, start_server
+from zeotwist.server.storagecalls import SynchronousCalls
+from zeotwist.server.storageserver import StorageServer
+from zeotwist.testing import connect_in_memory, start_server
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import encode_check, encode_store
 
@@ -98,13 +101,37 @@ def test_resolver_uses_the_wrappers_record_transforms():
 TIMEOUT = 30.0
 
 
+class HeldCalls(SynchronousCalls):
+    """Storage calls run inline, except while ``held``: then they queue, in
+    order, until :meth:`release` (a storage thread that is busy)."""
+
+    held = False
+
+    def __init__(self):
+        self.queue = []
+
+    def in_order(self, f, *args):
+        if not self.held:
+            return super().in_order(f, *args)
+        d = Deferred()
+        self.queue.append((d, f, args))
+        return d
+
+    def release(self):
+        self.held = False
+        while self.queue:
+            d, f, args = self.queue.pop(0)
+            maybeDeferred(f, *args).chainDeferred(d)
+
+
 class World:
     """A server in client-resolution mode and one raw client, over iosim."""
 
     def __init__(self, tmp_path):
         self.clock = Clock()
-        self.server = memory_server(FileStorage(str(tmp_path / "data.fs")), self.clock,
-                                    client_conflict_resolution=True,
+        self.threads = HeldCalls()
+        self.server = StorageServer(FileStorage(str(tmp_path / "data.fs")), reactor=self.clock,
+                                    threads=self.threads, client_conflict_resolution=True,
                                     transaction_timeout=TIMEOUT)
         self.a, self.session, self.pump, _ = connect_in_memory({"1": self.server}, self.clock)
         self.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False)
@@ -229,6 +256,29 @@ def test_a_revote_must_resolve_exactly_the_conflicts(world, case):
     assert world.dropped()
     assert world.server.lock.holder is None
     assert world.server.storage.lastTransaction() == tid2       # nothing committed
+
+
+def test_a_client_lost_while_its_revote_is_in_the_storage_thread(world):
+    """The resolved records and the second Vote arrived; the storage thread
+    has not run them yet when the connection drops: the abort queued behind
+    the re-vote undoes it, the lock is released after that, nothing commits."""
+    oid, other, tid1, tid2, voted = conflicted(world)
+    (_, committed, record), = ConflictResolver().resolve_all(voted["to_resolve"])
+    world.threads.held = True
+    world.a.send(C.StoreData, data=encode_store(oid, committed, record))
+    answers = []
+    world.a.call(C.Vote, can_resolve=True).addBoth(answers.append)
+    world.pump.flush()
+    assert len(world.threads.queue) == 1 and not answers      # the re-vote waits
+    world.a.transport.loseConnection()
+    world.pump.flush()
+    assert answers[0].check(ClientDisconnected)
+    assert world.server.lock.holder is world.session           # until the abort ran
+    world.threads.release()                                    # re-vote, then tpc_abort
+    assert world.server.lock.holder is None
+    assert world.server.storage.lastTransaction() == tid2
+    assert world.server.storage.load(oid)[1] == tid2
+    assert world.server.stats["commits"] == 2
 
 
 def test_a_client_that_stalls_while_resolving_is_dropped_by_the_timeout(world):
