@@ -50,6 +50,11 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
         assert "writers, %s: 4 processes, each committing 3 increments" % what in out, out
     assert len(re.findall(r"^  zeotwist\s+conflicts [0-9]+ \(all rounds\), lost updates 0$",
                           out, re.M)) == 2, out
+    # one Length, client-side resolution: no ConflictError, every conflict a re-vote
+    assert "writers, 1 Length: 4 processes, each committing 3 increments" in out, out
+    revotes = re.search(r"^  zeotwist\s+conflicts 0, errors 0, lost updates 0, "
+                        r"re-votes ([0-9]+) \(all rounds\)$", out, re.M)
+    assert revotes and int(revotes.group(1)) <= 12, out
     assert "zeotwist pipelined / zeotwist sequential cold reads: " in out, out
     hit = re.search(r"^  zeotwist\s+hit ratio ([0-9.]+) .*cache.stats\(\) hits/\(hits\+misses\) "
                     r"([0-9.]+)", out, re.M)

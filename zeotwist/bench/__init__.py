@@ -19,6 +19,11 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
 * **writers** / **counter**: 4 client processes started together, each
   incrementing its own Counter / all one Counter (conflicts retried);
   commits/s, p50/p99, conflicts, lost updates (must be 0).
+* **resolving**: the same 4 processes all incrementing one
+  ``BTrees.Length``, against a server of each system in client-side
+  conflict resolution mode; commits/s, p50/p99, the ConflictErrors and
+  other errors the application saw, lost updates, and (zeotwist) the
+  re-votes: conflicting commits resolved by a client, one more round trip each.
 * **oids** / **tpc**: zodbshootout's "allocate 100 OIDs" and empty
   two-phase commit, at concurrency 1 and 2.
 * **bigrecord**: records of 10 MB stored through ZODB, then cold-loaded;

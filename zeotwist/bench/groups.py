@@ -85,7 +85,11 @@ def combine(results: list) -> dict:
     samples = [s for e in extras for s in e.get("samples", ())]
     extra = dict(latencies(samples), processes=len(results),
                  conflicts=sum(e.get("conflicts", 0) for e in extras),
+                 errors=sum(e.get("errors", 0) for e in extras),
                  rss_mb=max((e.get("rss_mb") or 0.0) for e in extras))
+    resolutions = [e["resolutions"] for e in extras if e.get("resolutions") is not None]
+    if resolutions:           # the server's count, read by each process at the end
+        extra["resolutions"] = max(resolutions)
     if extras and "final" in extras[0]:
         extra["lost"] = lost_updates(results)
     return {"count": sum(r["count"] for r in results),

@@ -1,4 +1,5 @@
-"""Client processes that run side by side: ``writers``, ``counter``, ``oids``, ``tpc``.
+"""Client processes that run side by side: ``writers``, ``counter``,
+``resolving``, ``oids``, ``tpc``.
 
 The runner (:mod:`zeotwist.bench.groups`) starts ``concurrency`` of them
 against one server.  Each connects and prepares, prints ``{"ready": true}``,
@@ -15,6 +16,14 @@ values it saw before ``go`` (``initial``) and after ``check`` (``final``).
 * **counter**: every process increments ``root["counter"]`` (one object:
   conflicts; a conflicting transaction is aborted and retried, and its
   latency runs from the first attempt to the commit that succeeded).
+* **resolving**: every process increments ``root["length"]``, a
+  ``BTrees.Length`` (conflicts resolvable), against a server that leaves
+  conflict resolution to its clients (the runner starts it so): each
+  conflicting commit costs one more round trip (resolve, vote again), which
+  a zeotwist server counts (``client_resolutions``, reported as
+  ``resolutions``).  The application should see no ConflictError; other
+  errors are counted (``errors``) and the increment retried, as ZEO 6.2's
+  client-side resolution raises some under concurrent writers.
 * **oids**: an iteration allocates 100 oids (``storage.new_oid()``).
 * **tpc**: an iteration is an empty two-phase commit on the storage
   (``tpc_begin``, ``tpc_vote``, ``tpc_finish``).
@@ -49,6 +58,8 @@ def populate_counters(conn, tm) -> None:
     root = conn.root()
     root["counters"] = PersistentList(Counter() for _ in range(MAX_WRITERS))
     root["counter"] = Counter()
+    from BTrees.Length import Length
+    root["length"] = Length()
     tm.commit()
 
 
@@ -62,9 +73,10 @@ def _expect(word: str) -> None:
         raise RuntimeError("expected %r on stdin, got %r" % (word, line))
 
 
-def _increments(conn, tm, pick, count: int) -> tuple:
-    """``count`` committed increments of ``pick(root)``; ``(samples, conflicts)``."""
-    clock, samples, conflicts = time.perf_counter, [], 0
+def _increments(conn, tm, pick, count: int, tolerate=()) -> tuple:
+    """``count`` committed increments of ``pick(root)``; ``(samples,
+    conflicts, errors)``, errors being the ``tolerate`` exceptions retried."""
+    clock, samples, conflicts, errors = time.perf_counter, [], 0, 0
     for _ in range(count):
         t = clock()
         for _attempt in range(MAX_ATTEMPTS):
@@ -76,20 +88,25 @@ def _increments(conn, tm, pick, count: int) -> tuple:
             except ConflictError:
                 tm.abort()
                 conflicts += 1
+            except tolerate:
+                tm.abort()
+                errors += 1
         else:
-            raise RuntimeError("an increment conflicted %d times" % MAX_ATTEMPTS)
+            raise RuntimeError("an increment failed %d times" % MAX_ATTEMPTS)
         samples.append(clock() - t)
-    return samples, conflicts
+    return samples, conflicts, errors
 
 
 def counters(system: str, host: str, port: int, oids: list, params: dict,
-             shared: bool = False) -> dict:
-    """The writers case, or with ``shared`` the counter case."""
+             shared: str = "") -> dict:
+    """The writers case, or with ``shared`` (a key of the root) the counter
+    and resolving cases."""
     import ZODB
     from zeotwist.bench.workload import open_storage
     index, count = params.get("index", 0), params.get("count", 100)
+    tolerate = (Exception,) if shared == "length" else ()
     if shared:
-        pick = lambda root: root["counter"]                      # noqa: E731
+        pick = lambda root: root[shared]                         # noqa: E731
     elif index < MAX_WRITERS:
         pick = lambda root: root["counters"][index]               # noqa: E731
     else:
@@ -103,11 +120,11 @@ def counters(system: str, host: str, port: int, oids: list, params: dict,
         _say(ready=True)
         _expect("go")
         start = time.perf_counter()
-        samples, conflicts = _increments(conn, tm, pick, count)
+        samples, conflicts, errors = _increments(conn, tm, pick, count, tolerate)
         elapsed = time.perf_counter() - start
         _say(done=True)
         _expect("check")
-        db.storage.server_status()    # a round trip: every commit's invalidation is in
+        status = db.storage.server_status()   # a round trip: every commit's invalidation is in
         tm.begin()
         final = pick(conn.root()).value
         tm.abort()
@@ -115,8 +132,9 @@ def counters(system: str, host: str, port: int, oids: list, params: dict,
     finally:
         db.close()
     return {"count": count, "seconds": elapsed,
-            "extra": {"samples": samples, "conflicts": conflicts, "initial": initial,
-                      "final": final, "shared": shared}}
+            "extra": {"samples": samples, "conflicts": conflicts, "errors": errors,
+                      "initial": initial, "final": final, "shared": bool(shared),
+                      "resolutions": status.get("client_resolutions")}}
 
 
 def _allocate(storage) -> None:
@@ -156,5 +174,6 @@ def storage_loop(system: str, host: str, port: int, oids: list, params: dict,
     return {"count": count, "seconds": elapsed, "extra": {"samples": samples}}
 
 
-CASES = {"writers": counters, "counter": partial(counters, shared=True),
+CASES = {"writers": counters, "counter": partial(counters, shared="counter"),
+         "resolving": partial(counters, shared="length"),
          "oids": storage_loop, "tpc": partial(storage_loop, op=_empty_tpc)}

@@ -81,6 +81,7 @@ def summary(results: dict, systems, rows, settings=None) -> str:
     for name, notes_of in (("pipelined", pipelined_notes), ("warm", warm_notes),
                            ("hotset", hotset_notes), ("commits", commit_notes),
                            ("writers", writer_notes), ("counter", writer_notes),
+                           ("resolving", resolving_notes),
                            ("pack", pack_notes)):
         if name in names:
             notes += notes_of(results, settings, name)
@@ -137,6 +138,26 @@ def writer_notes(results: dict, settings, row: str) -> list:
             out.append("  %-10s conflicts %d (all rounds), lost updates %d" % (
                 label(s), sum(extras(results, s, row, "conflicts")),
                 sum(extras(results, s, row, "lost"))))
+    return out
+
+
+def resolving_notes(results: dict, settings, row: str = "resolving") -> list:
+    n = getattr(settings, "writers", 4) if settings else 4
+    out = ["writers, 1 Length: %d processes, each committing %s increments of one "
+           "BTrees.Length, the server in client-side conflict resolution mode (zeotwist "
+           "--client-conflict-resolution, ZEO client-conflict-resolution true); conflicts = "
+           "ConflictErrors the application saw, errors = other failed commits (retried), "
+           "re-votes = conflicting commits resolved by a client, one more round trip each" % (
+               n, getattr(settings, "writer_commits", "N") if settings else "N")]
+    for s in SYSTEMS:
+        if results.get((s, row)):
+            revotes = extras(results, s, row, "resolutions")
+            out.append("  %-10s conflicts %d, errors %d, lost updates %d, re-votes %s "
+                       "(all rounds)" % (
+                           label(s), sum(extras(results, s, row, "conflicts")),
+                           sum(extras(results, s, row, "errors")),
+                           sum(extras(results, s, row, "lost")),
+                           sum(revotes) if revotes else "not counted"))
     return out
 
 

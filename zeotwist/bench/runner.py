@@ -6,7 +6,9 @@ order alternates between rounds), starts that system's server on a fresh
 copy, runs one fresh client process per selected case against it (the
 hotset case with a writer process beside it; the writers, counter, oids and
 tpc cases as groups of processes started together,
-:mod:`zeotwist.bench.groups`), and stops it, in a ``finally``.  The ``pack``
+:mod:`zeotwist.bench.groups`), and stops it, in a ``finally``.  The
+``resolving`` case runs its group against another server of the system, on
+another fresh copy, started in client-side conflict resolution mode.  The ``pack``
 case has a database of its own (:func:`zeotwist.bench.packing.build`, also
 written once and copied): a second server is started on a fresh copy of it
 after the first has stopped.  The ``blobs`` case runs ``python -m
@@ -49,6 +51,7 @@ ROWS = (
     ("commits", "commits", "small commits", "commits/s"),
     ("writers", "writers", "writers, distinct", "commits/s"),
     ("counter", "counter", "writers, 1 counter", "commits/s"),
+    ("resolving", "resolving", "writers, 1 Length", "commits/s"),
     ("oids1", "oids", "100 oids, c=1", "allocs/s"),
     ("oids2", "oids", "100 oids, c=2", "allocs/s"),
     ("tpc1", "tpc", "empty tpc, c=1", "tpc/s"),
@@ -65,10 +68,15 @@ ROWS = (
 #: two servers over PostgreSQL, :mod:`zeotwist.bench.scaleout`) runs after
 #: the rounds, where PostgreSQL is available.
 CASE_NAMES = tuple(dict.fromkeys(case for _, case, _, _ in ROWS)) + ("scaleout",)
+#: Cases served by a copy of the populated database from a server of their own,
+#: started in client-side conflict resolution mode.
+CLIENT_RESOLUTION_CASES = ("resolving",)
 #: The cases served by the populated database (not ``pack``'s or ``blobs``'s own).
-POPULATED_CASES = CASE_NAMES[:CASE_NAMES.index("pack")]
+POPULATED_CASES = tuple(c for c in CASE_NAMES[:CASE_NAMES.index("pack")]
+                        if c not in CLIENT_RESOLUTION_CASES)
 #: Cases run as a group of client processes started together: concurrency levels.
-GROUP_CASES = {"writers": None, "counter": None, "oids": (1, 2), "tpc": (1, 2)}
+GROUP_CASES = {"writers": None, "counter": None, "resolving": None,
+               "oids": (1, 2), "tpc": (1, 2)}
 #: Seconds one client process may run.
 CLIENT_TIMEOUT = 900.0
 #: Seconds the blob bench may run.
@@ -128,7 +136,7 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         base = os.path.join(tmp, "base.fs")
         oidfile = os.path.join(tmp, "oids")
         with open(oidfile, "wb") as f:
-            if any(c in settings.cases for c in POPULATED_CASES):
+            if any(c in settings.cases for c in POPULATED_CASES + CLIENT_RESOLUTION_CASES):
                 f.write(b"".join(populate(base, settings.objects, settings.holders)))
         if "pack" in settings.cases:
             settings.pack_built = build(os.path.join(tmp, "pack.fs"), settings.pack_objects)
@@ -216,6 +224,7 @@ def case_params(settings: Settings, case: str) -> dict:
         "commits": {"count": settings.commits},
         "writers": {"count": settings.writer_commits},
         "counter": {"count": settings.writer_commits},
+        "resolving": {"count": settings.writer_commits},
         "oids": {"count": settings.iterations},
         "tpc": {"count": settings.iterations},
         "bigrecord": {"records": settings.records, "mb": float(settings.record_mb)},
@@ -266,6 +275,16 @@ def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
                     got.update(populated_case(server, case, oidfile, settings))
         finally:
             server.stop()
+    for case in CLIENT_RESOLUTION_CASES:
+        if case in settings.cases:
+            server = Server(system, fresh_copy(os.path.join(tmp, "base.fs"), directory,
+                                               "%s-%s.fs" % (system, case)),
+                            client_resolution=True)
+            try:
+                server.start()
+                got.update(populated_case(server, case, oidfile, settings))
+            finally:
+                server.stop()
     if "pack" in settings.cases:
         filename = fresh_copy(os.path.join(tmp, "pack.fs"), directory, "%s-pack.fs" % system)
         size = os.path.getsize(filename)

@@ -5,6 +5,10 @@
 * ZEO 6: ``python -m ZEO.runzeo -a 127.0.0.1:PORT -f FILE`` on a port found
   free by binding port 0; ready when the port accepts a connection.
 
+With ``client_resolution``, both leave conflict resolution to the clients
+(zeotwist ``--client-conflict-resolution``; ZEO ``client-conflict-resolution
+true``, through a ``runzeo -C`` configuration file).
+
 Both log to a file next to the database; the last lines are shown if a
 server dies or never becomes ready.  :meth:`Server.stop` sends SIGTERM, then
 SIGKILL after a grace period, and is safe to call more than once.
@@ -30,9 +34,10 @@ class ServerError(RuntimeError):
 class Server:
     """One running server process; ``address`` is ``"127.0.0.1:PORT"``."""
 
-    def __init__(self, system: str, filename: str):
+    def __init__(self, system: str, filename: str, client_resolution: bool = False):
         self.system = system
         self.filename = filename
+        self.client_resolution = client_resolution
         self.logname = filename + ".%s.log" % system
         self.address = None
         self.process = None
@@ -52,7 +57,8 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "zeotwist",
              "-f", self.filename, "--listen", "tcp:0:interface=%s" % HOST,
-             "--address-file", address_file],
+             "--address-file", address_file]
+            + (["--client-conflict-resolution"] if self.client_resolution else []),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=os.path.dirname(self.filename))
         self._wait(lambda: os.path.exists(address_file))
@@ -61,9 +67,17 @@ class Server:
 
     def _start_zeo(self, log) -> None:
         port = free_port()
+        argv = [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % (HOST, port),
+                "-f", self.filename]
+        if self.client_resolution:
+            conf = self.filename + ".zeo.conf"
+            with open(conf, "w") as f:
+                f.write("<zeo>\n  address %s:%d\n  client-conflict-resolution true\n</zeo>\n"
+                        "<filestorage 1>\n  path %s\n</filestorage>\n"
+                        % (HOST, port, self.filename))
+            argv = [sys.executable, "-m", "ZEO.runzeo", "-C", conf]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ZEO.runzeo", "-a", "%s:%d" % (HOST, port),
-             "-f", self.filename],
+            argv,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=os.path.dirname(self.filename))
         self._wait(lambda: accepts(HOST, port))
