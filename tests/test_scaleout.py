@@ -176,18 +176,25 @@ def pg_sessions(pg_cluster, dsn):
 
 
 def test_an_idle_server_holds_no_postgresql_transaction(pg_cluster, pg_dsn, closing):
-    s1 = serve(pg_dsn, closing, poll_interval=0.2)
+    interval = 0.2
+    s1 = serve(pg_dsn, closing, poll_interval=interval)
     a = client(s1.address)
     closing(a)
-    db_a = DB(a)
-    closing(db_a)
+    db_a, = open_dbs(closing, a)
     for i in range(3):
         commit(db_a, x=i)
-        a.history(db_a.open().root()._p_oid, size=2)      # thread-pool work
+        read(db_a, "x")                                  # reactor-thread loads
+        a.history(b"\0" * 8, size=2)                      # thread-pool work
+    # while idle, no transaction lives longer than about one poll interval
+    ages = []
+    for _ in range(20):
+        ages += [age for _, state, age in pg_sessions(pg_cluster, pg_dsn)
+                 if state == "idle in transaction"]
+        time.sleep(interval / 4)        # sampling over 5 intervals, not waiting for anything
+    assert all(float(age) < interval + 0.5 for age in ages), ages
     wait_for(lambda: all(state == "idle" for _, state, _ in pg_sessions(pg_cluster, pg_dsn)),
              WAIT, "every connection of the idle server to leave its transaction")
-    sessions = pg_sessions(pg_cluster, pg_dsn)
-    assert sessions, "the server keeps its connections, only not in a transaction"
+    assert pg_sessions(pg_cluster, pg_dsn), "it keeps its connections, outside transactions"
 
 
 def test_one_storage_instance_per_thread_released_on_close(pg_cluster, pg_dsn, closing):

@@ -11,7 +11,7 @@ Pure logic; runs on the reactor thread.
 """
 from collections import deque
 
-from ZODB.utils import z64
+from ZODB.utils import p64, u64, z64
 
 
 class RecentInvalidations:
@@ -46,6 +46,12 @@ class RecentInvalidations:
         self._queue.append((tid, list(oids)))
         while len(self._queue) > self.size:
             self.complete_after = self._queue.popleft()[0]
+
+    def forget(self, through: bytes) -> None:
+        """Others' transactions up to ``through`` went unrecorded: no cache
+        at ``through`` or before can be verified any more."""
+        self._queue.clear()
+        self.complete_after = p64(u64(through) + 1)
 
     def since(self, tid: bytes):
         """The oids changed by transactions after ``tid``, or None if the

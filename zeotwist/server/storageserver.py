@@ -117,8 +117,7 @@ class StorageServer:
         """Others' commits up to ``tid`` are unknown: no cache can be
         verified against older tids any more."""
         self.last_tid = max(self.last_tid, tid)
-        self.invalidations.append(self.last_tid, ())
-        self.invalidations.complete_after = self.last_tid
+        self.invalidations.forget(self.last_tid)
 
     def verify(self, tid: bytes):
         """The Verify answer for a client whose cache is at ``tid``.  A
