@@ -130,7 +130,8 @@ class ServerSettings:
         False, "Let read-only client connections pack the storages", kind=FLAG)
     client_conflict_resolution: bool = option(
         False, "Never unpickle client records on the server, not even for conflict "
-        "resolution: every conflict reaches its client as a ConflictError", kind=FLAG)
+        "resolution: the clients resolve conflicts with their own classes (one more "
+        "round trip per conflicting commit)", kind=FLAG)
     conflict_classes: list = option(
         (), "A class (dotted name, * wildcards) whose _p_resolveConflict the server "
         "may run, besides BTrees (repeatable)", kind=LIST, cli="allow-conflict-class",
