@@ -30,6 +30,7 @@ from zeotwist.server.limits import FD_RESERVE
 from zeotwist.wire import commands as C
 
 from procutil import child_env, raw_connect, start_twistd, wait_closed, wait_for
+from rawamp import BoxReader
 
 MiB = 2**20
 
@@ -39,37 +40,6 @@ def register_box() -> bytes:
     box.update({b"_command": b"Register", b"_ask": b"1", b"storage": b"1",
                 b"protocol": C.PROTOCOL_VERSION.encode(), b"read_only": b"False"})
     return box.serialize()
-
-
-class BoxReader:
-    """AMP boxes from a raw socket, one at a time (raw bytes in, dicts out)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.buf = bytearray()
-
-    def _need(self, n: int) -> None:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(1 << 16)
-            if not chunk:
-                raise ConnectionError("closed in the middle of a box")
-            self.buf += chunk
-
-    def box(self) -> dict:
-        box, off = {}, 0
-        while True:
-            self._need(off + 2)
-            klen = int.from_bytes(self.buf[off:off + 2], "big")
-            off += 2
-            if klen == 0:
-                del self.buf[:off]
-                return box
-            self._need(off + klen + 2)
-            key = bytes(self.buf[off:off + klen])
-            vlen = int.from_bytes(self.buf[off + klen:off + klen + 2], "big")
-            off += klen + 2
-            self._need(off + vlen)
-            box[key], off = bytes(self.buf[off:off + vlen]), off + vlen
 
 
 def register(sock: socket.socket) -> None:

@@ -18,6 +18,8 @@ __all__ = [
     "UnknownStorage",
     "TransactionTooLarge",
     "TransactionStateError",
+    "PickleRefused",
+    "UnauditedStorage",
     "ReactorThreadError",
     "StorageServerError",
     "CacheLockedError",
@@ -70,6 +72,18 @@ class TransactionStateError(ZeotwistError, StorageTransactionError):
     """A server transaction was asked to move where its state table
     (:mod:`zeotwist.server.txnstate`) has no move: a command at the wrong
     time, or a bug in the server's own sequencing."""
+
+
+class PickleRefused(ZeotwistError):
+    """The server will not unpickle these client bytes: they name a global
+    its allow-list does not hold, or would build more than its limits allow
+    (zeotwist.server.unpickling)."""
+
+
+class UnauditedStorage(ZeotwistError):
+    """The server was asked to serve a storage whose handling of client
+    bytes zeotwist has not audited (see docs/security.md), without the
+    operator's explicit ``allow-unaudited-storage``."""
 
 
 class BlobPathRefused(ZeotwistError):

@@ -14,14 +14,40 @@ holds the commit lock, so nothing else changes the storage meanwhile.
 :data:`RECORD_HANDLERS` is the one registry of store-stream record kinds
 (:mod:`zeotwist.wire.records`) and the function that applies each.
 """
+from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, ReadConflictError, Unsupported
 
 from zeotwist.server.blobs import apply_blob, apply_restore_blob
 from zeotwist.server.storageapi import begin_restore
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import TxnState
+from zeotwist.server.unpickling import decode_extension
 from zeotwist.wire.records import (
     BLOB, CHECK, DELETE, RESTORE, RESTORE_BLOB, STORE, UNDO, decode_restore)
+
+
+class ClientMetaData(TransactionMetaData):
+    """A client's transaction metadata as the storage sees it.
+
+    ``extension_bytes`` are the bytes the client sent, passed on untouched
+    (FileStorage writes them as they are); ``extension``, for a storage that
+    wants a dict, is decoded by the restricted, bounded unpickler
+    (:func:`~zeotwist.server.unpickling.decode_extension`), never by ZODB's.
+    """
+
+    def __init__(self, user: bytes, description: bytes, extension: bytes):
+        super().__init__(user, description, bytes(extension))
+        self._decoded = None
+
+    @property
+    def extension(self) -> dict:
+        if self._decoded is None:
+            self._decoded = decode_extension(self.extension_bytes)  # PickleRefused
+        return self._decoded
+
+    @extension.setter
+    def extension(self, value: dict) -> None:
+        self._decoded = value
 
 
 class ServerTransaction:
@@ -50,7 +76,8 @@ class ServerTransaction:
 
 # -- the commit's storage calls (storage thread, commit lock held) --------------
 
-def vote(storage, txn: ServerTransaction, last_tid: bytes) -> tuple:
+def vote(storage, txn: ServerTransaction, last_tid: bytes,
+         decode_extension: bool = False) -> tuple:
     """``(resolved, conflicts, to_resolve)``: tpc_begin, the records, then tpc_vote.
 
     ``conflicts`` lists ``oid + committed serial + serial`` per store that
@@ -58,7 +85,12 @@ def vote(storage, txn: ServerTransaction, last_tid: bytes) -> tuple:
     With ``txn.resolution``, conflicting stores are left to the client
     instead: ``to_resolve`` lists them, the vote stops short of tpc_vote and
     the storage transaction stays begun for :func:`revote`.
+    ``decode_extension``: the storage unpickles the extension (in tpc_finish,
+    for MappingStorage), so decode it now: one it refuses fails the vote
+    (PickleRefused) before the storage has begun anything, not tpc_finish.
     """
+    if decode_extension:
+        txn.meta.extension
     if txn.tid is None and txn.status == " ":
         storage.tpc_begin(txn.meta)
     else:

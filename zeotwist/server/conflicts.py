@@ -11,8 +11,10 @@ one, the old and the committed one) with a ``find_class`` that only returns
   ``BTrees.Length.Length``; extend it with server configuration), and
 * a few plain data types a state pickle may need (set, frozenset, ...),
 
-so a REDUCE can only call those.  Anything else aborts resolution and the
-client gets an ordinary ConflictError (it retries, as for any conflict).
+so a REDUCE can only call those, and within the bounds of
+:mod:`zeotwist.server.unpickling` (sizes, opcodes, nesting; ``bytearray``
+only up to a size).  Anything else aborts resolution and the client gets an
+ordinary ConflictError (it retries, as for any conflict).
 
 Runs in the storage's worker thread (called from ``storage.store``).
 """
@@ -23,7 +25,11 @@ from io import BytesIO
 from twisted.logger import Logger
 from ZODB.ConflictResolution import PersistentReferenceFactory, persistent_id
 from ZODB.POSException import ConflictError
-from ZODB._compat import PersistentPickler, Unpickler, _protocol
+from ZODB._compat import PersistentPickler, _protocol
+
+from zeotwist.errors import PickleRefused
+from zeotwist.server.unpickling import (
+    DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes)
 
 _log = Logger()
 
@@ -32,7 +38,7 @@ DEFAULT_ALLOWED = ("BTrees.*", "BTrees.Length.Length")
 SAFE_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): bounded_bytearray(DEFAULT_LIMITS),
     ("builtins", "complex"): complex,
 }
 
@@ -50,9 +56,10 @@ def refuse_resolution(storage) -> None:
 
 
 class RestrictedResolver:
-    def __init__(self, storage, allowed=DEFAULT_ALLOWED):
+    def __init__(self, storage, allowed=DEFAULT_ALLOWED, limits: Limits = DEFAULT_LIMITS):
         self.storage = storage
         self.allowed = tuple(allowed)
+        self.limits = limits
         self._classes: dict = {}
 
     def install(self) -> None:
@@ -80,16 +87,14 @@ class RestrictedResolver:
         return obj
 
     def _unpickler(self, data: bytes, refs):
-        u = Unpickler(BytesIO(data))
-        u.find_global = self.find_class
-        u.persistent_load = refs.persistent_load
-        return u
+        check_opcodes(data, self.limits)      # before anything is built
+        return BoundedUnpickler(data, self.find_class, refs.persistent_load, self.limits)
 
     # -- resolution --------------------------------------------------------------
     def resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data=b""):
         try:
             return self._resolve(oid, committed_serial, old_serial, new_pickle, committed_data)
-        except RefusedGlobal as e:
+        except (RefusedGlobal, PickleRefused) as e:
             _log.warn("zeotwist: not resolving conflict on {oid}: {e}", oid=oid.hex(), e=e)
         except ConflictError:
             pass

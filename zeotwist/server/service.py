@@ -27,6 +27,7 @@ from zeotwist.server.limits import AcceptGuard
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
 from zeotwist.server.startup import StartupReporter, listen_problem, private_unix_socket
+from zeotwist.server.storagesafety import check_audited
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.tls import TLSConfigError, listen_tls, server_options
 
@@ -191,6 +192,7 @@ class ServerService(service.Service):
         try:
             storage = open_storage(opener)
             s = self.settings
+            check_audited(name, storage, s.allow_unaudited_storage)
             server = StorageServer(
                 storage, name, reactor=self.reactor, read_only=s.read_only,
                 transaction_timeout=s.transaction_timeout or None,

@@ -15,7 +15,6 @@ storage's worker thread (``server.threads.in_order``).
 """
 from collections import deque
 
-from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import (
     ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -23,12 +22,12 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from zeotwist.errors import (
-    ProtocolVersionError, RemoteProtocolError, TransactionStateError, TransactionTooLarge,
-    UnknownStorage)
+    PickleRefused, ProtocolVersionError, RemoteProtocolError, TransactionStateError,
+    TransactionTooLarge, UnknownStorage)
 from zeotwist.server.auth import AuthResponders
 from zeotwist.server import commit
 from zeotwist.server.blobs import BLOB_VOTE_ERRORS, BlobResponders
-from zeotwist.server.commit import ServerTransaction
+from zeotwist.server.commit import ClientMetaData, ServerTransaction
 from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RefusedConnection,
     pending_output)
@@ -261,7 +260,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         if self._txn is not None and not self._txn.state.final:
             self.protocolViolation("TpcBegin inside a transaction")
             return {}
-        meta = TransactionMetaData(user, description, extension)
+        meta = ClientMetaData(user, description, extension)
         buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
         self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ")
         return {}
@@ -299,7 +298,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
     def _lock_granted(self, _, txn):
         txn.state.move(Event.LOCK_GRANTED)
         server = self.server
-        return server.threads.in_order(commit.vote, server.storage, txn, server.last_tid)
+        return server.threads.in_order(commit.vote, server.storage, txn, server.last_tid,
+                                       server.reads_extension)
 
     def _revote(self, txn):
         """The client sent its resolved records: store them and vote (lock held)."""
@@ -325,7 +325,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         return dict(resolved=list(resolved), conflicts=b"")
 
     _EXPECTED = (ConflictError, ReadOnlyError, StorageTransactionError,
-                 POSKeyError, TransactionTooLarge, RemoteProtocolError, UndoError)
+                 POSKeyError, TransactionTooLarge, RemoteProtocolError, UndoError,
+                 PickleRefused)
     _EXPECTED += BLOB_VOTE_ERRORS
 
     def _vote_failed(self, failure, txn):

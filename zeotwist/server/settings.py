@@ -132,6 +132,10 @@ class ServerSettings:
         False, "Never unpickle client records on the server, not even for conflict "
         "resolution: the clients resolve conflicts with their own classes (one more "
         "round trip per conflicting commit)", kind=FLAG)
+    allow_unaudited_storage: bool = option(
+        False, "Serve storage types zeotwist has not audited for unpickling client "
+        "bytes (anything but FileStorage, MappingStorage, DemoStorage, BlobStorage): "
+        "their own code then decides what client pickles they load", kind=FLAG)
     conflict_classes: list = option(
         (), "A class (dotted name, * wildcards) whose _p_resolveConflict the server "
         "may run, besides BTrees (repeatable)", kind=LIST, cli="allow-conflict-class",

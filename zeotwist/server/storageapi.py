@@ -17,19 +17,23 @@ vote (:mod:`zeotwist.server.commit`).
 
 Transaction extensions are never unpickled here: history and undo log
 entries carry the extension bytes as stored and the client unpickles them.
-For a FileStorage the entries are read from the file directly
-(:func:`fs_history`, :func:`fs_undo_log`) because FileStorage's own
-``history``/``undoLog`` unpickle the extension; other storages go through
-their ``history``/``undoLog`` (which may).
+For a FileStorage (also inside a BlobStorage or a DemoStorage) the entries
+are read from the file directly (:func:`fs_history`, :func:`fs_undo_log`)
+because FileStorage's own ``history``/``undoLog`` unpickle the extension
+with ZODB's unrestricted unpickler; a MappingStorage keeps the extension as
+the restricted unpickler decoded it at commit; other (unaudited) storages go
+through their ``history``/``undoLog``.
 """
 import itertools
 from collections import OrderedDict
 
 from twisted.logger import Logger
 from twisted.protocols import amp
+from ZODB.DemoStorage import DemoStorage
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
 
+from zeotwist.server.storagesafety import filestorage_of
 from zeotwist.wire import commands as C
 
 _log = Logger()
@@ -52,7 +56,8 @@ PREFETCH_BYTES = 4 * 2**20
 #: Transaction statuses a restoring client may give.
 RESTORE_STATUSES = (" ", "p", "u")
 
-_STANDARD_KEYS = frozenset(("id", "tid", "time", "user_name", "description", "size"))
+_STANDARD_KEYS = frozenset(("id", "tid", "serial", "time", "user_name", "description",
+                            "size"))
 
 
 class StorageAPIResponders(amp.CommandLocator):
@@ -276,34 +281,52 @@ def _flatten(source):
 
 # -- history and undo log without unpickling ------------------------------------
 
-def _is_filestorage(storage) -> bool:
-    from ZODB.FileStorage import FileStorage
-    return isinstance(storage, FileStorage)
-
-
 def history_entries(storage, oid: bytes, size: int) -> list:
-    """History entries of ``oid`` as History sends them (a worker thread)."""
-    if _is_filestorage(storage):
-        return fs_history(storage, oid, size)
+    """History entries of ``oid`` as History sends them (a worker thread).
+
+    A FileStorage (alone or in a BlobStorage) is read directly; a
+    DemoStorage's changes and base are each read the same way, as its own
+    ``history`` would (which would unpickle a FileStorage base's extensions).
+    """
+    fs = filestorage_of(storage)
+    if fs is not None:
+        return fs_history(fs, oid, size)
+    if type(storage) is DemoStorage:
+        try:
+            entries = history_entries(storage.changes, oid, size)
+        except POSKeyError:
+            entries = []
+        if len(entries) < size:
+            try:
+                entries += history_entries(storage.base, oid, size - len(entries))
+            except POSKeyError:
+                if not entries:
+                    raise
+        return entries
     return [_entry(d, "tid") for d in storage.history(oid, size=size)]
 
 
 def undo_log_entries(storage, first: int, last: int) -> tuple:
     """``(entries, complete)`` for UndoLog (a worker thread)."""
-    if _is_filestorage(storage):
-        return fs_undo_log(storage, first, last)
+    fs = filestorage_of(storage)
+    if fs is not None:
+        return fs_undo_log(fs, first, last)
     undo_log = getattr(storage, "undoLog", None)
-    if undo_log is None or not storage.supportsUndo():
+    if undo_log is None or not storage.supportsUndo() or type(storage) is DemoStorage:
         return [], True
     log = undo_log(first, last)
     return [_entry(d, "id") for d in log], len(log) < last - first
 
 
 def _entry(d: dict, key: str) -> dict:
-    """An entry from a storage's own description dict: the keys beyond the
-    standard ones are its (already unpickled) extension, pickled again."""
+    """An entry from a storage's own description dict: its (already
+    unpickled) extension, pickled again - the ``extension`` key where the
+    storage gives one (MappingStorage), else the keys beyond the standard ones."""
     from ZODB._compat import _protocol, dumps
-    extension = {k: v for k, v in d.items() if k not in _STANDARD_KEYS}
+    if isinstance(d.get("extension"), dict):
+        extension = d["extension"]
+    else:
+        extension = {k: v for k, v in d.items() if k not in _STANDARD_KEYS}
     return {key: d[key], "time": d["time"], "user_name": d.get("user_name", b""),
             "description": d.get("description", b""), "size": d.get("size"),
             "extension": dumps(extension, _protocol) if extension else b""}

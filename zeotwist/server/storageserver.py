@@ -22,6 +22,8 @@ from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, star
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidReservation
 from zeotwist.server.storagecalls import StorageThreads
+from zeotwist.server.storagesafety import components, reads_extension
+from zeotwist.server.unpickling import guard_zodb
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
@@ -59,11 +61,17 @@ class StorageServer:
             self._oids = OidReservation(storage, oid_reservation_path)
         #: conflicts are left to clients that resolve them (zeotwist.server.resolution)
         self.client_conflict_resolution = client_conflict_resolution
-        if hasattr(storage, "tryToResolveConflict") and client_conflict_resolution:
-            refuse_resolution(storage)          # no client record unpickled at all
-        elif hasattr(storage, "tryToResolveConflict"):
-            # never ZODB's unrestricted unpickler on client records
-            RestrictedResolver(storage, DEFAULT_ALLOWED + tuple(conflict_classes)).install()
+        guard_zodb()        # ZODB's ConflictError(data=) names a class without unpickling
+        #: whether the storage may unpickle a transaction's extension (the
+        #: vote then decodes it, restricted and bounded, before tpc_begin)
+        self.reads_extension = reads_extension(storage)
+        for part in components(storage):    # a DemoStorage's, a BlobStorage's too
+            if not hasattr(part, "tryToResolveConflict"):
+                continue
+            if client_conflict_resolution:
+                refuse_resolution(part)         # no client record unpickled at all
+            else:       # never ZODB's unrestricted unpickler on client records
+                RestrictedResolver(part, DEFAULT_ALLOWED + tuple(conflict_classes)).install()
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, client_resolutions=0, loads=0)

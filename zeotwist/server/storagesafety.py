@@ -1,0 +1,92 @@
+"""Which storages the server serves without handing client bytes to an
+unpickler it does not control, and making them so.
+
+A served storage sees client bytes: records, and the transaction's
+extension.  The storage types below were read for every place they unpickle
+those (see docs/security.md); the server covers each:
+
+* ``FileStorage``: the extension stays bytes; conflict resolution goes
+  through :class:`~zeotwist.server.conflicts.RestrictedResolver`; its
+  ``history``/``undoLog`` (which unpickle the extension) are not called,
+  the server reads the file itself (``storageapi.fs_history``).
+* ``MappingStorage``: unpickles the extension in ``tpc_finish`` (the server
+  gives it the restricted, bounded decoding, done at vote) and names the
+  class of a stale record in its ConflictError (``unpickling.guard_zodb``).
+* ``DemoStorage`` and ``ZODB.blob.BlobStorage``: what the storages inside
+  them do, and they are walked (:func:`components`) so that every one gets
+  the resolver and every FileStorage is read directly.
+
+Anything else (a ZEO or zeotwist ClientStorage, RelStorage, a third-party
+storage) is *unaudited*: the server refuses to serve it unless the operator
+says ``allow-unaudited-storage``.
+
+Inspection of storage objects; runs where the server is built (start-up).
+"""
+from twisted.logger import Logger
+from ZODB.DemoStorage import DemoStorage
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+from ZODB.blob import BlobStorage
+
+from zeotwist.errors import UnauditedStorage
+
+_log = Logger()
+
+#: storage types whose use of client bytes zeotwist has audited (exact types)
+AUDITED = (FileStorage, MappingStorage, DemoStorage, BlobStorage)
+
+
+def inner(storage) -> list:
+    """The storages directly inside ``storage`` (a DemoStorage's base and
+    changes, the storage a BlobStorage wraps)."""
+    if type(storage) is DemoStorage:
+        return [storage.base, storage.changes]
+    if type(storage) is BlobStorage:
+        return [storage._BlobStorage__storage]
+    return []
+
+
+def components(storage) -> list:
+    """``storage`` and every storage inside it, outermost first."""
+    found, todo = [], [storage]
+    while todo:
+        s = todo.pop(0)
+        found.append(s)
+        todo.extend(inner(s))
+    return found
+
+
+def unaudited(storage) -> list[str]:
+    """Dotted class names of the parts of ``storage`` not audited."""
+    return ["%s.%s" % (type(s).__module__, type(s).__qualname__)
+            for s in components(storage) if type(s) not in AUDITED]
+
+
+def reads_extension(storage) -> bool:
+    """Whether ``storage`` may unpickle a transaction's extension (anything
+    but FileStorages, alone or inside the wrappers, may)."""
+    return any(type(s) not in (FileStorage, DemoStorage, BlobStorage)
+               for s in components(storage))
+
+
+def filestorage_of(storage):
+    """The FileStorage that ``storage`` is, or that a BlobStorage wraps; or None."""
+    while type(storage) is BlobStorage:
+        storage = storage._BlobStorage__storage
+    return storage if isinstance(storage, FileStorage) else None
+
+
+def check_audited(name: str, storage, allowed: bool) -> None:
+    """Refuse (UnauditedStorage) to serve ``storage`` as ``name`` if a part
+    of it is unaudited, unless the operator ``allowed`` it (then log it)."""
+    parts = unaudited(storage)
+    if not parts:
+        return
+    if not allowed:
+        raise UnauditedStorage(
+            "%s is not audited for what it does with client bytes (it may unpickle "
+            "them); serve it only with allow-unaudited-storage (see docs/security.md)"
+            % ", ".join(parts))
+    _log.warn("zeotwist: serving storage {name!r} with unaudited {parts} "
+              "(allow-unaudited-storage): it may unpickle client bytes",
+              name=name, parts=", ".join(parts))
