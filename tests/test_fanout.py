@@ -27,6 +27,7 @@ FANOUT_CONF = """\
 %%import zeotwist
 <zeotwist>
   listen tcp:0:interface=127.0.0.1
+  allow-unaudited-storage true
 </zeotwist>
 <zeotwistclient 1>
   server %s:%d

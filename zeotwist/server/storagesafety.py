@@ -15,10 +15,16 @@ those (see docs/security.md); the server covers each:
 * ``DemoStorage`` and ``ZODB.blob.BlobStorage``: what the storages inside
   them do, and they are walked (:func:`components`) so that every one gets
   the resolver and every FileStorage is read directly.
+* ``RelStorage`` (served through :class:`~zeotwist.server.mvcc.PerThreadStorage`):
+  the extension stays bytes (``extension_bytes``); its vote's conflict
+  resolver is routed through the served storage's resolver
+  (:mod:`zeotwist.server.relstorage`); its ``history``/``undoLog`` unpickle
+  extensions with the restricted decoder (``unpickling.guard_zodb``).
 
-Anything else (a ZEO or zeotwist ClientStorage, RelStorage, a third-party
-storage) is *unaudited*: the server refuses to serve it unless the operator
-says ``allow-unaudited-storage``.
+Anything else (a ZEO or zeotwist ClientStorage, whose history unpickles
+extensions in the server process; a third-party storage) is *unaudited*:
+the server refuses to serve it unless the operator says
+``allow-unaudited-storage``.
 
 Inspection of storage objects; runs where the server is built (start-up).
 """
@@ -32,17 +38,30 @@ from zeotwist.errors import UnauditedStorage
 
 _log = Logger()
 
+from zeotwist.server.mvcc import PerThreadStorage
+
+try:
+    from relstorage.storage import RelStorage
+except ImportError:             # the [relstorage] extra is not installed
+    RelStorage = None
+
 #: storage types whose use of client bytes zeotwist has audited (exact types)
-AUDITED = (FileStorage, MappingStorage, DemoStorage, BlobStorage)
+AUDITED = (FileStorage, MappingStorage, DemoStorage, BlobStorage, PerThreadStorage,
+           RelStorage)
+#: audited types that never unpickle a transaction's extension in a commit
+#: (they store ``extension_bytes``), or only contain other storages
+_EXTENSION_AS_BYTES = (FileStorage, DemoStorage, BlobStorage, PerThreadStorage, RelStorage)
 
 
 def inner(storage) -> list:
     """The storages directly inside ``storage`` (a DemoStorage's base and
-    changes, the storage a BlobStorage wraps)."""
+    changes, the storage a BlobStorage wraps, a PerThreadStorage's root)."""
     if type(storage) is DemoStorage:
         return [storage.base, storage.changes]
     if type(storage) is BlobStorage:
         return [storage._BlobStorage__storage]
+    if type(storage) is PerThreadStorage:
+        return [storage.root]
     return []
 
 
@@ -65,8 +84,7 @@ def unaudited(storage) -> list[str]:
 def reads_extension(storage) -> bool:
     """Whether ``storage`` may unpickle a transaction's extension (anything
     but FileStorages, alone or inside the wrappers, may)."""
-    return any(type(s) not in (FileStorage, DemoStorage, BlobStorage)
-               for s in components(storage))
+    return any(type(s) not in _EXTENSION_AS_BYTES for s in components(storage))
 
 
 def filestorage_of(storage):

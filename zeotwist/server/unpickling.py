@@ -184,6 +184,13 @@ def pickle_class_name(data: bytes) -> tuple[str, str]:
 def guard_zodb() -> None:
     """Make ZODB's ``ConflictError(data=...)`` name the record's class
     without unpickling it (MappingStorage raises one for a stale serial;
-    ZODB's ``get_pickle_metadata`` would run the record's pickle)."""
+    ZODB's ``get_pickle_metadata`` would run the record's pickle), and
+    RelStorage's history and undo log decode extensions with
+    :func:`decode_extension` (they use ZODB's unrestricted ``loads``)."""
     import ZODB.utils
     ZODB.utils.get_pickle_metadata = pickle_class_name
+    try:
+        import relstorage.storage.history
+    except ImportError:
+        return
+    relstorage.storage.history.loads = decode_extension
