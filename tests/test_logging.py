@@ -117,6 +117,39 @@ def test_application_with_twisted_logging_is_not_logged_twice(tmp_path):
     assert not [l for l in child.output if l.startswith("LOG zeotwist")], child.output
 
 
+def test_stopping_during_the_handshake_is_no_warning(server, monkeypatch):
+    """A program that closes its client while a handshake is under way
+    (here: Verify unanswered) gets an info line, not a warning or a traceback."""
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogPublisher
+
+    from zeotwist.client.addresses import to_endpoint
+    from zeotwist.client.cache import ClientCache
+    from zeotwist.client.client import Client
+    from zeotwist.client.reactorthread import background_reactor, blocking_call
+    from zeotwist.server.storageserver import StorageServer
+    events, verifying = [], []
+    monkeypatch.setattr(StorageServer, "verify",
+                        lambda self, tid: verifying.append(tid) or Deferred())
+    reactor = background_reactor()
+    cache = ClientCache()
+    cache.last_tid = b"\0" * 8                    # so that the handshake sends Verify
+    client = Client(reactor, to_endpoint(reactor, server.address), cache=cache)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        blocking_call(reactor, client.start, timeout=10)
+        deadline = time.monotonic() + 10
+        while not verifying:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)                        # polling a real condition, bounded
+        blocking_call(reactor, client.stop, timeout=10)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    ours = [e for e in events if (e.get("log_namespace") or "").startswith("zeotwist.client")]
+    assert any("handshake abandoned" in e.get("log_format", "") for e in ours), ours
+    assert not [e for e in ours if e["log_level"] > LogLevel.info], ours
+
+
 # -- the bridge on its own (in this process) ---------------------------------------
 
 @pytest.fixture

@@ -298,7 +298,9 @@ class Connector:
         error = self.last_error = self._refused(failure.value, proto)
         if error is not failure.value:
             failure = Failure(error)
-        if isinstance(error, ServerOlderThanCache):
+        if self._leaving:           # the program stopped the client mid-handshake
+            _log.info("zeotwist: handshake abandoned: the client is stopping")
+        elif isinstance(error, ServerOlderThanCache):
             _log.error("zeotwist: {err}", err=str(error))
         else:
             _log.warn("zeotwist registration failed: {err}", err=str(error))
