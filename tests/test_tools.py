@@ -85,11 +85,27 @@ def test_status_nothing_listening_is_one_line_within_the_timeout():
     assert took < 1 + 8          # the timeout, plus starting Python
 
 
+def test_status_silent_server_is_one_line_within_the_timeout():
+    """Something listens but never answers: still one line, within --timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)                          # connections queue, nothing is read
+        start = time.monotonic()
+        done = cli("status", "127.0.0.1:%d" % silent.getsockname()[1], "--timeout", "1",
+                   "--json")
+        took = time.monotonic() - start
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["ok"] is False
+    assert done.stderr.count("\n") == 1 and "within 1 s" in done.stderr, done.stderr
+    assert took < 1 + 8          # the timeout, plus starting Python
+
+
 def test_status_json_failure_is_json_too(server):
     done = cli("status", address(server), "--storage", "nope", "--timeout", "1", "--json")
     assert done.returncode == 1
     report = json.loads(done.stdout)
     assert report["ok"] is False and report["storage"] == "nope"
+    assert report["error"].startswith("UnknownStorage: no storage named 'nope'")
     assert "nope" in done.stderr and done.stderr.count("\n") == 1
 
 

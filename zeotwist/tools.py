@@ -36,7 +36,8 @@ def _quiet_logging() -> None:
 
 
 def _open(options, prog: str, wait_timeout: float, **kw):
-    """A connected ClientStorage, or an error line and None."""
+    """``(a connected ClientStorage, None)``, or ``(None, why)`` after printing
+    the error line."""
     from ZODB.POSException import StorageError
 
     from zeotwist.cli import client_arguments
@@ -46,11 +47,11 @@ def _open(options, prog: str, wait_timeout: float, **kw):
     try:
         kw.update(client_arguments(options))
         return ClientStorage(options.address, storage=options.storage, cache_size=2**20,
-                             wait_timeout=wait_timeout, **kw)
+                             wait_timeout=wait_timeout, **kw), None
     except (StorageError, ValueError, TypeError, OSError) as e:
         why = str(e) if isinstance(e, ClientDisconnected) else describe_error(e)
         _error(prog, "cannot connect to %s: %s" % (options.address, why))
-        return None
+        return None, why
 
 
 # -- status ------------------------------------------------------------------------
@@ -119,12 +120,14 @@ def _human_seconds(s: float) -> str:
 
 
 def status(options) -> int:
-    storage = _open(options, "status", options.timeout, read_only=True,
-                    timeout=options.timeout)
+    deadline = time.monotonic() + options.timeout      # for connecting and asking together
+    storage, why = _open(options, "status", options.timeout, read_only=True,
+                         timeout=options.timeout)
     if storage is None:
-        return _status_failed(options, "no answer")
+        return _status_failed(options, why)
     try:
-        info = storage.server_status()
+        info = dict(storage._call(storage.client.info,
+                                  timeout=max(0.1, deadline - time.monotonic())))
     except ClientDisconnected as e:
         _error("status", "no answer from %s: %s" % (options.address, e))
         return _status_failed(options, str(e))
@@ -147,7 +150,7 @@ def _status_failed(options, why: str) -> int:
 def pack(options) -> int:
     from ZODB.POSException import StorageError
     pack_time = time.time() - options.days * 86400
-    storage = _open(options, "pack", options.wait_timeout)
+    storage, _ = _open(options, "pack", options.wait_timeout)
     if storage is None:
         return 1
     try:
