@@ -13,6 +13,7 @@ import socket
 import time
 
 import pytest
+import pytest_twisted
 from twisted.logger import globalLogPublisher
 from ZODB.POSException import ReadOnlyError
 
@@ -122,3 +123,24 @@ def test_nothing_listening_is_a_retry_logged_once(tmp_path):
             cs.close()
         if server is not None:
             server.stop()
+
+
+# -- the Deferred API ---------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_connect_to_an_unknown_storage_fails_at_once(tmp_path):
+    from twisted.internet import reactor
+
+    import zeotwist
+    from zeotwist.server.tap import ServerService
+    service = ServerService(str(tmp_path / "data.fs"), ["tcp:0:interface=127.0.0.1"],
+                            reactor=reactor)
+    service.startService()
+    try:
+        host, port = (await service.listening)[0].rsplit(":", 1)
+        start = reactor.seconds()
+        with pytest.raises(UnknownStorage, match="no storage named 'nope'"):
+            await zeotwist.connect(reactor, "%s:%s" % (host, port), "nope", wait_timeout=WAIT)
+        assert reactor.seconds() - start < AT_ONCE
+    finally:
+        await service.stopService()
