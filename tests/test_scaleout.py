@@ -150,6 +150,26 @@ def test_a_commit_reaches_the_other_servers_clients_by_notification(pg_dsn, clos
           % (1000 * statistics.median(latencies), 1000 * max(latencies)))
 
 
+def test_without_the_trigger_servers_notify_each_other_of_their_own_commits(
+        pg_cluster, pg_dsn, closing):
+    s1 = serve(pg_dsn, closing, poll_interval=30)
+    s2 = serve(pg_dsn, closing, poll_interval=30)
+    # as where the database user may not create triggers: the server notifies itself
+    pg_cluster.execute("DROP TRIGGER zeotwist_notify_commit ON object_state",
+                       dbname=pg_dsn.split("dbname='")[1].split("'")[0])
+    for s in (s1, s2):
+        s.server.feed.listener.trigger = False
+    a, b = client(s1.address), client(s2.address)
+    closing(a)
+    closing(b)
+    db_a, = open_dbs(closing, a)
+    notified = s2.server.feed.stats["notifications"]
+    for i in range(3):
+        tid = commit(db_a, x=i)
+        wait_for(lambda: reached(b, tid), 5, "server 2's client, long before a poll")
+    assert s2.server.feed.stats["notifications"] > notified
+
+
 def test_polling_alone_brings_commits_of_plain_relstorage_clients(pg_dsn, closing):
     s1 = serve(pg_dsn, closing, poll_interval=0.2)
     s1.server.feed.listen = False                  # no notifications: polling only

@@ -125,10 +125,7 @@ class Poller:
         """``(upto, rows)``: the last committed tid and ``(tid, oid)`` rows
         of the objects changed after ``after`` (up to ``upto`` when the
         database keeps history)."""
-        if self._conn is None:
-            self._conn, self._cursor = self.connmanager.open(
-                isolation=self.connmanager.isolation_read_committed)
-        cur = self._cursor
+        cur = self._open()
         try:
             table = "transaction" if self.keep_history else "object_state"
             cur.execute("SELECT COALESCE(MAX(tid), 0) FROM %s" % table)
@@ -146,6 +143,20 @@ class Poller:
             self.close()
             raise
         return p64(upto), rows
+
+    def notify(self) -> None:
+        """NOTIFY the other servers (where no trigger does it for every commit)."""
+        try:
+            self._open().execute("NOTIFY %s" % CHANNEL)
+            self._conn.commit()
+        except Exception:
+            self.close()           # they poll anyway
+
+    def _open(self):
+        if self._conn is None:
+            self._conn, self._cursor = self.connmanager.open(
+                isolation=self.connmanager.isolation_read_committed)
+        return self._cursor
 
     def close(self) -> None:
         conn, self._conn, self._cursor = self._conn, None, None
@@ -213,6 +224,8 @@ class RelStorageFeed(Feed):
         from twisted.internet.defer import Deferred
         d = Deferred()
         self._own[tid] = (committer, d, oids)
+        if self.listener is not None and not self.listener.trigger:
+            self.server.threads.in_order(self.poller.notify)    # no trigger: tell the others
         self.request_poll()
         return d
 
@@ -296,8 +309,10 @@ class Listener:
     (psycopg2; an IReadDescriptor).  ``on_notify()`` runs on the reactor
     thread once per burst of notifications."""
 
-    def __init__(self, reactor, conn, on_notify):
+    def __init__(self, reactor, conn, on_notify, trigger: bool = True):
         self.reactor, self.conn, self.on_notify = reactor, conn, on_notify
+        #: whether the database notifies every commit (else only ours, by hand)
+        self.trigger = trigger
         self.alive = True
         reactor.addReader(self)
 
@@ -314,18 +329,25 @@ class Listener:
                 _log.warn("zeotwist: no PostgreSQL notifications ({err}); polling only",
                           err=str(e).strip())
             return None
+        trigger = True
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                install_trigger(cur)
+                try:
+                    install_trigger(cur)
+                except psycopg2.Error as e:
+                    trigger = False
+                    if not quiet:
+                        _log.warn("zeotwist: cannot install the commit trigger ({err}); "
+                                  "notifying after this server's own commits, polling "
+                                  "for other writers", err=str(e).strip())
                 cur.execute("LISTEN %s" % CHANNEL)
         except Exception as e:
             conn.close()
             if not quiet:
-                _log.warn("zeotwist: cannot install the commit trigger or LISTEN ({err}); "
-                          "polling only", err=str(e).strip())
+                _log.warn("zeotwist: cannot LISTEN ({err}); polling only", err=str(e).strip())
             return None
-        return cls(reactor, conn, on_notify)
+        return cls(reactor, conn, on_notify, trigger)
 
     def fileno(self) -> int:
         return self.conn.fileno()
