@@ -91,6 +91,8 @@ def test_transport_buffers():
     assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
     fd.write(b"abc")
     assert not compat.nothing_queued(fd) and compat.pending_output(fd) == 3
+    compat.discard_output(fd)
+    assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
 
 
 def test_tls_flush_clock_is_moved():
@@ -171,6 +173,7 @@ def test_logging_begun(monkeypatch):
 @pytest.mark.parametrize("name", ["amp_closed", "amp_switched", "amp_expect_answer",
                                   "amp_is_outstanding", "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
+                                  "discard_output",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "service_protocol", "silence_lost_notification",
                                   "logging_begun"])

@@ -87,6 +87,16 @@ def pending_output(transport) -> int:
     return buffered + len(data) - getattr(transport, "offset", 0)
 
 
+def discard_output(transport) -> None:
+    """Drop what ``transport`` still holds for its peer, at once: an aborted
+    connection's buffers are otherwise freed only when ``connectionLost``
+    runs, a reactor turn later, and the server's memory budget has already
+    handed that room to other connections (nothing for other transports)."""
+    if hasattr(transport, "_tempDataBuffer") and hasattr(transport, "dataBuffer"):
+        transport.dataBuffer, transport.offset = b"", 0
+        transport._tempDataBuffer, transport._tempDataLen = [], 0
+
+
 # -- TLS (twisted.protocols.tls) ---------------------------------------------------------
 # The TLS transport flushes small writes on a clock that defaults to the
 # *global* reactor; a connection served by the private reactor must use its own.

@@ -37,12 +37,13 @@ from twisted.cred import error as cred_error
 from twisted.cred.checkers import FilePasswordDB
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 from zope.interface import Attribute, Interface, implementer
 
 from zeotwist.errors import NotLoggedIn, Unauthorized
+from zeotwist.server.loginguard import LoginGuard, LoginThrottled
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import ERRORS
 
@@ -221,6 +222,8 @@ class PasswordFile(FilePasswordDB):
         super().__init__(path, delim=b":", hash=self._no_inline_hash, cache=False)
         self.path = path
         self.reactor = reactor
+        #: throttling and the password checks' own small pool (loginguard)
+        self.guard = LoginGuard(reactor)
 
     @staticmethod
     def _no_inline_hash(username, password, stored):  # pragma: no cover - not used
@@ -250,8 +253,9 @@ class PasswordFile(FilePasswordDB):
             return defer.fail(e)
         password = credentials.password.decode("utf-8", "replace")
         usable = stored is not None and stored.startswith(SCHEME + "$")   # not "!"
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      verify_password, password, stored if usable else _DUMMY)
+        d = self.guard.checks.run(getattr(credentials, "peer", None),
+                                  getattr(credentials, "wanted", lambda: None),
+                                  verify_password, password, stored if usable else _DUMMY)
 
         def checked(ok):
             if ok and usable:
@@ -316,7 +320,26 @@ def make_portal(path, reactor) -> Portal:
     if not os.path.isfile(path):
         raise ValueError("no password file %s" % path)
     passwords = PasswordFile(path, reactor)
-    return Portal(StorageRealm(passwords), [passwords, CertificateChecker(passwords)])
+    portal = Portal(StorageRealm(passwords), [passwords, CertificateChecker(passwords)])
+    portal.login_guard = passwords.guard
+    return portal
+
+
+class SessionPassword(UsernamePassword):
+    """A password login with what the check pool needs: the peer's key and
+    ``wanted()`` (why the check should not run any more, or None)."""
+    peer = None
+
+    @staticmethod
+    def wanted():
+        return None
+
+
+def peer_key(transport) -> str:
+    """What failed logins are counted by: the peer's IP address ("unix"
+    for every Unix-socket client)."""
+    peer = transport.getPeer() if transport is not None else None
+    return getattr(peer, "host", None) or "unix"
 
 
 def peer_common_name(transport) -> str | None:
@@ -415,18 +438,43 @@ class AuthResponders(amp.CommandLocator):
             return self._portal_login(CertificateIdentity(cn), "certificate")
         if username is None:
             raise Unauthorized("a password without a user name")
-        return self._portal_login(
-            UsernamePassword(username.encode("utf-8"), password.encode("utf-8")), "password")
+        credentials = SessionPassword(username.encode("utf-8"), password.encode("utf-8"))
+        guard = getattr(self.portal, "login_guard", None)
+        if guard is not None:       # loginguard: throttled peers and names wait
+            credentials.peer = peer_key(self.transport)
+            credentials.wanted = lambda: self._login_refusal(guard, credentials.peer, username)
+            why = credentials.wanted()
+            if why is not None:
+                self._log_failure(guard, "{peer}: login as {user!r} refused: {why}",
+                                  peer=credentials.peer, user=username, why=why)
+                raise Unauthorized(why)
+        return self._portal_login(credentials, "password")
+
+    def _login_refusal(self, guard, peer, username) -> str | None:
+        """Why the password check should not run (now), or None."""
+        if self.transport is None or self._violated:
+            return "the connection is closed"
+        return guard.throttle.refusal(peer, username)
+
+    def _log_failure(self, guard, fmt, **kw):
+        if guard is None:
+            _log.warn(fmt, **kw)
+        else:
+            guard.log.warn(fmt, **kw)
 
     def _portal_login(self, credentials, how):
         self._login_running = True
         d = self.portal.login(credentials, how, IStorageUser)
-        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(credentials, how))
+        d.addCallbacks(self._logged_in, self._login_failed, (credentials, how), None,
+                       (credentials, how))
         return d
 
-    def _logged_in(self, result):
+    def _logged_in(self, result, credentials, how):
         self._login_running = False
         _iface, self.user, _logout = result
+        guard = getattr(self.portal, "login_guard", None)
+        if guard is not None and how == "password":
+            guard.throttle.succeeded(credentials.peer, self.user.name)
         _log.info("zeotwist: {peer} logged in as {user!r} ({how})",
                   peer=self.transport.getPeer() if self.transport else None,
                   user=self.user.name, how=self.user.how)
@@ -439,8 +487,14 @@ class AuthResponders(amp.CommandLocator):
         name = getattr(credentials, "username", None)
         name = name.decode("utf-8", "replace") if name is not None \
             else getattr(credentials, "common_name", "?")
-        _log.warn("zeotwist: failed {how} login as {user!r} from {peer}", how=how, user=name,
-                  peer=self.transport.getPeer() if self.transport else None)
+        guard = getattr(self.portal, "login_guard", None)
+        if failure.check(LoginThrottled):       # not checked: does not count
+            raise Unauthorized(failure.getErrorMessage())
+        if guard is not None and how == "password":
+            guard.throttle.failed(credentials.peer, name)
+        self._log_failure(guard, "zeotwist: failed {how} login as {user!r} from {peer}",
+                          how=how, user=name,
+                          peer=self.transport.getPeer() if self.transport else None)
         if how == "certificate":
             raise Unauthorized("the client certificate's name %r is not a user of this "
                                "server" % name)

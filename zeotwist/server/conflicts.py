@@ -22,7 +22,6 @@ import fnmatch
 import importlib
 from io import BytesIO
 
-from twisted.logger import Logger
 from ZODB.ConflictResolution import PersistentReferenceFactory, persistent_id
 from ZODB.POSException import ConflictError
 from ZODB._compat import PersistentPickler, _protocol
@@ -30,8 +29,7 @@ from ZODB._compat import PersistentPickler, _protocol
 from zeotwist.errors import PickleRefused
 from zeotwist.server.unpickling import (
     DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes)
-
-_log = Logger()
+from zeotwist.server.limits import MonotonicClock, RateLimitedLog
 
 DEFAULT_ALLOWED = ("BTrees.*", "BTrees.Length.Length")
 #: Data types a state may contain that carry no behaviour worth abusing.
@@ -61,6 +59,9 @@ class RestrictedResolver:
         self.allowed = tuple(allowed)
         self.limits = limits
         self._classes: dict = {}
+        # A vote of many bad records must not write a line (let alone a
+        # traceback) per record: the records are the client's mistake.
+        self._log = RateLimitedLog(MonotonicClock(), interval=10.0, burst=3)
 
     def install(self) -> None:
         """Make the storage resolve conflicts through this resolver."""
@@ -95,11 +96,13 @@ class RestrictedResolver:
         try:
             return self._resolve(oid, committed_serial, old_serial, new_pickle, committed_data)
         except (RefusedGlobal, PickleRefused) as e:
-            _log.warn("zeotwist: not resolving conflict on {oid}: {e}", oid=oid.hex(), e=e)
+            self._log.warn("zeotwist: not resolving conflict on {oid}: {e}",
+                           oid=oid.hex(), e=e)
         except ConflictError:
             pass
-        except Exception:
-            _log.failure("zeotwist: conflict resolution failed on {oid}", oid=oid.hex())
+        except Exception as e:
+            self._log.warn("zeotwist: conflict resolution failed on {oid}: {kind}: {e}",
+                           oid=oid.hex(), kind=type(e).__name__, e=e)
         raise ConflictError(oid=oid, serials=(committed_serial, old_serial))
 
     def _resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data):

@@ -19,6 +19,7 @@
 Pure logic (the clock is injected); runs on the reactor thread.
 """
 import resource
+import time
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -41,20 +42,37 @@ def effective_connection_cap(wanted: int, reserve: int = FD_RESERVE) -> int:
     return max(1, min(wanted, soft - reserve))
 
 
+class MonotonicClock:
+    """``seconds()`` for code outside the reactor thread (worker threads)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.monotonic()
+
+
 class RateLimitedLog:
-    def __init__(self, clock, interval: float = 10.0):
+    """At most ``burst`` lines per ``interval`` seconds; the first line of
+    the next interval says how many were left out."""
+
+    def __init__(self, clock, interval: float = 10.0, burst: int = 1):
         self._clock = clock
         self._interval = interval
-        self._last = None
+        self._burst = burst
+        self._window = None         # when the current interval began
+        self._count = 0             # lines logged in it
         self._suppressed = 0
 
     def warn(self, fmt: str, **kw) -> bool:
-        """Log unless one was logged less than ``interval`` ago; True if logged."""
+        """Log unless ``burst`` lines were logged in the current interval;
+        True if logged."""
         now = self._clock.seconds()
-        if self._last is not None and now - self._last < self._interval:
+        if self._window is None or now - self._window >= self._interval:
+            self._window, self._count = now, 0
+        if self._count >= self._burst:
             self._suppressed += 1
             return False
-        suppressed, self._suppressed, self._last = self._suppressed, 0, now
+        self._count += 1
+        suppressed, self._suppressed = self._suppressed, 0
         _log.warn(fmt + (" ({suppressed} similar messages suppressed)" if suppressed else ""),
                   suppressed=suppressed, **kw)
         return True
@@ -72,6 +90,14 @@ class ConnectionLimiter:
             self.refused += 1
             self._log.warn("zeotwist: {cap} connections open; refusing {addr}",
                            cap=self.cap, addr=addr)
+            return False
+        self.active += 1
+        return True
+
+    def take(self) -> bool:
+        """A slot for something else that holds a descriptor (an iterator's
+        open file), without logging; False when none is free."""
+        if self.active >= self.cap:
             return False
         self.active += 1
         return True

@@ -241,8 +241,13 @@ class ServerService(service.Service):
         s = self.settings
         factory = SessionFactory(self.servers, self.reactor, s.handshake_timeout,
                                  max_connections=s.max_connections,
-                                 max_pending_output=s.max_pending_output)
+                                 max_pending_output=s.max_pending_output,
+                                 memory_budget=s.memory_budget, max_spool=s.max_spool,
+                                 idle_timeout=s.idle_timeout, vote_timeout=s.vote_timeout,
+                                 max_iterators=s.max_iterators,
+                                 iterator_timeout=s.iterator_timeout)
         factory.portal = self.auth_portal()
+        self.factory = factory
         factory.noisy = False               # no "Starting factory <...>" lines
         tls = self.tls_options()            # TLSConfigError as is, before any listening
         ds = [self._listen_one(desc, lambda desc: serverFromString(
@@ -332,6 +337,8 @@ class ServerService(service.Service):
         super().stopService()
         for guard in filter(None, getattr(self, "accept_guards", ())):
             guard.stop()
+        if getattr(self, "factory", None) is not None:
+            self.factory.stop()             # its timers (iterator expiry)
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         self.ports = []
         if self.settings.pid_filename and self.listening.called:

@@ -27,10 +27,14 @@ from zeotwist.errors import (
 from zeotwist.server.auth import AuthResponders
 from zeotwist.server import commit
 from zeotwist.server.blobs import BLOB_VOTE_ERRORS, BlobResponders
+from zeotwist.server.budgets import DEFAULT_MAX_SPOOL, DEFAULT_MEMORY_BUDGET, MemoryBudget
 from zeotwist.server.commit import ClientMetaData, ServerTransaction
+from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT, ResourceGuards
+from zeotwist.server.iterators import (
+    DEFAULT_ITERATOR_TIMEOUT, DEFAULT_MAX_ITERATORS, IteratorTable)
 from zeotwist.server.limits import (
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RefusedConnection,
-    pending_output)
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RateLimitedLog,
+    RefusedConnection, pending_output)
 from zeotwist.server.resolution import Resolution
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
@@ -43,9 +47,12 @@ from zeotwist.wire.framing import BoundedAMP
 _log = Logger()
 
 MAX_NEW_OIDS = 1000
+#: protocol violations (one line per connection) logged per interval, server-wide
+VIOLATION_LOG_BURST, VIOLATION_LOG_INTERVAL = 20, 10.0
 
 
-class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, BoundedAMP):
+class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobResponders,
+                    BoundedAMP):
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
         super().__init__()
         self._servers = servers
@@ -77,6 +84,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         if self.server is not None:
             self.server.unregister(self)
             self._abort_txn()
+        self.release_budgets()                      # guards: budgets and timers
         if self._output_check is not None and self._output_check.active():
             self._output_check.cancel()
         self._output_check = self._held = None
@@ -95,6 +103,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
             if pending > self.max_pending_output:
                 self.protocolViolation(
                     "client is not reading: %d bytes of invalidations pending" % pending)
+            else:
+                self.after_output(pending)          # guards: the server's budget
 
     # A client that sends requests but does not read the answers: once more
     # than max_pending_output waits for it, the session stops reading it and
@@ -112,8 +122,9 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         self._heard = True
         if self.transport is not None:
             self._unread = 0
-            self._budget = self.max_pending_output - pending_output(self.transport)
+            self._budget = self.burst_budget(pending_output(self.transport))
         super().dataReceived(data)
+        self.after_input()                  # guards: the server's budgets
 
     def emit(self, frame: bytes) -> None:
         self._unread += len(frame)
@@ -130,12 +141,12 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         if self.transport is None or self._violated:
             return
         pending = pending_output(self.transport)
-        if pending > self.max_pending_output // 2:
+        if pending > self.max_pending_output // 2 or not self.may_resume():
             self._output_check = self._clock.callLater(
                 self.OUTPUT_CHECK_INTERVAL, self._check_output)
             return
         held, self._held = self._held, None
-        self._unread, self._budget = 0, self.max_pending_output - pending
+        self._unread, self._budget = 0, self.burst_budget(pending)
         while held and self._held is None and self.transport is not None \
                 and not self._violated:
             self.ampBoxReceived(held.popleft())
@@ -144,6 +155,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
             self._held = held
         elif self.transport is not None and not self._violated:
             self.transport.resumeProducing()
+        self.output_settled()               # guards: the server's budget
 
     def ampBoxReceived(self, box):
         if self._held is not None:
@@ -214,6 +226,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         self._handshake_timer = None
         self.server, self.read_only = server, read_only or server.read_only
         server.register(self)
+        self.registered()                       # guards: box size, idle timeout
         return dict(last_tid=server.last_tid, read_only=self.read_only,
                     supports_undo=server.supports_undo, name=server.storage.getName(),
                     interfaces=server.interfaces)
@@ -261,8 +274,10 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
             self.protocolViolation("TpcBegin inside a transaction")
             return {}
         meta = ClientMetaData(user, description, extension)
-        buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
+        buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes,
+                                   budgets=self.budgets)
         self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ")
+        self.transaction_opened(self._txn)      # guards: --vote-timeout
         return {}
 
     @C.StoreData.responder
@@ -275,7 +290,8 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         if txn is None or not txn.state.can(Event.STORE):
             self.protocolViolation("StoreData outside a transaction")
             return {}
-        txn.buffer.append(data)
+        if not txn.read_only:       # a read-only vote fails: spool nothing
+            txn.buffer.append(data)
         return {}
 
     @C.Vote.responder
@@ -283,6 +299,7 @@ class ServerSession(AuthResponders, StorageAPIResponders, BlobResponders, Bounde
         txn = self._txn
         if txn is None or not txn.state.can(Event.VOTE):
             raise TransactionStateError("Vote without an open transaction")
+        self.transaction_voting()
         if txn.read_only:
             self._abort_txn()
             raise ReadOnlyError()
@@ -401,12 +418,26 @@ class SessionFactory(ServerFactory):
 
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT):
+                 max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 max_spool: int = DEFAULT_MAX_SPOOL, idle_timeout: float | None = None,
+                 vote_timeout: float | None = DEFAULT_VOTE_TIMEOUT,
+                 max_iterators: int = DEFAULT_MAX_ITERATORS,
+                 iterator_timeout: float | None = DEFAULT_ITERATOR_TIMEOUT):
         self.servers = servers
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.limiter = ConnectionLimiter(clock, max_connections)
         self.max_pending_output = max_pending_output
+        self.budgets = MemoryBudget(clock, memory_budget, max_spool)
+        self.iterators = IteratorTable(clock, self.limiter, max_iterators, iterator_timeout)
+        #: every connection's protocol violations share this log's rate
+        self.violation_log = RateLimitedLog(clock, VIOLATION_LOG_INTERVAL, VIOLATION_LOG_BURST)
+        self.idle_timeout, self.vote_timeout = idle_timeout or None, vote_timeout or None
+
+    def stop(self) -> None:
+        """Cancel the factory's timers (at service stop)."""
+        self.iterators.stop()
 
     def buildProtocol(self, addr):
         if not self.limiter.admit(addr):
@@ -415,4 +446,7 @@ class SessionFactory(ServerFactory):
         session.factory = self
         session.portal = self.portal
         session.max_pending_output = self.max_pending_output
+        session.budgets, session.iterator_table = self.budgets, self.iterators
+        session.logViolation = self.violation_log.warn
+        session.idle_timeout, session.vote_timeout = self.idle_timeout, self.vote_timeout
         return session

@@ -32,6 +32,9 @@ import ZConfig.datatypes
 from ZConfig.datatypes import SocketBindingAddress
 from twisted.internet.endpoints import serverFromString
 
+from zeotwist.server.budgets import DEFAULT_MAX_SPOOL, DEFAULT_MEMORY_BUDGET
+from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT
+from zeotwist.server.iterators import DEFAULT_ITERATOR_TIMEOUT, DEFAULT_MAX_ITERATORS
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
 from zeotwist.server.storageserver import (
     DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_TRANSACTION_TIMEOUT)
@@ -161,6 +164,27 @@ class ServerSettings:
         "it, a client that does not take its invalidations is disconnected, and one "
         "that does not read its answers is not read from until it does",
         coerce=byte_size, shown="64MB", minimum=1)
+    # server-wide limits: docs/security.md#bounded-resources
+    memory_budget: int = option(
+        DEFAULT_MEMORY_BUDGET, "Bytes all connections together may hold in memory: "
+        "half for unread output, a quarter for unfinished boxes, a quarter for "
+        "transactions spooled in memory", coerce=byte_size, shown="256MB", minimum=1)
+    max_spool: int = option(
+        DEFAULT_MAX_SPOOL, "Bytes of stores all open (not yet voted) transactions may "
+        "spool, in memory and on disk; past it a transaction is refused at its vote",
+        coerce=byte_size, shown="4GB", minimum=1)
+    vote_timeout: float = option(
+        DEFAULT_VOTE_TIMEOUT, "Seconds a transaction may stay open before its vote; "
+        "past it the connection is closed (0 = no limit)", coerce=float)
+    idle_timeout: float = option(
+        0.0, "Seconds a registered connection may send nothing and take none of its "
+        "output before it is closed (0 = never)", coerce=float)
+    max_iterators: int = option(
+        DEFAULT_MAX_ITERATORS, "Storage iterators open at once, server-wide (each "
+        "holds a file descriptor)", coerce=int, minimum=1)
+    iterator_timeout: float = option(
+        DEFAULT_ITERATOR_TIMEOUT, "Seconds an unused storage iterator stays open",
+        coerce=float)
     address_file: str | None = option(
         None, "Write the addresses listened on to this file once listening")
     tls_cert: str | None = option(

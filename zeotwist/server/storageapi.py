@@ -64,6 +64,9 @@ class StorageAPIResponders(amp.CommandLocator):
     #: iid -> _ServerIterator, least recently used first (created lazily)
     _iterators = None
     _iterator_ids = None
+    #: the server-wide IteratorTable (zeotwist.server.iterators), set by the
+    #: factory; None: only the per-session cap applies
+    iterator_table = None
 
     def connectionLost(self, reason):
         self._close_iterators()
@@ -118,6 +121,9 @@ class StorageAPIResponders(amp.CommandLocator):
             self._iterators = OrderedDict()
             self._iterator_ids = itertools.count(1)
         iid = next(self._iterator_ids)
+        table = self.iterator_table
+        if table is not None:
+            table.reserve(self, iid)        # server-wide cap, descriptor slot
 
         def opened(source):
             iterators = self._iterators
@@ -126,11 +132,16 @@ class StorageAPIResponders(amp.CommandLocator):
                 raise StorageError("connection closed")
             iterators[iid] = _ServerIterator(source)
             while len(iterators) > MAX_ITERATORS:
-                _, oldest = iterators.popitem(last=False)
-                oldest.close()
+                self._drop_iterator(next(iter(iterators)))
             return dict(iid=iid)
 
-        return self.server.threads.in_pool(storage.iterator, start, stop).addCallback(opened)
+        def failed(failure):
+            if table is not None:
+                table.discard(self, iid)
+            return failure
+
+        d = self.server.threads.in_pool(storage.iterator, start, stop)
+        return d.addCallback(opened).addErrback(failed)
 
     @C.IteratorNext.responder
     def iterator_next(self, iid):
@@ -140,6 +151,8 @@ class StorageAPIResponders(amp.CommandLocator):
         if it.busy:
             raise StorageTransactionError("iterator %d is busy" % iid)
         self._iterators.move_to_end(iid)
+        if self.iterator_table is not None:
+            self.iterator_table.touch(self, iid)
         it.busy = True
 
         def done(result):
@@ -167,11 +180,22 @@ class StorageAPIResponders(amp.CommandLocator):
         it = (self._iterators or {}).pop(iid, None)
         if it is not None:
             it.close()
+        if self.iterator_table is not None:
+            self.iterator_table.discard(self, iid)
+
+    close_iterator = _drop_iterator     # the IteratorTable's name for it
+
+    def iterator_idle(self, iid) -> bool:
+        """Whether iterator ``iid`` is open and not reading a batch."""
+        it = (self._iterators or {}).get(iid)
+        return it is not None and not it.busy
 
     def _close_iterators(self):
         iterators, self._iterators = self._iterators, None
-        for it in (iterators or {}).values():
+        for iid, it in (iterators or {}).items():
             it.close()
+            if self.iterator_table is not None:
+                self.iterator_table.discard(self, iid)
 
     @C.RecordIternext.responder
     def record_iternext(self, next):

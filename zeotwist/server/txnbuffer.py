@@ -5,6 +5,11 @@ before the client votes.  They are kept in a spooled temporary file: in
 memory up to ``spool_bytes``, on disk past that, refused past ``max_bytes``
 (the refusal is reported at vote).  Nothing here touches the storage.
 
+With a server-wide :class:`~zeotwist.server.budgets.MemoryBudget`, the
+in-memory part also counts against its ``spool_memory`` budget (past it
+the spool moves to disk at once) and every byte against its ``spool``
+total (past it the transaction is refused at vote, its stores dropped).
+
 Appends run on the reactor thread; :meth:`TransactionBuffer.records` runs in
 the storage thread once the session has stopped appending.
 """
@@ -18,42 +23,76 @@ DEFAULT_SPOOL_BYTES = 8 * 2**20
 
 
 class TransactionBuffer:
-    def __init__(self, spool_bytes: int = DEFAULT_SPOOL_BYTES, max_bytes: int = 2**31):
+    def __init__(self, spool_bytes: int = DEFAULT_SPOOL_BYTES, max_bytes: int = 2**31,
+                 budgets=None):
         self._file = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
         self._max = max_bytes
+        self._budgets = budgets
         self.size = 0
         self.too_large = False
+        self._refusal = "transaction larger than %d bytes" % max_bytes
         #: called without arguments by :meth:`close`: what mixins attached to
         #: the transaction (spooled blob files) is released with it
         self.on_close: list = []
 
     def append(self, piece: bytes) -> None:
-        if self.too_large:
-            return
-        if self.size + len(piece) > self._max:
-            self.too_large = True   # keep nothing more; reported at vote
-            return
+        if not self._claim(len(piece)):
+            return                  # keep nothing more; reported at vote
+        budgets = self._budgets
+        if budgets is not None and not getattr(self._file, "_rolled", True):
+            memory = budgets.spool_memory
+            if memory.total - memory.held(self) + self.size + len(piece) > memory.cap:
+                self._file.rollover()       # the server's in-memory spool is full
+                memory.release(self)
         self._file.write(piece)
         self.size += len(piece)
+        if budgets is not None:
+            rolled = getattr(self._file, "_rolled", True)
+            budgets.spool_memory.set(self, 0 if rolled else self.size)
 
     def reserve(self, nbytes: int) -> bool:
         """Count ``nbytes`` sent beside the stream (blob chunks) against the
         cap; False (and the transaction refused at vote) once it is exceeded."""
-        if self.too_large or self.size + nbytes > self._max:
-            self.too_large = True
+        if not self._claim(nbytes):
             return False
         self.size += nbytes
         return True
 
+    def _claim(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit this transaction and the server's spool."""
+        if self.too_large:
+            return False
+        if self.size + nbytes > self._max:
+            return self._refuse(self._refusal)
+        if self._budgets is not None:
+            spool = self._budgets.spool
+            if spool.total + nbytes > spool.cap:
+                return self._refuse("the server's spool is full (%d bytes of open "
+                                    "transactions)" % spool.total)
+            spool.set(self, self.size + nbytes)
+        return True
+
+    def _refuse(self, why: str) -> bool:
+        """The transaction will fail at vote: drop what it spooled now."""
+        self.too_large, self._refusal = True, why
+        self._file.seek(0)
+        self._file.truncate(0)
+        if self._budgets is not None:
+            self._budgets.spool.release(self)
+            self._budgets.spool_memory.release(self)
+        return False
+
     def records(self, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
         if self.too_large:
-            raise TransactionTooLarge(
-                "transaction larger than %d bytes" % self._max)
+            raise TransactionTooLarge(self._refusal)
         self._file.seek(0)
         return iter_records(self._file, kinds)
 
     def close(self) -> None:
         self._file.close()
+        if self._budgets is not None:
+            self._budgets.spool.release(self)
+            self._budgets.spool_memory.release(self)
         callbacks, self.on_close = self.on_close, []
         for callback in callbacks:
             callback()

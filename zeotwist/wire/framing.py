@@ -22,6 +22,8 @@ _log = Logger()
 #: 1 MiB pieces, so 4 MiB leaves room while bounding memory per connection.
 SERVER_MAX_BOX_BYTES = 4 * 2**20
 SERVER_MAX_BOX_KEYS = 128
+#: A burst's answers are written together up to this many bytes.
+BATCH_FLUSH_BYTES = 2**20
 #: Limits for boxes a client accepts from its server (records of any size
 #: come back in one box, so the byte limit is generous but still finite).
 CLIENT_MAX_BOX_BYTES = 2**31
@@ -49,6 +51,7 @@ class BoundedAMP(amp.AMP):
                 pass
 
     _batch = None
+    _batch_bytes = 0
 
     def sendBox(self, box) -> None:
         if twistedcompat.amp_switched(self):
@@ -64,8 +67,16 @@ class BoundedAMP(amp.AMP):
         with one write when it is done: a burst of pipelined requests gets
         its answers in one system call instead of one each.
         """
-        if self._batch is not None:
-            self._batch.append(frame)
+        batch = self._batch
+        if batch is not None:
+            batch.append(frame)
+            self._batch_bytes += len(frame)
+            if self._batch_bytes >= BATCH_FLUSH_BYTES and self.transport is not None:
+                # big answers: written as they come, not joined into one
+                # copy of everything the burst produced
+                write_now(self.transport, b"".join(batch))
+                batch.clear()
+                self._batch_bytes = 0
         elif self.transport is not None:
             write_now(self.transport, frame)
 
@@ -74,7 +85,8 @@ class BoundedAMP(amp.AMP):
             return
         if self._batch is not None:       # re-entered: the outer call flushes
             return self._parse(data)
-        self._batch = batch = []
+        batch = self._batch = []
+        self._batch_bytes = 0
         try:
             self._parse(data)
         finally:
@@ -136,8 +148,14 @@ class BoundedAMP(amp.AMP):
         responder = super().locateResponder(name)
         if responder is None:
             return self._unknownCommand
+        command = self._commandDispatch.get(name, (None, None))[0]
+        needs_ask = command is not None and command.requiresAnswer
 
         def guarded(box):
+            if needs_ask and amp.ASK not in box:
+                # its answer (or error) would have nowhere to go
+                self.protocolViolation("%s without _ask" % name.decode("ascii", "replace"))
+                return Deferred()
             try:
                 return responder(box)
             except (RemoteProtocolError, KeyError, TypeError, ValueError) as e:
@@ -152,6 +170,12 @@ class BoundedAMP(amp.AMP):
             "unknown command %r" % (box.get(amp.COMMAND, b"")[:64],))
         return Deferred()
 
+    def unhandledError(self, failure) -> None:
+        """A one-way command failed: the peer's mistake (its arguments, its
+        state), not ours to log with a traceback; one line and the link drops."""
+        self.protocolViolation("one-way command failed: %s: %s"
+                               % (failure.type.__name__, failure.getErrorMessage()))
+
     def protocolViolation(self, why: str) -> None:
         """The peer broke the protocol: log one line and drop the link."""
         if self._violated:
@@ -159,12 +183,17 @@ class BoundedAMP(amp.AMP):
         self._violated = True
         self._buf, self._box = b"", None
         peer = self.transport.getPeer() if self.transport else None
-        _log.warn("protocol violation from {peer}: {why}; closing",
-                  peer=peer, why=why)
+        self.logViolation("protocol violation from {peer}: {why}; closing",
+                          peer=peer, why=why)
         transport = self.transport
         if transport is not None:
             abort = getattr(transport, "abortConnection", transport.loseConnection)
             abort()
+
+
+    def logViolation(self, fmt: str, **kw) -> None:
+        """Log a violation (the server rate-limits these lines)."""
+        _log.warn(fmt, **kw)
 
 
 def write_now(transport, data: bytes) -> None:
