@@ -13,6 +13,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from ZODB.POSException import POSError
+
 from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
 
@@ -171,8 +173,12 @@ class BoundedAMP(amp.AMP):
         return Deferred()
 
     def unhandledError(self, failure) -> None:
-        """A one-way command failed: the peer's mistake (its arguments, its
-        state), not ours to log with a traceback; one line and the link drops."""
+        """A one-way command failed (AMP has nobody to answer).  A storage
+        error is the peer's mistake (its arguments, its state): one line, no
+        traceback; anything else is ours and logged in full.  Either way the
+        link drops, as AMP's own handler does."""
+        if not failure.check(POSError, RemoteProtocolError, amp.RemoteAmpError):
+            _log.failure("unexpected error in a one-way command", failure)
         self.protocolViolation("one-way command failed: %s: %s"
                                % (failure.type.__name__, failure.getErrorMessage()))
 
