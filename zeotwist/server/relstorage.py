@@ -383,5 +383,9 @@ class Listener:
 
 def install_trigger(cursor) -> None:
     """The statement trigger that notifies CHANNEL after each commit that
-    writes objects (idempotent; needs the right to create triggers)."""
-    cursor.execute(_TRIGGER_SQL)
+    writes objects, unless it is there (creating it locks ``object_state``
+    briefly; needs the right to create triggers)."""
+    cursor.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'zeotwist_notify_commit' "
+                   "AND tgrelid = 'object_state'::regclass")
+    if cursor.fetchone() is None:
+        cursor.execute(_TRIGGER_SQL)
