@@ -21,7 +21,7 @@ from ZODB.POSException import ConflictError
 from zeotwist.testing import start_twistd
 
 from procutil import child_env, wait_for
-from test_reconnect import WAIT, client, closing  # noqa: F401
+from test_reconnect import WAIT, client, closing, free_port  # noqa: F401
 
 FANOUT_CONF = """\
 %%import zeotwist
@@ -50,7 +50,8 @@ def start_fanout(tmp_path, name, upstream):
 @pytest.fixture
 def servers(tmp_path):
     started = []
-    upstream = start_twistd(str(tmp_path / "data.fs"), env=child_env())
+    upstream = start_twistd(str(tmp_path / "data.fs"), env=child_env(),
+                            listen="tcp:%d:interface=127.0.0.1" % free_port())
     started.append(upstream)
     try:
         started.append(start_fanout(tmp_path, "f1", upstream))
@@ -134,5 +135,19 @@ def test_two_fan_out_servers_over_one_upstream(servers, closing):
     fresh = client(f1.address)
     closing(fresh)
     assert fresh.lastTransaction() == last
+
+    # the upstream restarts: the fan-out servers reconnect, and commits made
+    # through it afterwards still reach their clients
+    port = upstream.address[1]
+    upstream.stop()
+    servers[0] = upstream = start_twistd(upstream.log_file.rsplit("/", 1)[0] + "/data.fs",
+                                         env=child_env(),
+                                         listen="tcp:%d:interface=127.0.0.1" % port)
+    wait_for(lambda: c0.client.is_connected, WAIT, "the upstream's client to reconnect")
+    r0 = sync_root(tm0, conn0)
+    r0[1]["v"] = 6
+    tm0.commit()
+    wait_for(lambda: sync_root(tm1, conn1)[1]["v"] == 6, WAIT, "f1's client after the restart")
+    wait_for(lambda: sync_root(tm2, conn2)[1]["v"] == 6, WAIT, "f2's client after the restart")
     for conn in (conn0, conn1, conn2):
         conn.close()

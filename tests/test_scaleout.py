@@ -126,6 +126,9 @@ def test_commits_through_either_server_reach_clients_of_both_in_tid_order(
     db_w, = open_dbs(closing, watcher)
     assert read(db_w, "x") == 7 and read(db_w, "y") == 7
     assert s1.server.last_tid == s2.server.last_tid == last
+    status = b.server_status()
+    # every transaction it announced, through either server (and the root)
+    assert status["last_tid"] == last and status["commits"] == len(tids) + 1
 
 
 def test_a_commit_reaches_the_other_servers_clients_by_notification(pg_dsn, closing):
