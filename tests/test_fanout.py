@@ -5,7 +5,8 @@ Three real ``twistd zeotwist`` processes: an upstream serving a FileStorage
 and two fan-out servers, each started with ``-C`` on a file holding a
 ``<zeotwistclient>`` section for the upstream.  The fan-out servers hear of
 commits made through the other ones from their ClientStorage (``registerDB``)
-and push them to their own clients.  The test's clients are blocking
+and push them to their own clients; blobs travel through them (each
+fan-out server has a blob cache of its own).  The test's clients are blocking
 ClientStorages in this process.  Every wait polls a real condition under a
 deadline.
 """
@@ -15,6 +16,7 @@ import threading
 import persistent.mapping
 import pytest
 import transaction
+import ZODB.blob
 from ZODB import DB
 from ZODB.POSException import ConflictError
 
@@ -32,6 +34,7 @@ FANOUT_CONF = """\
 <zeotwistclient 1>
   server %s:%d
   wait-timeout 30
+  blob-dir %s
 </zeotwistclient>
 """
 
@@ -40,7 +43,7 @@ def start_fanout(tmp_path, name, upstream):
     directory = tmp_path / name
     directory.mkdir()
     conf = directory / "server.conf"
-    conf.write_text(FANOUT_CONF % upstream.address)
+    conf.write_text(FANOUT_CONF % (upstream.address + (str(directory / "blob-cache"),)))
     address_file = str(directory / "zeotwist.address")
     return start_twistd(str(directory / "unused.fs"), directory=str(directory), env=child_env(),
                         server_command=["zeotwist", "-C", str(conf),
@@ -50,8 +53,8 @@ def start_fanout(tmp_path, name, upstream):
 @pytest.fixture
 def servers(tmp_path):
     started = []
-    upstream = start_twistd(str(tmp_path / "data.fs"), env=child_env(),
-                            listen="tcp:%d:interface=127.0.0.1" % free_port())
+    upstream = start_twistd(str(tmp_path / "data.fs"), "--blob-dir", str(tmp_path / "blobs"),
+                            env=child_env(), listen="tcp:%d:interface=127.0.0.1" % free_port())
     started.append(upstream)
     try:
         started.append(start_fanout(tmp_path, "f1", upstream))
@@ -68,9 +71,10 @@ def sync_root(tm, conn):
     return conn.root()
 
 
-def test_two_fan_out_servers_over_one_upstream(servers, closing):
+def test_two_fan_out_servers_over_one_upstream(servers, closing, tmp_path):
     upstream, f1, f2 = servers
-    c0, c1, c2 = client(upstream.address), client(f1.address), client(f2.address)
+    c0, c1, c2 = (client(s.address, blob_dir=str(tmp_path / ("cb%d" % i)))
+                  for i, s in enumerate(servers))
     for cs in (c0, c1, c2):
         closing(cs)
     # the root is created after the fan-out servers started
@@ -87,11 +91,14 @@ def test_two_fan_out_servers_over_one_upstream(servers, closing):
     r1 = conn1.root()
     r1[1] = persistent.mapping.PersistentMapping(v=1000)
     r1[2] = persistent.mapping.PersistentMapping(v=-1000)
+    r1[3] = ZODB.blob.Blob(b"x" * 4111222)
     for i in range(100, 300):
         r1[i] = persistent.mapping.PersistentMapping(v=0)
     tm1.commit()
     wait_for(lambda: 1 in sync_root(tm2, conn2), WAIT, "f2's client to see f1's commit")
     assert conn2.root()[1]["v"] == 1000 and conn2.root()[2]["v"] == -1000
+    with conn2.root()[3].open() as f:                 # a blob through the other server
+        assert f.read() == b"x" * 4111222
 
     def transfer(n):
         tm = transaction.TransactionManager()
@@ -140,8 +147,8 @@ def test_two_fan_out_servers_over_one_upstream(servers, closing):
     # through it afterwards still reach their clients
     port = upstream.address[1]
     upstream.stop()
-    servers[0] = upstream = start_twistd(upstream.log_file.rsplit("/", 1)[0] + "/data.fs",
-                                         env=child_env(),
+    servers[0] = upstream = start_twistd(str(tmp_path / "data.fs"), "--blob-dir",
+                                         str(tmp_path / "blobs"), env=child_env(),
                                          listen="tcp:%d:interface=127.0.0.1" % port)
     wait_for(lambda: c0.client.is_connected, WAIT, "the upstream's client to reconnect")
     r0 = sync_root(tm0, conn0)
