@@ -383,3 +383,21 @@ def test_blobs_in_the_database_through_two_servers(pg_dsn, closing, tmp_path, ke
         with conn.root()["blob"].open() as f:
             assert f.read() == b"rewritten through server 2"
     conn.close()
+
+
+def test_server_sync_sees_a_commit_made_through_another_server_at_once(pg_dsn, closing):
+    s1 = serve(pg_dsn, closing)
+    s2 = serve(pg_dsn, closing, poll_interval=30)
+    s2.server.feed.listen = False                  # s2 hears of nothing by itself
+    on_reactor(s2.server.feed.listener.stop)
+    a, b = client(s1.address), client(s2.address, server_sync=True)
+    closing(a)
+    closing(b)
+    db_a, = open_dbs(closing, a)
+    b.ping()                                       # a fresh look: server 2 has the root
+    assert b.lastTransaction() == a.lastTransaction()
+    db_b, = open_dbs(closing, b)
+    for i in range(3):
+        commit(db_a, x=i)
+        # a new transaction through server 2, right after the commit returned
+        assert read(db_b, "x") == i

@@ -57,6 +57,12 @@ class Feed:
     def request_poll(self) -> None:
         """Look for others' commits now, where the feed can (no-op here)."""
 
+    def fresh(self) -> Deferred:
+        """A Deferred that fires once the server knows of every transaction
+        committed before this call, as far as the feed can tell (at once here:
+        the storage reports others' commits by itself)."""
+        return succeed(None)
+
     def catch_up(self, tid: bytes, timeout: float | None = None) -> Deferred:
         """A Deferred that fires (True) once the server's ``last_tid`` is at
         least ``tid``, or (False) after ``timeout`` seconds."""

@@ -204,6 +204,7 @@ class RelStorageFeed(Feed):
         self.keep_history = storage.root.keep_history
         self._own: dict = {}            # tid -> (committer, Deferred)
         self._busy = self._wanted = False
+        self._fresh: list = []          # Deferreds of fresh(), for the next poll
         self._failing = False
         self.listener = None
         #: whether to LISTEN for notifications (re-tried every tick)
@@ -245,18 +246,37 @@ class RelStorageFeed(Feed):
                                            quiet=True)
         self.request_poll()
 
+    def fresh(self):
+        """A Deferred that fires once a poll begun after this call has been
+        applied (at once while polls fail): what the server knows then
+        includes every transaction committed before the call."""
+        from twisted.internet.defer import Deferred, succeed
+        if self._failing:
+            return succeed(None)
+        d = Deferred()
+        self._fresh.append(d)
+        self.request_poll()
+        return d
+
     def _start(self) -> None:
         self._busy, self._wanted = True, False
+        waiters, self._fresh = self._fresh, []
         after = self.server.last_tid
         d = self.server.threads.in_order(self.poller.changes, after)
         d.addCallbacks(self._polled, self._poll_failed, (after,))
-        d.addBoth(self._poll_done)
+        d.addBoth(self._poll_done, waiters)
 
-    def _poll_done(self, _) -> None:
+    def _poll_done(self, _, waiters: list) -> None:
         self._busy = False
+        for d in waiters:
+            d.callback(None)
         if self._wanted or any(t > self.server.last_tid for t in self._own):
             if not self._failing:
                 self._start()
+                return
+        waiters, self._fresh = self._fresh, []      # polls fail: answer with what we have
+        for d in waiters:
+            d.callback(None)
 
     def _poll_failed(self, failure) -> None:
         if not self._failing:
@@ -300,6 +320,9 @@ class RelStorageFeed(Feed):
         for committer, d, _ in self._own.values():
             d.callback(None)
         self._own.clear()
+        waiters, self._fresh = self._fresh, []
+        for d in waiters:
+            d.callback(None)
         super().close()
         self.server.threads.in_order(self.poller.close)
 

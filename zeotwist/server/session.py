@@ -253,7 +253,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     @C.LastTransaction.responder
     def last_transaction(self):
-        return dict(tid=self.server.last_tid)
+        return self.server.last_transaction()
 
     @C.Info.responder
     def info(self):

@@ -135,6 +135,13 @@ class StorageServer:
             return self.feed.catch_up(tid).addCallback(lambda _: self._verify_now(tid))
         return self._verify_now(tid)
 
+    def last_transaction(self):
+        """The LastTransaction answer (a client's ``ping`` and, with
+        ``server_sync``, every transaction's start): where others write
+        through other servers, after a fresh look at the database, so a
+        transaction begun after a commit anywhere returned sees it."""
+        return self.feed.fresh().addCallback(lambda _: dict(tid=self.last_tid))
+
     def _verify_now(self, tid: bytes) -> dict:
         changed = None if tid > self.last_tid else self.invalidations.since(tid)
         return dict(last_tid=self.last_tid, complete=changed is not None,
