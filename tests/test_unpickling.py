@@ -79,6 +79,8 @@ def test_class_names_are_read_without_unpickling(tmp_path):
     for protocol in (1, 2, 3, 4):
         data = pickle.dumps(OOBucket, protocol) + pickle.dumps({}, protocol)
         assert pickle_class_name(data) == ("BTrees.OOBTree", "OOBucket"), protocol
+    as_names = pickle.dumps((("myapp.models", "Thing"), None), 3) + pickle.dumps({}, 3)
+    assert pickle_class_name(as_names) == ("myapp.models", "Thing")
     marker = tmp_path / "ran"
     assert pickle_class_name(exec_pickle(marker)) == ("builtins", "exec")
     assert not marker.exists()

@@ -19,6 +19,9 @@ __all__ = [
     "TransactionTooLarge",
     "TransactionStateError",
     "PickleRefused",
+    "OidOutOfRange",
+    "PackFailed",
+    "FinishFailed",
     "UnauditedStorage",
     "ReactorThreadError",
     "StorageServerError",
@@ -78,6 +81,21 @@ class PickleRefused(ZeotwistError):
     """The server will not unpickle these client bytes: they name a global
     its allow-list does not hold, or would build more than its limits allow
     (zeotwist.server.unpickling)."""
+
+
+class OidOutOfRange(ZeotwistError, StorageTransactionError):
+    """A client stored an oid the server never handed out, so high that the
+    storage's oid counter would run out (zeotwist.server.oids.OidRange)."""
+
+
+class PackFailed(ZeotwistError):
+    """A pack failed; the text says why (a record garbage collection cannot
+    read names it, and what to do)."""
+
+
+class FinishFailed(ZeotwistError):
+    """The storage's tpc_finish failed and the transaction is not committed
+    (one it committed anyway is answered as committed)."""
 
 
 class UnauditedStorage(ZeotwistError):

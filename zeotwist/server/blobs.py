@@ -262,6 +262,7 @@ def _spool_of(txn) -> BlobSpool:
 
 def apply_blob(storage, txn, oid, serial, payload):
     blob, data = decode_blob(payload)
+    txn.check_oid(oid)
     path = _spool_of(txn).take(blob)
     storage.storeBlob(oid, serial, data, path, "", txn.meta)
     txn.oids.append(oid)
@@ -269,6 +270,7 @@ def apply_blob(storage, txn, oid, serial, payload):
 
 def apply_restore_blob(storage, txn, oid, serial, payload):
     blob, data, prev_txn = decode_restore_blob(payload)
+    txn.check_oid(oid)
     path = _spool_of(txn).take(blob)
     storage.restoreBlob(oid, serial, data, path, prev_txn, txn.meta)
     txn.oids.append(oid)

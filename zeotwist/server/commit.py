@@ -17,6 +17,7 @@ holds the commit lock, so nothing else changes the storage meanwhile.
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, ReadConflictError, Unsupported
 
+from zeotwist.errors import FinishFailed
 from zeotwist.server.blobs import apply_blob, apply_restore_blob
 from zeotwist.server.storageapi import begin_restore
 from zeotwist.server.txnbuffer import TransactionBuffer
@@ -55,8 +56,10 @@ class ServerTransaction:
     where the storage calls below fill ``begun``, ``oids`` and ``undone``)."""
 
     def __init__(self, meta, buffer: TransactionBuffer, read_only: bool,
-                 tid: bytes | None = None, status: str = " "):
+                 tid: bytes | None = None, status: str = " ", check_oid=None):
         self.meta = meta
+        #: raises OidOutOfRange for an oid a client may not create (OidRange.check)
+        self.check_oid = check_oid or _any_oid
         self.buffer = buffer
         self.read_only = read_only
         self.state = TxnState()
@@ -64,6 +67,8 @@ class ServerTransaction:
         self.begun = False      # storage.tpc_begin was called (worker thread)
         self.oids: list = []                   # oids this transaction changes
         self.undone: list = []                 # oids undone in this transaction
+        #: what tpc_finish raised after committing (the commit stands)
+        self.finish_error: Exception | None = None
         #: the conflicts left to the client (a Resolution), if it resolves them
         self.resolution = None
         self.fixes: TransactionBuffer | None = None   # the client's resolved records
@@ -72,6 +77,10 @@ class ServerTransaction:
         self.buffer.close()
         if self.fixes is not None:
             self.fixes.close()
+
+
+def _any_oid(oid: bytes) -> None:
+    pass
 
 
 # -- the commit's storage calls (storage thread, commit lock held) --------------
@@ -129,11 +138,43 @@ def _tpc_vote(storage, txn: ServerTransaction) -> tuple:
 
 
 def finish(storage, txn: ServerTransaction) -> bytes:
-    """tpc_finish; the new transaction's tid."""
+    """tpc_finish; the new transaction's tid.
+
+    If tpc_finish raises, the storage is asked whether the transaction is
+    committed anyway (it called back with the tid and reports it as its
+    last transaction): then the tid is returned and ``txn.finish_error``
+    keeps the error, else FinishFailed says it is not committed.  Either
+    way tpc_abort is called, so a storage that raised half-way releases its
+    own commit lock (MappingStorage does; see docs/security.md).
+    """
     tids = []
-    storage.tpc_finish(txn.meta, tids.append)
+    try:
+        storage.tpc_finish(txn.meta, tids.append)
+    except Exception as e:
+        committed = bool(tids) and _last_transaction(storage) == tids[0]
+        _release(storage, txn)
+        if not committed:
+            raise FinishFailed("tpc_finish failed; the transaction was not committed: "
+                               "%s: %s" % (type(e).__name__, e)) from e
+        txn.finish_error = e
     txn.close_buffers()
     return tids[0]
+
+
+def _last_transaction(storage):
+    try:
+        return storage.lastTransaction()
+    except Exception:            # closed by its own failure (FileStorage)
+        return None
+
+
+def _release(storage, txn: ServerTransaction) -> None:
+    """tpc_abort after a failed tpc_finish, so the storage lets go of its lock."""
+    txn.begun = False            # the abort path must not call it again
+    try:
+        storage.tpc_abort(txn.meta)
+    except Exception:
+        pass
 
 
 def abort(storage, txn: ServerTransaction) -> None:
@@ -155,6 +196,7 @@ def _storage_method(storage, name):
 
 
 def apply_store(storage, txn, oid, serial, data):
+    txn.check_oid(oid)
     storage.store(oid, serial, data, "", txn.meta)
     txn.oids.append(oid)
 
@@ -173,6 +215,7 @@ def apply_undo(storage, txn, oid, serial, payload):
 
 def apply_restore(storage, txn, oid, serial, payload):
     data, prev_txn = decode_restore(payload)
+    txn.check_oid(oid)
     _storage_method(storage, "restore")(oid, serial, data, "", prev_txn, txn.meta)
     txn.oids.append(oid)
 

@@ -7,11 +7,55 @@ small file (fsynced) *before* handing out any oid beyond it, reserving
 ``step`` oids at a time, and on start moves the storage's counter past the
 mark.  A crash then wastes at most ``step`` oids, and never reuses one.
 
-Runs on the reactor thread (one small fsync per ``step`` oids).
+:class:`OidRange` keeps clients from exhausting the oid space: a storage
+continues counting from the highest oid stored, so one store of oid
+``0xffffffffffffffff`` would make every later ``new_oid`` overflow, for
+good (the storage finds that oid again when it restarts).
+
+Runs on the reactor thread (one small fsync per ``step`` oids), except
+:meth:`OidRange.check` (the storage thread, at vote).
 """
 import os
 
 from ZODB.utils import p64, u64
+
+from zeotwist.errors import OidOutOfRange
+
+#: The highest oid a client may store that the server has not handed out:
+#: the top half of the oid space stays for the storage's counter, however
+#: high a writer goes (storages hand oids out from 0 upward).
+OID_CEILING = 2**63 - 1
+OID_MAX = 2**64 - 1
+
+
+class OidRange:
+    """Which oids a client may store: up to :data:`OID_CEILING`, or up to
+    the highest oid this server (or the storage's counter) has handed out."""
+
+    def __init__(self, highest_issued: int = 0):
+        self.highest = max(OID_CEILING, highest_issued)
+
+    def issued(self, oids: list) -> None:
+        """The server handed ``oids`` out (reactor thread)."""
+        if oids:
+            self.highest = max(self.highest, u64(max(oids)))
+
+    def check(self, oid: bytes) -> None:
+        """Raise OidOutOfRange unless a client may store ``oid``."""
+        if u64(oid) > self.highest:
+            raise OidOutOfRange(
+                "oid 0x%016x was never handed out and is above 0x%016x: storing it "
+                "would use up the storage's oids" % (u64(oid), OID_CEILING))
+
+
+def storage_counter(storage) -> int:
+    """The highest oid ``storage``'s counter has reached, where it shows it
+    (FileStorage, MappingStorage: ``_oid``; DemoStorage: ``_next_oid``)."""
+    counter = getattr(storage, "_oid", None)
+    if isinstance(counter, bytes) and len(counter) == 8:
+        return u64(counter)
+    counter = getattr(storage, "_next_oid", None)
+    return counter if isinstance(counter, int) else 0
 
 
 class OidReservation:
@@ -24,6 +68,11 @@ class OidReservation:
         if saved and hasattr(storage, "set_max_oid"):
             storage.set_max_oid(p64(saved))
         self._mark = saved
+
+    @property
+    def mark(self) -> int:
+        """No oid up to this one is handed out again, even after a crash."""
+        return self._mark
 
     def _read(self) -> int:
         try:
@@ -46,6 +95,6 @@ class OidReservation:
         oids = [new_oid() for _ in range(count)]
         highest = u64(max(oids))
         if highest > self._mark:
-            self._mark = highest + self.step
+            self._mark = min(highest + self.step, OID_MAX)
             self._write(self._mark)
         return oids

@@ -22,7 +22,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from zeotwist.errors import (
-    PickleRefused, ProtocolVersionError, RemoteProtocolError, TransactionStateError,
+    FinishFailed, PickleRefused, ProtocolVersionError, RemoteProtocolError, TransactionStateError,
     TransactionTooLarge, UnknownStorage)
 from zeotwist.server.auth import AuthResponders
 from zeotwist.server import commit
@@ -276,7 +276,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         meta = ClientMetaData(user, description, extension)
         buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes,
                                    budgets=self.budgets)
-        self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ")
+        self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ",
+                                      self.server.oid_range.check)
         self.transaction_opened(self._txn)      # guards: --vote-timeout
         return {}
 
@@ -369,6 +370,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     def _finished(self, tid, txn):
         txn.state.move(Event.FINISHED)
+        if txn.finish_error is not None:
+            _log.error("zeotwist: tpc_finish of storage {name!r} raised after committing "
+                       "{tid}: {err}; the commit stands", name=self.server.name,
+                       tid=tid.hex(), err=repr(txn.finish_error))
         # a Deferred when the feed announces our commit among others' (RelStorage)
         d = maybeDeferred(self.server.committed, tid, txn.oids, self)
         d.addBoth(self._release_lock)
@@ -379,7 +384,11 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         return result
 
     def _finish_failed(self, failure, txn):
-        _log.failure("tpc_finish failed; aborting", failure)
+        if failure.check(FinishFailed):       # the storage raised; not committed
+            _log.error("zeotwist: storage {name!r}: {why}", name=self.server.name,
+                       why=failure.value)
+        else:
+            _log.failure("tpc_finish failed; aborting", failure)
         left = txn.state.move(Event.FINISH_FAILED)
         return self._discard(txn, left).addCallback(lambda _: failure)
 

@@ -33,6 +33,8 @@ from ZODB.DemoStorage import DemoStorage
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
 
+from zeotwist.errors import PackFailed
+from zeotwist.server.pack import pack_storage
 from zeotwist.server.storagesafety import filestorage_of
 from zeotwist.wire import commands as C
 
@@ -99,17 +101,18 @@ class StorageAPIResponders(amp.CommandLocator):
             raise ReadOnlyError("read-only connections may not pack this server "
                                 "(see its --allow-read-only-pack option)")
         _log.info("zeotwist: packing storage {name!r} as of {t}", name=server.name, t=time)
-        d = self.server.threads.in_pool(self._pack_in_thread, time, gc)
-        d.addCallback(lambda _: _log.info("zeotwist: pack of {name!r} done", name=server.name))
+        d = self.server.threads.in_pool(pack_storage, server.storage, time, gc)
+        d.addCallbacks(lambda _: _log.info("zeotwist: pack of {name!r} done", name=server.name),
+                       self._pack_failed)
         return d.addCallback(lambda _: {})
 
-    def _pack_in_thread(self, t, gc):
-        from ZODB.serialize import referencesf
-        storage = self.server.storage
-        if gc is None:
-            storage.pack(t, referencesf)
-        else:
-            storage.pack(t, referencesf, gc=gc)
+    def _pack_failed(self, failure):
+        """One log line and a PackFailed that says why (never an empty error)."""
+        why = failure.value
+        if not isinstance(why, PackFailed):
+            why = PackFailed("%s: %s" % (type(why).__name__, why))
+        _log.error("zeotwist: pack of {name!r} failed: {why}", name=self.server.name, why=why)
+        raise why
 
     # -- iteration -------------------------------------------------------------
     @C.IteratorStart.responder

@@ -14,13 +14,14 @@ Runs on the reactor thread, except the functions passed to ``threads``.
 import time
 
 from twisted.logger import Logger
+from ZODB.POSException import StorageError
 from twisted.protocols import amp
 
 from zeotwist.server.commitlock import CommitLock
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
-from zeotwist.server.oids import OidReservation
+from zeotwist.server.oids import OidRange, OidReservation, storage_counter
 from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.server.storagesafety import components, reads_extension
 from zeotwist.server.unpickling import guard_zodb
@@ -59,6 +60,9 @@ class StorageServer:
             oid_reservation_path = name + ".oids" if isinstance(name, str) else None
         if oid_reservation_path is not None and not self.read_only:
             self._oids = OidReservation(storage, oid_reservation_path)
+        #: the oids a client may store (none near the top of the oid space)
+        self.oid_range = OidRange(max(storage_counter(storage),
+                                      self._oids.mark if self._oids is not None else 0))
         #: conflicts are left to clients that resolve them (zeotwist.server.resolution)
         self.client_conflict_resolution = client_conflict_resolution
         guard_zodb()        # ZODB's ConflictError(data=) names a class without unpickling
@@ -85,10 +89,17 @@ class StorageServer:
     def new_oids(self, count: int) -> list:
         """``count`` fresh oids, never handed out before, even across a crash
         (when the server keeps an oid reservation file)."""
-        if self._oids is not None:
-            return self._oids.new_oids(count)
-        new_oid = self.storage.new_oid
-        return [new_oid() for _ in range(count)]
+        try:
+            if self._oids is not None:
+                oids = self._oids.new_oids(count)
+            else:
+                new_oid = self.storage.new_oid
+                oids = [new_oid() for _ in range(count)]
+        except OverflowError:       # a storage written before oids were bounded
+            raise StorageError("storage %r has no oids left: an oid near 2**64 was "
+                               "stored in it" % self.name) from None
+        self.oid_range.issued(oids)
+        return oids
 
     # -- sessions ------------------------------------------------------------
     def register(self, session) -> None:

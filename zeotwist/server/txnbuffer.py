@@ -85,8 +85,9 @@ class TransactionBuffer:
     def records(self, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
         if self.too_large:
             raise TransactionTooLarge(self._refusal)
+        stream_bytes = self._file.seek(0, 2)    # the stream alone (size counts blobs too)
         self._file.seek(0)
-        return iter_records(self._file, kinds)
+        return iter_records(self._file, kinds, stream_bytes)
 
     def close(self) -> None:
         self._file.close()

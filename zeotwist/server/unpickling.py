@@ -176,8 +176,12 @@ def pickle_class_name(data: bytes) -> tuple[str, str]:
                 strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
             elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                 return strings[-2], strings[-1]
+            elif op.name == "STOP":
+                break
     except Exception:
         pass
+    if len(strings) >= 2:         # ((module, name), args): ZODB's formats 3 and 4
+        return strings[0], strings[1]
     return "", ""
 
 

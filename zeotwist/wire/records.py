@@ -66,13 +66,17 @@ def encode_check(oid: bytes, serial: bytes) -> bytes:
     return encode(CHECK, oid, serial)
 
 
-def iter_records(f: BinaryIO, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
+def iter_records(f: BinaryIO, kinds=None,
+                 size: int | None = None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
     """Yield ``(kind, oid, serial, payload)`` from ``f``.
 
     Raises RemoteProtocolError on a truncated record, or a kind not in
-    ``kinds`` (when given).
+    ``kinds`` (when given).  ``size``: the bytes ``f`` holds; a header
+    claiming more than is left is refused before anything is read for it
+    (reading it would first allocate what it claims, up to 4 GiB).
     """
     read = f.read
+    left = size
     while True:
         head = read(HEAD_SIZE)
         if not head:
@@ -82,6 +86,12 @@ def iter_records(f: BinaryIO, kinds=None) -> Iterator[tuple[bytes, bytes, bytes,
         kind, oid, serial, length = _HEAD.unpack(head)
         if kinds is not None and kind not in kinds:
             raise RemoteProtocolError("unknown record kind %r" % kind)
+        if left is not None:
+            left -= HEAD_SIZE
+            if length > left:
+                raise RemoteProtocolError(
+                    "a record claims %d bytes, %d are left in the transaction" % (length, left))
+            left -= length
         payload = read(length)
         if len(payload) != length:
             raise RemoteProtocolError("truncated record payload")
