@@ -41,15 +41,10 @@ from ZODB.utils import p64, u64
 from zeotwist.server.conflicts import RestrictedResolver
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, Feed
 from zeotwist.server.mvcc import PerThreadStorage
+from zeotwist.server.pgnotify import CHANNEL, Listener
 
 _log = Logger()
 
-CHANNEL = "zeotwist_commits"
-_TRIGGER_SQL = (
-    "CREATE OR REPLACE FUNCTION zeotwist_notify_commit() RETURNS trigger "
-    "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('%s', ''); RETURN NULL; END $$; "
-    "CREATE OR REPLACE TRIGGER zeotwist_notify_commit AFTER INSERT OR UPDATE "
-    "ON object_state FOR EACH STATEMENT EXECUTE FUNCTION zeotwist_notify_commit()" % CHANNEL)
 _COMMIT_METHODS = ("store", "tpc_begin", "tpc_vote", "tpc_finish", "checkCurrentSerialInTransaction",
                    "undo", "restore", "deleteObject", "storeBlob", "restoreBlob")
 
@@ -325,90 +320,3 @@ class RelStorageFeed(Feed):
             d.callback(None)
         super().close()
         self.server.threads.in_order(self.poller.close)
-
-
-class Listener:
-    """LISTEN on a PostgreSQL connection the reactor watches for input
-    (psycopg2; an IReadDescriptor).  ``on_notify()`` runs on the reactor
-    thread once per burst of notifications."""
-
-    def __init__(self, reactor, conn, on_notify, trigger: bool = True):
-        self.reactor, self.conn, self.on_notify = reactor, conn, on_notify
-        #: whether the database notifies every commit (else only ours, by hand)
-        self.trigger = trigger
-        self.alive = True
-        reactor.addReader(self)
-
-    @classmethod
-    def start(cls, reactor, root, on_notify, quiet: bool = False):
-        """A Listener, or None where the database cannot notify (logged
-        unless ``quiet``)."""
-        try:
-            import psycopg2
-            conn = psycopg2.connect(root._adapter.connmanager._dsn,
-                                    application_name="zeotwist-listen")
-        except Exception as e:
-            if not quiet:
-                _log.warn("zeotwist: no PostgreSQL notifications ({err}); polling only",
-                          err=str(e).strip())
-            return None
-        trigger = True
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                try:
-                    install_trigger(cur)
-                except psycopg2.Error as e:
-                    trigger = False
-                    if not quiet:
-                        _log.warn("zeotwist: cannot install the commit trigger ({err}); "
-                                  "notifying after this server's own commits, polling "
-                                  "for other writers", err=str(e).strip())
-                cur.execute("LISTEN %s" % CHANNEL)
-        except Exception as e:
-            conn.close()
-            if not quiet:
-                _log.warn("zeotwist: cannot LISTEN ({err}); polling only", err=str(e).strip())
-            return None
-        return cls(reactor, conn, on_notify, trigger)
-
-    def fileno(self) -> int:
-        return self.conn.fileno()
-
-    def logPrefix(self) -> str:
-        return "zeotwist-listen"
-
-    def doRead(self):
-        try:
-            self.conn.poll()
-        except Exception as e:
-            return e                  # the reactor calls connectionLost
-        if self.conn.notifies:
-            del self.conn.notifies[:]
-            self.on_notify()
-        return None
-
-    def connectionLost(self, reason) -> None:
-        if self.alive:
-            _log.warn("zeotwist: lost the PostgreSQL notification connection; "
-                      "polling until it is back")
-        self.stop()
-
-    def stop(self) -> None:
-        if self.alive:
-            self.alive = False
-            self.reactor.removeReader(self)
-            try:
-                self.conn.close()
-            except Exception:
-                pass
-
-
-def install_trigger(cursor) -> None:
-    """The statement trigger that notifies CHANNEL after each commit that
-    writes objects, unless it is there (creating it locks ``object_state``
-    briefly; needs the right to create triggers)."""
-    cursor.execute("SELECT 1 FROM pg_trigger WHERE tgname = 'zeotwist_notify_commit' "
-                   "AND tgrelid = 'object_state'::regclass")
-    if cursor.fetchone() is None:
-        cursor.execute(_TRIGGER_SQL)
