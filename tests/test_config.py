@@ -126,12 +126,12 @@ def test_every_key_reaches_client_storage(monkeypatch):
         "server 127.0.0.1:9", "storage other", "cache-size 3MB", "name fred",
         "read-only on", "wait off", "wait-timeout 1.5", "timeout 7",
         "server-sync on", "client fred", "var /tmp/x", "read-only-fallback on",
-        "allow-older-server on", "server 127.0.0.1:10"))
+        "allow-older-server on", "server 127.0.0.1:10", "reference-prefetch off"))
     assert seen == dict(addr=[("127.0.0.1", 9), ("127.0.0.1", 10)], storage="other",
                         cache_size=3 * 2**20, name="fred", read_only=True, wait=False,
                         wait_timeout=1.5, timeout=7.0, server_sync=True, reactor=sentinel,
                         client="fred", var="/tmp/x", read_only_fallback=True,
-                        allow_older_server=True)
+                        allow_older_server=True, reference_prefetch=False)
 
 
 def test_defaults_match_client_storage(monkeypatch):
@@ -140,7 +140,7 @@ def test_defaults_match_client_storage(monkeypatch):
     ZODB.config.storageFromString(section("server 127.0.0.1:9"))
     assert seen == dict(storage="1", cache_size=20 * 2**20, name="", read_only=False,
                         wait=True, wait_timeout=30.0, timeout=300.0, server_sync=False,
-                        reactor=None)
+                        reference_prefetch=True, reactor=None)
 
 
 def test_read_only(server, bg_config, closing):

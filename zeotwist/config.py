@@ -100,4 +100,5 @@ class ZeotwistClient(BaseConfig):
             servers[0] if len(servers) == 1 else list(servers),
             storage=c.storage, cache_size=c.cache_size, name=c.name,
             read_only=c.read_only, wait_timeout=c.wait_timeout, wait=c.wait,
-            timeout=c.timeout, server_sync=c.server_sync, reactor=reactor, **extra)
+            timeout=c.timeout, server_sync=c.server_sync, reference_prefetch=c.reference_prefetch,
+            reactor=reactor, **extra)

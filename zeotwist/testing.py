@@ -78,12 +78,16 @@ class Recorder:
 
     def __init__(self):
         self.invalidations = []
+        self.prefetched_records = []
         self.lost = []
 
     reactor = None
 
     def invalidated(self, proto, tid, oids):
         self.invalidations.append((tid, list(oids)))
+
+    def prefetched(self, proto, records):
+        self.prefetched_records.extend(records)
 
     def connection_lost(self, proto, reason):
         self.lost.append(reason)

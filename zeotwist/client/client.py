@@ -81,8 +81,12 @@ class Client(StorageCallsMixin):
                  wait_timeout: float = 30.0, retry_policy=None,
                  read_only_fallback: bool = False, fallback_check_interval: float = 5.0,
                  credentials: tuple | None = None, storage_factory=None,
-                 allow_older_server: bool = False):
+                 allow_older_server: bool = False, reference_prefetch: bool = True):
         self.reactor = reactor
+        #: ask the server for reference prefetch (records of referenced
+        #: objects in LoadBefore answers, stored in the cache by the protocol)
+        self.reference_prefetch = reference_prefetch
+        self.prefetched = 0          # records so received
         self.storage_name = storage
         self.read_only = read_only
         self.cache = cache if cache is not None else ClientCache(cache_size)
@@ -206,6 +210,17 @@ class Client(StorageCallsMixin):
 
         event = Invalidation(tid, tuple(written) + tuple(changed), local=True)
         self.make_visible(tid, event, refresh)
+
+    def store_prefetched(self, records: list) -> None:
+        """Cache the records that rode along with a LoadBefore answer
+        (``[(oid, data, start, end)]``, zeotwist.wire.prefetch), each with
+        its exact validity.  Called while the answer's box is handled, so
+        before any later Invalidate is applied: one that ends a revision
+        stored here finds it in the cache and ends it."""
+        store = self.cache.store
+        for oid, data, start, end in records:
+            store(oid, start, end, data)
+        self.prefetched += len(records)
 
     # -- reads -------------------------------------------------------------------
     def last_transaction(self) -> bytes:

@@ -178,6 +178,10 @@ class Connector:
         if proto is self.protocol:        # else: a handshake's, or a dead connection's
             self._client.apply_invalidation(tid, oids)
 
+    def prefetched(self, proto, records: list) -> None:
+        if proto is self.protocol:        # as for invalidated: the live connection only
+            self._client.store_prefetched(records)
+
     def connection_lost(self, proto, reason) -> None:
         if proto is self.protocol:
             self.protocol = None
@@ -214,7 +218,8 @@ class Connector:
     def send_register(self, proto, read_only: bool) -> Deferred:
         """Register on ``proto``; a Deferred of the server's answer."""
         return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
-                          storage=self._client.storage_name, read_only=read_only)
+                          storage=self._client.storage_name, read_only=read_only,
+                          prefetch=self._client.reference_prefetch)
 
     def _maybe_fall_back(self, failure, proto):
         """A read-only server refused a writable client: try the other

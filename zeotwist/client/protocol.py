@@ -6,7 +6,8 @@ wire code by :mod:`zeotwist.wire.codes`); the AMP-level Deferred always ends
 handled, so an error answer never drops the connection.  The server's
 ``Invalidate`` is handed to the protocol's owner (a
 :class:`~zeotwist.client.connector.Connector`: ``owner.invalidated(proto,
-tid, oids)``, ``owner.connection_lost(proto, reason)``, ``owner.reactor``)
+tid, oids)``, ``owner.prefetched(proto, records)``,
+``owner.connection_lost(proto, reason)``, ``owner.reactor``)
 synchronously, in the order boxes arrive, and so is every answer: a load
 result reaches the cache before the next box is parsed.
 
@@ -23,6 +24,7 @@ from zeotwist.errors import ClientDisconnected, WrongServer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
+from zeotwist.wire import prefetch
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
     CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP)
@@ -55,6 +57,8 @@ class _LoadAnswer:
     def callback(self, box):
         try:
             value = fast.read_load_before_answer(box, self.proto)
+            if b"prefetch" in box:
+                self.proto.owner.prefetched(self.proto, prefetch.decode(box[b"prefetch"]))
         except Exception as e:
             self.proto.protocolViolation("bad LoadBefore answer: %s" % e)
             self.result.errback(ClientDisconnected("bad answer from server: %s" % e))

@@ -50,6 +50,9 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         (with ``wait=True``) and for any call made while disconnected, before
         raising :class:`~zeotwist.errors.ClientDisconnected`.
     :param timeout: seconds a call waits for its answer once sent.
+    :param reference_prefetch: ask the server for reference prefetch: LoadBefore answers
+        also bring records of the objects the loaded record references
+        (default True; docs/performance.md).
     :param read_only_fallback: if no writable server answers, use a
         read-only one (the storage is then read-only) and move back to a
         writable server when one appears.
@@ -88,6 +91,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                  shared_blob_dir: bool = False, blob_cache_size: int | None = None,
                  blob_cache_size_check: int = 10, username: str | None = None,
                  password: str | None = None, tls=None, allow_older_server: bool = False,
+                 reference_prefetch: bool = True,
                  **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
@@ -106,6 +110,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                             read_only_fallback=read_only_fallback,
                             fallback_check_interval=fallback_check_interval,
                             credentials=credentials, allow_older_server=allow_older_server,
+                            reference_prefetch=reference_prefetch,
                             storage_factory=ClientStorage.from_client)
         self._setup(connection, addr, name, timeout, server_sync, owns_client=True)
         self._tls = tls

@@ -200,7 +200,8 @@ class ServerService(service.Service):
                 invalidation_queue_size=s.invalidation_queue_size,
                 conflict_classes=self.conflict_classes,
                 client_conflict_resolution=s.client_conflict_resolution,
-                poll_interval=s.poll_interval)
+                poll_interval=s.poll_interval,
+                prefetch_count=s.prefetch_count, prefetch_bytes=s.prefetch_bytes)
             server.allow_read_only_pack = s.allow_read_only_pack
             return server
         except Exception as e:

@@ -36,6 +36,7 @@ from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RateLimitedLog,
     RefusedConnection, pending_output)
 from zeotwist.server.resolution import Resolution
+from zeotwist.server.prefetch import Prefetcher
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import IN_STORAGE, Event, State
@@ -62,6 +63,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.server = None          # the StorageServer, once registered
         self.read_only = True
         self._txn: ServerTransaction | None = None
+        #: reference prefetch for this client, if it asked and the server allows
+        self.prefetcher: Prefetcher | None = None
 
     # -- connection life -----------------------------------------------------
     def connectionMade(self):
@@ -180,12 +183,20 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             r = self.server.storage.loadBefore(oid, tid)
         except Exception:
             return False
-        frame = fast.load_before_answer(ask, r)
-        if frame is None:
-            return False
+        if r is not None and len(r[0]) > fast.MAX_VALUE:
+            return False                     # AMP's path splits it (and prefetches)
+        frame = fast.load_before_answer(ask, r, self._prefetch(oid, r, tid))
         self.server.stats["loads"] += 1
         self.emit(frame)
         return True
+
+    def _prefetch(self, oid: bytes, r: tuple, tid: bytes) -> bytes | None:
+        """The ``prefetch`` value to add to the answer ``r`` (zeotwist.server.prefetch)."""
+        prefetcher = self.prefetcher
+        if prefetcher is None or r is None:
+            return None
+        prefetcher.answered(oid, r[2])
+        return prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
 
     def transaction_timed_out(self):
         _log.warn("transaction of {peer} held the commit lock too long; "
@@ -206,7 +217,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     # -- handshake -------------------------------------------------------------
     @C.Register.responder
-    def register(self, protocol, storage, read_only):
+    def register(self, protocol, storage, read_only, prefetch=False):
         if self.server is not None:
             raise StorageTransactionError("already registered")
         if protocol != C.PROTOCOL_VERSION:
@@ -225,6 +236,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             self._handshake_timer.cancel()
         self._handshake_timer = None
         self.server, self.read_only = server, read_only or server.read_only
+        if prefetch and server.prefetch_count > 0:
+            self.prefetcher = Prefetcher(server.prefetch_count, server.prefetch_bytes)
         server.register(self)
         self.registered()                       # guards: box size, idle timeout
         return dict(last_tid=server.last_tid, read_only=self.read_only,
@@ -243,9 +256,13 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if r is None:
             return dict(found=False)
         data, start, end = r
-        if end is None:
-            return dict(found=True, data=data, start=start)
-        return dict(found=True, data=data, start=start, end=end)
+        answer = dict(found=True, data=data, start=start)
+        if end is not None:
+            answer["end"] = end
+        more = self._prefetch(oid, r, tid)
+        if more is not None:
+            answer["prefetch"] = more
+        return answer
 
     @C.LoadSerial.responder
     def load_serial(self, oid, serial):

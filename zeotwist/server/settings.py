@@ -37,7 +37,9 @@ from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT
 from zeotwist.server.iterators import DEFAULT_ITERATOR_TIMEOUT, DEFAULT_MAX_ITERATORS
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
 from zeotwist.server.storageserver import (
-    DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_TRANSACTION_TIMEOUT)
+    DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_PREFETCH_BYTES,
+    DEFAULT_PREFETCH_COUNT, DEFAULT_TRANSACTION_TIMEOUT)
+from zeotwist.wire.prefetch import MAX_BYTES as MAX_PREFETCH_BYTES
 
 DEFAULT_LISTEN = "tcp:8100:interface=127.0.0.1"
 
@@ -155,6 +157,14 @@ class ServerSettings:
         DEFAULT_INVALIDATION_QUEUE_SIZE, "How many recent transactions the server "
         "remembers, so reconnecting clients can verify their caches instead of "
         "dropping them", coerce=int)
+    prefetch_count: int = option(
+        DEFAULT_PREFETCH_COUNT, "Reference prefetch: at most this many records of "
+        "referenced objects ride along with one LoadBefore answer, for clients that take "
+        "them (0 = no prefetch)", coerce=int, minimum=0)
+    prefetch_bytes: int = option(
+        DEFAULT_PREFETCH_BYTES, "Reference prefetch: at most this many bytes of "
+        "prefetched records per LoadBefore answer (at most %d)" % MAX_PREFETCH_BYTES,
+        coerce=byte_size, minimum=0)
     max_connections: int = option(
         DEFAULT_MAX_CONNECTIONS, "Concurrent client connections; more are closed at "
         "once. Kept %d below the file-descriptor limit" % FD_RESERVE, coerce=int,
@@ -231,6 +241,9 @@ class ServerSettings:
             if least is not None and getattr(self, f.name) < least:
                 return "%s must be at least %s, not %s" % (
                     cli_name(f), least, getattr(self, f.name))
+        if self.prefetch_bytes > MAX_PREFETCH_BYTES:
+            return "prefetch-bytes must be at most %d, not %d" % (
+                MAX_PREFETCH_BYTES, self.prefetch_bytes)
         return check_tls_auth(self)
 
 

@@ -31,6 +31,9 @@ _log = Logger()
 
 DEFAULT_TRANSACTION_TIMEOUT = 60.0
 DEFAULT_INVALIDATION_QUEUE_SIZE = 100
+#: Reference prefetch: records and bytes at most per LoadBefore answer.
+DEFAULT_PREFETCH_COUNT = 250
+DEFAULT_PREFETCH_BYTES = 60_000
 
 
 class StorageServer:
@@ -40,9 +43,13 @@ class StorageServer:
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
                  conflict_classes=(), client_conflict_resolution: bool = False,
-                 poll_interval: float = DEFAULT_POLL_INTERVAL):
+                 poll_interval: float = DEFAULT_POLL_INTERVAL,
+                 prefetch_count: int = DEFAULT_PREFETCH_COUNT,
+                 prefetch_bytes: int = DEFAULT_PREFETCH_BYTES):
         storage = served_storage(storage)       # IMVCC: one instance per thread
         self.storage = storage
+        #: reference prefetch bounds per LoadBefore answer (0 records: off)
+        self.prefetch_count, self.prefetch_bytes = prefetch_count, prefetch_bytes
         self.name = name
         self.read_only = read_only or storage.isReadOnly()
         self.reactor = reactor
@@ -129,6 +136,9 @@ class StorageServer:
         box[amp.COMMAND] = Invalidate.commandName
         frame = box.serialize()
         for session in list(self.sessions):
+            prefetcher = getattr(session, "prefetcher", None)
+            if prefetcher is not None:        # its copies are no longer current
+                prefetcher.forget(oids)
             if session is not committer:
                 session.send_frame(frame)
 

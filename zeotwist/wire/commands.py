@@ -25,12 +25,14 @@ class _Command(amp.Command):
 # -- client -> server ---------------------------------------------------------
 
 class Register(_Command):
-    """Handshake: protocol version, storage name, access mode."""
+    """Handshake: protocol version, storage name, access mode, and whether
+    the client takes prefetched records in LoadBefore answers."""
     commandName = b"Register"
     arguments = [
         (b"protocol", amp.Unicode()),
         (b"storage", amp.Unicode()),
         (b"read_only", amp.Boolean()),
+        (b"prefetch", amp.Boolean(optional=True)),
     ]
     response = [
         (b"last_tid", Id8()),
@@ -60,7 +62,8 @@ class Verify(_Command):
 
 
 class LoadBefore(_Command):
-    """The revision of ``oid`` that was current just before ``tid``."""
+    """The revision of ``oid`` that was current just before ``tid``; with
+    ``prefetch`` (:mod:`zeotwist.wire.prefetch`), records it references."""
     commandName = b"LoadBefore"
     arguments = [(b"oid", Id8()), (b"tid", Id8())]
     response = [
@@ -68,6 +71,7 @@ class LoadBefore(_Command):
         (b"data", BigBytes(optional=True)),
         (b"start", Id8(optional=True)),
         (b"end", Id8(optional=True)),
+        (b"prefetch", amp.String(optional=True)),
     ]
 
 

@@ -36,7 +36,7 @@ _ANY = object()           # a field of any length below MAX_VALUE
 def _spec(argument) -> object:
     if isinstance(argument, Id8):
         return _FIXED
-    if isinstance(argument, (BigBytes, amp.Integer)):
+    if isinstance(argument, (BigBytes, amp.Integer, amp.String)):
         return _ANY
     raise TypeError("no fast encoding for %r" % (argument,))
 
@@ -89,13 +89,21 @@ _REQUEST, slots = _template(_fields(
     _LOAD.arguments, amp.ASK, {amp.COMMAND: _LOAD.commandName}))
 _expect(slots, amp.ASK, b"oid", b"tid")
 _MISSING, slots = _template(_fields(
-    _LOAD.response, amp.ANSWER, {b"found": b"False"}, (b"data", b"start", b"end")))
+    _LOAD.response, amp.ANSWER, {b"found": b"False"},
+    (b"data", b"start", b"end", b"prefetch")))
 _expect(slots, amp.ANSWER)
 _CURRENT, slots = _template(_fields(
-    _LOAD.response, amp.ANSWER, {b"found": b"True"}, (b"end",)))
+    _LOAD.response, amp.ANSWER, {b"found": b"True"}, (b"end", b"prefetch")))
 _expect(slots, amp.ANSWER, b"data", b"start")
-_REPLACED, slots = _template(_fields(_LOAD.response, amp.ANSWER, {b"found": b"True"}))
+_REPLACED, slots = _template(_fields(
+    _LOAD.response, amp.ANSWER, {b"found": b"True"}, (b"prefetch",)))
 _expect(slots, amp.ANSWER, b"data", b"end", b"start")
+# with reference prefetch (zeotwist.wire.prefetch): the same, plus its value
+_CURRENT_P, slots = _template(_fields(
+    _LOAD.response, amp.ANSWER, {b"found": b"True"}, (b"end",)))
+_expect(slots, amp.ANSWER, b"data", b"prefetch", b"start")
+_REPLACED_P, slots = _template(_fields(_LOAD.response, amp.ANSWER, {b"found": b"True"}))
+_expect(slots, amp.ANSWER, b"data", b"end", b"prefetch", b"start")
 _REQUEST_KEYS = frozenset({amp.ASK, amp.COMMAND} | {name for name, _ in _LOAD.arguments})
 
 
@@ -118,16 +126,26 @@ def read_load_before_request(box) -> tuple | None:
     return box[amp.ASK], oid, tid
 
 
-def load_before_answer(tag: bytes, record) -> bytes | None:
+def load_before_answer(tag: bytes, record, prefetched: bytes | None = None) -> bytes | None:
     """The answer to LoadBefore ``tag``: ``record`` is ``(data, start, end)``
-    or None (not found).  None when ``data`` does not fit one AMP value
-    (AMP's path splits it)."""
+    or None (not found); ``prefetched``, a ``prefetch`` value (at most
+    ``MAX_VALUE`` bytes) or None.  None when ``data`` does not fit one AMP
+    value (AMP's path splits it)."""
     if record is None:
         c = _MISSING
         return b"".join((c[0], _H(len(tag)), tag, c[1]))
     data, start, end = record
     if len(data) > MAX_VALUE:
         return None
+    if prefetched is not None:
+        p = _H(len(prefetched)) + prefetched
+        if end is None:
+            c = _CURRENT_P
+            return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], p,
+                             c[3], start, c[4]))
+        c = _REPLACED_P
+        return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], end,
+                         c[3], p, c[4], start, c[5]))
     if end is None:
         c = _CURRENT
         return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], start,
