@@ -65,6 +65,20 @@ def test_load_before_answer_is_amps_own(record):
         assert (parsed["data"], parsed["start"], parsed["end"]) == record
 
 
+@pytest.mark.parametrize("record", RECORDS[1:4], ids=["empty", "current", "replaced"])
+@pytest.mark.parametrize("prefetched", [b"", b"p" * 100, b"q" * 60_000])
+def test_load_before_answer_with_prefetch_is_amps_own(record, prefetched):
+    tag = b"7f"
+    frame = fast.load_before_answer(tag, record, prefetched)
+    data, start, end = record
+    values = {"found": True, "data": data, "start": start, "end": end, "prefetch": prefetched}
+    assert frame == amp_frame(C.LoadBefore, values, amp.ANSWER, tag, response=True)
+    box = parse_one(frame)
+    del box[amp.ANSWER]
+    assert fast.read_load_before_answer(amp.AmpBox(box), None) == record
+    assert C.LoadBefore.parseResponse(amp.AmpBox(box), None)["prefetch"] == prefetched
+
+
 def test_a_record_over_one_value_takes_amps_path_and_still_reads():
     data = b"y" * (fast.MAX_VALUE + 10)
     assert fast.load_before_answer(b"1", (data, START, None)) is None
