@@ -397,6 +397,10 @@ def test_server_sync_sees_a_commit_made_through_another_server_at_once(pg_dsn, c
     b.ping()                                       # a fresh look: server 2 has the root
     assert b.lastTransaction() == a.lastTransaction()
     db_b, = open_dbs(closing, b)
+    commit(db_a, x=-1)
+    fresh = client(s2.address)                     # a new connection starts from it too
+    closing(fresh)
+    assert fresh.lastTransaction() == a.lastTransaction()
     for i in range(3):
         commit(db_a, x=i)
         # a new transaction through server 2, right after the commit returned

@@ -240,9 +240,12 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             self.prefetcher = Prefetcher(server.prefetch_count, server.prefetch_bytes)
         server.register(self)
         self.registered()                       # guards: box size, idle timeout
-        return dict(last_tid=server.last_tid, read_only=self.read_only,
-                    supports_undo=server.supports_undo, name=server.storage.getName(),
-                    interfaces=server.interfaces)
+        # others' commits up to now first (RelStorage: one poll); invalidations
+        # sent meanwhile are covered by the answer's last_tid
+        return server.feed.fresh().addCallback(lambda _: dict(
+            last_tid=server.last_tid, read_only=self.read_only,
+            supports_undo=server.supports_undo, name=server.storage.getName(),
+            interfaces=server.interfaces))
 
     @C.Verify.responder
     def verify(self, tid):
