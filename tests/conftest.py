@@ -67,3 +67,21 @@ def pg_cluster():
 def pg_dsn(pg_cluster):
     """A DSN of a new, empty database in the session's cluster."""
     return pg_cluster.dsn(pg_cluster.create_database())
+
+
+# -- slow tests: skipped unless asked for ----------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (minutes each, e.g. the "
+                          "50-kill crash test); ZEOTWIST_SLOW=1 does the same")
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+    if config.getoption("--run-slow") or os.environ.get("ZEOTWIST_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (or ZEOTWIST_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
