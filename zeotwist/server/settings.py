@@ -139,7 +139,8 @@ class ServerSettings:
         "round trip per conflicting commit)", kind=FLAG)
     allow_unaudited_storage: bool = option(
         False, "Serve storage types zeotwist has not audited for unpickling client "
-        "bytes (anything but FileStorage, MappingStorage, DemoStorage, BlobStorage): "
+        "bytes (anything but FileStorage, MappingStorage, DemoStorage, BlobStorage, "
+        "RelStorage, e.g. a ClientStorage of a fan-out server): "
         "their own code then decides what client pickles they load", kind=FLAG)
     conflict_classes: list = option(
         (), "A class (dotted name, * wildcards) whose _p_resolveConflict the server "
