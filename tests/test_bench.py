@@ -45,6 +45,12 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     for case in ROWS:
         assert re.search(r"^%s\s.*\s[0-9]+/[0-9]+$" % re.escape(case), table, re.M), table
     assert re.search(r"^  zeotwist\s+server CPU per commit [0-9]+ µs", out, re.M), out
+    # the local FileStorage column: a rate for the cases it runs, none for the others
+    assert re.search(r"^case\s.*\slocal FS\s", out, re.M), out
+    for case in ("cold reads", "warm reads", "graph cold read", "small commits",
+                 "big record store", "big record load"):
+        row = re.search(r"^%s\s.*\s([0-9]+)\s+\S+/s$" % re.escape(case), out, re.M)
+        assert row and int(row.group(1)) > 0, out
     # writers: 4 processes x 3 increments each, checked against the counters afterwards
     for what in ("distinct Counters", "one Counter"):
         assert "writers, %s: 4 processes, each committing 3 increments" % what in out, out
@@ -79,8 +85,9 @@ def test_scale_out_case_measures_two_servers_over_postgresql(tmp_path, pg_cluste
 
 
 def test_one_case_runs_alone(tmp_path):
-    out = bench(tmp_path, "--cases", "warm")
+    out = bench(tmp_path, "--cases", "warm", "--no-local")
     assert re.search(r"^warm reads\s+[0-9.]+\s", out, re.M), out
+    assert "local FS" not in out, out
     for case in ROWS:
         if case != "warm reads":
             assert not re.search(r"^%s\s" % case, out, re.M), out

@@ -72,6 +72,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "per writer, %(iterations)d oid/tpc iterations, %(records)d records of "
                         "%(record_mb)g MB, small blobs" % QUICK)
     p.add_argument("--only", choices=SYSTEMS, help="run one system only")
+    p.add_argument("--no-local", dest="local", action="store_false",
+                   help="leave out the local FileStorage column (cold, warm, graph, commits "
+                        "and bigrecord on a FileStorage in the client process, no network)")
     args = p.parse_args(argv)
     if args.quick:                 # --quick changes the defaults; explicit options win
         p.set_defaults(**QUICK)
@@ -97,7 +100,7 @@ def main(argv=None) -> int:
                         holders=args.holders, writers=args.writers,
                         writer_commits=args.writer_commits, iterations=args.iterations,
                         records=args.records, record_mb=args.record_mb,
-                        cases=args.cases, quick=args.quick,
+                        cases=args.cases, quick=args.quick, local=args.local,
                         blob_args=tuple(shlex.split(args.blob_args)))
     try:
         results = run(settings, systems)

@@ -56,12 +56,15 @@ def ratio(a: list, b: list) -> str:
 
 
 def summary(results: dict, systems, rows, settings=None) -> str:
-    """The medians table (ratio columns only when both systems ran), the
+    """The medians table (ratio columns only when both systems ran; a
+    ``local FS`` column when :mod:`zeotwist.bench.local` ran), the
     latency and memory table, then the comparisons and figures of the cases
     that ran.  ``rows`` are :data:`zeotwist.bench.runner.ROWS` entries."""
     both = set(SYSTEMS) <= set(systems)
+    local = any(("local", r[0]) in results for r in rows)
     cols = ["%-20s" % "case"] + ["%14s" % label(s) for s in SYSTEMS]
-    cols += ["%14s" % "zeotwist/ZEO", "  per-round ratios"] if both else []
+    cols += ["%14s" % "zeotwist/ZEO", "  %-16s" % "per-round ratios"] if both else []
+    cols += ["%14s" % "local FS"] if local else []
     lines = ["".join(cols) + "    (medians)"]
     for row, _, lbl, unit in rows:
         out = ["%-20s" % lbl]
@@ -73,7 +76,10 @@ def summary(results: dict, systems, rows, settings=None) -> str:
             zt, zeo = values(results, "zeotwist", row), values(results, "zeo", row)
             out.append("%14.2f" % (median(zt) / median(zeo)))
             per = sorted(a / b for a, b in zip(zt, zeo))
-            out.append("  %.2f-%.2f" % (per[0], per[-1]))
+            out.append("  %-16s" % ("%.2f-%.2f" % (per[0], per[-1])))
+        if local:
+            m = median(values(results, "local", row))
+            out.append(fmt % m if m is not None else "%14s" % "")
         lines.append("".join(out) + "    " + unit)
     lines += [""] + latency_memory(results, systems, rows)
     names = {r for r, _, _, _ in rows}

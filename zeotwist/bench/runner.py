@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from zeotwist.bench.groups import GroupError, run_group
+from zeotwist.bench.local import local_round
 from zeotwist.bench.packing import build
 from zeotwist.bench.procstat import peak_rss_mb, reset_peak
 from zeotwist.bench.report import TIMED, label, summary
@@ -114,6 +115,7 @@ class Settings:
     cases: tuple = field(default=CASE_NAMES)
     quick: bool = False         # blobs: a small run
     blob_args: tuple = ()       # blobs: more options for python -m zeotwist.bench.blobs
+    local: bool = True          # also run LOCAL_CASES on a local FileStorage
     pack_built: dict = None     # set by run(): what packing.build() wrote
 
     @property
@@ -152,6 +154,10 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
                     ("%s %.2fs" if row in TIMED else "%s %.0f") % (
                         row, got[row]["seconds" if row in TIMED else "rate"])
                     for row, _, _, _ in rows)))
+            if settings.local:
+                for row, result in local_round(tmp, oidfile, settings,
+                                               os.path.join(tmp, "r%d" % r)).items():
+                    results.setdefault(("local", row), []).append(result)
         if rows:
             say()
             say(summary(results, systems, rows, settings))

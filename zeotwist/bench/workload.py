@@ -79,6 +79,9 @@ def open_storage(system: str, host: str, port: int, **kw):
     if system == "zeo":
         from ZEO.ClientStorage import ClientStorage
         return ClientStorage((host, port), wait_timeout=30, **kw)
+    if system == "local":           # host is a FileStorage path (zeotwist.bench.local)
+        from ZODB.FileStorage import FileStorage
+        return FileStorage(host)
     raise ValueError("unknown system %r" % (system,))
 
 
@@ -168,7 +171,7 @@ def main(argv=None) -> None:
     with open(oidfile, "rb") as f:
         raw = f.read()
     oids = [raw[i:i + 8] for i in range(0, len(raw), 8)]
-    host, port = address.rsplit(":", 1)
+    host, port = (address, "0") if system == "local" else address.rsplit(":", 1)
     result = run_case(case, system, host, int(port), oids, params)
     for one in result.get("rows", {"": result}).values():
         one.setdefault("extra", {})["rss_mb"] = own_peak_rss_mb()
