@@ -35,7 +35,7 @@ import secrets
 
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import FilePasswordDB
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -43,7 +43,7 @@ from twisted.protocols import amp
 from zope.interface import Attribute, Interface, implementer
 
 from zeotwist.errors import NotLoggedIn, Unauthorized
-from zeotwist.server.loginguard import LoginGuard, LoginThrottled
+from zeotwist.server.loginguard import LoginGuard, LoginThrottled, SessionPassword, peer_key
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import ERRORS
 
@@ -323,23 +323,6 @@ def make_portal(path, reactor) -> Portal:
     portal = Portal(StorageRealm(passwords), [passwords, CertificateChecker(passwords)])
     portal.login_guard = passwords.guard
     return portal
-
-
-class SessionPassword(UsernamePassword):
-    """A password login with what the check pool needs: the peer's key and
-    ``wanted()`` (why the check should not run any more, or None)."""
-    peer = None
-
-    @staticmethod
-    def wanted():
-        return None
-
-
-def peer_key(transport) -> str:
-    """What failed logins are counted by: the peer's IP address ("unix"
-    for every Unix-socket client)."""
-    peer = transport.getPeer() if transport is not None else None
-    return getattr(peer, "host", None) or "unix"
 
 
 def peer_common_name(transport) -> str | None:

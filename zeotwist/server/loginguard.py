@@ -23,6 +23,7 @@ Runs on the reactor thread; the checks in the pool's threads.
 from collections import OrderedDict, deque
 from math import ceil
 
+from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -37,6 +38,23 @@ USER_FREE, USER_MAX_WAIT = 5, 30.0
 FORGET = 900.0
 #: password checks at once
 CHECK_THREADS = 2
+
+
+class SessionPassword(UsernamePassword):
+    """A password login with what the check pool needs: the peer's key and
+    ``wanted()`` (why the check should not run any more, or None)."""
+    peer = None
+
+    @staticmethod
+    def wanted():
+        return None
+
+
+def peer_key(transport) -> str:
+    """What failed logins are counted by: the peer's IP address ("unix"
+    for every Unix-socket client)."""
+    peer = transport.getPeer() if transport is not None else None
+    return getattr(peer, "host", None) or "unix"
 
 
 class LoginThrottled(UnauthorizedLogin):
