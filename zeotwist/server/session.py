@@ -357,7 +357,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if to_resolve:          # the client resolves; the lock stays ours meanwhile
             txn.state.move(Event.CONFLICTS_LEFT)
             self.server.stats["client_resolutions"] += 1
-            txn.fixes = TransactionBuffer(max_bytes=self.server.max_transaction_bytes)
+            txn.fixes = TransactionBuffer(max_bytes=self.server.max_transaction_bytes,
+                                          budgets=self.budgets)     # guards: spool budgets
             return dict(resolved=[], conflicts=b"", to_resolve=to_resolve)
         txn.state.move(Event.VOTED)
         return dict(resolved=list(resolved), conflicts=b"")
