@@ -45,6 +45,11 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     for case in ROWS:
         assert re.search(r"^%s\s.*\s[0-9]+/[0-9]+$" % re.escape(case), table, re.M), table
     assert re.search(r"^  zeotwist\s+server CPU per commit [0-9]+ µs", out, re.M), out
+    # graph: 2 Holders of 100 Items; reference prefetch brings each Holder's Items along
+    trips = re.search(r"^  zeotwist\s+(\d+) objects activated, (\d+) storage loads, (\d+) of "
+                      r"them round trips", out, re.M)
+    assert trips and int(trips.group(1)) == int(trips.group(2)) == 202, out
+    assert int(trips.group(3)) <= 2, out
     # the local FileStorage column: a rate for the cases it runs, none for the others
     assert re.search(r"^case\s.*\slocal FS\s", out, re.M), out
     for case in ("cold reads", "warm reads", "graph cold read", "small commits",

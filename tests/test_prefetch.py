@@ -232,6 +232,30 @@ def test_a_load_at_an_older_snapshot_caches_changed_records_as_ended(world):
     assert load(client, pump, children[4]) == (b"newer", tid, None)
 
 
+def test_a_record_over_one_amp_value_brings_its_prefetch_too(tmp_path):
+    """Records over 64 KiB take AMP's own path (split into data.1, ...): the
+    prefetched records ride along there as well."""
+    db = ZODB.DB(FileStorage(str(tmp_path / "big.fs")))
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    big = Holder([Counter() for _ in range(3)])
+    big.padding = b"p" * 200_000
+    conn.root()["big"] = big
+    tm.commit()
+    oid, children = big._p_oid, [c._p_oid for c in big.children]
+    db.close()
+    clock = Clock()
+    servers = {"1": memory_server(FileStorage(str(tmp_path / "big.fs")), clock)}
+    try:
+        client, session, pump = client_in_memory(clock, servers)
+        data, start, end = load(client, pump, oid)
+        assert len(data) > 200_000 and end is None
+        assert client.prefetched == 3
+        assert all(client.cache.loadBefore(c, maxtid) is not None for c in children)
+    finally:
+        servers["1"].close()
+
+
 def test_oids_already_sent_are_skipped_until_invalidated(world):
     clock, servers, [(holder, children), (other, _)] = world
     client, session, pump = client_in_memory(clock, servers)

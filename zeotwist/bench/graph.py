@@ -7,7 +7,9 @@ Items, the traversal a ZODB program makes ("load an object, then the
 objects it references").  A fresh client process (empty client cache)
 opens a DB, activates ``root["graph"]`` untimed, then, timed, activates
 every Holder and every Item in it, in order.  Each activation is timed on
-its own: p50/p99 are per activated object.  Reported: objects/s.
+its own: p50/p99 are per activated object.  Reported: objects/s, and the
+storage loads that went to the server (round trips; zeotwist's reference
+prefetch brings a Holder's Items with it).
 """
 import time
 
@@ -40,12 +42,13 @@ def populate_graph(conn, tm, holders: int, per: int = GRAPH_ITEMS) -> None:
 
 def graph_reads(system: str, host: str, port: int, oids: list, params: dict) -> dict:
     import transaction
-    from zeotwist.bench.reads import open_db
+    from zeotwist.bench.reads import LoadCounter, open_db
     storage, db = open_db(system, host, port)
     try:
         tm = transaction.TransactionManager()
         conn = db.open(tm)
         holders = list(conn.root()["graph"].children)     # untimed: root and the top
+        counter = LoadCounter(system, storage) if system != "local" else None
         clock = time.perf_counter
         samples = []
         start = clock()
@@ -64,4 +67,7 @@ def graph_reads(system: str, host: str, port: int, oids: list, params: dict) -> 
         conn.close()
     finally:
         db.close()
-    return {"count": len(samples), "seconds": elapsed, "extra": latencies(samples)}
+    extra = latencies(samples)
+    if counter is not None:        # storage loads, and those that went to the server
+        extra["loads"], extra["fetched"] = counter.snapshot()
+    return {"count": len(samples), "seconds": elapsed, "extra": extra}

@@ -85,7 +85,8 @@ def summary(results: dict, systems, rows, settings=None) -> str:
     names = {r for r, _, _, _ in rows}
     notes = []
     for name, notes_of in (("pipelined", pipelined_notes), ("warm", warm_notes),
-                           ("hotset", hotset_notes), ("commits", commit_notes),
+                           ("hotset", hotset_notes), ("graph", graph_notes),
+                           ("commits", commit_notes),
                            ("writers", writer_notes), ("counter", writer_notes),
                            ("resolving", resolving_notes),
                            ("pack", pack_notes)):
@@ -118,6 +119,18 @@ def latency_memory(results: dict, systems, rows) -> list:
             cells.append("%22s%16s" % (lat, rss))
         out.append("%-20s" % lbl + "".join(cells))
     return out
+
+
+def graph_notes(results: dict, settings, row: str) -> list:
+    out = []
+    for s in SYSTEMS:
+        runs = [r for r in results.get((s, row), ()) if r["extra"].get("fetched") is not None]
+        if runs:
+            r = runs[0]
+            out.append("  %-10s %d objects activated, %d storage loads, %d of them round trips "
+                       "to the server" % (label(s), r["count"], r["extra"]["loads"],
+                                          r["extra"]["fetched"]))
+    return (["graph cold read (first round):"] + out) if out else []
 
 
 def commit_notes(results: dict, settings, row: str) -> list:
