@@ -20,9 +20,9 @@ from ZODB.serialize import referencesf
 
 from zeotwist.wire import prefetch as wire
 
-#: Oids remembered as sent to one client; past it the memory is dropped
-#: (the cost: records sent again, never a wrong one).
-MAX_REMEMBERED = 200_000
+#: Oids remembered as sent to one client (under 1 MB of memory); past it the
+#: memory is dropped (the cost: records sent again, never a wrong one).
+MAX_REMEMBERED = 10_000
 
 
 class Prefetcher:
