@@ -9,6 +9,12 @@ on the reactor thread.  Serving loads on the reactor thread is also what
 keeps a load reply and an invalidation in order on each connection: a reply
 computed before a commit's invalidation is always written before it.
 
+Every transaction reaches the sessions through :meth:`StorageServer.fan_out`,
+called by the storage's *feed* (:mod:`zeotwist.server.external`) in tid
+order: its own commits, and those of other writers where the storage has
+them (a RelStorage database shared by several servers, a ClientStorage of
+another server; docs/scale-out.md).
+
 Runs on the reactor thread, except the functions passed to ``threads``.
 """
 import time
