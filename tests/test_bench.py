@@ -26,7 +26,8 @@ def bench(tmp_path, *args):
 
 
 def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
-    out = bench(tmp_path)
+    # every case but scaleout, which has its own test below (it starts a PostgreSQL)
+    out = bench(tmp_path, "--cases", ",".join(c for c in CASE_NAMES if c != "scaleout"))
     for case in ROWS:
         row = re.search(r"^%s\s+([0-9.]+)\s" % re.escape(case), out, re.M)
         assert row, out
@@ -75,7 +76,7 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     assert "database of 2000 Items" in out, out
     sizes = re.search(r"^  zeotwist\s+file ([0-9.]+) MB -> ([0-9.]+) MB", out, re.M)
     assert sizes and float(sizes.group(2)) < float(sizes.group(1)), out
-    assert "scale-out" in out and "blob" in out.split("scale-out")[0], out     # last
+    assert "scale-out" not in out, out
 
 
 def test_scale_out_case_measures_two_servers_over_postgresql(tmp_path, pg_cluster):
