@@ -112,6 +112,8 @@ class PerThreadStorage:
             try:
                 return getattr(inst.storage, name)(*args, **kw)
             except Exception as e:
+                if name in _TPC_START:
+                    inst.in_tpc = False     # no transaction began: nothing to abort
                 other = self._translate(e, name) if self._translate else None
                 if other is not None:
                     raise other from e
