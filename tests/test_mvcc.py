@@ -120,3 +120,22 @@ def test_translated_errors():
                                if isinstance(e, ValueError) else None)
     with pytest.raises(KeyError, match="tpc_begin"):
         storage.tpc_begin("bad")
+
+
+def test_read_conflicts_are_counted():
+    root = FakeRoot()
+    storage = PerThreadStorage(root, translate=lambda e, name: KeyError(name))
+    root.new_instance = lambda: BrokenInstance()
+    with pytest.raises(KeyError):
+        storage.loadBefore(b"o", b"t")
+    with pytest.raises(KeyError):
+        storage.tpc_begin("txn")                # a commit's: counted by the vote
+    assert storage.read_conflicts == 1
+
+
+class BrokenInstance(FakeInstance):
+    def loadBefore(self, oid, tid):
+        raise ValueError("stale")
+
+    def tpc_begin(self, txn):
+        raise ValueError("stale")

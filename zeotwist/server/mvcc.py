@@ -37,6 +37,10 @@ METHODS = (
     "openCommittedBlobFile", "storeBlob", "restoreBlob", "temporaryDirectory",
 )
 _TPC_START, _TPC_END = ("tpc_begin",), ("tpc_finish", "tpc_abort")
+#: the methods of a commit (their errors reach the client through the vote)
+COMMIT_METHODS = ("store", "tpc_begin", "tpc_vote", "tpc_finish", "tpc_abort",
+           "checkCurrentSerialInTransaction", "undo", "restore", "deleteObject",
+           "storeBlob", "restoreBlob")
 
 
 class _Instance:
@@ -68,6 +72,9 @@ class PerThreadStorage:
         self._closed = False
         #: bumped by advance(): instances synced at an older one sync first
         self.generation = 0
+        #: translated errors of reads (ReadConflictErrors; commits' conflicts
+        #: are counted by the session that votes)
+        self.read_conflicts = 0
         zope.interface.directlyProvides(self, zope.interface.providedBy(root))
         for name in METHODS:
             if hasattr(root, name) and name != "__len__":
@@ -116,6 +123,8 @@ class PerThreadStorage:
                     inst.in_tpc = False     # no transaction began: nothing to abort
                 other = self._translate(e, name) if self._translate else None
                 if other is not None:
+                    if name not in COMMIT_METHODS:
+                        self.read_conflicts += 1     # (any thread; an estimate under races)
                     raise other from e
                 raise
             finally:

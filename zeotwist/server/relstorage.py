@@ -40,13 +40,10 @@ from ZODB.utils import p64, u64
 
 from zeotwist.server.conflicts import RestrictedResolver
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, Feed
-from zeotwist.server.mvcc import PerThreadStorage
+from zeotwist.server.mvcc import COMMIT_METHODS, PerThreadStorage
 from zeotwist.server.pgnotify import CHANNEL, Listener
 
 _log = Logger()
-
-_COMMIT_METHODS = ("store", "tpc_begin", "tpc_vote", "tpc_finish", "checkCurrentSerialInTransaction",
-                   "undo", "restore", "deleteObject", "storeBlob", "restoreBlob")
 
 
 def is_relstorage(storage) -> bool:
@@ -60,7 +57,7 @@ def translate_error(exc, method: str):
     from relstorage.cache.interfaces import CacheConsistencyError
     if not isinstance(exc, CacheConsistencyError):
         return None
-    cls = ConflictError if method in _COMMIT_METHODS else ReadConflictError
+    cls = ConflictError if method in COMMIT_METHODS else ReadConflictError
     return cls("stale snapshot, retry the transaction: %s" % exc)
 
 

@@ -179,11 +179,14 @@ class StorageServer:
 
     def info(self) -> dict:
         storage = self.storage
+        stats = dict(self.stats)
+        # reads refused for a stale snapshot (RelStorage), counted where they happen
+        stats["conflicts"] += getattr(storage, "read_conflicts", 0)
         return dict(
             name=storage.getName(), size=int(storage.getSize()),
             length=len(storage), last_tid=self.last_tid,
             connections=len(self.sessions), waiting=self.lock.waiting(),
-            start_time=self.start_time, **self.stats)
+            start_time=self.start_time, **stats)
 
     def close(self) -> None:
         """Stop the feed and the worker thread, close the storage (at service stop)."""
