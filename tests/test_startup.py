@@ -101,6 +101,10 @@ def test_daemon_that_starts_lets_go_of_the_terminal(tmp_path):
     try:
         assert out.returncode == 0 and out.stderr == "", out
         assert (tmp_path / "addr").read_text().strip() == "unix:%s" % (tmp_path / "s.sock")
+        # twistd's launcher returns before the daemon's reactor runs (and
+        # handles SIGTERM): one client round trip proves that it does.
+        ClientStorage(str(tmp_path / "s.sock"), reactor=background_reactor(),
+                      wait_timeout=20).close()
     finally:
         pid = int((tmp_path / "twistd.pid").read_text())
         os.kill(pid, signal.SIGTERM)
@@ -205,7 +209,13 @@ def test_zeo_conf_runs_unchanged(tmp_path):
             db.close()
     finally:
         server.send_signal(signal.SIGTERM)
-        status = server.wait(30)
+        try:
+            status = server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+            pytest.fail("twistd did not stop on SIGTERM:\n%s\n--- eventlog ---\n%s" % (
+                (tmp_path / "twistd.log").read_text(), paths["log"].read_text()))
     assert status in (0, -signal.SIGTERM)
     assert not paths["pid"].exists()                    # removed at stop
     log = paths["log"].read_text()                      # the <eventlog> got the events
