@@ -46,6 +46,7 @@ from zeotwist.errors import NotLoggedIn, Unauthorized
 from zeotwist.server.loginguard import LoginGuard, LoginThrottled, SessionPassword, peer_key
 from zeotwist.wire import commands as C
 from zeotwist.wire.codes import ERRORS
+from zeotwist.wire.framing import peer_text
 
 _log = Logger()
 
@@ -459,7 +460,7 @@ class AuthResponders(amp.CommandLocator):
         if guard is not None and how == "password":
             guard.throttle.succeeded(credentials.peer, self.user.name)
         _log.info("zeotwist: {peer} logged in as {user!r} ({how})",
-                  peer=self.transport.getPeer() if self.transport else None,
+                  peer=peer_text(self.transport),
                   user=self.user.name, how=self.user.how)
         return {"user": self.user.name}
 
@@ -477,7 +478,7 @@ class AuthResponders(amp.CommandLocator):
             guard.throttle.failed(credentials.peer, name)
         self._log_failure(guard, "zeotwist: failed {how} login as {user!r} from {peer}",
                           how=how, user=name,
-                          peer=self.transport.getPeer() if self.transport else None)
+                          peer=peer_text(self.transport))
         if how == "certificate":
             raise Unauthorized("the client certificate's name %r is not a user of this "
                                "server" % name)

@@ -32,6 +32,7 @@ from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 from zeotwist.wire.records import decode_blob, decode_restore_blob
+from zeotwist.wire.framing import peer_text
 
 _log = Logger()
 
@@ -66,7 +67,7 @@ class BlobResponders(amp.CommandLocator):
             reason = spool.adopt(blob, name, blob_directory(self.server.storage))
             if reason is not None:
                 _log.warn("refused shared blob file {name!r} from {peer}: {why}",
-                          name=name, peer=self.transport and self.transport.getPeer(),
+                          name=name, peer=peer_text(self.transport),
                           why=reason)
         return {}
 

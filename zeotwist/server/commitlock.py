@@ -14,6 +14,8 @@ from typing import Callable, Hashable
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from zeotwist.server.stats import Timings
+
 
 class CommitLock:
     def __init__(self, clock: IReactorTime, timeout: float | None = None,
@@ -24,6 +26,14 @@ class CommitLock:
         self._holder = None
         self._timer = None
         self._waiters: deque = deque()
+        #: how long owners waited for the lock, and held it (for --metrics)
+        self.wait_times, self.hold_times = Timings(), Timings()
+        self._asked: dict = {}          # owner -> when it asked (clock seconds)
+        self._granted_at = 0.0
+
+    @property
+    def timeout(self) -> float | None:
+        return self._timeout
 
     @property
     def holder(self):
@@ -44,6 +54,7 @@ class CommitLock:
             self._withdraw(owner)
 
         d = Deferred(cancel)
+        self._asked[owner] = self._clock.seconds()
         if self._holder is None:
             self._grant(owner, d)
         else:
@@ -57,11 +68,13 @@ class CommitLock:
                 self._timer.cancel()
             self._timer = None
             self._holder = None
+            self.hold_times.observe(self._clock.seconds() - self._granted_at)
             self._grant_next()
         else:
             self._withdraw(owner)
 
     def _withdraw(self, owner) -> None:
+        self._asked.pop(owner, None)
         for entry in self._waiters:
             if entry[0] is owner:
                 self._waiters.remove(entry)
@@ -74,6 +87,8 @@ class CommitLock:
 
     def _grant(self, owner, d: Deferred) -> None:
         self._holder = owner
+        self._granted_at = now = self._clock.seconds()
+        self.wait_times.observe(now - self._asked.pop(owner, now))
         if self._timeout is not None:
             self._timer = self._clock.callLater(self._timeout, self._expired, owner)
         d.callback(None)

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 # pending_output is re-exported: the server's sessions import it from here
 from zeotwist.twistedcompat import pending_output, port_logger, set_port_logger  # noqa: F401
+from zeotwist.wire.framing import address_text
 
 _log = Logger()
 
@@ -89,7 +90,7 @@ class ConnectionLimiter:
         if self.active >= self.cap:
             self.refused += 1
             self._log.warn("zeotwist: {cap} connections open; refusing {addr}",
-                           cap=self.cap, addr=addr)
+                           cap=self.cap, addr=address_text(addr))
             return False
         self.active += 1
         return True

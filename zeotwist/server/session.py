@@ -43,7 +43,7 @@ from zeotwist.server.txnstate import IN_STORAGE, Event, State
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
-from zeotwist.wire.framing import BoundedAMP
+from zeotwist.wire.framing import BoundedAMP, peer_text
 
 _log = Logger()
 
@@ -123,6 +123,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     def dataReceived(self, data: bytes) -> None:
         self._heard = True
+        if self.server is not None:
+            self.server.traffic["bytes_in"] += len(data)
         if self.transport is not None:
             self._unread = 0
             self._budget = self.burst_budget(pending_output(self.transport))
@@ -131,7 +133,17 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     def emit(self, frame: bytes) -> None:
         self._unread += len(frame)
+        if self.server is not None:
+            self.server.traffic["bytes_out"] += len(frame)
         super().emit(frame)
+
+    def protocolViolation(self, why: str) -> None:
+        if not self._violated:
+            counters = self.server.traffic if self.server is not None else getattr(
+                getattr(self, "factory", None), "unregistered", None)
+            if counters is not None:
+                counters["protocol_violations"] += 1
+        super().protocolViolation(why)
 
     def _pause_reading(self) -> None:
         self._held = deque()
@@ -199,9 +211,15 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         return prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
 
     def transaction_timed_out(self):
-        _log.warn("transaction of {peer} held the commit lock too long; "
-                  "disconnecting it", peer=self.transport and self.transport.getPeer())
-        self.protocolViolation("transaction timeout")
+        """One log line; the connection is dropped (its transaction aborts
+        through connectionLost, which releases the commit lock)."""
+        _log.warn("transaction timeout: {peer} held the commit lock too long (over "
+                  "{timeout:g} s, storage {name!r}); disconnecting it", peer=peer_text(self.transport),
+                  name=self.server.name, timeout=self.server.lock.timeout or 0)
+        self._violated = True           # nothing more is read from it
+        transport = self.transport
+        if transport is not None:
+            getattr(transport, "abortConnection", transport.loseConnection)()
 
     def locateResponder(self, name):
         refuse = self.auth_gate(name)           # auth: NOT_LOGGED_IN before Login
@@ -464,6 +482,8 @@ class SessionFactory(ServerFactory):
         #: every connection's protocol violations share this log's rate
         self.violation_log = RateLimitedLog(clock, VIOLATION_LOG_INTERVAL, VIOLATION_LOG_BURST)
         self.idle_timeout, self.vote_timeout = idle_timeout or None, vote_timeout or None
+        #: counters of connections that never registered (--metrics: storage "")
+        self.unregistered = dict(protocol_violations=0)
 
     def stop(self) -> None:
         """Cancel the factory's timers (at service stop)."""

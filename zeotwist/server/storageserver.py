@@ -28,6 +28,7 @@ from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refus
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
 from zeotwist.server.oids import OidRange, OidReservation, storage_counter
+from zeotwist.server.stats import traffic_counters
 from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.server.storagesafety import components, reads_extension
 from zeotwist.server.unpickling import guard_zodb
@@ -92,6 +93,8 @@ class StorageServer:
         self.invalidations = RecentInvalidations(invalidation_queue_size)
         self.invalidations.fill_from(storage, self.last_tid)
         self.stats = dict(commits=0, aborts=0, conflicts=0, client_resolutions=0, loads=0)
+        #: more counters for --metrics (zeotwist.server.metrics)
+        self.traffic = traffic_counters()
         self.start_time = time.time()
         #: how storage calls leave the reactor thread (zeotwist.server.storagecalls);
         #: in-memory tests inject SynchronousCalls
@@ -147,6 +150,7 @@ class StorageServer:
                 prefetcher.forget(oids)
             if session is not committer:
                 session.send_frame(frame)
+                self.traffic["invalidations"] += 1
 
     def reset_history(self, tid: bytes) -> None:
         """Others' commits up to ``tid`` are unknown: no cache can be
@@ -175,6 +179,7 @@ class StorageServer:
                     oids=sorted(changed or ()))
 
     def _lock_timed_out(self, session) -> None:
+        self.traffic["transaction_timeouts"] += 1
         session.transaction_timed_out()
 
     def info(self) -> dict:

@@ -188,9 +188,8 @@ class BoundedAMP(amp.AMP):
             return
         self._violated = True
         self._buf, self._box = b"", None
-        peer = self.transport.getPeer() if self.transport else None
         self.logViolation("protocol violation from {peer}: {why}; closing",
-                          peer=peer, why=why)
+                          peer=peer_text(self.transport), why=why)
         transport = self.transport
         if transport is not None:
             abort = getattr(transport, "abortConnection", transport.loseConnection)
@@ -224,3 +223,22 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
     elif sent < len(data):
         transport.write(data[sent:])
+
+
+def peer_text(transport) -> str:
+    """The other end of a connection for a log line: ``127.0.0.1:53412``,
+    ``[::1]:53412``, ``unix``, or ``-`` once the connection is gone."""
+    if transport is None:
+        return "-"
+    try:
+        return address_text(transport.getPeer())
+    except Exception:
+        return "-"
+
+
+def address_text(address) -> str:
+    """An IAddress as :func:`peer_text` writes it."""
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return "unix"
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
