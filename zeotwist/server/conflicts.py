@@ -22,6 +22,7 @@ import fnmatch
 import importlib
 from io import BytesIO
 
+from twisted.logger import Logger, LogLevel
 from ZODB.ConflictResolution import PersistentReferenceFactory, persistent_id
 from ZODB.POSException import ConflictError
 from ZODB._compat import PersistentPickler, _protocol
@@ -30,6 +31,8 @@ from zeotwist.errors import PickleRefused
 from zeotwist.server.unpickling import (
     DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes)
 from zeotwist.server.limits import MonotonicClock, RateLimitedLog
+
+_log = Logger()
 
 DEFAULT_ALLOWED = ("BTrees.*", "BTrees.Length.Length")
 #: Data types a state may contain that carry no behaviour worth abusing.
@@ -55,6 +58,7 @@ def refuse_resolution(storage) -> None:
 
 class RestrictedResolver:
     def __init__(self, storage, allowed=DEFAULT_ALLOWED, limits: Limits = DEFAULT_LIMITS):
+        self._refused: set = set()      # refusal reasons logged at info already
         self.storage = storage
         self.allowed = tuple(allowed)
         self.limits = limits
@@ -95,7 +99,17 @@ class RestrictedResolver:
     def resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data=b""):
         try:
             return self._resolve(oid, committed_serial, old_serial, new_pickle, committed_data)
-        except (RefusedGlobal, PickleRefused) as e:
+        except RefusedGlobal as e:
+            # An ordinary conflict of a class the server does not resolve:
+            # the client retries.  Info once per class (the reason names
+            # it), debug after that.
+            first = str(e) not in self._refused and len(self._refused) < 1000
+            if first:
+                self._refused.add(str(e))
+            _log.emit(LogLevel.info if first else LogLevel.debug,
+                      "zeotwist: not resolving conflicts of this kind on the server "
+                      "(first on {oid}): {e}", oid=oid.hex(), e=e)
+        except PickleRefused as e:
             self._log.warn("zeotwist: not resolving conflict on {oid}: {e}",
                            oid=oid.hex(), e=e)
         except ConflictError:

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zeotwist.errors import StartupFailed, ZeotwistError
 from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, describe, read_config
 from zeotwist.server.limits import AcceptGuard
+from zeotwist.server.metrics import metrics_site, missing_dependency
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
 from zeotwist.server.startup import StartupReporter, listen_problem, private_unix_socket
@@ -128,6 +129,8 @@ class ServerService(service.Service):
         #: storages up in this very dict
         self.servers: dict = {}
         self.ports: list = []
+        self.metrics_port = None            # --metrics: the /metrics port
+        self.factory = None                 # the SessionFactory, once listening
         self.listening = defer.Deferred()
 
     def __getattr__(self, name: str):
@@ -175,6 +178,8 @@ class ServerService(service.Service):
         """
         if self.servers:
             return
+        _log.info("zeotwist {version} starting (ZODB {zodb}, Twisted {twisted}, "
+                  "Python {python})", **versions())
         opened = {}
         try:
             for name, opener in self.storages.items():
@@ -248,13 +253,18 @@ class ServerService(service.Service):
                                  max_iterators=s.max_iterators,
                                  iterator_timeout=s.iterator_timeout)
         factory.portal = self.auth_portal()
-        self.factory = factory
         factory.noisy = False               # no "Starting factory <...>" lines
+        self.factory = factory
         tls = self.tls_options()            # TLSConfigError as is, before any listening
         ds = [self._listen_one(desc, lambda desc: serverFromString(
             self.reactor, private_unix_socket(desc)).listen(factory)) for desc in s.listen]
         ds += [self._listen_one(desc, lambda desc: listen_tls(
             self.reactor, private_unix_socket(desc), factory, tls)) for desc in s.listen_tls]
+        if s.metrics:                       # the last port: Prometheus's /metrics
+            if missing_dependency():
+                raise StartupFailed(missing_dependency())
+            ds.append(self._listen_one(s.metrics, lambda desc: serverFromString(
+                self.reactor, private_unix_socket(desc)).listen(metrics_site(self))))
         outcome = []
         d = defer.DeferredList(ds, consumeErrors=True)
         d.addCallback(self._listened).addBoth(outcome.append)
@@ -276,6 +286,10 @@ class ServerService(service.Service):
         ports = [port for ok, port in results if ok]
         failures = [f for ok, f in results if not ok]
         if not failures:
+            if self.settings.metrics:
+                self.metrics_port = ports.pop()
+                _log.info("zeotwist metrics at http://{address}/metrics",
+                          address=format_address(self.metrics_port.getHost()))
             return self._listening(ports)
         for port in ports:
             port.stopListening()
@@ -340,8 +354,9 @@ class ServerService(service.Service):
             guard.stop()
         if getattr(self, "factory", None) is not None:
             self.factory.stop()             # its timers (iterator expiry)
-        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
-        self.ports = []
+        ports = self.ports + ([self.metrics_port] if self.metrics_port else [])
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        self.ports, self.metrics_port = [], None
         if self.settings.pid_filename and self.listening.called:
             try:
                 os.remove(self.settings.pid_filename)
@@ -351,7 +366,10 @@ class ServerService(service.Service):
             for session in list(server.sessions):
                 if session.transport is not None:
                     session.transport.abortConnection()
+        for name, server in self.servers.items():
             server.close()
+            _log.info("zeotwist closed storage {name!r} ({what})", name=name,
+                      what=describe(self.storages.get(name)))
         self.servers.clear()
 
 
@@ -379,3 +397,17 @@ def _write_atomically(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def versions() -> dict:
+    """zeotwist's version and those of what it runs on (the start-up line)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+    return dict(version=of("zeotwist"), zodb=of("ZODB"), twisted=of("Twisted"),
+                python=platform.python_version())

@@ -206,6 +206,10 @@ class ServerSettings:
     tls_ca: str | None = option(
         None, "Require TLS clients to present a certificate signed by a CA of this PEM "
         "file (or directory of .pem files)")
+    metrics: str | None = option(
+        None, "Serve Prometheus metrics at /metrics on this Twisted endpoint, e.g. "
+        "tcp:9102:interface=127.0.0.1 (needs pip install 'zeotwist[metrics]')",
+        coerce=listen_endpoint)
     pid_filename: str | None = option(
         None, "Write the server's process id to this file once listening; removed at "
         "stop (ZEO's pid-filename; twistd's own --pidfile works too)")

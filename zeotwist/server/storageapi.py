@@ -24,6 +24,8 @@ with ZODB's unrestricted unpickler; a MappingStorage keeps the extension as
 the restricted unpickler decoded it at commit; other (unaudited) storages go
 through their ``history``/``undoLog``.
 """
+import datetime
+import time as _time
 import itertools
 from collections import OrderedDict
 
@@ -100,10 +102,14 @@ class StorageAPIResponders(amp.CommandLocator):
                                or self.access == "ro"):     # a read-only user never packs
             raise ReadOnlyError("read-only connections may not pack this server "
                                 "(see its --allow-read-only-pack option)")
-        _log.info("zeotwist: packing storage {name!r} as of {t}", name=server.name, t=time)
+        started = _time.time()
+        _log.info("zeotwist: pack of storage {name!r} started at {now}, removing history "
+                  "before {t}", name=server.name, now=_iso(started), t=_iso(time))
         d = self.server.threads.in_pool(pack_storage, server.storage, time, gc)
-        d.addCallbacks(lambda _: _log.info("zeotwist: pack of {name!r} done", name=server.name),
-                       self._pack_failed)
+        d.addCallbacks(lambda _: _log.info(
+            "zeotwist: pack of storage {name!r} ended at {now} ({seconds:.1f} s)",
+            name=server.name, now=_iso(_time.time()), seconds=_time.time() - started),
+            self._pack_failed)
         return d.addCallback(lambda _: {})
 
     def _pack_failed(self, failure):
@@ -424,3 +430,9 @@ def _undo_id(tid: bytes) -> bytes:
     """FileStorage's undo id for ``tid`` (base64, as its undoLog gives)."""
     from base64 import encodebytes
     return encodebytes(tid).rstrip()
+
+
+def _iso(t: float) -> str:
+    """A POSIX time as an ISO 8601 UTC text, to the second (log lines)."""
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+        timespec="seconds")
