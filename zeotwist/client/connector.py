@@ -219,7 +219,8 @@ class Connector:
         """Register on ``proto``; a Deferred of the server's answer."""
         return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
                           storage=self._client.storage_name, read_only=read_only,
-                          prefetch=self._client.reference_prefetch)
+                          prefetch=self._client.reference_prefetch,
+                          long_values=True)
 
     def _maybe_fall_back(self, failure, proto):
         """A read-only server refused a writable client: try the other
@@ -239,6 +240,7 @@ class Connector:
         if self.read_only_fallback and answer["read_only"]:
             self._schedule_writable_probe()
         self._on_register()
+        proto.long_values = bool(answer.get("long_values"))  # big stores in one piece
         self.server_read_only = answer["read_only"]
         self.server_name = answer["name"]
         self.server_interfaces = tuple(answer["interfaces"])

@@ -74,6 +74,8 @@ class _LoadAnswer:
 class ClientProtocol(BoundedAMP):
     maxBoxBytes = CLIENT_MAX_BOX_BYTES
     maxBoxKeys = CLIENT_MAX_BOX_KEYS
+    #: the server reads long entries (its Register answer said so)
+    long_values = False
 
     def __init__(self, owner):
         super().__init__()
@@ -117,6 +119,15 @@ class ClientProtocol(BoundedAMP):
         """Send a one-way ``command`` (no answer)."""
         twistedcompat.amp_send_box(self, command.commandName,
                                    command.makeArguments(kw, self), False)
+
+    def store_data(self, piece) -> None:
+        """The hot path of the store stream: one StoreData of ``piece``
+        (bytes or a memoryview), framed by :mod:`zeotwist.wire.fast`."""
+        frame = fast.store_data(piece, self.long_values)
+        if frame is None:           # over 64 KiB to a server without long entries
+            self.send(C.StoreData, data=bytes(piece))
+        elif self.transport is not None and not twistedcompat.amp_closed(self):
+            self.emit(frame)
 
     def load_before(self, oid: bytes, tid: bytes) -> Deferred:
         """The hot path: LoadBefore without AMP's generic encoding and parsing.

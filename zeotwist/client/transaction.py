@@ -23,7 +23,7 @@ from zeotwist.client.resolve import ConflictResolver
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import (
-    encode_check, encode_delete, encode_restore, encode_store, encode_undo)
+    encode_check, encode_delete, encode_restore, encode_store, encode_undo, store_head)
 
 #: Data kept per transaction to refresh the cache with what was written.
 CACHE_WRITES_LIMIT = 4 * 2**20
@@ -59,7 +59,9 @@ class ClientTransaction:
         self._failed = None
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes) -> None:
-        self._stream += encode_store(oid, serial or z64, data)
+        stream = self._stream
+        stream += store_head(oid, serial or z64, data)
+        stream += data          # the record's one copy on this side of the frame
         self._remember_written(oid, data)
         if len(self._stream) >= C.STORE_CHUNK:
             self._flush()
@@ -99,7 +101,9 @@ class ClientTransaction:
         self._stream += encode_check(oid, serial)
 
     def _flush(self) -> None:
-        chunk, self._stream = bytes(self._stream), bytearray()
+        # The bytearray itself changes hands (never written to again): the
+        # frames are cut from views of it, no copy of the stream here.
+        chunk, self._stream = self._stream, bytearray()
         self._dispatch(self._send, chunk)
 
     def _send(self, chunk: bytes) -> None:
@@ -118,8 +122,9 @@ class ClientTransaction:
         elif proto is not self._proto:
             self._failed = ClientDisconnected("connection lost during the transaction")
             return
+        view = memoryview(chunk)
         for off in range(0, len(chunk), C.STORE_CHUNK):
-            proto.send(C.StoreData, data=chunk[off:off + C.STORE_CHUNK])
+            proto.store_data(view[off:off + C.STORE_CHUNK])
 
     def vote(self) -> Deferred:
         """Send what is left and vote; fires with the oids whose data changed
@@ -151,10 +156,14 @@ class ClientTransaction:
             return fail(self._failed)
         if self._proto is None and self._client.protocol is None:
             return self._client.when_connected().addCallback(lambda _: self.vote_once())
-        self._flush_now()
-        if self._failed is not None:
-            return fail(self._failed)
-        return self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
+        # TpcBegin (if not sent yet), the rest of the stream and Vote leave
+        # in one write: one system call and, mostly, one packet.
+        proto = self._proto or self._client.protocol
+        with proto.corked():
+            self._flush_now()
+            if self._failed is not None:
+                return fail(self._failed)
+            return self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
 
     def resolve(self, to_resolve) -> list:
         """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
@@ -183,7 +192,7 @@ class ClientTransaction:
         return self.resolved
 
     def _flush_now(self) -> None:
-        chunk, self._stream = bytes(self._stream), bytearray()
+        chunk, self._stream = self._stream, bytearray()
         self._send(chunk)
 
     def _voted(self, answer):

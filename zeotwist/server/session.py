@@ -62,6 +62,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self._handshake_timer = None
         self.server = None          # the StorageServer, once registered
         self.read_only = True
+        self.long_values = False    # the client reads long entries (wire.fast)
         self._txn: ServerTransaction | None = None
         #: reference prefetch for this client, if it asked and the server allows
         self.prefetcher: Prefetcher | None = None
@@ -180,7 +181,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         # value is answered here, without AMP's Deferred and argument
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
-        if not (self.server is not None and self._fast_load(box)):
+        if not (self.server is not None and (self._fast_load(box) or self._fast_store(box))):
             super().ampBoxReceived(box)
         if self._unread > self._budget and self.transport is not None \
                 and not self._violated:
@@ -195,9 +196,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             r = self.server.storage.loadBefore(oid, tid)
         except Exception:
             return False
-        if r is not None and len(r[0]) > fast.MAX_VALUE:
+        if r is not None and len(r[0]) > (
+                fast.MAX_LONG_VALUE if self.long_values else fast.MAX_VALUE):
             return False                     # AMP's path splits it (and prefetches)
-        frame = fast.load_before_answer(ask, r, self._prefetch(oid, r, tid))
+        frame = fast.load_before_answer(ask, r, self._prefetch(oid, r, tid), self.long_values)
         self.server.stats["loads"] += 1
         self.emit(frame)
         return True
@@ -209,6 +211,14 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             return None
         prefetcher.answered(oid, r[2])
         return prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
+
+    def _fast_store(self, box) -> bool:
+        """A plain StoreData, handled without AMP's dispatch (every commit)."""
+        data = fast.read_store_data(box)
+        if data is None:
+            return False
+        self.store_data(data)
+        return True
 
     def transaction_timed_out(self):
         """One log line; the connection is dropped (its transaction aborts
@@ -235,7 +245,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     # -- handshake -------------------------------------------------------------
     @C.Register.responder
-    def register(self, protocol, storage, read_only, prefetch=False):
+    def register(self, protocol, storage, read_only, prefetch=False, long_values=None):
         if self.server is not None:
             raise StorageTransactionError("already registered")
         if protocol != C.PROTOCOL_VERSION:
@@ -256,6 +266,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.server, self.read_only = server, read_only or server.read_only
         if prefetch and server.prefetch_count > 0:
             self.prefetcher = Prefetcher(server.prefetch_count, server.prefetch_bytes)
+        self.long_values = bool(long_values)    # big LoadBefore answers in one piece
         server.register(self)
         self.registered()                       # guards: box size, idle timeout
         # others' commits up to now first (RelStorage: one poll); invalidations
@@ -263,7 +274,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         return server.feed.fresh().addCallback(lambda _: dict(
             last_tid=server.last_tid, read_only=self.read_only,
             supports_undo=server.supports_undo, name=server.storage.getName(),
-            interfaces=server.interfaces))
+            interfaces=server.interfaces, long_values=True))
 
     @C.Verify.responder
     def verify(self, tid):

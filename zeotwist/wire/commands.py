@@ -33,6 +33,8 @@ class Register(_Command):
         (b"storage", amp.Unicode()),
         (b"read_only", amp.Boolean()),
         (b"prefetch", amp.Boolean(optional=True)),
+        # this peer reads long entries (zeotwist.wire.fast); absent: False
+        (b"long_values", amp.Boolean(optional=True)),
     ]
     response = [
         (b"last_tid", Id8()),
@@ -40,6 +42,7 @@ class Register(_Command):
         (b"supports_undo", amp.Boolean()),
         (b"name", amp.Unicode()),
         (b"interfaces", amp.ListOf(amp.Unicode())),
+        (b"long_values", amp.Boolean(optional=True)),
     ]
 
 

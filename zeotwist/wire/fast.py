@@ -1,8 +1,9 @@
 """The hot paths of the wire format, framed and read without AMP's machinery.
 
-Two exchanges are too frequent for AMP's generic argument encoding and its
-Deferreds: ``LoadBefore`` (every cache miss; the client frames the request
-and reads the answer, the server reads the request and frames the answer)
+Three exchanges are too frequent for AMP's generic argument encoding and
+its Deferreds: ``LoadBefore`` (every cache miss; the client frames the
+request and reads the answer, the server reads the request and frames the
+answer), ``StoreData`` (every commit; the client frames, the server reads)
 and ``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
 server reads).  Both ends use only this module for them, and
 tests/test_wire_fast.py checks every frame byte for byte against AMP's own
@@ -15,6 +16,22 @@ constant parts of each box below are built at import from the declarations
 in :mod:`zeotwist.wire.commands` (command name, argument and response
 names, the 8-byte ``Id8`` fields): a declaration that no longer fits a fast
 path fails the import, not a peer.
+
+Long entries: AMP limits a value to 65,535 bytes, so AMP's own path
+(``BigBytes``) cuts a 10 MB record into 160 keys that the receiver joins
+again.  Between peers that both declared ``long_values`` in ``Register``,
+a value longer than that travels as one *long entry* in place of the
+key/value pair::
+
+    FF FF  key-length(2)  key  value-length(4, big-endian)  value
+
+A key length of 0xFFFF never starts an AMP entry (keys are at most 255
+bytes), so nothing else can be mistaken for one.  The receiver
+(:mod:`zeotwist.wire.framing`) counts the value against its box bounds
+before buffering it and refuses a long entry of 65,535 bytes or less (AMP's
+own form is the only form of a short value).  Frames here use a long entry
+for LoadBefore's ``data`` and StoreData's ``data``; every other command's
+big values keep AMP's path.
 
 Pure functions; no I/O.
 """
@@ -29,8 +46,14 @@ from zeotwist.wire.arguments import BigBytes, Id8
 MAX_VALUE = amp.MAX_VALUE_LENGTH
 
 _H = struct.Struct(">H").pack
+_I = struct.Struct(">I").pack
 _FIXED = object()         # a field of 8 bytes (Id8)
 _ANY = object()           # a field of any length below MAX_VALUE
+
+#: The key length that introduces a long entry (above AMP's 255-byte keys).
+LONG_MARK = 0xFFFF
+#: The most bytes a long entry's value may announce (its 4-byte length).
+MAX_LONG_VALUE = 2**32 - 1
 
 
 def _spec(argument) -> object:
@@ -58,12 +81,22 @@ def _fields(declared, tag: bytes, constants: dict, leave_out=()) -> dict:
     return fields
 
 
-def _template(fields: dict) -> tuple[tuple, tuple]:
+def _template(fields: dict, long_key: bytes | None = None) -> tuple[tuple, tuple]:
     """``(constants, slots)``: the box in AMP's order as constant pieces
-    around its variable values; ``slots`` names those values in order."""
+    around its variable values; ``slots`` names those values in order.
+    ``long_key``'s value is a long entry (the caller writes its 4-byte
+    length and the value)."""
     pieces, slots, current = [], [], b""
     for key in sorted(fields):
         spec = fields[key]
+        if key == long_key:
+            if spec is not _ANY:
+                raise TypeError("a long entry must be a variable field, not %r" % key)
+            current += _H(LONG_MARK) + _H(len(key)) + key
+            pieces.append(current)
+            slots.append(key)
+            current = b""
+            continue
         current += _H(len(key)) + key
         if isinstance(spec, bytes):
             current += _H(len(spec)) + spec
@@ -104,6 +137,21 @@ _CURRENT_P, slots = _template(_fields(
 _expect(slots, amp.ANSWER, b"data", b"prefetch", b"start")
 _REPLACED_P, slots = _template(_fields(_LOAD.response, amp.ANSWER, {b"found": b"True"}))
 _expect(slots, amp.ANSWER, b"data", b"end", b"prefetch", b"start")
+# (long entry, replaced, prefetch) -> the answer's template; long: data is one
+# long entry (a client that declared long_values)
+_LOAD_ANSWERS = {}
+for _long in (False, True):
+    for _replaced in (False, True):
+        for _prefetch in (False, True):
+            _out = ((() if _replaced else (b"end",)) + (() if _prefetch else (b"prefetch",)))
+            _LOAD_ANSWERS[_long, _replaced, _prefetch], slots = _template(_fields(
+                _LOAD.response, amp.ANSWER, {b"found": b"True"}, _out),
+                b"data" if _long else None)
+            _expect(slots, *((amp.ANSWER, b"data") + ((b"end",) if _replaced else ())
+                             + ((b"prefetch",) if _prefetch else ()) + (b"start",)))
+assert _LOAD_ANSWERS[False, False, False] == _CURRENT \
+    and _LOAD_ANSWERS[False, True, True] == _REPLACED_P
+del _long, _replaced, _prefetch, _out
 _REQUEST_KEYS = frozenset({amp.ASK, amp.COMMAND} | {name for name, _ in _LOAD.arguments})
 
 
@@ -126,33 +174,37 @@ def read_load_before_request(box) -> tuple | None:
     return box[amp.ASK], oid, tid
 
 
-def load_before_answer(tag: bytes, record, prefetched: bytes | None = None) -> bytes | None:
+def load_before_answer(tag: bytes, record, prefetched: bytes | None = None,
+                       long_values: bool = False) -> bytes | None:
     """The answer to LoadBefore ``tag``: ``record`` is ``(data, start, end)``
     or None (not found); ``prefetched``, a ``prefetch`` value (at most
-    ``MAX_VALUE`` bytes) or None.  None when ``data`` does not fit one AMP
-    value (AMP's path splits it)."""
+    ``MAX_VALUE`` bytes) or None.  ``data`` over one AMP value goes as a
+    long entry when ``long_values`` (the client declared them); else None
+    (AMP's path splits it)."""
     if record is None:
         c = _MISSING
         return b"".join((c[0], _H(len(tag)), tag, c[1]))
     data, start, end = record
-    if len(data) > MAX_VALUE:
+    size = len(data)
+    if size <= MAX_VALUE:
+        head, long = _H(size), False
+    elif long_values and size <= MAX_LONG_VALUE:
+        head, long = _I(size), True
+    else:
         return None
+    # the slots in AMP's key order: _answer, data, [end], [prefetch], start;
+    # the record is copied once, by the join
+    c = _LOAD_ANSWERS[long, end is not None, prefetched is not None]
+    parts = [c[0], _H(len(tag)), tag, c[1], head, data, c[2]]
+    i = 3
+    if end is not None:
+        parts += (end, c[i])
+        i += 1
     if prefetched is not None:
-        p = _H(len(prefetched)) + prefetched
-        if end is None:
-            c = _CURRENT_P
-            return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], p,
-                             c[3], start, c[4]))
-        c = _REPLACED_P
-        return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], end,
-                         c[3], p, c[4], start, c[5]))
-    if end is None:
-        c = _CURRENT
-        return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], start,
-                         c[3]))
-    c = _REPLACED
-    return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(data)), data, c[2], end, c[3],
-                     start, c[4]))
+        parts += (_H(len(prefetched)), prefetched, c[i])
+        i += 1
+    parts += (start, c[i])
+    return b"".join(parts)
 
 
 def read_load_before_answer(box, proto) -> tuple | None:
@@ -160,7 +212,7 @@ def read_load_before_answer(box, proto) -> tuple | None:
     on a malformed one (a record over 64 KiB is read through the declaration)."""
     if box.get(b"found") != b"True":
         return None
-    if b"data.1" in box:
+    if b"data.1" in box:        # AMP's path: the record cut into pieces
         r = _LOAD.parseResponse(box, proto)
         return r["data"], r["start"], r["end"]
     start, end = box[b"start"], box.get(b"end")
@@ -194,6 +246,47 @@ def read_store_blob_chunk(box) -> tuple | None:
     if not (blob.isdigit() and len(blob) < 10):
         return None
     return int(blob), box[b"data"]
+
+
+# -- StoreData ----------------------------------------------------------------------
+_STORE = C.StoreData
+_STORE_FRAME, slots = _template(_fields(
+    _STORE.arguments, amp.COMMAND, {amp.COMMAND: _STORE.commandName}))
+_expect(slots, b"data")
+_STORE_LONG, slots = _template(_fields(
+    _STORE.arguments, amp.COMMAND, {amp.COMMAND: _STORE.commandName}), b"data")
+_expect(slots, b"data")
+_STORE_KEYS = frozenset({amp.COMMAND} | {name for name, _ in _STORE.arguments})
+
+
+def store_data(piece, long_values: bool = False) -> bytes | None:
+    """The one-way StoreData of ``piece`` of the store stream (bytes, a
+    bytearray or a memoryview: its bytes are copied once, into the frame).
+    Over one AMP value it goes as a long entry when ``long_values`` (the
+    server declared them); else None (AMP's path splits it)."""
+    size = len(piece)
+    if size <= MAX_VALUE:
+        c, head = _STORE_FRAME, _H(size)
+    elif long_values and size <= MAX_LONG_VALUE:
+        c, head = _STORE_LONG, _I(size)
+    else:
+        return None
+    return b"".join((c[0], head, piece, c[1]))
+
+
+def read_store_data(box) -> bytes | None:
+    """The piece of a plain StoreData box (its ``data``, plain, joined by
+    the parser from a long entry, or None for AMP's split form and anything
+    else, which then takes AMP's validating path)."""
+    if len(box) != 2 or box.keys() != _STORE_KEYS \
+            or box[amp.COMMAND] != _STORE.commandName:
+        return None
+    return box[b"data"]
+
+
+def long_entry(key: bytes, value: bytes) -> bytes:
+    """One long entry (tests and documentation; the frames above inline it)."""
+    return b"".join((_H(LONG_MARK), _H(len(key)), key, _I(len(value)), value))
 
 
 del slots

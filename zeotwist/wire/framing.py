@@ -4,7 +4,8 @@ Stock ``BinaryBoxProtocol`` buffers an unterminated box without bound and
 parses one string at a time through ``getattr``.  :class:`BoundedAMP` keeps
 AMP's wire format and dispatch but parses boxes itself, refusing a box that
 announces more keys or bytes than the receiver allows *before* buffering the
-excess.  A violation calls :meth:`BoundedAMP.protocolViolation`, which logs
+excess.  It also reads the *long entries* of :mod:`zeotwist.wire.fast` (one
+value over 64 KiB in one piece, collected once, never re-buffered).  A violation calls :meth:`BoundedAMP.protocolViolation`, which logs
 one line and drops the connection.
 
 Runs on the reactor thread.
@@ -17,6 +18,7 @@ from ZODB.POSException import POSError
 
 from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
+from zeotwist.wire.fast import LONG_MARK
 
 _log = Logger()
 
@@ -82,6 +84,13 @@ class BoundedAMP(amp.AMP):
         elif self.transport is not None:
             write_now(self.transport, frame)
 
+    def corked(self) -> "_Cork":
+        """``with proto.corked(): ...``: the boxes sent inside go out in one
+        write at the end (a commit's TpcBegin, StoreData and Vote: one
+        system call and one packet instead of three).  Inside a burst that
+        is already collected (``dataReceived``), it adds nothing."""
+        return _Cork(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self._violated:
             return
@@ -96,12 +105,55 @@ class BoundedAMP(amp.AMP):
             if batch and self.transport is not None and not self._violated:
                 write_now(self.transport, b"".join(batch))
 
+    #: a long entry's value being collected: (key, length, pieces, bytes so far)
+    _long = None
+
     def _parse(self, data: bytes) -> None:
+        if self._long is not None:
+            data = self._collect_long(data)
+            if data is None:
+                return
         buf = self._buf + data if self._buf else data
         n, off, box = len(buf), 0, self._box
         size, maxBytes = self._boxBytes, self.maxBoxBytes
         while n - off >= 2:
             klen = (buf[off] << 8) | buf[off + 1]
+            if klen == LONG_MARK:
+                # A long entry (zeotwist.wire.fast): one value over 64 KiB,
+                # bounded like any other before a byte of it is kept.
+                if n - off < 4:
+                    break
+                klen = (buf[off + 2] << 8) | buf[off + 3]
+                if not 0 < klen <= amp.MAX_KEY_LENGTH:
+                    return self.protocolViolation("long entry key length %d" % klen)
+                kend = off + 4 + klen
+                if n < kend + 4:
+                    break
+                vlen = int.from_bytes(buf[kend:kend + 4], "big")
+                if vlen <= amp.MAX_VALUE_LENGTH:
+                    return self.protocolViolation(
+                        "long entry of %d bytes (at most %d go as a plain value)"
+                        % (vlen, amp.MAX_VALUE_LENGTH))
+                if size + klen + vlen + 10 > maxBytes:
+                    return self.protocolViolation(
+                        "box larger than %d bytes" % maxBytes)
+                if box is None:
+                    box = amp.AmpBox()
+                elif len(box) >= self.maxBoxKeys:
+                    return self.protocolViolation(
+                        "box with more than %d keys" % self.maxBoxKeys)
+                size += klen + vlen + 10
+                key, vstart = buf[off + 4:kend], kend + 4
+                if n - vstart >= vlen:
+                    box[key] = buf[vstart:vstart + vlen]
+                    off = vstart + vlen
+                    continue
+                # The rest arrives in later reads: keep the pieces and join
+                # them once (no re-buffering of a growing value).
+                first = buf[vstart:]
+                self._long = (key, vlen, [first], len(first))
+                self._box, self._boxBytes, self._buf = box, size, b""
+                return
             if klen == 0:
                 off += 2
                 self._box, self._boxBytes, self._buf = None, 0, buf[off:]
@@ -134,6 +186,20 @@ class BoundedAMP(amp.AMP):
             off = vend
         self._box, self._boxBytes = box, size
         self._buf = buf[off:] if off < n else b""
+
+    def _collect_long(self, data: bytes) -> bytes | None:
+        """Add ``data`` to the long entry being collected; once it is
+        whole, put it in the box and return what follows it (else None)."""
+        key, vlen, pieces, have = self._long
+        need = vlen - have
+        if len(data) < need:
+            pieces.append(data)
+            self._long = (key, vlen, pieces, have + len(data))
+            return None
+        pieces.append(data[:need] if len(data) > need else data)
+        self._long = None
+        self._box[key] = b"".join(pieces)
+        return data[need:]
 
     def ampBoxReceived(self, box):
         # A box that is neither a command nor the answer to a question we
@@ -187,7 +253,7 @@ class BoundedAMP(amp.AMP):
         if self._violated:
             return
         self._violated = True
-        self._buf, self._box = b"", None
+        self._buf, self._box, self._long = b"", None, None
         self.logViolation("protocol violation from {peer}: {why}; closing",
                           peer=peer_text(self.transport), why=why)
         transport = self.transport
@@ -195,10 +261,31 @@ class BoundedAMP(amp.AMP):
             abort = getattr(transport, "abortConnection", transport.loseConnection)
             abort()
 
-
     def logViolation(self, fmt: str, **kw) -> None:
         """Log a violation (the server rate-limits these lines)."""
         _log.warn(fmt, **kw)
+
+
+class _Cork:
+    """The context manager of :meth:`BoundedAMP.corked`."""
+
+    __slots__ = ("proto", "batch")
+
+    def __init__(self, proto: BoundedAMP):
+        self.proto, self.batch = proto, None
+
+    def __enter__(self) -> None:
+        if self.proto._batch is None:
+            self.batch = self.proto._batch = []
+            self.proto._batch_bytes = 0
+
+    def __exit__(self, *exc) -> None:
+        proto, batch = self.proto, self.batch
+        if batch is None:
+            return
+        proto._batch = None
+        if batch and proto.transport is not None and not proto._violated:
+            write_now(proto.transport, b"".join(batch) if len(batch) > 1 else batch[0])
 
 
 def write_now(transport, data: bytes) -> None:

@@ -62,6 +62,15 @@ def encode_store(oid: bytes, serial: bytes, data: bytes) -> bytes:
     return encode(STORE, oid, serial, data)
 
 
+def store_head(oid: bytes, serial: bytes, data: bytes) -> bytes:
+    """The header of a store record for ``data``; the caller appends
+    ``data`` itself (a big record is then copied once, not twice)."""
+    if type(oid) is not bytes or type(serial) is not bytes or len(oid) != 8 \
+            or len(serial) != 8 or not isinstance(data, (bytes, bytearray)):
+        _check_arguments(oid, serial, data)
+    return _HEAD.pack(STORE, oid, serial, len(data))
+
+
 def encode_check(oid: bytes, serial: bytes) -> bytes:
     return encode(CHECK, oid, serial)
 

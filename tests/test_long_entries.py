@@ -1,0 +1,191 @@
+"""Long entries (docs/protocol.md, "Long entries"): a value over 64 KiB in
+one piece between peers that declared ``long_values`` at Register, instead
+of AMP's split over ``data``, ``data.1``, ...
+
+Frames and the parser in memory (every cut of the byte stream), refusals of
+malformed and oversize entries before their value is buffered, and the
+handshake: a peer that did not declare them gets AMP's split form, which
+every version reads.
+"""
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import maxtid, z64
+
+from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+from zeotwist.wire.framing import BoundedAMP
+from zeotwist.wire.records import encode_store
+
+START, END = b"\x01" * 8, b"\x02" * 8
+BIG = bytes(range(256)) * 1000          # 256,000 bytes: four AMP values' worth
+
+
+class Receiver(BoundedAMP):
+    """BoundedAMP's parser alone: records boxes and violations."""
+
+    maxBoxBytes = 4 * 2**20
+
+    def __init__(self):
+        super().__init__()
+        self.boxes, self.violations = [], []
+        self.makeConnection(StringTransport())
+
+    def ampBoxReceived(self, box):
+        self.boxes.append(box)
+
+    def protocolViolation(self, why):
+        self.violations.append(why)
+        super().protocolViolation(why)
+
+
+def feed(frame: bytes, cut: int) -> Receiver:
+    r = Receiver()
+    for off in range(0, len(frame), cut):
+        r.dataReceived(frame[off:off + cut])
+    return r
+
+
+def split_form(command, values, response=False, tag_key=None, tag=None) -> bytes:
+    make = command.makeResponse if response else command.makeArguments
+    box = amp.AmpBox(make(dict(values), None))
+    if tag_key:
+        box[tag_key] = tag
+    if not response:
+        box[amp.COMMAND] = command.commandName
+    return box.serialize()
+
+
+@pytest.mark.parametrize("cut", [1, 7, 4096, 65536, 10**9])
+@pytest.mark.parametrize("end", [None, END])
+def test_load_answer_in_one_entry_reads_as_amps_split_form(cut, end):
+    frame = fast.load_before_answer(b"a1", (BIG, START, end), long_values=True)
+    assert fast.long_entry(b"data", BIG) in frame
+    assert len(frame) < len(BIG) + 100          # not cut into keys: no per-piece headers
+    r = feed(frame + frame, cut)                # two boxes back to back
+    assert r.violations == [] and len(r.boxes) == 2
+    values = {"found": True, "data": BIG, "start": START, "end": end}
+    [expected] = amp.parseString(split_form(C.LoadBefore, values, True, amp.ANSWER, b"a1"))
+    assert b"data.1" in expected and b"data.1" not in r.boxes[0]
+    for box in r.boxes:
+        assert fast.read_load_before_answer(amp.AmpBox(box), None) == (BIG, START, end)
+        assert C.LoadBefore.parseResponse(amp.AmpBox(box), None) == \
+            C.LoadBefore.parseResponse(amp.AmpBox(expected), None)
+
+
+@pytest.mark.parametrize("cut", [3, 65536, 10**9])
+def test_store_data_piece_in_one_entry(cut):
+    frame = fast.store_data(memoryview(BIG), long_values=True)
+    r = feed(frame, cut)
+    assert r.violations == [] and len(r.boxes) == 1
+    assert fast.read_store_data(r.boxes[0]) == BIG
+    assert C.StoreData.parseArguments(r.boxes[0], None) == {"data": BIG}
+
+
+@pytest.mark.parametrize("piece", [b"", b"small", b"z" * fast.MAX_VALUE])
+def test_a_short_store_piece_is_amps_own_either_way(piece):
+    expected = split_form(C.StoreData, {"data": piece})
+    assert fast.store_data(piece) == expected
+    assert fast.store_data(memoryview(piece), long_values=True) == expected
+    [box] = amp.parseString(expected)
+    assert fast.read_store_data(box) == piece
+
+
+def test_without_long_values_a_big_value_is_left_to_amps_split():
+    assert fast.store_data(BIG) is None
+    assert fast.load_before_answer(b"1", (BIG, START, None)) is None
+    [box] = amp.parseString(split_form(C.StoreData, {"data": BIG}))
+    assert fast.read_store_data(box) is None        # AMP's path joins it
+
+
+def _header(key: bytes, vlen: int) -> bytes:
+    return b"\xff\xff" + len(key).to_bytes(2, "big") + key + vlen.to_bytes(4, "big")
+
+
+@pytest.mark.parametrize("head,why", [
+    (_header(b"", 70000), "long entry key length 0"),
+    (b"\xff\xff\x01\x2c" + b"k" * 300 + (70000).to_bytes(4, "big"), "long entry key length 300"),
+    (_header(b"data", 100), "long entry of 100 bytes"),
+    (_header(b"data", 65535), "long entry of 65535 bytes"),
+    (_header(b"data", 5 * 2**20), "box larger than 4194304 bytes"),
+    (_header(b"data", 2**32 - 1), "box larger than 4194304 bytes"),
+])
+def test_malformed_or_oversize_long_entries_are_refused_on_their_header(head, why):
+    r = Receiver()
+    r.dataReceived(head)                  # not one byte of the value sent
+    assert len(r.violations) == 1 and r.violations[0].startswith(why), r.violations
+    assert r.transport.disconnecting or r._violated
+    assert r._long is None and r._buf == b"" and r.boxes == []
+    r.dataReceived(b"x" * 100000)         # nothing more is read or kept
+    assert r._buf == b"" and r._long is None and r.boxes == []
+
+
+def test_a_long_entry_counts_against_the_keys_and_bytes_of_its_box():
+    r = Receiver()
+    r.maxBoxBytes = 300000
+    two = b"".join((fast.long_entry(b"a", BIG), fast.long_entry(b"b", BIG), b"\0\0"))
+    r.dataReceived(two)
+    assert r.violations and "larger than 300000" in r.violations[0]
+
+
+# -- the handshake decides -----------------------------------------------------------
+
+@pytest.fixture
+def world(tmp_path):
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    yield clock, {"1": server}
+    server.close()
+
+
+def _call(proto, pump, command, **kw):
+    out = []
+    proto.call(command, **kw).addBoth(out.append)
+    pump.flush()
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def _commit_big(proto, pump, oid, data):
+    stream = encode_store(oid, z64, data)
+    proto.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    view = memoryview(stream)
+    for off in range(0, len(stream), C.STORE_CHUNK):
+        proto.store_data(view[off:off + C.STORE_CHUNK])
+    assert _call(proto, pump, C.Vote)["conflicts"] == b""
+    _call(proto, pump, C.Finish)
+
+
+@pytest.mark.parametrize("declared", [True, None])
+def test_long_entries_only_between_peers_that_declared_them(world, monkeypatch, declared):
+    """A client that declares long_values gets a big record in one entry and
+    sends its store pieces that way; one that does not (an older client)
+    gets and sends AMP's split form - and both commit and load the same."""
+    clock, servers = world
+    client, session, pump, _ = connect_in_memory(servers, clock)
+    answer = _call(client, pump, C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                   read_only=False, long_values=declared)
+    assert answer["long_values"] is True            # this server reads them
+    client.long_values = bool(declared)             # as the connector sets it
+    assert session.long_values is bool(declared)
+    seen = []
+    for name in ("read_store_data", "read_load_before_answer"):
+        real = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda box, *a, real=real: (
+            b"data" in box and seen.append(sorted(box)), real(box, *a))[1])
+    oid = _call(client, pump, C.NewOids, count=1)["oids"][0]
+    data = bytes(range(256)) * (3 * 2**20 // 256)        # 3 MiB: four pieces
+    _commit_big(client, pump, oid, data)
+    out = []
+    client.load_before(oid, maxtid).addBoth(out.append)
+    pump.flush()
+    assert out[0][0] == data
+    split = [keys for keys in seen if b"data.1" in keys]
+    if declared:
+        assert seen and not split            # every piece and the answer: one entry
+    else:
+        assert len(split) == len(seen) - 1 >= 1   # the pieces fell back; the answer split
