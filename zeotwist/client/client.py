@@ -299,10 +299,14 @@ class Client(StorageCallsMixin):
             oid = self._oids.popleft()
         except IndexError:
             return None
+        self._top_up(self.reactor.callFromThread)
+        return oid
+
+    def _top_up(self, schedule) -> None:
+        """Under a batch left in the pool: ``schedule(_refill_oids)`` once."""
         if len(self._oids) < OID_BATCH and not self._refilling:
             self._refilling = True
-            self.reactor.callFromThread(self._refill_oids)
-        return oid
+            schedule(self._refill_oids)
 
     def _refill_oids(self) -> None:
         """Top the oid pool up by one batch (reactor thread).  Oids answered
@@ -330,7 +334,9 @@ class Client(StorageCallsMixin):
 
         def got(r):
             self._oids.extend(r["oids"])
-            return self._oids.popleft()
+            oid = self._oids.popleft()
+            self._top_up(lambda refill: refill())     # on the reactor thread already
+            return oid
 
         return d.addCallback(got)
 

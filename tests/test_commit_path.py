@@ -1,0 +1,99 @@
+"""The commit path's invariants that performance depends on (docs/performance.md,
+"Where the time of a commit goes"): the client writes TpcBegin, the last
+store pieces and Vote with one system call, in that order; a thread that
+allocates oids steadily takes them from the pool, refilled in the background,
+never waiting for a round trip, and never gets one twice; a big record goes
+through a live server in long entries and comes back whole."""
+import time
+
+import transaction
+from twisted.internet.testing import StringTransport
+from twisted.protocols import amp
+from ZODB import DB
+from ZODB.Connection import TransactionMetaData
+from ZODB.utils import p64, z64
+
+from zeotwist.client import client as client_module
+from zeotwist.client.protocol import ClientProtocol
+from zeotwist.client.transaction import ClientTransaction
+from zeotwist.testing import Recorder
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+from zeotwist.wire.framing import BoundedAMP
+
+
+class CountingTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+
+class _Client:
+    """What a ClientTransaction needs of its Client: a connected protocol."""
+
+    def __init__(self, proto):
+        self.protocol = proto
+
+
+def test_vote_leaves_with_the_transaction_in_one_write():
+    proto = ClientProtocol(Recorder())
+    proto.makeConnection(CountingTransport())
+    txn = ClientTransaction(_Client(proto), TransactionMetaData(u"u", u"d"))
+    txn.store(p64(1), z64, b"record one")
+    txn.store(p64(2), None, b"record two")
+    txn.vote_once()
+    assert proto.transport.writes == 1
+    boxes = amp.parseString(proto.transport.value())
+    assert [b[amp.COMMAND] for b in boxes] == [b"TpcBegin", b"StoreData", b"Vote"]
+    assert fast.read_store_data(boxes[1]) == (
+        b"s" + p64(1) + z64 + (10).to_bytes(4, "big") + b"record one"
+        + b"s" + p64(2) + z64 + (10).to_bytes(4, "big") + b"record two")
+
+
+def test_steady_oid_allocation_never_waits_for_the_server(make_client, monkeypatch):
+    cs = make_client()
+    waited = []
+    real_call = cs._call
+    monkeypatch.setattr(cs, "_call", lambda f, *a, **kw: (waited.append(f), real_call(f, *a, **kw))[1])
+    first = cs.new_oid()                 # the empty pool: one round trip, 100 oids
+    assert len(waited) == 1
+    pool = cs.client._oids
+    deadline = time.monotonic() + 10     # the background refill has landed
+    while len(pool) < 2 * client_module.OID_BATCH - 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(pool) == 2 * client_module.OID_BATCH - 1
+    oids = [first] + [cs.new_oid() for _ in range(150)]
+    assert len(waited) == 1              # 150 more oids, no round trip waited for
+    assert len(set(oids)) == len(oids)
+    deadline = time.monotonic() + 10
+    while cs.client._refilling and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(set(oids) | set(pool)) == len(oids) + len(pool)   # never twice
+
+
+def test_a_big_record_round_trips_through_a_live_server(make_client, monkeypatch):
+    seen, collected = [], []
+    for name in ("read_store_data", "read_load_before_answer"):
+        real = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda box, *a, real=real: (
+            b"data" in box and seen.append(sorted(box)), real(box, *a))[1])
+    real_collect = BoundedAMP._collect_long
+    monkeypatch.setattr(BoundedAMP, "_collect_long", lambda self, data: (
+        collected.append(type(self).__name__), real_collect(self, data))[1])
+    data = bytes(range(256)) * (5 * 2**20 // 256)      # 5 MiB: six store pieces
+    writer, reader = DB(make_client()), DB(make_client())
+    try:
+        conn = writer.open()
+        conn.root()["big"] = data
+        transaction.commit()
+        assert reader.open().root()["big"] == data      # a cold load of the root
+    finally:
+        writer.close()
+        reader.close()
+    assert seen and not [keys for keys in seen if b"data.1" in keys]
+    # the values arrived over several reads on both ends, each joined once
+    assert {"ServerSession", "ClientProtocol"} <= set(collected)
