@@ -188,7 +188,8 @@ def test_handshake_timeout_closes(world):
 
 
 @pytest.mark.parametrize("garbage", [
-    b"\xff\xff" + b"x" * 100,                    # key longer than 255
+    b"\xff\xfe" + b"x" * 100,                    # key longer than 255
+    b"\xff\xff" + b"x" * 100,                    # a long entry with a key over 255
     b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x07Nothing\x00\x00",   # unknown command
     b"\x00\x08_command\x00\x0aLoadSerial\x00\x00",   # before Register
 ])
