@@ -130,3 +130,15 @@ def test_a_declaration_that_no_longer_fits_fails_loudly():
         fast._expect(slots, amp.ASK, b"tid", b"oid")
     with pytest.raises(TypeError, match="not declared"):
         fast._fields(C.LoadBefore.arguments, amp.ASK, {b"serial": b"x"})
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, fast.MAX_VALUE // 8])
+def test_invalidate_is_amps_own(count):
+    oids = [i.to_bytes(8, "big") for i in range(count)]
+    frame = fast.invalidate(TID, oids)
+    assert frame == amp_frame(C.Invalidate, {"tid": TID, "oids": oids}, None, None)
+    assert C.Invalidate.parseArguments(parse_one(frame), None) == {"tid": TID, "oids": oids}
+
+
+def test_an_invalidation_over_one_value_takes_amps_path():
+    assert fast.invalidate(TID, [b"\0" * 8] * (fast.MAX_VALUE // 8 + 1)) is None

@@ -32,6 +32,7 @@ from zeotwist.server.stats import traffic_counters
 from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.server.storagesafety import components, reads_extension
 from zeotwist.server.unpickling import guard_zodb
+from zeotwist.wire import fast
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
@@ -141,16 +142,23 @@ class StorageServer:
         self.last_tid = tid
         self.invalidations.append(tid, oids)
         self.stats["commits"] += 1
-        box = amp.AmpBox(Invalidate.makeArguments({"tid": tid, "oids": oids}, None))
-        box[amp.COMMAND] = Invalidate.commandName
-        frame = box.serialize()
-        for session in list(self.sessions):
+        others = []
+        for session in self.sessions:
             prefetcher = getattr(session, "prefetcher", None)
             if prefetcher is not None:        # its copies are no longer current
                 prefetcher.forget(oids)
             if session is not committer:
-                session.send_frame(frame)
-                self.traffic["invalidations"] += 1
+                others.append(session)
+        if not others:
+            return
+        frame = fast.invalidate(tid, oids)
+        if frame is None:           # over 64 KiB of oids: AMP's split form
+            box = amp.AmpBox(Invalidate.makeArguments({"tid": tid, "oids": oids}, None))
+            box[amp.COMMAND] = Invalidate.commandName
+            frame = box.serialize()
+        for session in others:      # (a session dropped meanwhile leaves the set)
+            session.send_frame(frame)
+            self.traffic["invalidations"] += 1
 
     def reset_history(self, tid: bytes) -> None:
         """Others' commits up to ``tid`` are unknown: no cache can be

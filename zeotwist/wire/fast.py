@@ -3,8 +3,9 @@
 Three exchanges are too frequent for AMP's generic argument encoding and
 its Deferreds: ``LoadBefore`` (every cache miss; the client frames the
 request and reads the answer, the server reads the request and frames the
-answer), ``StoreData`` (every commit; the client frames, the server reads)
-and ``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
+answer), ``StoreData`` and ``Invalidate`` (every commit; the client frames
+StoreData and the server reads it, the server frames Invalidate) and
+``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
 server reads).  Both ends use only this module for them, and
 tests/test_wire_fast.py checks every frame byte for byte against AMP's own
 serializer (``Command.makeArguments``/``makeResponse``, ``AmpBox.serialize``)
@@ -282,6 +283,23 @@ def read_store_data(box) -> bytes | None:
             or box[amp.COMMAND] != _STORE.commandName:
         return None
     return box[b"data"]
+
+
+# -- Invalidate ---------------------------------------------------------------------
+_INVALIDATE = C.Invalidate
+_INVALIDATE_FRAME, slots = _template(_fields(
+    _INVALIDATE.arguments, amp.COMMAND, {amp.COMMAND: _INVALIDATE.commandName}))
+_expect(slots, b"oids", b"tid")
+
+
+def invalidate(tid: bytes, oids) -> bytes | None:
+    """The one-way Invalidate of ``oids`` (8 bytes each) by ``tid``; None
+    when the packed list does not fit one AMP value (AMP's path splits it)."""
+    packed = b"".join(oids)
+    if len(packed) > MAX_VALUE or len(tid) != 8:
+        return None
+    c = _INVALIDATE_FRAME
+    return b"".join((c[0], _H(len(packed)), packed, c[1], tid, c[2]))
 
 
 def long_entry(key: bytes, value: bytes) -> bytes:
