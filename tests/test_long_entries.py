@@ -189,3 +189,15 @@ def test_long_entries_only_between_peers_that_declared_them(world, monkeypatch, 
         assert seen and not split            # every piece and the answer: one entry
     else:
         assert len(split) == len(seen) - 1 >= 1   # the pieces fell back; the answer split
+
+
+@pytest.mark.parametrize("end", [None, END])
+def test_a_long_entry_beside_a_prefetch_value(end):
+    prefetched = b"p" * 300
+    frame = fast.load_before_answer(b"9", (BIG, START, end), prefetched, long_values=True)
+    [box] = feed(frame, 5000).boxes
+    values = {"found": True, "data": BIG, "start": START, "end": end, "prefetch": prefetched}
+    [expected] = amp.parseString(split_form(C.LoadBefore, values, True, amp.ANSWER, b"9"))
+    assert C.LoadBefore.parseResponse(amp.AmpBox(box), None) == \
+        C.LoadBefore.parseResponse(amp.AmpBox(expected), None)
+    assert box[b"prefetch"] == prefetched
