@@ -299,7 +299,8 @@ class Client(StorageCallsMixin):
             oid = self._oids.popleft()
         except IndexError:
             return None
-        self._top_up(self.reactor.callFromThread)
+        if len(self._oids) < OID_BATCH and not self._refilling:   # inline: per oid
+            self._top_up(self.reactor.callFromThread)
         return oid
 
     def _top_up(self, schedule) -> None:
