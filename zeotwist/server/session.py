@@ -20,6 +20,7 @@ from ZODB.POSException import (
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from zeotwist.errors import (
     FinishFailed, PickleRefused, ProtocolVersionError, RemoteProtocolError, TransactionStateError,
@@ -217,7 +218,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         data = fast.read_store_data(box)
         if data is None:
             return False
-        self.store_data(data)
+        try:
+            self.store_data(data)
+        except Exception:           # as AMP's path: a one-way command failed
+            self.unhandledError(Failure())
         return True
 
     def transaction_timed_out(self):
