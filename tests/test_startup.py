@@ -22,7 +22,7 @@ from ZODB.FileStorage import FileStorage
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.server.tap import Options
-from zeotwist.testing import start_server, twistd_command
+from zeotwist.testing import start_server, start_twistd, twistd_command
 
 from procutil import REPO, child_env
 
@@ -266,3 +266,41 @@ def test_make_targets_set_up_the_virtualenv(tmp_path):
     assert "\nmake test\n" in (REPO / ".ci" / "run").read_text()
     readme = (REPO / "README.md").read_text()
     assert "\nmake serve " in readme and "\nmake test " in readme
+
+
+# -- 14. the tac file takes a configuration file too -------------------------------
+
+def test_tac_file_with_a_configuration_file(tmp_path):
+    conf = tmp_path / "server.conf"
+    conf.write_text("<zeotwist>\n  listen unix:%s\n</zeotwist>\n"
+                    "<filestorage a>\n  path %s\n</filestorage>\n"
+                    "<filestorage b>\n  path %s\n</filestorage>\n"
+                    % (tmp_path / "s.sock", tmp_path / "a.fs", tmp_path / "b.fs"))
+    env = dict(child_env(), ZEOTWIST_CONFIG=str(conf),
+               ZEOTWIST_ADDRESS_FILE=str(tmp_path / "zeotwist.address"))
+    server = start_twistd(str(tmp_path / "a.fs"), directory=str(tmp_path), env=env,
+                          server_command=["-y", str(REPO / "tac" / "zeotwist.tac")])
+    try:
+        assert server.addresses == ["unix:%s" % (tmp_path / "s.sock")]
+        db = DB(ClientStorage(str(tmp_path / "s.sock"), storage="b",
+                              reactor=background_reactor(), wait_timeout=10))
+        try:
+            conn = db.open()
+            conn.root()["via"] = "tac"
+            transaction.commit()
+        finally:
+            db.close()
+    finally:
+        server.stop()
+    fs = FileStorage(str(tmp_path / "b.fs"), read_only=True)
+    try:
+        assert DB(fs).open().root()["via"] == "tac"
+    finally:
+        fs.close()
+
+    env["ZEOTWIST_ARGS"] = "--max-connections 0"
+    out = subprocess.run([*twistd_command(), "-n", "--pidfile=", "-l", str(tmp_path / "t.log"),
+                          "-y", str(REPO / "tac" / "zeotwist.tac")], env=env, cwd=str(tmp_path),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert lines(out.stderr) == ["zeotwist.tac: max-connections must be at least 1, not 0"]
