@@ -39,6 +39,27 @@ def lines(text: str) -> list:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def set_root(address, storage: str, **items) -> None:
+    """Commit ``items`` into the root of ``storage`` at the server ``address``."""
+    db = DB(ClientStorage(address, storage=storage, reactor=background_reactor(),
+                          wait_timeout=10))
+    try:
+        conn = db.open()
+        conn.root().update(items)
+        transaction.commit()
+    finally:
+        db.close()
+
+
+def file_root(path) -> dict:
+    """The root of the FileStorage at ``path``, read directly (the server stopped)."""
+    fs = FileStorage(str(path), read_only=True)
+    try:
+        return dict(DB(fs).open().root())
+    finally:
+        fs.close()
+
+
 @pytest.fixture
 def busy_port():
     s = socket.socket()
@@ -200,13 +221,7 @@ def test_zeo_conf_runs_unchanged(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
             time.sleep(0.05)        # polling the server's pid file, bounded
         assert int(paths["pid"].read_text()) == server.pid
-        db = DB(ClientStorage(str(paths["sock"]), reactor=background_reactor(), wait_timeout=10))
-        try:
-            conn = db.open()
-            conn.root()["zeo"] = "conf"
-            transaction.commit()
-        finally:
-            db.close()
+        set_root(str(paths["sock"]), "1", zeo="conf")
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -220,11 +235,7 @@ def test_zeo_conf_runs_unchanged(tmp_path):
     assert not paths["pid"].exists()                    # removed at stop
     log = paths["log"].read_text()                      # the <eventlog> got the events
     assert "zeotwist serving %s as storage '1' on unix:%s" % (paths["fs"], paths["sock"]) in log
-    fs = FileStorage(str(paths["fs"]), read_only=True)
-    try:
-        assert DB(fs).open().root()["zeo"] == "conf"
-    finally:
-        fs.close()
+    assert file_root(paths["fs"])["zeo"] == "conf"
 
 
 # -- 9. Unix sockets are the owner's unless the endpoint says otherwise ---------------
@@ -243,6 +254,19 @@ def test_unix_socket_modes(tmp_path):
     finally:
         private.stop()
         shared.stop()
+
+
+# -- 14. help text ------------------------------------------------------------------
+
+def test_help_text_has_no_stray_spaces(tmp_path):
+    out = subprocess.run([*twistd_command(), "zeotwist", "--help"], env=child_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    column = out.stdout.index("A server configuration file") - out.stdout.rindex(
+        "\n", 0, out.stdout.index("A server configuration file")) - 1
+    described = [line[column:] for line in out.stdout.splitlines() if len(line) > column]
+    assert len(described) > 40
+    assert not [d for d in described if "  " in d.strip()], out.stdout
 
 
 # -- 0. the README's two commands ---------------------------------------------------
@@ -282,21 +306,10 @@ def test_tac_file_with_a_configuration_file(tmp_path):
                           server_command=["-y", str(REPO / "tac" / "zeotwist.tac")])
     try:
         assert server.addresses == ["unix:%s" % (tmp_path / "s.sock")]
-        db = DB(ClientStorage(str(tmp_path / "s.sock"), storage="b",
-                              reactor=background_reactor(), wait_timeout=10))
-        try:
-            conn = db.open()
-            conn.root()["via"] = "tac"
-            transaction.commit()
-        finally:
-            db.close()
+        set_root(str(tmp_path / "s.sock"), "b", via="tac")
     finally:
         server.stop()
-    fs = FileStorage(str(tmp_path / "b.fs"), read_only=True)
-    try:
-        assert DB(fs).open().root()["via"] == "tac"
-    finally:
-        fs.close()
+    assert file_root(tmp_path / "b.fs")["via"] == "tac"
 
     env["ZEOTWIST_ARGS"] = "--max-connections 0"
     out = subprocess.run([*twistd_command(), "-n", "--pidfile=", "-l", str(tmp_path / "t.log"),
