@@ -8,12 +8,70 @@ clients on zeotwist's private background reactor (its own daemon thread),
 passing ``reactor=background_reactor()`` explicitly; reactor-style tests use
 pytest-twisted's global reactor and Deferreds.  Multi-process tests run the
 real ``twistd zeotwist`` in subprocesses.
+
+Every test fails when an error is logged while it runs (a Failure logged
+through ``twisted.logger`` or ``twisted.python.log.err``, an unhandled
+error in a Deferred), as Twisted's trial does: see
+:func:`fail_on_logged_errors`.  A test that provokes such a log line on
+purpose says so with ``@pytest.mark.logs_errors("why")``.
 """
+import gc
+import os
+
 import pytest
+from twisted.logger import globalLogPublisher
 
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.testing import start_server
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "logs_errors(reason): the test logs an error on purpose; "
+                   "fail_on_logged_errors lets it pass")
+
+
+_FORCE_GC = os.environ.get("ZEOTWIST_TEST_FORCE_GC") == "1"
+
+
+def _logged_error(event: dict) -> bool:
+    return event.get("log_failure") is not None or bool(event.get("isError"))
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_errors(request):
+    """Fail the test if an error was logged while it ran (trial's rule).
+
+    A Deferred reports an unhandled failure when it is freed: at once when
+    nothing refers to it, or at the next garbage collection when it sits in
+    a reference cycle.  Like trial, the collector is forced only on request
+    (``ZEOTWIST_TEST_FORCE_GC=1``, trial's ``--force-gc``; ~0.1 s a test).
+    Errors logged from any thread (the private reactor's too) count.
+    """
+    errors = []
+
+    def observe(event):
+        if _logged_error(event):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield errors
+        if _FORCE_GC:
+            gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    if errors and request.node.get_closest_marker("logs_errors") is None:
+        from twisted.logger import formatEvent
+        lines = []
+        for event in errors[:5]:
+            failure = event.get("log_failure") or event.get("failure")
+            lines.append("%s\n%s" % (formatEvent(event),
+                                     failure.getTraceback() if failure is not None else ""))
+        pytest.fail("%d error(s) logged during the test (mark it "
+                    "@pytest.mark.logs_errors(reason) if that is intended):\n%s"
+                    % (len(errors), "\n".join(lines)), pytrace=False)
 
 
 @pytest.fixture
