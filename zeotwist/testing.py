@@ -116,6 +116,53 @@ def connect_in_memory(servers: dict, clock, recorder=None, handshake_timeout=5.0
     return client, session, pump, recorder
 
 
+class MemoryEndpoint:
+    """A client endpoint whose connections reach a ServerSession of
+    ``servers`` over iosim's in-memory link: a whole
+    :class:`~zeotwist.client.client.Client` (ClientService, handshake,
+    verification, reconnection, commits) runs without a socket, on ``clock``.
+
+    :meth:`flush` moves bytes both ways on every link; :meth:`drop` cuts the
+    newest one; while :attr:`refuse` is set, connection attempts fail as a
+    refused TCP connection would.
+    """
+
+    def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
+        self.servers, self.clock = servers, clock
+        self.handshake_timeout = handshake_timeout
+        self.refuse = False
+        self.attempts = 0
+        #: ``(client protocol, server session, pump)`` per connection made
+        self.links: list = []
+
+    def connect(self, factory):
+        from twisted.internet.defer import fail, succeed
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.test import iosim
+        from zeotwist.server.session import ServerSession
+        self.attempts += 1
+        if self.refuse:
+            return fail(ConnectionRefusedError("in-memory server refuses"))
+        client = factory.buildProtocol(None)
+        session = ServerSession(self.servers, self.clock, self.handshake_timeout)
+        pump = iosim.connect(session, iosim.FakeTransport(session, isServer=True),
+                             client, iosim.FakeTransport(client, isServer=False),
+                             greet=False, clock=self.clock)
+        self.links.append((client, session, pump))
+        return succeed(client)
+
+    def flush(self) -> None:
+        """Deliver everything written, on every link, until all is quiet."""
+        while any([pump.flush() for _, _, pump in self.links]):
+            pass
+
+    def drop(self) -> None:
+        """Cut the newest connection (both ends see it lost)."""
+        client, session, pump = self.links[-1]
+        client.transport.loseConnection()
+        self.flush()
+
+
 # -- the real server in a subprocess: ``twistd -n zeotwist`` --------------------
 
 def twistd_command() -> list:
