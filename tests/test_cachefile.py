@@ -11,7 +11,7 @@ from ZODB.utils import p64
 from zeotwist.client import cachefile
 from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
 from zeotwist.client.cachefile import MAGIC, VERSION, CacheFile, cache_path
-from zeotwist.errors import CacheLockedError, ZeotwistError
+from zeotwist.errors import CacheLockedError, ForeignCacheFile, WrongStateError, ZeotwistError
 
 LAST = p64(50)
 
@@ -31,7 +31,7 @@ def warnings():
 
 @pytest.fixture
 def cf(tmp_path):
-    f = CacheFile(str(tmp_path / "app-1.zec")).open()
+    f = CacheFile(str(tmp_path / "app-1.ztc")).open()
     yield f
     f.close()
 
@@ -73,10 +73,10 @@ def with_digest(body: bytes) -> bytes:
 
 # -- naming -------------------------------------------------------------------------------
 
-def test_cache_path_follows_zeo(tmp_path, monkeypatch):
-    assert cache_path("app", str(tmp_path), "1") == os.path.join(str(tmp_path), "app-1.zec")
+def test_cache_path_follows_zeo_with_our_own_suffix(tmp_path, monkeypatch):
+    assert cache_path("app", str(tmp_path), "1") == os.path.join(str(tmp_path), "app-1.ztc")
     monkeypatch.chdir(tmp_path)
-    assert cache_path("app", None, "main") == os.path.join(os.getcwd(), "app-main.zec")
+    assert cache_path("app", None, "main") == os.path.join(os.getcwd(), "app-main.ztc")
 
 
 # -- round trips --------------------------------------------------------------------------
@@ -133,7 +133,21 @@ def test_every_flipped_byte_is_rejected(cf, warnings, mask):
     for i in range(len(good)):
         bad = bytearray(good)
         bad[i] ^= mask
-        assert_rejected(cf, bytes(bad), warnings)
+        if i < len(cachefile.OURS):      # no longer says ZTC: not ours, left alone
+            assert_left_alone(cf, bytes(bad), warnings)
+        else:
+            assert_rejected(cf, bytes(bad), warnings)
+
+
+def assert_left_alone(cf, content: bytes, warnings) -> None:
+    with open(cf.path, "wb") as f:
+        f.write(content)
+    del warnings[:]
+    assert cf.load() is None
+    assert len(warnings) == 1 and "not a zeotwist cache file" in warnings[0], warnings
+    with open(cf.path, "rb") as f:
+        assert f.read() == content
+    os.unlink(cf.path)
 
 
 def test_truncated_large_file_is_rejected(cf, warnings):
@@ -152,8 +166,22 @@ def test_wrong_magic_and_version_are_rejected_even_with_a_valid_digest(cf, warni
     assert_rejected(cf, with_digest(b"ZTC0" + body[4:]), warnings, "magic")
     version = (VERSION + 1).to_bytes(2, "big")
     assert_rejected(cf, with_digest(body[:4] + version + body[6:]), warnings, "version")
-    assert_rejected(cf, b"garbage that is not a cache file at all, longer than a header",
-                    warnings, "magic")
+
+def test_a_file_that_is_not_ours_is_never_deleted_or_replaced(cf, warnings):
+    garbage = b"garbage that is not a cache file at all, longer than a header"
+    with open(cf.path, "wb") as f:
+        f.write(garbage)
+    del warnings[:]
+    assert cf.load() is None
+    assert len(warnings) == 1 and "not a zeotwist cache file" in warnings[0], warnings
+    with pytest.raises(ForeignCacheFile):
+        cf.save(LAST, [])
+    with open(cf.path, "rb") as f:
+        assert f.read() == garbage           # left alone
+    cf.close()
+    with pytest.raises(ForeignCacheFile, match="will not overwrite"):
+        cf.open()                            # and refused from the start
+    assert cf._lock is None
 
 
 def test_wrong_record_count_is_rejected(cf, warnings):
@@ -210,10 +238,10 @@ def test_another_process_is_refused(cf):
 
 
 def test_load_and_save_need_the_lock(tmp_path):
-    f = CacheFile(str(tmp_path / "x.zec"))
-    with pytest.raises(RuntimeError):
+    f = CacheFile(str(tmp_path / "x.ztc"))
+    with pytest.raises(WrongStateError, match="not open"):
         f.load()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="not open"):        # as before
         f.save(None, [])
 
 
@@ -268,7 +296,7 @@ def test_write_failing_midway_keeps_the_old_file(cf, monkeypatch):
 
 
 def test_leftover_temp_file_from_a_crash_is_ignored_and_removed(tmp_path):
-    path = str(tmp_path / "app-1.zec")
+    path = str(tmp_path / "app-1.ztc")
     with CacheFile(path) as f:
         f.save(*OLD)
     with open(path + ".tmp", "wb") as tmp:          # a save killed mid-way
@@ -314,7 +342,7 @@ def test_restore_replaces_contents_and_skips_duplicates():
 def test_missing_var_folder_is_created(tmp_path):
     """As ZEO's ``var``: the folder of the cache file is made when missing."""
     from zeotwist.client.cachefile import CacheFile
-    path = tmp_path / "var" / "cache" / "web1-1.zec"
+    path = tmp_path / "var" / "cache" / "web1-1.ztc"
     with CacheFile(str(path)) as f:
         f.save(b"\0" * 8, [])
     assert path.exists()

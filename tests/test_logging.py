@@ -68,7 +68,7 @@ def expect_containing(child: Child, text: str, timeout: float = 20) -> str:
 
 
 def test_stdlib_logging_gets_cache_file_and_reconnection(tmp_path):
-    (tmp_path / "c-1.zec").write_bytes(b"this is not a cache file")
+    (tmp_path / "c-1.ztc").write_bytes(b"ZTC1 and then not a cache file")
     server = start_server(str(tmp_path / "data.fs"))
     host, port = server.address
     child = Child(CLIENT, (host, port), tmp_path)
@@ -101,7 +101,7 @@ def test_stdlib_logging_gets_cache_file_and_reconnection(tmp_path):
 
 
 def test_application_with_twisted_logging_is_not_logged_twice(tmp_path):
-    (tmp_path / "c-1.zec").write_bytes(b"this is not a cache file")
+    (tmp_path / "c-1.ztc").write_bytes(b"ZTC1 and then not a cache file")
     server = start_server(str(tmp_path / "data.fs"))
     child = Child(TWISTED_CLIENT, server.address, tmp_path)
     try:

@@ -54,7 +54,7 @@ def test_restarted_process_reuses_its_cache(server, make_client, tmp_path):
     hits1, size1 = run_reader(server, var)
     first = loads(server) - before
     assert first >= N and hits1 == 0
-    assert os.path.exists(os.path.join(var, "reader-1.zec"))
+    assert os.path.exists(os.path.join(var, "reader-1.ztc"))
     before = loads(server)
     hits2, size2 = run_reader(server, var)
     assert loads(server) - before == 0          # nothing fetched again
@@ -80,7 +80,7 @@ def test_corrupt_cache_file_is_discarded(server, make_client, tmp_path):
     commit_new_objects(make_client, N)
     var = str(tmp_path)
     _, size = run_reader(server, var)
-    path = os.path.join(var, "reader-1.zec")
+    path = os.path.join(var, "reader-1.ztc")
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
         f.write(b"\xffGARBAGE\xff")
@@ -104,3 +104,43 @@ def test_one_process_per_cache_file(server, make_client, tmp_path):
     again = ClientStorage(server.address, client="solo", var=str(tmp_path),
                           reactor=background_reactor(), wait_timeout=10)
     again.close()
+
+
+def zeo_cache_file(path: str) -> bytes:
+    """A real ZEO cache file at ``path``; its bytes."""
+    import ZEO.cache
+    cache = ZEO.cache.ClientCache(path, size=200_000)
+    cache.setLastTid(b"\0" * 7 + b"\1")
+    cache.close()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_a_zeo_cache_file_beside_ours_is_left_alone(server, make_client, tmp_path):
+    """ZEO names its file <client>-<storage>.zec; ours is .ztc, and a ZEO
+    client and a zeotwist client of the same name share a var folder."""
+    commit_new_objects(make_client, N)
+    var = str(tmp_path)
+    zeo_path = os.path.join(var, "reader-1.zec")
+    zeo_bytes = zeo_cache_file(zeo_path)
+    run_reader(server, var)
+    hits, _ = run_reader(server, var)
+    assert hits >= N                                   # ours was written and reused
+    assert os.path.exists(os.path.join(var, "reader-1.ztc"))
+    with open(zeo_path, "rb") as f:
+        assert f.read() == zeo_bytes                   # ZEO's, untouched
+
+
+def test_a_cache_path_naming_a_file_not_ours_is_refused(server, tmp_path):
+    from zeotwist import ClientStorage
+    from zeotwist.client.reactorthread import background_reactor
+    from zeotwist.errors import ForeignCacheFile
+    zeo_path = str(tmp_path / "app-1.zec")
+    zeo_bytes = zeo_cache_file(zeo_path)
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(ForeignCacheFile, match="a ZEO cache file"):
+        ClientStorage(server.address, cache_path=zeo_path, reactor=background_reactor(),
+                      wait_timeout=10)
+    with open(zeo_path, "rb") as f:
+        assert f.read() == zeo_bytes
+    assert sorted(os.listdir(tmp_path)) == before      # nothing made beside it

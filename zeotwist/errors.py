@@ -5,7 +5,7 @@ Where ZODB already has a class (``ConflictError``, ``ReadOnlyError``,
 written against ZEO catches the same things.  The wire-code table that maps
 these classes to AMP error codes lives only in :mod:`zeotwist.wire.codes`.
 """
-from ZODB.POSException import StorageError, StorageTransactionError
+from ZODB.POSException import ConflictError, StorageError, StorageTransactionError
 from transaction.interfaces import TransientError
 
 __all__ = [
@@ -31,6 +31,12 @@ __all__ = [
     "NotLoggedIn",
     "UsageError",
     "StartupFailed",
+    "ServerOlderThanCache",
+    "ForeignCacheFile",
+    "WrongStateError",
+    "TLSConfigError",
+    "BlobCacheLocked",
+    "RefusedGlobal",
 ]
 
 
@@ -135,8 +141,35 @@ class CacheLockedError(ZeotwistError):
 
 
 class UsageError(ZeotwistError, TypeError):
-    """zeotwist was used in a way it does not support: a programming error
-    in the calling code (also a ``TypeError``, as such errors were before)."""
+    """zeotwist was called with arguments it does not support: a programming
+    error in the calling code (also a ``TypeError``, as such errors were before)."""
+
+
+class WrongStateError(ZeotwistError, RuntimeError):
+    """zeotwist was called at a time it does not allow (a file not opened, a
+    lock asked for twice, a reactor not running): a programming error in
+    the calling code (also a ``RuntimeError``, as such errors were before)."""
+
+
+class TLSConfigError(ZeotwistError, ValueError):
+    """A certificate, key or CA file cannot be used (missing, not PEM, key
+    not matching the certificate); ``str()`` names the file."""
+
+
+class BlobCacheLocked(ZeotwistError):
+    """A blob cache directory stayed locked (by another thread or process)
+    for longer than the storage's timeout."""
+
+
+class RefusedGlobal(ConflictError):
+    """Server-side conflict resolution refused a record: it named a global
+    the resolver will not load, or could not be read at all.  The client
+    sees an ordinary ConflictError."""
+
+
+class ForeignCacheFile(ZeotwistError):
+    """The persistent cache file's path holds a file that is not a zeotwist
+    cache file (a ZEO cache, anything else): zeotwist leaves it alone."""
 
 
 class ReactorThreadError(RuntimeError):

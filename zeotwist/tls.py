@@ -9,7 +9,7 @@ Client: :func:`client_creator` turns ``ClientStorage(..., tls=...)`` into a
 connection creator (``True``: the system's CAs; a dict with ``ca``,
 ``cert``, ``key``, ``hostname``; or a ready ``IOpenSSLClientConnectionCreator``);
 :func:`zeotwist.client.addresses.to_endpoint` layers it over the client's
-address (this module builds no endpoints and imports nothing of zeotwist).
+address (this module builds no endpoints and imports only zeotwist.errors).
 
 :func:`describe_error` turns OpenSSL's and service_identity's exceptions
 into one readable line ("certificate verify failed", "tlsv13 alert
@@ -23,14 +23,13 @@ import os
 
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
+from zeotwist.errors import TLSConfigError, UsageError
+
 #: the ``tls`` dict keys ClientStorage understands
 CLIENT_KEYS = frozenset({"ca", "cert", "key", "hostname"})
 
 
-class TLSConfigError(ValueError):
-    """A certificate, key or CA file cannot be used (missing, not PEM, key
-    not matching the certificate); ``str()`` names the file."""
-
+# TLSConfigError lives in zeotwist.errors; imported here, where it always was.
 
 def _read(path, what: str) -> bytes:
     try:
@@ -141,7 +140,7 @@ def client_creator(tls, hostname: str | None):
     settings = {} if tls is True else dict(tls)
     unknown = set(settings) - CLIENT_KEYS
     if unknown:
-        raise TypeError("unknown tls settings: %s (known: %s)"
+        raise UsageError("unknown tls settings: %s (known: %s)"
                         % (", ".join(sorted(unknown)), ", ".join(sorted(CLIENT_KEYS))))
     hostname = settings.get("hostname") or hostname
     if not hostname:

@@ -13,6 +13,7 @@ from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from zeotwist.client.failover import FailoverEndpoint
+from zeotwist.errors import UsageError
 from zeotwist.tls import client_creator
 
 _SCHEMES = ("tcp:", "tcp6:", "unix:", "tls:", "ssl:", "systemd:", "host:")
@@ -26,7 +27,7 @@ def endpoint_string(address) -> str:
         host, port = address
         return "tcp:host=%s:port=%d" % (_escape(host), int(port))
     if not isinstance(address, str):
-        raise TypeError("cannot make a server address of %r" % (address,))
+        raise UsageError("cannot make a server address of %r" % (address,))
     if address.startswith(_SCHEMES):
         return address
     if "/" in address or address.endswith(".sock"):

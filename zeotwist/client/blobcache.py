@@ -28,8 +28,9 @@ from contextlib import contextmanager
 
 import ZODB.blob
 import zc.lockfile
-from ZODB.POSException import StorageError
 from ZODB.utils import u64
+
+from zeotwist.errors import BlobCacheLocked
 
 LAYOUT = "zeotwist-cache"
 _BUCKET = re.compile(r"[0-9a-f]{2}")
@@ -52,10 +53,7 @@ class CacheLayout:
 ZODB.blob.LAYOUTS.setdefault(LAYOUT, CacheLayout())
 
 
-class BlobCacheLocked(StorageError):
-    """A blob cache directory stayed locked (by another thread or process)
-    for longer than the storage's timeout."""
-
+# BlobCacheLocked lives in zeotwist.errors; imported here, where it always was.
 
 def lock_file(path: str, timeout: float | None):
     """Acquire the lock file ``path``; wait up to ``timeout`` seconds (None:

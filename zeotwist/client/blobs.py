@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from ZODB.POSException import POSKeyError, ReadOnlyError, Unsupported
 
 from zeotwist.client.blobcache import BlobCache
+from zeotwist.errors import UsageError
 
 _log = Logger()
 
@@ -177,7 +178,7 @@ class BlobStorageMixin:
         if self.isReadOnly():
             raise ReadOnlyError()
         if version:
-            raise TypeError("versions are not supported")
+            raise UsageError("versions are not supported")
         txn = self._check_trans(transaction, "storeBlob")
         self._server_has_blobs()
         if isinstance(serial, str):      # old callers (ZODB's doctests) pass '\0' * 8

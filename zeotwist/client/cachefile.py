@@ -1,7 +1,8 @@
 """The persistent client cache file (ZEO's ``client='NAME'``, ``var='DIR'``).
 
-One file per client name and storage, ``<var or cwd>/<client>-<storage>.zec``
-(ZEO's name), holding a :meth:`ClientCache.snapshot
+One file per client name and storage, ``<var or cwd>/<client>-<storage>.ztc``
+(our own name: ZEO's ``.zec`` file, in a format of its own, may sit beside
+it in the same ``var`` folder), holding a :meth:`ClientCache.snapshot
 <zeotwist.client.cache.ClientCache.snapshot>`.  Plain blocking file I/O: call
 it from the thread that starts or stops the client, not from the reactor
 thread while it serves requests.
@@ -16,8 +17,12 @@ Layout, big-endian::
 
 The cache's own ``last_tid`` is written with the data it covers.  A file is
 trusted whole or not at all: a missing trailer (a torn write), a wrong
-digest, count, magic or version makes :meth:`CacheFile.load` log one warning,
-delete the file and return None.  :meth:`CacheFile.save` writes
+digest, count or version makes :meth:`CacheFile.load` log one warning,
+delete the file and return None.  Only our own files are ever deleted or
+replaced: a file that does not begin with ``ZTC`` (a ZEO cache file, anything
+else) is refused by :meth:`CacheFile.open` with
+:class:`~zeotwist.errors.ForeignCacheFile`, and left alone by ``load`` and
+``save`` should it appear later.  :meth:`CacheFile.save` writes
 ``<path>.tmp``, fsyncs it, renames it over the file and fsyncs the directory,
 so a crash at any point leaves the previous file in place.
 """
@@ -29,12 +34,15 @@ from contextlib import suppress
 import zc.lockfile
 from twisted.logger import Logger
 
-from zeotwist.errors import CacheLockedError
+from zeotwist.errors import CacheLockedError, ForeignCacheFile, WrongStateError
 
 __all__ = ["MAGIC", "VERSION", "cache_path", "CacheFile"]
 
 MAGIC = b"ZTC1"
 VERSION = 1
+#: What every zeotwist cache file begins with, whatever its version.
+OURS = MAGIC[:3]
+SUFFIX = ".ztc"
 
 _HEADER = struct.Struct(">4sHB8s")
 _RECORD = struct.Struct(">c8s8s8sI")
@@ -47,8 +55,26 @@ _log = Logger()
 
 
 def cache_path(client: str, var: str | None, storage: str) -> str:
-    """The cache file of client ``client`` for storage ``storage``, as ZEO names it."""
-    return os.path.join(var or os.getcwd(), f"{client}-{storage}.zec")
+    """The cache file of client ``client`` for storage ``storage``: ZEO's
+    ``<client>-<storage>`` with our own suffix, so the two never meet."""
+    return os.path.join(var or os.getcwd(), f"{client}-{storage}{SUFFIX}")
+
+
+def foreign_start(path: str) -> bytes | None:
+    """The first bytes of the file at ``path`` if it is not a zeotwist cache
+    file; None if it is ours (see :func:`_ours`) or missing."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(OURS))
+    except FileNotFoundError:
+        return None
+    return None if _ours(head) else head
+
+
+def _ours(head: bytes) -> bool:
+    """A file beginning with ``head`` may be ours: ``ZTC``, or a file too
+    short to say (a few bytes, nothing anyone could lose)."""
+    return OURS.startswith(head)
 
 
 class _Untrusted(Exception):
@@ -74,6 +100,7 @@ class CacheFile:
             cannot be made or written.
         """
         if self._lock is None:
+            self._refuse_foreign()      # before the lock: nothing made beside it
             folder = os.path.dirname(self.path)
             if folder:
                 os.makedirs(folder, exist_ok=True)
@@ -87,6 +114,16 @@ class CacheFile:
             with suppress(FileNotFoundError):
                 os.unlink(self._tmp)
         return self
+
+    def _refuse_foreign(self) -> None:
+        """ForeignCacheFile if the file exists and is not ours (OSError if
+        it cannot be read)."""
+        head = foreign_start(self.path)
+        if head is not None:
+            raise ForeignCacheFile(
+                f"{self.path} is not a zeotwist cache file (it begins with {head!r}"
+                f"{', a ZEO cache file' if head == b'ZEC' else ''}); zeotwist will not "
+                f"overwrite it: give the client another name or cache_path")
 
     def close(self) -> None:
         """Release the lock (the file itself stays)."""
@@ -102,18 +139,23 @@ class CacheFile:
 
     def _check_open(self) -> None:
         if self._lock is None:
-            raise RuntimeError(f"client cache file {self.path} is not open")
+            raise WrongStateError(f"client cache file {self.path} is not open")
 
     def load(self):
         """``(last_tid, [(oid, start, end, data), ...])`` in LRU order, or None.
 
         None when there is no file, and when the file cannot be trusted: then
-        one warning is logged and the file is deleted.  Never raises for bad
-        content.
+        one warning is logged and the file is deleted, if it is ours; a file
+        that is not ours is left alone.  Never raises for bad content.
         """
         self._check_open()
         try:
             with open(self.path, "rb") as f:
+                if not _ours(f.read(len(OURS))):
+                    _log.warn("ignoring {path}: not a zeotwist cache file; leaving it alone",
+                              path=self.path)
+                    return None
+                f.seek(0)
                 return _read(f)
         except FileNotFoundError:
             return None
@@ -131,8 +173,10 @@ class CacheFile:
         """Replace the file atomically with ``entries`` (iterable, LRU order).
 
         :raises OSError: writing failed; the previous file is unchanged.
+        :raises ForeignCacheFile: the file there now is not ours (untouched).
         """
         self._check_open()
+        self._refuse_foreign()
         try:
             with self._open_temp() as f:
                 _write(f, last_tid, entries)

@@ -16,6 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from zeotwist.client.cachefile import CacheFile
+from zeotwist.errors import ForeignCacheFile
 
 _log = Logger()
 
@@ -28,7 +29,7 @@ class CachePersister:
         self.path = path
         self.interval = interval
         self._file = CacheFile(path)
-        self._file.open()                    # CacheLockedError if another process has it
+        self._file.open()       # CacheLockedError, ForeignCacheFile: raised to the caller
         self._lock = threading.Lock()
         self._loop = None
         self._closed = False
@@ -63,7 +64,7 @@ class CachePersister:
     def _save_logged(self) -> None:
         try:
             self.save()
-        except OSError as e:
+        except (OSError, ForeignCacheFile) as e:
             _log.warn("zeotwist could not save its cache to {path}: {e}", path=self.path, e=e)
 
     def close(self) -> None:

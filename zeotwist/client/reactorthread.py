@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.python import threadable
 from twisted.python.failure import Failure
 
-from zeotwist.errors import ReactorThreadError
+from zeotwist.errors import ReactorThreadError, WrongStateError
 
 _private = None
 _private_lock = threading.Lock()
@@ -130,7 +130,7 @@ def blocking_call(reactor, f, *args, timeout: float | None = None,
             "(zeotwist.connect / Client) from reactor code, or call the "
             "blocking API from a worker thread (deferToThread)")
     if not reactor.running:
-        raise RuntimeError("the reactor this client uses is not running")
+        raise WrongStateError("the reactor this client uses is not running")
     waiter = _Waiter(f, args, kw)
     reactor.callFromThread(waiter.run)
     if not waiter.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):

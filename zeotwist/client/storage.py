@@ -28,7 +28,7 @@ from zeotwist.client.client import Client
 from zeotwist.client.resolve import ConflictResolver
 from zeotwist.client.reactorthread import blocking_call, default_reactor, in_reactor_thread
 from zeotwist import logbridge
-from zeotwist.errors import ClientDisconnected
+from zeotwist.errors import ClientDisconnected, UsageError
 
 DEFAULT_CACHE_SIZE = 20 * 2**20
 
@@ -95,7 +95,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                  **unsupported):
         ignored = {k for k, v in unsupported.items() if v not in (None, False, 0, "")}
         if ignored:
-            raise TypeError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
+            raise UsageError("ClientStorage does not support %s yet" % ", ".join(sorted(ignored)))
         logbridge.install()      # our log lines reach Python's logging (docs/logging.md)
         reactor = reactor or default_reactor()
         cache = ClientCache(cache_size)
@@ -358,7 +358,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         if self.isReadOnly():
             raise ReadOnlyError()
         if version:
-            raise TypeError("versions are not supported")
+            raise UsageError("versions are not supported")
         self._check_trans(transaction, "store").store(oid, serial, data)
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):

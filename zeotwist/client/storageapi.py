@@ -20,6 +20,7 @@ from ZODB.POSException import ReadOnlyError, StorageError
 from twisted.logger import Logger
 
 from zeotwist.client.reactorthread import in_reactor_thread
+from zeotwist.errors import UsageError
 
 _log = Logger()
 
@@ -125,7 +126,7 @@ class StorageAPIMixin:
         if self.isReadOnly():
             raise ReadOnlyError()
         if version:
-            raise TypeError("versions are not supported")
+            raise UsageError("versions are not supported")
         self._check_trans(transaction, "restore").restore(oid, serial, data, prev_txn)
 
     def deleteObject(self, oid, oldserial, transaction):

@@ -14,6 +14,7 @@ from typing import Callable, Hashable
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from zeotwist.errors import WrongStateError
 from zeotwist.server.stats import Timings
 
 
@@ -48,7 +49,7 @@ class CommitLock:
         Cancelling it withdraws ``owner`` from the queue.
         """
         if owner is self._holder or any(o is owner for o, _ in self._waiters):
-            raise RuntimeError("%r already holds or awaits the commit lock" % (owner,))
+            raise WrongStateError("%r already holds or awaits the commit lock" % (owner,))
 
         def cancel(d):
             self._withdraw(owner)

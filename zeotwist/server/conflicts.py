@@ -27,7 +27,7 @@ from ZODB.ConflictResolution import PersistentReferenceFactory, persistent_id
 from ZODB.POSException import ConflictError
 from ZODB._compat import PersistentPickler, _protocol
 
-from zeotwist.errors import PickleRefused
+from zeotwist.errors import PickleRefused, RefusedGlobal
 from zeotwist.server.unpickling import (
     DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes)
 from zeotwist.server.limits import MonotonicClock, RateLimitedLog
@@ -44,10 +44,7 @@ SAFE_GLOBALS = {
 }
 
 
-class RefusedGlobal(ConflictError):
-    """A record named a global the resolver will not load, or could not be
-    read at all."""
-
+# RefusedGlobal lives in zeotwist.errors; imported here, where it always was.
 
 def refuse_resolution(storage) -> None:
     """``--client-conflict-resolution``: the server unpickles no client

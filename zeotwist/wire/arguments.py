@@ -6,7 +6,7 @@ while the box is being parsed, before any storage code sees it.
 """
 from twisted.protocols import amp
 
-from zeotwist.errors import RemoteProtocolError
+from zeotwist.errors import RemoteProtocolError, UsageError
 from zeotwist.twistedcompat import amp_decode_fields, amp_encode_fields
 
 CHUNK = amp.MAX_VALUE_LENGTH
@@ -40,7 +40,7 @@ class BigBytes(amp.Argument):
         if value is None and self.optional:
             return
         if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise TypeError("%s must be bytes" % name.decode("ascii"))
+            raise UsageError("%s must be bytes" % name.decode("ascii"))
         if len(value) <= CHUNK:
             strings[name] = bytes(value)
             return

@@ -40,6 +40,7 @@ import struct
 
 from twisted.protocols import amp
 
+from zeotwist.errors import UsageError
 from zeotwist.wire import commands as C
 from zeotwist.wire.arguments import BigBytes, Id8
 
@@ -62,7 +63,7 @@ def _spec(argument) -> object:
         return _FIXED
     if isinstance(argument, (BigBytes, amp.Integer, amp.String)):
         return _ANY
-    raise TypeError("no fast encoding for %r" % (argument,))
+    raise UsageError("no fast encoding for %r" % (argument,))
 
 
 def _fields(declared, tag: bytes, constants: dict, leave_out=()) -> dict:
@@ -76,7 +77,7 @@ def _fields(declared, tag: bytes, constants: dict, leave_out=()) -> dict:
             fields[name] = constants[name] if name in constants else _spec(argument)
     unknown = (set(constants) | set(leave_out)) - names - {amp.COMMAND}
     if unknown:
-        raise TypeError("not declared: %s" % sorted(unknown))
+        raise UsageError("not declared: %s" % sorted(unknown))
     if amp.COMMAND in constants:
         fields[amp.COMMAND] = constants[amp.COMMAND]
     return fields
@@ -114,7 +115,7 @@ def _template(fields: dict, long_key: bytes | None = None) -> tuple[tuple, tuple
 def _expect(slots: tuple, *names: bytes) -> None:
     """The functions below fill the slots in this order."""
     if slots != names:
-        raise TypeError("fast frame out of step with commands.py: %r != %r" % (slots, names))
+        raise UsageError("fast frame out of step with commands.py: %r != %r" % (slots, names))
 
 
 # -- LoadBefore --------------------------------------------------------------------

@@ -31,7 +31,7 @@ Pure: no I/O beyond the file-like object handed in.
 import struct
 from typing import BinaryIO, Iterator
 
-from zeotwist.errors import RemoteProtocolError
+from zeotwist.errors import RemoteProtocolError, UsageError
 
 STORE, CHECK = b"s", b"c"
 #: storage API kinds (undo, restore, deleteObject)
@@ -52,10 +52,10 @@ def encode(kind: bytes, oid: bytes, serial: bytes, payload: bytes = b"") -> byte
 def _check_arguments(oid, serial, payload) -> None:
     for name, value in (("oid", oid), ("serial", serial)):
         if not isinstance(value, (bytes, bytearray)) or len(value) != 8:
-            raise TypeError("%s must be 8 bytes, not %s %.40r" % (
+            raise UsageError("%s must be 8 bytes, not %s %.40r" % (
                 name, type(value).__name__, value))
     if not isinstance(payload, (bytes, bytearray)):
-        raise TypeError("data must be bytes, not %s" % type(payload).__name__)
+        raise UsageError("data must be bytes, not %s" % type(payload).__name__)
 
 
 def encode_store(oid: bytes, serial: bytes, data: bytes) -> bytes:
