@@ -8,12 +8,14 @@ import pytest
 import zeotwist
 from zeotwist import errors
 
-#: defined elsewhere for now: modules owned by the server-settings work
-#: (issue 9 item 3) and a test helper
+#: defined elsewhere, and why (a new exception goes in errors.py, or here with a reason)
 NOT_YET_MOVED = {
-    "zeotwist.server.service.StorageOpenError",
-    "zeotwist.server.config.ConfigError",
-    "zeotwist.pgtesting.PostgresUnavailable",
+    "zeotwist.server.service.StorageOpenError": "server start-up module, not moved yet",
+    "zeotwist.server.config.ConfigError": "server settings module, not moved yet",
+    "zeotwist.pgtesting.PostgresUnavailable": "a test helper's skip reason",
+    "zeotwist.server.loginguard.LoginThrottled":
+        "a twisted.cred UnauthorizedLogin passed inside the server's login path; "
+        "clients see Unauthorized",
 }
 
 
@@ -31,7 +33,7 @@ def test_every_public_exception_is_defined_in_errors():
                     and value.__module__ == module.__name__ and not name.startswith("_")
                     and module is not errors):
                 strays.add("%s.%s" % (module.__name__, name))
-    assert strays == NOT_YET_MOVED
+    assert strays == set(NOT_YET_MOVED)
 
 
 @pytest.mark.parametrize("old_home,name", [
