@@ -142,3 +142,27 @@ def test_invalidate_is_amps_own(count):
 
 def test_an_invalidation_over_one_value_takes_amps_path():
     assert fast.invalidate(TID, [b"\0" * 8] * (fast.MAX_VALUE // 8 + 1)) is None
+
+
+@pytest.mark.parametrize("user,description,extension", [
+    (b"", b"", b""), (b"jim", b"a commit", b"\x80\x03}q\x00."),
+    (b"u" * fast.MAX_VALUE, b"d", b"e" * fast.MAX_VALUE)])
+def test_tpc_begin_is_amps_own(user, description, extension):
+    frame = fast.tpc_begin(user, description, extension)
+    values = {"user": user, "description": description, "extension": extension}
+    assert frame == amp_frame(C.TpcBegin, values, None, None)
+    box = parse_one(frame)
+    assert fast.read_tpc_begin(box) == (user, description, extension)
+    assert C.TpcBegin.parseArguments(box, None) == dict(values, tid=None, status=None)
+
+
+def test_unusual_tpc_begins_are_left_to_amp():
+    assert fast.tpc_begin(b"u" * (fast.MAX_VALUE + 1), b"", b"") is None
+    restore = amp_frame(C.TpcBegin, {"user": b"", "description": b"", "extension": b"",
+                                     "tid": TID, "status": "p"}, None, None)
+    assert fast.read_tpc_begin(parse_one(restore)) is None
+    split = amp_frame(C.TpcBegin, {"user": b"u" * (fast.MAX_VALUE + 1), "description": b"",
+                                   "extension": b""}, None, None)
+    assert fast.read_tpc_begin(parse_one(split)) is None
+    assert fast.read_tpc_begin(amp.AmpBox({b"_command": b"TpcBegin", b"user": b"",
+                                           b"description": b"", b"tid": TID})) is None

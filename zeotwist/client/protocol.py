@@ -120,6 +120,18 @@ class ClientProtocol(BoundedAMP):
         twistedcompat.amp_send_box(self, command.commandName,
                                    command.makeArguments(kw, self), False)
 
+    def tpc_begin(self, user: bytes, description: bytes, extension: bytes,
+                  tid: bytes | None = None, status: str | None = None) -> None:
+        """Open a transaction (one-way); framed by :mod:`zeotwist.wire.fast`
+        unless it is a restore's (``tid``/``status``) or a field is over 64 KiB."""
+        frame = None if tid is not None or status is not None else \
+            fast.tpc_begin(user, description, extension)
+        if frame is None:
+            self.send(C.TpcBegin, user=user, description=description, extension=extension,
+                      tid=tid, status=status)
+        elif self.transport is not None and not twistedcompat.amp_closed(self):
+            self.emit(frame)
+
     def store_data(self, piece) -> None:
         """The hot path of the store stream: one StoreData of ``piece``
         (bytes or a memoryview), framed by :mod:`zeotwist.wire.fast`."""

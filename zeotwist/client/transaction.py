@@ -116,9 +116,8 @@ class ClientTransaction:
                 return
             self._proto = proto
             meta = self.meta
-            proto.send(C.TpcBegin, user=_utf8(meta.user), description=_utf8(meta.description),
-                       extension=meta.extension_bytes, tid=self.tid,
-                       status=None if self.status == " " else self.status)
+            proto.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes,
+                            self.tid, None if self.status == " " else self.status)
         elif proto is not self._proto:
             self._failed = ClientDisconnected("connection lost during the transaction")
             return

@@ -182,7 +182,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         # value is answered here, without AMP's Deferred and argument
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
-        if not (self.server is not None and (self._fast_load(box) or self._fast_store(box))):
+        if not (self.server is not None and (
+                self._fast_load(box) or self._fast_store(box) or self._fast_begin(box))):
             super().ampBoxReceived(box)
         if self._unread > self._budget and self.transport is not None \
                 and not self._violated:
@@ -216,10 +217,16 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
     def _fast_store(self, box) -> bool:
         """A plain StoreData, handled without AMP's dispatch (every commit)."""
         data = fast.read_store_data(box)
-        if data is None:
-            return False
+        return data is not None and self._one_way(self.store_data, data)
+
+    def _fast_begin(self, box) -> bool:
+        """A plain TpcBegin (no restore tid or status), likewise."""
+        fields = fast.read_tpc_begin(box)
+        return fields is not None and self._one_way(self.tpc_begin, *fields)
+
+    def _one_way(self, responder, *args) -> bool:
         try:
-            self.store_data(data)
+            responder(*args)
         except Exception:           # as AMP's path: a one-way command failed
             self.unhandledError(Failure())
         return True

@@ -3,8 +3,9 @@
 Three exchanges are too frequent for AMP's generic argument encoding and
 its Deferreds: ``LoadBefore`` (every cache miss; the client frames the
 request and reads the answer, the server reads the request and frames the
-answer), ``StoreData`` and ``Invalidate`` (every commit; the client frames
-StoreData and the server reads it, the server frames Invalidate) and
+answer), ``TpcBegin``, ``StoreData`` and ``Invalidate`` (every commit; the
+client frames TpcBegin and StoreData and the server reads them, the server
+frames Invalidate) and
 ``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
 server reads).  Both ends use only this module for them, and
 tests/test_wire_fast.py checks every frame byte for byte against AMP's own
@@ -284,6 +285,33 @@ def read_store_data(box) -> bytes | None:
             or box[amp.COMMAND] != _STORE.commandName:
         return None
     return box[b"data"]
+
+
+# -- TpcBegin -----------------------------------------------------------------------
+_BEGIN = C.TpcBegin
+_BEGIN_FRAME, slots = _template(_fields(
+    _BEGIN.arguments, amp.COMMAND, {amp.COMMAND: _BEGIN.commandName}, (b"tid", b"status")))
+_expect(slots, b"description", b"extension", b"user")
+_BEGIN_KEYS = frozenset({amp.COMMAND, b"user", b"description", b"extension"})
+
+
+def tpc_begin(user: bytes, description: bytes, extension: bytes) -> bytes | None:
+    """The one-way TpcBegin of an ordinary transaction (no restore tid or
+    status); None when a field does not fit one AMP value (AMP's path)."""
+    if len(user) > MAX_VALUE or len(description) > MAX_VALUE or len(extension) > MAX_VALUE:
+        return None
+    c = _BEGIN_FRAME
+    return b"".join((c[0], _H(len(description)), description, c[1], _H(len(extension)),
+                     extension, c[2], _H(len(user)), user, c[3]))
+
+
+def read_tpc_begin(box) -> tuple | None:
+    """``(user, description, extension)`` of a plain TpcBegin box, or None
+    for anything else (a restore's tid or status, split fields), which then
+    takes AMP's validating path."""
+    if len(box) != 4 or box.keys() != _BEGIN_KEYS or box[amp.COMMAND] != _BEGIN.commandName:
+        return None
+    return box[b"user"], box[b"description"], box[b"extension"]
 
 
 # -- Invalidate ---------------------------------------------------------------------
