@@ -97,3 +97,34 @@ def test_a_big_record_round_trips_through_a_live_server(make_client, monkeypatch
     assert seen and not [keys for keys in seen if b"data.1" in keys]
     # the values arrived over several reads on both ends, each joined once
     assert {"ServerSession", "ClientProtocol"} <= set(collected)
+
+
+def test_a_refill_answered_on_a_former_connection_is_dropped(tmp_path):
+    """Oids come from the pool only if the connection that asked for them
+    is still the current one (the pool is emptied at every registration;
+    a refill in flight across a reconnection must not refill it)."""
+    from twisted.internet.task import Clock
+    from ZODB.FileStorage import FileStorage
+    from zeotwist.client.client import Client
+    from zeotwist.testing import connect_in_memory, memory_server
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    try:
+        for reconnected in (False, True):
+            client = Client(clock, None)
+            proto, _, pump, _ = connect_in_memory({"1": server}, clock, recorder=client.connector)
+            out = []
+            proto.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                       read_only=False).addBoth(out.append)
+            pump.flush()
+            assert isinstance(out[0], dict)
+            client.connector.protocol = proto
+            client._refilling = True
+            client._refill_oids()            # asked on proto, not answered yet
+            if reconnected:
+                client.connector.protocol = object()     # a new connection meanwhile
+            pump.flush()
+            assert client._refilling is False
+            assert len(client._oids) == (0 if reconnected else client_module.OID_BATCH)
+    finally:
+        server.close()
