@@ -166,3 +166,11 @@ def test_unusual_tpc_begins_are_left_to_amp():
     assert fast.read_tpc_begin(parse_one(split)) is None
     assert fast.read_tpc_begin(amp.AmpBox({b"_command": b"TpcBegin", b"user": b"",
                                            b"description": b"", b"tid": TID})) is None
+
+
+@pytest.mark.parametrize("tag", [b"1", b"a" * 20])
+def test_vote_and_finish_questions_are_amps_own(tag):
+    frame = fast.vote_request(tag)
+    assert frame == amp_frame(C.Vote, {"can_resolve": True}, amp.ASK, tag)
+    assert C.Vote.parseArguments(parse_one(frame), None) == {"can_resolve": True}
+    assert fast.finish_request(tag) == amp_frame(C.Finish, {}, amp.ASK, tag)

@@ -156,10 +156,24 @@ class ClientProtocol(BoundedAMP):
         self.emit(fast.load_before_request(tag, oid, tid))
         return answer.result
 
+    def call_frame(self, command, frame) -> Deferred:
+        """Like :meth:`call`, the question framed by ``frame(tag)`` (from
+        :mod:`zeotwist.wire.fast`) instead of AMP's generic encoding."""
+        if twistedcompat.amp_closed(self) or self.transport is None:
+            return fail(ClientDisconnected("not connected"))
+        d = Deferred()
+        tag = twistedcompat.amp_expect_answer(self, d)
+        self.emit(frame(tag))
+        return self._answered(command, d)
+
     def _ask(self, command, box, parse=None) -> Deferred:
+        d = twistedcompat.amp_send_box(self, command.commandName, box, True)
+        return self._answered(command, d, parse)
+
+    def _answered(self, command, d: Deferred, parse=None) -> Deferred:
+        """A fresh Deferred of the parsed answer AMP hands to ``d``."""
         result = Deferred()
         parse = parse or command.parseResponse
-        d = twistedcompat.amp_send_box(self, command.commandName, box, True)
 
         def done(answer):
             if isinstance(answer, Failure):

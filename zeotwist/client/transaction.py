@@ -22,6 +22,7 @@ from ZODB.utils import z64
 from zeotwist.client.resolve import ConflictResolver
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
+from zeotwist.wire import fast
 from zeotwist.wire.records import (
     encode_check, encode_delete, encode_restore, encode_store, encode_undo, store_head)
 
@@ -162,7 +163,7 @@ class ClientTransaction:
             self._flush_now()
             if self._failed is not None:
                 return fail(self._failed)
-            return self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
+            return self._proto.call_frame(C.Vote, fast.vote_request).addCallback(self._voted)
 
     def resolve(self, to_resolve) -> list:
         """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
@@ -182,7 +183,7 @@ class ClientTransaction:
         self._flush_now()
         if self._failed is not None:
             return fail(self._failed)
-        d = self._proto.call(C.Vote, can_resolve=True).addCallback(self._voted)
+        d = self._proto.call_frame(C.Vote, fast.vote_request).addCallback(self._voted)
         return d.addCallback(lambda to_resolve: self._revoted(to_resolve))
 
     def _revoted(self, to_resolve):
@@ -214,7 +215,7 @@ class ClientTransaction:
         """Commit; ``callback(tid)`` runs before any later invalidation is applied."""
         if self._proto is None or self._proto is not self._client.protocol:
             return fail(ClientDisconnected("connection lost before finish"))
-        d = self._proto.call(C.Finish)
+        d = self._proto.call_frame(C.Finish, fast.finish_request)
         return d.addCallback(self._finished, callback)
 
     def _finished(self, answer, callback):

@@ -4,8 +4,8 @@ Three exchanges are too frequent for AMP's generic argument encoding and
 its Deferreds: ``LoadBefore`` (every cache miss; the client frames the
 request and reads the answer, the server reads the request and frames the
 answer), ``TpcBegin``, ``StoreData`` and ``Invalidate`` (every commit; the
-client frames TpcBegin and StoreData and the server reads them, the server
-frames Invalidate) and
+client frames TpcBegin, StoreData and the Vote and Finish questions, the
+server reads TpcBegin and StoreData and frames Invalidate) and
 ``StoreBlobChunk`` (thousands of boxes per blob; the client frames, the
 server reads).  Both ends use only this module for them, and
 tests/test_wire_fast.py checks every frame byte for byte against AMP's own
@@ -312,6 +312,28 @@ def read_tpc_begin(box) -> tuple | None:
     if len(box) != 4 or box.keys() != _BEGIN_KEYS or box[amp.COMMAND] != _BEGIN.commandName:
         return None
     return box[b"user"], box[b"description"], box[b"extension"]
+
+
+# -- Vote and Finish (the client's questions) ----------------------------------------
+_VOTE_FRAME, slots = _template(_fields(
+    C.Vote.arguments, amp.ASK, {amp.COMMAND: C.Vote.commandName, b"can_resolve": b"True"}))
+_expect(slots, amp.ASK)
+_FINISH_FRAME, slots = _template(_fields(
+    C.Finish.arguments, amp.ASK, {amp.COMMAND: C.Finish.commandName}))
+_expect(slots, amp.ASK)
+
+
+def vote_request(tag: bytes) -> bytes:
+    """The Vote question ``tag`` of a client that resolves conflicts itself
+    when the server leaves them to it (``can_resolve=True``)."""
+    c = _VOTE_FRAME
+    return b"".join((c[0], _H(len(tag)), tag, c[1]))
+
+
+def finish_request(tag: bytes) -> bytes:
+    """The Finish question ``tag``."""
+    c = _FINISH_FRAME
+    return b"".join((c[0], _H(len(tag)), tag, c[1]))
 
 
 # -- Invalidate ---------------------------------------------------------------------
