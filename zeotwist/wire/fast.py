@@ -1,6 +1,6 @@
 """The hot paths of the wire format, framed and read without AMP's machinery.
 
-Three exchanges are too frequent for AMP's generic argument encoding and
+These exchanges are too frequent for AMP's generic argument encoding and
 its Deferreds: ``LoadBefore`` (every cache miss; the client frames the
 request and reads the answer, the server reads the request and frames the
 answer), ``TpcBegin``, ``StoreData`` and ``Invalidate`` (every commit; the
