@@ -13,6 +13,7 @@ import pytest
 import transaction
 from ZODB import DB
 from ZODB.POSException import ConflictError
+from persistent.mapping import PersistentMapping
 
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
@@ -52,13 +53,15 @@ def test_counters_per_storage_over_http(tmp_path):
         r1, r2 = c1.root(), c2.root()
         r2._p_activate()
         r1["x"] = 1
+        r1["child"] = PersistentMapping()
         c1.transaction_manager.commit()
         r2["x"] = 2
         with pytest.raises(ConflictError):
             c2.transaction_manager.commit()
         c2.transaction_manager.abort()
         c2.transaction_manager.begin()
-        assert c2.root()["x"] == 1                  # invalidated: loaded again
+        assert c2.root()["x"] == 1                  # invalidated: loaded again, with
+        assert len(c2.root()["child"]) == 0         # the new child prefetched
         bad = socket.create_connection(running.address)      # a protocol violation
         bad.sendall(b"\xff\xff")
         try:
@@ -78,6 +81,7 @@ def test_counters_per_storage_over_http(tmp_path):
     assert grew("zeotwist_conflicts_total") == 1
     assert grew("zeotwist_aborts_total") >= 1
     assert grew("zeotwist_loads_total") >= 1
+    assert grew("zeotwist_prefetched_records_total") >= 1
     assert grew("zeotwist_invalidations_sent_total") == 1     # to the other client
     assert grew("zeotwist_received_bytes_total") > 0 and grew("zeotwist_sent_bytes_total") > 0
     assert grew("zeotwist_protocol_violations_total", "") == 1  # before registering

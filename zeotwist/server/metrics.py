@@ -17,7 +17,9 @@ COUNTERS = [
     ("aborts", "Transactions aborted (by the client, a failed vote or a lost client).",
      "stats", "aborts"),
     ("conflicts", "Write conflicts reported to clients.", "stats", "conflicts"),
-    ("loads", "Object records loaded (prefetched ones included).", "stats", "loads"),
+    ("loads", "Object records loaded on request.", "stats", "loads"),
+    ("prefetched_records", "Records of referenced objects sent along with load answers "
+     "(reference prefetch).", "traffic", "prefetched"),
     ("invalidations_sent", "Invalidation messages sent to clients.", "traffic",
      "invalidations"),
     ("received_bytes", "Bytes received from registered clients.", "traffic", "bytes_in"),

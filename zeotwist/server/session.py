@@ -212,7 +212,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if prefetcher is None or r is None:
             return None
         prefetcher.answered(oid, r[2])
-        return prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
+        before = prefetcher.records
+        value = prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
+        self.server.traffic["prefetched"] += prefetcher.records - before
+        return value
 
     def _fast_store(self, box) -> bool:
         """A plain StoreData, handled without AMP's dispatch (every commit)."""

@@ -40,4 +40,4 @@ class Timings:
 def traffic_counters() -> dict:
     """The per-storage event counters that ``Info`` does not carry."""
     return dict(invalidations=0, bytes_in=0, bytes_out=0, transaction_timeouts=0,
-                protocol_violations=0)
+                protocol_violations=0, prefetched=0)
