@@ -22,8 +22,6 @@ import shutil
 import tempfile
 import unittest
 
-import pytest
-
 from ZODB.tests import (
     BasicStorage, ConflictResolution, MTStorage, PersistentStorage, ReadOnlyStorage,
     RevisionStorage, StorageTestBase, Synchronization)
@@ -118,16 +116,7 @@ class RevisionStorageTests(ZeotwistStorageTestBase, RevisionStorage.RevisionStor
 @_collect_check_methods
 class ConflictResolutionTests(ZeotwistStorageTestBase,
                               ConflictResolution.ConflictResolvingStorage):
-    _BUGGY = ("a _p_resolveConflict that raises is an application bug: the server logs it "
-              "with its traceback, as ZODB's tryToResolveConflict does")
-
-    @pytest.mark.logs_errors(_BUGGY)
-    def testBuggyResolve1(self):
-        super().testBuggyResolve1()
-
-    @pytest.mark.logs_errors(_BUGGY)
-    def testBuggyResolve2(self):
-        super().testBuggyResolve2()
+    pass
 
 
 @_collect_check_methods

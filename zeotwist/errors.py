@@ -163,8 +163,7 @@ class BlobCacheLocked(ZeotwistError):
 
 class RefusedGlobal(ConflictError):
     """Server-side conflict resolution refused a record: it named a global
-    the resolver will not load, or could not be read at all.  The client
-    sees an ordinary ConflictError."""
+    the resolver will not load.  The client sees an ordinary ConflictError."""
 
 
 class ForeignCacheFile(ZeotwistError):

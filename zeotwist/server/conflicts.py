@@ -119,25 +119,17 @@ class RestrictedResolver:
 
     def _resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data):
         refs = PersistentReferenceFactory()
-        try:
-            new = self._unpickler(new_pickle, refs)
-            meta = new.load()
-            klass, args = (meta[0], meta[1] or ()) if isinstance(meta, tuple) else (meta, ())
-            if isinstance(klass, tuple):
-                klass = self.find_class(*klass)
-            if not isinstance(klass, type) or not hasattr(klass, "_p_resolveConflict"):
-                raise RefusedGlobal("record class is not conflict-resolving")
-            inst = klass.__new__(klass, *args)
-            new_state = new.load()
-            old_state = self._state(oid, old_serial, refs)
-            committed_state = self._state(oid, committed_serial, refs, committed_data)
-        except (RefusedGlobal, ConflictError):
-            raise
-        except Exception as e:
-            # not a ZODB record (the client's data, or an unknown serial):
-            # an expected refusal, one line, no traceback
-            raise RefusedGlobal("cannot read the records: %s: %s" % (type(e).__name__, e))
-        # the application's own resolver: a failure there is a bug worth a traceback
+        new = self._unpickler(new_pickle, refs)
+        meta = new.load()
+        klass, args = (meta[0], meta[1] or ()) if isinstance(meta, tuple) else (meta, ())
+        if isinstance(klass, tuple):
+            klass = self.find_class(*klass)
+        if not isinstance(klass, type) or not hasattr(klass, "_p_resolveConflict"):
+            raise RefusedGlobal("record class is not conflict-resolving")
+        inst = klass.__new__(klass, *args)
+        new_state = new.load()
+        old_state = self._state(oid, old_serial, refs)
+        committed_state = self._state(oid, committed_serial, refs, committed_data)
         resolved = inst._p_resolveConflict(old_state, committed_state, new_state)
         out = BytesIO()
         pickler = PersistentPickler(persistent_id, out, _protocol)
