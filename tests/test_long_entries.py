@@ -14,7 +14,7 @@ from twisted.protocols import amp
 from ZODB.FileStorage import FileStorage
 from ZODB.utils import maxtid, z64
 
-from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.testing import call_in_memory as _call, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 from zeotwist.wire.framing import BoundedAMP
@@ -139,15 +139,6 @@ def world(tmp_path):
     server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
     yield clock, {"1": server}
     server.close()
-
-
-def _call(proto, pump, command, **kw):
-    out = []
-    proto.call(command, **kw).addBoth(out.append)
-    pump.flush()
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def _commit_big(proto, pump, oid, data):

@@ -26,7 +26,7 @@ from zeotwist.bench.parallel import Counter
 from zeotwist.client.client import Client
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.server.prefetch import Prefetcher
-from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.testing import call_in_memory as call, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
 from zeotwist.wire import prefetch as wire
 from zeotwist.wire.records import encode_store
@@ -139,15 +139,6 @@ def world(tmp_path):
     server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
     yield clock, {"1": server}, layout
     server.close()
-
-
-def call(proto, pump, command, **kw):
-    out = []
-    proto.call(command, **kw).addBoth(out.append)
-    pump.flush()
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def client_in_memory(clock, servers, prefetch=True):

@@ -11,7 +11,7 @@ from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from ZODB.utils import maxtid, p64, z64
 
 from zeotwist.errors import ProtocolVersionError, UnknownStorage
-from zeotwist.testing import connect_in_memory, memory_server
+from zeotwist.testing import call_in_memory as call, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import encode_check, encode_store
 
@@ -23,18 +23,6 @@ def world(tmp_path):
     server = memory_server(fs, clock, transaction_timeout=60)
     yield clock, {"1": server}
     server.close()
-
-
-def call(client, pump, command, **kw):
-    out = []
-    client.call(command, **kw).addBoth(out.append)
-    pump.flush()
-    assert out, "no answer to %s" % command.__name__
-    if isinstance(out[0], Exception):
-        raise out[0]
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def register(client, pump, read_only=False, storage="1"):

@@ -116,6 +116,23 @@ def connect_in_memory(servers: dict, clock, recorder=None, handshake_timeout=5.0
     return client, session, pump, recorder
 
 
+def call_in_memory(proto, pump, command, **kw):
+    """Ask ``command`` over an in-memory pair, move the bytes, return the answer.
+
+    An error answer is raised, as the real caller would see it.
+    """
+    out = []
+    proto.call(command, **kw).addBoth(out.append)
+    pump.flush()
+    if not out:
+        raise AssertionError("no answer to %s" % command.__name__)
+    if isinstance(out[0], Exception):
+        raise out[0]
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
 class MemoryEndpoint:
     """A client endpoint whose connections reach a ServerSession of
     ``servers`` over iosim's in-memory link: a whole
