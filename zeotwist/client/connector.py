@@ -73,6 +73,7 @@ class Connector:
         self._retry_policy = retry_policy
         self._refusals = 0           # read-only refusals since the last success
         self._probe = None
+        self._handshaking = None     # ClientService's proxy while we register
         #: a connection loss we asked for (stop, new address): not a warning
         self._leaving = False
         #: the registered, verified protocol, or None
@@ -109,7 +110,14 @@ class Connector:
         self._leaving = True
         if self._probe is not None:
             self._probe.stop()
+        self._abandon_handshake()
         return self._service.stopService()
+
+    def _abandon_handshake(self) -> None:
+        # Stopping ClientService mid-handshake moves it to Stopped, which has
+        # no transition for the proxy's later connection loss (NoTransition).
+        if self._handshaking is not None:
+            twistedcompat.silence_lost_notification(self._handshaking)
 
     def set_endpoint(self, endpoint) -> Deferred:
         """Drop the current connection and connect to ``endpoint`` from now on;
@@ -117,6 +125,7 @@ class Connector:
         old, self.endpoint = self._service, endpoint
         self._service = self._make_service(endpoint)
         self._leaving = True
+        self._abandon_handshake()
         d = old.stopService()
         d.addCallback(lambda _: self.start())
         return d
@@ -194,6 +203,7 @@ class Connector:
         # ClientService hands us its proxy around our protocol; we keep the
         # protocol itself, since that is what reports to this connector.
         proto = twistedcompat.service_protocol(wrapper)
+        self._handshaking = wrapper
         d = self._login(proto).addCallback(
             lambda _: self.send_register(proto, self._client.read_only))
         if self.read_only_fallback:
@@ -201,7 +211,12 @@ class Connector:
         d.addCallback(self._registered, proto)
         # a failed Register or Verify (a server older than the cache) alike
         d.addErrback(self._register_failed, proto, wrapper)
+        d.addBoth(self._handshake_over)
         return d
+
+    def _handshake_over(self, result):
+        self._handshaking = None
+        return result
 
     def _login(self, proto) -> Deferred:
         """Login (when the client has credentials), before Register."""

@@ -55,6 +55,10 @@ class FailoverEndpoint:
             d = attempt[0] = self.endpoints[i].connect(factory)
 
             def connected(proto):
+                if result.called:        # cancelled while this attempt connected
+                    if proto.transport is not None:
+                        proto.transport.loseConnection()
+                    return
                 self.current = i
                 result.callback(proto)
 
