@@ -10,6 +10,13 @@ as root, so when the process is root the cluster is created and run as the
 
 Each test gets its own database (:meth:`PostgresCluster.create_database`);
 one cluster serves a whole test session.  Blocking; any thread.
+
+A started cluster has a watchdog: a small process in its own session that
+holds the read end of a pipe whose write end only the creating process has.
+When that process ends in any way (``stop()``, an exception, SIGKILL of a
+whole test run), the pipe reads end-of-file and the watchdog stops the
+server and removes the directory, so a killed test run leaks no
+PostgreSQL.
 """
 import glob
 import os
@@ -17,6 +24,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 
 #: where Debian and Ubuntu install the server binaries
@@ -111,6 +119,7 @@ class PostgresCluster:
         self._check("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"),
                     "-o", opts, "-w", "-t", "60", "start")
         self._started = True
+        self._watchdog = self._start_watchdog()
         self.execute("CREATE ROLE %s LOGIN SUPERUSER PASSWORD '%s'"
                      % (self.user, self.password))
         return self
@@ -150,13 +159,35 @@ class PostgresCluster:
         except OSError as e:
             return "(no log: %s)" % e
 
+    def _stop_command(self) -> list:
+        return self._cmd("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
+
+    def _start_watchdog(self) -> subprocess.Popen:
+        """The process that stops this cluster when we end (module docstring)."""
+        return subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, self.root, *self._stop_command()],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=self.root, start_new_session=True, close_fds=True)
+
     def stop(self) -> None:
         if self._started:
             self._started = False
-            subprocess.run(self._cmd("pg_ctl", "-D", self.data, "-m", "immediate", "-w",
-                                     "stop"), stdin=subprocess.DEVNULL, capture_output=True,
-                           cwd=self.root)
+            subprocess.run(self._stop_command(), stdin=subprocess.DEVNULL,
+                           capture_output=True, cwd=self.root)
+            watchdog = self._watchdog
+            watchdog.stdin.close()      # it finds the server stopped; it exits
+            watchdog.wait()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+#: the watchdog's program: argv[1] is the cluster's directory, the rest the
+#: command that stops its server; it runs both once its stdin reads EOF
+_WATCHDOG = """
+import shutil, subprocess, sys
+sys.stdin.buffer.read()
+subprocess.run(sys.argv[2:], stdin=subprocess.DEVNULL, capture_output=True)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
 
 
 def relstorage_opener(dsn: str, keep_history: bool = True, **options):
