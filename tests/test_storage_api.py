@@ -12,6 +12,7 @@ must never unpickle.
 """
 import gc
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor, blocking_call
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.server import storageapi
-from zeotwist.testing import start_server
+from zeotwist.testing import start_server, start_storages
 from zeotwist.wire import commands as C
 from zeotwist.wire.arguments import BoxList, Id8, split_boxes
 
@@ -680,3 +681,30 @@ def test_pack_without_waiting(server, make_client):
         time.sleep(0.01)
     cs.pack(wait=False)                        # ZEO's spelling: returns at once
     _wait_for(lambda: len(cs.history(oid, 10)) == 1, "the pack to finish")
+
+
+@pytest.mark.parametrize("kind", ["mapping", "demo"])
+def test_iterator_over_in_memory_storages_sends_extensions(kind):
+    """A MappingStorage's (and a DemoStorage's) transaction records have an
+    ``extension`` mapping but no ``extension_bytes``: the server pickles the
+    mapping (plain data, decoded at vote) so IteratorNext works for them too."""
+    from ZODB.DemoStorage import DemoStorage
+    from ZODB.MappingStorage import MappingStorage
+    storage = MappingStorage() if kind == "mapping" else DemoStorage()
+    running = start_storages({"1": storage})
+    cs = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10)
+    db = ZODB.DB(cs)
+    try:
+        txn = transaction.get()
+        txn.note("with an extension")
+        txn.setExtendedInfo("who", "tester")
+        _commit(db, a=1)
+        records = _records(cs)
+        assert len(records) == 2        # the root's creation, then ours
+        tid, status, user, description, ext, recs = records[-1]
+        assert description == b"with an extension"
+        assert pickle.loads(ext) == {"who": "tester"}
+        assert [r[0] for r in recs] == [z64]
+    finally:
+        db.close()
+        running.stop()

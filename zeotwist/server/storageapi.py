@@ -31,6 +31,7 @@ from collections import OrderedDict
 
 from twisted.logger import Logger
 from twisted.protocols import amp
+from ZODB.Connection import TransactionMetaData
 from ZODB.DemoStorage import DemoStorage
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
@@ -304,12 +305,26 @@ def _flatten(source):
         if isinstance(status, bytes):
             status = status.decode("ascii")
         header = dict(tid=txn.tid, status=status, user=txn.user,
-                      description=txn.description, extension=txn.extension_bytes)
+                      description=txn.description, extension=_extension_bytes(txn))
         yield header, 64 + len(txn.user) + len(txn.description) + len(header["extension"])
         for rec in txn:
             data = rec.data
             yield (dict(tid=rec.tid, oid=rec.oid, data=data, data_txn=rec.data_txn),
                    48 + (len(data) if data is not None else 0))
+
+
+def _extension_bytes(txn) -> bytes:
+    """The transaction's extension as the pickle bytes IteratorNext sends.
+
+    FileStorage's records carry them as ``extension_bytes``; the records of
+    a MappingStorage (and of a DemoStorage's changes) have only the
+    ``extension`` mapping, which for a storage served by zeotwist is the
+    plain data decoded at vote: it is pickled again here.
+    """
+    ext = getattr(txn, "extension_bytes", None)
+    if ext is None:
+        ext = TransactionMetaData(extension=txn.extension or {}).extension_bytes
+    return ext
 
 
 # -- history and undo log without unpickling ------------------------------------
