@@ -354,6 +354,21 @@ def test_client_config_keys(tmp_path, pki):
         server.stop()
 
 
+def test_twistd_serves_an_ssl_listen_string(tmp_path, pki):
+    """The real twistd with Twisted's own ssl: string as --listen: the
+    server is seen to need TLS, so its transports import pyOpenSSL
+    (zeotwist.server.footprint hides it only from servers without TLS)."""
+    from zeotwist.testing import start_twistd
+    listen = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
+        pki.server_key, pki.server_cert)
+    server = start_twistd(str(tmp_path / "data.fs"), listen=listen)
+    try:
+        host, port = server.addresses[0].rsplit(":", 1)
+        assert commit_and_load((host, int(port)), tls=dict(ca=str(pki.ca))) == "hello over TLS"
+    finally:
+        server.stop()
+
+
 def test_twistd_serves_tls_with_client_certificates(tmp_path, pki):
     """The real twistd: --listen-tls, --tls-ca and --auth-file from the command line."""
     from zeotwist.testing import start_twistd

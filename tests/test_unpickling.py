@@ -95,6 +95,17 @@ def test_zodb_conflict_error_names_the_class_without_running_it(tmp_path):
     assert e.class_name == "builtins.exec" and not marker.exists()
 
 
+def test_relstorage_history_decodes_extensions_restricted_once_it_is_imported():
+    """guard_zodb patches RelStorage's history module when RelStorage is
+    imported (a served RelStorage is open, so imported, before its
+    StorageServer calls guard_zodb); it never imports RelStorage itself."""
+    pytest.importorskip("relstorage")
+    import relstorage.storage.history
+    from zeotwist.server.unpickling import decode_extension, guard_zodb
+    guard_zodb()
+    assert relstorage.storage.history.loads is decode_extension
+
+
 def test_the_resolver_refuses_the_bomb_without_building_it():
     resolver = RestrictedResolver(storage=None)
     with pytest.raises(ConflictError):

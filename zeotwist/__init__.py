@@ -7,18 +7,26 @@ argument of these helpers goes to :class:`ClientStorage`.  Reactor programs
 use :func:`connect` (the Deferred API), invalidation events, and
 :class:`DatabasePool` to run ZODB work in worker threads.
 """
-from zeotwist.client.connect import connect
-from zeotwist.client.events import Invalidation
-from zeotwist.client.interaction import DatabasePool
-from zeotwist.client.storage import ClientStorage
+import zeotwist.client       # the (empty) package, first: the function client() below wins
 from zeotwist.errors import ClientDisconnected, ReactorThreadError
+
+#: The client's names, imported when first asked for: a server process
+#: (``twistd zeotwist``) imports ``zeotwist.errors`` and so this package, and
+#: should not pay for the client's modules (docs/performance.md, memory).
+_LAZY = {
+    "connect": "zeotwist.client.connect",
+    "Invalidation": "zeotwist.client.events",
+    "DatabasePool": "zeotwist.client.interaction",
+    "ClientStorage": "zeotwist.client.storage",
+}
 
 __all__ = ["__version__", "ClientStorage", "ClientDisconnected", "ReactorThreadError", "client", "DB",
            "connection", "connect", "DatabasePool", "Invalidation"]
 
 
-def client(*args, **kw) -> ClientStorage:
+def client(*args, **kw) -> "ClientStorage":
     """Shorthand for ``ClientStorage(*args, **kw)`` (as ``ZEO.client``)."""
+    from zeotwist.client.storage import ClientStorage
     return ClientStorage(*args, **kw)
 
 
@@ -32,7 +40,7 @@ def DB(*args, **kw):
     If the ``DB`` cannot be made, the storage is closed.
     """
     import ZODB
-    storage = ClientStorage(*args, **kw)
+    storage = client(*args, **kw)
     try:
         return ZODB.DB(storage)
     except Exception:
@@ -55,7 +63,13 @@ def connection(*args, **kw):
 
 def __getattr__(name: str):
     """``zeotwist.__version__``: the installed distribution's version, read
-    from its metadata when first asked for."""
+    from its metadata when first asked for; and the client's names of
+    :data:`_LAZY`, imported when first asked for."""
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
         try:

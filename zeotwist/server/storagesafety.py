@@ -28,35 +28,40 @@ the server refuses to serve it unless the operator says
 
 Inspection of storage objects; runs where the server is built (start-up).
 """
+import sys
+
 from twisted.logger import Logger
-from ZODB.DemoStorage import DemoStorage
 from ZODB.FileStorage import FileStorage
-from ZODB.MappingStorage import MappingStorage
 from ZODB.blob import BlobStorage
 
 from zeotwist.errors import UnauditedStorage
+from zeotwist.server.mvcc import PerThreadStorage
 
 _log = Logger()
 
-from zeotwist.server.mvcc import PerThreadStorage
-
-try:
-    from relstorage.storage import RelStorage
-except ImportError:             # the [relstorage] extra is not installed
-    RelStorage = None
-
-#: storage types whose use of client bytes zeotwist has audited (exact types)
-AUDITED = (FileStorage, MappingStorage, DemoStorage, BlobStorage, PerThreadStorage,
-           RelStorage)
+#: storage types whose use of client bytes zeotwist has audited (exact
+#: types), as ``module:name``: found in ``sys.modules``, not imported here,
+#: since a storage of a class whose module was never imported cannot exist
+#: (a server of a FileStorage does not pay for RelStorage's modules)
+AUDITED = ("ZODB.FileStorage.FileStorage:FileStorage", "ZODB.MappingStorage:MappingStorage",
+           "ZODB.DemoStorage:DemoStorage", "ZODB.blob:BlobStorage",
+           "zeotwist.server.mvcc:PerThreadStorage", "relstorage.storage:RelStorage")
 #: audited types that never unpickle a transaction's extension in a commit
 #: (they store ``extension_bytes``), or only contain other storages
-_EXTENSION_AS_BYTES = (FileStorage, DemoStorage, BlobStorage, PerThreadStorage, RelStorage)
+_EXTENSION_AS_BYTES = tuple(n for n in AUDITED if n != "ZODB.MappingStorage:MappingStorage")
+
+
+def _is_one_of(storage, names) -> bool:
+    """Whether ``type(storage)`` is exactly one of the classes ``names``."""
+    module = sys.modules.get(type(storage).__module__)
+    return any(type(storage) is getattr(module, n.partition(":")[2], None)
+               for n in names if n.partition(":")[0] == type(storage).__module__)
 
 
 def inner(storage) -> list:
     """The storages directly inside ``storage`` (a DemoStorage's base and
     changes, the storage a BlobStorage wraps, a PerThreadStorage's root)."""
-    if type(storage) is DemoStorage:
+    if _is_one_of(storage, ("ZODB.DemoStorage:DemoStorage",)):
         return [storage.base, storage.changes]
     if type(storage) is BlobStorage:
         return [storage._BlobStorage__storage]
@@ -78,13 +83,13 @@ def components(storage) -> list:
 def unaudited(storage) -> list[str]:
     """Dotted class names of the parts of ``storage`` not audited."""
     return ["%s.%s" % (type(s).__module__, type(s).__qualname__)
-            for s in components(storage) if type(s) not in AUDITED]
+            for s in components(storage) if not _is_one_of(s, AUDITED)]
 
 
 def reads_extension(storage) -> bool:
     """Whether ``storage`` may unpickle a transaction's extension (anything
     but FileStorages, alone or inside the wrappers, may)."""
-    return any(type(s) not in _EXTENSION_AS_BYTES for s in components(storage))
+    return any(not _is_one_of(s, _EXTENSION_AS_BYTES) for s in components(storage))
 
 
 def filestorage_of(storage):

@@ -21,6 +21,7 @@ import sys
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 
+from zeotwist.server import footprint
 from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, read_config
 from zeotwist.server.service import (   # ServerService & co. are imported from here too
     FileStorageFile, ServerService, StorageOpenError, format_address, open_storage)
@@ -162,6 +163,7 @@ class Options(usage.Options):
         self["listen"] = settings.listen
         self.settings = settings
         self.eventlog = conf.eventlog if conf else None
+        footprint.settle(settings)      # under twistd, without TLS: no pyOpenSSL
 
     def _storages(self, storages: dict, settings: ServerSettings) -> dict:
         """The file's storages, plus the -f one (the only one without -C)."""

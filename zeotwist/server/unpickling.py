@@ -20,6 +20,7 @@ Runs in whatever thread calls it (the storage thread, for the server).
 """
 import datetime
 import pickletools
+import sys
 from dataclasses import dataclass
 from io import BytesIO
 
@@ -190,11 +191,14 @@ def guard_zodb() -> None:
     without unpickling it (MappingStorage raises one for a stale serial;
     ZODB's ``get_pickle_metadata`` would run the record's pickle), and
     RelStorage's history and undo log decode extensions with
-    :func:`decode_extension` (they use ZODB's unrestricted ``loads``)."""
+    :func:`decode_extension` (they use ZODB's unrestricted ``loads``).
+
+    Called by every StorageServer, with its storage already open: a
+    RelStorage's modules are imported by then, and where they are not, no
+    RelStorage is served (and a server of a FileStorage does not import them)."""
     import ZODB.utils
     ZODB.utils.get_pickle_metadata = pickle_class_name
-    try:
-        import relstorage.storage.history
-    except ImportError:
+    if "relstorage.storage" not in sys.modules:
         return
+    import relstorage.storage.history
     relstorage.storage.history.loads = decode_extension

@@ -1,0 +1,80 @@
+"""What a ``twistd zeotwist`` server loads: not pyOpenSSL without TLS
+(zeotwist.server.footprint), not RelStorage without a RelStorage, not the
+client package (docs/performance.md, "Memory").  The TLS servers of
+tests/test_tls.py (``--listen-tls``, an ``ssl:`` string) are the other side."""
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import transaction
+from ZODB import DB
+
+from zeotwist import ClientStorage
+from zeotwist.client.reactorthread import background_reactor
+from zeotwist.server.footprint import needs_tls, openssl_hidden
+from zeotwist.server.settings import ServerSettings
+from zeotwist.testing import start_twistd
+
+#: site-packages directories a server of a FileStorage without TLS does not map
+NOT_LOADED = ("cryptography", "OpenSSL", "relstorage", "psycopg2")
+
+
+def mapped_packages(pid: int) -> set:
+    """The site-packages entries (packages, extension modules) ``pid`` maps."""
+    with open("/proc/%d/maps" % pid) as f:
+        return {line.split("site-packages/", 1)[1].split("/")[0]
+                for line in f if "site-packages/" in line}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
+def test_a_plain_server_loads_neither_openssl_nor_relstorage(tmp_path):
+    server = start_twistd(str(tmp_path / "data.fs"))
+    try:
+        db = DB(ClientStorage(server.address, reactor=background_reactor(), wait_timeout=10))
+        try:
+            conn = db.open()
+            conn.root()["x"] = 1
+            transaction.commit()
+            conn.close()
+        finally:
+            db.close()
+        mapped = mapped_packages(server.process.pid)
+        assert "BTrees" in mapped, mapped             # the check sees what is mapped
+        assert not [m for m in mapped if m.startswith(NOT_LOADED)], mapped
+    finally:
+        server.stop()
+
+
+def test_the_server_modules_do_not_import_the_client():
+    code = ("import sys, zeotwist.server.tap; "
+            "print(sorted(m for m in sys.modules if m.startswith('zeotwist.client.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    import zeotwist
+    assert zeotwist.ClientStorage is ClientStorage       # imported when asked for
+    assert callable(zeotwist.client)                      # the function, not the package
+
+
+def test_which_settings_need_tls():
+    assert not needs_tls(ServerSettings(listen=["tcp:8100", "unix:/tmp/s"],
+                                        metrics="tcp6:9102"))
+    assert needs_tls(ServerSettings(listen=["tcp:0"], listen_tls=["tcp:8443"], tls_cert="c"))
+    assert needs_tls(ServerSettings(listen=["ssl:8443:privateKey=k"]))
+    assert needs_tls(ServerSettings(listen=["tcp:0"], metrics="ssl:9102:privateKey=k"))
+    assert needs_tls(ServerSettings(listen=["systemd:domain=INET:index=0"]))
+
+
+def test_openssl_is_hidden_only_within(monkeypatch):
+    monkeypatch.delitem(sys.modules, "OpenSSL", raising=False)
+    with openssl_hidden() as hidden:
+        assert hidden
+        with pytest.raises(ImportError):
+            import OpenSSL  # noqa: F401
+    assert "OpenSSL" not in sys.modules
+    import OpenSSL  # noqa: F401,F811
+    with openssl_hidden() as hidden:         # imported already: left as it is
+        assert not hidden
+        import OpenSSL  # noqa: F401,F811

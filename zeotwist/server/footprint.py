@@ -1,0 +1,78 @@
+"""A ``twistd zeotwist`` server without TLS does not load pyOpenSSL.
+
+Twisted's TCP transport, its reactor base, its endpoints and AMP each import
+pyOpenSSL (and with it ``cryptography``) when it is installed, whether or not
+anything uses TLS: about 12 MB of a server's resident memory, a third of a
+whole ZEO server's (docs/performance.md, "Memory").  Each of them does
+without it when the import fails.  So, under twistd only:
+
+* the plugin (``twisted/plugins/zeotwist_plugin.py``) imports the server's
+  modules (:mod:`zeotwist.server.tap`) with pyOpenSSL hidden
+  (:func:`openssl_hidden`), which imports Twisted's endpoints and AMP
+  without TLS; nothing there that the server uses needs it;
+* once the options are known (``Options.postOptions``), :func:`settle`
+  imports Twisted's TCP transport and reactor base (imported by the reactor,
+  later) with pyOpenSSL still hidden if the server needs no TLS; if it
+  does (``--listen-tls``, a listen or metrics endpoint that is not plain
+  ``tcp:``/``tcp6:``/``unix:``), they import it as usual.
+
+pyOpenSSL is hidden only for those imports, never afterwards: code that
+imports it later gets it.  A process that imported pyOpenSSL already, or
+that imports the server's modules itself (tests, an application's own
+service), is left as it is.
+"""
+import importlib
+import sys
+from contextlib import contextmanager
+
+#: Twisted's modules that the reactor imports and that carry TLS support
+#: when pyOpenSSL imports (``startTLS`` on TCP connections, ``listenSSL``)
+TRANSPORT_MODULES = ("twisted.internet.tcp", "twisted.internet.posixbase")
+#: endpoint prefixes that are plain sockets (anything else may want TLS)
+PLAIN_ENDPOINTS = ("tcp:", "tcp6:", "unix:")
+
+#: whether the plugin imported the server's modules with pyOpenSSL hidden
+_deferred = False
+
+
+@contextmanager
+def openssl_hidden():
+    """Within: ``import OpenSSL`` fails, unless it was imported already."""
+    if "OpenSSL" in sys.modules:
+        yield False
+        return
+    sys.modules["OpenSSL"] = None
+    try:
+        yield True
+    finally:
+        if sys.modules.get("OpenSSL", ...) is None:
+            del sys.modules["OpenSSL"]
+
+
+def import_tap():
+    """The plugin's import of :mod:`zeotwist.server.tap` (see the module docstring)."""
+    global _deferred
+    with openssl_hidden() as hidden:
+        tap = importlib.import_module("zeotwist.server.tap")
+    _deferred = _deferred or hidden
+    return tap
+
+
+def needs_tls(settings) -> bool:
+    """Whether ``settings`` (a ServerSettings) may use TLS."""
+    endpoints = list(settings.listen) + ([settings.metrics] if settings.metrics else [])
+    return bool(settings.listen_tls or settings.tls_cert or any(
+        not e.strip().lower().startswith(PLAIN_ENDPOINTS) for e in endpoints))
+
+
+def settle(settings) -> bool:
+    """After the plugin's import: import Twisted's transport modules without
+    TLS if ``settings`` need none; whether it did."""
+    if not _deferred or needs_tls(settings) or any(
+            m in sys.modules for m in TRANSPORT_MODULES):
+        return False
+    with openssl_hidden() as hidden:
+        if hidden:
+            for name in TRANSPORT_MODULES:
+                importlib.import_module(name)
+    return hidden
