@@ -67,3 +67,16 @@ def test_programming_errors_are_typed_and_keep_their_old_base():
     lock.acquire("a")
     with pytest.raises(errors.WrongStateError, match="already holds"):
         lock.acquire("a")
+
+
+def test_transaction_timeout_is_a_storage_transaction_error_and_still_a_disconnect():
+    from ZODB.POSException import StorageTransactionError
+    from transaction.interfaces import TransientError
+    import pickle
+    err = errors.TransactionTimeout(2.5, "127.0.0.1:8100")
+    assert isinstance(err, StorageTransactionError)
+    assert isinstance(err, errors.ClientDisconnected) and isinstance(err, TransientError)
+    assert err.timeout == 2.5 and "transaction timeout" in str(err) and "2.5 s" in str(err)
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.timeout, copy.server, str(copy)) == (2.5, "127.0.0.1:8100", str(err))
+    assert "TransactionTimeout" in errors.__all__

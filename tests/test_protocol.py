@@ -10,7 +10,8 @@ from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
 from ZODB.utils import maxtid, p64, z64
 
-from zeotwist.errors import ProtocolVersionError, UnknownStorage
+from zeotwist.errors import (
+    ClientDisconnected, ProtocolVersionError, TransactionTimeout, UnknownStorage)
 from zeotwist.testing import call_in_memory as call, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import encode_check, encode_store
@@ -153,6 +154,8 @@ def test_lock_waiter_is_served_when_holder_disconnects(world):
 
 
 def test_transaction_timeout_drops_the_holder(world):
+    """A client that did not declare ``timeout_notice`` (an older one) is
+    dropped without a word, as before TransactionTimedOut existed."""
     clock, servers = world
     a, sa, pa, rec = connect_in_memory(servers, clock)
     register(a, pa)
@@ -162,6 +165,105 @@ def test_transaction_timeout_drops_the_holder(world):
     clock.advance(61)
     pa.flush()
     assert rec.lost and servers["1"].lock.holder is None
+    assert a.timed_out is None and not clock.getDelayedCalls()
+
+
+def test_transaction_timeout_is_announced_and_the_lock_passes_at_once(world):
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    b, sb, pb, _ = connect_in_memory(servers, clock)
+    for client, pump in ((a, pa), (b, pb)):
+        call(client, pump, C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+             read_only=False, timeout_notice=True)
+    oids = call(a, pa, C.NewOids, count=2)["oids"]
+    open_txn(a, encode_store(oids[0], z64, b"a"))
+    call(a, pa, C.Vote)                              # a holds the lock, then stalls
+    open_txn(b, encode_store(oids[1], z64, b"b"))
+    waiting = []
+    b.call(C.Vote).addBoth(waiting.append)
+    pb.flush()
+    assert waiting == []
+    clock.advance(61)
+    assert servers["1"].lock.holder is sb            # passed on before a's link closes
+    pb.flush()
+    assert waiting[0]["conflicts"] == b""
+    pa.flush()
+    assert isinstance(a.timed_out, TransactionTimeout) and a.timed_out.timeout == 60
+    assert rec.lost and [c.func for c in clock.getDelayedCalls()] == [
+        servers["1"].lock._expired]                  # b's lock timer; a's grace timer is gone
+    finished = []
+    a.call(C.Finish).addBoth(finished.append)       # too late: the link is gone
+    pa.flush()
+    assert isinstance(finished[0].value, ClientDisconnected)
+    assert call(b, pb, C.Finish)["tid"] > z64
+    assert servers["1"].traffic["transaction_timeouts"] == 1
+    with pytest.raises(POSKeyError):                 # nothing of a's was committed
+        servers["1"].storage.load(oids[0])
+
+
+@pytest.fixture
+def held(tmp_path):
+    """A server whose storage calls wait while ``threads.held`` (a busy
+    storage thread), with one client registered with ``timeout_notice``
+    and one transaction storing a new object: ``(clock, threads, server,
+    (client, session, pump, recorder), oid)``."""
+    from test_client_resolution import HeldCalls
+    from zeotwist.server.storageserver import StorageServer
+    clock, threads = Clock(), HeldCalls()
+    server = StorageServer(FileStorage(str(tmp_path / "data.fs")), reactor=clock,
+                           threads=threads, transaction_timeout=60)
+    a, sa, pa, rec = connect_in_memory({"1": server}, clock)
+    call(a, pa, C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=False,
+         timeout_notice=True)
+    oid = call(a, pa, C.NewOids, count=1)["oids"][0]
+    open_txn(a, encode_store(oid, z64, b"a"))
+    yield clock, threads, server, (a, sa, pa, rec), oid
+    server.close()
+
+
+def test_timeout_during_a_slow_vote_leaves_its_answer_unsent(held):
+    """The storage is still voting when the timeout fires: the client hears
+    of the timeout, never of a vote that succeeded; the storage's tpc_abort
+    runs after its vote."""
+    clock, threads, server, (a, sa, pa, rec), oid = held
+    threads.held = True
+    voted = []
+    a.call(C.Vote).addBoth(voted.append)
+    pa.flush()
+    assert voted == [] and server.lock.holder is sa
+    # As over TCP, what is written after loseConnection still goes out
+    # before the close (iosim would drop it): the vote ends (then its
+    # tpc_abort runs) while the link is closing.
+    transport, closing = sa.transport, []
+    transport.loseConnection = lambda: closing.append(True)
+    clock.advance(61)
+    threads.release()
+    assert closing
+    type(transport).loseConnection(transport)
+    pa.flush()
+    assert isinstance(a.timed_out, TransactionTimeout)
+    assert isinstance(voted[0].value, ClientDisconnected) and rec.lost
+    assert server.lock.holder is None and len(voted) == 1
+    with pytest.raises(POSKeyError):
+        server.storage.load(oid)
+
+
+def test_no_notice_while_the_storage_finishes(held):
+    """Once tpc_finish runs the outcome is the storage's: the client is
+    only disconnected (ClientDisconnected), never told it timed out."""
+    clock, threads, server, (a, sa, pa, rec), oid = held
+    call(a, pa, C.Vote)
+    threads.held = True
+    finished = []
+    a.call(C.Finish).addBoth(finished.append)
+    pa.flush()
+    clock.advance(61)
+    pa.flush()
+    assert a.timed_out is None and rec.lost
+    assert isinstance(finished[0].value, ClientDisconnected)
+    threads.release()                                # the finish commits anyway
+    assert server.lock.holder is None
+    assert server.storage.load(oid)[0] == b"a"
 
 
 def test_handshake_timeout_closes(world):

@@ -97,7 +97,7 @@ def test_transaction_timeout_is_one_line(tmp_path, log):
         cs.tpc_begin(t)
         cs.store(cs.new_oid(), b"\0" * 8, zodb_pickle(MinPO(1)), "", t)
         cs.tpc_vote(t)                           # holds the commit lock, then stalls
-        (line,) = wait_for_line(log, "transaction timeout")
+        (line,) = wait_for_line(log, "^transaction timeout")   # the client says it too
         assert line[0] == LogLevel.warn
         assert re.fullmatch(r"transaction timeout: 127\.0\.0\.1:\d+ held the commit lock "
                             r"too long \(over 0\.5 s, storage '1'\); disconnecting it",

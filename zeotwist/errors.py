@@ -11,6 +11,7 @@ from transaction.interfaces import TransientError
 __all__ = [
     "ZeotwistError",
     "ClientDisconnected",
+    "TransactionTimeout",
     "ProtocolError",
     "RemoteProtocolError",
     "ProtocolVersionError",
@@ -50,6 +51,28 @@ class ClientDisconnected(ZeotwistError, TransientError):
     A ``TransientError``: a transaction that fails with it can be retried
     once the client has reconnected.
     """
+
+
+class TransactionTimeout(ClientDisconnected, StorageTransactionError):
+    """The server's transaction timeout aborted this transaction: it held
+    its storage's commit lock (from the vote on) for more than
+    :attr:`timeout` seconds, and the server dropped the connection.
+
+    Nothing was committed.  Also a :class:`ClientDisconnected` (what such a
+    transaction failed with before; a ``TransientError``: retried by
+    ``transaction.manager.attempts()``), and a ``StorageTransactionError``.
+    """
+
+    def __init__(self, timeout: float, server: str = "the server"):
+        self.timeout = timeout
+        self.server = server
+        super().__init__(
+            "transaction timeout: %s aborted this transaction, which held the commit "
+            "lock for over %g s (its transaction-timeout); nothing was committed"
+            % (server, timeout))
+
+    def __reduce__(self):
+        return type(self), (self.timeout, self.server)
 
 
 class ProtocolError(ZeotwistError):

@@ -111,6 +111,8 @@ class Connector:
         if self._probe is not None:
             self._probe.stop()
         self._abandon_handshake()
+        for d in list(self._waiting):
+            d.cancel()
         return self._service.stopService()
 
     def _abandon_handshake(self) -> None:
@@ -132,19 +134,28 @@ class Connector:
 
     def when_connected(self) -> Deferred:
         """A Deferred of the next registered protocol (no timeout); it fails
-        with the refusal once every server refused this client permanently."""
+        with the refusal once every server refused this client permanently,
+        and is cancelled when the client stops.
+
+        The connector keeps these itself rather than asking ClientService's
+        ``whenConnected``: while a lost connection's calls fail (in its
+        ``connectionLost``), ClientService has not heard of the loss yet
+        and would answer with that dead connection."""
         if self.protocol is not None:
             return succeed(self.protocol)
         if self.refused is not None:
             return fail(self.refused)
-        d = self._service.whenConnected()
+        d = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
         self._waiting.append(d)
+        return d
 
-        def done(result):
-            if d in self._waiting:
-                self._waiting.remove(d)
-            return result
-        return d.addBoth(done)
+    def _wake_waiting(self, result, proto):
+        """The handshake is over: hand ``proto`` to the waiting callers."""
+        if proto is self.protocol:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(proto)
+        return result
 
     # -- failed attempts -----------------------------------------------------------
     def unreachable(self, error: BaseException) -> None:
@@ -209,6 +220,7 @@ class Connector:
         if self.read_only_fallback:
             d.addErrback(self._maybe_fall_back, proto)
         d.addCallback(self._registered, proto)
+        d.addCallback(self._wake_waiting, proto)
         # a failed Register or Verify (a server older than the cache) alike
         d.addErrback(self._register_failed, proto, wrapper)
         d.addBoth(self._handshake_over)
@@ -235,7 +247,7 @@ class Connector:
         return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
                           storage=self._client.storage_name, read_only=read_only,
                           prefetch=self._client.reference_prefetch,
-                          long_values=True)
+                          long_values=True, timeout_notice=True)
 
     def _maybe_fall_back(self, failure, proto):
         """A read-only server refused a writable client: try the other

@@ -16,11 +16,12 @@ Runs on the reactor thread.
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
-from zeotwist.errors import ClientDisconnected, WrongServer
+from zeotwist.errors import ClientDisconnected, TransactionTimeout, WrongServer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
@@ -28,6 +29,8 @@ from zeotwist.wire import prefetch
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
     CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP)
+
+_log = Logger()
 
 
 def _convert(failure: Failure) -> BaseException:
@@ -90,6 +93,9 @@ class ClientProtocol(BoundedAMP):
     _greeting: bytes | None = b""
     #: the WrongServer error, once the first bytes showed another protocol
     wrong_server = None
+    #: the TransactionTimeout the server announced (TransactionTimedOut), or
+    #: None: the transaction on this connection fails with it
+    timed_out = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._greeting is not None:
@@ -196,11 +202,28 @@ class ClientProtocol(BoundedAMP):
         self.owner.invalidated(self, tid, oids)
         return {}
 
+    @C.TransactionTimedOut.responder
+    def transaction_timed_out(self, timeout):
+        self.timed_out = TransactionTimeout(timeout, peer_text(self.transport))
+        _log.warn("zeotwist: {err}; the server drops the connection, the client reconnects",
+                  err=str(self.timed_out))
+        return {}
+
+    def lost_transaction(self, message: str) -> ClientDisconnected:
+        """The error for the transaction this connection carried, now that
+        it is gone: the server's transaction timeout if it said so, else
+        ClientDisconnected(``message``)."""
+        t = self.timed_out
+        return ClientDisconnected(message) if t is None else TransactionTimeout(t.timeout, t.server)
+
     def connectionLost(self, reason):
         if self.wrong_server is not None:       # what the waiting calls should hear
             reason = Failure(self.wrong_server)
-        super().connectionLost(reason)
+        # The owner first: a caller whose call fails here and calls again
+        # (synchronously, in its errback) waits for the next connection
+        # instead of meeting this dead one.
         self.owner.connection_lost(self, reason)
+        super().connectionLost(reason)
 
 
 def peer_text(transport) -> str:

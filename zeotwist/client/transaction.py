@@ -120,7 +120,7 @@ class ClientTransaction:
             proto.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes,
                             self.tid, None if self.status == " " else self.status)
         elif proto is not self._proto:
-            self._failed = ClientDisconnected("connection lost during the transaction")
+            self._failed = self._proto.lost_transaction("connection lost during the transaction")
             return
         view = memoryview(chunk)
         for off in range(0, len(chunk), C.STORE_CHUNK):
@@ -163,7 +163,8 @@ class ClientTransaction:
             self._flush_now()
             if self._failed is not None:
                 return fail(self._failed)
-            return self._proto.call_frame(C.Vote, fast.vote_request).addCallback(self._voted)
+            d = self._proto.call_frame(C.Vote, fast.vote_request)
+            return d.addErrback(self._lost).addCallback(self._voted)
 
     def resolve(self, to_resolve) -> list:
         """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
@@ -176,14 +177,15 @@ class ClientTransaction:
         if self._client_resolved:
             return fail(StorageTransactionError("this transaction has re-voted already"))
         if self._proto is not self._client.protocol:
-            return fail(ClientDisconnected("connection lost during conflict resolution"))
+            return fail(self._proto.lost_transaction("connection lost during conflict resolution"))
         for oid, committed, data in records:
             self._stream += encode_store(oid, committed, data)
             self._client_resolved.append(oid)
         self._flush_now()
         if self._failed is not None:
             return fail(self._failed)
-        d = self._proto.call_frame(C.Vote, fast.vote_request).addCallback(self._voted)
+        d = self._proto.call_frame(C.Vote, fast.vote_request)
+        d.addErrback(self._lost).addCallback(self._voted)
         return d.addCallback(lambda to_resolve: self._revoted(to_resolve))
 
     def _revoted(self, to_resolve):
@@ -213,10 +215,19 @@ class ClientTransaction:
 
     def finish(self, callback=None) -> Deferred:
         """Commit; ``callback(tid)`` runs before any later invalidation is applied."""
-        if self._proto is None or self._proto is not self._client.protocol:
+        if self._proto is None:
             return fail(ClientDisconnected("connection lost before finish"))
+        if self._proto is not self._client.protocol:
+            return fail(self._proto.lost_transaction("connection lost before finish"))
         d = self._proto.call_frame(C.Finish, fast.finish_request)
-        return d.addCallback(self._finished, callback)
+        return d.addErrback(self._lost).addCallback(self._finished, callback)
+
+    def _lost(self, failure):
+        """A call of this transaction failed because its connection went:
+        the server's transaction timeout instead, if the server said so."""
+        if failure.check(ClientDisconnected) and self._proto.timed_out is not None:
+            raise self._proto.lost_transaction("")
+        return failure
 
     def _finished(self, answer, callback):
         tid = answer["tid"]

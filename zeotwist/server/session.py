@@ -83,9 +83,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.protocolViolation(why)
 
     def connectionLost(self, reason):
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
-        self._handshake_timer = None
+        for timer in (self._handshake_timer, self._grace_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._handshake_timer = self._grace_timer = None
         if self.server is not None:
             self.server.unregister(self)
             self._abort_txn()
@@ -134,6 +135,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.after_input()                  # guards: the server's budgets
 
     def emit(self, frame: bytes) -> None:
+        if self._closing:
+            return
         self._unread += len(frame)
         if self.server is not None:
             self.server.traffic["bytes_out"] += len(frame)
@@ -234,16 +237,38 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             self.unhandledError(Failure())
         return True
 
+    #: seconds a timed-out client has to read the TransactionTimedOut notice
+    #: before its connection is aborted anyway
+    NOTICE_GRACE = 5.0
+    #: the client understands TransactionTimedOut (its Register said so)
+    timeout_notice = False
+    _closing = False        # the notice is out: nothing more is written
+    _grace_timer = None
+
     def transaction_timed_out(self):
-        """One log line; the connection is dropped (its transaction aborts
-        through connectionLost, which releases the commit lock)."""
+        """One log line; the transaction is aborted now (the commit lock
+        passes on at once) and the connection dropped.  A client that
+        understands it is told first (TransactionTimedOut), unless the
+        storage is finishing the transaction: then the outcome is the
+        storage's, and the client only loses its connection."""
+        timeout = float(self.server.lock.timeout or 0)
         _log.warn("transaction timeout: {peer} held the commit lock too long (over "
                   "{timeout:g} s, storage {name!r}); disconnecting it", peer=peer_text(self.transport),
-                  name=self.server.name, timeout=self.server.lock.timeout or 0)
+                  name=self.server.name, timeout=timeout)
         self._violated = True           # nothing more is read from it
-        transport = self.transport
-        if transport is not None:
+        txn, transport = self._txn, self.transport
+        aborting = txn is not None and txn.state.can(Event.ABORT)
+        self._abort_txn()
+        if transport is None:
+            return
+        if not (aborting and self.timeout_notice):
             getattr(transport, "abortConnection", transport.loseConnection)()
+            return
+        self.callRemote(C.TransactionTimedOut, timeout=timeout)
+        self._closing = True            # the answer to a Vote in progress stays unsent
+        transport.loseConnection()      # once the notice is written
+        self._grace_timer = self._clock.callLater(
+            self.NOTICE_GRACE, getattr(transport, "abortConnection", transport.loseConnection))
 
     def locateResponder(self, name):
         refuse = self.auth_gate(name)           # auth: NOT_LOGGED_IN before Login
@@ -259,7 +284,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     # -- handshake -------------------------------------------------------------
     @C.Register.responder
-    def register(self, protocol, storage, read_only, prefetch=False, long_values=None):
+    def register(self, protocol, storage, read_only, prefetch=False, long_values=None,
+                 timeout_notice=None):
         if self.server is not None:
             raise StorageTransactionError("already registered")
         if protocol != C.PROTOCOL_VERSION:
@@ -281,6 +307,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if prefetch and server.prefetch_count > 0:
             self.prefetcher = Prefetcher(server.prefetch_count, server.prefetch_bytes)
         self.long_values = bool(long_values)    # big LoadBefore answers in one piece
+        self.timeout_notice = bool(timeout_notice)  # told of its transaction timeout
         server.register(self)
         self.registered()                       # guards: box size, idle timeout
         # others' commits up to now first (RelStorage: one poll); invalidations

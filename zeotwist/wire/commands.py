@@ -35,6 +35,9 @@ class Register(_Command):
         (b"prefetch", amp.Boolean(optional=True)),
         # this peer reads long entries (zeotwist.wire.fast); absent: False
         (b"long_values", amp.Boolean(optional=True)),
+        # this peer understands TransactionTimedOut; absent: False (the
+        # server drops it without a word, as servers before that command did)
+        (b"timeout_notice", amp.Boolean(optional=True)),
     ]
     response = [
         (b"last_tid", Id8()),
@@ -356,6 +359,18 @@ class Invalidate(_Command):
     arguments = [(b"tid", Id8()), (b"oids", IdList())]
 
 
+class TransactionTimedOut(_Command):
+    """The server's transaction timeout aborted this connection's
+    transaction, which held the commit lock for over ``timeout`` seconds
+    (one-way).  Nothing was committed; the server closes the connection
+    right after.  Sent only to a client whose Register said
+    ``timeout_notice``, and only when the transaction was surely aborted
+    (not while the storage was finishing it)."""
+    commandName = b"TransactionTimedOut"
+    requiresAnswer = False
+    arguments = [(b"timeout", amp.Float())]
+
+
 CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
                    StoreData, Vote, Finish, Abort, LastTransaction, Info,
                    # storage API
@@ -363,5 +378,5 @@ CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
                    IteratorClose, RecordIternext, Prefetch]
 CLIENT_COMMANDS += [StoreBlobChunk, StoreBlobShared, LoadBlobChunk]   # blobs
 CLIENT_COMMANDS += [Login]                                           # authentication
-SERVER_COMMANDS = [Invalidate]
+SERVER_COMMANDS = [Invalidate, TransactionTimedOut]
 ALL_COMMANDS = CLIENT_COMMANDS + SERVER_COMMANDS

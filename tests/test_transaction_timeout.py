@@ -1,0 +1,203 @@
+"""The server's transaction timeout as a client meets it (issue 13 item 11).
+
+A real server on 127.0.0.1 (FileStorage in a temporary folder) with a short
+``transaction_timeout``; real clients that stall while they hold the commit
+lock.  The client's transaction fails with TransactionTimeout (carrying the
+timeout), not a bare ClientDisconnected; nothing of it is committed; the
+server logs one line naming the peer; the client's next transaction
+reconnects and commits.  The stalls end on events the test controls (the
+client's notice arriving), never on a sleep.
+"""
+import re
+import threading
+
+import pytest
+import pytest_twisted
+import transaction
+from twisted.internet import defer, reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from ZODB import DB
+from ZODB.Connection import TransactionMetaData
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import POSKeyError, StorageTransactionError
+from ZODB.tests.MinPO import MinPO
+from ZODB.tests.StorageTestBase import zodb_pickle
+from ZODB.utils import z64
+from transaction.interfaces import TransientError
+
+import zeotwist
+from zeotwist import ClientStorage
+from zeotwist.client.reactorthread import background_reactor
+from zeotwist.errors import ClientDisconnected, TransactionTimeout
+from zeotwist.server.tap import ServerService
+from zeotwist.testing import start_server, start_storages
+
+TIMEOUT = 0.5
+#: bounds the waits for events that do come (a failing test, not a hang)
+PATIENCE = 30
+
+
+class Log:
+    """The zeotwist log events of the test; ``notice`` is set once the client
+    has heard of its transaction timeout."""
+
+    def __init__(self):
+        self.events, self.notice = [], threading.Event()
+        self.heard = defer.Deferred()
+
+    def __call__(self, event):
+        if not str(event.get("log_namespace", "")).startswith("zeotwist"):
+            return
+        self.events.append(event)
+        if event["log_namespace"] == "zeotwist.client.protocol" and \
+                "transaction timeout" in formatEvent(event):
+            self.notice.set()
+            if not self.heard.called:
+                self.heard.callback(None)
+
+    def lines(self, pattern, namespace="zeotwist"):
+        return [(e["log_level"], formatEvent(e)) for e in list(self.events)
+                if e["log_namespace"].startswith(namespace)
+                and re.search(pattern, formatEvent(e))]
+
+
+@pytest.fixture
+def log():
+    observer = Log()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+
+
+def assert_one_server_line(log):
+    (line,) = log.lines("timeout", "zeotwist.server")
+    assert line[0] == LogLevel.warn
+    assert re.fullmatch(r"transaction timeout: 127\.0\.0\.1:\d+ held the commit lock too long "
+                        r"\(over 0\.5 s, storage '1'\); disconnecting it", line[1]), line
+    assert not [e for e in log.events if e.get("log_failure") is not None]
+    assert not log.lines("protocol violation")
+
+
+class StallAfterVote:
+    """A resource manager that votes after the storage (its sort key comes
+    later) and waits there, so the storage's transaction holds the commit
+    lock, until the client has heard of its timeout."""
+
+    def __init__(self, until: threading.Event):
+        self.until = until
+
+    def sortKey(self):
+        return "~stall"
+
+    def tpc_vote(self, txn):
+        assert self.until.wait(PATIENCE), "the server's transaction timeout never came"
+
+    def tpc_begin(self, txn):
+        pass
+
+    commit = tpc_finish = tpc_abort = abort = tpc_begin
+
+
+def test_zodb_commit_raises_transaction_timeout_then_the_next_commits(tmp_path, log):
+    running = start_server(str(tmp_path / "data.fs"), transaction_timeout=TIMEOUT)
+    db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        conn.root()["x"] = "stalled"
+        tm.get().join(StallAfterVote(log.notice))
+        with pytest.raises(TransactionTimeout) as caught:
+            tm.commit()
+        err = caught.value
+        assert err.timeout == TIMEOUT and str(err).startswith(
+            "transaction timeout: 127.0.0.1:%d aborted this transaction" % running.address[1])
+        assert isinstance(err, StorageTransactionError) and isinstance(err, TransientError)
+        assert isinstance(err, ClientDisconnected)         # what it was before
+        tm.abort()
+        assert_one_server_line(log)
+        assert running.server.traffic["transaction_timeouts"] == 1
+        # nothing of it was committed; the same client reconnects and commits
+        assert "x" not in conn.root()
+        conn.root()["x"] = "committed"
+        tm.commit()
+        other = DB(ClientStorage(running.address, reactor=background_reactor(),
+                                 wait_timeout=10))
+        try:
+            assert other.open().root()["x"] == "committed"
+        finally:
+            other.close()
+        assert db.storage.client.connections == 2
+    finally:
+        db.close()
+        running.stop()
+
+
+def test_a_vote_pending_at_the_timeout_fails_with_it(tmp_path, log):
+    """The storage is slow to vote (the server holds the lock meanwhile):
+    the waiting tpc_vote fails with TransactionTimeout."""
+    fs = FileStorage(str(tmp_path / "data.fs"))
+    slow = threading.Event()
+    vote = fs.tpc_vote
+
+    def slow_vote(txn):
+        assert slow.wait(PATIENCE)
+        return vote(txn)
+
+    running = start_storages({"1": fs}, transaction_timeout=TIMEOUT)
+    cs = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10)
+    try:
+        oid = cs.new_oid()
+        fs.tpc_vote = slow_vote
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        cs.store(oid, z64, zodb_pickle(MinPO(1)), "", t)
+        with pytest.raises(TransactionTimeout) as caught:
+            cs.tpc_vote(t)
+        assert caught.value.timeout == TIMEOUT
+        with pytest.raises(TransactionTimeout):          # the next call of it too
+            cs.tpc_finish(t)
+        slow.set()
+        fs.tpc_vote = vote
+        assert_one_server_line(log)
+        t = TransactionMetaData()                        # the next transaction commits
+        cs.tpc_begin(t)
+        cs.store(oid, z64, zodb_pickle(MinPO(2)), "", t)
+        cs.tpc_vote(t)
+        tid = cs.tpc_finish(t)
+        assert cs.load(oid)[1] == tid
+    finally:
+        slow.set()
+        cs.close()
+        running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferred_api_finish_fails_with_transaction_timeout(tmp_path, log):
+    svc = ServerService(str(tmp_path / "data.fs"), ["tcp:0:interface=127.0.0.1"],
+                        reactor=reactor, transaction_timeout=TIMEOUT)
+    svc.startService()
+    address = (await svc.listening)[0]
+    host, port = address.rsplit(":", 1)
+    client = await zeotwist.connect(reactor, "tcp:host=%s:port=%s" % (host, port),
+                                    wait_timeout=10)
+    try:
+        oid = await client.new_oid()
+        txn = client.begin(description="stalls")
+        txn.store(oid, z64, b"stalled")
+        await txn.vote()
+        await log.heard.addTimeout(PATIENCE, reactor)    # the server's notice came
+        with pytest.raises(TransactionTimeout) as caught:
+            await txn.finish()
+        assert caught.value.timeout == TIMEOUT
+        await txn.abort()
+        with pytest.raises(POSKeyError):
+            await client.load(oid)
+        txn = client.begin(description="commits")        # reconnects, commits
+        txn.store(oid, z64, b"committed")
+        await txn.vote()
+        tid = await txn.finish()
+        assert await client.load(oid) == (b"committed", tid)
+        assert_one_server_line(log)
+    finally:
+        await client.stop()
+        await svc.stopService()
