@@ -7,6 +7,7 @@ one transaction-timeout line with a readable peer, pack start and end with
 ISO times and the duration, each storage's close at stop.
 """
 import re
+import socket
 import threading
 import time
 
@@ -107,3 +108,48 @@ def test_transaction_timeout_is_one_line(tmp_path, log):
     finally:
         cs.close()
         running.stop()
+
+
+@pytest.fixture
+def every_line():
+    """The text of every event logged during the test, any namespace
+    (Twisted's own lines too), with its namespace."""
+    events, lock = [], threading.Lock()
+
+    def observe(event):
+        with lock:
+            events.append((str(event.get("log_namespace", "")), formatEvent(event)))
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+#: what a peer printed as an object looks like: IPv4Address(...), UNIXAddress(...), <... at 0x...>
+REPR = re.compile(r"Address\(|<[^>]* at 0x|HOST:|PEER:")
+
+
+def test_server_lines_name_peers_as_host_port_or_unix(tmp_path, every_line):
+    sock = str(tmp_path / "s.sock")
+    running = start_server(str(tmp_path / "data.fs"))
+    unix = start_server(str(tmp_path / "other.fs"), listen="unix:%s" % sock)
+    try:
+        for address in (running.address, sock):
+            ClientStorage(address, reactor=background_reactor(), wait_timeout=10).close()
+        raw = socket.create_connection(running.address)
+        raw.sendall(b"\xff\xfe" + b"x" * 64)                # a protocol violation
+        port = r"127\.0\.0\.1:\d+"
+        for pattern in (r"^zeotwist: connection from %s$" % port,
+                        r"^zeotwist: connection from %s closed$" % port,
+                        r"^zeotwist: connection from unix closed$",
+                        r"^protocol violation from %s: key length \d+; closing$" % port):
+            wait_for_line(every_line, pattern)         # (namespace, text) pairs
+    finally:
+        raw.close()
+        running.stop()
+        unix.stop()
+    server_lines = [text for namespace, text in list(every_line)
+                    if not namespace.startswith("zeotwist.client")]
+    assert not [t for t in server_lines if REPR.search(t)], server_lines
+    assert not [t for t in server_lines if "ServerSession" in t]
+    # the client's side says nothing of AMP's either
+    assert not [t for _, t in every_line if "connection established" in t]

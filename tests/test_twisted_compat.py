@@ -63,6 +63,32 @@ def test_amp_closed_after_connection_lost_and_receivers_fail():
     assert not compat.amp_is_outstanding(proto, b"1")     # no table any more
 
 
+def test_amp_connection_made_and_lost_quietly_as_amp_but_for_the_log():
+    """AMP's own makeConnection/connectionLost log the addresses as reprs
+    (still true, else the quiet versions are not needed) and do nothing
+    else that the quiet versions leave out."""
+    publisher, said = LogPublisher(), []
+    publisher.addObserver(said.append)
+    old = amp._log
+    amp._log = Logger(namespace="twisted.protocols.amp", observer=publisher)
+    try:
+        loud, quiet = amp.AMP(), amp.AMP()
+        loud.makeConnection(StringTransport())
+        transport = StringTransport()
+        compat.amp_make_connection_quietly(quiet, transport)
+        assert len(said) == 1 and "PEER:" in said[0]["log_format"]
+        assert quiet.transport is transport and quiet.boxReceiver is quiet
+        receiver = Receiver()
+        compat.amp_expect_answer(quiet, receiver)
+        loud.connectionLost(Failure(Exception("gone")))
+        compat.amp_connection_lost_quietly(quiet, Failure(Exception("gone")))
+        assert len(said) == 2
+        assert quiet.transport is None and compat.amp_closed(quiet)
+        assert len(receiver.failures) == 1
+    finally:
+        amp._log = old
+
+
 def test_amp_send_box_one_way_and_asked():
     proto, transport = connected_amp()
     assert compat.amp_send_box(proto, b"Ping", amp.AmpBox({b"a": b"b"}), False) is None
@@ -170,7 +196,8 @@ def test_logging_begun(monkeypatch):
     assert compat.logging_begun()
 
 
-@pytest.mark.parametrize("name", ["amp_closed", "amp_switched", "amp_expect_answer",
+@pytest.mark.parametrize("name", ["amp_make_connection_quietly", "amp_connection_lost_quietly",
+                                  "amp_closed", "amp_switched", "amp_expect_answer",
                                   "amp_is_outstanding", "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
                                   "discard_output",

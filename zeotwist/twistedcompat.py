@@ -34,6 +34,22 @@ def amp_decode_fields(box, arglist, proto) -> dict:
     return amp._stringsToObjects(box, arglist, proto)
 
 
+def amp_make_connection_quietly(proto, transport) -> None:
+    """``AMP.makeConnection`` without its log line, which prints the
+    addresses as reprs (``IPv4Address(type='TCP', ...)``): AMP's method only
+    logs and calls ``BinaryBoxProtocol.makeConnection`` (it also keeps the
+    addresses, for its own connectionLost line)."""
+    amp.BinaryBoxProtocol.makeConnection(proto, transport)
+
+
+def amp_connection_lost_quietly(proto, reason) -> None:
+    """``AMP.connectionLost`` without its log line: the outstanding
+    questions fail (``BinaryBoxProtocol.connectionLost``) and the transport
+    is forgotten, as AMP's does."""
+    amp.BinaryBoxProtocol.connectionLost(proto, reason)
+    proto.transport = None
+
+
 def amp_closed(proto) -> bool:
     """The AMP connection failed every outstanding question (``_failAllReason``)."""
     return proto._failAllReason is not None

@@ -69,8 +69,13 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.prefetcher: Prefetcher | None = None
 
     # -- connection life -----------------------------------------------------
+    #: the other end, for log lines: ``127.0.0.1:53412``, ``[::1]:53412`` or ``unix``
+    peer = "-"
+
     def connectionMade(self):
         super().connectionMade()
+        self.peer = peer_text(self.transport)
+        _log.info("zeotwist: connection from {peer}", peer=self.peer)
         use_clock(self.transport, self._clock)      # TLS: see zeotwist.tls
         self._handshake_timer = self._clock.callLater(
             self._handshake_timeout, self._handshake_expired)
@@ -97,6 +102,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         factory = getattr(self, "factory", None)
         if factory is not None:
             factory.limiter.release()
+        _log.info("zeotwist: connection from {peer} closed", peer=self.peer)
         super().connectionLost(reason)
 
     #: a client that leaves more than this unread is dropped

@@ -45,6 +45,14 @@ class BoundedAMP(amp.AMP):
     _boxBytes = 0
     _violated = False
 
+    def makeConnection(self, transport):
+        # AMP's own logs "connection established (HOST:IPv4Address(...)
+        # PEER:...)"; the server logs its peers as host:port itself.
+        twistedcompat.amp_make_connection_quietly(self, transport)
+
+    def connectionLost(self, reason):
+        twistedcompat.amp_connection_lost_quietly(self, reason)
+
     def connectionMade(self):
         super().connectionMade()
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
