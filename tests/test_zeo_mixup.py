@@ -4,15 +4,18 @@
   an error saying that it is a ZEO server (recognised from the protocol
   announcement a ZEO server sends first).
 * A real ZEO client pointed at a zeotwist server sends nothing (it waits
-  for a ZEO server's announcement): the server's handshake-timeout line
-  says so.
-* The first-bytes rule on its own, in memory.
+  for a ZEO server's announcement); after a second of silence the server
+  sends it a ZEO announcement of its own (zeotwist.wire.zeo.PROBE), which
+  the ZEO client answers in ZEO's framing: the server logs that it is a
+  ZEO client and drops it.  A zeotwist client skips that probe.
+* The first-bytes rules on their own, in memory.
 """
 import re
 import time
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from zeotwist import ClientStorage
 from zeotwist.client.protocol import describe_greeting
@@ -48,7 +51,7 @@ def test_zeo_client_at_a_zeotwist_server_is_named_in_the_log(tmp_path):
         if "protocol violation" in (event.get("log_format") or ""):
             lines.append(event)
 
-    server = start_server(str(tmp_path / "data.fs"), handshake_timeout=0.3)
+    server = start_server(str(tmp_path / "data.fs"))
     globalLogPublisher.addObserver(observe)
     zeo_client = None
     try:
@@ -62,8 +65,10 @@ def test_zeo_client_at_a_zeotwist_server_is_named_in_the_log(tmp_path):
         if zeo_client is not None:
             zeo_client.close()
         server.stop()
-    why = lines[0]["why"]
-    assert why.startswith("no handshake within 0.3 s; not one byte received: a ZEO client?")
+    assert re.fullmatch(r"protocol violation from 127\.0\.0\.1:\d+: a ZEO client \(it answered "
+                        r"in ZEO protocol Z5\): this is a zeotwist server; point the client at "
+                        r"a ZEO server, or use zeotwist's ClientStorage; closing",
+                        formatEvent(lines[0])), formatEvent(lines[0])
 
 
 def test_first_bytes():
@@ -95,3 +100,70 @@ def test_protocol_refuses_a_zeo_greeting_in_pieces():
     amp_proto.dataReceived(b"\0")
     amp_proto.dataReceived(b"\x07_answer\0\x011\0\0")      # an answer to no question
     assert amp_proto.wrong_server is None
+
+
+def test_first_bytes_server_side():
+    """The server: a ZEO answer (in pieces) names a ZEO client; other
+    first bytes that are no AMP box name no one; AMP passes."""
+    from twisted.internet.testing import StringTransport
+
+    from zeotwist.server.session import ServerSession
+
+    def session():
+        s = ServerSession({}, Clock())
+        s.makeConnection(StringTransport())
+        said = []
+        s.logViolation = lambda fmt, **kw: said.append(kw["why"])
+        return s, said
+
+    s, said = session()
+    for byte in b"\0\0\0\x02Z5\0\0\0\x1e":
+        s.dataReceived(bytes([byte]))
+    assert said == ["a ZEO client (it answered in ZEO protocol Z5): this is a zeotwist "
+                    "server; point the client at a ZEO server, or use zeotwist's ClientStorage"]
+    assert s.transport.disconnecting
+    s, said = session()
+    s.dataReceived(b"\0\0\0\x03abc")
+    assert said == ["not a zeotwist client (it sent b'\\x00\\x00\\x00\\x03abc' first)"]
+    s, said = session()
+    s.dataReceived(b"\0")
+    s.dataReceived(b"\x08_command\0\x08Register\0\0")     # AMP: a command, unregistered
+    assert not [why for why in said if "ZEO" in why or "not a zeotwist" in why]
+
+
+def test_a_silent_connection_is_probed_and_a_zeotwist_client_skips_the_probe(tmp_path):
+    from ZODB.MappingStorage import MappingStorage
+
+    from zeotwist.testing import call_in_memory, connect_in_memory, memory_server
+    from zeotwist.wire import commands as C
+    from zeotwist.wire import zeo
+    clock = Clock()
+    servers = {"1": memory_server(MappingStorage(), clock)}
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    probes = []
+    real = a.dataReceived
+    a.dataReceived = lambda data: probes.append(data) or real(data)
+    clock.advance(0.99)
+    pa.flush()
+    assert probes == []
+    clock.advance(0.01)                                 # one second of silence
+    pa.flush()
+    assert b"".join(probes) == zeo.PROBE and a.wrong_server is None and not rec.lost
+    answer = call_in_memory(a, pa, C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                            read_only=True)
+    assert answer["read_only"] is True
+
+
+def test_a_zeotwist_client_skips_the_probe_in_pieces():
+    from twisted.internet.testing import StringTransport
+
+    from zeotwist.client.protocol import ClientProtocol
+    from zeotwist.testing import Recorder
+    from zeotwist.wire import zeo
+    proto = ClientProtocol(Recorder())
+    proto.makeConnection(StringTransport())
+    for byte in zeo.PROBE + b"\0":
+        proto.dataReceived(bytes([byte]))
+    proto.dataReceived(b"\x07_answer\0\x011\0\0")      # AMP after it: an answer to no question
+    assert proto.wrong_server is None
+    assert proto.transport.disconnecting                # the answer's violation, not ZEO's

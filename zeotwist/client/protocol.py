@@ -26,6 +26,7 @@ from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 from zeotwist.wire import prefetch
+from zeotwist.wire import zeo
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
     CLIENT_MAX_BOX_BYTES, CLIENT_MAX_BOX_KEYS, BoundedAMP)
@@ -99,17 +100,25 @@ class ClientProtocol(BoundedAMP):
 
     def dataReceived(self, data: bytes) -> None:
         if self._greeting is not None:
-            # A zeotwist server speaks only to answer, and every AMP box
-            # starts with a key length of 1 to 255: b"\0" then not b"\0".
-            # A ZEO server speaks first, a 4-byte length then b"M5" or b"Z5".
+            # A zeotwist server speaks only to answer (AMP boxes), or sends
+            # its ZEO probe to a client silent for a while; a ZEO server
+            # speaks first, a ZEO frame (zeotwist.wire.zeo).
             data = self._greeting + data
-            if len(data) < 2 or data[:2] == b"\0\0" and len(data) < 6:
+            if len(data) < 2:
                 self._greeting = data
                 return
-            self._greeting = None
-            if data[:2] == b"\0\0":
+            if zeo.starts_zeo_frame(data):
+                if data.startswith(zeo.PROBE):          # a zeotwist server: skip it
+                    self._greeting = b""
+                    self.dataReceived(data[len(zeo.PROBE):])
+                    return
+                if zeo.PROBE.startswith(data) or zeo.first_message(data) is None:
+                    self._greeting = data               # more bytes to come
+                    return
+                self._greeting = None
                 self._refuse_server(data)
                 return
+            self._greeting = None
         super().dataReceived(data)
 
     def _refuse_server(self, first: bytes) -> None:
@@ -237,12 +246,11 @@ def peer_text(transport) -> str:
 
 def describe_greeting(first: bytes, where: str) -> str:
     """Why the server at ``where``, whose first bytes were ``first``, is not ours."""
-    size = int.from_bytes(first[:4], "big")
-    announced = first[4:4 + size]
-    if 2 <= size <= 16 and announced[:1] in (b"M", b"Z") and announced[1:].isdigit():
+    version = zeo.protocol_version(zeo.first_message(first) or b"")
+    if version is not None:
         return ("%s is a ZEO server (it announced ZEO protocol %s), not a zeotwist server: "
                 "use ZEO's ClientStorage for it, or point this client at a zeotwist server "
-                "(twistd zeotwist)" % (where, announced.decode("ascii")))
+                "(twistd zeotwist)" % (where, version))
     return "%s is not a zeotwist server (it sent %r first)" % (where, first[:16])
 
 

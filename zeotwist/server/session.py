@@ -44,6 +44,7 @@ from zeotwist.server.txnstate import IN_STORAGE, Event, State
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
+from zeotwist.wire import zeo
 from zeotwist.wire.framing import BoundedAMP, peer_text
 
 _log = Logger()
@@ -79,19 +80,53 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         use_clock(self.transport, self._clock)      # TLS: see zeotwist.tls
         self._handshake_timer = self._clock.callLater(
             self._handshake_timeout, self._handshake_expired)
+        self._probe_timer = self._clock.callLater(
+            min(self.ZEO_PROBE_DELAY, self._handshake_timeout / 2), self._probe_zeo)
 
     def _handshake_expired(self):
         self._handshake_timer = None
         why = "no handshake within %g s" % self._handshake_timeout
-        if not self._heard:         # ZEO clients wait for a ZEO server's greeting
-            why += "; not one byte received: a ZEO client? (it needs a ZEO server)"
+        if not self._heard:
+            why += "; not one byte received"
         self.protocolViolation(why)
 
+    # -- a ZEO client? (zeotwist.wire.zeo) ----------------------------------------
+    #: seconds of silence after which a connection is sent the ZEO probe
+    #: (a zeotwist client speaks at once; a ZEO client waits for a ZEO server)
+    ZEO_PROBE_DELAY = 1.0
+    _probe_timer = None
+    _first = b""            # the first bytes, until they show AMP or a ZEO frame
+
+    def _probe_zeo(self):
+        self._probe_timer = None
+        if not self._heard and self.transport is not None and not self._violated:
+            self.emit(zeo.PROBE)
+
+    def _first_bytes(self, data: bytes) -> bytes | None:
+        """Look at the connection's first bytes: the data to parse as AMP,
+        or None (more bytes needed, or a ZEO frame: the connection is
+        dropped, naming a ZEO client)."""
+        data = self._first + data
+        if len(data) < 2 or zeo.starts_zeo_frame(data) and zeo.first_message(data) is None:
+            self._first = data
+            return None
+        self._first = None
+        if not zeo.starts_zeo_frame(data):
+            return data
+        version = zeo.protocol_version(zeo.first_message(data))
+        if version is not None:
+            self.protocolViolation(
+                "a ZEO client (it answered in ZEO protocol %s): this is a zeotwist server; "
+                "point the client at a ZEO server, or use zeotwist's ClientStorage" % version)
+        else:
+            self.protocolViolation("not a zeotwist client (it sent %r first)" % data[:16])
+        return None
+
     def connectionLost(self, reason):
-        for timer in (self._handshake_timer, self._grace_timer):
+        for timer in (self._handshake_timer, self._grace_timer, self._probe_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._handshake_timer = self._grace_timer = None
+        self._handshake_timer = self._grace_timer = self._probe_timer = None
         if self.server is not None:
             self.server.unregister(self)
             self._abort_txn()
@@ -132,6 +167,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     def dataReceived(self, data: bytes) -> None:
         self._heard = True
+        if self._first is not None:
+            data = self._first_bytes(data)
+            if data is None:
+                return
         if self.server is not None:
             self.server.traffic["bytes_in"] += len(data)
         if self.transport is not None:
