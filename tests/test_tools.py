@@ -177,3 +177,27 @@ def test_console_script_is_installed():
 def test_bad_usage_exits_2(argv):
     done = cli(*argv)
     assert done.returncode == 2 and done.stderr.startswith("usage: zeotwist")
+
+
+def test_zeo_commands_beside_ours_are_named_plainly():
+    """README.md and docs/tools.md name exactly the console scripts ZEO
+    installs (the [test] and [zodburi] extras pull ZEO in), and say they
+    are ZEO's; zeotwist's own console script is only ``zeotwist``."""
+    import re
+    from importlib.metadata import distribution
+    from pathlib import Path
+    zeos = sorted(ep.name for ep in distribution("ZEO").entry_points
+                  if ep.group == "console_scripts")
+    ours = sorted(ep.name for ep in distribution("zeotwist").entry_points
+                  if ep.group == "console_scripts")
+    assert ours == ["zeotwist"] and "zeotwist" not in zeos
+    requirements = " ".join(distribution("zeotwist").requires or ())
+    assert re.search(r"ZEO>=6; extra == \"test\"", requirements), requirements
+    assert any(r.startswith("ZEO") for r in distribution("zodburi").requires)
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/tools.md", "docs/testing.md"):
+        text = " ".join((root / doc).read_text().split())
+        named = re.search(r"ZEO's own commands \(?((?:`[\w-]+`(?:, | and )?)+)\)?", text)
+        assert named, doc
+        assert sorted(re.findall(r"`([\w-]+)`", named.group(1))) == zeos, doc
+        assert "speak ZEO's protocol" in text, doc
