@@ -14,6 +14,7 @@ ROWS = tuple(label for _, _, label, _ in RUNNER_ROWS)
 #: Smaller than --quick: the bench's code paths, not its figures.
 TINY = ("--writer-commits", "3", "--iterations", "3", "--holders", "2", "--records", "1",
         "--record-mb", "0.2", "--hot-reads", "500", "--commits", "10",
+        "--add-transactions", "1", "--invalidations", "3",
         "--blob-args", "--large-mb 1 --small-count 20")
 
 
@@ -77,6 +78,38 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     sizes = re.search(r"^  zeotwist\s+file ([0-9.]+) MB -> ([0-9.]+) MB", out, re.M)
     assert sizes and float(sizes.group(2)) < float(sizes.group(1)), out
     assert "scale-out" not in out, out
+
+
+def test_add1000_and_invalidation_cases_report_their_fields(tmp_path):
+    out = bench(tmp_path, "--cases", "add1000,invalidation")
+    add = re.search(r"^add 1000 objects\s+([0-9]+)\s+-\s+([0-9]+)\s+objects/s$", out, re.M)
+    assert add and int(add.group(1)) > 0 and int(add.group(2)) > 0, out    # and local FS
+    assert re.search(r"^invalidation\s+[0-9]+\s+-\s+commits/s$", out, re.M), out
+    table = out[out.index("latency, memory"):]
+    for case in ("add 1000 objects", "invalidation"):
+        lat = re.search(r"^%s\s+([0-9.]+)/([0-9.]+)\s+([0-9]+)/([0-9]+)$" % case, table, re.M)
+        assert lat and 0 < float(lat.group(1)) <= float(lat.group(2)), table
+        assert int(lat.group(3)) > 10 and int(lat.group(4)) > 10, table      # MB
+    assert re.search(r"^  zeotwist\s+p50 of the commit itself [0-9.]+ ms; from its return to "
+                     r"the invalidation [0-9.]+ ms$", out, re.M), out
+
+
+def test_summary_prints_rss_ratios_and_the_invalidation_ratio():
+    from zeotwist.bench.report import summary
+    rows = [r for r in RUNNER_ROWS if r[0] in ("cold", "invalidation")]
+
+    def result(rate, cli, srv, p50):
+        return {"rate": rate, "count": 1, "seconds": 1.0, "extra": {
+            "rss_mb": cli, "server_rss_mb": srv, "p50": p50, "p99": 2 * p50,
+            "commit_p50": p50 / 2, "after_p50": 0.0}}
+    results = {("zeotwist", "cold"): [result(100, 60, 48, 0.2)],
+               ("zeo", "cold"): [result(50, 30, 40, 0.4)],
+               ("zeotwist", "invalidation"): [result(500, 30, 36, 1.0)],
+               ("zeo", "invalidation"): [result(400, 30, 40, 2.0)]}
+    out = summary(results, ("zeotwist", "zeo"), rows)
+    assert re.search(r"^cold reads\s.*\s2\.00/1\.20$", out, re.M), out
+    assert re.search(r"^invalidation\s.*\s1\.00/0\.90$", out, re.M), out
+    assert "zeotwist/ZEO p50 latency 0.50 (lower is better" in out, out
 
 
 def test_scale_out_case_measures_two_servers_over_postgresql(tmp_path, pg_cluster):

@@ -8,10 +8,12 @@ from zeotwist.bench.parallel import MAX_WRITERS
 from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, BenchError, ServerError, Settings, run
 
 QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1, pack_objects=2000,
-             holders=5, writer_commits=20, iterations=20, records=2, record_mb=1.0)
+             holders=5, writer_commits=20, iterations=20, records=2, record_mb=1.0,
+             add_transactions=3, invalidations=20)
 #: Options that must be at least 1.
 POSITIVE = ("rounds", "objects", "commits", "window", "passes", "hot_reads", "pack_objects",
-            "holders", "writers", "writer_commits", "iterations", "records")
+            "holders", "writers", "writer_commits", "iterations", "records",
+            "add_transactions", "invalidations")
 
 
 def case_list(text: str) -> tuple:
@@ -28,7 +30,8 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m zeotwist.bench",
         description="Compare zeotwist with ZEO 6: cold, pipelined, warm, hot-set and "
-                    "object-graph reads, small commits, concurrent writers, OID allocation "
+                    "object-graph reads, small commits, adding 1000 objects per transaction, "
+                    "invalidation latency, concurrent writers, OID allocation "
                     "and empty two-phase commits, big records, pack time, blob throughput; "
                     "server and client in separate processes, interleaved rounds, medians "
                     "and ratios, latencies and peak memory.")
@@ -37,6 +40,10 @@ def parse(argv=None) -> argparse.Namespace:
                    help="objects populated and read (default 10000)")
     p.add_argument("--commits", type=int, default=1000,
                    help="transactions in the small-commits case (default 1000)")
+    p.add_argument("--add-transactions", type=int, default=20,
+                   help="add1000: transactions of 1000 new objects (default 20)")
+    p.add_argument("--invalidations", type=int, default=200,
+                   help="invalidation: commits whose invalidation is timed (default 200)")
     p.add_argument("--cases", type=case_list, default=CASE_NAMES, metavar="A,B",
                    help="the cases to run, comma-separated, from: %s (default all)"
                         % ", ".join(CASE_NAMES))
@@ -68,6 +75,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: %(objects)d objects, %(commits)d commits, "
                         "%(hot_reads)d hot-set reads, %(pack_objects)d pack objects, "
+                        "%(add_transactions)d x 1000 added objects, %(invalidations)d "
+                        "invalidations, "
                         "%(rounds)d round, %(holders)d holders, %(writer_commits)d commits "
                         "per writer, %(iterations)d oid/tpc iterations, %(records)d records of "
                         "%(record_mb)g MB, small blobs" % QUICK)
@@ -99,6 +108,8 @@ def main(argv=None) -> int:
                         writer_rate=args.writer_rate, pack_objects=args.pack_objects,
                         holders=args.holders, writers=args.writers,
                         writer_commits=args.writer_commits, iterations=args.iterations,
+                        add_transactions=args.add_transactions,
+                        invalidations=args.invalidations,
                         records=args.records, record_mb=args.record_mb,
                         cases=args.cases, quick=args.quick, local=args.local,
                         blob_args=tuple(shlex.split(args.blob_args)))

@@ -12,7 +12,7 @@ ratio.  ``--no-local`` leaves it out.
 import os
 
 #: Cases whose workload runs unchanged over a local storage.
-LOCAL_CASES = ("cold", "warm", "graph", "commits", "bigrecord")
+LOCAL_CASES = ("cold", "warm", "graph", "commits", "add1000", "bigrecord")
 
 
 class LocalTarget:

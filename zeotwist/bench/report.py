@@ -86,7 +86,7 @@ def summary(results: dict, systems, rows, settings=None) -> str:
     notes = []
     for name, notes_of in (("pipelined", pipelined_notes), ("warm", warm_notes),
                            ("hotset", hotset_notes), ("graph", graph_notes),
-                           ("commits", commit_notes),
+                           ("commits", commit_notes), ("invalidation", invalidation_notes),
                            ("writers", writer_notes), ("counter", writer_notes),
                            ("resolving", resolving_notes),
                            ("pack", pack_notes)):
@@ -104,11 +104,14 @@ def _cell(values: list, fmt: str) -> str:
 
 def latency_memory(results: dict, systems, rows) -> list:
     """Per row: p50/p99 in ms where it is a latency, and the peak RSS (MB)
-    of the client process(es) and of the server, per system (medians)."""
+    of the client process(es) and of the server, per system (medians); with
+    both systems, the RSS ratios zeotwist/ZEO (client/server; the issue's
+    bound is 1.20)."""
     shown = [s for s in SYSTEMS if s in systems]
+    both = set(SYSTEMS) <= set(shown)
     head = "%-20s" % "latency, memory" + "".join(
         "%22s%16s" % ("%s p50/p99 ms" % label(s), "RSS cli/srv MB") for s in shown)
-    out = [head]
+    out = [head + ("%18s" % "RSS zeotwist/ZEO" if both else "")]
     for row, _, lbl, _ in rows:
         cells = []
         for s in shown:
@@ -117,7 +120,31 @@ def latency_memory(results: dict, systems, rows) -> list:
             rss = "%s/%s" % (_cell(extras(results, s, row, "rss_mb"), "%.0f"),
                              _cell(extras(results, s, row, "server_rss_mb"), "%.0f"))
             cells.append("%22s%16s" % (lat, rss))
+        if both:
+            cells.append("%18s" % "/".join(_rss_ratio(results, row, key)
+                                           for key in ("rss_mb", "server_rss_mb")))
         out.append("%-20s" % lbl + "".join(cells))
+    return out
+
+
+def _rss_ratio(results: dict, row: str, key: str) -> str:
+    zt, zeo = median(extras(results, "zeotwist", row, key)), median(extras(results, "zeo", row, key))
+    return "%.2f" % (zt / zeo) if zt and zeo else "-"
+
+
+def invalidation_notes(results: dict, settings, row: str = "invalidation") -> list:
+    out = ["invalidation: a writer commits one Item at a time; a second client of the "
+           "server in the same process notes its storage's invalidate(tid, oids); latency "
+           "(p50/p99 above) from the start of the commit to that call"]
+    for s in SYSTEMS:
+        commit, after = extras(results, s, row, "commit_p50"), extras(results, s, row, "after_p50")
+        if commit:
+            out.append("  %-10s p50 of the commit itself %.3f ms; from its return to the "
+                       "invalidation %.3f ms" % (label(s), median(commit), median(after)))
+    zt, zeo = extras(results, "zeotwist", row, "p50"), extras(results, "zeo", row, "p50")
+    if zt and zeo:
+        out.append("  zeotwist/ZEO p50 latency %.2f (lower is better; the target is <= 1)" % (
+            median(zt) / median(zeo)))
     return out
 
 

@@ -50,6 +50,8 @@ ROWS = (
     ("hotset", "hotset", "hot-set mix", "ops/s"),
     ("graph", "graph", "graph cold read", "objects/s"),
     ("commits", "commits", "small commits", "commits/s"),
+    ("add1000", "add1000", "add 1000 objects", "objects/s"),
+    ("invalidation", "invalidation", "invalidation", "commits/s"),
     ("writers", "writers", "writers, distinct", "commits/s"),
     ("counter", "counter", "writers, 1 counter", "commits/s"),
     ("resolving", "resolving", "writers, 1 Length", "commits/s"),
@@ -110,6 +112,8 @@ class Settings:
     writers: int = 4            # writers, counter: processes
     writer_commits: int = 250   # writers, counter: commits per process
     iterations: int = 1000      # oids, tpc: iterations per process
+    add_transactions: int = 20  # add1000: transactions of 1,000 new objects
+    invalidations: int = 200    # invalidation: commits heard by the second client
     records: int = 5            # bigrecord: records stored and loaded
     record_mb: float = 10.0     # bigrecord: MB per record
     cases: tuple = field(default=CASE_NAMES)
@@ -210,10 +214,12 @@ def scaleout(settings: Settings) -> str:
 
 def header(settings: Settings) -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return ("zeotwist bench %s: %d objects, %d commits, %d holders, %d x %d writer commits, "
+    return ("zeotwist bench %s: %d objects, %d commits, %d x 1000 added objects, "
+            "%d invalidations, %d holders, %d x %d writer commits, "
             "%d oid/tpc iterations, %d x %g MB records, %d pack objects, %d round(s), "
             "cases %s; Python %s on %s, %d CPU(s), load average %.2f" % (
                 datetime.date.today().isoformat(), settings.objects, settings.commits,
+                settings.add_transactions, settings.invalidations,
                 settings.holders, settings.writers, settings.writer_commits,
                 settings.iterations, settings.records, settings.record_mb,
                 settings.pack_objects, settings.rounds, ",".join(settings.cases),
@@ -228,6 +234,8 @@ def case_params(settings: Settings, case: str) -> dict:
         "hotset": {"reads": settings.hot_reads, "cache_size": settings.hot_cache_size},
         "graph": {},
         "commits": {"count": settings.commits},
+        "add1000": {"count": settings.add_transactions},
+        "invalidation": {"count": settings.invalidations},
         "writers": {"count": settings.writer_commits},
         "counter": {"count": settings.writer_commits},
         "resolving": {"count": settings.writer_commits},

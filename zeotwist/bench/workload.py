@@ -147,9 +147,9 @@ def run_case(case: str, system: str, host: str, port: int, oids: list, params: d
     if case == "pack":
         from zeotwist.bench import packing
         return packing.pack(system, host, port, oids, params)
-    from zeotwist.bench import graph, parallel, reads, records
+    from zeotwist.bench import graph, parallel, reads, records, writes
     cases = dict(reads.CASES, graph=graph.graph_reads, bigrecord=records.big_records,
-                 **parallel.CASES)
+                 **parallel.CASES, **writes.CASES)
     if case in cases:
         return cases[case](system, host, port, oids, params)
     raise ValueError("unknown case %r" % (case,))
