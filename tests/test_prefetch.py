@@ -100,6 +100,22 @@ def test_prefetcher_sends_referenced_records_once_until_invalidated(graph):
     assert p.records == CHILDREN + 2
 
 
+def test_a_record_without_persistent_references_skips_the_unpickler(graph, monkeypatch):
+    """may_reference is exact in the 'no' direction: a record it calls a leaf
+    has no references (referencesf agrees), and the Unpickler is not run for it."""
+    from ZODB.serialize import referencesf
+    from zeotwist.server import prefetch as server_prefetch
+    fs, [(holder, children), _] = graph
+    leaf = fs.loadBefore(children[0], maxtid)[0]
+    assert server_prefetch.may_reference(fs.loadBefore(holder, maxtid)[0])
+    assert not server_prefetch.may_reference(leaf) and referencesf(leaf) == []
+    read = []
+    monkeypatch.setattr(server_prefetch, "referencesf", lambda data: read.append(data) or [])
+    assert Prefetcher(count=100, max_bytes=60_000).collect(
+        fs.loadBefore, children[0], leaf, maxtid) is None
+    assert read == []
+
+
 def test_prefetcher_bounds_count_bytes_and_skips_what_it_cannot_read(graph):
     fs, [(holder, children), _] = graph
     assert [r[0] for r in collect(Prefetcher(count=2, max_bytes=60_000), fs, holder)] \
@@ -390,3 +406,4 @@ def test_racing_writers_never_show_a_reader_a_mixed_snapshot(server):
 def zeotwist_storage(server, reactor):
     from zeotwist import ClientStorage
     return ClientStorage(server.address, reactor=reactor, wait_timeout=10)
+

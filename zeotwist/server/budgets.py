@@ -34,20 +34,35 @@ DEFAULT_MAX_SPOOL = 4 * 2**30
 
 
 class SharedBudget:
-    """``cap`` bytes shared by many holders; thread-safe bookkeeping."""
+    """``cap`` bytes shared by many holders.
 
-    def __init__(self, cap: int):
+    A budget set from more than one thread (the spool's: transaction
+    buffers close from the storage thread) takes a lock; one kept by the
+    reactor thread alone (output, boxes: set at every burst of input, the
+    hot path of every load) does not need one.
+    """
+
+    def __init__(self, cap: int, thread_safe: bool = True):
         self.cap = cap
         self.total = 0
         self._held: dict = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock() if thread_safe else None
 
     def set(self, holder, nbytes: int) -> None:
-        """``holder`` now holds ``nbytes`` (0 forgets it)."""
+        """``holder`` now holds ``nbytes`` (0 forgets it); O(1)."""
+        held = self._held
+        if held.get(holder, 0) == nbytes:
+            return                          # the common case: nothing changed
+        if self._lock is None:
+            self._set(held, holder, nbytes)
+            return
         with self._lock:
-            self.total += nbytes - self._held.pop(holder, 0)
-            if nbytes > 0:
-                self._held[holder] = nbytes
+            self._set(held, holder, nbytes)
+
+    def _set(self, held: dict, holder, nbytes: int) -> None:
+        self.total += nbytes - held.pop(holder, 0)
+        if nbytes > 0:
+            held[holder] = nbytes
 
     def release(self, holder) -> None:
         self.set(holder, 0)
@@ -63,10 +78,14 @@ class SharedBudget:
 
     def greediest(self):
         """The holder holding the most (None if nobody holds anything)."""
+        held = self._held if self._lock is None else self._locked_copy()
+        if not held:
+            return None
+        return max(held.items(), key=lambda item: item[1])[0]
+
+    def _locked_copy(self) -> dict:
         with self._lock:
-            if not self._held:
-                return None
-            return max(self._held.items(), key=lambda item: item[1])[0]
+            return self._held.copy()
 
     def refresh(self, measure) -> None:
         """Re-measure every holder with ``measure(holder) -> bytes``."""
@@ -82,8 +101,9 @@ class MemoryBudget:
     def __init__(self, clock, total: int = DEFAULT_MEMORY_BUDGET,
                  max_spool: int = DEFAULT_MAX_SPOOL):
         self.clock = clock
-        self.output = SharedBudget(total // 2)
-        self.boxes = SharedBudget(total // 4)
+        # output and boxes: the reactor thread's alone (no lock)
+        self.output = SharedBudget(total // 2, thread_safe=False)
+        self.boxes = SharedBudget(total // 4, thread_safe=False)
         self.spool_memory = SharedBudget(total // 4)
         #: spooled transactions, in memory and on disk (``--max-spool``)
         self.spool = SharedBudget(max_spool)

@@ -37,7 +37,7 @@ from zeotwist.server.limits import (
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, ConnectionLimiter, RateLimitedLog,
     RefusedConnection, pending_output)
 from zeotwist.server.resolution import Resolution
-from zeotwist.server.prefetch import Prefetcher
+from zeotwist.server.prefetch import Prefetcher, may_reference
 from zeotwist.server.storageapi import StorageAPIResponders
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import IN_STORAGE, Event, State
@@ -260,6 +260,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if prefetcher is None or r is None:
             return None
         prefetcher.answered(oid, r[2])
+        if not may_reference(r[0]):
+            return None             # a leaf record (most of them): nothing to look for
         before = prefetcher.records
         value = prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
         self.server.traffic["prefetched"] += prefetcher.records - before
