@@ -390,7 +390,8 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         if transaction is not self._transaction or self._txn is None:
             return
         try:
-            self._call(self._txn.abort, timeout=timeout)
+            if not self._txn.ended:     # else the server aborted it already
+                self._call(self._txn.abort, timeout=timeout)
         except ClientDisconnected:
             pass    # the server aborts it when the link drops
         finally:

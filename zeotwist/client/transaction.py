@@ -14,7 +14,7 @@ resolve; :meth:`~ClientTransaction.resolve` runs ZODB's resolution
 reactor's, and :meth:`~ClientTransaction.revote` sends the resolved records
 and votes again while the server holds the commit lock.
 """
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
@@ -58,6 +58,9 @@ class ClientTransaction:
         self._written_bytes = 0
         self._proto = None
         self._failed = None
+        #: the server answered the vote with conflicts or an error: it has
+        #: aborted its side already, so :meth:`abort` needs no round trip
+        self.ended = False
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes) -> None:
         stream = self._stream
@@ -164,7 +167,8 @@ class ClientTransaction:
             if self._failed is not None:
                 return fail(self._failed)
             d = self._proto.call_frame(C.Vote, fast.vote_request)
-            return d.addErrback(self._lost).addCallback(self._voted)
+            d.addErrback(self._lost)
+            return d.addCallbacks(self._voted, self._vote_refused)
 
     def resolve(self, to_resolve) -> list:
         """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
@@ -185,7 +189,7 @@ class ClientTransaction:
         if self._failed is not None:
             return fail(self._failed)
         d = self._proto.call_frame(C.Vote, fast.vote_request)
-        d.addErrback(self._lost).addCallback(self._voted)
+        d.addErrback(self._lost).addCallbacks(self._voted, self._vote_refused)
         return d.addCallback(lambda to_resolve: self._revoted(to_resolve))
 
     def _revoted(self, to_resolve):
@@ -197,9 +201,18 @@ class ClientTransaction:
         chunk, self._stream = self._stream, bytearray()
         self._send(chunk)
 
+    def _vote_refused(self, failure):
+        """An error answered to the vote: the server aborted the transaction
+        (every failed vote ends there, session.py's ``_vote_failed``); a
+        lost connection or a cancelled wait tells nothing of the server."""
+        if not failure.check(ClientDisconnected, CancelledError):
+            self.ended = True
+        return failure
+
     def _voted(self, answer):
         conflicts = answer["conflicts"]
         if conflicts:
+            self.ended = True       # the server aborted it before answering
             oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]
             try:    # ZODB names the class from the record we sent, as the server did
                 err = ConflictError(oid=oid, serials=(committed, sent),
@@ -236,7 +249,7 @@ class ClientTransaction:
 
     def abort(self) -> Deferred:
         proto = self._proto
-        if proto is None or proto is not self._client.protocol:
+        if self.ended or proto is None or proto is not self._client.protocol:
             return succeed(None)   # the server aborts it when the link drops
         d = proto.call(C.Abort)
         d.addErrback(lambda f: f.trap(ClientDisconnected) and None)

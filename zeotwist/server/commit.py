@@ -8,8 +8,9 @@ commit's storage calls: :func:`vote` (``tpc_begin``, every record of the
 store stream, ``tpc_vote``), :func:`revote` (after the client resolved the
 conflicts :func:`vote` left to it, :mod:`zeotwist.server.resolution`),
 :func:`finish` and :func:`abort`.  They run in
-the storage's worker thread (``StorageThreads.in_order``), while the session
-holds the commit lock, so nothing else changes the storage meanwhile.
+the storage's worker thread (``StorageThreads.in_order``), or for a small
+transaction on the reactor thread (``StorageServer.commit_call``), while the
+session holds the commit lock, so nothing else changes the storage meanwhile.
 
 :data:`RECORD_HANDLERS` is the one registry of store-stream record kinds
 (:mod:`zeotwist.wire.records`) and the function that applies each.
@@ -83,7 +84,7 @@ def _any_oid(oid: bytes) -> None:
     pass
 
 
-# -- the commit's storage calls (storage thread, commit lock held) --------------
+# -- the commit's storage calls (storage or reactor thread, commit lock held) -----
 
 def vote(storage, txn: ServerTransaction, last_tid: bytes,
          decode_extension: bool = False) -> tuple:

@@ -11,7 +11,7 @@ The transaction's states and moves are the table in
 :mod:`zeotwist.server.commit`.
 
 Runs on the reactor thread; the storage calls of the commit run in the
-storage's worker thread (``server.threads.in_order``).
+storage's worker thread, or here for a small one (``server.commit_call``).
 """
 from collections import deque
 
@@ -453,13 +453,11 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
     def _lock_granted(self, _, txn):
         txn.state.move(Event.LOCK_GRANTED)
         server = self.server
-        return server.threads.in_order(commit.vote, server.storage, txn, server.last_tid,
-                                       server.reads_extension)
+        return server.commit_call(commit.vote, txn, server.last_tid, server.reads_extension)
 
     def _revote(self, txn):
         """The client sent its resolved records: store them and vote (lock held)."""
-        server = self.server
-        d = server.threads.in_order(commit.revote, server.storage, txn)
+        d = self.server.commit_call(commit.revote, txn)
         d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
         return d
 
@@ -502,7 +500,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if txn is None or not txn.state.can(Event.FINISH):
             raise TransactionStateError("Finish without a voted transaction")
         txn.state.move(Event.FINISH)
-        d = self.server.threads.in_order(commit.finish, self.server.storage, txn)
+        d = self.server.commit_call(commit.finish, txn)
         d.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
         return d
 
@@ -550,8 +548,9 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             txn.close_buffers()
             return succeed(None)
         # The storage thread runs calls in order, so this tpc_abort runs
-        # after any vote still in progress.
-        d = server.threads.in_order(commit.abort, server.storage, txn)
+        # after any vote still in progress (an inline call runs only when
+        # nothing is in progress there).
+        d = server.commit_call(commit.abort, txn)
         d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
         d.addBoth(lambda _: server.lock.release(self))
         return d
