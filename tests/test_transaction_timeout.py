@@ -29,6 +29,7 @@ import zeotwist
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.errors import ClientDisconnected, TransactionTimeout
+from zeotwist.server.storageserver import DEFAULT_INLINE_COMMIT_BYTES
 from zeotwist.server.tap import ServerService
 from zeotwist.testing import start_server, start_storages
 
@@ -134,7 +135,10 @@ def test_zodb_commit_raises_transaction_timeout_then_the_next_commits(tmp_path, 
 
 def test_a_vote_pending_at_the_timeout_fails_with_it(tmp_path, log):
     """The storage is slow to vote (the server holds the lock meanwhile):
-    the waiting tpc_vote fails with TransactionTimeout."""
+    the waiting tpc_vote fails with TransactionTimeout.  The record is over
+    the server's inline_commit_bytes, so the vote runs in the storage's
+    worker thread: one run on the reactor thread (a small commit) is not
+    cut short by the timeout (docs/server.md)."""
     fs = FileStorage(str(tmp_path / "data.fs"))
     slow = threading.Event()
     vote = fs.tpc_vote
@@ -150,7 +154,7 @@ def test_a_vote_pending_at_the_timeout_fails_with_it(tmp_path, log):
         fs.tpc_vote = slow_vote
         t = TransactionMetaData()
         cs.tpc_begin(t)
-        cs.store(oid, z64, zodb_pickle(MinPO(1)), "", t)
+        cs.store(oid, z64, zodb_pickle(MinPO(b"x" * DEFAULT_INLINE_COMMIT_BYTES)), "", t)
         with pytest.raises(TransactionTimeout) as caught:
             cs.tpc_vote(t)
         assert caught.value.timeout == TIMEOUT
