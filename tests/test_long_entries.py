@@ -192,3 +192,34 @@ def test_a_long_entry_beside_a_prefetch_value(end):
     assert C.LoadBefore.parseResponse(amp.AmpBox(box), None) == \
         C.LoadBefore.parseResponse(amp.AmpBox(expected), None)
     assert box[b"prefetch"] == prefetched
+
+
+@pytest.mark.parametrize("corked", [False, True])
+def test_a_big_answer_is_sent_from_its_record_in_order_with_other_frames(corked):
+    """The server writes a LoadBefore answer over BULK_MIN without copying
+    the record into a frame (BoundedAMP.emit_parts): the socket is handed
+    slices of the record object itself, and frames collected before it or
+    emitted after it keep their places."""
+    from test_twisted_compat import _Socketish
+    from zeotwist.wire.framing import BULK_MIN
+    fd = _Socketish(take=300_000)
+    proto = BoundedAMP()
+    proto.makeConnection(fd)
+    record = bytes(range(256)) * (3 * BULK_MIN // 256)
+    head, data, tail = fast.load_before_answer_parts(b"7", (record, START, None), None, True)
+    assert head + data + tail == fast.load_before_answer(b"7", (record, START, None), None, True)
+    if corked:
+        with proto.corked():
+            proto.emit(b"before")
+            proto.emit_parts(head, data, tail)
+    else:
+        proto.emit(b"before")
+        proto.emit_parts(head, data, tail)
+    proto.emit(b"after")
+    while fd.dataBuffer[fd.offset:] or fd._tempDataBuffer:
+        fd.doWrite()
+    sent = b"".join(bytes(s[:fd.take]) for s in fd.sent)
+    assert sent == b"before" + head + record + tail + b"after"
+    assert any(getattr(s, "obj", s) is record for s in fd.sent)
+    r = feed(sent[len(b"before"):-len(b"after")], 2**20)
+    assert fast.read_load_before_answer(r.boxes[0], None) == (record, START, None)

@@ -263,6 +263,21 @@ def test_a_record_over_one_amp_value_brings_its_prefetch_too(tmp_path):
         servers["1"].close()
 
 
+def test_a_record_over_the_scan_limit_is_not_read_for_references(graph, monkeypatch):
+    """Reading a pickle's references walks all of it: a record longer than
+    MAX_SCANNED (a 10 MB record took 14 ms) gets no prefetch at all."""
+    import zeotwist.server.prefetch as prefetch_module
+    fs, [(holder, children), _] = graph
+    data = fs.loadBefore(holder, maxtid)[0]
+    monkeypatch.setattr(prefetch_module, "MAX_SCANNED", len(data))
+    assert len(collect(Prefetcher(count=100, max_bytes=60_000), fs, holder)) == CHILDREN
+    monkeypatch.setattr(prefetch_module, "MAX_SCANNED", len(data) - 1)
+    read = []
+    monkeypatch.setattr(prefetch_module, "referencesf", lambda d: read.append(d) or [])
+    assert collect(Prefetcher(count=100, max_bytes=60_000), fs, holder) == []
+    assert read == []
+
+
 def test_oids_already_sent_are_skipped_until_invalidated(world):
     clock, servers, [(holder, children), (other, _)] = world
     client, session, pump = client_in_memory(clock, servers)

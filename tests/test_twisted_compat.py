@@ -121,6 +121,63 @@ def test_transport_buffers():
     assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
 
 
+class _Socketish(abstract.FileDescriptor):
+    """A FileDescriptor whose socket takes at most ``take`` bytes a call."""
+
+    def __init__(self, take):
+        super().__init__(reactor=MemoryReactorClock())
+        self.connected, self.take, self.sent = True, take, []
+
+    def writeSomeData(self, data):
+        self.sent.append(data)
+        return min(len(data), self.take)
+
+    def startWriting(self):
+        pass
+
+    def stopWriting(self):
+        pass
+
+    def getPeer(self):
+        return None
+
+    getHost = getPeer
+
+
+def test_adopted_output_is_sent_from_the_object_itself():
+    data = bytes(range(256)) * (3 * 2**20 // 256)          # 3 MiB
+    fd = _Socketish(take=700_000)
+    assert compat.adopt_output(fd, data)
+    assert fd.dataBuffer is data and compat.pending_output(fd) == len(data)
+    fd.write(b"tail")                                      # queued behind it, in order
+    while compat.pending_output(fd):
+        fd.doWrite()
+    # doWrite slices the adopted object itself (no copy) until less than
+    # SEND_LIMIT of it is left, then joins that rest with what follows
+    assert fd.sent[0] is data
+    assert isinstance(fd.sent[1], memoryview) and fd.sent[1].obj is data
+    assert b"".join(bytes(s[:fd.take]) for s in fd.sent) == data + b"tail"
+    assert fd.SEND_LIMIT == compat.BULK_SEND
+
+
+def test_output_is_adopted_only_by_an_idle_socket_transport():
+    fd = _Socketish(take=10)
+    fd.write(b"queued")
+    assert not compat.adopt_output(fd, b"x" * 10)          # behind queued bytes: no
+    assert not compat.adopt_output(StringTransport(), b"x")   # not a socket transport
+
+
+def test_read_size_sets_and_restores_the_recv_size():
+    fd = _Socketish(take=10)
+    default = fd.bufferSize
+    assert "self.bufferSize" in inspect.getsource(tcp.Connection.doRead)
+    compat.read_size(fd, 2**20)
+    assert fd.bufferSize == 2**20
+    compat.read_size(fd)
+    assert fd.bufferSize == default == abstract.FileDescriptor.bufferSize
+    compat.read_size(StringTransport(), 2**20)             # nothing for other transports
+
+
 def test_tls_flush_clock_is_moved():
     from twisted.internet.ssl import optionsForClientTLS
     from twisted.protocols.tls import TLSMemoryBIOFactory

@@ -13,6 +13,7 @@ Runs wherever its callers run (the reactor thread, except
 """
 import importlib
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorCore
 from twisted.protocols import amp
 
@@ -101,6 +102,36 @@ def pending_output(transport) -> int:
     buffered = getattr(transport, "_tempDataLen", 0)
     data = getattr(transport, "dataBuffer", b"")
     return buffered + len(data) - getattr(transport, "offset", 0)
+
+
+#: what one ``send`` may take of an adopted buffer (Twisted's own limit is 128 KiB)
+BULK_SEND = 2**20
+
+
+def adopt_output(transport, data: bytes) -> bool:
+    """Make ``data`` the send buffer of an idle socket transport itself
+    (``dataBuffer``), so that Twisted sends it in slices of that object:
+    ``transport.write`` would queue it behind a list that ``doWrite`` joins,
+    and ``framing.write_now`` would copy what the socket did not take, both
+    a copy of ``data``.  False (nothing done) when the transport is not an
+    idle socket transport; the caller then writes ``data`` as usual."""
+    if getattr(type(transport), "writeSomeData", None) is None or not nothing_queued(transport):
+        return False
+    transport.dataBuffer, transport.offset = data, 0
+    transport.SEND_LIMIT = max(BULK_SEND, FileDescriptor.SEND_LIMIT)   # fewer turns
+    transport.startWriting()
+    return True
+
+
+def read_size(transport, size: int | None = None) -> None:
+    """Read up to ``size`` bytes per ``recv`` from a socket transport
+    (``bufferSize``; None: Twisted's default, 64 KiB) -- while a long value
+    arrives, fewer reactor turns.  Nothing for other transports."""
+    if isinstance(transport, FileDescriptor):
+        if size is None:
+            transport.__dict__.pop("bufferSize", None)
+        else:
+            transport.bufferSize = size
 
 
 def discard_output(transport) -> None:

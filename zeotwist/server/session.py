@@ -45,7 +45,7 @@ from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 from zeotwist.wire import zeo
-from zeotwist.wire.framing import BoundedAMP, peer_text
+from zeotwist.wire.framing import BULK_MIN, BoundedAMP, peer_text
 
 _log = Logger()
 
@@ -187,6 +187,13 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             self.server.traffic["bytes_out"] += len(frame)
         super().emit(frame)
 
+    def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
+        size = len(head) + len(value) + len(tail)
+        self._unread += size
+        if self.server is not None:
+            self.server.traffic["bytes_out"] += size
+        super().emit_parts(head, value, tail)
+
     def protocolViolation(self, why: str) -> None:
         if not self._violated:
             counters = self.server.traffic if self.server is not None else getattr(
@@ -249,9 +256,12 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if r is not None and len(r[0]) > (
                 fast.MAX_LONG_VALUE if self.long_values else fast.MAX_VALUE):
             return False                     # AMP's path splits it (and prefetches)
-        frame = fast.load_before_answer(ask, r, self._prefetch(oid, r, tid), self.long_values)
+        prefetched = self._prefetch(oid, r, tid)
         self.server.stats["loads"] += 1
-        self.emit(frame)
+        if r is None or len(r[0]) < BULK_MIN:
+            self.emit(fast.load_before_answer(ask, r, prefetched, self.long_values))
+        else:           # a big record is written from its own object, not copied
+            self.emit_parts(*fast.load_before_answer_parts(ask, r, prefetched, self.long_values))
         return True
 
     def _prefetch(self, oid: bytes, r: tuple, tid: bytes) -> bytes | None:

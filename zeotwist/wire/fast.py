@@ -187,6 +187,16 @@ def load_before_answer(tag: bytes, record, prefetched: bytes | None = None,
     if record is None:
         c = _MISSING
         return b"".join((c[0], _H(len(tag)), tag, c[1]))
+    parts = load_before_answer_parts(tag, record, prefetched, long_values)
+    return None if parts is None else b"".join(parts)   # the record copied once
+
+
+def load_before_answer_parts(tag: bytes, record, prefetched: bytes | None = None,
+                             long_values: bool = False) -> tuple | None:
+    """The answer to LoadBefore ``tag`` for a found ``record`` as three
+    pieces, ``(head, data, tail)``, whose concatenation is
+    :func:`load_before_answer`'s frame: a big record can then be written
+    without being copied into a frame (``BoundedAMP.emit_parts``)."""
     data, start, end = record
     size = len(data)
     if size <= MAX_VALUE:
@@ -195,19 +205,18 @@ def load_before_answer(tag: bytes, record, prefetched: bytes | None = None,
         head, long = _I(size), True
     else:
         return None
-    # the slots in AMP's key order: _answer, data, [end], [prefetch], start;
-    # the record is copied once, by the join
+    # the slots in AMP's key order: _answer, data, [end], [prefetch], start
     c = _LOAD_ANSWERS[long, end is not None, prefetched is not None]
-    parts = [c[0], _H(len(tag)), tag, c[1], head, data, c[2]]
+    tail = [c[2]]
     i = 3
     if end is not None:
-        parts += (end, c[i])
+        tail += (end, c[i])
         i += 1
     if prefetched is not None:
-        parts += (_H(len(prefetched)), prefetched, c[i])
+        tail += (_H(len(prefetched)), prefetched, c[i])
         i += 1
-    parts += (start, c[i])
-    return b"".join(parts)
+    tail += (start, c[i])
+    return b"".join((c[0], _H(len(tag)), tag, c[1], head)), data, b"".join(tail)
 
 
 def read_load_before_answer(box, proto) -> tuple | None:

@@ -28,6 +28,11 @@ SERVER_MAX_BOX_BYTES = 4 * 2**20
 SERVER_MAX_BOX_KEYS = 128
 #: A burst's answers are written together up to this many bytes.
 BATCH_FLUSH_BYTES = 2**20
+#: A value this long is sent from its own object, not copied into a frame
+#: (``BoundedAMP.emit_parts``).
+BULK_MIN = 2**20
+#: Bytes read per ``recv`` while a long entry's value arrives (else 64 KiB).
+LONG_READ = 2**20
 #: Limits for boxes a client accepts from its server (records of any size
 #: come back in one box, so the byte limit is generous but still finite).
 CLIENT_MAX_BOX_BYTES = 2**31
@@ -91,6 +96,29 @@ class BoundedAMP(amp.AMP):
                 self._batch_bytes = 0
         elif self.transport is not None:
             write_now(self.transport, frame)
+
+    def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
+        """Send the frame ``head + value + tail``, in order with every other
+        box, without copying a big ``value`` into it: the head (and any
+        frames collected before it) goes out first, then the transport
+        sends ``value`` from the object itself (``adopt_output``), then the
+        tail.  A value under ``BULK_MIN`` bytes is simply joined."""
+        if len(value) < BULK_MIN:
+            self.emit(b"".join((head, value, tail)))
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        batch = self._batch
+        if batch:                               # what the burst answered before
+            batch.append(head)
+            head = b"".join(batch)
+            batch.clear()
+            self._batch_bytes = 0
+        write_now(transport, head)
+        if not twistedcompat.adopt_output(transport, value):
+            transport.write(value)              # queued behind others: Twisted joins
+        transport.write(tail)
 
     def corked(self) -> "_Cork":
         """``with proto.corked(): ...``: the boxes sent inside go out in one
@@ -160,6 +188,7 @@ class BoundedAMP(amp.AMP):
                 # them once (no re-buffering of a growing value).
                 first = buf[vstart:]
                 self._long = (key, vlen, [first], len(first))
+                twistedcompat.read_size(self.transport, LONG_READ)
                 self._box, self._boxBytes, self._buf = box, size, b""
                 return
             if klen == 0:
@@ -206,6 +235,7 @@ class BoundedAMP(amp.AMP):
             return None
         pieces.append(data[:need] if len(data) > need else data)
         self._long = None
+        twistedcompat.read_size(self.transport)
         self._box[key] = b"".join(pieces)
         return data[need:]
 
