@@ -16,6 +16,12 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
   objects/s, p50/p99 per activation.
 * **commits**: one client process commits one changed object per
   transaction through ZODB's ``DB``; commits/s, p50/p99, server CPU.
+* **add1000**: one client process commits transactions of 1,000 new
+  Items (and the Holder listing them) through ZODB; objects/s, p50/p99
+  per commit.
+* **invalidation**: a writer commits one change at a time; a second
+  client in the same process notes its storage's ``invalidate(tid,
+  oids)``; p50/p99 from the start of the commit to that call.
 * **writers** / **counter**: 4 client processes started together, each
   incrementing its own Counter / all one Counter (conflicts retried);
   commits/s, p50/p99, conflicts, lost updates (must be 0).
@@ -37,7 +43,7 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
   server); MB/s.
 
 Every row also gets the peak RSS of the client process(es) and of the
-server during that case.
+server during that case, and with both systems their ratios zeotwist/ZEO.
 
 Server and client always run as separate processes, and the systems
 alternate in interleaved rounds; the summary shows medians and the ratio
@@ -47,6 +53,7 @@ zeotwist/ZEO.  Modules: :mod:`~zeotwist.bench.runner` (rounds),
 :mod:`~zeotwist.bench.workload` (client processes, the populated data, the
 cold and commits cases), :mod:`~zeotwist.bench.pipelined`,
 :mod:`~zeotwist.bench.reads`, :mod:`~zeotwist.bench.graph`,
+:mod:`~zeotwist.bench.writes` (add1000, invalidation),
 :mod:`~zeotwist.bench.parallel` (with :mod:`~zeotwist.bench.groups`, its
 runner side), :mod:`~zeotwist.bench.records` and
 :mod:`~zeotwist.bench.packing` (the other cases),
