@@ -4,8 +4,8 @@
   an error saying that it is a ZEO server (recognised from the protocol
   announcement a ZEO server sends first).
 * A real ZEO client pointed at a zeotwist server sends nothing (it waits
-  for a ZEO server's announcement); after a second of silence the server
-  sends it a ZEO announcement of its own (zeotwist.wire.zeo.PROBE), which
+  for a ZEO server's announcement); a second before the handshake timeout
+  the server sends it a ZEO announcement of its own (zeotwist.wire.zeo.PROBE), which
   the ZEO client answers in ZEO's framing: the server logs that it is a
   ZEO client and drops it.  A zeotwist client skips that probe.
 * The first-bytes rules on their own, in memory.
@@ -51,7 +51,7 @@ def test_zeo_client_at_a_zeotwist_server_is_named_in_the_log(tmp_path):
         if "protocol violation" in (event.get("log_format") or ""):
             lines.append(event)
 
-    server = start_server(str(tmp_path / "data.fs"))
+    server = start_server(str(tmp_path / "data.fs"), handshake_timeout=2)   # probed after 1 s
     globalLogPublisher.addObserver(observe)
     zeo_client = None
     try:
@@ -143,10 +143,10 @@ def test_a_silent_connection_is_probed_and_a_zeotwist_client_skips_the_probe(tmp
     probes = []
     real = a.dataReceived
     a.dataReceived = lambda data: probes.append(data) or real(data)
-    clock.advance(0.99)
+    clock.advance(3.99)
     pa.flush()
     assert probes == []
-    clock.advance(0.01)                                 # one second of silence
+    clock.advance(0.01)                                 # a second before the handshake timeout
     pa.flush()
     assert b"".join(probes) == zeo.PROBE and a.wrong_server is None and not rec.lost
     answer = call_in_memory(a, pa, C.Register, protocol=C.PROTOCOL_VERSION, storage="1",

@@ -54,6 +54,15 @@ MAX_NEW_OIDS = 1000
 VIOLATION_LOG_BURST, VIOLATION_LOG_INTERVAL = 20, 10.0
 
 
+def probe_delay(handshake_timeout: float) -> float:
+    """Seconds of silence after which a connection gets the ZEO probe: one
+    second before the handshake timeout drops it (half of it, if shorter).
+    A zeotwist client speaks at once, a ZEO client waits for a ZEO server;
+    a peer silent that long is about to be dropped anyway, so the probe's
+    bytes cannot upset a client that would otherwise have been served."""
+    return max(handshake_timeout / 2, handshake_timeout - 1.0)
+
+
 class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobResponders,
                     BoundedAMP):
     def __init__(self, servers: dict, clock, handshake_timeout: float = 5.0):
@@ -80,8 +89,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         use_clock(self.transport, self._clock)      # TLS: see zeotwist.tls
         self._handshake_timer = self._clock.callLater(
             self._handshake_timeout, self._handshake_expired)
-        self._probe_timer = self._clock.callLater(
-            min(self.ZEO_PROBE_DELAY, self._handshake_timeout / 2), self._probe_zeo)
+        self._probe_timer = self._clock.callLater(probe_delay(self._handshake_timeout),
+                                                  self._probe_zeo)
 
     def _handshake_expired(self):
         self._handshake_timer = None
@@ -91,9 +100,6 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.protocolViolation(why)
 
     # -- a ZEO client? (zeotwist.wire.zeo) ----------------------------------------
-    #: seconds of silence after which a connection is sent the ZEO probe
-    #: (a zeotwist client speaks at once; a ZEO client waits for a ZEO server)
-    ZEO_PROBE_DELAY = 1.0
     _probe_timer = None
     _first = b""            # the first bytes, until they show AMP or a ZEO frame
 

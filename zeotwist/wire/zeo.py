@@ -9,9 +9,9 @@ peer's first bytes are an AMP box, whose first key length is 1 to 255:
 
 So a zeotwist client recognises a ZEO server at once (``describe_greeting``
 in :mod:`zeotwist.client.protocol`), and a zeotwist server recognises a ZEO
-client once it has made it talk: a connection that stays silent for a
-moment (a zeotwist client sends its first command as soon as it connects)
-gets :data:`PROBE`, a ZEO announcement that ZEO clients accept
+client once it has made it talk: a connection that stays silent (a
+zeotwist client sends its first command as soon as it connects)
+gets :data:`PROBE` shortly before its handshake timeout, a ZEO announcement that ZEO clients accept
 (``min(b"5 zeotwist", b"5")`` is their ``b"5"``) and zeotwist clients
 recognise and skip; a ZEO client answers it with a ZEO frame.
 
