@@ -214,6 +214,27 @@ def test_private_reactor_is_the_platform_default_class():
     assert isinstance(reactor, cls) and reactor._registerAsIOThread is False
 
 
+def test_exit_signal_is_what_twistd_exits_with_and_can_be_forgotten():
+    import signal
+
+    from twisted.application import app
+    from twisted.scripts import twistd
+    reactor = compat.private_reactor()
+    try:
+        assert compat.stopped_by_signal(reactor) is None
+        reactor.sigTerm(signal.SIGTERM, None)           # what the SIGTERM handler does
+        assert compat.stopped_by_signal(reactor) == signal.SIGTERM
+        compat.forget_exit_signal(reactor)
+        assert compat.stopped_by_signal(reactor) is None
+        # twistd takes the reactor's _exitSignal and ends the process with it
+        assert "reactor._exitSignal" in inspect.getsource(app.ApplicationRunner.startReactor)
+        assert "_exitWithSignal" in inspect.getsource(twistd.runApp)
+    finally:
+        reactor.disconnectAll()
+        for reader in reactor.getReaders():
+            reactor.removeReader(reader)
+
+
 def test_client_service_proxy():
     proxies = []
 
@@ -260,6 +281,6 @@ def test_logging_begun(monkeypatch):
                                   "discard_output",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "service_protocol", "silence_lost_notification",
-                                  "logging_begun"])
+                                  "logging_begun", "stopped_by_signal", "forget_exit_signal"])
 def test_every_helper_is_tested_here(name):
     assert ("compat.%s(" % name) in inspect.getsource(inspect.getmodule(test_logging_begun))

@@ -186,6 +186,19 @@ def default_reactor_class() -> type:
     return found[0]
 
 
+def stopped_by_signal(reactor) -> int | None:
+    """The signal that stopped ``reactor`` (SIGTERM, SIGINT), or None
+    (``_exitSignal``: twistd ends the process with it once the reactor is done)."""
+    return getattr(reactor, "_exitSignal", None)
+
+
+def forget_exit_signal(reactor) -> None:
+    """twistd ends the process with status 0 rather than by re-raising the
+    signal that stopped the reactor."""
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
 def private_reactor():
     """A new reactor of the platform's default class that leaves Twisted's
     global io-thread marker alone (``_registerAsIOThread``), for a thread

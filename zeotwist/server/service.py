@@ -12,6 +12,7 @@ exit (:mod:`zeotwist.server.startup`).  Runs on the reactor thread.
 """
 import atexit
 import os
+import signal
 import sys
 from dataclasses import replace
 
@@ -31,6 +32,7 @@ from zeotwist.server.startup import StartupReporter, listen_problem, private_uni
 from zeotwist.server.storagesafety import check_audited
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.tls import TLSConfigError, listen_tls, server_options
+from zeotwist.twistedcompat import forget_exit_signal, stopped_by_signal
 
 _log = Logger()
 
@@ -330,13 +332,20 @@ class ServerService(service.Service):
             for a in addresses:
                 _log.info("zeotwist serving {file} as storage {name!r} on {address}",
                           file=server.storage.getName(), name=name, address=a)
+        # Under twistd the reactor is not running yet: the files appear
+        # once it runs, so a supervisor that sees them and sends SIGTERM
+        # at once finds the signal handled (a clean stop), not fatal.
+        self.reactor.callWhenRunning(self._announce, addresses)
+        if self._reporter is not None:
+            self._reporter.started()
+        self.listening.callback(addresses)
+
+    def _announce(self, addresses) -> None:
+        """Write --address-file and --pid-filename (the reactor runs)."""
         if self.settings.address_file:
             _write_atomically(self.settings.address_file, "\n".join(addresses) + "\n")
         if self.settings.pid_filename:
             _write_atomically(self.settings.pid_filename, "%d\n" % os.getpid())
-        if self._reporter is not None:
-            self._reporter.started()
-        self.listening.callback(addresses)
 
     def _fail_running_process(self, message: str) -> None:
         """A late listening failure (the reactor runs): stop, exit non-zero."""
@@ -371,6 +380,11 @@ class ServerService(service.Service):
             _log.info("zeotwist closed storage {name!r} ({what})", name=name,
                       what=describe(self.storages.get(name)))
         self.servers.clear()
+        if self._reporter is not None and stopped_by_signal(self.reactor) == signal.SIGTERM:
+            # Under twistd: SIGTERM asks for a stop, and this one went well
+            # (a storage that failed to close raised above): exit with
+            # status 0, as runzeo does, not by re-raising SIGTERM (twistd's way).
+            forget_exit_signal(self.reactor)
 
 
 def format_address(host) -> str:
