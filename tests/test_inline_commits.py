@@ -10,7 +10,7 @@ import pytest
 from ZODB.Connection import TransactionMetaData
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
-from ZODB.utils import z64
+from ZODB.utils import maxtid, z64
 
 from zeotwist.server import storagecalls
 from zeotwist.server.commit import ServerTransaction
@@ -154,3 +154,33 @@ def test_a_refused_vote_is_not_aborted_again(make_client, monkeypatch):
     second.store(oid, committed, b"more", "", txn)
     second.tpc_vote(txn)
     assert second.tpc_finish(txn) > committed
+
+
+def test_a_conflict_answer_brings_the_current_record(make_client):
+    """A vote refused for a conflict brings the conflicting object's current
+    record into the client's cache (the retry loads it without a round
+    trip), with its exact validity: a later commit's invalidation ends it."""
+    first, second = make_client(), make_client()
+    oid = first.new_oid()
+    serials = []
+    for data in (b"one", b"two"):
+        txn = TransactionMetaData()
+        first.tpc_begin(txn)
+        first.store(oid, serials[-1] if serials else z64, data, "", txn)
+        first.tpc_vote(txn)
+        serials.append(first.tpc_finish(txn))
+    txn = TransactionMetaData()
+    second.tpc_begin(txn)
+    second.store(oid, serials[0], b"stale", "", txn)
+    with pytest.raises(ConflictError):
+        second.tpc_vote(txn)
+    second.tpc_abort(txn)
+    assert second.client.cache.loadBefore(oid, maxtid) == (b"two", serials[1], None)
+    txn = TransactionMetaData()                  # a third commit, by the first client
+    first.tpc_begin(txn)
+    first.store(oid, serials[1], b"three", "", txn)
+    first.tpc_vote(txn)
+    third = first.tpc_finish(txn)
+    second.ping()                                # its invalidation has arrived
+    assert second.client.cache.loadBefore(oid, third) == (b"two", serials[1], third)
+    assert second.load(oid) == (b"three", third)

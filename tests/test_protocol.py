@@ -76,7 +76,7 @@ def test_commit_load_and_invalidate_other_clients(world):
     register(b, pb)
     oid = call(a, pa, C.NewOids, count=3)["oids"][0]
     voted, tid = commit(a, pa, [encode_store(oid, z64, b"hello")])
-    assert voted == {"resolved": [], "conflicts": b"", "to_resolve": None}
+    assert voted == {"resolved": [], "conflicts": b"", "to_resolve": None, "current": None}
     pb.flush()
     assert rec_b.invalidations == [(tid, [oid])]
     r = call(b, pb, C.LoadBefore, oid=oid, tid=maxtid)

@@ -23,6 +23,7 @@ from zeotwist.client.resolve import ConflictResolver
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
+from zeotwist.wire import prefetch
 from zeotwist.wire.records import (
     encode_check, encode_delete, encode_restore, encode_store, encode_undo, store_head)
 
@@ -213,6 +214,8 @@ class ClientTransaction:
         conflicts = answer["conflicts"]
         if conflicts:
             self.ended = True       # the server aborted it before answering
+            if answer.get("current"):
+                self._cache_current(answer["current"])
             oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]
             try:    # ZODB names the class from the record we sent, as the server did
                 err = ConflictError(oid=oid, serials=(committed, sent),
@@ -225,6 +228,18 @@ class ClientTransaction:
             return to_resolve
         self.resolved = list(answer["resolved"]) + self._client_resolved
         return []
+
+    def _cache_current(self, value: bytes) -> None:
+        """The conflicting objects' current records, which the retry will
+        load: into the cache, as prefetched records (their invalidations
+        came before this answer; a later one comes after it and ends them)."""
+        proto = self._proto
+        try:
+            records = prefetch.decode(value)
+        except ValueError as e:
+            proto.protocolViolation("bad Vote answer: %s" % e)
+            return
+        proto.owner.prefetched(proto, records)
 
     def finish(self, callback=None) -> Deferred:
         """Commit; ``callback(tid)`` runs before any later invalidation is applied."""

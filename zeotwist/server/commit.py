@@ -17,6 +17,7 @@ session holds the commit lock, so nothing else changes the storage meanwhile.
 """
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, ReadConflictError, Unsupported
+from ZODB.utils import maxtid
 
 from zeotwist.errors import FinishFailed
 from zeotwist.server.blobs import apply_blob, apply_restore_blob
@@ -24,6 +25,7 @@ from zeotwist.server.storageapi import begin_restore
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import TxnState
 from zeotwist.server.unpickling import decode_extension
+from zeotwist.wire.prefetch import MAX_BYTES, record_size
 from zeotwist.wire.records import (
     BLOB, CHECK, DELETE, RESTORE, RESTORE_BLOB, STORE, UNDO, decode_restore)
 
@@ -72,6 +74,10 @@ class ServerTransaction:
         self.finish_error: Exception | None = None
         #: the conflicts left to the client (a Resolution), if it resolves them
         self.resolution = None
+        #: the client takes the current records of conflicting objects; the
+        #: vote leaves them here, ``[(oid, data, start, None)]``
+        self.send_current = False
+        self.current: list = []
         self.fixes: TransactionBuffer | None = None   # the client's resolved records
 
     def close_buffers(self) -> None:
@@ -119,10 +125,37 @@ def vote(storage, txn: ServerTransaction, last_tid: bytes,
             else:
                 conflicts.append(oid + committed + serial)
     if conflicts:
+        if txn.send_current:
+            txn.current = current_records(storage, conflicts)
         return (), conflicts, ()
     if resolution:            # left to the client: it re-votes, the lock held
         return (), (), resolution.items()
     return _tpc_vote(storage, txn)
+
+
+def current_records(storage, conflicts: list) -> list:
+    """The current records ``[(oid, data, start, None)]`` of the objects in
+    ``conflicts`` (``oid committed serial`` entries), at most
+    ``prefetch.MAX_BYTES`` in all: what a client retrying the transaction
+    will load.  Read with the commit lock held, so each is current until a
+    later transaction, whose invalidation reaches the client after the answer."""
+    out, size, seen = [], 0, set()
+    for conflict in conflicts:
+        oid = conflict[:8]
+        if oid in seen:
+            continue
+        seen.add(oid)
+        try:
+            r = storage.loadBefore(oid, maxtid)
+        except Exception:           # deleted, or a storage that cannot: none
+            continue
+        if r is None or r[2] is not None:
+            continue
+        size += record_size(r[0])
+        if size > MAX_BYTES:
+            break
+        out.append((oid, r[0], r[1], None))
+    return out
 
 
 def revote(storage, txn: ServerTransaction) -> tuple:

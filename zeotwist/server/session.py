@@ -44,6 +44,7 @@ from zeotwist.server.txnstate import IN_STORAGE, Event, State
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
+from zeotwist.wire import prefetch
 from zeotwist.wire import zeo
 from zeotwist.wire.framing import BULK_MIN, BoundedAMP, peer_text
 
@@ -461,6 +462,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             return self._revote(txn)
         if can_resolve and self.server.client_conflict_resolution:
             txn.resolution = Resolution()
+        txn.send_current = self.prefetcher is not None
         d = self.server.lock.acquire(self)
         d.addCallback(self._lock_granted, txn)
         d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
@@ -483,8 +485,13 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             return dict(resolved=[], conflicts=b"")
         if conflicts:
             self.server.stats["conflicts"] += len(conflicts)
-            d = self._abort_txn()
-            return d.addCallback(lambda _: dict(resolved=[], conflicts=b"".join(conflicts)))
+            answer = dict(resolved=[], conflicts=b"".join(conflicts))
+            # records of tids already fanned out to this client, so no
+            # later invalidation can be one it has not seen yet
+            current = [r for r in txn.current if r[2] <= self.server.last_tid]
+            if current:
+                answer["current"] = prefetch.encode(current)
+            return self._abort_txn().addCallback(lambda _: answer)
         if to_resolve:          # the client resolves; the lock stays ours meanwhile
             txn.state.move(Event.CONFLICTS_LEFT)
             self.server.stats["client_resolutions"] += 1

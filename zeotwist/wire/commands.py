@@ -144,12 +144,17 @@ class Vote(_Command):
     client that ``can_resolve`` may instead get ``to_resolve`` from a server
     in client-resolution mode: it resolves those, sends one store per
     conflict (based on ``committed``) and sends Vote again; the server
-    holds the commit lock meanwhile.
+    holds the commit lock meanwhile.  With conflicts, a client that takes
+    prefetched records also gets the conflicting objects' current records
+    (``current``), so its retry needs no load.
     """
     commandName = b"Vote"
     arguments = [(b"can_resolve", amp.Boolean(optional=True))]
     response = [(b"resolved", IdList()), (b"conflicts", BigBytes()),
-                (b"to_resolve", BoxList(CONFLICT_TO_RESOLVE, optional=True))]
+                (b"to_resolve", BoxList(CONFLICT_TO_RESOLVE, optional=True)),
+                # with conflicts, to a client that takes prefetched records:
+                # the conflicting objects' current records (zeotwist.wire.prefetch)
+                (b"current", amp.String(optional=True))]
 
 
 class Finish(_Command):
