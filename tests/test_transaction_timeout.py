@@ -44,12 +44,16 @@ class Log:
 
     def __init__(self):
         self.events, self.notice = [], threading.Event()
+        self.server_said = threading.Event()        # the server's timeout line
         self.heard = defer.Deferred()
 
     def __call__(self, event):
         if not str(event.get("log_namespace", "")).startswith("zeotwist"):
             return
         self.events.append(event)
+        if event["log_namespace"] == "zeotwist.server.session" and \
+                formatEvent(event).startswith("transaction timeout"):
+            self.server_said.set()
         if event["log_namespace"] == "zeotwist.client.protocol" and \
                 "transaction timeout" in formatEvent(event):
             self.notice.set()
@@ -128,6 +132,34 @@ def test_zodb_commit_raises_transaction_timeout_then_the_next_commits(tmp_path, 
         finally:
             other.close()
         assert db.storage.client.connections == 2
+    finally:
+        db.close()
+        running.stop()
+
+
+def test_a_client_that_does_not_know_the_notice_gets_clientdisconnected(
+        tmp_path, log, monkeypatch):
+    """An older client (its Register lacks ``timeout_notice``) is dropped
+    without the notice, as before: its commit fails with ClientDisconnected."""
+    from zeotwist.client.connector import Connector
+    from zeotwist.wire import commands as C
+
+    def old_register(self, proto, read_only):
+        return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
+                          storage=self._client.storage_name, read_only=read_only)
+    monkeypatch.setattr(Connector, "send_register", old_register)
+    running = start_server(str(tmp_path / "data.fs"), transaction_timeout=TIMEOUT)
+    db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        db.open(tm).root()["x"] = "stalled"
+        tm.get().join(StallAfterVote(log.server_said))
+        with pytest.raises(ClientDisconnected) as caught:
+            tm.commit()
+        assert not isinstance(caught.value, TransactionTimeout)
+        tm.abort()
+        assert_one_server_line(log)
+        assert not log.notice.is_set()
     finally:
         db.close()
         running.stop()
