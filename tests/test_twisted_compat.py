@@ -52,6 +52,24 @@ def test_amp_answer_receiver_gets_the_answer_box():
     assert not compat.amp_is_outstanding(proto, tag)
 
 
+def test_amp_answer_receiver_under_a_tag_of_another_thread():
+    proto, transport = connected_amp()
+    receiver = Receiver()
+    compat.amp_expect_answer_from_thread(proto, b"t1", receiver)
+    assert compat.amp_is_outstanding(proto, b"t1")
+    proto.dataReceived(amp.AmpBox({amp.ANSWER: b"t1", b"x": b"2"}).serialize())
+    assert [dict(b) for b in receiver.boxes] == [{amp.ANSWER: b"t1", b"x": b"2"}]
+
+
+def test_calls_pending_until_the_reactor_ran_them():
+    reactor = compat.private_reactor()      # a real one, never run
+    assert hasattr(reactor, "threadCallQueue") and not compat.calls_pending(reactor)
+    reactor.callFromThread(lambda: None)
+    assert compat.calls_pending(reactor)
+    reactor.runUntilCurrent()
+    assert not compat.calls_pending(reactor)
+
+
 def test_amp_closed_after_connection_lost_and_receivers_fail():
     proto, transport = connected_amp()
     receiver = Receiver()
@@ -115,8 +133,13 @@ def test_transport_buffers():
                  "offset"):
         assert hasattr(fd, name), name
     assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
+    assert compat.idle_seen_from_thread(fd)
     fd.write(b"abc")
     assert not compat.nothing_queued(fd) and compat.pending_output(fd) == 3
+    assert not compat.idle_seen_from_thread(fd)
+    fd.dataBuffer, fd._tempDataBuffer = b"abc", []     # doWrite moved it, not yet sent
+    assert not compat.idle_seen_from_thread(fd)
+    fd.dataBuffer, fd._tempDataLen = b"", 0
     compat.discard_output(fd)
     assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
 
@@ -276,7 +299,8 @@ def test_logging_begun(monkeypatch):
 
 @pytest.mark.parametrize("name", ["amp_make_connection_quietly", "amp_connection_lost_quietly",
                                   "amp_closed", "amp_switched", "amp_expect_answer",
-                                  "amp_is_outstanding", "amp_send_box", "amp_encode_fields",
+                                  "amp_is_outstanding", "amp_expect_answer_from_thread",
+                                  "calls_pending", "idle_seen_from_thread", "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
                                   "discard_output",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",

@@ -69,6 +69,20 @@ def amp_expect_answer(proto, receiver) -> bytes:
     return tag
 
 
+def amp_expect_answer_from_thread(proto, tag: bytes, receiver) -> None:
+    """Like :func:`amp_expect_answer`, from a thread other than the
+    reactor's, under a tag the caller made (AMP's counter, ``_nextTag``, is
+    the reactor thread's): one dict item set, atomic.  The caller makes sure
+    the connection is not being lost meanwhile (see ClientProtocol)."""
+    proto._outstandingRequests[tag] = receiver
+
+
+def calls_pending(reactor) -> bool:
+    """Calls handed to ``reactor`` with ``callFromThread`` not yet done
+    (``threadCallQueue``, emptied only after the last of them returned)."""
+    return bool(getattr(reactor, "threadCallQueue", True))
+
+
 def amp_is_outstanding(proto, tag: bytes) -> bool:
     """``tag`` names a question still waiting for its answer."""
     requests = proto._outstandingRequests
@@ -94,6 +108,20 @@ def nothing_queued(transport) -> bool:
             and not getattr(transport, "_writeDisconnected", True)
             and not transport.dataBuffer and not transport._tempDataBuffer
             and getattr(transport, "producer", None) is None)
+
+
+def idle_seen_from_thread(transport) -> bool:
+    """:func:`nothing_queued`, asked from a thread other than the reactor's
+    while the reactor thread may be in ``doWrite``.  That moves
+    ``_tempDataBuffer`` into ``dataBuffer`` (assigned first, then the
+    former emptied) and empties ``dataBuffer`` only once the socket took all
+    of it, so reading them in this order never sees both empty while bytes
+    are still to be written (the reverse order can)."""
+    if not getattr(transport, "connected", False) or transport.disconnecting \
+            or getattr(transport, "_writeDisconnected", True) \
+            or getattr(transport, "producer", None) is not None:
+        return False
+    return not transport._tempDataBuffer and not transport.dataBuffer
 
 
 def pending_output(transport) -> int:

@@ -32,6 +32,7 @@ from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.storagecalls import StorageCallsMixin
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected, UsageError
+from zeotwist.twistedcompat import calls_pending
 from zeotwist.tls import describe_error
 from zeotwist.wire import commands as C
 
@@ -252,6 +253,18 @@ class Client(StorageCallsMixin):
             return self.when_connected().addCallback(lambda _: self.fetch_before(oid, tid))
         self._loads[key] = []        # later requests for the same revision wait here
         return proto.load_before(oid, tid).addBoth(self._loaded, oid, key)
+
+    def load_from_thread(self, oid: bytes, tid: bytes):
+        """``fetch_before`` from a thread other than the reactor's, sent by
+        that thread (:mod:`zeotwist.client.threadwrites`): a ``ThreadLoad``
+        to ``wait()`` on, or None when the reactor must send it (not
+        connected; a request for the same revision in flight, whose answer
+        it should share; calls handed to the reactor before this one, which
+        it must not overtake; a transport this thread may not write to)."""
+        proto = self.connector.protocol
+        if proto is None or oid + tid in self._loads or calls_pending(self.reactor):
+            return None
+        return proto.load_before_from_thread(oid, tid, self.cache.store)
 
     def _loaded(self, result, oid, key):
         """Cache a load's answer and hand it to every waiter; passes it on."""

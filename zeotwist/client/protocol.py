@@ -22,10 +22,10 @@ from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected, TransactionTimeout, WrongServer
+from zeotwist.client.threadwrites import ThreadWrites, read_load_answer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
-from zeotwist.wire import prefetch
 from zeotwist.wire import zeo
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
@@ -34,7 +34,7 @@ from zeotwist.wire.framing import (
 _log = Logger()
 
 
-def _convert(failure: Failure) -> BaseException:
+def convert_failure(failure: Failure) -> BaseException:
     err = failure.value
     if isinstance(err, amp.RemoteAmpError):
         return rebuild(err.errorCode, err.description)
@@ -60,9 +60,7 @@ class _LoadAnswer:
 
     def callback(self, box):
         try:
-            value = fast.read_load_before_answer(box, self.proto)
-            if b"prefetch" in box:
-                self.proto.owner.prefetched(self.proto, prefetch.decode(box[b"prefetch"]))
+            value = read_load_answer(self.proto, box)
         except Exception as e:
             self.proto.protocolViolation("bad LoadBefore answer: %s" % e)
             self.result.errback(ClientDisconnected("bad answer from server: %s" % e))
@@ -72,10 +70,10 @@ class _LoadAnswer:
     def errback(self, reason):
         if not isinstance(reason, Failure):
             reason = Failure(reason)
-        self.result.errback(_convert(reason))
+        self.result.errback(convert_failure(reason))
 
 
-class ClientProtocol(BoundedAMP):
+class ClientProtocol(ThreadWrites, BoundedAMP):
     maxBoxBytes = CLIENT_MAX_BOX_BYTES
     maxBoxKeys = CLIENT_MAX_BOX_KEYS
     #: the server reads long entries (its Register answer said so)
@@ -87,6 +85,7 @@ class ClientProtocol(BoundedAMP):
 
     def connectionMade(self):
         super().connectionMade()
+        self.start_thread_writes()      # loads sent from the application's thread
         use_clock(self.transport, getattr(self.owner, "reactor", None))   # TLS: see zeotwist.tls
 
     # -- what answers: a zeotwist server, or a ZEO server ----------------------------
@@ -192,7 +191,7 @@ class ClientProtocol(BoundedAMP):
 
         def done(answer):
             if isinstance(answer, Failure):
-                result.errback(_convert(answer))
+                result.errback(convert_failure(answer))
                 return
             try:
                 value = parse(answer, self)
@@ -228,6 +227,7 @@ class ClientProtocol(BoundedAMP):
     def connectionLost(self, reason):
         if self.wrong_server is not None:       # what the waiting calls should hear
             reason = Failure(self.wrong_server)
+        self.stop_thread_writes()               # before AMP fails the questions
         # The owner first: a caller whose call fails here and calls again
         # (synchronously, in its errback) waits for the next connection
         # instead of meeting this dead one.

@@ -296,10 +296,23 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
 
     # -- reads -------------------------------------------------------------------
     def loadBefore(self, oid: bytes, tid: bytes):
-        r = self._client.cache.loadBefore(oid, tid)
+        client = self._client
+        r = client.cache.loadBefore(oid, tid)
         if r is not None:
             return r
-        return self._call(self._client.fetch_before, oid, tid)
+        # A cache miss: this thread sends the request itself when it can
+        # (zeotwist.client.threadwrites), else through the reactor thread.
+        reactor = self._reactor
+        if not self._closed and reactor.running and not in_reactor_thread(reactor):
+            if len(oid) != 8 or len(tid) != 8:
+                raise ValueError("oids and tids are 8 bytes")
+            load = client.load_from_thread(oid, tid)
+            if load is not None:
+                try:
+                    return load.wait(self._timeout)
+                except TimeoutError:
+                    raise self._timed_out() from None
+        return self._call(client.fetch_before, oid, tid)
 
     def load(self, oid: bytes, version: str = ""):
         r = self.loadBefore(oid, maxtid)

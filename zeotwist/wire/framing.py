@@ -91,11 +91,16 @@ class BoundedAMP(amp.AMP):
             if self._batch_bytes >= BATCH_FLUSH_BYTES and self.transport is not None:
                 # big answers: written as they come, not joined into one
                 # copy of everything the burst produced
-                write_now(self.transport, b"".join(batch))
+                self.write_out(b"".join(batch))
                 batch.clear()
                 self._batch_bytes = 0
         elif self.transport is not None:
-            write_now(self.transport, frame)
+            self.write_out(frame)
+
+    def write_out(self, data: bytes) -> None:
+        """Where every byte this protocol sends goes (one place, so a
+        subclass can order it with writes from another thread)."""
+        write_now(self.transport, data)
 
     def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
         """Send the frame ``head + value + tail``, in order with every other
@@ -139,7 +144,7 @@ class BoundedAMP(amp.AMP):
         finally:
             self._batch = None
             if batch and self.transport is not None and not self._violated:
-                write_now(self.transport, b"".join(batch))
+                self.write_out(b"".join(batch))
 
     #: a long entry's value being collected: (key, length, pieces, bytes so far)
     _long = None
@@ -323,7 +328,7 @@ class _Cork:
             return
         proto._batch = None
         if batch and proto.transport is not None and not proto._violated:
-            write_now(proto.transport, b"".join(batch) if len(batch) > 1 else batch[0])
+            proto.write_out(b"".join(batch) if len(batch) > 1 else batch[0])
 
 
 def write_now(transport, data: bytes) -> None:

@@ -1,0 +1,157 @@
+"""A blocking load that costs one thread hand-off instead of two.
+
+Through :func:`~zeotwist.client.reactorthread.blocking_call`, a cold
+``ClientStorage.loadBefore`` wakes the reactor thread (``callFromThread``:
+an eventfd write and one more ``epoll`` return), which writes the request;
+the answer wakes the application thread again.  Here the application thread
+writes the ``LoadBefore`` frame to the socket itself and waits on a lock
+that the reactor thread releases from the answer handler, with no Deferred
+in between: the reactor wakes once per load, for the answer.
+
+Twisted's transports are not thread-safe, so the application thread only
+ever calls the socket's ``send`` (``writeSomeData``), and only
+
+* under :attr:`ThreadWrites.send_lock`, which every write of the protocol
+  on the reactor thread also takes (:meth:`ThreadWrites.write_out`);
+* when the transport holds nothing still to be written
+  (:func:`~zeotwist.twistedcompat.idle_seen_from_thread`), so the frame
+  cannot overtake bytes written before it;
+* on a plain socket transport (TLS, in-memory and other transports: no);
+
+else it returns None and the caller takes the ``callFromThread`` path.  A
+frame the socket takes only in part is handed to the reactor thread
+(:meth:`ThreadWrites._flush_handoff`), and every write the reactor makes
+meanwhile queues behind that rest.  The question's tag is registered before
+the frame leaves, under the same lock that ``connectionLost`` takes before
+AMP fails every outstanding question, so a lost connection always fails the
+load (:class:`ClientDisconnected`) and never strands it.
+
+The answer is read on the reactor thread in arrival order, like every other
+box, and stored in the cache there before the next box (an invalidation)
+is read: the MVCC argument of the Deferred path holds unchanged.
+"""
+import itertools
+from _thread import allocate_lock
+
+from twisted.python.failure import Failure
+
+from zeotwist import twistedcompat
+from zeotwist.errors import ClientDisconnected
+from zeotwist.wire import fast, prefetch
+
+#: tags of questions asked from other threads ("t1", "t2", ... never AMP's
+#: own hexadecimal ones); ``next`` on a count is atomic
+_thread_tags = itertools.count(1)
+
+
+class ThreadWrites:
+    """The ClientProtocol mixin: writes from the reactor and from other threads."""
+
+    send_lock = None         # set in connectionMade
+    _handoff = None          # a frame's rest (and writes queued behind it), for the reactor
+    _gone = False            # connectionLost began: no more questions from threads
+
+    def start_thread_writes(self) -> None:
+        self.send_lock = allocate_lock()
+
+    def write_out(self, data: bytes) -> None:
+        lock = self.send_lock
+        if lock is None:
+            return super().write_out(data)
+        with lock:
+            if self._handoff is not None:
+                self._handoff.append(data)      # behind a thread's unfinished frame
+            else:
+                super().write_out(data)
+
+    def _flush_handoff(self) -> None:
+        """Reactor thread: write what a thread's frame left, then what queued behind it."""
+        with self.send_lock:
+            rest, self._handoff = self._handoff, None
+            if rest and self.transport is not None:
+                super().write_out(b"".join(rest))
+
+    def stop_thread_writes(self) -> None:
+        """connectionLost, before AMP fails the outstanding questions."""
+        if self.send_lock is not None:
+            with self.send_lock:
+                self._gone = True
+
+    def load_before_from_thread(self, oid: bytes, tid: bytes, store):
+        """From a thread other than the reactor's: send LoadBefore and return a
+        :class:`ThreadLoad` to wait on, or None (send it the usual way).
+        ``store(oid, start, end, data)`` is called on the reactor thread
+        with the record found, before the waiter wakes."""
+        transport, lock = self.transport, self.send_lock
+        if lock is None or transport is None or \
+                getattr(type(transport), "writeSomeData", None) is None:
+            return None
+        tag = b"t%x" % next(_thread_tags)
+        frame = fast.load_before_request(tag, oid, tid)
+        load = ThreadLoad(self, tag, oid, store)
+        with lock:
+            if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
+                    or not twistedcompat.idle_seen_from_thread(transport):
+                return None
+            twistedcompat.amp_expect_answer_from_thread(self, tag, load)
+            sent = transport.writeSomeData(frame)
+            if not isinstance(sent, int):
+                sent = 0                    # an error: the reactor finds it too
+            if sent < len(frame):
+                self._handoff = [frame[sent:]]
+                self.owner.reactor.callFromThread(self._flush_handoff)
+        return load
+
+
+def read_load_answer(proto, box):
+    """``(data, start, end)`` or None from a LoadBefore answer; its
+    prefetched records go to the cache first.  Raises on a malformed one."""
+    value = fast.read_load_before_answer(box, proto)
+    if b"prefetch" in box:
+        proto.owner.prefetched(proto, prefetch.decode(box[b"prefetch"]))
+    return value
+
+
+class ThreadLoad:
+    """Stands where AMP keeps a question's Deferred (see ``_LoadAnswer`` in
+    :mod:`~zeotwist.client.protocol`) for a load asked from another
+    thread: the answer is parsed and stored on the reactor thread, then
+    the waiting thread is woken by releasing :attr:`lock`."""
+
+    __slots__ = ("proto", "tag", "oid", "store", "lock", "result", "error")
+
+    def __init__(self, proto, tag: bytes, oid: bytes, store):
+        self.proto, self.tag, self.oid, self.store = proto, tag, oid, store
+        self.lock = allocate_lock()
+        self.lock.acquire()
+        self.result = self.error = None
+
+    def addErrback(self, *args, **kw):
+        return self
+
+    def callback(self, box) -> None:
+        proto = self.proto
+        try:
+            value = read_load_answer(proto, box)
+        except Exception as e:
+            proto.protocolViolation("bad LoadBefore answer: %s" % e)
+            self.error = ClientDisconnected("bad answer from server: %s" % e)
+        else:
+            if value is not None:
+                data, start, end = value
+                self.store(self.oid, start, end, data)
+            self.result = value
+        self.lock.release()
+
+    def errback(self, reason) -> None:
+        from zeotwist.client.protocol import convert_failure
+        self.error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
+        self.lock.release()
+
+    def wait(self, timeout: float | None):
+        """The record, None, or raise the error; TimeoutError after ``timeout``."""
+        if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
