@@ -58,6 +58,22 @@ def test_the_server_modules_do_not_import_the_client():
     assert callable(zeotwist.client)                      # the function, not the package
 
 
+def test_the_bench_puts_nothing_of_zeotwists_client_into_a_zeo_client_process():
+    """The bench's client processes import zeotwist.bench's modules, and ZEO's
+    server imports zeotwist.bench.parallel when it resolves a conflict on its
+    Counter: neither may pull in zeotwist's client, Twisted or pyOpenSSL (they
+    did: ZEO's client read 59 MB instead of 31, its server 56 instead of 36)."""
+    code = ("import sys, zeotwist.bench.workload, zeotwist.bench.parallel, "
+            "zeotwist.bench.reads, zeotwist.bench.graph, zeotwist.bench.records, "
+            "zeotwist.bench.writes, zeotwist.bench.pipelined, zeotwist.bench.packing; "
+            "print(sorted(m for m in sys.modules if m.startswith("
+            "('twisted', 'OpenSSL', 'cryptography', 'zeotwist.client.'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_which_settings_need_tls():
     assert not needs_tls(ServerSettings(listen=["tcp:8100", "unix:/tmp/s"],
                                         metrics="tcp6:9102"))
