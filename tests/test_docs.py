@@ -288,6 +288,25 @@ def test_every_block_is_fenced_and_known():
     assert not problems, "\n".join(problems)
 
 
+def test_example_servers_listen_on_the_loopback():
+    """Issue 13 item 9: a server in a documented block listens on 127.0.0.1
+    (or a Unix socket) unless the line says why not: TLS (``listen-tls``,
+    made for untrusted networks) or a comment naming every interface."""
+    tcp = re.compile(r"\btcp6?:(\d+)((?::[\w=.\[\]]+)*)")
+    open_lines = []
+    for path in documents():
+        for block in blocks(path):
+            for n, line in enumerate(block.text.splitlines(), block.line + 1):
+                for m in tcp.finditer(line):
+                    loopback = re.search(r":interface=(127\.0\.0\.1|::1|\\:\\:1)\b", m.group(2))
+                    if loopback or "listen-tls" in line or "every interface" in line:
+                        continue
+                    if re.search(r"\bhost=", m.group(2)):
+                        continue                       # a client endpoint
+                    open_lines.append("%s:%d: %s" % (block.path, n, line.strip()))
+    assert not open_lines, "\n".join(open_lines)
+
+
 # -- the rules on their own ----------------------------------------------------------
 
 def _doc(tmp_path, text: str) -> Path:
