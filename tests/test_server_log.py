@@ -22,6 +22,7 @@ from ZODB.tests.StorageTestBase import zodb_pickle
 
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
+from zeotwist.errors import TransactionTimeout
 from zeotwist.testing import start_server
 
 
@@ -97,7 +98,10 @@ def test_transaction_timeout_is_one_line(tmp_path, log):
         t = TransactionMetaData()
         cs.tpc_begin(t)
         cs.store(cs.new_oid(), b"\0" * 8, zodb_pickle(MinPO(1)), "", t)
-        cs.tpc_vote(t)                           # holds the commit lock, then stalls
+        try:
+            cs.tpc_vote(t)                       # holds the commit lock, then stalls
+        except TransactionTimeout:
+            pass                                 # a loaded machine: the vote took that long
         (line,) = wait_for_line(log, "^transaction timeout")   # the client says it too
         assert line[0] == LogLevel.warn
         assert re.fullmatch(r"transaction timeout: 127\.0\.0\.1:\d+ held the commit lock "
