@@ -624,7 +624,7 @@ def test_blob_chunks_and_records_commit_in_memory(memory_world):
     client.send(C.StoreBlobChunk, blob=1, data=b"")          # an empty one
     client.send(C.StoreData, data=encode_blob(oid, z64, 0, b"record 1")
                 + encode_blob(oid[:7] + b"\2", z64, 1, b"record 2"))
-    assert _vote(client, pump) == dict(resolved=[], conflicts=b"", to_resolve=None)
+    assert _vote(client, pump) == dict(resolved=[], conflicts=b"", to_resolve=None, current=None)
     out = []
     client.call(C.Finish).addBoth(out.append)
     pump.flush()

@@ -60,8 +60,8 @@ def test_counters_per_storage_over_http(tmp_path):
             c2.transaction_manager.commit()
         c2.transaction_manager.abort()
         c2.transaction_manager.begin()
-        assert c2.root()["x"] == 1                  # invalidated: loaded again, with
-        assert len(c2.root()["child"]) == 0         # the new child prefetched
+        assert c2.root()["x"] == 1                  # the root came with the conflict
+        assert len(c2.root()["child"]) == 0         # the new child: loaded
         bad = socket.create_connection(running.address)      # a protocol violation
         bad.sendall(b"\xff\xff")
         try:

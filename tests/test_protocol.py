@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from ZODB.FileStorage import FileStorage
-from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError
+from ZODB.POSException import ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError
 from ZODB.utils import maxtid, p64, z64
 
 from zeotwist.errors import (
@@ -394,3 +394,25 @@ def test_waiters_are_served_in_arrival_order(world):
         assert order[-1] == name                               # the next in line voted
         call(c, p, C.Finish)
     assert order == ["b", "c", "d"]
+
+
+def test_vote_and_finish_are_answered_without_amps_dispatch(world, monkeypatch):
+    """Vote and Finish (every commit) take the session's fast path; their
+    answers and error answers are the ones AMP's path gives."""
+    from zeotwist.server.session import ServerSession
+    clock, servers = world
+    client, session, pump, _ = connect_in_memory(servers, clock)
+    register(client, pump)
+    dispatched = []
+    real = ServerSession.dispatchCommand
+    monkeypatch.setattr(ServerSession, "dispatchCommand", lambda self, box: (
+        dispatched.append(box[amp.COMMAND]), real(self, box))[1])
+    with pytest.raises(StorageTransactionError):
+        call(client, pump, C.Vote)          # no transaction: STORAGE_TRANSACTION
+    with pytest.raises(StorageTransactionError):
+        call(client, pump, C.Finish)
+    oid = call(client, pump, C.NewOids, count=1)["oids"][0]
+    voted, tid = commit(client, pump, [encode_store(oid, z64, b"fast")])
+    assert voted["conflicts"] == b"" and len(tid) == 8
+    assert dispatched == [b"NewOids"]
+    assert session._txn.state.final

@@ -17,9 +17,10 @@ from collections import deque
 
 from ZODB.POSException import (
     ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist.errors import (
@@ -245,7 +246,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
         if not (self.server is not None and (
-                self._fast_load(box) or self._fast_store(box) or self._fast_begin(box))):
+                self._fast_load(box) or self._fast_store(box) or self._fast_begin(box)
+                or self._fast_ask(box))):
             super().ampBoxReceived(box)
         if self._unread > self._budget and self.transport is not None \
                 and not self._violated:
@@ -293,6 +295,57 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         """A plain TpcBegin (no restore tid or status), likewise."""
         fields = fast.read_tpc_begin(box)
         return fields is not None and self._one_way(self.tpc_begin, *fields)
+
+    def _fast_ask(self, box) -> bool:
+        """A plain Vote or Finish question (every commit), answered without
+        AMP's dispatch and its Deferreds: the same answer and error boxes
+        as AMP's path (``makeResponse``; the code of the command's first
+        error class that matches), anything unusual left to that path."""
+        name = box.get(amp.COMMAND)
+        if name == C.Finish.commandName and len(box) == 2:
+            command, call, args = C.Finish, self.finish, ()
+        elif name == C.Vote.commandName and (len(box) == 2 or len(box) == 3 and box.get(
+                b"can_resolve") in (b"True", b"False")):
+            command, call = C.Vote, self.vote
+            args = (box.get(b"can_resolve") == b"True",)
+        else:
+            return False
+        tag = box.get(amp.ASK)
+        if tag is None:
+            return False
+        try:
+            d = call(*args)
+        except (RemoteProtocolError, KeyError, TypeError, ValueError) as e:   # as guarded
+            self.protocolViolation("bad arguments to %s: %s" % (name.decode("ascii"), e))
+            return True
+        except Exception:
+            d = fail()
+        d.addCallbacks(self._fast_answer, self._fast_error, (command, tag), None, (command, tag))
+        d.addErrback(self.unhandledError)
+        return True
+
+    def _fast_answer(self, result: dict, command, tag: bytes) -> None:
+        answer = command.makeResponse(result, self)
+        answer[amp.ANSWER] = tag
+        self._send_answer(answer)
+
+    def _fast_error(self, failure, command, tag: bytes) -> None:
+        for error, code in command.allErrors.items():
+            if failure.check(error):
+                break
+        else:
+            return failure          # as AMP's path: logged, the link dropped
+        answer = amp.QuitBox() if error in command.fatalErrors else amp.AmpBox()
+        answer[amp.ERROR] = tag
+        answer[amp.ERROR_CODE] = code
+        answer[amp.ERROR_DESCRIPTION] = str(failure.value).encode("utf-8", "replace")
+        self._send_answer(answer)
+
+    def _send_answer(self, answer) -> None:
+        try:
+            self.sendBox(answer)
+        except (amp.ProtocolSwitched, amp.ConnectionLost):   # as AMP's _safeEmit
+            pass
 
     def _one_way(self, responder, *args) -> bool:
         try:
@@ -491,6 +544,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             current = [r for r in txn.current if r[2] <= self.server.last_tid]
             if current:
                 answer["current"] = prefetch.encode(current)
+                self.server.traffic["prefetched"] += len(current)
             return self._abort_txn().addCallback(lambda _: answer)
         if to_resolve:          # the client resolves; the lock stays ours meanwhile
             txn.state.move(Event.CONFLICTS_LEFT)
