@@ -15,11 +15,6 @@ class _ServiceMaker(ServiceMaker):
         from zeotwist.server.footprint import import_tap
         return import_tap().Options
 
-    @property
-    def makeService(self):
-        from zeotwist.server.footprint import import_tap
-        return import_tap().makeService
-
 
 zeotwist = _ServiceMaker(
     "zeotwist",

@@ -19,7 +19,11 @@ without it when the import fails.  So, under twistd only:
 pyOpenSSL is hidden only for those imports, never afterwards: code that
 imports it later gets it.  A process that imported pyOpenSSL already, or
 that imports the server's modules itself (tests, an application's own
-service), is left as it is.
+service, the tac file), is left as it is.  What a server without TLS options
+gives up: Twisted's own TLS in its process (``startTLS`` on its TCP
+connections, ``tls:`` client endpoints, AMP's StartTLS), which zeotwist's
+server does not use; a storage that would make Twisted TLS connections of
+its own needs a server started otherwise (``twistd -y``, the tac file).
 """
 import importlib
 import sys
