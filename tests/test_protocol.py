@@ -416,3 +416,14 @@ def test_vote_and_finish_are_answered_without_amps_dispatch(world, monkeypatch):
     assert voted["conflicts"] == b"" and len(tid) == 8
     assert dispatched == [b"NewOids"]
     assert session._txn.state.final
+
+
+def test_an_unknown_register_field_is_ignored_so_features_can_be_negotiated():
+    """An older server ignores the optional fields a newer client adds to
+    Register (``timeout_notice`` to one that predates it): AMP parses only
+    the fields it declares."""
+    box = amp.AmpBox({b"protocol": C.PROTOCOL_VERSION.encode(), b"storage": b"1",
+                      b"read_only": b"False", b"a_future_flag": b"True"})
+    assert C.Register.parseArguments(box, None) == dict(
+        protocol=C.PROTOCOL_VERSION, storage="1", read_only=False, prefetch=None,
+        long_values=None, timeout_notice=None)
