@@ -7,8 +7,16 @@ argument of these helpers goes to :class:`ClientStorage`.  Reactor programs
 use :func:`connect` (the Deferred API), invalidation events, and
 :class:`DatabasePool` to run ZODB work in worker threads.
 """
+from typing import TYPE_CHECKING
+
 import zeotwist.client       # the (empty) package, first: the function client() below wins
 from zeotwist.errors import ClientDisconnected, ReactorThreadError
+
+if TYPE_CHECKING:            # for type checkers and editors; at run time, __getattr__
+    from zeotwist.client.connect import connect
+    from zeotwist.client.events import Invalidation
+    from zeotwist.client.interaction import DatabasePool
+    from zeotwist.client.storage import ClientStorage
 
 #: The client's names, imported when first asked for: a server process
 #: (``twistd zeotwist``) imports ``zeotwist.errors`` and so this package, and
