@@ -252,27 +252,30 @@ def test_zeo_conf_runs_unchanged(tmp_path):
     assert file_root(paths["fs"])["zeo"] == "conf"
 
 
-def test_pid_and_address_files_appear_once_the_reactor_runs(tmp_path):
-    """twistd starts the service before its reactor runs, and the reactor
-    handles SIGTERM only once it runs: a supervisor that sends SIGTERM as
-    soon as the pid file appears must find it handled (status 0), so the
-    files are written then."""
+def test_sigterm_before_the_reactor_runs_stops_it_once_it_runs(tmp_path):
+    """twistd starts the service (it listens, writes its pid and address
+    files, and a daemon's launcher returns) before it runs the reactor,
+    whose handler makes SIGTERM a clean stop: a supervisor that sends
+    SIGTERM as soon as the pid file appears must get that clean stop, not
+    a process killed by the signal."""
     from twisted.internet.testing import MemoryReactorClock
 
     from zeotwist.server.service import ServerService
     reactor = MemoryReactorClock()
     service = ServerService(str(tmp_path / "d.fs"), ["tcp:8100:interface=127.0.0.1"],
                             reactor=reactor, pid_filename=str(tmp_path / "pid"),
-                            address_file=str(tmp_path / "addr"))
-    service.privilegedStartService()
-    service.startService()
+                            stop_reactor_on_failure=True)
+    before = signal.getsignal(signal.SIGTERM)
     try:
-        assert service.listening.called
-        assert not (tmp_path / "pid").exists() and not (tmp_path / "addr").exists()
-        reactor.run()                                   # the startup hooks
+        service.privilegedStartService()
         assert (tmp_path / "pid").read_text() == "%d\n" % os.getpid()
-        assert (tmp_path / "addr").read_text().endswith(":8100\n")
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler) and handler is not before
+        handler(signal.SIGTERM, None)                   # the signal arrives now
+        assert reactor.whenRunningHooks == [(reactor.stop, (), {})]
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN   # once is enough
     finally:
+        signal.signal(signal.SIGTERM, before)
         for server in service.servers.values():
             server.close()
 

@@ -28,7 +28,8 @@ from zeotwist.server.limits import AcceptGuard
 from zeotwist.server.metrics import metrics_site, missing_dependency
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
-from zeotwist.server.startup import StartupReporter, listen_problem, private_unix_socket
+from zeotwist.server.startup import (
+    StartupReporter, listen_problem, private_unix_socket, stop_on_early_sigterm)
 from zeotwist.server.storagesafety import check_audited
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.tls import TLSConfigError, listen_tls, server_options
@@ -223,6 +224,11 @@ class ServerService(service.Service):
         # Under twistd: after daemonizing, before the reactor runs and before
         # privileges are dropped (ports below 1024, root-only key files).
         super().privilegedStartService()
+        if self._reporter is not None:
+            # The pid and address files appear before twistd runs the
+            # reactor (which then handles SIGTERM): a SIGTERM meanwhile stops
+            # it cleanly once it runs, instead of killing the process.
+            stop_on_early_sigterm(self.reactor)
         try:
             self.open_storages()
             self.tls_options()
@@ -332,20 +338,13 @@ class ServerService(service.Service):
             for a in addresses:
                 _log.info("zeotwist serving {file} as storage {name!r} on {address}",
                           file=server.storage.getName(), name=name, address=a)
-        # Under twistd the reactor is not running yet: the files appear
-        # once it runs, so a supervisor that sees them and sends SIGTERM
-        # at once finds the signal handled (a clean stop), not fatal.
-        self.reactor.callWhenRunning(self._announce, addresses)
-        if self._reporter is not None:
-            self._reporter.started()
-        self.listening.callback(addresses)
-
-    def _announce(self, addresses) -> None:
-        """Write --address-file and --pid-filename (the reactor runs)."""
         if self.settings.address_file:
             _write_atomically(self.settings.address_file, "\n".join(addresses) + "\n")
         if self.settings.pid_filename:
             _write_atomically(self.settings.pid_filename, "%d\n" % os.getpid())
+        if self._reporter is not None:
+            self._reporter.started()
+        self.listening.callback(addresses)
 
     def _fail_running_process(self, message: str) -> None:
         """A late listening failure (the reactor runs): stop, exit non-zero."""
