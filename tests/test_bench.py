@@ -51,7 +51,7 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     trips = re.search(r"^  zeotwist\s+(\d+) objects activated, (\d+) storage loads, (\d+) of "
                       r"them round trips", out, re.M)
     assert trips and int(trips.group(1)) == int(trips.group(2)) == 202, out
-    assert int(trips.group(3)) <= 2, out
+    assert 1 <= int(trips.group(3)) <= 2, out       # one per Holder, at most
     # the local FileStorage column: a rate for the cases it runs, none for the others
     assert re.search(r"^case\s.*\slocal FS\s", out, re.M), out
     for case in ("cold reads", "warm reads", "graph cold read", "small commits",

@@ -241,3 +241,13 @@ def test_loads_from_many_threads_at_once(served, reader):
     for t in threads:
         t.join(60)
     assert errors == [] and not any(t.is_alive() for t in threads)
+
+
+def test_the_bench_counts_loads_the_thread_sent_as_round_trips(served, reader):
+    from zeotwist.bench.reads import LoadCounter
+    srv, oids = served
+    counter = LoadCounter("zeotwist", reader)
+    for oid in oids[:5]:
+        reader.loadBefore(oid, maxtid)
+    reader.loadBefore(oids[0], maxtid)                 # from the cache
+    assert counter.snapshot() == (6, 5)

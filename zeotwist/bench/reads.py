@@ -101,9 +101,10 @@ class LoadCounter:
     """Counts the storage's loads and those that went to the server.
 
     Wraps, on the instances, ``storage.loadBefore`` (what ZODB calls) and the
-    call each ClientStorage makes only on a cache miss:
+    calls each ClientStorage makes only on a cache miss:
+    ``storage.client.load_from_thread`` when it sent the request and
     ``storage.client.fetch_before`` (zeotwist; ``load_before`` in versions
-    without it) or ``storage._server.load_before`` (ZEO)."""
+    without them) or ``storage._server.load_before`` (ZEO)."""
 
     def __init__(self, system: str, storage):
         self.loads = self.misses = 0
@@ -123,6 +124,15 @@ class LoadCounter:
 
         storage.loadBefore = counted_load
         setattr(target, name, counted_fetch)
+        sent_by_thread = getattr(target, "load_from_thread", None)
+        if sent_by_thread is not None:     # zeotwist: the application thread sends it
+
+            def counted_thread_load(oid, tid):
+                sent = sent_by_thread(oid, tid)
+                self.misses += sent is not None     # else fetch_before, counted above
+                return sent
+
+            target.load_from_thread = counted_thread_load
 
     def snapshot(self) -> tuple:
         return self.loads, self.misses
