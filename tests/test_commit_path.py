@@ -6,11 +6,13 @@ never waiting for a round trip, and never gets one twice; a big record goes
 through a live server in long entries and comes back whole."""
 import time
 
+import pytest
 import transaction
 from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from ZODB import DB
 from ZODB.Connection import TransactionMetaData
+from ZODB.POSException import ConflictError
 from ZODB.utils import p64, z64
 
 from zeotwist.client import client as client_module
@@ -128,3 +130,37 @@ def test_a_refill_answered_on_a_former_connection_is_dropped(tmp_path):
             assert len(client._oids) == (0 if reconnected else client_module.OID_BATCH)
     finally:
         server.close()
+
+
+def test_a_small_commit_is_sent_by_the_committing_thread(make_client, monkeypatch):
+    """The blocking client's Vote (with TpcBegin and the store stream) and
+    Finish leave from the committing thread (zeotwist.client.threadwrites):
+    no call handed to the reactor thread; a conflict and a bigger
+    transaction still work, the latter through the reactor."""
+    cs = make_client()
+    oid = z64                   # the root's oid: no new_oid, whose refill uses the reactor
+    handed = []
+    real_call = cs._call
+    monkeypatch.setattr(cs, "_call", lambda f, *a, **kw: (handed.append(f), real_call(f, *a, **kw))[1])
+    serial = z64
+    for data in (b"one", b"two"):
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        cs.store(oid, serial, data, "", t)
+        cs.tpc_vote(t)
+        serial = cs.tpc_finish(t)
+    assert handed == []
+    assert cs.load(oid) == (b"two", serial)
+    t = TransactionMetaData()
+    cs.tpc_begin(t)
+    cs.store(oid, z64, b"stale", "", t)
+    with pytest.raises(ConflictError):
+        cs.tpc_vote(t)
+    cs.tpc_abort(t)
+    assert handed == []
+    t = TransactionMetaData()               # over one store piece: the reactor's path
+    cs.tpc_begin(t)
+    cs.store(oid, serial, b"x" * (C.STORE_CHUNK + 1), "", t)
+    cs.tpc_vote(t)
+    big = cs.tpc_finish(t)
+    assert len(handed) == 1 and cs.load(oid) == (b"x" * (C.STORE_CHUNK + 1), big)

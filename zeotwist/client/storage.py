@@ -185,6 +185,20 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         return blocking_call(self._reactor, f, *args,
                              timeout=timeout or self._timeout, on_timeout=self._timed_out)
 
+    def _ask_from_thread(self, ask, fallback, *args):
+        """A round trip this thread sends itself when it can (``ask(*args)``:
+        a ThreadAnswer, or None; zeotwist.client.threadwrites), else
+        ``fallback(*args)`` through the reactor thread."""
+        reactor = self._reactor
+        if not self._closed and reactor.running and not in_reactor_thread(reactor):
+            answer = ask(*args)
+            if answer is not None:
+                try:
+                    return answer.wait(self._timeout)
+                except TimeoutError:
+                    raise self._timed_out() from None
+        return self._call(fallback, *args)
+
     def _timed_out(self):
         return ClientDisconnected("no answer from the zeotwist server within %g s" % self._timeout)
 
@@ -380,7 +394,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
 
     def tpc_vote(self, transaction):
         txn = self._check_trans(transaction, "tpc_vote")
-        to_resolve = self._call(txn.vote_once)
+        to_resolve = self._ask_from_thread(txn.vote_from_thread, txn.vote_once)
         if to_resolve:
             # Conflicts left to this client: resolved here, in the committing
             # thread, with the application's classes; the server holds the
@@ -393,7 +407,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         txn = self._check_trans(transaction, "tpc_finish")
         tid = None
         try:
-            tid = self._call(txn.finish, f)
+            tid = self._ask_from_thread(txn.finish_from_thread, txn.finish, f)
             return tid
         finally:
             self._blobs_done(tid)

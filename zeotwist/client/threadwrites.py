@@ -82,25 +82,89 @@ class ThreadWrites:
         :class:`ThreadLoad` to wait on, or None (send it the usual way).
         ``store(oid, start, end, data)`` is called on the reactor thread
         with the record found, before the waiter wakes."""
+        tag = thread_tag()
+        load = ThreadLoad(self, tag, oid, store)
+        return load if self.ask_from_thread(tag, fast.load_before_request(tag, oid, tid),
+                                            load) else None
+
+    def ask_from_thread(self, tag: bytes, frame: bytes, receiver) -> bool:
+        """From a thread other than the reactor's: send ``frame`` (which
+        ends with the question ``tag``, from :func:`thread_tag`), its answer
+        to go to ``receiver`` (AMP's ``callback``/``errback``/``addErrback``);
+        False, with nothing sent, when this thread may not write now."""
         transport, lock = self.transport, self.send_lock
         if lock is None or transport is None or \
                 getattr(type(transport), "writeSomeData", None) is None:
-            return None
-        tag = b"t%x" % next(_thread_tags)
-        frame = fast.load_before_request(tag, oid, tid)
-        load = ThreadLoad(self, tag, oid, store)
+            return False
         with lock:
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
                     or not twistedcompat.idle_seen_from_thread(transport):
-                return None
-            twistedcompat.amp_expect_answer_from_thread(self, tag, load)
+                return False
+            twistedcompat.amp_expect_answer_from_thread(self, tag, receiver)
             sent = transport.writeSomeData(frame)
             if not isinstance(sent, int):
                 sent = 0                    # an error: the reactor finds it too
             if sent < len(frame):
                 self._handoff = [frame[sent:]]
                 self.owner.reactor.callFromThread(self._flush_handoff)
-        return load
+        return True
+
+
+def thread_tag() -> bytes:
+    """A question tag for a thread other than the reactor's."""
+    return b"t%x" % next(_thread_tags)
+
+
+class ThreadAnswer:
+    """Stands where AMP keeps a question's Deferred for a question asked
+    from another thread (a commit's Vote or Finish): on the reactor thread,
+    the answer box goes through ``parse(box)`` and ``then(value)`` (an
+    error answer or a lost connection through ``failed(error)``, which
+    returns the error to raise), then the waiting thread wakes."""
+
+    __slots__ = ("proto", "name", "parse", "then", "failed", "lock", "result", "error",
+                 "abandoned")
+
+    def __init__(self, proto, name: str, parse, then, failed):
+        self.proto, self.name, self.parse, self.then, self.failed = \
+            proto, name, parse, then, failed
+        self.lock = allocate_lock()
+        self.lock.acquire()
+        self.result = self.error = None
+        self.abandoned = False      # the waiter timed out: nothing more to do
+
+    def addErrback(self, *args, **kw):
+        return self
+
+    def callback(self, box) -> None:
+        if self.abandoned:
+            return
+        try:
+            value = self.parse(box)
+        except Exception as e:
+            self.proto.protocolViolation("bad %s answer: %s" % (self.name, e))
+            self.error = ClientDisconnected("bad answer from server: %s" % e)
+        else:
+            try:
+                self.result = self.then(value)
+            except Exception as e:
+                self.error = e
+        self.lock.release()
+
+    def errback(self, reason) -> None:
+        from zeotwist.client.protocol import convert_failure
+        error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
+        self.error = self.failed(error)
+        self.lock.release()
+
+    def wait(self, timeout: float | None):
+        """What ``then`` returned, or raise the error; TimeoutError after ``timeout``."""
+        if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            self.abandoned = True
+            raise TimeoutError(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def read_load_answer(proto, box):

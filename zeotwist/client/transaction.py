@@ -16,11 +16,14 @@ and votes again while the server holds the commit lock.
 """
 from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
 from zeotwist.client.resolve import ConflictResolver
+from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
+from zeotwist.twistedcompat import calls_pending
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 from zeotwist.wire import prefetch
@@ -170,6 +173,60 @@ class ClientTransaction:
             d = self._proto.call_frame(C.Vote, fast.vote_request)
             d.addErrback(self._lost)
             return d.addCallbacks(self._voted, self._vote_refused)
+
+    # -- the blocking API's round trips, sent by the committing thread itself ------
+    # (zeotwist.client.threadwrites: one thread hand-off per round trip instead
+    # of two; the answer is handled on the reactor thread as on the path above)
+
+    def vote_from_thread(self):
+        """:meth:`vote_once` from the committing thread (not the reactor's),
+        for a transaction whose TpcBegin, store stream (one piece at most)
+        and Vote can leave in one frame from here: a ``ThreadAnswer`` to
+        ``wait()`` on, or None (nothing sent: take :meth:`vote_once`)."""
+        proto = self._client.protocol
+        if self._proto is not None or self._failed is not None or proto is None \
+                or self._blob_count or self.tid is not None or self.status != " " \
+                or len(self._stream) > C.STORE_CHUNK or calls_pending(self._client.reactor):
+            return None
+        meta = self.meta
+        begin = fast.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes)
+        store = fast.store_data(self._stream, proto.long_values) if self._stream else b""
+        if begin is None or store is None:
+            return None
+        tag = thread_tag()
+        answer = ThreadAnswer(proto, "Vote", lambda box: C.Vote.parseResponse(box, proto),
+                              self._voted, lambda e: self._answer_failed(e, refused=True))
+        self._proto = proto         # read on the reactor thread only once the answer is in
+        if not proto.ask_from_thread(tag, b"".join((begin, store, fast.vote_request(tag))),
+                                     answer):
+            self._proto = None
+            return None
+        self._stream = bytearray()
+        return answer
+
+    def finish_from_thread(self, callback=None):
+        """:meth:`finish` from the committing thread, likewise: a
+        ``ThreadAnswer`` (its result: the tid) or None."""
+        proto = self._proto
+        if proto is None or proto is not self._client.protocol \
+                or calls_pending(self._client.reactor):
+            return None
+        tag = thread_tag()
+        answer = ThreadAnswer(proto, "Finish", lambda box: C.Finish.parseResponse(box, proto),
+                              lambda a: self._finished(a, callback), self._answer_failed)
+        return answer if proto.ask_from_thread(tag, fast.finish_request(tag), answer) else None
+
+    def _answer_failed(self, error, refused=False):
+        """The error a thread's Vote or Finish raises (as :meth:`_lost` and
+        :meth:`_vote_refused` make it on the Deferred path)."""
+        failure = Failure(error)
+        try:
+            self._lost(failure)
+        except Exception as e:
+            return e
+        if refused:
+            self._vote_refused(failure)
+        return error
 
     def resolve(self, to_resolve) -> list:
         """Run ZODB's conflict resolution on ``to_resolve`` (any thread but
