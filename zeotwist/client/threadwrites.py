@@ -1,4 +1,5 @@
-"""A blocking load that costs one thread hand-off instead of two.
+"""A blocking load, or a small commit's Vote and Finish, that costs one
+thread hand-off instead of two.
 
 Through :func:`~zeotwist.client.reactorthread.blocking_call`, a cold
 ``ClientStorage.loadBefore`` wakes the reactor thread (``callFromThread``:
@@ -25,6 +26,13 @@ meanwhile queues behind that rest.  The question's tag is registered before
 the frame leaves, under the same lock that ``connectionLost`` takes before
 AMP fails every outstanding question, so a lost connection always fails the
 load (:class:`ClientDisconnected`) and never strands it.
+
+The same path (:meth:`ThreadWrites.ask_from_thread` and :class:`ThreadAnswer`)
+carries a small commit's round trips (``ClientTransaction.vote_from_thread``,
+``finish_from_thread``): the answer is parsed and handled on the reactor
+thread exactly as on the Deferred path (the cache refreshed, ZODB's
+``tpc_finish`` callback run under the visibility lock), then the committing
+thread wakes.
 
 The answer is read on the reactor thread in arrival order, like every other
 box, and stored in the cache there before the next box (an invalidation)
