@@ -128,10 +128,12 @@ class ThreadAnswer:
     from another thread (a commit's Vote or Finish): on the reactor thread,
     the answer box goes through ``parse(box)`` and ``then(value)`` (an
     error answer or a lost connection through ``failed(error)``, which
-    returns the error to raise), then the waiting thread wakes."""
+    returns the error to raise), then the waiting thread wakes.  The answer
+    is handled even when the waiter has stopped waiting (its timeout): a
+    Finish the server answers late is still a commit the cache must learn
+    of, as on the Deferred path (ClientTransaction.finish)."""
 
-    __slots__ = ("proto", "name", "parse", "then", "failed", "lock", "result", "error",
-                 "abandoned")
+    __slots__ = ("proto", "name", "parse", "then", "failed", "lock", "result", "error")
 
     def __init__(self, proto, name: str, parse, then, failed):
         self.proto, self.name, self.parse, self.then, self.failed = \
@@ -139,14 +141,11 @@ class ThreadAnswer:
         self.lock = allocate_lock()
         self.lock.acquire()
         self.result = self.error = None
-        self.abandoned = False      # the waiter timed out: nothing more to do
 
     def addErrback(self, *args, **kw):
         return self
 
     def callback(self, box) -> None:
-        if self.abandoned:
-            return
         try:
             value = self.parse(box)
         except Exception as e:
@@ -168,7 +167,6 @@ class ThreadAnswer:
     def wait(self, timeout: float | None):
         """What ``then`` returned, or raise the error; TimeoutError after ``timeout``."""
         if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
-            self.abandoned = True
             raise TimeoutError(timeout)
         if self.error is not None:
             raise self.error

@@ -305,7 +305,13 @@ class ClientTransaction:
         if self._proto is not self._client.protocol:
             return fail(self._proto.lost_transaction("connection lost before finish"))
         d = self._proto.call_frame(C.Finish, fast.finish_request)
-        return d.addErrback(self._lost).addCallback(self._finished, callback)
+        d.addErrback(self._lost).addCallback(self._finished, callback)
+        # A caller that stops waiting (the blocking API's timeout cancels)
+        # must not stop the answer from reaching the cache: the server may
+        # commit all the same, and nobody else tells this client.
+        waiter = Deferred()
+        d.addBoth(waiter.callback)
+        return waiter
 
     def _lost(self, failure):
         """A call of this transaction failed because its connection went:
