@@ -427,3 +427,27 @@ def test_an_unknown_register_field_is_ignored_so_features_can_be_negotiated():
     assert C.Register.parseArguments(box, None) == dict(
         protocol=C.PROTOCOL_VERSION, storage="1", read_only=False, prefetch=None,
         long_values=None, timeout_notice=None)
+
+
+def test_load_before_questions_are_answered_from_the_bytes_without_a_box(world, monkeypatch):
+    """A plain LoadBefore is read by session.fast_frame; a box only for the rest."""
+    from zeotwist.server.session import ServerSession
+    clock, servers = world
+    client, session, pump, _ = connect_in_memory(servers, clock)
+    register(client, pump)
+    boxes = []
+    real = ServerSession.ampBoxReceived
+    monkeypatch.setattr(ServerSession, "ampBoxReceived",
+                        lambda self, box: boxes.append(dict(box)) or real(self, box))
+    _, tid = commit(client, pump, [encode_store(z64, z64, b"root")])
+    boxes.clear()
+    answers = []
+    for oid in (z64, z64, b"\0" * 7 + b"\5"):
+        client.load_before(oid, maxtid).addBoth(answers.append)
+    pump.flush()
+    assert answers[:2] == [(b"root", tid, None), (b"root", tid, None)]
+    # an error to map (no such object) falls back to the box and AMP's path
+    assert answers[2].check(POSKeyError)
+    assert [b.get(b"_command") for b in boxes] == [b"LoadBefore"]
+    call(client, pump, C.LastTransaction)                 # other boxes: AMP's parser
+    assert [b.get(b"_command") for b in boxes] == [b"LoadBefore", b"LastTransaction"]

@@ -36,6 +36,24 @@ def test_load_before_request_is_amps_own(tag):
     assert C.LoadBefore.parseArguments(box, None) == {"oid": OID, "tid": TID}
 
 
+def test_a_load_before_request_is_matched_in_the_bytes_where_amp_reads_that_box():
+    frame = fast.load_before_request(b"t1f", OID, TID)
+    other = amp_frame(C.LoadBefore, {"oid": OID, "tid": TID}, amp.ASK, b"9")
+    buf = other + frame + frame[:-1]
+    assert fast.match_load_before_request(buf, len(other)) == (
+        b"t1f", OID, TID, len(other) + len(frame))
+    assert fast.match_load_before_request(buf, len(other) + len(frame)) is None   # not whole
+    assert fast.match_load_before_request(buf, 0) == (b"9", OID, TID, len(other))
+    # anything else is left to AMP's parser: another command, other keys, other sizes
+    assert fast.match_load_before_request(fast.store_data(b"x", False), 0) is None
+    assert fast.match_load_before_request(frame.replace(b"LoadBefore", b"LoadBeforf"), 0) is None
+    box = parse_one(frame)
+    box[b"oid"] = OID + b"x"                  # 9 bytes: AMP's path refuses it
+    assert fast.match_load_before_request(box.serialize(), 0) is None
+    extra = amp.AmpBox(parse_one(frame), more=b"1").serialize()
+    assert fast.match_load_before_request(extra, 0) is None
+
+
 RECORDS = [
     None,
     (b"", START, None),

@@ -165,6 +165,27 @@ def load_before_request(tag: bytes, oid: bytes, tid: bytes) -> bytes:
     return b"".join((c[0], _H(len(tag)), tag, c[1], oid, c[2], tid, c[3]))
 
 
+def match_load_before_request(buf: bytes, off: int) -> tuple | None:
+    """``(tag, oid, tid, end)`` when ``buf`` holds at ``off`` a whole
+    LoadBefore question as :func:`load_before_request` frames it (bytes that
+    AMP's parser reads as that box, ``end`` where it stops); None for any
+    other box, or one not whole yet: AMP's parser reads those."""
+    c = _REQUEST
+    if not buf.startswith(c[0], off):
+        return None
+    p = off + len(c[0])
+    if len(buf) < p + 2:
+        return None
+    p2 = p + 2 + ((buf[p] << 8) | buf[p + 1])
+    oid_at = p2 + len(c[1])
+    tid_at = oid_at + 8 + len(c[2])
+    end = tid_at + 8 + len(c[3])
+    if len(buf) < end or not buf.startswith(c[1], p2) \
+            or not buf.startswith(c[2], oid_at + 8) or not buf.startswith(c[3], tid_at + 8):
+        return None
+    return buf[p + 2:p2], buf[oid_at:oid_at + 8], buf[tid_at:tid_at + 8], end
+
+
 def read_load_before_request(box) -> tuple | None:
     """``(tag, oid, tid)`` of a plain LoadBefore box, or None for anything
     else (which then takes AMP's validating path)."""

@@ -45,6 +45,10 @@ class BoundedAMP(amp.AMP):
     maxBoxBytes = SERVER_MAX_BOX_BYTES
     maxBoxKeys = SERVER_MAX_BOX_KEYS
 
+    #: ``fast_frame(buf, off)``: handles a whole box it recognises at ``off``
+    #: straight from the bytes and returns where it ends, else 0 (None: none)
+    fast_frame = None
+
     _buf = b""
     _box = None
     _boxBytes = 0
@@ -157,7 +161,15 @@ class BoundedAMP(amp.AMP):
         buf = self._buf + data if self._buf else data
         n, off, box = len(buf), 0, self._box
         size, maxBytes = self._boxBytes, self.maxBoxBytes
+        fast_frame = self.fast_frame
         while n - off >= 2:
+            if box is None and fast_frame is not None:
+                end = fast_frame(buf, off)
+                if end:                     # handled whole, without a box
+                    off = end
+                    if self._violated or self.transport is None:
+                        return
+                    continue
             klen = (buf[off] << 8) | buf[off + 1]
             if klen == LONG_MARK:
                 # A long entry (zeotwist.wire.fast): one value over 64 KiB,
