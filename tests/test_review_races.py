@@ -73,3 +73,97 @@ def test_a_finish_answered_after_the_client_gave_up_still_reaches_its_cache(
         cs.load(p64(999))           # a round trip: the Finish answer came before it
     assert cs.lastTransaction() == second
     assert cs.load(z64) == (b"two", second)
+
+
+def test_a_client_gone_in_the_middle_of_a_big_answer_frees_its_output(server, make_client):
+    """A 6 MB record is written from its own object (emit_parts, adopted
+    by the transport); a raw client that reads a little of it and closes
+    leaves nothing counted against the server's output budget, and the
+    server goes on serving (no error logged: the autouse fixture)."""
+    import socket
+    from twisted.protocols import amp
+    from zeotwist.wire import commands as C
+    from zeotwist.wire import fast
+    from rawamp import RawClient
+    cs = make_client()
+    oid = cs.new_oid()
+    record = bytes(range(256)) * (6 * 2**20 // 256)
+    _commit(cs, oid, z64, record)
+    budgets = server.service.factory.budgets
+    for _ in range(3):
+        raw = RawClient(server.address)
+        answer = raw.ask(C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                         read_only=True, long_values=True)
+        assert amp.ANSWER in answer, answer
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.sock.sendall(fast.load_before_request(b"9", oid, b"\xff" * 8))
+        assert raw.sock.recv(100)           # the answer has begun
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        raw.close()                         # a reset, the answer half sent
+    _wait_for(lambda: budgets.output.total == 0, "the output budget freed")
+    assert make_client().load(oid)[0] == record     # a cold load, served as before
+
+
+def test_a_vote_the_timeout_aborted_is_never_answered_as_a_success(tmp_path):
+    """An older client (no ``timeout_notice``) whose vote, running in the
+    storage's worker, ends just as the transaction timeout aborts it: the
+    connection is aborted, and the vote's late result must not reach the
+    client as a successful vote (it would call tpc_finish on a transaction
+    the server threw away).  The storage's vote ends when the server logs
+    its timeout line, and the reactor waits there until the worker has
+    handed the result back, so the result lands between the abort and
+    connectionLost every time."""
+    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.protocols import amp
+    from rawamp import RawClient
+    from zeotwist.testing import start_server
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.records import encode_store
+
+    running = start_server(str(tmp_path / "data.fs"), transaction_timeout=0.5)
+    served = running.server
+    served.inline_commit_bytes = 0              # the vote runs in the worker
+    storage = served.storage
+    go, voted = threading.Event(), threading.Event()
+    real_vote = storage.tpc_vote
+
+    def held_vote(txn):
+        go.wait(30)
+        try:
+            return real_vote(txn)
+        finally:
+            voted.set()
+
+    def observe(event):
+        if str(event.get("log_namespace")) == "zeotwist.server.session" and \
+                formatEvent(event).startswith("transaction timeout"):
+            go.set()                    # the vote ends now, the abort is under way
+            voted.wait(30)
+            deadline = time.monotonic() + 30
+            while not running.reactor.threadCallQueue and time.monotonic() < deadline:
+                time.sleep(0.001)       # the worker hands its result to the reactor
+
+    raw = RawClient(running.address)
+    globalLogPublisher.addObserver(observe)
+    try:
+        raw.register("1")
+        oid = C.NewOids.parseResponse(raw.ask(C.NewOids, count=1), None)["oids"][0]
+        storage.tpc_vote = held_vote
+        raw.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+        raw.send(C.StoreData, data=encode_store(oid, z64, b"data"))
+        raw.sock.sendall(raw.box(C.Vote, True))
+        answers = []
+        try:
+            while True:
+                answers.append(raw.reader.box())
+        except (ConnectionError, OSError):
+            pass                        # the server dropped the connection
+        assert not [a for a in answers if amp.ANSWER in a], answers
+        assert go.is_set()
+        assert storage.lastTransaction() == z64     # nothing committed
+    finally:
+        go.set()
+        globalLogPublisher.removeObserver(observe)
+        raw.close()
+        storage.tpc_vote = real_vote
+        running.stop()

@@ -102,10 +102,13 @@ def amp_send_box(proto, name: bytes, box, requires_answer: bool):
 
 
 def nothing_queued(transport) -> bool:
-    """A connected socket transport with nothing buffered, not closing:
-    bytes written to its socket now keep their order."""
+    """A connected socket transport with nothing buffered, not closing nor
+    aborted: bytes written to its socket now keep their order.  (An
+    ``abortConnection`` leaves ``connected`` set until ``connectionLost``
+    runs a turn later; what is written meanwhile must not reach the peer.)"""
     return (getattr(transport, "connected", False) and not transport.disconnecting
             and not getattr(transport, "_writeDisconnected", True)
+            and not getattr(transport, "_aborting", False)
             and not transport.dataBuffer and not transport._tempDataBuffer
             and getattr(transport, "producer", None) is None)
 
@@ -119,6 +122,7 @@ def idle_seen_from_thread(transport) -> bool:
     are still to be written (the reverse order can)."""
     if not getattr(transport, "connected", False) or transport.disconnecting \
             or getattr(transport, "_writeDisconnected", True) \
+            or getattr(transport, "_aborting", False) \
             or getattr(transport, "producer", None) is not None:
         return False
     return not transport._tempDataBuffer and not transport.dataBuffer

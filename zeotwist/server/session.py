@@ -549,8 +549,10 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
 
     def _voted(self, result, txn):
         resolved, conflicts, to_resolve = result
-        if not txn.state.can(Event.VOTED):     # aborted meanwhile: nobody is listening
-            return dict(resolved=[], conflicts=b"")
+        if not txn.state.can(Event.VOTED):
+            # aborted meanwhile (transaction timeout, Abort, lost link): if
+            # anyone still hears this answer, it must not read as a vote
+            raise TransactionStateError("the transaction was aborted while it voted")
         if conflicts:
             self.server.stats["conflicts"] += len(conflicts)
             answer = dict(resolved=[], conflicts=b"".join(conflicts))
