@@ -451,3 +451,22 @@ def test_load_before_questions_are_answered_from_the_bytes_without_a_box(world, 
     assert [b.get(b"_command") for b in boxes] == [b"LoadBefore"]
     call(client, pump, C.LastTransaction)                 # other boxes: AMP's parser
     assert [b.get(b"_command") for b in boxes] == [b"LoadBefore", b"LastTransaction"]
+
+
+def test_load_before_answers_reach_the_load_from_the_bytes_without_a_box(world, monkeypatch):
+    """The client reads a plain LoadBefore answer in ClientProtocol.fast_frame."""
+    from zeotwist.client.protocol import ClientProtocol
+    clock, servers = world
+    client, session, pump, _ = connect_in_memory(servers, clock)
+    register(client, pump)
+    _, tid = commit(client, pump, [encode_store(z64, z64, b"root")])
+    boxes = []
+    real = ClientProtocol.ampBoxReceived
+    monkeypatch.setattr(ClientProtocol, "ampBoxReceived",
+                        lambda self, box: boxes.append(dict(box)) or real(self, box))
+    answers = []
+    client.load_before(z64, maxtid).addBoth(answers.append)
+    client.load_before(b"\0" * 7 + b"\5", maxtid).addBoth(answers.append)   # an error answer
+    pump.flush()
+    assert answers[0] == (b"root", tid, None) and answers[1].check(POSKeyError)
+    assert [sorted(b) for b in boxes] == [[b"_error", b"_error_code", b"_error_description"]]

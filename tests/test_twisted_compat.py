@@ -61,6 +61,19 @@ def test_amp_answer_receiver_under_a_tag_of_another_thread():
     assert [dict(b) for b in receiver.boxes] == [{amp.ANSWER: b"t1", b"x": b"2"}]
 
 
+def test_amp_take_receiver_only_of_the_kind_asked_for():
+    proto, transport = connected_amp()
+    receiver, other = Receiver(), Receiver()
+    receiver.answered = True
+    compat.amp_expect_answer_from_thread(proto, b"t1", receiver)
+    compat.amp_expect_answer_from_thread(proto, b"t2", other)
+    assert compat.amp_take_receiver(proto, b"t2", "answered") is None
+    assert compat.amp_is_outstanding(proto, b"t2")                 # left where it was
+    assert compat.amp_take_receiver(proto, b"t1", "answered") is receiver
+    assert not compat.amp_is_outstanding(proto, b"t1")
+    assert compat.amp_take_receiver(proto, b"t1", "answered") is None
+
+
 def test_calls_pending_until_the_reactor_ran_them():
     reactor = compat.private_reactor()      # a real one, never run
     assert hasattr(reactor, "threadCallQueue") and not compat.calls_pending(reactor)
@@ -300,7 +313,8 @@ def test_logging_begun(monkeypatch):
 @pytest.mark.parametrize("name", ["amp_make_connection_quietly", "amp_connection_lost_quietly",
                                   "amp_closed", "amp_switched", "amp_expect_answer",
                                   "amp_is_outstanding", "amp_expect_answer_from_thread",
-                                  "calls_pending", "idle_seen_from_thread", "amp_send_box", "amp_encode_fields",
+                                  "calls_pending", "idle_seen_from_thread", "amp_take_receiver",
+                                  "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
                                   "discard_output",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",

@@ -54,6 +54,28 @@ def test_a_load_before_request_is_matched_in_the_bytes_where_amp_reads_that_box(
     assert fast.match_load_before_request(extra, 0) is None
 
 
+@pytest.mark.parametrize("record", [None, (b"", START, None), (b"record", START, None),
+                                    (b"record", START, END), (b"x" * fast.MAX_VALUE, START, END)])
+def test_a_load_before_answer_is_matched_in_the_bytes_where_amp_reads_that_box(record):
+    frame = fast.load_before_answer(b"t7", record)
+    assert fast.match_load_before_answer(b"ab" + frame + frame, 2) == (b"t7", record,
+                                                                       2 + len(frame))
+    for cut in range(len(frame)):                      # not whole yet: AMP's parser waits
+        assert fast.match_load_before_answer(frame[:cut], 0) is None
+    assert fast.read_load_before_answer(parse_one(frame), None) == record
+
+
+def test_other_answers_are_left_to_amps_parser():
+    prefetched = fast.load_before_answer(b"t7", (b"record", START, None), b"p" * 10)
+    assert fast.match_load_before_answer(prefetched, 0) is None
+    long = fast.load_before_answer(b"t7", (b"x" * (fast.MAX_VALUE + 1), START, None),
+                                   long_values=True)
+    assert fast.match_load_before_answer(long, 0) is None
+    other = amp_frame(C.LastTransaction, {"tid": TID}, amp.ANSWER, b"t7", response=True)
+    assert fast.match_load_before_answer(other, 0) is None
+    assert fast.match_load_before_answer(fast.load_before_request(b"t7", OID, TID), 0) is None
+
+
 RECORDS = [
     None,
     (b"", START, None),

@@ -77,6 +77,18 @@ def amp_expect_answer_from_thread(proto, tag: bytes, receiver) -> None:
     proto._outstandingRequests[tag] = receiver
 
 
+def amp_take_receiver(proto, tag: bytes, having: str):
+    """The receiver waiting for the answer ``tag`` if it has the attribute
+    ``having``, removed as AMP's ``_answerReceived`` removes it; else None
+    (and any other receiver is left where it is)."""
+    requests = proto._outstandingRequests
+    receiver = None if requests is None else requests.get(tag)
+    if receiver is None or not hasattr(receiver, having):
+        return None
+    del requests[tag]
+    return receiver
+
+
 def calls_pending(reactor) -> bool:
     """Calls handed to ``reactor`` with ``callFromThread`` not yet done
     (``threadCallQueue``, emptied only after the last of them returned)."""

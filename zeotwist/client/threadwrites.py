@@ -206,11 +206,16 @@ class ThreadLoad:
         except Exception as e:
             proto.protocolViolation("bad LoadBefore answer: %s" % e)
             self.error = ClientDisconnected("bad answer from server: %s" % e)
+            self.lock.release()
         else:
-            if value is not None:
-                data, start, end = value
-                self.store(self.oid, start, end, data)
-            self.result = value
+            self.answered(value)
+
+    def answered(self, value) -> None:
+        """The answer, read: ``(data, start, end)`` or None; stored, then the thread woken."""
+        if value is not None:
+            data, start, end = value
+            self.store(self.oid, start, end, data)
+        self.result = value
         self.lock.release()
 
     def errback(self, reason) -> None:

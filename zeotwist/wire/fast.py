@@ -240,6 +240,38 @@ def load_before_answer_parts(tag: bytes, record, prefetched: bytes | None = None
     return b"".join((c[0], _H(len(tag)), tag, c[1], head)), data, b"".join(tail)
 
 
+def match_load_before_answer(buf: bytes, off: int) -> tuple | None:
+    """``(tag, record, end)`` when ``buf`` holds at ``off`` a whole answer
+    to LoadBefore ``tag`` as :func:`load_before_answer` frames one without
+    prefetched records or long entries (``record``: ``(data, start, end)``,
+    or None: not found); None for anything else or an answer not whole yet
+    (AMP's parser reads those)."""
+    c, n = _CURRENT, len(buf)
+    if not buf.startswith(c[0], off):
+        return None
+    at = off + len(c[0])
+    if n < at + 2:
+        return None
+    tag_at = at + 2
+    at = tag_end = tag_at + ((buf[at] << 8) | buf[at + 1])
+    if buf.startswith(_MISSING[1], at):
+        return buf[tag_at:tag_end], None, at + len(_MISSING[1])
+    data_at = at + len(c[1]) + 2
+    if n < data_at or not buf.startswith(c[1], at):
+        return None
+    data_end = data_at + ((buf[data_at - 2] << 8) | buf[data_at - 1])
+    at, end_tid = data_end, None
+    if buf.startswith(_REPLACED[2], at):
+        at += len(_REPLACED[2]) + 8
+        end_tid = buf[at - 8:at]
+    start_at = at + len(c[2])
+    stop = start_at + 8 + len(c[3])
+    if n < stop or not buf.startswith(c[2], at) or not buf.startswith(c[3], start_at + 8):
+        return None
+    return (buf[tag_at:tag_end], (buf[data_at:data_end], buf[start_at:start_at + 8], end_tid),
+            stop)
+
+
 def read_load_before_answer(box, proto) -> tuple | None:
     """``(data, start, end)`` or None from a LoadBefore answer box; raises
     on a malformed one (a record over 64 KiB is read through the declaration)."""
