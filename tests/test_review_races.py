@@ -167,3 +167,44 @@ def test_a_vote_the_timeout_aborted_is_never_answered_as_a_success(tmp_path):
         raw.close()
         storage.tpc_vote = real_vote
         running.stop()
+
+
+@pytest.mark.logs_errors("the storage's vote and finish raise on purpose")
+@pytest.mark.parametrize("path", ["thread", "reactor"])
+@pytest.mark.parametrize("inline", [True, False])
+def test_an_unexpected_storage_error_in_vote_or_finish_is_a_typed_answer(
+        server, make_client, monkeypatch, path, inline):
+    """Vote and Finish are answered without AMP's dispatch (session._fast_ask):
+    a storage error no command declares still reaches the client as a typed
+    error (StorageServerError), at once, and the connection goes on serving."""
+    from ZODB.POSException import StorageError
+    from zeotwist.errors import StorageServerError
+    if path == "reactor":
+        monkeypatch.setattr(ClientTransaction, "vote_from_thread", lambda self: None)
+        monkeypatch.setattr(ClientTransaction, "finish_from_thread",
+                            lambda self, callback=None: None)
+    served = server.server
+    if not inline:
+        served.inline_commit_bytes = 0
+    storage = served.storage
+    cs = make_client()
+    first = _commit(cs, z64, z64, b"one")
+    for method in ("tpc_vote", "tpc_finish"):
+        real = getattr(storage, method)
+
+        def broken(*args, **kw):
+            raise RuntimeError("disk on fire")
+        monkeypatch.setattr(storage, method, broken)
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        cs.store(z64, first, b"two", "", t)
+        with pytest.raises((StorageServerError, StorageError)) as caught:
+            cs.tpc_vote(t)
+            cs.tpc_finish(t)
+        assert "disk on fire" in str(caught.value)
+        cs.tpc_abort(t)
+        monkeypatch.setattr(storage, method, real)
+        assert cs.is_connected()
+    second = _commit(cs, z64, first, b"three")     # the same connection commits
+    assert cs.load(z64) == (b"three", second)
+    assert cs.client.connections == 1               # never dropped
