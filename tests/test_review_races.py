@@ -23,11 +23,11 @@ def _commit(cs, oid, serial, data):
     return cs.tpc_finish(t)
 
 
-def _wait_for(predicate, what: str, limit: float = 30.0):
+def _wait_for(predicate, what, limit: float = 30.0):
     deadline = time.monotonic() + limit
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError("never happened: " + what)
+            raise AssertionError("never happened: " + (what if isinstance(what, str) else what()))
         time.sleep(0.005)
 
 
@@ -208,3 +208,54 @@ def test_an_unexpected_storage_error_in_vote_or_finish_is_a_typed_answer(
     second = _commit(cs, z64, first, b"three")     # the same connection commits
     assert cs.load(z64) == (b"three", second)
     assert cs.client.connections == 1               # never dropped
+
+
+def test_loaders_that_do_not_read_cannot_spend_the_output_budget_many_times(
+        tmp_path, monkeypatch):
+    """Connections that each ask for one 8 MB record and read nothing: a
+    burst that begins while the server's output budget is spent must wait
+    (its boxes held) instead of having its first answer written anyway, or
+    N connections hold N big records however small --memory-budget is.
+    (The budget's periodic re-check, which drops the greediest reader, is
+    held off here, so what is written is what the bursts decided.)"""
+    import socket
+    from twisted.protocols import amp
+    from rawamp import RawClient
+    from zeotwist import ClientStorage
+    from zeotwist.client.reactorthread import background_reactor
+    from zeotwist.server.session import ServerSession
+    from zeotwist.testing import start_server
+    from zeotwist.wire import commands as C
+    from zeotwist.wire import fast
+
+    size, connections = 8 * 2**20, 8
+    monkeypatch.setattr(ServerSession, "OUTPUT_CHECK_INTERVAL", 3600.0)
+    running = start_server(str(tmp_path / "data.fs"), memory_budget=16 * 2**20)
+    cs = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10)
+    raws = []
+    try:
+        oid = cs.new_oid()
+        _commit(cs, oid, z64, b"r" * size)
+        served = running.server
+        for i in range(connections):
+            raw = RawClient(running.address)
+            raws.append(raw)
+            answer = raw.ask(C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                             read_only=True, long_values=True)
+            assert amp.ANSWER in answer, answer
+            raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for raw in raws:        # registered while the budget had room; now each asks
+            raw.sock.sendall(fast.load_before_request(b"9", oid, b"\xff" * 8))
+        loaders = lambda: [s for s in list(served.sessions) if s.read_only]     # noqa: E731
+        _wait_for(lambda: len(loaders()) == connections and all(
+            s._unread >= size or s._held or s.transport is None for s in loaders()),
+            lambda: "every loader's request read: %r" % [
+                (s._unread, s._held, s.transport is None, s._budget) for s in loaders()])
+        answered = [s for s in loaders() if s._unread >= size]
+        assert 1 <= len(answered) <= 3, "%d of %d non-reading loaders got their %d MB " \
+            "answer with a 8 MB output budget" % (len(answered), connections, size >> 20)
+    finally:
+        for raw in raws:
+            raw.close()
+        cs.close()
+        running.stop()

@@ -184,6 +184,11 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         if self.transport is not None:
             self._unread = 0
             self._budget = self.burst_budget(pending_output(self.transport))
+            if self._budget <= 0 and self._held is None and self.server is not None:
+                # No room: this burst waits, its boxes held, rather than
+                # having its first answer (a 10 MB record?) written anyway:
+                # else N connections each hold one, whatever the budget.
+                self._pause_reading()
         super().dataReceived(data)
         self.after_input()                  # guards: the server's budgets
 
