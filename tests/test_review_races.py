@@ -259,3 +259,31 @@ def test_loaders_that_do_not_read_cannot_spend_the_output_budget_many_times(
             raw.close()
         cs.close()
         running.stop()
+
+
+@pytest.mark.parametrize("in_worker", ["vote", "finish"])
+def test_one_commit_split_between_the_worker_and_the_reactor_thread(
+        server, make_client, monkeypatch, in_worker):
+    """A small commit's calls run inline only while the worker is idle, so
+    one transaction may vote in the worker and finish on the reactor thread
+    (or the reverse): the storage's commit lock, taken in one thread and
+    released in the other, must allow it, and the commits go on."""
+    from zeotwist.server import commit
+    threads = server.server.threads
+    inline = threads.inline_or_in_order
+    where = {}
+
+    def split(f, *args):
+        name = f.__name__
+        run = threads.in_order if name == in_worker else inline
+        where[name] = threading.current_thread().name if run is inline else "worker"
+        return run(f, *args)
+
+    monkeypatch.setattr(threads, "inline_or_in_order", split)
+    cs = make_client()
+    serial = z64
+    for data in (b"one", b"two", b"three"):
+        serial = _commit(cs, z64, serial, data)
+    assert where[in_worker] == "worker" and set(where) >= {commit.vote.__name__, "finish"}
+    assert threads.inline_calls >= 3                # the other half ran inline
+    assert make_client().load(z64) == (b"three", serial)
