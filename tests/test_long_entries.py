@@ -223,3 +223,82 @@ def test_a_big_answer_is_sent_from_its_record_in_order_with_other_frames(corked)
     assert any(getattr(s, "obj", s) is record for s in fd.sent)
     r = feed(sent[len(b"before"):-len(b"after")], 2**20)
     assert fast.read_load_before_answer(r.boxes[0], None) == (record, START, None)
+
+
+# -- blob pieces of 1 MiB: one long entry each way ------------------------------------
+
+BLOB_PIECE = bytes(range(256)) * (C.BLOB_CHUNK_LONG // 256)
+
+
+@pytest.mark.parametrize("cut", [1000, 65536, 2**20 + 7])
+def test_a_1mib_blob_chunk_in_one_entry(cut):
+    frame = fast.store_blob_chunk(4, BLOB_PIECE, long_values=True)
+    r = feed(frame, cut)
+    assert r.violations == [] and len(r.boxes) == 1
+    assert fast.read_store_blob_chunk(r.boxes[0]) == (4, BLOB_PIECE)
+    assert C.StoreBlobChunk.parseArguments(r.boxes[0], None) == {"blob": 4, "data": BLOB_PIECE}
+    with pytest.raises(Exception):          # never over 64 KiB without long entries
+        fast.store_blob_chunk(4, BLOB_PIECE)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_load_blob_chunk_answer_is_one_long_entry_to_a_peer_that_reads_them(declared):
+    """LongBytes: the answer's data goes whole (BoundedAMP.sendBox, fast.box_parts)
+    to a peer that declared long entries, cut into AMP values to one that did not;
+    both read back as the same answer."""
+    sender = Receiver()
+    sender.long_values = declared
+    box = amp.AmpBox(C.LoadBlobChunk.makeResponse(dict(data=BLOB_PIECE, size=5 * 2**20),
+                                                  sender))
+    box[amp.ANSWER] = b"3"
+    sender.sendBox(box)
+    frame = sender.transport.value()
+    assert (fast.long_entry(b"data", BLOB_PIECE) in frame) == declared
+    assert (b"data.1" in frame) != declared
+    r = feed(frame, 65536)
+    assert r.violations == []
+    assert C.LoadBlobChunk.parseResponse(r.boxes[0], None) == dict(data=BLOB_PIECE,
+                                                                   size=5 * 2**20)
+
+
+class _ChunkServer:
+    """A connection's ``call`` for BlobDownload: answers LoadBlobChunk from
+    ``blob``, honouring ``length`` (up to BLOB_LOAD_MAX) or, like a server
+    from before ``length``, always BLOB_LOAD_CHUNK bytes."""
+
+    def __init__(self, blob: bytes, honours_length: bool):
+        self.blob, self.honours = blob, honours_length
+        self.asked, self.waiting = [], []
+
+    def call(self, command, oid, serial, offset, length=None):
+        from twisted.internet.defer import Deferred
+        self.asked.append((offset, length))
+        n = min(length, C.BLOB_LOAD_MAX) if self.honours and length else C.BLOB_LOAD_CHUNK
+        d = Deferred()
+        self.waiting.append((d, dict(data=self.blob[offset:offset + n], size=len(self.blob))))
+        return d
+
+    def answer_all(self) -> int:
+        most = 0
+        while self.waiting:
+            most = max(most, len(self.waiting))
+            d, answer = self.waiting.pop(0)
+            d.callback(answer)
+        return most
+
+
+@pytest.mark.parametrize("honours_length", [True, False])
+def test_a_download_asks_for_1mib_pieces_and_follows_an_older_server(honours_length):
+    import io
+    from zeotwist.client.blobtransfer import BlobDownload, DOWNLOAD_BYTES, DOWNLOAD_WINDOW
+    blob = bytes(range(256)) * (9 * 2**20 // 256) + b"end"
+    server, f = _ChunkServer(blob, honours_length), io.BytesIO()
+    done = BlobDownload(server, b"\0" * 8, b"\1" * 8, f).start()
+    most = server.answer_all()
+    assert done.result == len(blob) and f.getvalue() == blob
+    piece = C.BLOB_LOAD_MAX if honours_length else C.BLOB_LOAD_CHUNK
+    offsets = [offset for offset, _ in server.asked]
+    assert offsets == list(range(0, len(blob), piece))
+    assert server.asked[0][1] == C.BLOB_LOAD_MAX           # always asked for 1 MiB first
+    assert all(length == piece for _, length in server.asked[1:])
+    assert most <= min(DOWNLOAD_WINDOW, DOWNLOAD_BYTES // piece)

@@ -4,21 +4,23 @@
   a streaming producer registered with the connection's transport: it
   reads and sends a chunk whenever the transport's buffer has drained and
   stops when the transport says it is full, so a blob of any size costs the
-  client about one chunk (60 KB) of memory, whatever the network's speed.
+  client about one chunk (60 KB; 1 MiB to a server that reads long entries)
+  of memory, whatever the network's speed.
   It always begins in a reactor turn of its own: boxes sent while incoming
   data is being handled are held back until that is done
   (``BoundedAMP.emit``), where no transport could pause it.
 * :class:`BlobUploads` runs a transaction's uploads one after another.
 * :class:`BlobDownload` pulls a committed blob with ``LoadBlobChunk``
-  requests, 16 in flight, and writes each chunk to a file, in order, as
-  it arrives: the server never holds more than those few chunks for us.
+  requests of 1 MiB, 4 in flight (120 KB, 16 in flight, from an older
+  server), and writes each chunk to a file, in order, as it arrives: the
+  server never holds more than those few chunks for us.
 
 A transfer may last long (a big blob, a slow network), so rather than a
 deadline for the whole of it, both kinds take an ``idle_timeout``: they fail
 with ClientDisconnected when they make no progress for that long.
 
 Runs on the reactor thread (the file reads and writes included: sequential
-pieces of at most 120 KB of local files).
+pieces of at most 1 MiB of local files).
 """
 from collections import deque
 
@@ -28,12 +30,15 @@ from twisted.python.failure import Failure
 from ZODB.POSException import StorageError
 from zope.interface import implementer
 
+from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 
-#: LoadBlobChunk requests kept in flight by one download.
+#: LoadBlobChunk requests kept in flight by one download, and the most
+#: bytes they ask for together.
 DOWNLOAD_WINDOW = 16
+DOWNLOAD_BYTES = 4 * 2**20
 
 
 class ProgressWatchdog:
@@ -72,13 +77,15 @@ class BlobUpload:
     open on ``proto``; :meth:`start` fires once the last chunk is handed
     to the transport (or fails with ClientDisconnected or an OSError)."""
 
-    def __init__(self, reactor, proto, number: int, path: str, chunk: int = C.BLOB_CHUNK,
+    def __init__(self, reactor, proto, number: int, path: str, chunk: int | None = None,
                  idle_timeout: float | None = None):
         self.reactor = reactor
         self.proto = proto
         self.number = number
         self.path = path
-        self.chunk = chunk
+        #: a server that reads long entries takes chunks of 1 MiB in one value
+        self.long_values = getattr(proto, "long_values", False)
+        self.chunk = chunk or (C.BLOB_CHUNK_LONG if self.long_values else C.BLOB_CHUNK)
         self.sent = 0
         self._watchdog = ProgressWatchdog(reactor, idle_timeout, lambda: self.sent,
                                           self._stalled)
@@ -113,6 +120,7 @@ class BlobUpload:
             self._end(Failure())
             return
         self._transport = transport
+        twistedcompat.bulk_sends(transport)           # a chunk in one send, not eight
         if self._done is not None:
             self.resumeProducing()
 
@@ -126,7 +134,7 @@ class BlobUpload:
                 self._end(Failure())
                 return
             if data or first:       # an empty blob is still one (empty) chunk
-                self.proto.emit(fast.store_blob_chunk(self.number, data))
+                self.proto.emit(fast.store_blob_chunk(self.number, data, self.long_values))
                 self.sent += len(data)
                 first = False
             if len(data) < self.chunk:
@@ -209,7 +217,7 @@ class BlobDownload:
     write happens after the cancellation)."""
 
     def __init__(self, proto, oid: bytes, serial: bytes, f, window: int = DOWNLOAD_WINDOW,
-                 chunk: int = C.BLOB_LOAD_CHUNK, reactor=None,
+                 chunk: int = C.BLOB_LOAD_MAX, reactor=None,
                  idle_timeout: float | None = None):
         self.proto = proto
         self._answers = 0
@@ -218,7 +226,9 @@ class BlobDownload:
         self.oid = oid
         self.serial = serial
         self.f = f
-        self.window = max(1, window)
+        self.window = max(1, min(window, DOWNLOAD_BYTES // chunk))
+        #: asked for with ``length``; a server that ignores it (an older
+        #: one) answers BLOB_LOAD_CHUNK, which the first answer shows
         self.chunk = chunk
         self.size = None
         self._written = 0           # bytes written to f
@@ -241,7 +251,8 @@ class BlobDownload:
         offset = self._asked
         self._asked += self.chunk
         self._in_flight += 1
-        d = self.proto.call(C.LoadBlobChunk, oid=self.oid, serial=self.serial, offset=offset)
+        d = self.proto.call(C.LoadBlobChunk, oid=self.oid, serial=self.serial, offset=offset,
+                            length=self.chunk)
         d.addCallbacks(self._got, self._failed, (offset,))
 
     def _got(self, answer, offset) -> None:
@@ -250,8 +261,11 @@ class BlobDownload:
         if self._done is None:
             return
         data, size = answer["data"], answer["size"]
-        if self.size is None:
+        if self.size is None:           # the first answer, alone in flight
             self.size = size
+            if self.chunk > len(data) == C.BLOB_LOAD_CHUNK < size:
+                self.chunk = self._asked = C.BLOB_LOAD_CHUNK     # a server without length
+                self.window = max(1, min(DOWNLOAD_WINDOW, DOWNLOAD_BYTES // self.chunk))
         expected = min(self.chunk, self.size - offset)
         if size != self.size or len(data) != max(expected, 0):
             self._finish(Failure(StorageError(

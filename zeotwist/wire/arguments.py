@@ -67,6 +67,20 @@ class BigBytes(amp.Argument):
             first if len(parts) == 1 else b"".join(parts))
 
 
+class LongBytes(BigBytes):
+    """``BigBytes`` that goes as one value, a long entry
+    (:mod:`zeotwist.wire.fast`), to a peer that reads them (``proto.long_values``)
+    instead of being cut into 64 KiB pieces; the receiver sees the same box."""
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects.get(name.decode("ascii"))
+        if getattr(proto, "long_values", False) and type(value) is bytes and len(value) > CHUNK:
+            del objects[name.decode("ascii")]
+            strings[name] = value           # BoundedAMP.sendBox frames it
+            return
+        BigBytes.toBox(self, name, strings, objects, proto)
+
+
 class IdList(BigBytes):
     """A list of 8-byte ids, packed end to end."""
 

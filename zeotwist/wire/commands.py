@@ -8,7 +8,7 @@ server-side exception never drops the connection as an unmapped AMP error.
 """
 from twisted.protocols import amp
 
-from zeotwist.wire.arguments import BigBytes, BoxList, Id8, IdList
+from zeotwist.wire.arguments import BigBytes, BoxList, Id8, IdList, LongBytes
 from zeotwist.wire.codes import ERRORS
 
 #: Bumped whenever a command changes incompatibly.
@@ -304,6 +304,14 @@ class Prefetch(_Command):
 #: chunk, cost a page fault per 4 KiB and halved the throughput.
 BLOB_CHUNK = 60000
 BLOB_LOAD_CHUNK = 120000
+#: Between peers that read long entries (Register's ``long_values``) chunks
+#: are bigger, one long entry each: the most bytes one StoreBlobChunk
+#: carries to such a server, and one LoadBlobChunk with ``length`` answers.
+#: Fewer, bigger chunks cut the per-chunk work (a box, a reactor turn, a
+#: thread hop) eightfold; glibc keeps reusing buffers of this size once one
+#: has been freed (its mmap threshold adapts), measured: docs/performance.md.
+BLOB_CHUNK_LONG = 2**20
+BLOB_LOAD_MAX = 2**20
 
 
 class StoreBlobChunk(_Command):
@@ -331,10 +339,12 @@ class StoreBlobShared(_Command):
 
 
 class LoadBlobChunk(_Command):
-    """Up to BLOB_LOAD_CHUNK bytes of blob (``oid``, ``serial``) from ``offset``."""
+    """``length`` (at most BLOB_LOAD_MAX; absent: BLOB_LOAD_CHUNK) bytes of
+    blob (``oid``, ``serial``) from ``offset``, fewer only at its end."""
     commandName = b"LoadBlobChunk"
-    arguments = [(b"oid", Id8()), (b"serial", Id8()), (b"offset", amp.Integer())]
-    response = [(b"data", BigBytes()), (b"size", amp.Integer())]
+    arguments = [(b"oid", Id8()), (b"serial", Id8()), (b"offset", amp.Integer()),
+                 (b"length", amp.Integer(optional=True))]
+    response = [(b"data", LongBytes()), (b"size", amp.Integer())]
 
 
 # -- authentication -----------------------------------------------------------

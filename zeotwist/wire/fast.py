@@ -294,11 +294,23 @@ _expect(slots, b"blob", b"data")
 _CHUNK_KEYS = frozenset({amp.COMMAND} | {name for name, _ in _CHUNK.arguments})
 
 
-def store_blob_chunk(number: int, data: bytes) -> bytes:
-    """The one-way StoreBlobChunk of blob file ``number`` (``data`` at most
-    ``BLOB_CHUNK`` bytes)."""
-    c, blob = _CHUNK_FRAME, b"%d" % number
-    return b"".join((c[0], _H(len(blob)), blob, c[1], _H(len(data)), data, c[2]))
+_CHUNK_LONG, slots = _template(_fields(
+    _CHUNK.arguments, amp.COMMAND, {amp.COMMAND: _CHUNK.commandName}), b"data")
+_expect(slots, b"blob", b"data")
+
+
+def store_blob_chunk(number: int, data: bytes, long_values: bool = False) -> bytes:
+    """The one-way StoreBlobChunk of blob file ``number``: ``data`` at most
+    ``BLOB_CHUNK`` bytes, or ``BLOB_CHUNK_LONG`` in a long entry when
+    ``long_values`` (the server declared them)."""
+    blob = b"%d" % number
+    if len(data) <= MAX_VALUE:
+        c, head = _CHUNK_FRAME, _H(len(data))
+    elif long_values:
+        c, head = _CHUNK_LONG, _I(len(data))
+    else:
+        raise UsageError("a blob chunk over one AMP value needs long entries")
+    return b"".join((c[0], _H(len(blob)), blob, c[1], head, data, c[2]))
 
 
 def read_store_blob_chunk(box) -> tuple | None:
@@ -413,6 +425,34 @@ def invalidate(tid: bytes, oids) -> bytes | None:
         return None
     c = _INVALIDATE_FRAME
     return b"".join((c[0], _H(len(packed)), packed, c[1], tid, c[2]))
+
+
+def box_parts(box) -> tuple:
+    """``(head, value, tail)``: the AMP box ``box`` serialized with its
+    values over 64 KiB as long entries (a peer that reads them), ``value``
+    being the first of those (written as is: ``BoundedAMP.emit_parts``);
+    checked as ``AmpBox.serialize`` checks.  Used for answers whose value
+    is declared ``LongBytes`` (``LoadBlobChunk``)."""
+    parts, big = [], None
+    for key, value in sorted(box.items()):
+        if type(key) is not bytes or type(value) is not bytes:
+            raise TypeError("AMP keys and values are bytes: %r" % (key,))
+        if not 0 < len(key) <= amp.MAX_KEY_LENGTH:
+            raise amp.TooLong(True, True, key, None)
+        if len(value) <= MAX_VALUE:
+            parts += (_H(len(key)), key, _H(len(value)), value)
+        elif len(value) > MAX_LONG_VALUE:
+            raise amp.TooLong(False, True, value, key)
+        elif big is None:
+            parts += (_H(LONG_MARK), _H(len(key)), key, _I(len(value)))
+            big = len(parts)
+            parts.append(value)
+        else:
+            parts += (_H(LONG_MARK), _H(len(key)), key, _I(len(value)), value)
+    parts.append(b"\0\0")
+    if big is None:
+        return b"".join(parts), b"", b""
+    return b"".join(parts[:big]), parts[big], b"".join(parts[big + 1:])
 
 
 def long_entry(key: bytes, value: bytes) -> bytes:

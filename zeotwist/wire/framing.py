@@ -18,7 +18,7 @@ from ZODB.POSException import POSError
 
 from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
-from zeotwist.wire.fast import LONG_MARK
+from zeotwist.wire.fast import LONG_MARK, box_parts
 
 _log = Logger()
 
@@ -44,6 +44,8 @@ class BoundedAMP(amp.AMP):
 
     maxBoxBytes = SERVER_MAX_BOX_BYTES
     maxBoxKeys = SERVER_MAX_BOX_KEYS
+    #: the peer reads long entries (it said so in Register or its answer)
+    long_values = False
 
     #: ``fast_frame(buf, off)``: handles a whole box it recognises at ``off``
     #: straight from the bytes and returns where it ends, else 0 (None: none)
@@ -79,7 +81,10 @@ class BoundedAMP(amp.AMP):
             raise amp.ProtocolSwitched("This connection has switched: no AMP traffic allowed.")
         if self.transport is None:
             raise amp.ConnectionLost()
-        self.emit(box.serialize())
+        if self.long_values and any(len(v) > amp.MAX_VALUE_LENGTH for v in box.values()):
+            self.emit_parts(*box_parts(box))        # a LongBytes value, one long entry
+        else:
+            self.emit(box.serialize())
 
     def emit(self, frame: bytes) -> None:
         """Send serialized boxes, in order with every other box.
@@ -154,12 +159,13 @@ class BoundedAMP(amp.AMP):
     _long = None
 
     def _parse(self, data: bytes) -> None:
-        if self._long is not None:
-            data = self._collect_long(data)
-            if data is None:
+        off = 0
+        if self._long is not None:       # (then nothing else is buffered)
+            off = self._collect_long(data)
+            if off is None:
                 return
         buf = self._buf + data if self._buf else data
-        n, off, box = len(buf), 0, self._box
+        n, box = len(buf), self._box
         size, maxBytes = self._boxBytes, self.maxBoxBytes
         fast_frame = self.fast_frame
         while n - off >= 2:
@@ -201,9 +207,10 @@ class BoundedAMP(amp.AMP):
                     box[key] = buf[vstart:vstart + vlen]
                     off = vstart + vlen
                     continue
-                # The rest arrives in later reads: keep the pieces and join
-                # them once (no re-buffering of a growing value).
-                first = buf[vstart:]
+                # The rest arrives in later reads: keep the pieces (views,
+                # not copies) and join them once (no re-buffering of a
+                # growing value).
+                first = memoryview(buf)[vstart:]
                 self._long = (key, vlen, [first], len(first))
                 twistedcompat.read_size(self.transport, LONG_READ)
                 self._box, self._boxBytes, self._buf = box, size, b""
@@ -241,20 +248,21 @@ class BoundedAMP(amp.AMP):
         self._box, self._boxBytes = box, size
         self._buf = buf[off:] if off < n else b""
 
-    def _collect_long(self, data: bytes) -> bytes | None:
+    def _collect_long(self, data: bytes) -> int | None:
         """Add ``data`` to the long entry being collected; once it is
-        whole, put it in the box and return what follows it (else None)."""
+        whole, put it in the box and return where in ``data`` what follows
+        it begins (else None)."""
         key, vlen, pieces, have = self._long
         need = vlen - have
         if len(data) < need:
             pieces.append(data)
             self._long = (key, vlen, pieces, have + len(data))
             return None
-        pieces.append(data[:need] if len(data) > need else data)
+        pieces.append(memoryview(data)[:need] if len(data) > need else data)
         self._long = None
         twistedcompat.read_size(self.transport)
-        self._box[key] = b"".join(pieces)
-        return data[need:]
+        self._box[key] = b"".join(pieces)       # the value's one copy
+        return need
 
     def ampBoxReceived(self, box):
         # A box that is neither a command nor the answer to a question we
