@@ -9,6 +9,7 @@ import time
 
 import pytest
 from ZODB.Connection import TransactionMetaData
+from twisted.protocols import amp
 from ZODB.utils import p64, z64
 
 from zeotwist.client.transaction import ClientTransaction
@@ -287,3 +288,42 @@ def test_one_commit_split_between_the_worker_and_the_reactor_thread(
     assert where[in_worker] == "worker" and set(where) >= {commit.vote.__name__, "finish"}
     assert threads.inline_calls >= 3                # the other half ran inline
     assert make_client().load(z64) == (b"three", serial)
+
+
+@pytest.mark.parametrize("how", ["emit_parts", "sendBox"])
+def test_a_big_value_the_reactor_writes_waits_behind_a_threads_unfinished_frame(how):
+    """The client's writes from the reactor thread and from application
+    threads (threadwrites) share one lock and queue behind a thread's
+    partly sent frame: a frame sent from a big value's own object
+    (emit_parts, and sendBox for a long value) too, or its bytes land in the
+    middle of the thread's frame and the server reads garbage."""
+    from test_thread_loads import OID, TID, connected, stored
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.framing import BULK_MIN
+    proto, sock, owner = connected()
+    sock.room = 5
+    load = proto.load_before_from_thread(OID, TID, stored()[1])
+    from zeotwist.wire import fast
+    fast_request = fast.load_before_request(load.tag, OID, TID)
+    assert sock.sent == [fast_request[:5]]
+    sock.room = 10**9
+    value = b"v" * BULK_MIN
+    if how == "emit_parts":
+        proto.emit_parts(b"HEAD", value, b"TAIL")
+        frame = b"HEAD" + value + b"TAIL"
+    else:
+        proto.long_values = True
+        box = amp.AmpBox(_command=C.LoadBlobChunk.commandName)
+        box[b"data"] = value
+        proto.sendBox(box)
+        frame = None                    # a long entry: compared below by its length
+    assert sock.sent == [fast_request[:5]]          # nothing overtook the rest
+    f, a = owner.queued.pop()
+    f(*a)
+    sock.flush()
+    sent = b"".join(sock.sent)
+    assert sent.startswith(fast_request)
+    if frame is not None:
+        assert sent == fast_request + frame
+    else:
+        assert value in sent and len(sent) > len(fast_request) + len(value)

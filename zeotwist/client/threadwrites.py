@@ -72,6 +72,17 @@ class ThreadWrites:
             else:
                 super().write_out(data)
 
+    def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
+        """A frame around a big value (``BoundedAMP.emit_parts``, and
+        ``sendBox`` of a long value): joined and sent through
+        :meth:`write_out`, so it takes the lock and queues behind a thread's
+        unfinished frame.  The server's way, the value handed to the socket
+        itself, writes past both (no command a client sends has such a
+        value today: this keeps it so if one comes)."""
+        if self.send_lock is None:
+            return super().emit_parts(head, value, tail)
+        self.emit(b"".join((head, value, tail)))
+
     def _flush_handoff(self) -> None:
         """Reactor thread: write what a thread's frame left, then what queued behind it."""
         with self.send_lock:
