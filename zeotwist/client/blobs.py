@@ -205,7 +205,14 @@ class BlobStorageMixin:
             return
         path = self._blobs.take_over(oid, blobfilename)
         self._blob_files.append((oid, path))
-        self._call(txn.send_blob_file, number, path, self._timeout, timeout=NO_DEADLINE)
+        # Not waited for here (one thread hand-off and wait per blob saved,
+        # what a transaction of many small blobs is made of): the vote waits
+        # for every upload and fails with the first upload's error.
+        self._dispatch(self._upload, txn, number, path)
+
+    def _upload(self, txn, number, path) -> None:
+        """Start uploading ``path`` (reactor thread); a failure is the vote's."""
+        txn.send_blob_file(number, path, self._timeout).addErrback(lambda _: None)
 
     def _blobs_done(self, tid: bytes | None) -> None:
         """End of this storage's transaction (``tid`` None: aborted).

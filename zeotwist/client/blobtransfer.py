@@ -104,7 +104,13 @@ class BlobUpload:
         self._end(Failure(ClientDisconnected(
             "blob upload made no progress for %g s" % self._watchdog.timeout)))
 
+    def cancel(self, why: str) -> None:
+        """Stop now (the transaction is aborted): no chunk is sent after this."""
+        self._end(Failure(ClientDisconnected(why)))
+
     def _begin(self) -> None:
+        if self._done is None:          # cancelled before it began
+            return
         transport = self.proto.transport
         if transport is None:
             self._end(Failure(ClientDisconnected("not connected while uploading a blob")))
@@ -193,10 +199,23 @@ class BlobUploads:
             d.errback(self.failure)
             self._next()
             return
-        upload = BlobUpload(self.reactor, proto, number, path, idle_timeout=idle_timeout)
+        upload = self._current = BlobUpload(self.reactor, proto, number, path,
+                                            idle_timeout=idle_timeout)
         upload.start().addBoth(self._ended, d)
 
+    _current = None     # the upload running
+
+    def cancel(self, why: str) -> None:
+        """The transaction is aborted: stop the running upload and drop the
+        queued ones (each fails), so that no chunk follows the Abort."""
+        if self.failure is None:
+            self.failure = Failure(ClientDisconnected(why))
+        current, self._current = self._current, None
+        if current is not None:
+            current.cancel(why)
+
     def _ended(self, result, d) -> None:
+        self._current = None
         if isinstance(result, Failure) and self.failure is None:
             self.failure = result
         d.callback(result) if not isinstance(result, Failure) else d.errback(result)

@@ -327,6 +327,8 @@ class ClientTransaction:
 
     def abort(self) -> Deferred:
         proto = self._proto
+        if self._blob_uploads is not None:      # no chunk may follow the Abort
+            self._blob_uploads.cancel("blob upload stopped: the transaction was aborted")
         if self.ended or proto is None or proto is not self._client.protocol:
             return succeed(None)   # the server aborts it when the link drops
         d = proto.call(C.Abort)
