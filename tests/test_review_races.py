@@ -327,3 +327,62 @@ def test_a_big_value_the_reactor_writes_waits_behind_a_threads_unfinished_frame(
         assert sent == fast_request + frame
     else:
         assert value in sent and len(sent) > len(fast_request) + len(value)
+
+
+def test_blob_chunks_answered_by_a_busy_worker_stay_within_the_output_budget(tmp_path):
+    """A client that pipelines LoadBlobChunk requests (1 MiB each) and reads
+    nothing, while the storage's worker is busy: the reads queue in the
+    worker, so the burst that read the requests emitted nothing and did not
+    pause; once the worker answers, every chunk lands in the transport.  The
+    unread output must stay near the budget (or the reader be dropped),
+    not grow by a MiB per request."""
+    import socket
+    from rawamp import RawClient
+    from zeotwist import ClientStorage
+    from zeotwist.client.reactorthread import background_reactor, blocking_call
+    from zeotwist.server.limits import pending_output
+    from zeotwist.testing import start_server
+    from zeotwist.wire import commands as C
+
+    size, requests, budget = 4 * 2**20, 64, 16 * 2**20
+    running = start_server(str(tmp_path / "data.fs"), blob_dir=str(tmp_path / "blobs"),
+                           memory_budget=budget)
+    cs = ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10,
+                       blob_dir=str(tmp_path / "cache"))
+    gate = threading.Event()
+    raw = None
+    try:
+        src = tmp_path / "blob.bin"
+        src.write_bytes(b"b" * size)
+        oid = cs.new_oid()
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        cs.storeBlob(oid, z64, b"record", str(src), "", t)
+        cs.tpc_vote(t)
+        serial = cs.tpc_finish(t)
+        served = running.server
+        worker = served.threads._worker
+        blocking_call(running.reactor, lambda: served.threads.in_order(gate.wait, 60) and None)
+        _wait_for(lambda: worker.pending == 1, "the worker busy")
+        raw = RawClient(running.address)
+        raw.ask(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=True,
+                long_values=True)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        session = next(s for s in list(served.sessions) if s.read_only)
+        raw.sock.sendall(b"".join(
+            raw.box(C.LoadBlobChunk, True, oid=oid, serial=serial, offset=0,
+                    length=C.BLOB_LOAD_MAX) for _ in range(requests)))
+        _wait_for(lambda: worker.pending >= requests + 1 or session._held is not None,
+                  "the requests read (or the reading paused)")
+        gate.set()
+        _wait_for(lambda: worker.pending == 0 and (
+            session._held is None or session.transport is None), "the worker answered")
+        unread = pending_output(session.transport) if session.transport is not None else 0
+        assert unread <= budget, "%.0f MiB unread by a client that reads nothing " \
+            "(--memory-budget %d MiB)" % (unread / 2**20, budget >> 20)
+    finally:
+        gate.set()
+        if raw is not None:
+            raw.close()
+        cs.close()
+        running.stop()

@@ -101,9 +101,16 @@ class BlobResponders(amp.CommandLocator):
             return Deferred()                # never answered: the link is closing
         length = C.BLOB_LOAD_CHUNK if length is None else min(length, C.BLOB_LOAD_MAX)
         # a read of at most 1 MiB: on the reactor thread when the worker is
-        # idle (two thread hand-offs fewer per chunk), timed like a small commit
-        return self.server.threads.inline_or_in_order(read_blob_chunk, self.server.storage, oid,
-                                                      serial, offset, length)
+        # idle (two thread hand-offs fewer per chunk), timed like a small
+        # commit; only on a storage local to this process (RelStorage may
+        # fetch the whole blob from its database first)
+        server = self.server
+        threads = server.threads
+        call = threads.inline_or_in_order if server.inline_commit_bytes else threads.in_order
+        d = call(read_blob_chunk, server.storage, oid, serial, offset, length)
+        if not d.called:        # answered later, outside this burst: counted now
+            self.reserve_output(length, d)
+        return d
 
 
 def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int,

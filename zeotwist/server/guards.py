@@ -31,8 +31,11 @@ DEFAULT_VOTE_TIMEOUT = 300.0
 
 
 def _unread(session) -> int:
+    """What ``session`` holds for its client: unread output, and answers
+    still being computed elsewhere (``ServerSession.reserve_output``)."""
     transport = session.transport
-    return pending_output(transport) if transport is not None else 0
+    unread = pending_output(transport) if transport is not None else 0
+    return unread + getattr(session, "_reserved", 0)
 
 
 class ResourceGuards:

@@ -183,7 +183,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
             self.server.traffic["bytes_in"] += len(data)
         if self.transport is not None:
             self._unread = 0
-            self._budget = self.burst_budget(pending_output(self.transport))
+            self._budget = self.burst_budget(pending_output(self.transport) + self._reserved)
             if self._budget <= 0 and self._held is None and self.server is not None:
                 # No room: this burst waits, its boxes held, rather than
                 # having its first answer (a 10 MB record?) written anyway:
@@ -215,6 +215,22 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
                 counters["protocol_violations"] += 1
         super().protocolViolation(why)
 
+    #: bytes of answers still being computed in another thread (a blob
+    #: chunk read by the storage's worker), counted as output meanwhile
+    _reserved = 0
+
+    def reserve_output(self, nbytes: int, answer: Deferred) -> None:
+        """``answer`` will write about ``nbytes`` once it fires, after this
+        burst: count them now, so that requests pipelined behind it pause
+        within the budget instead of all queueing their answers."""
+        self._reserved += nbytes
+        self._unread += nbytes
+        answer.addBoth(self._reserved_done, nbytes)
+
+    def _reserved_done(self, result, nbytes: int):
+        self._reserved -= nbytes
+        return result
+
     def _pause_reading(self) -> None:
         self._held = deque()
         self.transport.pauseProducing()
@@ -225,7 +241,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self._output_check = None
         if self.transport is None or self._violated:
             return
-        pending = pending_output(self.transport)
+        pending = pending_output(self.transport) + self._reserved
         if pending > self.max_pending_output // 2 or not self.may_resume():
             self._output_check = self._clock.callLater(
                 self.OUTPUT_CHECK_INTERVAL, self._check_output)
