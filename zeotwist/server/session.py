@@ -201,6 +201,8 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         super().emit(frame)
 
     def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
+        if self._closing:       # as emit: a blob chunk the worker read after the notice
+            return
         size = len(head) + len(value) + len(tail)
         self._unread += size
         if self.server is not None:
