@@ -422,3 +422,18 @@ def test_tac_file_with_a_configuration_file(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert lines(out.stderr) == ["zeotwist.tac: max-connections must be at least 1, not 0"]
+
+
+def test_the_server_process_keeps_freed_buffers_of_a_few_mib(monkeypatch):
+    """twistd zeotwist sets glibc's mmap and trim thresholds once
+    (zeotwist.server.malloc; docs/performance.md, "Blob transfers"), unless
+    the environment sets them itself."""
+    import platform
+    from zeotwist.server import malloc
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1")
+    assert malloc.tune_malloc() is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert malloc.tune_malloc() is True

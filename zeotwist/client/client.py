@@ -398,8 +398,9 @@ class Client(StorageCallsMixin):
                    idle_timeout: float | None = None) -> Deferred:
         """Download blob (``oid``, ``serial``) into the binary file object ``f``.
 
-        The chunks are pulled 16 at a time and written to ``f`` in order,
-        on the reactor thread, as they arrive; fires with the blob's size,
+        The chunks (1 MiB, 4 in flight; 120 KB, 16 in flight, from an
+        older server) are pulled and written to ``f`` in order, on the
+        reactor thread, as they arrive; fires with the blob's size,
         or fails with POSKeyError if the server has no such blob.
         Cancelling the Deferred stops the writes; with ``idle_timeout`` it
         fails with ClientDisconnected after that many seconds without progress.
