@@ -135,7 +135,7 @@ def test_a_refill_answered_on_a_former_connection_is_dropped(tmp_path):
 def test_a_small_commit_is_sent_by_the_committing_thread(make_client, monkeypatch):
     """The blocking client's Vote (with TpcBegin and the store stream) and
     Finish leave from the committing thread (zeotwist.client.threadwrites):
-    no call handed to the reactor thread; a conflict and a bigger
+    no call handed to the reactor thread but the abort after a conflict; a conflict and a bigger
     transaction still work, the latter through the reactor."""
     cs = make_client()
     oid = z64                   # the root's oid: no new_oid, whose refill uses the reactor
@@ -156,11 +156,12 @@ def test_a_small_commit_is_sent_by_the_committing_thread(make_client, monkeypatc
     cs.store(oid, z64, b"stale", "", t)
     with pytest.raises(ConflictError):
         cs.tpc_vote(t)
-    cs.tpc_abort(t)
     assert handed == []
+    cs.tpc_abort(t)                         # its round trip goes through the reactor
+    assert [f.__name__ for f in handed] == ["abort"]
     t = TransactionMetaData()               # over one store piece: the reactor's path
     cs.tpc_begin(t)
     cs.store(oid, serial, b"x" * (C.STORE_CHUNK + 1), "", t)
     cs.tpc_vote(t)
     big = cs.tpc_finish(t)
-    assert len(handed) == 1 and cs.load(oid) == (b"x" * (C.STORE_CHUNK + 1), big)
+    assert len(handed) == 2 and cs.load(oid) == (b"x" * (C.STORE_CHUNK + 1), big)
