@@ -134,7 +134,43 @@ def thread_tag() -> bytes:
     return b"t%x" % next(_thread_tags)
 
 
-class ThreadAnswer:
+class _ThreadWaiter:
+    """What ThreadAnswer and ThreadLoad share: they stand where AMP keeps a
+    question's Deferred; the thread that asked waits on :attr:`lock`, which
+    the reactor thread releases once ``result`` or ``error`` is set."""
+
+    __slots__ = ("proto", "lock", "result", "error")
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.lock = allocate_lock()
+        self.lock.acquire()
+        self.result = self.error = None
+
+    def addErrback(self, *args, **kw):
+        return self
+
+    def _failure(self, error: Exception) -> Exception:
+        """The error to raise in the waiting thread for ``error``."""
+        return error
+
+    def errback(self, reason) -> None:
+        from zeotwist.client.protocol import convert_failure
+        error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
+        self.error = self._failure(error)
+        self.lock.release()
+
+    def wait(self, timeout: float | None):
+        """The answer (what ``result`` holds), or raise the error;
+        TimeoutError after ``timeout``."""
+        if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ThreadAnswer(_ThreadWaiter):
     """Stands where AMP keeps a question's Deferred for a question asked
     from another thread (a commit's Vote or Finish): on the reactor thread,
     the answer box goes through ``parse(box)`` and ``then(value)`` (an
@@ -144,17 +180,11 @@ class ThreadAnswer:
     Finish the server answers late is still a commit the cache must learn
     of, as on the Deferred path (ClientTransaction.finish)."""
 
-    __slots__ = ("proto", "name", "parse", "then", "failed", "lock", "result", "error")
+    __slots__ = ("name", "parse", "then", "failed")
 
     def __init__(self, proto, name: str, parse, then, failed):
-        self.proto, self.name, self.parse, self.then, self.failed = \
-            proto, name, parse, then, failed
-        self.lock = allocate_lock()
-        self.lock.acquire()
-        self.result = self.error = None
-
-    def addErrback(self, *args, **kw):
-        return self
+        super().__init__(proto)
+        self.name, self.parse, self.then, self.failed = name, parse, then, failed
 
     def callback(self, box) -> None:
         try:
@@ -169,19 +199,8 @@ class ThreadAnswer:
                 self.error = e
         self.lock.release()
 
-    def errback(self, reason) -> None:
-        from zeotwist.client.protocol import convert_failure
-        error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
-        self.error = self.failed(error)
-        self.lock.release()
-
-    def wait(self, timeout: float | None):
-        """What ``then`` returned, or raise the error; TimeoutError after ``timeout``."""
-        if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
-            raise TimeoutError(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
+    def _failure(self, error: Exception) -> Exception:
+        return self.failed(error)
 
 
 def read_load_answer(proto, box):
@@ -193,22 +212,17 @@ def read_load_answer(proto, box):
     return value
 
 
-class ThreadLoad:
+class ThreadLoad(_ThreadWaiter):
     """Stands where AMP keeps a question's Deferred (see ``_LoadAnswer`` in
     :mod:`~zeotwist.client.protocol`) for a load asked from another
     thread: the answer is parsed and stored on the reactor thread, then
     the waiting thread is woken by releasing :attr:`lock`."""
 
-    __slots__ = ("proto", "tag", "oid", "store", "lock", "result", "error")
+    __slots__ = ("tag", "oid", "store")
 
     def __init__(self, proto, tag: bytes, oid: bytes, store):
-        self.proto, self.tag, self.oid, self.store = proto, tag, oid, store
-        self.lock = allocate_lock()
-        self.lock.acquire()
-        self.result = self.error = None
-
-    def addErrback(self, *args, **kw):
-        return self
+        super().__init__(proto)
+        self.tag, self.oid, self.store = tag, oid, store
 
     def callback(self, box) -> None:
         proto = self.proto
@@ -228,16 +242,3 @@ class ThreadLoad:
             self.store(self.oid, start, end, data)
         self.result = value
         self.lock.release()
-
-    def errback(self, reason) -> None:
-        from zeotwist.client.protocol import convert_failure
-        self.error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
-        self.lock.release()
-
-    def wait(self, timeout: float | None):
-        """The record, None, or raise the error; TimeoutError after ``timeout``."""
-        if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
-            raise TimeoutError(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.result
