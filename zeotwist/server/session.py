@@ -193,21 +193,19 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         self.after_input()                  # guards: the server's budgets
 
     def emit(self, frame: bytes) -> None:
-        if self._closing:
-            return
-        self._unread += len(frame)
-        if self.server is not None:
-            self.server.traffic["bytes_out"] += len(frame)
-        super().emit(frame)
+        if not self._closing:
+            self._count_out(len(frame))
+            super().emit(frame)
 
     def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
-        if self._closing:       # as emit: a blob chunk the worker read after the notice
-            return
-        size = len(head) + len(value) + len(tail)
+        if not self._closing:   # as emit: a blob chunk the worker read after the notice
+            self._count_out(len(head) + len(value) + len(tail))
+            super().emit_parts(head, value, tail)
+
+    def _count_out(self, size: int) -> None:
         self._unread += size
         if self.server is not None:
             self.server.traffic["bytes_out"] += size
-        super().emit_parts(head, value, tail)
 
     def protocolViolation(self, why: str) -> None:
         if not self._violated:
@@ -272,6 +270,9 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
                 self._fast_load(box) or self._fast_store(box) or self._fast_begin(box)
                 or self._fast_ask(box))):
             super().ampBoxReceived(box)
+        self._pause_if_over_budget()
+
+    def _pause_if_over_budget(self) -> None:
         if self._unread > self._budget and self.transport is not None \
                 and not self._violated:
             self._pause_reading()
@@ -284,9 +285,7 @@ class ServerSession(ResourceGuards, AuthResponders, StorageAPIResponders, BlobRe
         request = fast.match_load_before_request(buf, off)
         if request is None or not self._answer_load(*request[:3]):
             return 0                         # the box is read as usual
-        if self._unread > self._budget and self.transport is not None \
-                and not self._violated:
-            self._pause_reading()
+        self._pause_if_over_budget()
         return request[3]
 
     def _fast_load(self, box) -> bool:
