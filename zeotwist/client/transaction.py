@@ -262,7 +262,7 @@ class ClientTransaction:
 
     def _vote_refused(self, failure):
         """An error answered to the vote: the server aborted the transaction
-        (every failed vote ends there, session.py's ``_vote_failed``); a
+        (every failed vote ends there, server/tpc.py's ``_vote_failed``); a
         lost connection or a cancelled wait tells nothing of the server."""
         if not failure.check(ClientDisconnected, CancelledError):
             self.ended = True

@@ -1,0 +1,141 @@
+"""The session's fast answers: the commands of every load and every commit,
+handled without AMP's dispatch.
+
+A mixin of :class:`~zeotwist.server.session.ServerSession`.  A plain
+``LoadBefore`` is read straight from the bytes (:meth:`FastAnswers.fast_frame`,
+called by :class:`~zeotwist.wire.framing.BoundedAMP`) or from its box; a
+plain ``StoreData`` or ``TpcBegin`` goes to its responder; a plain ``Vote``
+or ``Finish`` is answered with the same answer and error boxes as AMP's
+path.  The byte layouts are :mod:`zeotwist.wire.fast`'s.  Anything unusual
+(bad sizes, errors to map, big records) is left to AMP's ordinary path,
+which validates and maps errors.
+
+Runs on the reactor thread.
+"""
+from twisted.internet.defer import fail
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from zeotwist.errors import RemoteProtocolError
+from zeotwist.server.prefetch import may_reference
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+from zeotwist.wire.framing import BULK_MIN
+
+
+class FastAnswers:
+    """Loads and the commit's commands without AMP's dispatch (see the module)."""
+
+    def fast_frame(self, buf: bytes, off: int) -> int:
+        """The hottest path (see BoundedAMP._parse): a LoadBefore question
+        read straight from the bytes, without a box; 0 for anything else."""
+        if self._held is not None or self.server is None:
+            return 0
+        request = fast.match_load_before_request(buf, off)
+        if request is None or not self._answer_load(*request[:3]):
+            return 0                         # the box is read as usual
+        self._pause_if_over_budget()
+        return request[3]
+
+    def _fast_load(self, box) -> bool:
+        request = fast.read_load_before_request(box)
+        return request is not None and self._answer_load(*request)
+
+    def _answer_load(self, ask: bytes, oid: bytes, tid: bytes) -> bool:
+        """Answer LoadBefore ``ask``; False when AMP's path must (an error to
+        map, a record too big for one value to this client)."""
+        try:
+            r = self.server.storage.loadBefore(oid, tid)
+        except Exception:
+            return False
+        if r is not None and len(r[0]) > (
+                fast.MAX_LONG_VALUE if self.long_values else fast.MAX_VALUE):
+            return False                     # AMP's path splits it (and prefetches)
+        prefetched = self._prefetch(oid, r, tid)
+        self.server.stats["loads"] += 1
+        if r is None or len(r[0]) < BULK_MIN:
+            self.emit(fast.load_before_answer(ask, r, prefetched, self.long_values))
+        else:           # a big record is written from its own object, not copied
+            self.emit_parts(*fast.load_before_answer_parts(ask, r, prefetched, self.long_values))
+        return True
+
+    def _prefetch(self, oid: bytes, r: tuple, tid: bytes) -> bytes | None:
+        """The ``prefetch`` value to add to the answer ``r`` (zeotwist.server.prefetch)."""
+        prefetcher = self.prefetcher
+        if prefetcher is None or r is None:
+            return None
+        prefetcher.answered(oid, r[2])
+        if not may_reference(r[0]):
+            return None             # a leaf record (most of them): nothing to look for
+        before = prefetcher.records
+        value = prefetcher.collect(self.server.storage.loadBefore, oid, r[0], tid)
+        self.server.traffic["prefetched"] += prefetcher.records - before
+        return value
+
+    def _fast_store(self, box) -> bool:
+        """A plain StoreData, handled without AMP's dispatch (every commit)."""
+        data = fast.read_store_data(box)
+        return data is not None and self._one_way(self.store_data, data)
+
+    def _fast_begin(self, box) -> bool:
+        """A plain TpcBegin (no restore tid or status), likewise."""
+        fields = fast.read_tpc_begin(box)
+        return fields is not None and self._one_way(self.tpc_begin, *fields)
+
+    def _fast_ask(self, box) -> bool:
+        """A plain Vote or Finish question (every commit), answered without
+        AMP's dispatch and its Deferreds: the same answer and error boxes
+        as AMP's path (``makeResponse``; the code of the command's first
+        error class that matches), anything unusual left to that path."""
+        name = box.get(amp.COMMAND)
+        if name == C.Finish.commandName and len(box) == 2:
+            command, call, args = C.Finish, self.finish, ()
+        elif name == C.Vote.commandName and (len(box) == 2 or len(box) == 3 and box.get(
+                b"can_resolve") in (b"True", b"False")):
+            command, call = C.Vote, self.vote
+            args = (box.get(b"can_resolve") == b"True",)
+        else:
+            return False
+        tag = box.get(amp.ASK)
+        if tag is None:
+            return False
+        try:
+            d = call(*args)
+        except (RemoteProtocolError, KeyError, TypeError, ValueError) as e:   # as guarded
+            self.protocolViolation("bad arguments to %s: %s" % (name.decode("ascii"), e))
+            return True
+        except Exception:
+            d = fail()
+        d.addCallbacks(self._fast_answer, self._fast_error, (command, tag), None, (command, tag))
+        d.addErrback(self.unhandledError)
+        return True
+
+    def _fast_answer(self, result: dict, command, tag: bytes) -> None:
+        answer = command.makeResponse(result, self)
+        answer[amp.ANSWER] = tag
+        self._send_answer(answer)
+
+    def _fast_error(self, failure, command, tag: bytes) -> None:
+        for error, code in command.allErrors.items():
+            if failure.check(error):
+                break
+        else:
+            return failure          # as AMP's path: logged, the link dropped
+        answer = amp.QuitBox() if error in command.fatalErrors else amp.AmpBox()
+        answer[amp.ERROR] = tag
+        answer[amp.ERROR_CODE] = code
+        answer[amp.ERROR_DESCRIPTION] = str(failure.value).encode("utf-8", "replace")
+        self._send_answer(answer)
+
+    def _send_answer(self, answer) -> None:
+        try:
+            self.sendBox(answer)
+        except (amp.ProtocolSwitched, amp.ConnectionLost):   # as AMP's _safeEmit
+            pass
+
+    def _one_way(self, responder, *args) -> bool:
+        try:
+            responder(*args)
+        except Exception:           # as AMP's path: a one-way command failed
+            self.unhandledError(Failure())
+        return True

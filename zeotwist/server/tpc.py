@@ -1,0 +1,196 @@
+"""The two-phase commit's responders: TpcBegin, StoreData, Vote, Finish, Abort.
+
+A mixin of :class:`~zeotwist.server.session.ServerSession` (it uses the
+session's ``server``, ``_txn``, ``budgets`` and ``prefetcher``).  Every
+move of the session's transaction goes through its state table
+(:mod:`zeotwist.server.txnstate`); the storage calls are in
+:mod:`zeotwist.server.commit`.  :meth:`TransactionResponders._abort_txn` is
+the one abort path, which the session also takes when its connection ends.
+
+Runs on the reactor thread; the storage calls of the commit run in the
+storage's worker thread, or here for a small one (``server.commit_call``).
+"""
+from ZODB.POSException import (
+    ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
+from twisted.internet.defer import maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from zeotwist.errors import (
+    FinishFailed, PickleRefused, RemoteProtocolError, TransactionStateError, TransactionTooLarge)
+from zeotwist.server import commit
+from zeotwist.server.blobs import BLOB_VOTE_ERRORS
+from zeotwist.server.commit import ClientMetaData, ServerTransaction
+from zeotwist.server.resolution import Resolution
+from zeotwist.server.txnbuffer import TransactionBuffer
+from zeotwist.server.txnstate import IN_STORAGE, Event, State
+from zeotwist.wire import commands as C
+from zeotwist.wire import prefetch
+
+#: the session's namespace: these lines were the session's, and logging
+#: configurations and tests select them by it
+_log = Logger(namespace="zeotwist.server.session")
+
+
+class TransactionResponders(amp.CommandLocator):
+    """The session's transaction, from TpcBegin to Finish or Abort."""
+
+    @C.TpcBegin.responder
+    def tpc_begin(self, user, description, extension, tid=None, status=None):
+        if self._txn is not None and not self._txn.state.final:
+            self.protocolViolation("TpcBegin inside a transaction")
+            return {}
+        meta = ClientMetaData(user, description, extension)
+        buffer = TransactionBuffer(max_bytes=self.server.max_transaction_bytes,
+                                   budgets=self.budgets)
+        self._txn = ServerTransaction(meta, buffer, self.read_only, tid, status or " ",
+                                      self.server.oid_range.check)
+        self.transaction_opened(self._txn)      # guards: --vote-timeout
+        return {}
+
+    @C.StoreData.responder
+    def store_data(self, data):
+        txn = self._txn
+        if txn is not None and txn.state.can(Event.STORE_RESOLVED):
+            txn.state.move(Event.STORE_RESOLVED)
+            txn.fixes.append(data)          # the client's resolved records
+            return {}
+        if txn is None or not txn.state.can(Event.STORE):
+            self.protocolViolation("StoreData outside a transaction")
+            return {}
+        if not txn.read_only:       # a read-only vote fails: spool nothing
+            txn.buffer.append(data)
+        return {}
+
+    @C.Vote.responder
+    def vote(self, can_resolve=None):
+        txn = self._txn
+        if txn is None or not txn.state.can(Event.VOTE):
+            raise TransactionStateError("Vote without an open transaction")
+        self.transaction_voting()
+        if txn.read_only:
+            self._abort_txn()
+            raise ReadOnlyError()
+        if txn.state.move(Event.VOTE) is State.RESOLVING:
+            return self._revote(txn)
+        if can_resolve and self.server.client_conflict_resolution:
+            txn.resolution = Resolution()
+        txn.send_current = self.prefetcher is not None
+        d = self.server.lock.acquire(self)
+        d.addCallback(self._lock_granted, txn)
+        d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
+        return d
+
+    def _lock_granted(self, _, txn):
+        txn.state.move(Event.LOCK_GRANTED)
+        server = self.server
+        return server.commit_call(commit.vote, txn, server.last_tid, server.reads_extension)
+
+    def _revote(self, txn):
+        """The client sent its resolved records: store them and vote (lock held)."""
+        d = self.server.commit_call(commit.revote, txn)
+        d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
+        return d
+
+    def _voted(self, result, txn):
+        resolved, conflicts, to_resolve = result
+        if not txn.state.can(Event.VOTED):
+            # aborted meanwhile (transaction timeout, Abort, lost link): if
+            # anyone still hears this answer, it must not read as a vote
+            raise TransactionStateError("the transaction was aborted while it voted")
+        if conflicts:
+            self.server.stats["conflicts"] += len(conflicts)
+            answer = dict(resolved=[], conflicts=b"".join(conflicts))
+            # records of tids already fanned out to this client, so no
+            # later invalidation can be one it has not seen yet
+            current = [r for r in txn.current if r[2] <= self.server.last_tid]
+            if current:
+                answer["current"] = prefetch.encode(current)
+                self.server.traffic["prefetched"] += len(current)
+            return self._abort_txn().addCallback(lambda _: answer)
+        if to_resolve:          # the client resolves; the lock stays ours meanwhile
+            txn.state.move(Event.CONFLICTS_LEFT)
+            self.server.stats["client_resolutions"] += 1
+            txn.fixes = TransactionBuffer(max_bytes=self.server.max_transaction_bytes,
+                                          budgets=self.budgets)     # guards: spool budgets
+            return dict(resolved=[], conflicts=b"", to_resolve=to_resolve)
+        txn.state.move(Event.VOTED)
+        return dict(resolved=list(resolved), conflicts=b"")
+
+    _EXPECTED = (ConflictError, ReadOnlyError, StorageTransactionError,
+                 POSKeyError, TransactionTooLarge, RemoteProtocolError, UndoError,
+                 PickleRefused)
+    _EXPECTED += BLOB_VOTE_ERRORS
+
+    def _vote_failed(self, failure, txn):
+        if failure.check(ConflictError):
+            self.server.stats["conflicts"] += 1
+        if not failure.check(*self._EXPECTED):
+            _log.failure("vote failed", failure)
+        # locking or voting: this is still the session's transaction
+        d = self._abort_txn() if txn.state.can(Event.ABORT) else succeed(None)
+        if failure.check(RemoteProtocolError):
+            self.protocolViolation("malformed store stream: %s" % failure.value)
+        return d.addCallback(lambda _: failure)
+
+    @C.Finish.responder
+    def finish(self):
+        txn = self._txn
+        if txn is None or not txn.state.can(Event.FINISH):
+            raise TransactionStateError("Finish without a voted transaction")
+        txn.state.move(Event.FINISH)
+        d = self.server.commit_call(commit.finish, txn)
+        d.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
+        return d
+
+    def _finished(self, tid, txn):
+        txn.state.move(Event.FINISHED)
+        if txn.finish_error is not None:
+            _log.error("zeotwist: tpc_finish of storage {name!r} raised after committing "
+                       "{tid}: {err}; the commit stands", name=self.server.name,
+                       tid=tid.hex(), err=repr(txn.finish_error))
+        # a Deferred when the feed announces our commit among others' (RelStorage)
+        d = maybeDeferred(self.server.committed, tid, txn.oids, self)
+        d.addBoth(self._release_lock)
+        return d.addCallback(lambda _: dict(tid=tid))
+
+    def _release_lock(self, result):
+        self.server.lock.release(self)
+        return result
+
+    def _finish_failed(self, failure, txn):
+        if failure.check(FinishFailed):       # the storage raised; not committed
+            _log.error("zeotwist: storage {name!r}: {why}", name=self.server.name,
+                       why=failure.value)
+        else:
+            _log.failure("tpc_finish failed; aborting", failure)
+        left = txn.state.move(Event.FINISH_FAILED)
+        return self._discard(txn, left).addCallback(lambda _: failure)
+
+    @C.Abort.responder
+    def abort(self):
+        return self._abort_txn().addCallback(lambda _: {})
+
+    def _abort_txn(self):
+        """The one abort path: discard, tpc_abort if begun, release the lock."""
+        txn = self._txn
+        if txn is None or not txn.state.can(Event.ABORT):
+            return succeed(None)      # none, over, or finishing (the finish ends it)
+        return self._discard(txn, txn.state.move(Event.ABORT))
+
+    def _discard(self, txn, left: State):
+        """Undo what ``txn`` holds, having left state ``left``."""
+        server = self.server
+        server.stats["aborts"] += 1
+        if left not in IN_STORAGE:
+            server.lock.release(self)     # withdraws a queued request
+            txn.close_buffers()
+            return succeed(None)
+        # The storage thread runs calls in order, so this tpc_abort runs
+        # after any vote still in progress (an inline call runs only when
+        # nothing is in progress there).
+        d = server.commit_call(commit.abort, txn)
+        d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
+        d.addBoth(lambda _: server.lock.release(self))
+        return d
+
