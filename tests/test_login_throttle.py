@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
-from zeotwist.server.auth import DEFAULT_ITERATIONS, set_user
+from zeotwist.server.userfile import DEFAULT_ITERATIONS, set_user
 from zeotwist.server.loginguard import (
     PEER_FREE, USER_FREE, LoginThrottle, LoginThrottled, PasswordChecks)
 

@@ -20,7 +20,7 @@ from ZODB.POSException import ReadOnlyError
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.errors import ClientDisconnected, Unauthorized, UnknownStorage
-from zeotwist.server.auth import set_user
+from zeotwist.server.userfile import set_user
 from zeotwist.testing import start_server
 
 WAIT = 20.0          # wait_timeout: far longer than "at once"

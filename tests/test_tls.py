@@ -14,7 +14,8 @@ from twisted.internet.interfaces import ISSLTransport
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.errors import ClientDisconnected, NotLoggedIn, Unauthorized
-from zeotwist.server.auth import peer_common_name, set_user
+from zeotwist.server.auth import peer_common_name
+from zeotwist.server.userfile import set_user
 from zeotwist.testing import start_server
 from zeotwist.tls import TLSConfigError, load_identity, server_options
 

@@ -20,7 +20,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import z64
 
 import zeotwist
-from zeotwist.server.auth import set_user
+from zeotwist.server.userfile import set_user
 from zeotwist.testing import start_server
 
 from certs import make_pki

@@ -170,7 +170,7 @@ def pack(options) -> int:
 def adduser(options) -> int:
     import getpass
 
-    from zeotwist.server.auth import DEFAULT_ITERATIONS, set_user
+    from zeotwist.server.userfile import DEFAULT_ITERATIONS, set_user
     password = None
     if not options.no_password:
         if options.password_stdin:
