@@ -10,8 +10,6 @@ from zeotwist import errors
 
 #: defined elsewhere, and why (a new exception goes in errors.py, or here with a reason)
 NOT_YET_MOVED = {
-    "zeotwist.server.service.StorageOpenError": "server start-up module, not moved yet",
-    "zeotwist.server.config.ConfigError": "server settings module, not moved yet",
     "zeotwist.pgtesting.PostgresUnavailable": "a test helper's skip reason",
     "zeotwist.server.loginguard.LoginThrottled":
         "a twisted.cred UnauthorizedLogin passed inside the server's login path; "
@@ -40,6 +38,8 @@ def test_every_public_exception_is_defined_in_errors():
     ("zeotwist.tls", "TLSConfigError"),
     ("zeotwist.client.blobcache", "BlobCacheLocked"),
     ("zeotwist.server.conflicts", "RefusedGlobal"),
+    ("zeotwist.server.service", "StorageOpenError"),
+    ("zeotwist.server.config", "ConfigError"),
 ])
 def test_moved_exceptions_are_still_importable_from_their_old_home(old_home, name):
     assert getattr(importlib.import_module(old_home), name) is getattr(errors, name)
@@ -80,3 +80,48 @@ def test_transaction_timeout_is_a_storage_transaction_error_and_still_a_disconne
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.timeout, copy.server, str(copy)) == (2.5, "127.0.0.1:8100", str(err))
     assert "TransactionTimeout" in errors.__all__
+
+
+def test_server_service_argument_mistakes_are_usage_errors_and_still_type_errors(tmp_path):
+    from zeotwist.server.service import ServerService, open_storage
+    path = str(tmp_path / "data.fs")
+    cases = [
+        (lambda: ServerService(), "needs a filename or storages"),
+        (lambda: ServerService(path, storages={"1": path}), "a filename or storages, not both"),
+        (lambda: ServerService(storages={"1": path}, blob_dir=str(tmp_path)),
+         "blob_dir is the filename storage's"),
+        (lambda: open_storage(42), "cannot make a storage of 42"),
+    ]
+    for make, message in cases:
+        with pytest.raises(errors.UsageError, match=message) as info:
+            make()
+        assert isinstance(info.value, TypeError)
+
+
+def test_server_configuration_mistakes_are_config_errors_and_still_value_errors(tmp_path):
+    from ZODB.POSException import StorageError
+    from zeotwist.server.config import read_config
+    from zeotwist.server.service import ServerService
+    with pytest.raises(errors.ConfigError, match="needs at least one storage") as info:
+        ServerService.from_storages({})
+    assert isinstance(info.value, ValueError) and isinstance(info.value, StorageError)
+    with pytest.raises(errors.ConfigError, match="--listen-tls needs --tls-cert"):
+        ServerService(str(tmp_path / "data.fs"), listen_tls=["ssl:0"])
+    (tmp_path / "bad.conf").write_text("<zeo>\n  no-such-key 1\n</zeo>\n")
+    with pytest.raises(errors.ConfigError, match="no-such-key"):
+        read_config(str(tmp_path / "bad.conf"))
+
+
+def test_an_unsupported_imvcc_storage_is_refused_with_a_typed_error():
+    from ZODB.interfaces import IMVCCStorage
+    from zope.interface import directlyProvides
+    from zeotwist.server.external import served_storage
+
+    class NotRelStorage:
+        pass
+    storage = NotRelStorage()
+    directlyProvides(storage, IMVCCStorage)
+    with pytest.raises(errors.UnsupportedStorage, match="serves RelStorage among the IMVCC") \
+            as info:
+        served_storage(storage)
+    assert isinstance(info.value, TypeError)

@@ -38,6 +38,9 @@ __all__ = [
     "TLSConfigError",
     "BlobCacheLocked",
     "RefusedGlobal",
+    "ConfigError",
+    "StorageOpenError",
+    "UnsupportedStorage",
 ]
 
 
@@ -204,3 +207,26 @@ class ReactorThreadError(RuntimeError):
 class StartupFailed(ZeotwistError):
     """The server could not start (listen, open a storage, read its TLS
     files); ``str()`` is the one line said on the terminal and in the log."""
+
+
+class ConfigError(ZeotwistError, ValueError):
+    """The server's configuration cannot be used: a configuration file that
+    cannot be read or makes no sense, or settings that contradict each
+    other.  ``str()`` says what is wrong (also a ``ValueError``, as the
+    settings' errors were before)."""
+
+
+class StorageOpenError(ZeotwistError):
+    """A storage the server was told to serve cannot be opened; the server
+    does not start.  ``str()`` names the storage and the cause."""
+
+    def __init__(self, name, what, cause):
+        self.storage_name, self.what, self.cause = name, what, cause
+        super().__init__("cannot open storage %r (%s): %s: %s"
+                         % (name, what, type(cause).__name__, cause))
+
+
+class UnsupportedStorage(ZeotwistError, TypeError):
+    """The server was given a storage of a kind it cannot serve (an
+    ``IMVCCStorage`` other than RelStorage); also a ``TypeError``, as it
+    was before."""

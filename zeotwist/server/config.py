@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import ZConfig
 
+# ConfigError: defined in zeotwist.errors, importable from here as before
+from zeotwist.errors import ConfigError
 from zeotwist.server.settings import (   # the schema names the datatypes here
     LIST, file_keys, listen_endpoint, option_fields, zeo_address)
 
@@ -40,10 +42,6 @@ SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schema.xml")
 
 #: The storage name of an unnamed storage section (and of ``-f``'s default).
 DEFAULT_STORAGE_NAME = "1"
-
-class ConfigError(Exception):
-    """The configuration file cannot be read or makes no sense."""
-
 
 _schema = None
 

@@ -27,6 +27,8 @@ callbacks, which may come from any thread.
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from zeotwist.errors import UnsupportedStorage
+
 _log = Logger()
 
 #: Seconds a client that knows a later transaction waits for this server to
@@ -171,8 +173,8 @@ def served_storage(storage):
         return storage
     from zeotwist.server.relstorage import is_relstorage, per_thread
     if not is_relstorage(storage):
-        raise TypeError("zeotwist serves RelStorage among the IMVCC storages, not %r"
-                        % (storage,))
+        raise UnsupportedStorage("zeotwist serves RelStorage among the IMVCC storages, not %r"
+                                 % (storage,))
     return per_thread(storage)
 
 

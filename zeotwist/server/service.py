@@ -22,8 +22,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from zeotwist.errors import StartupFailed, ZeotwistError
-from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, describe, read_config
+# StorageOpenError: defined in zeotwist.errors, importable from here as before
+from zeotwist.errors import ConfigError, StartupFailed, StorageOpenError, UsageError
+from zeotwist.server.config import DEFAULT_STORAGE_NAME, describe, read_config
 from zeotwist.server.limits import AcceptGuard
 from zeotwist.server.metrics import metrics_site, missing_dependency
 from zeotwist.server.session import SessionFactory
@@ -36,16 +37,6 @@ from zeotwist.tls import TLSConfigError, listen_tls, server_options
 from zeotwist.twistedcompat import forget_exit_signal, stopped_by_signal
 
 _log = Logger()
-
-
-class StorageOpenError(ZeotwistError):
-    """A storage the server was told to serve cannot be opened; the server
-    does not start.  ``str()`` names the storage and the cause."""
-
-    def __init__(self, name, what, cause):
-        self.storage_name, self.what, self.cause = name, what, cause
-        super().__init__("cannot open storage %r (%s): %s: %s"
-                         % (name, what, type(cause).__name__, cause))
 
 
 class FileStorageFile:
@@ -78,7 +69,8 @@ def open_storage(opener):
         return opener.open()
     if callable(opener):
         return opener()
-    raise TypeError("cannot make a storage of %r" % (opener,))
+    raise UsageError("cannot make a storage of %r: give a storage, a storage section "
+                     "(anything with open()) or a callable" % (opener,))
 
 class ServerService(service.Service):
     """Opens the storages, serves them on every endpoint, closes them on stop.
@@ -101,19 +93,19 @@ class ServerService(service.Service):
         settings = replace(settings, **options) if settings else ServerSettings(**options)
         problem = check_tls_auth(settings)
         if problem:
-            raise ValueError(problem)
+            raise ConfigError(problem)
         if storages is None:
             if filename is None:
-                raise TypeError("ServerService needs a filename or storages")
+                raise UsageError("ServerService needs a filename or storages")
             storages = {name: FileStorageFile(filename, read_only=settings.read_only,
                                               blob_dir=blob_dir)}
         elif filename is not None:
-            raise TypeError("ServerService takes a filename or storages, not both")
+            raise UsageError("ServerService takes a filename or storages, not both")
         elif blob_dir is not None:
-            raise TypeError("blob_dir is the filename storage's; with storages, give "
-                            "each storage its own blob directory")
+            raise UsageError("blob_dir is the filename storage's; with storages, give "
+                             "each storage its own blob directory")
         if not storages:
-            raise ValueError("ServerService needs at least one storage")
+            raise ConfigError("ServerService needs at least one storage")
         #: every server option (read-only here: replace() makes a changed copy)
         self.settings = settings
         #: storage name -> what opens it (see :func:`open_storage`)
