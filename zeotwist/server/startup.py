@@ -44,38 +44,35 @@ def private_unix_socket(description: str) -> str:
     return "%s:mode=%s" % (description, UNIX_SOCKET_MODE)
 
 
-def _endpoint_params(description: str) -> set:
-    """The ``key=`` names of an endpoint string (``\\:`` escapes respected)."""
-    names, part, escaped = set(), "", False
-    for ch in description + ":":
+def _endpoint_fields(description: str) -> list[str]:
+    """The ``:``-separated fields of an endpoint string, ``\\`` escapes undone."""
+    fields, part, escaped = [], "", False
+    for ch in description:
         if escaped:
             part, escaped = part + ch, False
         elif ch == "\\":
             escaped = True
         elif ch == ":":
-            if "=" in part:
-                names.add(part.split("=", 1)[0])
+            fields.append(part)
             part = ""
         else:
             part += ch
-    return names
+    fields.append(part)
+    return fields
+
+
+def _endpoint_params(description: str) -> set:
+    """The ``key=`` names of an endpoint string (``\\:`` escapes respected;
+    a last field ending in a lone ``\\``, which Twisted cannot parse, is not read)."""
+    fields = _endpoint_fields(description + ":")[:-1]
+    return {field.split("=", 1)[0] for field in fields if "=" in field}
 
 
 def unix_path(description: str) -> str | None:
     """The socket path of a ``unix:`` endpoint string, else None."""
     if not description.startswith("unix:"):
         return None
-    path, escaped = "", False
-    for ch in description[5:]:
-        if escaped:
-            path, escaped = path + ch, False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            break
-        else:
-            path += ch
-    return path
+    return _endpoint_fields(description)[1]
 
 
 def listen_problem(description: str, error: BaseException) -> str:
