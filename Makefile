@@ -16,7 +16,7 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP_INSTALL) '.[metrics]'
+	$(PIP_INSTALL) '.[metrics,tls]'
 	$(VENV)/bin/twistd --help | grep -q zeotwist    # the plugin is found
 	touch $@
 

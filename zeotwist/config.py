@@ -28,6 +28,7 @@ from ZConfig.datatypes import inet_connection_address
 from ZODB.config import BaseConfig
 
 from zeotwist.client.addresses import endpoint_string
+from zeotwist.tls import is_tls_endpoint, require_tls
 
 #: The reactor ClientStorages opened from configuration are given; None
 #: leaves the choice to ClientStorage (see the module docstring).
@@ -60,6 +61,8 @@ def server_address(value: str):
     if text is not None and text.startswith("unix:") and text != value:
         return value                                  # a socket path
     if text is not None and text == value:            # an endpoint string
+        if is_tls_endpoint(text):
+            require_tls("the address %r" % (value,))
         try:
             clientFromString(_NoReactor(), text)
         except Exception as e:   # whatever the endpoint parser objects to

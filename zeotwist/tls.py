@@ -18,6 +18,11 @@ which is what a client reports when it cannot connect.  See docs/tls-auth.md.
 
 Files are read when these functions are called (at server start, at client
 construction), never on the reactor's hot path.
+
+TLS needs pyOpenSSL and service_identity, the ``[tls]`` extra
+(``pip install 'zeotwist[tls]'``).  Without them everything else works, and
+whatever asks for TLS raises :class:`TLSConfigError` saying what to install
+(:func:`require_tls`).
 """
 import os
 
@@ -29,7 +34,25 @@ from zeotwist.errors import TLSConfigError, UsageError
 CLIENT_KEYS = frozenset({"ca", "cert", "key", "hostname"})
 
 
+#: how to install what TLS needs (pyOpenSSL, service_identity)
+INSTALL = "pip install 'zeotwist[tls]'"
+
 # TLSConfigError lives in zeotwist.errors; imported here, where it always was.
+
+
+def require_tls(what: str) -> None:
+    """Raise :class:`TLSConfigError` if pyOpenSSL, which ``what`` (a TLS
+    option or endpoint) needs, is not installed."""
+    try:
+        import OpenSSL  # noqa: F401
+    except ImportError:
+        raise TLSConfigError("%s needs TLS support, which is not installed (no pyOpenSSL): %s"
+                             % (what, INSTALL)) from None
+
+
+def is_tls_endpoint(description: str) -> bool:
+    """Whether a Twisted endpoint string is one of its TLS kinds."""
+    return description.strip().lower().startswith(("tls:", "ssl:"))
 
 def _read(path, what: str) -> bytes:
     try:
@@ -96,6 +119,7 @@ def server_options(cert, key=None, ca=None):
     """The server's ``CertificateOptions``: its certificate (and chain) and
     key; with ``ca`` (a PEM file or directory), every client must present a
     certificate signed by one of those CAs, or the handshake fails."""
+    require_tls("TLS on the server")
     from twisted.internet.ssl import CertificateOptions
     certificate, private, chain = load_identity(cert, key)
     kw = dict(privateKey=private, certificate=certificate, extraCertChain=chain)
@@ -136,6 +160,7 @@ def client_creator(tls, hostname: str | None):
     """
     if IOpenSSLClientConnectionCreator.providedBy(tls):
         return tls
+    require_tls("tls=%r" % (tls,))
     from twisted.internet.ssl import optionsForClientTLS
     settings = {} if tls is True else dict(tls)
     unknown = set(settings) - CLIENT_KEYS
@@ -177,8 +202,11 @@ def describe_error(err) -> str:
     """One line for a TLS failure: OpenSSL's reasons ("certificate verify
     failed", "tlsv13 alert certificate required"), or the text of anything
     else."""
-    from OpenSSL import SSL
-    if isinstance(err, SSL.Error) and err.args and isinstance(err.args[0], list):
+    try:
+        from OpenSSL import SSL
+    except ImportError:             # not installed: no TLS error to describe
+        SSL = None
+    if SSL is not None and isinstance(err, SSL.Error) and err.args and isinstance(err.args[0], list):
         reasons = [entry[-1] for entry in err.args[0]
                    if isinstance(entry, tuple) and entry and entry[-1]]
         if reasons:

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 
 from zeotwist.client.failover import FailoverEndpoint
 from zeotwist.errors import UsageError
-from zeotwist.tls import client_creator
+from zeotwist.tls import client_creator, is_tls_endpoint, require_tls
 
 _SCHEMES = ("tcp:", "tcp6:", "unix:", "tls:", "ssl:", "systemd:", "host:")
 
@@ -50,7 +50,13 @@ def to_endpoint(reactor, address, tls=None):
     if isinstance(address, list):
         return FailoverEndpoint([to_endpoint(reactor, a) for a in address],
                                 [str(a) for a in address])
-    return clientFromString(reactor, endpoint_string(address))
+    return _from_string(reactor, endpoint_string(address))
+
+
+def _from_string(reactor, text: str):
+    if is_tls_endpoint(text):
+        require_tls("the address %r" % (text,))
+    return clientFromString(reactor, text)
 
 
 def client_endpoint(reactor, address, tls):
@@ -68,7 +74,7 @@ def client_endpoint(reactor, address, tls):
         text = endpoint_string(address)
         if text.startswith(("tls:", "ssl:")):
             raise ValueError("%r is a TLS endpoint already; leave out tls=" % (address,))
-        endpoint = clientFromString(reactor, text)
+        endpoint = _from_string(reactor, text)
     creator = client_creator(tls, _host_of(address))
     return wrapClientTLS(creator, endpoint, clock=reactor)
 

@@ -33,7 +33,7 @@ from zeotwist.server.startup import (
     StartupReporter, listen_problem, private_unix_socket, stop_on_early_sigterm)
 from zeotwist.server.storagesafety import check_audited
 from zeotwist.server.storageserver import StorageServer
-from zeotwist.tls import TLSConfigError, listen_tls, server_options
+from zeotwist.tls import TLSConfigError, listen_tls, require_tls, server_options
 from zeotwist.twistedcompat import forget_exit_signal, stopped_by_signal
 
 _log = Logger()
@@ -308,6 +308,7 @@ class ServerService(service.Service):
         without); a file that cannot be used is logged and raised."""
         s = self.settings
         if s.listen_tls and self._tls_options is None:
+            require_tls("--listen-tls")     # raised as is: not a problem of the files
             try:
                 self._tls_options = server_options(s.tls_cert, s.tls_key, s.tls_ca)
             except TLSConfigError as e:

@@ -39,6 +39,7 @@ from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_
 from zeotwist.server.storageserver import (
     DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_PREFETCH_BYTES,
     DEFAULT_PREFETCH_COUNT, DEFAULT_TRANSACTION_TIMEOUT)
+from zeotwist.tls import is_tls_endpoint, require_tls
 from zeotwist.wire.prefetch import MAX_BYTES as MAX_PREFETCH_BYTES
 
 DEFAULT_LISTEN = "tcp:8100:interface=127.0.0.1"
@@ -55,6 +56,8 @@ class _NoReactor:
 def listen_endpoint(value: str) -> str:
     """The ``listen`` key: a Twisted server endpoint string, checked to parse."""
     value = value.strip()
+    if is_tls_endpoint(value):
+        require_tls("listening on %r" % (value,))
     try:
         serverFromString(_NoReactor(), value)
     except Exception as e:    # whatever the endpoint parser objects to
