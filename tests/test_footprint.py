@@ -58,6 +58,23 @@ def test_the_server_modules_do_not_import_the_client():
     assert callable(zeotwist.client)                      # the function, not the package
 
 
+def test_the_server_modules_leave_out_what_a_plain_server_does_not_use():
+    """pickletools (0.5 MB of opcode tables) comes with the first client
+    pickle the server reads (a conflict to resolve), twisted.web with
+    --metrics; a server that has neither does not carry them."""
+    code = ("import sys, zeotwist.server.tap, zeotwist.server.service; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pickletools', 'twisted.web'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    from zeotwist.server.unpickling import PickleRefused, check_opcodes, pickle_class_name
+    check_opcodes(b"\x80\x03K\x01.")                   # still read when needed
+    assert pickle_class_name(b"\x80\x03cfoo\nBar\nq\x00.") == ("foo", "Bar")
+    with pytest.raises(PickleRefused):
+        check_opcodes(b"\x80\x03\xff")
+
+
 def test_the_bench_puts_nothing_of_zeotwists_client_into_a_zeo_client_process():
     """The bench's client processes import zeotwist.bench's modules, and ZEO's
     server imports zeotwist.bench.parallel when it resolves a conflict on its

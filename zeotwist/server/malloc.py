@@ -26,13 +26,30 @@ TRIM_THRESHOLD = 16 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or None)
+
+
+def release_free_memory() -> bool:
+    """Give the memory that start-up freed (imports, reading the index) back
+    to the system now (glibc ``malloc_trim``; the trim threshold above keeps
+    it otherwise); False without glibc."""
+    try:
+        malloc_trim = _libc().malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
 def tune_malloc() -> bool:
     """Set glibc's mmap and trim thresholds (above); False where there is
     no glibc ``mallopt`` or the environment sets them already."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
     try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

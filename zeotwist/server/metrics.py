@@ -1,7 +1,7 @@
 """Prometheus metrics: ``--metrics tcp:9102:interface=127.0.0.1`` serves /metrics.
 
 The exposition is prometheus_client's (the ``zeotwist[metrics]`` extra),
-served by a Twisted web site at the endpoint given (:class:`MetricsPage`).
+served by a Twisted web site at the endpoint given (:func:`metrics_site`).
 Nothing is counted twice: :class:`ServerCollector` reads, at scrape time,
 the counters the server keeps anyway (``StorageServer.stats``, ``.traffic``,
 the commit lock's queue and timings), one sample per served storage under
@@ -86,7 +86,7 @@ def metrics_site(service):
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(service))
     root = Resource()
-    root.putChild(b"metrics", MetricsPage(registry))
+    root.putChild(b"metrics", _metrics_page(registry))
     site = Site(root)
     site.noisy = False
     site.displayTracebacks = False
@@ -94,24 +94,21 @@ def metrics_site(service):
     return site
 
 
-def _resource_base():
-    from twisted.web.resource import Resource
-    return Resource
-
-
-class MetricsPage(_resource_base()):
+def _metrics_page(registry):
     """prometheus_client's exposition of ``registry``, rendered on the reactor
     thread.  (prometheus_client.twisted.MetricsResource would collect in
     the *global* reactor's thread pool: counters read from another thread,
-    and no answer at all when the server runs on another reactor.)"""
-    isLeaf = True
+    and no answer at all when the server runs on another reactor.)
+    twisted.web is imported here, only when --metrics is given."""
+    from twisted.web.resource import Resource
 
-    def __init__(self, registry):
-        super().__init__()
-        self.registry = registry
+    class MetricsPage(Resource):
+        isLeaf = True
 
-    def render_GET(self, request) -> bytes:
-        from prometheus_client.exposition import choose_encoder
-        encoder, content_type = choose_encoder(request.getHeader("accept"))
-        request.setHeader(b"Content-Type", content_type.encode())
-        return encoder(self.registry)
+        def render_GET(self, request) -> bytes:
+            from prometheus_client.exposition import choose_encoder
+            encoder, content_type = choose_encoder(request.getHeader("accept"))
+            request.setHeader(b"Content-Type", content_type.encode())
+            return encoder(registry)
+
+    return MetricsPage()

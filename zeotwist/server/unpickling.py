@@ -19,7 +19,6 @@ make the code that works on it recurse past Python's stack).
 Runs in whatever thread calls it (the storage thread, for the server).
 """
 import datetime
-import pickletools
 import sys
 from dataclasses import dataclass
 from io import BytesIO
@@ -46,6 +45,13 @@ DEFAULT_LIMITS = Limits()
 _REFUSED_OPS = frozenset(("NEXT_BUFFER", "READONLY_BUFFER"))
 
 
+def _genops(f):
+    """``pickletools.genops``; pickletools (its opcode tables, about 0.5 MB)
+    is imported when a server first reads a client's pickle, not at start."""
+    import pickletools
+    return pickletools.genops(f)
+
+
 def check_opcodes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
     """Raise PickleRefused unless ``data`` (one or more pickles) is within
     ``limits``.  Runs nothing: reads the opcodes only."""
@@ -55,7 +61,7 @@ def check_opcodes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> None:
     f, ops = BytesIO(data), 0
     try:
         while f.tell() < len(data):
-            for op, arg, _ in pickletools.genops(f):
+            for op, arg, _ in _genops(f):
                 ops += 1
                 if ops > limits.max_ops:
                     raise PickleRefused("a pickle of more than %d opcodes" % limits.max_ops)
@@ -167,7 +173,7 @@ def pickle_class_name(data: bytes) -> tuple[str, str]:
     by reading opcodes instead of unpickling."""
     strings = []
     try:
-        for n, (op, arg, _) in enumerate(pickletools.genops(BytesIO(data))):
+        for n, (op, arg, _) in enumerate(_genops(BytesIO(data))):
             if n > 50:
                 break
             if op.name == "GLOBAL":
