@@ -2,6 +2,7 @@
 (zeotwist.server.footprint), not RelStorage without a RelStorage, not the
 client package (docs/performance.md, "Memory").  The TLS servers of
 tests/test_tls.py (``--listen-tls``, an ``ssl:`` string) are the other side."""
+import ast
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +28,17 @@ def mapped_packages(pid: int) -> set:
                 for line in f if "site-packages/" in line}
 
 
+def imported_by(modules: str, prefixes: tuple) -> list:
+    """The modules starting with ``prefixes`` that a fresh interpreter has
+    once it imported ``modules`` (comma-separated)."""
+    code = ("import sys, %s; print(sorted(m for m in sys.modules if m.startswith(%r)))"
+            % (modules, prefixes))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
 def test_a_plain_server_loads_neither_openssl_nor_relstorage(tmp_path):
     server = start_twistd(str(tmp_path / "data.fs"))
@@ -47,12 +59,7 @@ def test_a_plain_server_loads_neither_openssl_nor_relstorage(tmp_path):
 
 
 def test_the_server_modules_do_not_import_the_client():
-    code = ("import sys, zeotwist.server.tap; "
-            "print(sorted(m for m in sys.modules if m.startswith('zeotwist.client.')))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert imported_by("zeotwist.server.tap", ("zeotwist.client.",)) == []
     import zeotwist
     assert zeotwist.ClientStorage is ClientStorage       # imported when asked for
     assert callable(zeotwist.client)                      # the function, not the package
@@ -62,12 +69,8 @@ def test_the_server_modules_leave_out_what_a_plain_server_does_not_use():
     """pickletools (0.5 MB of opcode tables) comes with the first client
     pickle the server reads (a conflict to resolve), twisted.web with
     --metrics; a server that has neither does not carry them."""
-    code = ("import sys, zeotwist.server.tap, zeotwist.server.service; "
-            "print(sorted(m for m in sys.modules if m.startswith(('pickletools', 'twisted.web'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert imported_by("zeotwist.server.tap, zeotwist.server.service",
+                       ("pickletools", "twisted.web")) == []
     from zeotwist.server.unpickling import PickleRefused, check_opcodes, pickle_class_name
     check_opcodes(b"\x80\x03K\x01.")                   # still read when needed
     assert pickle_class_name(b"\x80\x03cfoo\nBar\nq\x00.") == ("foo", "Bar")
@@ -80,15 +83,11 @@ def test_the_bench_puts_nothing_of_zeotwists_client_into_a_zeo_client_process():
     server imports zeotwist.bench.parallel when it resolves a conflict on its
     Counter: neither may pull in zeotwist's client, Twisted or pyOpenSSL (they
     did: ZEO's client read 59 MB instead of 31, its server 56 instead of 36)."""
-    code = ("import sys, zeotwist.bench.workload, zeotwist.bench.parallel, "
-            "zeotwist.bench.reads, zeotwist.bench.graph, zeotwist.bench.records, "
-            "zeotwist.bench.writes, zeotwist.bench.pipelined, zeotwist.bench.packing; "
-            "print(sorted(m for m in sys.modules if m.startswith("
-            "('twisted', 'OpenSSL', 'cryptography', 'zeotwist.client.'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, cwd=sysconfig.get_paths()["purelib"])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert imported_by(
+        "zeotwist.bench.workload, zeotwist.bench.parallel, zeotwist.bench.reads, "
+        "zeotwist.bench.graph, zeotwist.bench.records, zeotwist.bench.writes, "
+        "zeotwist.bench.pipelined, zeotwist.bench.packing",
+        ("twisted", "OpenSSL", "cryptography", "zeotwist.client.")) == []
 
 
 def test_which_settings_need_tls():
