@@ -214,3 +214,31 @@ def test_vote_and_finish_questions_are_amps_own(tag):
     assert frame == amp_frame(C.Vote, {"can_resolve": True}, amp.ASK, tag)
     assert C.Vote.parseArguments(parse_one(frame), None) == {"can_resolve": True}
     assert fast.finish_request(tag) == amp_frame(C.Finish, {}, amp.ASK, tag)
+
+
+@pytest.mark.parametrize("resolved", [[], [OID], [OID, TID]])
+def test_vote_and_finish_answers_are_amps_own(resolved):
+    tag = b"t12"
+    frame = fast.vote_answer(tag, resolved)
+    values = {"resolved": resolved, "conflicts": b""}
+    assert frame == amp_frame(C.Vote, values, amp.ANSWER, tag, response=True)
+    box = parse_one(frame)
+    assert fast.read_vote_answer(box) == values
+    assert C.Vote.parseResponse(box, None) == dict(values, to_resolve=None, current=None)
+    frame = fast.finish_answer(tag, TID)
+    assert frame == amp_frame(C.Finish, {"tid": TID}, amp.ANSWER, tag, response=True)
+    assert fast.read_finish_answer(parse_one(frame)) == {"tid": TID}
+
+
+def test_unusual_vote_and_finish_answers_are_left_to_amp():
+    assert fast.vote_answer(b"t1", [OID] * (fast.MAX_VALUE // 8 + 1)) is None
+    conflicts = amp_frame(C.Vote, {"resolved": [], "conflicts": OID + TID + START},
+                          amp.ANSWER, b"t1", response=True)
+    assert fast.read_vote_answer(parse_one(conflicts)) is None
+    current = amp_frame(C.Vote, {"resolved": [], "conflicts": b"", "current": b"x"},
+                        amp.ANSWER, b"t1", response=True)
+    assert fast.read_vote_answer(parse_one(current)) is None
+    ragged = amp.AmpBox({amp.ANSWER: b"t1", b"resolved": b"1234567", b"conflicts": b""})
+    assert fast.read_vote_answer(ragged) is None          # AMP's path refuses it
+    assert fast.read_finish_answer(amp.AmpBox({amp.ANSWER: b"t1", b"tid": b"short"})) is None
+    assert fast.read_finish_answer(amp.AmpBox({amp.ERROR: b"t1", b"tid": TID})) is None

@@ -39,6 +39,16 @@ def _utf8(value) -> bytes:
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
+def _vote_answer(box, proto) -> dict:
+    """A Vote answer parsed: a plain one by zeotwist.wire.fast, else by AMP."""
+    return fast.read_vote_answer(box) or C.Vote.parseResponse(box, proto)
+
+
+def _finish_answer(box, proto) -> dict:
+    """A Finish answer parsed, likewise."""
+    return fast.read_finish_answer(box) or C.Finish.parseResponse(box, proto)
+
+
 class ClientTransaction:
     """The client side of one two-phase commit.
 
@@ -195,7 +205,7 @@ class ClientTransaction:
         if begin is None or store is None:
             return None
         tag = thread_tag()
-        answer = ThreadAnswer(proto, "Vote", lambda box: C.Vote.parseResponse(box, proto),
+        answer = ThreadAnswer(proto, "Vote", lambda box: _vote_answer(box, proto),
                               self._voted, lambda e: self._answer_failed(e, refused=True))
         self._proto = proto         # read on the reactor thread only once the answer is in
         if not proto.ask_from_thread(tag, b"".join((begin, store, fast.vote_request(tag))),
@@ -213,7 +223,7 @@ class ClientTransaction:
                 or calls_pending(self._client.reactor):
             return None
         tag = thread_tag()
-        answer = ThreadAnswer(proto, "Finish", lambda box: C.Finish.parseResponse(box, proto),
+        answer = ThreadAnswer(proto, "Finish", lambda box: _finish_answer(box, proto),
                               lambda a: self._finished(a, callback), self._answer_failed)
         return answer if proto.ask_from_thread(tag, fast.finish_request(tag), answer) else None
 

@@ -16,6 +16,7 @@ from twisted.internet.defer import fail
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.server.prefetch import may_reference
 from zeotwist.wire import commands as C
@@ -111,9 +112,17 @@ class FastAnswers:
         return True
 
     def _fast_answer(self, result: dict, command, tag: bytes) -> None:
-        answer = command.makeResponse(result, self)
-        answer[amp.ANSWER] = tag
-        self._send_answer(answer)
+        frame = None
+        if command is C.Finish:
+            frame = fast.finish_answer(tag, result["tid"])
+        elif not result["conflicts"] and "to_resolve" not in result:
+            frame = fast.vote_answer(tag, result["resolved"])
+        if frame is None:           # conflicts, big lists: AMP's encoding
+            answer = command.makeResponse(result, self)
+            answer[amp.ANSWER] = tag
+            self._send_answer(answer)
+        elif not twistedcompat.amp_switched(self) and self.transport is not None:
+            self.emit(frame)        # (as sendBox: nothing once switched or lost)
 
     def _fast_error(self, failure, command, tag: bytes) -> None:
         for error, code in command.allErrors.items():

@@ -37,7 +37,14 @@ from enum import Enum
 from zeotwist.errors import TransactionStateError
 
 
-class State(Enum):
+class _Fast(Enum):
+    """Hashed by identity (members are singletons): the table below is
+    consulted several times per commit, and Enum's own ``__hash__`` is a
+    Python function (hash of the name)."""
+    __hash__ = object.__hash__
+
+
+class State(_Fast):
     OPEN = "open"              # TpcBegin received; stores arrive
     LOCKING = "locking"        # Vote received; waiting for the commit lock
     VOTING = "voting"          # the storage thread runs tpc_begin, the records, tpc_vote
@@ -49,7 +56,7 @@ class State(Enum):
     ABORTED = "aborted"        # discarded (the storage's tpc_abort ran if it had begun)
 
 
-class Event(Enum):
+class Event(_Fast):
     STORE = "store"                    # a piece of the store stream, or a blob file
     VOTE = "vote"                      # the client's Vote
     LOCK_GRANTED = "lock granted"      # the commit lock is ours

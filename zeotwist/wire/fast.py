@@ -410,6 +410,54 @@ def finish_request(tag: bytes) -> bytes:
     return b"".join((c[0], _H(len(tag)), tag, c[1]))
 
 
+# -- Vote and Finish (the server's answers) --------------------------------------------
+# A vote without conflicts (its ``resolved`` oids packed, at most one AMP
+# value) and a Finish's tid; anything else (conflicts, to_resolve, errors)
+# takes AMP's path (``makeResponse``), and is read back by it.
+_VOTED, slots = _template(_fields(
+    C.Vote.response, amp.ANSWER, {b"conflicts": b""}, (b"to_resolve", b"current")))
+_expect(slots, amp.ANSWER, b"resolved")
+_VOTED_KEYS = frozenset((amp.ANSWER, b"conflicts", b"resolved"))
+_FINISHED, slots = _template(_fields(C.Finish.response, amp.ANSWER, {}))
+_expect(slots, amp.ANSWER, b"tid")
+_FINISHED_KEYS = frozenset((amp.ANSWER, b"tid"))
+
+
+def vote_answer(tag: bytes, resolved) -> bytes | None:
+    """The answer ``tag`` to a Vote that succeeded, ``resolved`` being the
+    oids whose data the server changed; None when they do not fit one value."""
+    packed = b"".join(resolved)
+    if len(packed) > MAX_VALUE:
+        return None
+    c = _VOTED
+    return b"".join((c[0], _H(len(tag)), tag, c[1], _H(len(packed)), packed, c[2]))
+
+
+def finish_answer(tag: bytes, tid: bytes) -> bytes:
+    """The answer ``tag`` to a Finish that committed ``tid``."""
+    c = _FINISHED
+    return b"".join((c[0], _H(len(tag)), tag, c[1], tid, c[2]))
+
+
+def read_vote_answer(box) -> dict | None:
+    """Vote's parsed answer (as ``C.Vote.parseResponse`` makes it) from a
+    plain successful one; None for anything else (AMP's path parses it)."""
+    if len(box) != 3 or box.keys() != _VOTED_KEYS or box[b"conflicts"]:
+        return None
+    packed = box[b"resolved"]
+    if len(packed) % 8:
+        return None
+    return {"resolved": [packed[i:i + 8] for i in range(0, len(packed), 8)],
+            "conflicts": b""}
+
+
+def read_finish_answer(box) -> dict | None:
+    """Finish's parsed answer from a plain one; None for anything else."""
+    if len(box) != 2 or box.keys() != _FINISHED_KEYS or len(box[b"tid"]) != 8:
+        return None
+    return {"tid": box[b"tid"]}
+
+
 # -- Invalidate ---------------------------------------------------------------------
 _INVALIDATE = C.Invalidate
 _INVALIDATE_FRAME, slots = _template(_fields(
