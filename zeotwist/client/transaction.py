@@ -178,12 +178,16 @@ class ClientTransaction:
         # in one write: one system call and, mostly, one packet.
         proto = self._proto or self._client.protocol
         with proto.corked():
-            self._flush_now()
-            if self._failed is not None:
-                return fail(self._failed)
-            d = self._proto.call_frame(C.Vote, fast.vote_request)
-            d.addErrback(self._lost)
-            return d.addCallbacks(self._voted, self._vote_refused)
+            return self._flush_and_vote()
+
+    def _flush_and_vote(self) -> Deferred:
+        """Send the rest of the store stream, then Vote; fires as :meth:`_voted`."""
+        self._flush_now()
+        if self._failed is not None:
+            return fail(self._failed)
+        d = self._proto.call_frame(C.Vote, fast.vote_request)
+        d.addErrback(self._lost)
+        return d.addCallbacks(self._voted, self._vote_refused)
 
     # -- the blocking API's round trips, sent by the committing thread itself ------
     # (zeotwist.client.threadwrites: one thread hand-off per round trip instead
@@ -254,12 +258,7 @@ class ClientTransaction:
         for oid, committed, data in records:
             self._stream += encode_store(oid, committed, data)
             self._client_resolved.append(oid)
-        self._flush_now()
-        if self._failed is not None:
-            return fail(self._failed)
-        d = self._proto.call_frame(C.Vote, fast.vote_request)
-        d.addErrback(self._lost).addCallbacks(self._voted, self._vote_refused)
-        return d.addCallback(lambda to_resolve: self._revoted(to_resolve))
+        return self._flush_and_vote().addCallback(self._revoted)
 
     def _revoted(self, to_resolve):
         if to_resolve:      # the server holds the lock: one round always suffices
