@@ -47,9 +47,11 @@ def test_amp_answer_receiver_gets_the_answer_box():
     receiver = Receiver()
     tag = compat.amp_expect_answer(proto, receiver)
     assert isinstance(tag, bytes) and compat.amp_is_outstanding(proto, tag)
+    assert compat.amp_awaits_answers(proto)
     proto.dataReceived(amp.AmpBox({amp.ANSWER: tag, b"x": b"1"}).serialize())
     assert [dict(b) for b in receiver.boxes] == [{amp.ANSWER: tag, b"x": b"1"}]
     assert not compat.amp_is_outstanding(proto, tag)
+    assert not compat.amp_awaits_answers(proto)
 
 
 def test_amp_answer_receiver_under_a_tag_of_another_thread():

@@ -95,6 +95,12 @@ def calls_pending(reactor) -> bool:
     return bool(getattr(reactor, "threadCallQueue", True))
 
 
+def amp_awaits_answers(proto) -> bool:
+    """Any question still waiting for its answer (False once the connection
+    failed them all)."""
+    return bool(proto._outstandingRequests)
+
+
 def amp_is_outstanding(proto, tag: bytes) -> bool:
     """``tag`` names a question still waiting for its answer."""
     requests = proto._outstandingRequests

@@ -137,6 +137,7 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
                 return
             self._greeting = None
         super().dataReceived(data)
+        self.maybe_park()           # a thread loading: it reads the next answer itself
 
     def _refuse_server(self, first: bytes) -> None:
         self.wrong_server = WrongServer(describe_greeting(first, peer_text(self.transport)))

@@ -36,24 +36,32 @@ thread wakes.
 
 The answer is read on the reactor thread in arrival order, like every other
 box, and stored in the cache there before the next box (an invalidation)
-is read: the MVCC argument of the Deferred path holds unchanged.
+is read: the MVCC argument of the Deferred path holds unchanged.  While a
+thread loads object after object, the thread reads its load's answer
+itself instead, in the same order (:mod:`~zeotwist.client.threadreads`).
 """
 import itertools
+import time
 from _thread import allocate_lock
 
 from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
+from zeotwist.client.threadreads import ThreadReads, parse_load_answer
 from zeotwist.errors import ClientDisconnected
-from zeotwist.wire import fast, prefetch
+from zeotwist.wire import fast
+
+#: ask_from_thread's answer: sent, and the asking thread reads the answer
+READ = "read"
 
 #: tags of questions asked from other threads ("t1", "t2", ... never AMP's
 #: own hexadecimal ones); ``next`` on a count is atomic
 _thread_tags = itertools.count(1)
 
 
-class ThreadWrites:
-    """The ClientProtocol mixin: writes from the reactor and from other threads."""
+class ThreadWrites(ThreadReads):
+    """The ClientProtocol mixin: writes from the reactor and from other threads
+    (and, :class:`~zeotwist.client.threadreads.ThreadReads`, who reads)."""
 
     send_lock = None         # set in connectionMade
     _handoff = None          # a frame's rest (and writes queued behind it), for the reactor
@@ -67,6 +75,7 @@ class ThreadWrites:
         if lock is None:
             return super().write_out(data)
         with lock:
+            self.reactor_writes()               # its answer: read by the reactor
             if self._handoff is not None:
                 self._handoff.append(data)      # behind a thread's unfinished frame
             else:
@@ -95,6 +104,7 @@ class ThreadWrites:
         if self.send_lock is not None:
             with self.send_lock:
                 self._gone = True
+                self.stop_thread_reads()
 
     def load_before_from_thread(self, oid: bytes, tid: bytes, store):
         """From a thread other than the reactor's: send LoadBefore and return a
@@ -103,14 +113,19 @@ class ThreadWrites:
         with the record found, before the waiter wakes."""
         tag = thread_tag()
         load = ThreadLoad(self, tag, oid, store)
-        return load if self.ask_from_thread(tag, fast.load_before_request(tag, oid, tid),
-                                            load) else None
+        sent = self.ask_from_thread(tag, fast.load_before_request(tag, oid, tid), load, True)
+        if not sent:
+            return None
+        load.reading = sent == READ
+        return load
 
-    def ask_from_thread(self, tag: bytes, frame: bytes, receiver) -> bool:
+    def ask_from_thread(self, tag: bytes, frame: bytes, receiver, read: bool = False):
         """From a thread other than the reactor's: send ``frame`` (which
         ends with the question ``tag``, from :func:`thread_tag`), its answer
         to go to ``receiver`` (AMP's ``callback``/``errback``/``addErrback``);
-        False, with nothing sent, when this thread may not write now."""
+        False, with nothing sent, when this thread may not write now; READ
+        when, asked to ``read``, the thread is to read the answer itself
+        (threadreads), else True."""
         transport, lock = self.transport, self.send_lock
         if lock is None or transport is None or \
                 getattr(type(transport), "writeSomeData", None) is None:
@@ -119,6 +134,7 @@ class ThreadWrites:
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
                     or not twistedcompat.idle_seen_from_thread(transport):
                 return False
+            reads = self.thread_asks(read)  # who reads the answer
             twistedcompat.amp_expect_answer_from_thread(self, tag, receiver)
             sent = transport.writeSomeData(frame)
             if not isinstance(sent, int):
@@ -126,7 +142,7 @@ class ThreadWrites:
             if sent < len(frame):
                 self._handoff = [frame[sent:]]
                 self.owner.reactor.callFromThread(self._flush_handoff)
-        return True
+        return READ if reads else True
 
 
 def thread_tag() -> bytes:
@@ -206,9 +222,9 @@ class ThreadAnswer(_ThreadWaiter):
 def read_load_answer(proto, box):
     """``(data, start, end)`` or None from a LoadBefore answer; its
     prefetched records go to the cache first.  Raises on a malformed one."""
-    value = fast.read_load_before_answer(box, proto)
-    if b"prefetch" in box:
-        proto.owner.prefetched(proto, prefetch.decode(box[b"prefetch"]))
+    value, records = parse_load_answer(box, proto)
+    if records is not None:
+        proto.owner.prefetched(proto, records)
     return value
 
 
@@ -218,11 +234,21 @@ class ThreadLoad(_ThreadWaiter):
     thread: the answer is parsed and stored on the reactor thread, then
     the waiting thread is woken by releasing :attr:`lock`."""
 
-    __slots__ = ("tag", "oid", "store")
+    __slots__ = ("tag", "oid", "store", "reading")
 
     def __init__(self, proto, tag: bytes, oid: bytes, store):
         super().__init__(proto)
         self.tag, self.oid, self.store = tag, oid, store
+        self.reading = False        # the waiting thread reads the answer (threadreads)
+
+    def wait(self, timeout: float | None):
+        if self.reading:
+            self.reading = False
+            start = time.monotonic()
+            self.proto.read_answer(self, timeout)
+            if timeout is not None:
+                timeout -= time.monotonic() - start
+        return super().wait(timeout)
 
     def callback(self, box) -> None:
         proto = self.proto
@@ -236,7 +262,13 @@ class ThreadLoad(_ThreadWaiter):
             self.answered(value)
 
     def answered(self, value) -> None:
-        """The answer, read: ``(data, start, end)`` or None; stored, then the thread woken."""
+        """The answer, read on the reactor thread: ``(data, start, end)`` or
+        None; stored, then the thread woken."""
+        self.proto.thread_load_answered()
+        self.stored(value)
+
+    def stored(self, value) -> None:
+        """Store the answer ``value``, then wake the thread."""
         if value is not None:
             data, start, end = value
             self.store(self.oid, start, end, data)

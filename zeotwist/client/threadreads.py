@@ -1,0 +1,297 @@
+"""A blocking load whose answer the asking thread reads itself.
+
+With :mod:`~zeotwist.client.threadwrites` alone a cold
+``ClientStorage.loadBefore`` wakes two threads per answer: the reactor
+thread (``epoll`` returns, it reads and stores the answer) and then the
+application thread (a lock the reactor releases; the thread then waits
+for the GIL the reactor still holds).  Here, while one thread loads object
+after object, the reactor thread stops reading the socket (it is *parked*)
+and the loading thread reads its own answer: ``send``, ``recv`` (a ``poll``
+inside), no other thread woken.
+
+Who reads the socket is one state, changed under ``send_lock`` (the lock
+every write takes, see threadwrites):
+
+* ``REACTOR``: the reactor reads, as always.  After a burst in which it
+  handed a thread its load's answer, with nothing else awaited (no
+  question outstanding, no partial box buffered, nothing queued to
+  write), the reactor stops reading: ``PARKED``.
+* ``PARKED``: nobody reads.  The next thread load (when the thread may
+  write, threadwrites' conditions) makes its thread the reader:
+  ``THREAD``.  Every write the reactor makes (a question of its own, an
+  abort, anything) and a timer every ``PARK_CHECK`` seconds take the
+  socket back (``REACTOR``); a thread's other question (a vote) asks the
+  reactor to (``RETURNING``).  So an idle client reads what the server
+  sends (invalidations, a lost connection) at most ``PARK_CHECK`` late.
+* ``THREAD``: one thread reads.  Any other question (the reactor's,
+  another thread's load or vote) is still sent, and the reader hands the
+  socket back after its own answer.  The reader consumes the bytes it
+  received only when they are exactly the whole answer to its own
+  question: it stores the record (and the records prefetched with it) in
+  the cache, then goes back to ``PARKED``.  Anything else it received (an
+  invalidation before its answer, another question's answer, the end of
+  the connection, a timeout) it hands to the reactor thread untouched, in
+  order: ``RETURNING``, then ``REACTOR`` once the reactor has taken those
+  bytes (it handles them before it reads the socket again), and the
+  reader waits for its answer as a thread load without reading does.
+
+MVCC: the reader stores its answer before it stops reading, and it
+consumes bytes only when its answer is all of them, so every box is
+still handled in arrival order and an answer reaches the cache before
+any invalidation that follows it.  The reader reads through a duplicate
+of the socket's descriptor: Twisted may close its own while a thread is
+in ``recv``, and the number must not be reused under the reader; the
+connection's loss shuts that duplicate down, which wakes the reader.
+"""
+import os
+import socket
+import time
+
+from twisted.protocols import amp
+
+from zeotwist import twistedcompat
+from zeotwist.wire import fast, prefetch
+
+REACTOR, PARKED, THREAD, RETURNING = "reactor", "parked", "thread", "returning"
+#: seconds between the reactor's looks at a parked socket nobody reads
+PARK_CHECK = 0.002
+#: bytes one ``recv`` of the reading thread asks for
+READ_SIZE = 2**16
+#: a reader that holds this many bytes of an unfinished box hands them over
+READ_LIMIT = 2**20
+#: the reading socket's timeout: a wait without a deadline wakes this often
+_SLICE = 60.0
+
+
+class ThreadReads:
+    """The ClientProtocol mixin (under ThreadWrites): who reads the socket."""
+
+    read_state = REACTOR
+    _give_back = False      # THREAD: the reactor wrote; the reader hands the socket back
+    _answered_thread = False   # this burst handed a thread load its answer
+    _park_timer = None
+    _rsock = None           # the reader's duplicate of the socket
+    _rsock_timeout = _SLICE
+
+    # -- the reactor thread ------------------------------------------------------
+    def thread_load_answered(self) -> None:
+        """A thread's load was answered on the reactor thread (this burst)."""
+        self._answered_thread = True
+
+    def maybe_park(self) -> None:
+        """At the end of a burst: stop reading if a thread's load was
+        answered in it and nothing else is awaited."""
+        if not self._answered_thread:
+            return
+        self._answered_thread = False
+        transport = self.transport
+        with self.send_lock:
+            if self.read_state != REACTOR or not self._may_park(transport):
+                return
+            if self._rsock is None:
+                try:
+                    self._rsock = self.reading_socket(transport)
+                except OSError:
+                    return
+            transport.stopReading()
+            self.read_state = PARKED
+        self._park_timer = self.owner.reactor.callLater(PARK_CHECK, self._park_check)
+
+    def reading_socket(self, transport) -> socket.socket:
+        """The reader's own socket object: a duplicate of the transport's
+        descriptor (same connection, same non-blocking mode)."""
+        rsock = socket.socket(fileno=os.dup(transport.getHandle().fileno()))
+        rsock.settimeout(_SLICE)
+        return rsock
+
+    def _may_park(self, transport) -> bool:
+        """Nothing awaited but what a thread will ask: no question out, no
+        partial box, nothing queued to write, a plain socket transport."""
+        return (transport is not None and not self._gone and self._handoff is None
+                and getattr(self, "_greeting", None) is None and not self._violated
+                and not twistedcompat.amp_awaits_answers(self)
+                and self._buf == b"" and self._box is None and self._long is None
+                and self._batch is None
+                and getattr(type(transport), "writeSomeData", None) is not None
+                and hasattr(transport, "getHandle")
+                and twistedcompat.idle_seen_from_thread(transport))
+
+    def _park_check(self) -> None:
+        self._park_timer = None
+        with self.send_lock:
+            state = self.read_state
+            if state == PARKED:
+                self._unpark()
+            elif state == THREAD and not self._gone:
+                self._park_timer = self.owner.reactor.callLater(PARK_CHECK, self._park_check)
+
+    def _unpark(self) -> None:
+        """PARKED or RETURNING -> REACTOR (reactor thread, under the lock)."""
+        self.read_state, self._give_back = REACTOR, False
+        timer, self._park_timer = self._park_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        transport = self.transport
+        if transport is not None and transport.connected and not transport.disconnecting:
+            transport.startReading()
+
+    def reactor_writes(self) -> None:
+        """Every write on the reactor thread, under the lock: whatever it
+        asks, the answer comes back on a socket the reactor must read."""
+        state = self.read_state
+        if state == PARKED:
+            self._unpark()
+        elif state == THREAD:
+            self._give_back = True
+
+    def _take_back(self, data: bytes) -> None:
+        """RETURNING -> REACTOR: the bytes the reader handed over come
+        before any the reactor reads next."""
+        with self.send_lock:
+            if self.read_state == RETURNING:
+                self._unpark()
+            gone = self._gone
+        if data and not gone and self.transport is not None:
+            self.dataReceived(data)
+
+    def stop_thread_reads(self) -> None:
+        """connectionLost, under the lock: wake the reader, if any (it
+        closes the duplicate socket), else close it."""
+        timer, self._park_timer = self._park_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        rsock = self._rsock
+        if rsock is None:
+            return
+        if self.read_state == THREAD:
+            try:
+                rsock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        else:
+            self._rsock = None
+            rsock.close()
+
+    # -- the reading thread ------------------------------------------------------
+    def thread_asks(self, read: bool) -> bool:
+        """Under the lock, as a thread's question goes out: True when that
+        thread (``read``: it would) is to read the answer; else the reactor
+        reads it, taking the socket back if need be."""
+        state = self.read_state
+        if state == PARKED:
+            if read:
+                self.read_state = THREAD
+                return True
+            self.read_state = RETURNING     # the reactor reads again, soon
+            self.owner.reactor.callFromThread(self._take_back, b"")
+        elif state == THREAD:
+            self._give_back = True          # after the reader's answer
+        return False
+
+    def read_answer(self, load, timeout: float | None) -> None:
+        """The reader's part of ``load.wait()``: read until the whole answer
+        to ``load`` is in, handle it here, or hand what came to the reactor.
+        Raises TimeoutError after ``timeout`` (then the bytes read so far
+        went to the reactor, which handles the answer when it comes)."""
+        data, found, timed_out = self._receive(load.tag, timeout)
+        own = False
+        if found is not None:
+            with self.send_lock:
+                receiver = None if self._gone else \
+                    twistedcompat.amp_take_receiver(self, load.tag, "stored")
+            if receiver is not None:        # else the connection is gone: its error waits
+                value, records = found      # in the cache before anything later is read
+                if records is not None:
+                    self.owner.prefetched(self, records)
+                receiver.stored(value)
+                own = True
+        self._done_reading(data, own)
+        if timed_out:
+            raise TimeoutError(timeout)
+
+    def _receive(self, tag: bytes, timeout: float | None) -> tuple:
+        """``(bytes, found, timed out)``: ``found`` is ``(record, prefetched
+        records or None)`` when the bytes are exactly the whole answer
+        ``tag``, else None."""
+        sock, buf = self._rsock, b""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._rsock_timeout != _SLICE:
+                self._set_timeout(_SLICE)
+            try:
+                chunk = sock.recv(READ_SIZE)
+            except TimeoutError:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return buf, None, True
+                if left is not None and left < _SLICE:
+                    self._set_timeout(left)
+                continue
+            except OSError:
+                return buf, None, False     # the reactor meets the error too
+            if not chunk:
+                return buf, None, False     # the end: the reactor reads it too
+            buf = buf + chunk if buf else chunk
+            match = fast.match_load_before_answer(buf, 0)
+            if match is not None:           # the usual answer, read from the bytes
+                own = match[0] == tag and match[2] == len(buf)
+                return buf, ((match[1], None) if own else None), False
+            end, box = scan_box(buf)
+            if end == 0 and len(buf) < READ_LIMIT:
+                continue                    # a box not whole yet
+            if end != len(buf) or box.get(amp.ANSWER) != tag:
+                return buf, None, False
+            try:                            # with prefetched records, or cut in pieces
+                return buf, parse_load_answer(box, self), False
+            except Exception:
+                return buf, None, False     # the reactor drops the connection for it
+
+    def _set_timeout(self, seconds: float) -> None:
+        self._rsock.settimeout(seconds)
+        self._rsock_timeout = seconds
+
+    def _done_reading(self, data: bytes, own: bool) -> None:
+        """THREAD -> PARKED when the reader handled its ``own`` answer
+        (``data``), else RETURNING: ``data`` and the socket handed to the reactor."""
+        with self.send_lock:
+            if self._gone:
+                rsock, self._rsock = self._rsock, None
+                self.read_state = REACTOR
+            else:
+                rsock = None
+                if not own or self._give_back:
+                    self.read_state = RETURNING
+                    self.owner.reactor.callFromThread(self._take_back, b"" if own else data)
+                else:
+                    self.read_state = PARKED
+        if rsock is not None:
+            rsock.close()
+
+
+def scan_box(buf: bytes) -> tuple:
+    """``(end, box)``: where the AMP box at the start of ``buf`` ends and
+    the box; ``(0, None)`` while it is not whole; ``(-1, None)`` for a box
+    with a long entry (the reactor reads those)."""
+    off, n, box = 0, len(buf), amp.AmpBox()
+    while off + 2 <= n:
+        klen = (buf[off] << 8) | buf[off + 1]
+        if klen == 0:
+            return off + 2, box
+        if klen == fast.LONG_MARK:
+            return -1, None
+        kend = off + 2 + klen
+        if kend + 2 > n:
+            return 0, None
+        vend = kend + 2 + ((buf[kend] << 8) | buf[kend + 1])
+        if vend > n:
+            return 0, None
+        box[buf[off + 2:kend]] = buf[kend + 2:vend]
+        off = vend
+    return 0, None
+
+
+def parse_load_answer(box, proto) -> tuple:
+    """``(record, prefetched records or None)`` from a LoadBefore answer
+    box (``record``: ``(data, start, end)`` or None); raises on a malformed one."""
+    value = fast.read_load_before_answer(box, proto)
+    return value, (prefetch.decode(box[b"prefetch"]) if b"prefetch" in box else None)
