@@ -106,3 +106,54 @@ def test_invalidate_after_for_verification():
     assert c.loadBefore(OID, p64(8)) == (b"v5", p64(5), p64(8))   # right for snapshots <= 7
     assert c.loadBefore(OID, p64(9)) is None
     assert c.load(p64(2)) is None and c.loadBefore(p64(2), p64(100)) is None
+
+
+def test_an_invalidated_revision_keeps_its_place_in_the_lru_order():
+    size = 3 * (100 + ENTRY_OVERHEAD)
+    c = ClientCache(size)
+    for i in range(3):
+        c.store(p64(i), p64(1), None, b"x" * 100)
+    c.invalidate(p64(0), p64(5))            # the least recently used, now ended
+    c.store(p64(3), p64(1), None, b"x" * 100)
+    assert c.loadBefore(p64(0), p64(2)) is None      # it went first
+    assert c.loadBefore(p64(1), p64(2)) == (b"x" * 100, p64(1), None)
+
+
+def test_revisions_after_invalidation_and_reload_survive_a_snapshot():
+    c = ClientCache()
+    c.store(OID, p64(5), None, b"v5")
+    c.invalidate(OID, p64(9))
+    c.store(OID, p64(9), None, b"v9")
+    c.store(OID, p64(2), p64(5), b"v2")
+    c.store(OID, p64(3), None, b"v3")           # a late, stale answer: ignored
+    c.store(OID, p64(5), p64(9), b"v5")         # known already
+    assert len(c) == 3
+    restored = ClientCache()
+    restored.restore(*c.snapshot())
+    for cache in (c, restored):
+        assert cache.load(OID) == (b"v9", p64(9))
+        assert cache.loadBefore(OID, p64(9)) == (b"v5", p64(5), p64(9))
+        assert cache.loadBefore(OID, p64(4)) == (b"v2", p64(2), p64(5))
+        assert cache.loadBefore(OID, p64(2)) is None
+    assert restored.stats()["bytes"] == c.stats()["bytes"]
+
+
+def test_the_structures_of_a_small_revision_stay_small():
+    """Its slot in the LRU order and its tuple, without the oid, tid and
+    data objects: 138 bytes on CPython 3.11 (231 with a tuple key, a list
+    and a second dict); docs/performance.md, "Memory"."""
+    import tracemalloc
+    n = 5000
+    oids = [p64(i) for i in range(n)]
+    tids = [p64(10**6 + i) for i in range(n)]
+    datas = [b"%57d" % i for i in range(n)]
+    c = ClientCache()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for oid, tid, data in zip(oids, tids, datas):
+            c.store(oid, tid, None, data)
+        per_revision = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert per_revision < 180, per_revision

@@ -12,16 +12,30 @@ thread safe").  No I/O.
 from collections import OrderedDict
 from threading import Lock
 
-#: Accounting overhead per revision (keys, list, dict slots), in bytes.
+#: Bytes counted per revision besides its data.  What it really takes is more:
+#: about 140 bytes of structure (its slot in the LRU order, a tuple) and about
+#: 130 of object headers (oid, tid, data), so with small records the cache's
+#: memory can reach about twice its size; counting that would make a cache
+#: of the same size hold half as many records (docs/performance.md, "Memory").
 ENTRY_OVERHEAD = 120
+
+
+def _oid_of(key) -> bytes:
+    """The oid of an ``_entries`` key: ``oid`` or ``(oid, start)``."""
+    return key[0] if isinstance(key, tuple) else key
 
 
 class ClientCache:
     def __init__(self, size: int = 20 * 2**20):
         self.size_limit = size
         self._lock = Lock()
-        self._entries: OrderedDict = OrderedDict()   # (oid, start) -> [end, data]
-        self._current: dict = {}                     # oid -> start
+        # Every revision, least recently used first, as (start, end, data).
+        # An oid's current revision (end None), or that revision after an
+        # invalidation ended it, is at key ``oid``; the others at key
+        # ``(oid, start)``, their starts listed in ``_older`` (no tuple key
+        # and no second dict for the common case: about 90 bytes less per
+        # revision).
+        self._entries: OrderedDict = OrderedDict()
         self._older: dict = {}                       # oid -> [start, ...]
         self._bytes = 0
         self.last_tid: bytes | None = None
@@ -43,29 +57,29 @@ class ClientCache:
     def load(self, oid: bytes):
         """The current revision as ``(data, start)``, or None."""
         with self._lock:
-            start = self._current.get(oid)
-            if start is None:
+            entry = self._entries.get(oid)
+            if entry is None or entry[1] is not None:
                 self.misses += 1
                 return None
-            key = (oid, start)
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(oid)
             self.hits += 1
-            return self._entries[key][1], start
+            return entry[2], entry[0]
 
     def loadBefore(self, oid: bytes, before: bytes):
         """``(data, start, end)`` of the revision valid just before ``before``."""
         with self._lock:
             entries = self._entries
-            start = self._current.get(oid)
-            if start is not None and start < before:
-                key = (oid, start)
-                entries.move_to_end(key)
-                self.hits += 1
-                return entries[key][1], start, None
+            entry = entries.get(oid)
+            if entry is not None and entry[0] < before:
+                end = entry[1]
+                if end is None or before <= end:
+                    entries.move_to_end(oid)
+                    self.hits += 1
+                    return entry[2], entry[0], end
             for start in self._older.get(oid, ()):
                 if start < before:
                     key = (oid, start)
-                    end, data = entries[key]
+                    _, end, data = entries[key]
                     if before <= end:
                         entries.move_to_end(key)
                         self.hits += 1
@@ -76,32 +90,37 @@ class ClientCache:
     # -- updates (reactor thread) ------------------------------------------------
     def store(self, oid: bytes, start: bytes, end: bytes | None, data: bytes) -> None:
         with self._lock:
-            key = (oid, start)
-            if key in self._entries:
-                return
+            entries = self._entries
+            latest = entries.get(oid)
+            if latest is not None and latest[0] == start or start in self._older.get(oid, ()):
+                return                  # known already
             if end is None:
-                current = self._current.get(oid)
-                if current is not None:
-                    if current > start:
+                if latest is not None:
+                    if latest[0] > start:
                         return          # we already know a newer revision
-                    self._drop((oid, current))
-                self._current[oid] = start
+                    if latest[1] is None:
+                        self._drop(oid)         # its end is unknown: dropped
+                    else:                       # ended: one of the older ones now
+                        del entries[oid]
+                        self._add_older(oid, latest)
+                entries[oid] = (start, None, data)
             else:
-                self._older.setdefault(oid, []).append(start)
-            self._entries[key] = [end, data]
+                self._add_older(oid, (start, end, data))
             self._bytes += len(data) + ENTRY_OVERHEAD
             if self._bytes > self.size_limit:
                 self._evict()
 
+    def _add_older(self, oid: bytes, entry: tuple) -> None:
+        self._older.setdefault(oid, []).append(entry[0])
+        self._entries[(oid, entry[0])] = entry
+
     def invalidate(self, oid: bytes, tid: bytes) -> None:
         """Transaction ``tid`` changed ``oid``: its current revision ends there."""
         with self._lock:
-            start = self._current.get(oid)
-            if start is None or start >= tid:
-                return      # nothing cached, or we already have tid's revision
-            del self._current[oid]
-            self._entries[(oid, start)][0] = tid
-            self._older.setdefault(oid, []).append(start)
+            entry = self._entries.get(oid)
+            if entry is None or entry[1] is not None or entry[0] >= tid:
+                return      # nothing current cached, or we already have tid's revision
+            self._entries[oid] = (entry[0], tid, entry[2])    # its place in the order kept
 
     def invalidate_after(self, oid: bytes, after: bytes) -> None:
         """Some transaction after ``after`` changed ``oid`` (cache verification).
@@ -111,21 +130,18 @@ class ClientCache:
         right); one written after ``after`` may itself be stale: drop it.
         """
         with self._lock:
-            start = self._current.get(oid)
-            if start is None:
+            entry = self._entries.get(oid)
+            if entry is None or entry[1] is not None:
                 return
-            if start > after:
-                self._drop((oid, start))
+            if entry[0] > after:
+                self._drop(oid)
                 return
             end = (int.from_bytes(after, "big") + 1).to_bytes(8, "big")
-            del self._current[oid]
-            self._entries[(oid, start)][0] = end
-            self._older.setdefault(oid, []).append(start)
+            self._entries[oid] = (entry[0], end, entry[2])
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._current.clear()
             self._older.clear()
             self._bytes = 0
 
@@ -136,7 +152,7 @@ class ClientCache:
         Taken atomically under the lock, so it is one consistent state.
         """
         with self._lock:
-            return self.last_tid, [(oid, start, end, data) for (oid, start), (end, data)
+            return self.last_tid, [(_oid_of(key), start, end, data) for key, (start, end, data)
                                    in self._entries.items()]
 
     def restore(self, last_tid, entries) -> None:
@@ -157,14 +173,12 @@ class ClientCache:
             kept.append((oid, start, end, data))
         with self._lock:
             self._entries.clear()
-            self._current.clear()
             self._older.clear()
             for oid, start, end, data in reversed(kept):
                 if end is None:
-                    self._current[oid] = start
+                    self._entries[oid] = (start, None, data)
                 else:
-                    self._older.setdefault(oid, []).append(start)
-                self._entries[(oid, start)] = [end, data]
+                    self._add_older(oid, (start, end, data))
             self._bytes = sum(len(e[3]) + ENTRY_OVERHEAD for e in kept)
             self.last_tid = last_tid
 
@@ -176,14 +190,10 @@ class ClientCache:
             self.evictions += 1
 
     def _drop(self, key) -> None:
-        end, data = self._entries.pop(key)
+        start, _, data = self._entries.pop(key)
         self._bytes -= len(data) + ENTRY_OVERHEAD
-        oid, start = key
-        if end is None:
-            if self._current.get(oid) == start:
-                del self._current[oid]
-        else:
-            older = self._older[oid]
+        if isinstance(key, tuple):
+            older = self._older[key[0]]
             older.remove(start)
             if not older:
-                del self._older[oid]
+                del self._older[key[0]]
