@@ -89,3 +89,91 @@ def test_release_cancels_timer():
     lock.release(a)
     clock.advance(10)
     assert expired == [] and clock.getDelayedCalls() == []
+
+
+# -- refused votes go first (CommitLock's retry_wait) ------------------------------
+
+O, P = b"\0" * 7 + b"\1", b"\0" * 7 + b"\2"     # two oids
+
+
+def _take(lock, owner, got, oids=None):
+    """``owner`` asks for the lock, storing ``oids`` (None: unknown)."""
+    lock.acquire(owner, None if oids is None else lambda: frozenset(oids)).addCallback(
+        lambda _: got.append(owner))
+
+
+def _refused_b(clock, wait=1.0):
+    """a commits, b's vote is refused for a conflict on O: b is expected back."""
+    lock, got = CommitLock(clock, retry_wait=wait), []
+    _take(lock, a, got)
+    _take(lock, b, got)
+    lock.release(a)
+    lock.release(b, refused=[O])
+    return lock, got
+
+
+def test_the_last_committer_waits_for_the_refused_client():
+    clock = Clock()
+    lock, got = _refused_b(clock)
+    _take(lock, a, got, [O])        # a votes again first, on the same object
+    assert lock.holder is None and got == [a, b]     # held: b's turn
+    _take(lock, b, got, [O])        # b's retry
+    assert lock.holder is b
+    lock.release(b)                 # b commits: its turn is over
+    assert lock.holder is a and got == [a, b, b, a]
+
+
+def test_transactions_on_other_objects_do_not_wait():
+    lock, got = _refused_b(Clock())
+    _take(lock, c, got, [P])
+    assert lock.holder is c
+    lock.release(c)
+    _take(lock, a, got)             # oids unknown: it may store O, so it waits
+    assert lock.holder is None
+
+
+def test_the_wait_ends_when_its_time_runs_out_or_the_client_leaves():
+    clock = Clock()
+    lock, got = _refused_b(clock, wait=1.0)
+    _take(lock, a, got, [O])
+    clock.advance(0.5)
+    assert lock.holder is None
+    clock.advance(0.5)              # b did not come back in time: a goes
+    assert lock.holder is a
+    lock.release(a)
+    lock, got = _refused_b(clock)
+    _take(lock, a, got, [O])
+    lock.forget(b)                  # b's client went away
+    assert lock.holder is a
+
+
+def test_oldest_refusal_first_and_a_ticket_survives_refusals():
+    lock, got = _refused_b(Clock())          # b refused on O
+    _take(lock, c, got, [P])
+    lock.release(c, refused=[P])             # c refused on P, after b
+    _take(lock, c, got, [O, P])              # c retries first...
+    _take(lock, b, got, [O, P])
+    assert lock.holder is b                  # ...but b was refused first
+    lock.release(b, refused=[O])             # refused again: b keeps its place
+    assert lock.holder is None               # c may store O: it waits for b
+    _take(lock, b, got, [O])
+    assert lock.holder is b
+    lock.release(b)
+    assert lock.holder is c
+
+
+def test_no_retry_wait_is_first_come_first_served():
+    lock, got = _refused_b(Clock(), wait=0)
+    _take(lock, a, got, [O])
+    assert lock.holder is a
+
+
+def test_a_transaction_names_the_oids_it_may_store():
+    from zeotwist.server.txnbuffer import TransactionBuffer
+    from zeotwist.wire.records import encode_check, encode_store, encode_undo
+    buffer = TransactionBuffer()
+    buffer.append(encode_store(O, b"\0" * 8, b"data") + encode_check(P, b"\0" * 8))
+    assert buffer.oids() == {O, P}
+    assert buffer.oids(limit=10) is None             # too long to read: unknown
+    buffer.append(encode_undo(b"\0" * 8))
+    assert buffer.oids() is None                     # an undo's oids: unknown

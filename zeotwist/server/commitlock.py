@@ -1,15 +1,32 @@
-"""The commit lock of one served storage: a FIFO queue of Deferreds.
+"""The commit lock of one served storage: a queue of Deferreds.
 
 No thread ever blocks on it.  ``acquire(owner)`` returns a Deferred that
-fires when ``owner`` holds the lock; waiters are served in arrival order.
+fires when ``owner`` holds the lock; waiters are served in arrival order,
+except that a client whose vote was refused for conflicts goes first (below).
 A holder that keeps the lock longer than ``timeout`` seconds is reported to
 ``on_timeout(owner)`` (the session then aborts and drops that client, which
 releases the lock through the same path as any other disconnect).
 
+**Refused votes go first.**  A holder whose vote the storage refused for
+conflicts releases with ``refused``, the conflicting oids: it takes a ticket
+(kept over its next refusals, dropped when it releases otherwise: commits or
+aborts) and is *expected* back for ``retry_wait`` seconds
+(``--conflict-retry-wait``), the time its client takes to retry from the
+commit that beat it.  The lock goes to the waiter
+with the oldest ticket, waiters without one after, in arrival order; and no
+waiter is served ahead of an expected owner with an older ticket whose
+conflicting oids it may store (``acquire``'s ``oids``: unknown means it
+may): the lock waits for that owner's vote, at most until its time runs out
+or it leaves (:meth:`CommitLock.forget`).  Without this, a client that has
+just committed starts its next transaction from an up-to-date cache, votes
+before the clients it refused have retried, and wins again: on one hot
+object, a writer lost up to 140 times in a row (docs/performance.md,
+"Refused votes go first").  ``retry_wait=0`` is plain FIFO.
+
 Pure logic: no I/O; the clock is injected.  Runs on the reactor thread.
 """
 from collections import deque
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -17,16 +34,40 @@ from twisted.internet.interfaces import IReactorTime
 from zeotwist.errors import WrongStateError
 from zeotwist.server.stats import Timings
 
+#: Seconds the lock keeps the turn of a client whose vote was refused for
+#: conflicts, for its retry (a few ms in a retry loop, more for a retried request).
+DEFAULT_RETRY_WAIT = 0.05
+_LAST = float("inf")            # the rank of a waiter without a ticket
+
+
+class _Waiter:
+    __slots__ = ("owner", "d", "_oids", "_known")
+
+    def __init__(self, owner, d: Deferred, oids):
+        self.owner, self.d, self._oids, self._known = owner, d, oids, oids is None
+
+    def may_store(self, oids: frozenset) -> bool:
+        """Whether this waiter's transaction may store one of ``oids``."""
+        if not self._known:             # computed once, when first needed
+            self._oids, self._known = self._oids(), True
+        return self._oids is None or not self._oids.isdisjoint(oids)
+
 
 class CommitLock:
     def __init__(self, clock: IReactorTime, timeout: float | None = None,
-                 on_timeout: Callable[[Hashable], None] | None = None):
+                 on_timeout: Callable[[Hashable], None] | None = None,
+                 retry_wait: float = DEFAULT_RETRY_WAIT):
         self._clock = clock
         self._timeout = timeout
         self._on_timeout = on_timeout
+        self._retry_wait = retry_wait
         self._holder = None
         self._timer = None
         self._waiters: deque = deque()
+        self._tickets: dict = {}        # owner -> ticket (refused; lower: older)
+        self._next_ticket = 0
+        self._expected: dict = {}       # owner -> (deadline, its conflicting oids)
+        self._hold = None               # the call that ends a wait for the expected
         #: how long owners waited for the lock, and held it (for --metrics)
         self.wait_times, self.hold_times = Timings(), Timings()
         self._asked: dict = {}          # owner -> when it asked (clock seconds)
@@ -43,12 +84,15 @@ class CommitLock:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def acquire(self, owner) -> Deferred:
+    def acquire(self, owner, oids: Callable[[], frozenset | None] | None = None) -> Deferred:
         """A fresh Deferred that fires (with None) when ``owner`` holds the lock.
 
-        Cancelling it withdraws ``owner`` from the queue.
+        ``oids()``, called at most once and only while some refused owner
+        is expected back: the oids ``owner``'s transaction may store, or
+        None if unknown (then it waits behind every older ticket).
+        Cancelling the Deferred withdraws ``owner`` from the queue.
         """
-        if owner is self._holder or any(o is owner for o, _ in self._waiters):
+        if owner is self._holder or any(w.owner is owner for w in self._waiters):
             raise WrongStateError("%r already holds or awaits the commit lock" % (owner,))
 
         def cancel(d):
@@ -56,43 +100,96 @@ class CommitLock:
 
         d = Deferred(cancel)
         self._asked[owner] = self._clock.seconds()
-        if self._holder is None:
-            self._grant(owner, d)
-        else:
-            self._waiters.append((owner, d))
+        self._expected.pop(owner, None)
+        self._waiters.append(_Waiter(owner, d, oids))
+        self._grant_next()
         return d
 
-    def release(self, owner) -> None:
-        """``owner`` gives the lock up, or leaves the queue; no-op otherwise."""
-        if owner is self._holder:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            self._holder = None
-            self.hold_times.observe(self._clock.seconds() - self._granted_at)
-            self._grant_next()
+    def release(self, owner, refused: Iterable[bytes] = ()) -> None:
+        """``owner`` gives the lock up, or leaves the queue; no-op otherwise.
+        ``refused``: the oids its vote was refused for (conflicts): it is
+        expected to vote again (see the module's docstring)."""
+        if owner is not self._holder:
+            self.forget(owner)
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._holder = None
+        now = self._clock.seconds()
+        self.hold_times.observe(now - self._granted_at)
+        refused = frozenset(refused)
+        if refused and self._retry_wait > 0:
+            if owner not in self._tickets:
+                self._tickets[owner] = self._next_ticket
+                self._next_ticket += 1
+            self._expected[owner] = (now + self._retry_wait, refused)
         else:
-            self._withdraw(owner)
+            self._tickets.pop(owner, None)
+        self._grant_next()
+
+    def forget(self, owner) -> None:
+        """``owner`` leaves the queue, and its turn if it was expected (its
+        transaction ended otherwise, or its client went away)."""
+        self._withdraw(owner)
+        self._tickets.pop(owner, None)
+        if self._expected.pop(owner, None) is not None:
+            self._grant_next()          # someone may have waited for it
 
     def _withdraw(self, owner) -> None:
         self._asked.pop(owner, None)
-        for entry in self._waiters:
-            if entry[0] is owner:
-                self._waiters.remove(entry)
+        for waiter in self._waiters:
+            if waiter.owner is owner:
+                self._waiters.remove(waiter)
                 return
 
     def _grant_next(self) -> None:
-        while self._holder is None and self._waiters:
-            owner, d = self._waiters.popleft()
-            self._grant(owner, d)
+        if self._holder is not None or not self._waiters:
+            return
+        if not self._tickets:           # nobody refused: arrival order
+            self._grant(self._waiters.popleft())
+            return
+        expected = self._expected_now()
+        rank = self._tickets.get
+        until = None
+        for waiter in sorted(self._waiters, key=lambda w: rank(w.owner, _LAST)):
+            mine = rank(waiter.owner, _LAST)
+            blocking = [deadline for owner, (deadline, oids) in expected.items()
+                        if self._tickets[owner] < mine and waiter.may_store(oids)]
+            if not blocking:
+                self._waiters.remove(waiter)
+                self._grant(waiter)
+                return
+            until = min(blocking + ([until] if until is not None else []))
+        self._hold_until(until)
 
-    def _grant(self, owner, d: Deferred) -> None:
+    def _expected_now(self) -> dict:
+        """The owners still expected (those whose time ran out lose their ticket)."""
+        now = self._clock.seconds()
+        for owner, (deadline, _) in list(self._expected.items()):
+            if deadline <= now:
+                del self._expected[owner]
+                self._tickets.pop(owner, None)
+        return self._expected
+
+    def _hold_until(self, deadline: float) -> None:
+        self._cancel_hold()
+        self._hold = self._clock.callLater(max(0.0, deadline - self._clock.seconds()),
+                                           self._grant_next)
+
+    def _cancel_hold(self) -> None:
+        if self._hold is not None and self._hold.active():
+            self._hold.cancel()
+        self._hold = None
+
+    def _grant(self, waiter: _Waiter) -> None:
+        self._cancel_hold()
+        owner = waiter.owner
         self._holder = owner
         self._granted_at = now = self._clock.seconds()
         self.wait_times.observe(now - self._asked.pop(owner, now))
         if self._timeout is not None:
             self._timer = self._clock.callLater(self._timeout, self._expired, owner)
-        d.callback(None)
+        waiter.d.callback(None)
 
     def _expired(self, owner) -> None:
         self._timer = None

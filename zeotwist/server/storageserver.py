@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ZODB.POSException import StorageError
 from twisted.protocols import amp
 
-from zeotwist.server.commitlock import CommitLock
+from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, CommitLock
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
@@ -51,6 +51,7 @@ DEFAULT_PREFETCH_BYTES = 60_000
 class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
+                 conflict_retry_wait: float = DEFAULT_RETRY_WAIT,
                  max_transaction_bytes: int = 2**31, threads=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
@@ -71,7 +72,8 @@ class StorageServer:
         self.reactor = reactor
         self.max_transaction_bytes = max_transaction_bytes
         self.sessions: set = set()
-        self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out)
+        self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out,
+                               conflict_retry_wait)
         self.last_tid = storage.lastTransaction()
         #: ZODB storage interfaces the served storage provides, by name; the
         #: client declares exactly these (see OPTIONAL_INTERFACES)
@@ -132,6 +134,7 @@ class StorageServer:
 
     def unregister(self, session) -> None:
         self.sessions.discard(session)
+        self.lock.forget(session)
 
     def commit_call(self, f, txn, *args):
         """``f(storage, txn, *args)``, one of the commit's storage calls

@@ -76,7 +76,7 @@ class TransactionResponders(amp.CommandLocator):
         if can_resolve and self.server.client_conflict_resolution:
             txn.resolution = Resolution()
         txn.send_current = self.prefetcher is not None
-        d = self.server.lock.acquire(self)
+        d = self.server.lock.acquire(self, txn.buffer.oids)
         d.addCallback(self._lock_granted, txn)
         d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
         return d
@@ -107,7 +107,8 @@ class TransactionResponders(amp.CommandLocator):
             if current:
                 answer["current"] = prefetch.encode(current)
                 self.server.traffic["prefetched"] += len(current)
-            return self._abort_txn().addCallback(lambda _: answer)
+            refused = [c[:8] for c in conflicts]    # CommitLock: its turn is kept
+            return self._abort_txn(refused).addCallback(lambda _: answer)
         if to_resolve:          # the client resolves; the lock stays ours meanwhile
             txn.state.move(Event.CONFLICTS_LEFT)
             self.server.stats["client_resolutions"] += 1
@@ -128,7 +129,8 @@ class TransactionResponders(amp.CommandLocator):
         if not failure.check(*self._EXPECTED):
             _log.failure("vote failed", failure)
         # locking or voting: this is still the session's transaction
-        d = self._abort_txn() if txn.state.can(Event.ABORT) else succeed(None)
+        refused = [failure.value.oid] if failure.check(ConflictError) and failure.value.oid else ()
+        d = self._abort_txn(refused) if txn.state.can(Event.ABORT) else succeed(None)
         if failure.check(RemoteProtocolError):
             self.protocolViolation("malformed store stream: %s" % failure.value)
         return d.addCallback(lambda _: failure)
@@ -171,19 +173,20 @@ class TransactionResponders(amp.CommandLocator):
     def abort(self):
         return self._abort_txn().addCallback(lambda _: {})
 
-    def _abort_txn(self):
-        """The one abort path: discard, tpc_abort if begun, release the lock."""
+    def _abort_txn(self, refused=()):
+        """The one abort path: discard, tpc_abort if begun, release the lock
+        (``refused``: the oids the vote was refused for; CommitLock.release)."""
         txn = self._txn
         if txn is None or not txn.state.can(Event.ABORT):
             return succeed(None)      # none, over, or finishing (the finish ends it)
-        return self._discard(txn, txn.state.move(Event.ABORT))
+        return self._discard(txn, txn.state.move(Event.ABORT), refused)
 
-    def _discard(self, txn, left: State):
+    def _discard(self, txn, left: State, refused=()):
         """Undo what ``txn`` holds, having left state ``left``."""
         server = self.server
         server.stats["aborts"] += 1
         if left not in IN_STORAGE:
-            server.lock.release(self)     # withdraws a queued request
+            server.lock.release(self, refused)     # or withdraws a queued request
             txn.close_buffers()
             return succeed(None)
         # The storage thread runs calls in order, so this tpc_abort runs
@@ -191,6 +194,6 @@ class TransactionResponders(amp.CommandLocator):
         # nothing is in progress there).
         d = server.commit_call(commit.abort, txn)
         d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
-        d.addBoth(lambda _: server.lock.release(self))
+        d.addBoth(lambda _: server.lock.release(self, refused))
         return d
 

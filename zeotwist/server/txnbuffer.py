@@ -17,9 +17,11 @@ import tempfile
 from typing import Iterator
 
 from zeotwist.errors import TransactionTooLarge
-from zeotwist.wire.records import iter_records
+from zeotwist.wire.records import UNDO, iter_records
 
 DEFAULT_SPOOL_BYTES = 8 * 2**20
+#: TransactionBuffer.oids reads a stream of at most this many bytes (more: unknown)
+OIDS_SCAN_BYTES = 64 * 1024
 
 
 class TransactionBuffer:
@@ -88,6 +90,21 @@ class TransactionBuffer:
         stream_bytes = self._file.seek(0, 2)    # the stream alone (size counts blobs too)
         self._file.seek(0)
         return iter_records(self._file, kinds, stream_bytes)
+
+    def oids(self, limit: int = OIDS_SCAN_BYTES) -> frozenset | None:
+        """The oids the records name, if the stream is at most ``limit``
+        bytes and holds no undo (whose oids only the storage knows): else
+        None, unknown.  Reactor thread, after the last append and before
+        the storage reads the records."""
+        if self.size > limit or self.too_large:
+            return None
+        try:
+            named = [(kind, oid) for kind, oid, _, _ in self.records()]
+        except Exception:           # malformed: the vote reports it
+            return None
+        if any(kind == UNDO for kind, _ in named):
+            return None
+        return frozenset(oid for _, oid in named)
 
     def close(self) -> None:
         self._file.close()
