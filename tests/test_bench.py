@@ -61,8 +61,8 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     # writers: 4 processes x 3 increments each, checked against the counters afterwards
     for what in ("distinct Counters", "one Counter"):
         assert "writers, %s: 4 processes, each committing 3 increments" % what in out, out
-    assert len(re.findall(r"^  zeotwist\s+conflicts [0-9]+ \(all rounds\), lost updates 0$",
-                          out, re.M)) == 2, out
+    assert len(re.findall(r"^  zeotwist\s+conflicts [0-9]+ \(all rounds\), lost updates 0, "
+                          r"longest increment [0-9.e+]+ ms \(per round\)$", out, re.M)) == 2, out
     # one Length, client-side resolution: no ConflictError, every conflict a re-vote
     assert "writers, 1 Length: 4 processes, each committing 3 increments" in out, out
     revotes = re.search(r"^  zeotwist\s+conflicts 0, errors 0, lost updates 0, "
@@ -175,6 +175,7 @@ def test_group_results_combine_and_lost_updates_are_counted():
     ok = combine([_proc(5, 0, 10, True), _proc(5, 0, 10, True, (0.002, 0.004))])
     assert ok["count"] == 10 and ok["extra"]["lost"] == 0 and ok["extra"]["conflicts"] == 2
     assert ok["extra"]["p50"] == 2.0 and ok["extra"]["p99"] == 4.0     # ms, all samples
+    assert ok["extra"]["max"] == 4.0
     assert combine([_proc(5, 0, 10, True), _proc(5, 0, 9, True)])["extra"]["lost"] == 1
     assert combine([_proc(5, 3, 8, False), _proc(5, 0, 4, False)])["extra"]["lost"] == 1
     assert "lost" not in combine([{"count": 3, "seconds": 1.0, "extra": {"samples": [1]}}])["extra"]

@@ -4,7 +4,8 @@ of :mod:`zeotwist.bench.parallel`), and combine their results.
 Every process is started, then each must report ready; then all get ``go``
 at once, and when all report done, ``check``.  The combined result:
 ``count`` summed, ``seconds`` the longest process's (so ``rate`` is the
-aggregate rate), p50/p99 over every process's latencies, conflicts summed,
+aggregate rate), p50/p99 and the longest (``max``) over every process's
+latencies, conflicts summed,
 the largest client peak RSS, and for the counter cases ``lost``: committed
 increments that the counters do not show (must be 0).
 """
@@ -84,6 +85,7 @@ def combine(results: list) -> dict:
     extras = [r["extra"] for r in results]
     samples = [s for e in extras for s in e.get("samples", ())]
     extra = dict(latencies(samples), processes=len(results),
+                 max=max(samples) * 1e3 if samples else None,
                  conflicts=sum(e.get("conflicts", 0) for e in extras),
                  errors=sum(e.get("errors", 0) for e in extras),
                  rss_mb=max((e.get("rss_mb") or 0.0) for e in extras))

@@ -181,9 +181,12 @@ def writer_notes(results: dict, settings, row: str) -> list:
                what, n, getattr(settings, "writer_commits", "N") if settings else "N")]
     for s in SYSTEMS:
         if results.get((s, row)):
-            out.append("  %-10s conflicts %d (all rounds), lost updates %d" % (
+            longest = extras(results, s, row, "max")
+            out.append("  %-10s conflicts %d (all rounds), lost updates %d%s" % (
                 label(s), sum(extras(results, s, row, "conflicts")),
-                sum(extras(results, s, row, "lost"))))
+                sum(extras(results, s, row, "lost")),
+                ", longest increment %s ms (per round)" % " / ".join(
+                    "%.3g" % m for m in longest) if longest else ""))
     return out
 
 
