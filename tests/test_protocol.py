@@ -418,6 +418,45 @@ def test_vote_and_finish_are_answered_without_amps_dispatch(world, monkeypatch):
     assert session._txn.state.final
 
 
+def test_invalidations_reach_the_client_without_amps_dispatch(world, monkeypatch):
+    """A plain Invalidate (every commit of another client) is applied by
+    ClientProtocol.ampBoxReceived; AMP's responder only for other forms."""
+    from zeotwist.client.protocol import ClientProtocol
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, rec_b = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+    dispatched = []
+    real = ClientProtocol.dispatchCommand
+    monkeypatch.setattr(ClientProtocol, "dispatchCommand", lambda self, box: (
+        dispatched.append(box[amp.COMMAND]), real(self, box))[1])
+    oids = call(a, pa, C.NewOids, count=2)["oids"]
+    _, tid = commit(a, pa, [encode_store(oid, z64, b"x") for oid in oids])
+    pb.flush()
+    assert rec_b.invalidations == [(tid, oids)] and dispatched == []
+    b.dataReceived(amp.AmpBox({b"_command": b"Invalidate", b"tid": tid, b"oids": b"",
+                               b"oids.1": oids[0]}).serialize())   # AMP's split form
+    assert rec_b.invalidations[1:] == [(tid, [oids[0]])] and dispatched == [b"Invalidate"]
+
+
+@pytest.mark.logs_errors("an invalidation the client cannot apply drops the connection")
+def test_an_invalidation_that_fails_to_apply_drops_the_connection(world):
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, rec_b = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+
+    def broken(proto, tid, oids):
+        raise RuntimeError("the cache is gone")
+    rec_b.invalidated = broken
+    oid = call(a, pa, C.NewOids, count=1)["oids"][0]
+    commit(a, pa, [encode_store(oid, z64, b"x")])
+    pb.flush()
+    assert b.transport is None          # lost, as after AMP's unhandledError
+
+
 def test_an_unknown_register_field_is_ignored_so_features_can_be_negotiated():
     """An older server ignores the optional fields a newer client adds to
     Register (``timeout_notice`` to one that predates it): AMP parses only

@@ -181,7 +181,21 @@ def test_invalidate_is_amps_own(count):
 
 
 def test_an_invalidation_over_one_value_takes_amps_path():
-    assert fast.invalidate(TID, [b"\0" * 8] * (fast.MAX_VALUE // 8 + 1)) is None
+    oids = [b"\0" * 8] * (fast.MAX_VALUE // 8 + 1)
+    assert fast.invalidate(TID, oids) is None
+    split = parse_one(amp_frame(C.Invalidate, {"tid": TID, "oids": oids}, None, None))
+    assert fast.read_invalidate(split) is None          # AMP's split form: AMP's parser
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_a_plain_invalidation_is_read_as_amp_parses_it(count):
+    oids = [i.to_bytes(8, "big") for i in range(count)]
+    box = parse_one(fast.invalidate(TID, oids))
+    assert fast.read_invalidate(box) == (TID, oids)
+    for bad in ({b"tid": b"short"}, {b"oids": b"1234567"}, {b"_command": b"Other"},
+                {b"extra": b""}):
+        assert fast.read_invalidate(amp.AmpBox(box, **{k.decode(): v for k, v in bad.items()})) \
+            is None
 
 
 @pytest.mark.parametrize("user,description,extension", [

@@ -101,6 +101,18 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
         receiver.answered(value)
         return end
 
+    def ampBoxReceived(self, box):
+        # Every commit of another client: applied here, in box order, as
+        # AMP's responder below would (without its dispatch and Deferreds).
+        invalidation = fast.read_invalidate(box)
+        if invalidation is None:
+            super().ampBoxReceived(box)
+            return
+        try:
+            self.owner.invalidated(self, *invalidation)
+        except Exception:           # as AMP's path: a one-way command failed
+            self.unhandledError(Failure())
+
     def connectionMade(self):
         super().connectionMade()
         self.start_thread_writes()      # loads sent from the application's thread

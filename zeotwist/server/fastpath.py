@@ -148,3 +148,13 @@ class FastAnswers:
         except Exception:           # as AMP's path: a one-way command failed
             self.unhandledError(Failure())
         return True
+
+
+#: command name -> the fast path that may handle its box (ServerSession.ampBoxReceived)
+FastAnswers.FAST_BOXES = {
+    C.LoadBefore.commandName: FastAnswers._fast_load,
+    C.StoreData.commandName: FastAnswers._fast_store,
+    C.TpcBegin.commandName: FastAnswers._fast_begin,
+    C.Vote.commandName: FastAnswers._fast_ask,
+    C.Finish.commandName: FastAnswers._fast_ask,
+}

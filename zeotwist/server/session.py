@@ -30,6 +30,7 @@ from ZODB.POSException import ReadOnlyError, StorageTransactionError
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
+from twisted.protocols import amp
 
 from zeotwist.errors import ProtocolVersionError, UnknownStorage
 from zeotwist.server.auth import AuthResponders
@@ -145,9 +146,8 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
         # value is answered here, without AMP's Deferred and argument
         # machinery.  Anything unusual (bad sizes, errors, big records) takes
         # the ordinary path below, which validates and maps errors.
-        if not (self.server is not None and (
-                self._fast_load(box) or self._fast_store(box) or self._fast_begin(box)
-                or self._fast_ask(box))):
+        fast = self.FAST_BOXES.get(box.get(amp.COMMAND))
+        if not (fast is not None and self.server is not None and fast(self, box)):
             super().ampBoxReceived(box)
         self._pause_if_over_budget()
 

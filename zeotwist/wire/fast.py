@@ -475,6 +475,21 @@ def invalidate(tid: bytes, oids) -> bytes | None:
     return b"".join((c[0], _H(len(packed)), packed, c[1], tid, c[2]))
 
 
+_INVALIDATE_KEYS = frozenset({amp.COMMAND, b"tid", b"oids"})
+
+
+def read_invalidate(box) -> tuple | None:
+    """``(tid, oids)`` of a plain Invalidate box (its oids in one value),
+    or None for anything else, which then takes AMP's validating path."""
+    if len(box) != 3 or box.keys() != _INVALIDATE_KEYS \
+            or box[amp.COMMAND] != _INVALIDATE.commandName:
+        return None
+    tid, packed = box[b"tid"], box[b"oids"]
+    if len(tid) != 8 or len(packed) % 8:
+        return None
+    return tid, [packed[i:i + 8] for i in range(0, len(packed), 8)]
+
+
 def box_parts(box) -> tuple:
     """``(head, value, tail)``: the AMP box ``box`` serialized with its
     values over 64 KiB as long entries (a peer that reads them), ``value``
