@@ -47,6 +47,16 @@ def commit(client, pump, records, oids=None):
     return voted, call(client, pump, C.Finish)["tid"]
 
 
+def two_clients(world):
+    """Two registered clients: ``(a, pump_a, b, pump_b, b's recorder)``."""
+    clock, servers = world
+    a, _, pa, _ = connect_in_memory(servers, clock)
+    b, _, pb, rec_b = connect_in_memory(servers, clock)
+    register(a, pa)
+    register(b, pb)
+    return a, pa, b, pb, rec_b
+
+
 def test_register_answers_last_tid_and_mode(world):
     clock, servers = world
     client, session, pump, _ = connect_in_memory(servers, clock)
@@ -69,11 +79,7 @@ def test_register_refusals(world):
 
 
 def test_commit_load_and_invalidate_other_clients(world):
-    clock, servers = world
-    a, _, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, rec_b = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    a, pa, b, pb, rec_b = two_clients(world)
     oid = call(a, pa, C.NewOids, count=3)["oids"][0]
     voted, tid = commit(a, pa, [encode_store(oid, z64, b"hello")])
     assert voted == {"resolved": [], "conflicts": b"", "to_resolve": None, "current": None}
@@ -422,11 +428,7 @@ def test_invalidations_reach_the_client_without_amps_dispatch(world, monkeypatch
     """A plain Invalidate (every commit of another client) is applied by
     ClientProtocol.ampBoxReceived; AMP's responder only for other forms."""
     from zeotwist.client.protocol import ClientProtocol
-    clock, servers = world
-    a, _, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, rec_b = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    a, pa, b, pb, rec_b = two_clients(world)
     dispatched = []
     real = ClientProtocol.dispatchCommand
     monkeypatch.setattr(ClientProtocol, "dispatchCommand", lambda self, box: (
@@ -442,11 +444,7 @@ def test_invalidations_reach_the_client_without_amps_dispatch(world, monkeypatch
 
 @pytest.mark.logs_errors("an invalidation the client cannot apply drops the connection")
 def test_an_invalidation_that_fails_to_apply_drops_the_connection(world):
-    clock, servers = world
-    a, _, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, rec_b = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    a, pa, b, pb, rec_b = two_clients(world)
 
     def broken(proto, tid, oids):
         raise RuntimeError("the cache is gone")
