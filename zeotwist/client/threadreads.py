@@ -194,20 +194,31 @@ class ThreadReads:
         Raises TimeoutError after ``timeout`` (then the bytes read so far
         went to the reactor, which handles the answer when it comes)."""
         data, found, timed_out = self._receive(load.tag, timeout)
-        own = False
-        if found is not None:
-            with self.send_lock:
-                receiver = None if self._gone else \
-                    twistedcompat.amp_take_receiver(self, load.tag, "stored")
-            if receiver is not None:        # else the connection is gone: its error waits
-                value, records = found      # in the cache before anything later is read
-                if records is not None:
-                    self.owner.prefetched(self, records)
-                receiver.stored(value)
-                own = True
-        self._done_reading(data, own)
+        with self.send_lock:    # which connectionLost takes: see _store_own
+            own = found is not None and self._store_own(load.tag, found)
+            rsock = self._done_reading(data, own)
+        if rsock is not None:
+            rsock.close()
         if timed_out:
             raise TimeoutError(timeout)
+
+    def _store_own(self, tag: bytes, found: tuple) -> bool:
+        """Under the lock: the reader's answer ``found`` (and the records
+        prefetched with it) into the cache; False once the connection is
+        gone (its error waits).  The lock keeps a lost connection's
+        ``connectionLost`` (and so the next connection's verification of the
+        cache) behind this store: a record stored after that verification
+        would stay current for good, stale, its invalidation lost with the
+        connection."""
+        receiver = None if self._gone else \
+            twistedcompat.amp_take_receiver(self, tag, "stored")
+        if receiver is None:
+            return False
+        value, records = found
+        if records is not None:
+            self.owner.prefetched(self, records)
+        receiver.stored(value)
+        return True
 
     def _receive(self, tag: bytes, timeout: float | None) -> tuple:
         """``(bytes, found, timed out)``: ``found`` is ``(record, prefetched
@@ -250,22 +261,21 @@ class ThreadReads:
         self._rsock.settimeout(seconds)
         self._rsock_timeout = seconds
 
-    def _done_reading(self, data: bytes, own: bool) -> None:
-        """THREAD -> PARKED when the reader handled its ``own`` answer
-        (``data``), else RETURNING: ``data`` and the socket handed to the reactor."""
-        with self.send_lock:
-            if self._gone:
-                rsock, self._rsock = self._rsock, None
-                self.read_state = REACTOR
-            else:
-                rsock = None
-                if not own or self._give_back:
-                    self.read_state = RETURNING
-                    self.owner.reactor.callFromThread(self._take_back, b"" if own else data)
-                else:
-                    self.read_state = PARKED
-        if rsock is not None:
-            rsock.close()
+    def _done_reading(self, data: bytes, own: bool):
+        """Under the lock: THREAD -> PARKED when the reader handled its
+        ``own`` answer (``data``), else RETURNING: ``data`` and the socket
+        handed to the reactor.  The reading socket to close, once the
+        connection is gone, else None."""
+        if self._gone:
+            rsock, self._rsock = self._rsock, None
+            self.read_state = REACTOR
+            return rsock
+        if not own or self._give_back:
+            self.read_state = RETURNING
+            self.owner.reactor.callFromThread(self._take_back, b"" if own else data)
+        else:
+            self.read_state = PARKED
+        return None
 
 
 def scan_box(buf: bytes) -> tuple:

@@ -1,0 +1,72 @@
+"""Adversarial checks of the loads whose answer the loading thread reads
+itself (zeotwist.client.threadreads; issue 10's review).
+
+A real server on 127.0.0.1 with a FileStorage in a temp dir, blocking
+clients on zeotwist's background reactor.  The reactor's 2 ms look at a
+parked socket is pushed out of the way (``PARK_CHECK``), so which thread
+reads an answer is decided by the test, not by timing.
+"""
+import threading
+
+import pytest
+from ZODB.utils import maxtid, z64
+
+from zeotwist.client import threadreads
+from zeotwist.client.threadreads import PARKED
+from zeotwist.twistedcompat import calls_pending
+from tests.test_review_races import _commit, _wait_for
+
+
+@pytest.fixture
+def no_park_timer(monkeypatch):
+    monkeypatch.setattr(threadreads, "PARK_CHECK", 3600.0)
+
+
+def _parked(cs, cold_oid):
+    """A cold load answered on the reactor: its connection parks; the
+    protocol, once nothing is queued for the reactor any more."""
+    cs.client.cache.clear()
+    cs.loadBefore(cold_oid, maxtid)
+    proto, reactor = cs.client.protocol, cs.client.reactor
+    _wait_for(lambda: proto.read_state == PARKED and not calls_pending(reactor),
+              "the connection parked")
+    return proto
+
+
+def test_a_record_a_reader_stores_after_its_connection_was_replaced_is_verified(
+        server, make_client, no_park_timer):
+    """The reading thread has its answer (record R current) when the
+    connection drops; another client commits a new revision meanwhile (its
+    invalidation dies unread with the connection).  The reconnection's
+    verification ends every cached revision the new one replaced; a record
+    the reader stores after that verification would stay current, stale,
+    for good.  The reader's store must come before the verification."""
+    writer, reader = make_client(), make_client()
+    x, y = writer.new_oid(), writer.new_oid()
+    first = _commit(writer, x, z64, b"one")
+    _commit(writer, y, z64, b"y")
+    reader.ping()                                   # its invalidations are in
+    proto = _parked(reader, y)
+    lock, cache = proto.send_lock, reader.client.cache
+    real_store, seen = cache.store, []
+
+    def store(oid, start, end, data):
+        if oid == x and not seen and threading.current_thread().name != "zeotwist-reactor":
+            seen.append(data)
+            free = lock.acquire(False)      # False: the store runs under the send lock
+            if free:
+                lock.release()
+            _commit(writer, x, first, b"two")       # the invalidation: never read
+            reader.client.reactor.callFromThread(proto.transport.abortConnection)
+            if free:                        # else the loss waits for this store
+                connector = reader.client.connector
+                _wait_for(lambda: connector.protocol not in (None, proto),
+                          "the reader reconnected and verified its cache")
+        real_store(oid, start, end, data)
+
+    cache.store = store
+    assert reader.loadBefore(x, maxtid)[0] == b"one"    # read by this thread
+    assert seen == [b"one"]
+    _wait_for(lambda: reader.client.connector.protocol not in (None, proto), "reconnected")
+    reader.ping()
+    assert reader.load(x)[0] == b"two"
