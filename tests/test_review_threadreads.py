@@ -13,6 +13,7 @@ from ZODB.utils import maxtid, z64
 
 from zeotwist.client import threadreads
 from zeotwist.client.threadreads import PARKED
+from zeotwist.errors import ClientDisconnected
 from zeotwist.twistedcompat import calls_pending
 from tests.test_review_races import _commit, _wait_for
 
@@ -70,3 +71,83 @@ def test_a_record_a_reader_stores_after_its_connection_was_replaced_is_verified(
     _wait_for(lambda: reader.client.connector.protocol not in (None, proto), "reconnected")
     reader.ping()
     assert reader.load(x)[0] == b"two"
+
+
+class Interrupted(BaseException):
+    """What a signal handler raises in the reading thread (KeyboardInterrupt, an alarm's)."""
+
+
+class InterruptedSocket:
+    """The reader's socket, whose ``recv`` returns the first ``first``
+    bytes (if any), then raises as a signal handler would while the thread waits."""
+
+    def __init__(self, sock, first: int):
+        self.sock, self.first = sock, first
+
+    def recv(self, size):
+        first, self.first = self.first, 0
+        if first:
+            return self.sock.recv(first)
+        raise Interrupted()
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+@pytest.mark.parametrize("first", [0, 5])
+def test_a_reader_interrupted_in_recv_hands_the_socket_back(
+        server, make_client, no_park_timer, first):
+    """A signal handler raises while the loading thread waits in ``recv``
+    (after ``first`` bytes of its answer, or none): the exception reaches
+    the caller, and the reactor reads again, the bytes already read first:
+    later loads are answered, the interrupted one's answer reaches the
+    cache, and invalidations are applied."""
+    writer, reader = make_client(), make_client(timeout=10)
+    x, y, z = writer.new_oid(), writer.new_oid(), writer.new_oid()
+    first_x = _commit(writer, x, z64, b"x1")
+    _commit(writer, y, z64, b"y")
+    _commit(writer, z, z64, b"z")
+    reader.ping()
+    proto = _parked(reader, y)
+    proto._rsock = InterruptedSocket(proto._rsock, first)
+    with pytest.raises(Interrupted):
+        reader.loadBefore(x, maxtid)
+    assert reader.loadBefore(z, maxtid)[0] == b"z"  # answered: the socket is read
+    assert reader.client.cache.loadBefore(x, maxtid)[0] == b"x1"   # the late answer
+    second = _commit(writer, x, first_x, b"x2")
+    reader.ping()
+    assert reader.load(x) == (b"x2", second)
+
+
+class SilentSocket:
+    """The reader's socket as if the server never answered: every ``recv``
+    ends by its timeout, which it records."""
+
+    def __init__(self, sock):
+        self.sock, self.waits = sock, []
+
+    def recv(self, size):
+        self.waits.append(self.sock.gettimeout())
+        raise TimeoutError("timed out")
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_a_reader_never_waits_past_its_timeout(server, make_client, no_park_timer):
+    """The storage's ``timeout`` bounds the reader's wait: no ``recv`` of
+    the reading thread may wait longer than the time left (a slice of a
+    minute in ``recv`` made a 1 s timeout a 60 s one)."""
+    writer, reader = make_client(), make_client(timeout=1.0)
+    x, y = writer.new_oid(), writer.new_oid()
+    _commit(writer, x, z64, b"x")
+    _commit(writer, y, z64, b"y")
+    reader.ping()
+    proto = _parked(reader, y)
+    silent = proto._rsock = SilentSocket(proto._rsock)
+    with pytest.raises(ClientDisconnected):
+        reader.loadBefore(x, maxtid)
+    assert silent.waits and max(silent.waits) <= 1.0, silent.waits
+    proto._rsock = silent.sock
+    reader.ping()                       # the reactor reads again: the answer came
+    assert reader.client.cache.loadBefore(x, maxtid)[0] == b"x"

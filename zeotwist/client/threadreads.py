@@ -61,6 +61,8 @@ READ_SIZE = 2**16
 READ_LIMIT = 2**20
 #: the reading socket's timeout: a wait without a deadline wakes this often
 _SLICE = 60.0
+#: the shortest (a timeout of 0 would make the socket non-blocking)
+_MIN_WAIT = 0.001
 
 
 class ThreadReads:
@@ -191,16 +193,17 @@ class ThreadReads:
     def read_answer(self, load, timeout: float | None) -> None:
         """The reader's part of ``load.wait()``: read until the whole answer
         to ``load`` is in, handle it here, or hand what came to the reactor.
-        Raises TimeoutError after ``timeout`` (then the bytes read so far
-        went to the reactor, which handles the answer when it comes)."""
-        data, found, timed_out = self._receive(load.tag, timeout)
+        Raises TimeoutError after ``timeout``, or what a signal handler
+        raised while the thread waited (then the bytes read so far went to
+        the reactor, which handles the answer when it comes)."""
+        data, found, error = self._receive(load.tag, timeout)
         with self.send_lock:    # which connectionLost takes: see _store_own
             own = found is not None and self._store_own(load.tag, found)
             rsock = self._done_reading(data, own)
         if rsock is not None:
             rsock.close()
-        if timed_out:
-            raise TimeoutError(timeout)
+        if error is not None:
+            raise error
 
     def _store_own(self, tag: bytes, found: tuple) -> bool:
         """Under the lock: the reader's answer ``found`` (and the records
@@ -221,41 +224,48 @@ class ThreadReads:
         return True
 
     def _receive(self, tag: bytes, timeout: float | None) -> tuple:
-        """``(bytes, found, timed out)``: ``found`` is ``(record, prefetched
+        """``(bytes, found, error)``: ``found`` is ``(record, prefetched
         records or None)`` when the bytes are exactly the whole answer
-        ``tag``, else None."""
+        ``tag``, else None; ``error``, None or what the reader raises once
+        the bytes are handed over: TimeoutError, or what a signal handler
+        raised in ``recv`` (KeyboardInterrupt, an alarm's exception)."""
         sock, buf = self._rsock, b""
         deadline = None if timeout is None else time.monotonic() + timeout
+        wait = _wait(timeout)       # the same at every load: no settimeout call
         while True:
-            if self._rsock_timeout != _SLICE:
-                self._set_timeout(_SLICE)
+            if self._rsock_timeout != wait:
+                self._set_timeout(wait)
             try:
                 chunk = sock.recv(READ_SIZE)
             except TimeoutError:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return buf, None, True
-                if left is not None and left < _SLICE:
-                    self._set_timeout(left)
-                continue
+                chunk = None
             except OSError:
-                return buf, None, False     # the reactor meets the error too
+                return buf, None, None      # the reactor meets the error too
+            except BaseException as e:      # else the socket stays the thread's
+                return buf, None, e
+            if deadline is not None:    # what is left, at most
+                left = deadline - time.monotonic()
+                if chunk is None and left <= 0:
+                    return buf, None, TimeoutError(timeout)
+                wait = _wait(left)
+            if chunk is None:
+                continue
             if not chunk:
-                return buf, None, False     # the end: the reactor reads it too
+                return buf, None, None      # the end: the reactor reads it too
             buf = buf + chunk if buf else chunk
             match = fast.match_load_before_answer(buf, 0)
             if match is not None:           # the usual answer, read from the bytes
                 own = match[0] == tag and match[2] == len(buf)
-                return buf, ((match[1], None) if own else None), False
+                return buf, ((match[1], None) if own else None), None
             end, box = scan_box(buf)
             if end == 0 and len(buf) < READ_LIMIT:
                 continue                    # a box not whole yet
             if end != len(buf) or box.get(amp.ANSWER) != tag:
-                return buf, None, False
+                return buf, None, None
             try:                            # with prefetched records, or cut in pieces
-                return buf, parse_load_answer(box, self), False
+                return buf, parse_load_answer(box, self), None
             except Exception:
-                return buf, None, False     # the reactor drops the connection for it
+                return buf, None, None      # the reactor drops the connection for it
 
     def _set_timeout(self, seconds: float) -> None:
         self._rsock.settimeout(seconds)
@@ -276,6 +286,12 @@ class ThreadReads:
         else:
             self.read_state = PARKED
         return None
+
+
+def _wait(left: float | None) -> float:
+    """The reading socket's timeout for ``left`` seconds (None: no
+    deadline): a slice of them, never more than left (nor 0: non-blocking)."""
+    return _SLICE if left is None else min(max(left, _MIN_WAIT), _SLICE)
 
 
 def scan_box(buf: bytes) -> tuple:
