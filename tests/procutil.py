@@ -187,6 +187,23 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+#: wait_timeout of a client that must be refused at once: so far above any
+#: delay of a loaded machine (a password check is a PBKDF2 of a tenth of a
+#: CPU-second or more) that a refusal before half of it came from the
+#: server, not from the timeout (which would raise the same refusal)
+REFUSAL_WAIT = 120.0
+
+
+def refused_at_once(kinds, connect) -> BaseException:
+    """``connect(wait_timeout)`` raises one of ``kinds`` as the server
+    refuses, long before ``wait_timeout`` (REFUSAL_WAIT) ends; the error."""
+    start = time.monotonic()
+    with pytest.raises(kinds) as info:
+        connect(REFUSAL_WAIT)
+    assert time.monotonic() - start < REFUSAL_WAIT / 2, "refused only at wait_timeout"
+    return info.value
+
+
 # -- raw sockets ------------------------------------------------------------------
 
 def raw_connect(address, timeout: float = 10) -> socket.socket:
@@ -242,4 +259,5 @@ def push_until_closed(sock: socket.socket, chunks, limit: int, timeout: float = 
 
 __all__ = ["Child", "Children", "children", "twistd_server", "run_client", "wait_for",
            "raw_connect", "wait_closed", "push_until_closed", "child_env", "REPO",
+           "REFUSAL_WAIT", "refused_at_once",
            "start_twistd"]
