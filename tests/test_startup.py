@@ -12,6 +12,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -442,3 +443,28 @@ def test_the_server_process_keeps_freed_buffers_of_a_few_mib(monkeypatch):
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     assert malloc.tune_malloc() is True
+
+
+def test_the_server_process_reuses_a_freed_10_mb_buffer(tmp_path):
+    """After tune_malloc, a buffer of a big record's size (10 MB) freed and
+    allocated again reuses the same memory: no page fault per 4 KiB (glibc's
+    default, and a 4 MiB threshold, map a fresh one; docs/performance.md,
+    "Big records and blobs")."""
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    script = (
+        "import resource\n"
+        "from zeotwist.server.malloc import tune_malloc\n"
+        "assert tune_malloc()\n"
+        "n = 10 * 10**6\n"
+        "x = b'x' * n\n"
+        "del x\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "y = b'y' * n\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    env = {k: v for k, v in child_env().items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    faults = int(out.stdout)
+    assert faults < 10 * 10**6 // 4096 // 10, faults
