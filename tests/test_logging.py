@@ -15,7 +15,8 @@ import threading
 import time
 
 import pytest
-from twisted.logger import LogLevel, Logger
+import pytest_twisted
+from twisted.logger import LogLevel, Logger, globalLogPublisher
 
 from zeotwist import logbridge
 from zeotwist.testing import start_server
@@ -219,3 +220,37 @@ def test_twisted_private_name_still_means_begun():
     assert beginner._temporaryObserver is not None
     beginner.beginLoggingTo([lambda event: None], redirectStandardIO=False)
     assert beginner._temporaryObserver is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_timeout_is_one_warning(records, monkeypatch, tmp_path):
+    """The client hears of its transaction timeout and loses the connection:
+    one warning (the timeout's), not a second for the connection's loss."""
+    from twisted.internet import reactor
+    from ZODB.utils import z64
+
+    from zeotwist.errors import TransactionTimeout
+
+    from test_transaction_timeout import PATIENCE, Log, serve_and_connect, the_next_commits
+    monkeypatch.setattr(logbridge, "twisted_logging_begun", lambda: False)
+    svc, client, port = await serve_and_connect(tmp_path, transaction_timeout=0.5)
+    heard = Log()
+    globalLogPublisher.addObserver(heard)
+    try:
+        oid = await client.new_oid()
+        txn = client.begin()
+        txn.store(oid, z64, b"stalled")
+        with pytest.raises(TransactionTimeout):
+            await txn.vote()                # holds the commit lock (or times out already)
+            await heard.heard.addTimeout(PATIENCE, reactor)
+            await txn.finish()
+        await txn.abort()
+        await the_next_commits(client, oid)     # by then the old connection is gone
+    finally:
+        globalLogPublisher.removeObserver(heard)
+        await client.stop()
+        await svc.stopService()
+    warnings = [(r.name, r.getMessage()) for r in records
+                if r.name.startswith("zeotwist.client") and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0][1].startswith("zeotwist: transaction timeout: 127.0.0.1:%s aborted" % port)

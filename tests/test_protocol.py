@@ -463,7 +463,7 @@ def test_an_unknown_register_field_is_ignored_so_features_can_be_negotiated():
                       b"read_only": b"False", b"a_future_flag": b"True"})
     assert C.Register.parseArguments(box, None) == dict(
         protocol=C.PROTOCOL_VERSION, storage="1", read_only=False, prefetch=None,
-        long_values=None, timeout_notice=None)
+        long_values=None, timeout_notice=None, vote_timeout_notice=None)
 
 
 def test_load_before_questions_are_answered_from_the_bytes_without_a_box(world, monkeypatch):

@@ -1,4 +1,4 @@
-"""The server's transaction timeout as a client meets it (issue 13 item 11).
+"""The server's transaction and vote timeouts as a client meets them (issue 13 item 11).
 
 A real server on 127.0.0.1 (FileStorage in a temporary folder) with a short
 ``transaction_timeout``; real clients that stall while they hold the commit
@@ -6,7 +6,8 @@ lock.  The client's transaction fails with TransactionTimeout (carrying the
 timeout), not a bare ClientDisconnected; nothing of it is committed; the
 server logs one line naming the peer; the client's next transaction
 reconnects and commits.  The stalls end on events the test controls (the
-client's notice arriving), never on a sleep.
+client's notice arriving), never on a sleep.  The vote timeout (a
+transaction that does not vote in time) is met the same way, as VoteTimeout.
 """
 import re
 import threading
@@ -28,10 +29,11 @@ from transaction.interfaces import TransientError
 import zeotwist
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
-from zeotwist.errors import ClientDisconnected, TransactionTimeout
+from zeotwist.errors import ClientDisconnected, TransactionTimeout, VoteTimeout
 from zeotwist.server.storageserver import DEFAULT_INLINE_COMMIT_BYTES
 from zeotwist.server.tap import ServerService
 from zeotwist.testing import start_server, start_storages
+from zeotwist.wire.commands import STORE_CHUNK
 
 TIMEOUT = 0.5
 #: bounds the waits for events that do come (a failing test, not a hang)
@@ -52,10 +54,10 @@ class Log:
             return
         self.events.append(event)
         if event["log_namespace"] == "zeotwist.server.session" and \
-                formatEvent(event).startswith("transaction timeout"):
+                re.match("(transaction|vote) timeout", formatEvent(event)):
             self.server_said.set()
         if event["log_namespace"] == "zeotwist.client.protocol" and \
-                "transaction timeout" in formatEvent(event):
+                re.search("(transaction|vote) timeout", formatEvent(event)):
             self.notice.set()
             if not self.heard.called:
                 self.heard.callback(None)
@@ -74,11 +76,11 @@ def log():
     globalLogPublisher.removeObserver(observer)
 
 
-def assert_one_server_line(log):
-    (line,) = log.lines("timeout", "zeotwist.server")
+def assert_one_server_line(log, said=r"transaction timeout: 127\.0\.0\.1:\d+ held the commit "
+                                        r"lock too long \(over 0\.5 s, storage '1'\)"):
+    (line,) = log.lines("timeout:", "zeotwist.server")
     assert line[0] == LogLevel.warn
-    assert re.fullmatch(r"transaction timeout: 127\.0\.0\.1:\d+ held the commit lock too long "
-                        r"\(over 0\.5 s, storage '1'\); disconnecting it", line[1]), line
+    assert re.fullmatch(said + "; disconnecting it", line[1]), line
     assert not [e for e in log.events if e.get("log_failure") is not None]
     assert not log.lines("protocol violation")
 
@@ -207,15 +209,37 @@ def test_a_vote_pending_at_the_timeout_fails_with_it(tmp_path, log):
         running.stop()
 
 
+async def serve_and_connect(tmp_path, **settings):
+    """A server of tmp_path/data.fs with ``settings`` on the test's reactor,
+    and a Deferred-API client of it: (service, client, port)."""
+    svc = ServerService(str(tmp_path / "data.fs"), ["tcp:0:interface=127.0.0.1"],
+                        reactor=reactor, **settings)
+    svc.startService()
+    host, port = (await svc.listening)[0].rsplit(":", 1)
+    try:
+        client = await zeotwist.connect(reactor, "tcp:host=%s:port=%s" % (host, port),
+                                        wait_timeout=10)
+    except BaseException:
+        await svc.stopService()
+        raise
+    return svc, client, int(port)
+
+
+async def the_next_commits(client, oid) -> None:
+    """Nothing of the timed-out transaction is stored at ``oid``; the
+    client's next transaction (on a new connection) commits."""
+    with pytest.raises(POSKeyError):
+        await client.load(oid)
+    txn = client.begin(description="commits")
+    txn.store(oid, z64, b"committed")
+    await txn.vote()
+    tid = await txn.finish()
+    assert await client.load(oid) == (b"committed", tid)
+
+
 @pytest_twisted.ensureDeferred
 async def test_deferred_api_finish_fails_with_transaction_timeout(tmp_path, log):
-    svc = ServerService(str(tmp_path / "data.fs"), ["tcp:0:interface=127.0.0.1"],
-                        reactor=reactor, transaction_timeout=TIMEOUT)
-    svc.startService()
-    address = (await svc.listening)[0]
-    host, port = address.rsplit(":", 1)
-    client = await zeotwist.connect(reactor, "tcp:host=%s:port=%s" % (host, port),
-                                    wait_timeout=10)
+    svc, client, _ = await serve_and_connect(tmp_path, transaction_timeout=TIMEOUT)
     try:
         oid = await client.new_oid()
         txn = client.begin(description="stalls")
@@ -226,14 +250,99 @@ async def test_deferred_api_finish_fails_with_transaction_timeout(tmp_path, log)
             await txn.finish()
         assert caught.value.timeout == TIMEOUT
         await txn.abort()
-        with pytest.raises(POSKeyError):
-            await client.load(oid)
-        txn = client.begin(description="commits")        # reconnects, commits
-        txn.store(oid, z64, b"committed")
-        await txn.vote()
-        tid = await txn.finish()
-        assert await client.load(oid) == (b"committed", tid)
+        await the_next_commits(client, oid)
         assert_one_server_line(log)
+    finally:
+        await client.stop()
+        await svc.stopService()
+
+
+# -- the vote timeout ------------------------------------------------------------------
+
+VOTE_LINE = (r"vote timeout: 127\.0\.0\.1:\d+ kept a transaction open for over 0\.5 s "
+             r"without voting \(storage '1'\)")
+#: a record this big sends TpcBegin (and the server's vote clock starts) at its store
+BIG = b"x" * STORE_CHUNK
+
+
+class StallBeforeVote(StallAfterVote):
+    """A resource manager whose commit (ZODB's first phase: after every
+    tpc_begin and store, before any vote) waits until ``until``."""
+
+    def commit(self, txn):
+        assert self.until.wait(PATIENCE), "the server's vote timeout never came"
+
+    tpc_vote = StallAfterVote.tpc_begin
+
+
+def test_zodb_commit_raises_vote_timeout_then_the_next_commits(tmp_path, log):
+    running = start_server(str(tmp_path / "data.fs"), vote_timeout=TIMEOUT)
+    db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        conn.root()["x"] = MinPO(BIG)
+        tm.get().join(StallBeforeVote(log.notice))
+        with pytest.raises(VoteTimeout) as caught:
+            tm.commit()
+        err = caught.value
+        assert err.timeout == TIMEOUT and str(err).startswith(
+            "vote timeout: 127.0.0.1:%d aborted this transaction, which did not vote within "
+            "0.5 s" % running.address[1])
+        assert isinstance(err, TransactionTimeout) and isinstance(err, TransientError)
+        tm.abort()
+        assert_one_server_line(log, VOTE_LINE)
+        assert "x" not in conn.root()
+        conn.root()["x"] = "committed"                   # reconnects, commits (small: it
+        tm.commit()                                     # votes in TpcBegin's write)
+        assert db.storage.client.connections == 2
+    finally:
+        db.close()
+        running.stop()
+
+
+def test_vote_timeout_to_a_client_that_does_not_ask_for_its_notice(tmp_path, log, monkeypatch):
+    """A client whose Register says ``timeout_notice`` but not
+    ``vote_timeout_notice`` (the release before) is dropped without a word."""
+    from zeotwist.client.connector import Connector
+    from zeotwist.wire import commands as C
+
+    def older_register(self, proto, read_only):
+        return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
+                          storage=self._client.storage_name, read_only=read_only,
+                          timeout_notice=True)
+    monkeypatch.setattr(Connector, "send_register", older_register)
+    running = start_server(str(tmp_path / "data.fs"), vote_timeout=TIMEOUT)
+    db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
+    try:
+        tm = transaction.TransactionManager()
+        db.open(tm).root()["x"] = MinPO(BIG)
+        tm.get().join(StallBeforeVote(log.server_said))
+        with pytest.raises(ClientDisconnected) as caught:
+            tm.commit()
+        assert not isinstance(caught.value, TransactionTimeout)
+        tm.abort()
+        assert_one_server_line(log, VOTE_LINE)
+        assert not log.notice.is_set()
+    finally:
+        db.close()
+        running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_deferred_api_vote_fails_with_vote_timeout(tmp_path, log):
+    svc, client, _ = await serve_and_connect(tmp_path, vote_timeout=TIMEOUT)
+    try:
+        oid = await client.new_oid()
+        txn = client.begin(description="does not vote in time")
+        txn.store(oid, z64, BIG)                          # TpcBegin is sent
+        await log.heard.addTimeout(PATIENCE, reactor)    # the server's notice came
+        with pytest.raises(VoteTimeout) as caught:
+            await txn.vote()
+        assert caught.value.timeout == TIMEOUT
+        await txn.abort()
+        await the_next_commits(client, oid)
+        assert_one_server_line(log, VOTE_LINE)
     finally:
         await client.stop()
         await svc.stopService()

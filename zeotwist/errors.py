@@ -12,6 +12,7 @@ __all__ = [
     "ZeotwistError",
     "ClientDisconnected",
     "TransactionTimeout",
+    "VoteTimeout",
     "ProtocolError",
     "RemoteProtocolError",
     "ProtocolVersionError",
@@ -66,16 +67,29 @@ class TransactionTimeout(ClientDisconnected, StorageTransactionError):
     ``transaction.manager.attempts()``), and a ``StorageTransactionError``.
     """
 
+    TEXT = ("transaction timeout: %s aborted this transaction, which held the commit "
+            "lock for over %g s (its transaction-timeout); nothing was committed")
+
     def __init__(self, timeout: float, server: str = "the server"):
         self.timeout = timeout
         self.server = server
-        super().__init__(
-            "transaction timeout: %s aborted this transaction, which held the commit "
-            "lock for over %g s (its transaction-timeout); nothing was committed"
-            % (server, timeout))
+        super().__init__(self.TEXT % (server, timeout))
 
     def __reduce__(self):
         return type(self), (self.timeout, self.server)
+
+
+class VoteTimeout(TransactionTimeout):
+    """The server's vote timeout aborted this transaction: it did not vote
+    within :attr:`timeout` seconds of its ``tpc_begin`` (the server's
+    ``vote-timeout``), and the server dropped the connection.
+
+    Nothing was committed.  A :class:`TransactionTimeout` (so also a
+    ``ClientDisconnected``, retried by ``transaction.manager.attempts()``).
+    """
+
+    TEXT = ("vote timeout: %s aborted this transaction, which did not vote within %g s "
+            "of its tpc_begin (its vote-timeout); nothing was committed")
 
 
 class ProtocolError(ZeotwistError):

@@ -205,7 +205,9 @@ class Connector:
     def connection_lost(self, proto, reason) -> None:
         if proto is self.protocol:
             self.protocol = None
-            level = LogLevel.info if self._leaving else LogLevel.warn
+            # a timeout the server announced was said once (a warning) already
+            level = (LogLevel.info if self._leaving or proto.timed_out is not None
+                     else LogLevel.warn)
             _log.emit(level, "zeotwist client lost its connection: {why}",
                       why=reason.getErrorMessage())
 
@@ -247,7 +249,7 @@ class Connector:
         return proto.call(C.Register, protocol=C.PROTOCOL_VERSION,
                           storage=self._client.storage_name, read_only=read_only,
                           prefetch=self._client.reference_prefetch,
-                          long_values=True, timeout_notice=True)
+                          long_values=True, timeout_notice=True, vote_timeout_notice=True)
 
     def _maybe_fall_back(self, failure, proto):
         """A read-only server refused a writable client: try the other

@@ -21,7 +21,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
-from zeotwist.errors import ClientDisconnected, TransactionTimeout, WrongServer
+from zeotwist.errors import ClientDisconnected, TransactionTimeout, VoteTimeout, WrongServer
 from zeotwist.client.threadwrites import ThreadWrites, read_load_answer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
@@ -242,18 +242,20 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
         return {}
 
     @C.TransactionTimedOut.responder
-    def transaction_timed_out(self, timeout):
-        self.timed_out = TransactionTimeout(timeout, peer_text(self.transport))
+    def transaction_timed_out(self, timeout, limit=None):
+        kind = VoteTimeout if limit == "vote" else TransactionTimeout
+        self.timed_out = kind(timeout, peer_text(self.transport))
+        # the one line of this event (the connection's loss is not a second)
         _log.warn("zeotwist: {err}; the server drops the connection, the client reconnects",
                   err=str(self.timed_out))
         return {}
 
     def lost_transaction(self, message: str) -> ClientDisconnected:
         """The error for the transaction this connection carried, now that
-        it is gone: the server's transaction timeout if it said so, else
-        ClientDisconnected(``message``)."""
+        it is gone: the server's transaction or vote timeout if it said so,
+        else ClientDisconnected(``message``)."""
         t = self.timed_out
-        return ClientDisconnected(message) if t is None else TransactionTimeout(t.timeout, t.server)
+        return ClientDisconnected(message) if t is None else type(t)(t.timeout, t.server)
 
     def connectionLost(self, reason):
         if self.wrong_server is not None:       # what the waiting calls should hear

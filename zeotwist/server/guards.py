@@ -15,8 +15,9 @@ these hooks from its input and output paths:
 * ``--idle-timeout``: a registered connection that sends nothing and takes
   none of its output (invalidations) for that long is closed;
 * ``--vote-timeout``: a transaction must vote within that many seconds of
-  its ``TpcBegin``, else its connection is closed and the transaction (and
-  its spool) dropped.
+  its ``TpcBegin``, else it is aborted (its spool dropped) and its
+  connection closed (``ServerSession.vote_timed_out``: one log line, and
+  the client told first if it asked to be).
 
 Runs on the reactor thread.
 """
@@ -169,5 +170,4 @@ class ResourceGuards:
     def _vote_overdue(self, txn) -> None:
         self._vote_timer = None
         if self._txn is txn and txn.state.can(Event.VOTE):     # still not voted
-            self.protocolViolation("transaction open for %g s without a vote"
-                                   % self.vote_timeout)
+            self.vote_timed_out()

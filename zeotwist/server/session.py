@@ -156,6 +156,8 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
     NOTICE_GRACE = 5.0
     #: the client understands TransactionTimedOut (its Register said so)
     timeout_notice = False
+    #: ... and its limit "vote" (Register's vote_timeout_notice)
+    vote_timeout_notice = False
     _grace_timer = None
 
     def transaction_timed_out(self):
@@ -168,16 +170,29 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
         _log.warn("transaction timeout: {peer} held the commit lock too long (over "
                   "{timeout:g} s, storage {name!r}); disconnecting it", peer=peer_text(self.transport),
                   name=self.server.name, timeout=timeout)
+        self._drop_timed_out(self.timeout_notice, timeout=timeout)
+
+    def vote_timed_out(self):
+        """--vote-timeout: the transaction did not vote in time.  As
+        :meth:`transaction_timed_out`: one log line, the transaction
+        aborted, the client told (limit "vote") if it asked to be, dropped."""
+        timeout = float(self.vote_timeout or 0)
+        _log.warn("vote timeout: {peer} kept a transaction open for over {timeout:g} s "
+                  "without voting (storage {name!r}); disconnecting it",
+                  peer=peer_text(self.transport), name=self.server.name, timeout=timeout)
+        self._drop_timed_out(self.vote_timeout_notice, timeout=timeout, limit="vote")
+
+    def _drop_timed_out(self, notice: bool, **told) -> None:
         self._violated = True           # nothing more is read from it
         txn, transport = self._txn, self.transport
         aborting = txn is not None and txn.state.can(Event.ABORT)
         self._abort_txn()
         if transport is None:
             return
-        if not (aborting and self.timeout_notice):
+        if not (aborting and notice):
             getattr(transport, "abortConnection", transport.loseConnection)()
             return
-        self.callRemote(C.TransactionTimedOut, timeout=timeout)
+        self.callRemote(C.TransactionTimedOut, **told)
         self._closing = True            # the answer to a Vote in progress stays unsent
         transport.loseConnection()      # once the notice is written
         self._grace_timer = self._clock.callLater(
@@ -198,7 +213,7 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
     # -- handshake -------------------------------------------------------------
     @C.Register.responder
     def register(self, protocol, storage, read_only, prefetch=False, long_values=None,
-                 timeout_notice=None):
+                 timeout_notice=None, vote_timeout_notice=None):
         if self.server is not None:
             raise StorageTransactionError("already registered")
         if protocol != C.PROTOCOL_VERSION:
@@ -221,6 +236,7 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
             self.prefetcher = Prefetcher(server.prefetch_count, server.prefetch_bytes)
         self.long_values = bool(long_values)    # big LoadBefore answers in one piece
         self.timeout_notice = bool(timeout_notice)  # told of its transaction timeout
+        self.vote_timeout_notice = bool(vote_timeout_notice)    # ... and vote timeout
         server.register(self)
         self.registered()                       # guards: box size, idle timeout
         # others' commits up to now first (RelStorage: one poll); invalidations

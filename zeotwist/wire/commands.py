@@ -38,6 +38,9 @@ class Register(_Command):
         # this peer understands TransactionTimedOut; absent: False (the
         # server drops it without a word, as servers before that command did)
         (b"timeout_notice", amp.Boolean(optional=True)),
+        # this peer understands TransactionTimedOut's limit "vote"; absent:
+        # False (a vote timeout drops it without a word, as before)
+        (b"vote_timeout_notice", amp.Boolean(optional=True)),
     ]
     response = [
         (b"last_tid", Id8()),
@@ -377,13 +380,16 @@ class Invalidate(_Command):
 class TransactionTimedOut(_Command):
     """The server's transaction timeout aborted this connection's
     transaction, which held the commit lock for over ``timeout`` seconds
-    (one-way).  Nothing was committed; the server closes the connection
-    right after.  Sent only to a client whose Register said
-    ``timeout_notice``, and only when the transaction was surely aborted
-    (not while the storage was finishing it)."""
+    (one-way); with ``limit`` "vote", its vote timeout: the transaction
+    did not vote within ``timeout`` seconds of its TpcBegin.  Nothing was
+    committed; the server closes the connection right after.  Sent only to
+    a client whose Register said ``timeout_notice`` (for ``limit`` "vote":
+    ``vote_timeout_notice``), and only when the transaction was surely
+    aborted (not while the storage was finishing it)."""
     commandName = b"TransactionTimedOut"
     requiresAnswer = False
-    arguments = [(b"timeout", amp.Float())]
+    arguments = [(b"timeout", amp.Float()),
+                 (b"limit", amp.Unicode(optional=True))]   # absent: the transaction timeout
 
 
 CLIENT_COMMANDS = [Register, Verify, LoadBefore, LoadSerial, NewOids, TpcBegin,
