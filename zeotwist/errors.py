@@ -23,6 +23,7 @@ __all__ = [
     "PickleRefused",
     "OidOutOfRange",
     "PackFailed",
+    "PackStopped",
     "FinishFailed",
     "UnauditedStorage",
     "ReactorThreadError",
@@ -137,6 +138,11 @@ class OidOutOfRange(ZeotwistError, StorageTransactionError):
 class PackFailed(ZeotwistError):
     """A pack failed; the text says why (a record garbage collection cannot
     read names it, and what to do)."""
+
+
+class PackStopped(PackFailed):
+    """The server stopped while the pack collected garbage: the pack was
+    given up before it changed anything; pack again."""
 
 
 class FinishFailed(ZeotwistError):

@@ -1,19 +1,62 @@
 """Packing a served storage, with a reason whenever it fails.
 
 Runs in a thread of the reactor's pool (``StorageThreads.in_pool``), so a
-long pack never holds up commits.
+long pack never holds up commits.  A server that stops asks its packs to
+stop (:class:`PackRun`): one still collecting garbage (FileStorage's
+first and longest phase, which only reads) gives up at its next record,
+before it has changed anything; one that already copies (and then swaps
+the files) is waited for.
 """
-from zeotwist.errors import PackFailed
+import threading
+
+from twisted.internet.defer import Deferred
+
+from zeotwist.errors import PackFailed, PackStopped
 from zeotwist.server.unpickling import pickle_class_name
 
 
-def pack_storage(storage, t: float, gc) -> None:
+class PackRun:
+    """A pack under way: :meth:`stop` asks it to give up, :meth:`wait`
+    fires once it has ended (either way).  ``ended`` is for its Deferred."""
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self._waiting: list = []
+        self.over = False
+
+    def stop(self) -> Deferred:
+        self.stopping.set()
+        return self.wait()
+
+    def wait(self) -> Deferred:
+        d = Deferred()
+        if self.over:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def ended(self, result):
+        self.over = True
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        return result
+
+
+def pack_storage(storage, t: float, gc, run: PackRun | None = None) -> None:
     """``storage.pack`` as of ``t`` (a pool thread).  A record garbage
     collection cannot read fails the pack with a PackFailed naming it (a
-    writer can store one; every GC pack fails until it is replaced)."""
+    writer can store one; every GC pack fails until it is replaced); once
+    ``run`` is stopped, the next record garbage collection reads ends the
+    pack with PackStopped (the storage unchanged: FileStorage writes its
+    packed copy only after garbage collection)."""
     from ZODB.serialize import referencesf
 
     def references(data, oids=None):
+        if run is not None and run.stopping.is_set():
+            raise PackStopped("the server is stopping: the pack was given up before it "
+                              "changed anything; pack again")
         try:
             return referencesf(data, oids)
         except Exception as e:

@@ -364,6 +364,7 @@ class ServerService(service.Service):
                 os.remove(self.settings.pid_filename)
             except OSError:
                 pass
+        yield defer.gatherResults([server.stop_packs() for server in self.servers.values()])
         for server in self.servers.values():
             for session in list(server.sessions):
                 if session.transport is not None:

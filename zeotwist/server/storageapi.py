@@ -36,8 +36,8 @@ from ZODB.DemoStorage import DemoStorage
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
 
-from zeotwist.errors import PackFailed
-from zeotwist.server.pack import pack_storage
+from zeotwist.errors import PackFailed, PackStopped
+from zeotwist.server.pack import PackRun, pack_storage
 from zeotwist.server.storagesafety import filestorage_of
 from zeotwist.wire import commands as C
 
@@ -106,16 +106,22 @@ class StorageAPIResponders(amp.CommandLocator):
         started = _time.time()
         _log.info("zeotwist: pack of storage {name!r} started at {now}, removing history "
                   "before {t}", name=server.name, now=_iso(started), t=_iso(time))
-        d = self.server.threads.in_pool(pack_storage, server.storage, time, gc)
+        run = PackRun()
+        server.packs.add(run)
+        d = self.server.threads.in_pool(pack_storage, server.storage, time, gc, run)
         d.addCallbacks(lambda _: _log.info(
             "zeotwist: pack of storage {name!r} ended at {now} ({seconds:.1f} s)",
             name=server.name, now=_iso(_time.time()), seconds=_time.time() - started),
             self._pack_failed)
+        d.addBoth(lambda result: server.packs.discard(run) or run.ended(result))
         return d.addCallback(lambda _: {})
 
     def _pack_failed(self, failure):
         """One log line and a PackFailed that says why (never an empty error)."""
         why = failure.value
+        if isinstance(why, PackStopped):
+            _log.info("zeotwist: pack of {name!r} stopped: {why}", name=self.server.name, why=why)
+            raise why
         if not isinstance(why, PackFailed):
             why = PackFailed("%s: %s" % (type(why).__name__, why))
         _log.error("zeotwist: pack of {name!r} failed: {why}", name=self.server.name, why=why)

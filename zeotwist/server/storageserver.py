@@ -107,6 +107,8 @@ class StorageServer:
         #: more counters for --metrics (zeotwist.server.metrics)
         self.traffic = traffic_counters()
         self.start_time = time.time()
+        #: packs under way (zeotwist.server.pack.PackRun)
+        self.packs: set = set()
         #: how storage calls leave the reactor thread (zeotwist.server.storagecalls);
         #: in-memory tests inject SynchronousCalls
         self.threads = threads or StorageThreads(reactor, "zeotwist-storage-%s" % self.name)
@@ -229,6 +231,16 @@ class StorageServer:
             length=len(storage), last_tid=self.last_tid,
             connections=len(self.sessions), waiting=self.lock.waiting(),
             start_time=self.start_time, **stats)
+
+    def stop_packs(self):
+        """Ask the packs under way to stop (at service stop, before
+        :meth:`close`); a Deferred that fires once they have ended."""
+        from twisted.internet.defer import gatherResults
+        ended = [run.stop() for run in list(self.packs)]
+        if ended:
+            _log.info("zeotwist: stopping the pack of storage {name!r} before closing it (a "
+                      "pack that already writes its packed copy is waited for)", name=self.name)
+        return gatherResults(ended)
 
     def close(self) -> None:
         """Stop the feed and the worker thread, close the storage (at service stop)."""
