@@ -157,7 +157,8 @@ class ServerSettings:
         DEFAULT_RETRY_WAIT, "Seconds the commit lock keeps the turn of a client whose "
         "vote was refused for conflicts, for its retry: other transactions that may "
         "store the same objects wait meanwhile, so the last committer cannot win "
-        "every time (0 = first come, first served)", coerce=float, minimum=0)
+        "every time; bounds the wait on a hot object, costs commits/s "
+        "(0 = first come, first served)", coerce=float, minimum=0)
     handshake_timeout: float = option(
         5.0, "Seconds a new connection has to register before it is closed", coerce=float)
     max_transaction_bytes: int = option(
