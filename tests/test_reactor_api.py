@@ -128,6 +128,7 @@ async def test_run_in_transaction_retries_conflicts(connect):
     pool = DatabasePool(db, reactor, max_threads=2, backoff=0.001)
     try:
         await pool.run_in_transaction(_increment)
+        await other.ping()      # every invalidation sent so far has reached other
         attempts = []
 
         def collide_once(root):

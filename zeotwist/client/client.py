@@ -29,6 +29,8 @@ from ZODB.utils import maxtid, z64
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.connector import Connector
 from zeotwist.client.events import Invalidation, InvalidationEvents
+from zeotwist.client.reactorthread import in_reactor_thread
+from zeotwist.client.threadreads import PARKED
 from zeotwist.client.storagecalls import StorageCallsMixin
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected, UsageError
@@ -265,6 +267,14 @@ class Client(StorageCallsMixin):
         if proto is None or oid + tid in self._loads or calls_pending(self.reactor):
             return None
         return proto.load_before_from_thread(oid, tid, self.cache.store)
+
+    def catch_up(self, timeout: float) -> None:
+        """From a thread other than the reactor's: handle what the server
+        has sent so far before going on (``ThreadReads.catch_up``)."""
+        proto = self.connector.protocol
+        if proto is not None and proto.read_state == PARKED \
+                and not in_reactor_thread(self.reactor):
+            proto.catch_up(timeout)
 
     def _loaded(self, result, oid, key):
         """Cache a load's answer and hand it to every waiter; passes it on."""

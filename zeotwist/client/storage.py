@@ -279,6 +279,10 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
         return self._client.supports_undo and self._undo_implemented
 
     def lastTransaction(self) -> bytes:
+        """ZODB asks this as every transaction starts (its snapshot):
+        whatever the server has sent so far is handled first, also while a
+        loading thread has parked the socket (threadreads)."""
+        self._client.catch_up(self._timeout)
         return self._client.last_transaction()
 
     def registerDB(self, db) -> None:

@@ -45,6 +45,7 @@ connection's loss shuts that duplicate down, which wakes the reader.
 """
 import os
 import socket
+import threading
 import time
 
 from twisted.protocols import amp
@@ -174,6 +175,30 @@ class ThreadReads:
             self._rsock = None
             rsock.close()
 
+    def catch_up(self, timeout: float) -> None:
+        """A thread about to start a transaction (``ClientStorage.sync``):
+        while the socket is parked, what the server sent meanwhile (an
+        invalidation) waits in it for up to ``PARK_CHECK``.  Read it now,
+        hand it to the reactor and wait until the reactor has handled it,
+        so a parked client starts a transaction no further behind than a
+        reading one.  Nothing to do (no wait) when nothing has arrived."""
+        with self.send_lock:
+            if self.read_state != PARKED or self._gone or self._rsock is None:
+                return
+            data = _pending(self._rsock)
+            if data == b"":
+                return
+            self.read_state = RETURNING     # the reactor reads again, after ``data``
+            handled = threading.Event()
+            self.owner.reactor.callFromThread(self._take_back_then, data or b"", handled.set)
+        handled.wait(timeout)
+
+    def _take_back_then(self, data: bytes, then) -> None:
+        try:
+            self._take_back(data)
+        finally:
+            then()
+
     # -- the reading thread ------------------------------------------------------
     def thread_asks(self, read: bool) -> bool:
         """Under the lock, as a thread's question goes out: True when that
@@ -286,6 +311,23 @@ class ThreadReads:
         else:
             self.read_state = PARKED
         return None
+
+
+def _pending(sock) -> bytes | None:
+    """What has arrived on ``sock`` so far, without waiting: ``b""`` when
+    nothing has, None at the connection's end or error (the reactor meets
+    it when it reads again)."""
+    data, fd = b"", sock.fileno()
+    while True:
+        try:    # the descriptor is non-blocking; sock.recv would wait its timeout first
+            chunk = os.read(fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return data
+        except OSError:
+            return data or None
+        if not chunk:
+            return data or None
+        data += chunk
 
 
 def _wait(left: float | None) -> float:
