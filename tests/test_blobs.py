@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 import unittest
 
@@ -279,6 +280,36 @@ def test_aborted_upload_leaves_no_files(blob_server, clients, tmp_path):
     uploads = [n for d in os.listdir(tmp_path / "cache") if len(d) == 2
                for n in os.listdir(tmp_path / "cache" / d) if not n.startswith(".")]
     assert uploads == []
+
+
+def test_a_blob_file_in_the_cache_tmp_is_taken_over_where_it_is(blob_server, clients,
+                                                                tmp_path):
+    """storeBlob leaves a file that is already in the storage's tmp/ (where
+    Blob.consumeFile puts it) in place, without a placeholder file per blob;
+    the commit makes it the cached blob, an abort removes it."""
+    srv = blob_server()
+    cs = clients(srv.address, blob_dir=str(tmp_path / "cache"))
+    for commit in (True, False):
+        t = TransactionMetaData()
+        cs.tpc_begin(t)
+        fd, src = tempfile.mkstemp(dir=cs.temporaryDirectory())
+        os.write(fd, b"q" * 5000)
+        os.close(fd)
+        oid = cs.new_oid()
+        cs.storeBlob(oid, z64, b"record", src, "", t)
+        assert os.path.exists(src)                     # taken over in place, not moved
+        uploads = [n for d in os.listdir(tmp_path / "cache") if len(d) == 2
+                   for n in os.listdir(tmp_path / "cache" / d) if n.endswith(".upload")]
+        assert uploads == []
+        if commit:
+            cs.tpc_vote(t)
+            tid = cs.tpc_finish(t)
+            with open(cs.loadBlob(oid, tid), "rb") as f:
+                assert f.read() == b"q" * 5000
+        else:
+            cs.tpc_abort(t)
+        assert not os.path.exists(src)
+    assert listing(tmp_path / "cache" / "tmp") == []
 
 
 # -- the shared blob directory: only names inside it ------------------------------------
