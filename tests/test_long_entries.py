@@ -7,6 +7,8 @@ malformed and oversize entries before their value is buffered, and the
 handshake: a peer that did not declare them gets AMP's split form, which
 every version reads.
 """
+import os
+
 import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -302,3 +304,39 @@ def test_a_download_asks_for_1mib_pieces_and_follows_an_older_server(honours_len
     assert server.asked[0][1] == C.BLOB_LOAD_MAX           # always asked for 1 MiB first
     assert all(length == piece for _, length in server.asked[1:])
     assert most <= min(DOWNLOAD_WINDOW, DOWNLOAD_BYTES // piece)
+
+
+class _WriteSizes:
+    """A binary file that records the size of every write."""
+
+    def __init__(self):
+        self.sizes, self.data = [], bytearray()
+
+    def write(self, data):
+        self.sizes.append(len(data))
+        self.data += data
+        return len(data)
+
+    def close(self):
+        pass
+
+
+def test_blob_pieces_are_written_in_64_kib_slices(tmp_path):
+    """The client's download and the server's spool write each 1 MiB piece
+    in slices of at most 64 KiB (zeotwist.fileio), the bytes unchanged."""
+    from zeotwist.client.blobtransfer import BlobDownload
+    from zeotwist.fileio import FILE_WRITE
+    from zeotwist.server.blobs import BlobSpool
+    blob = os.urandom(2 * 2**20 + 5)
+    server, f = _ChunkServer(blob, True), _WriteSizes()
+    done = BlobDownload(server, b"\0" * 8, b"\1" * 8, f).start()
+    server.answer_all()
+    assert done.result == len(blob) and bytes(f.data) == blob
+    assert max(f.sizes) == FILE_WRITE == 2**16
+    spool = BlobSpool(str(tmp_path))
+    spool.append(0, b"first")
+    spool._file.close()
+    spool._file = written = _WriteSizes()
+    spool.append(0, blob[:2**20])
+    assert bytes(written.data) == blob[:2**20] and max(written.sizes) == FILE_WRITE
+    spool.close()

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected
+from zeotwist.fileio import write_sliced
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
 
@@ -295,7 +296,7 @@ class BlobDownload:
         try:
             while self._written in self._arrived:
                 piece = self._arrived.pop(self._written)
-                self.f.write(piece)
+                write_sliced(self.f, piece)
                 self._written += len(piece)
                 if not piece:
                     break

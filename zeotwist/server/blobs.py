@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from zeotwist.errors import BlobPathRefused, RemoteProtocolError
+from zeotwist.fileio import write_sliced
 from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
@@ -177,7 +178,7 @@ class BlobSpool:
                 self._file = os.fdopen(fd, "wb")
             elif blob != len(self.paths) - 1 or self._file is None:
                 raise RemoteProtocolError("chunk for blob file %d, which has ended" % blob)
-            self._file.write(data)
+            write_sliced(self._file, data)
         except OSError as e:
             self._failed(e)
             self._end_file()
