@@ -176,14 +176,17 @@ class ThreadReads:
             rsock.close()
 
     def catch_up(self, timeout: float) -> None:
-        """A thread about to start a transaction (``ClientStorage.sync``):
-        while the socket is parked, what the server sent meanwhile (an
-        invalidation) waits in it for up to ``PARK_CHECK``.  Read it now,
-        hand it to the reactor and wait until the reactor has handled it,
-        so a parked client starts a transaction no further behind than a
-        reading one.  Nothing to do (no wait) when nothing has arrived."""
+        """A thread about to start a transaction (ZODB asks
+        ``ClientStorage.lastTransaction``): while the socket is parked, what
+        the server sent meanwhile (an invalidation) waits in it for up to
+        ``PARK_CHECK``.  Read it now, hand it to the reactor and wait until
+        the reactor has handled it, so a parked client starts a transaction
+        no further behind than a reading one.  Nothing to do (no wait) when
+        nothing has arrived, or when the reactor no longer runs (nobody
+        would handle it)."""
         with self.send_lock:
-            if self.read_state != PARKED or self._gone or self._rsock is None:
+            if self.read_state != PARKED or self._gone or self._rsock is None \
+                    or not self.owner.reactor.running:
                 return
             data = _pending(self._rsock)
             if data == b"":

@@ -6,7 +6,8 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
 * Upload: during a transaction the client sends each blob file as
   ``StoreBlobChunk`` messages (one-way), which are appended on the reactor
   thread to a spool file in the storage's blob temporary directory (small
-  sequential writes; a chunk is at most 60 KB), counted against the
+  sequential writes; a chunk is at most 60 KB, or 1 MiB between peers
+  that read long entries: ``BLOB_CHUNK_LONG``), counted against the
   transaction's size cap.  In the shared-blob-directory mode the client
   sends only a file name (``StoreBlobShared``); the name is checked and the
   file moved into the spool at once.  At vote, in the storage thread, the
