@@ -105,17 +105,25 @@ class StallAfterVote:
     commit = tpc_finish = tpc_abort = abort = tpc_begin
 
 
+def _stalled_commit(db, value, stall, error):
+    """A ZODB commit of root["x"] = ``value`` that the resource ``stall``
+    holds up: ``(transaction manager, connection, the error it raised)``,
+    which must be an ``error``."""
+    tm = transaction.TransactionManager()
+    conn = db.open(tm)
+    conn.root()["x"] = value
+    tm.get().join(stall)
+    with pytest.raises(error) as caught:
+        tm.commit()
+    return tm, conn, caught.value
+
+
 def test_zodb_commit_raises_transaction_timeout_then_the_next_commits(tmp_path, log):
     running = start_server(str(tmp_path / "data.fs"), transaction_timeout=TIMEOUT)
     db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
     try:
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        conn.root()["x"] = "stalled"
-        tm.get().join(StallAfterVote(log.notice))
-        with pytest.raises(TransactionTimeout) as caught:
-            tm.commit()
-        err = caught.value
+        tm, conn, err = _stalled_commit(db, "stalled", StallAfterVote(log.notice),
+                                        TransactionTimeout)
         assert err.timeout == TIMEOUT and str(err).startswith(
             "transaction timeout: 127.0.0.1:%d aborted this transaction" % running.address[1])
         assert isinstance(err, StorageTransactionError) and isinstance(err, TransientError)
@@ -279,13 +287,8 @@ def test_zodb_commit_raises_vote_timeout_then_the_next_commits(tmp_path, log):
     running = start_server(str(tmp_path / "data.fs"), vote_timeout=TIMEOUT)
     db = DB(ClientStorage(running.address, reactor=background_reactor(), wait_timeout=10))
     try:
-        tm = transaction.TransactionManager()
-        conn = db.open(tm)
-        conn.root()["x"] = MinPO(BIG)
-        tm.get().join(StallBeforeVote(log.notice))
-        with pytest.raises(VoteTimeout) as caught:
-            tm.commit()
-        err = caught.value
+        tm, conn, err = _stalled_commit(db, MinPO(BIG), StallBeforeVote(log.notice),
+                                        VoteTimeout)
         assert err.timeout == TIMEOUT and str(err).startswith(
             "vote timeout: 127.0.0.1:%d aborted this transaction, which did not vote within "
             "0.5 s" % running.address[1])
