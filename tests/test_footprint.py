@@ -39,18 +39,23 @@ def imported_by(modules: str, prefixes: tuple) -> list:
     return ast.literal_eval(done.stdout)
 
 
+def commit_one(server) -> None:
+    """A ZODB commit through ``server`` (a started server process)."""
+    db = DB(ClientStorage(server.address, reactor=background_reactor(), wait_timeout=10))
+    try:
+        conn = db.open()
+        conn.root()["x"] = 1
+        transaction.commit()
+        conn.close()
+    finally:
+        db.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/maps")
 def test_a_plain_server_loads_neither_openssl_nor_relstorage(tmp_path):
     server = start_twistd(str(tmp_path / "data.fs"))
     try:
-        db = DB(ClientStorage(server.address, reactor=background_reactor(), wait_timeout=10))
-        try:
-            conn = db.open()
-            conn.root()["x"] = 1
-            transaction.commit()
-            conn.close()
-        finally:
-            db.close()
+        commit_one(server)
         mapped = mapped_packages(server.process.pid)
         assert "BTrees" in mapped, mapped             # the check sees what is mapped
         assert not [m for m in mapped if m.startswith(NOT_LOADED)], mapped

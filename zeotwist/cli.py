@@ -1,5 +1,6 @@
 """The ``zeotwist`` command (also ``python -m zeotwist``): argument parsing.
 
+    zeotwist serve [server options]       (the server: see zeotwist.server.serve)
     zeotwist status ADDRESS [--storage NAME] [--json] [--timeout S]
     zeotwist pack ADDRESS [--days N] [--storage NAME]
     zeotwist adduser FILE NAME [--rights rw=*]
@@ -8,18 +9,24 @@
 ``status`` and ``pack`` connect as clients and take the client's login and
 TLS options (:func:`add_client_options`); what each command does is in
 :mod:`zeotwist.tools` (docs/tools.md).  Runs in the calling thread; the
-client connection uses the private background reactor.
+client connection uses the private background reactor.  ``serve`` takes the
+server's own options (those of ``twistd zeotwist``), parsed by the server,
+and imports nothing of the other commands (``argparse`` among them: a
+server's resident memory is measured, docs/performance.md "Memory").
 """
-import argparse
 import sys
 
 
-def parse(argv=None) -> argparse.Namespace:
+def parse(argv=None) -> "argparse.Namespace":
+    import argparse
+
     from zeotwist import __version__
     p = argparse.ArgumentParser(prog="zeotwist", description="zeotwist command line tools "
                                 "(also: python -m zeotwist). See docs/tools.md.")
     p.add_argument("--version", action="version", version="zeotwist %s" % __version__)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", add_help=False,
+                   help="run the server in the foreground (options: zeotwist serve --help)")
     _add_status_parser(sub)
     _add_pack_parser(sub)
     _add_adduser_parser(sub)
@@ -130,6 +137,10 @@ def _add_adduser_parser(sub) -> None:
 
 def main(argv=None) -> int:
     """Run one command; its exit status (the ``zeotwist`` console script)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from zeotwist.server.serve import main as serve
+        return serve(argv[1:])
     from zeotwist import tools
     options = parse(argv)
     command = {"status": tools.status, "pack": tools.pack, "adduser": tools.adduser}

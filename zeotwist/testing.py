@@ -251,7 +251,7 @@ class TwistdServer:
 def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0.0.1",
                  directory: str | None = None, env: dict | None = None,
                  timeout: float = 30, twistd_args=(), server_command=None,
-                 preexec_fn=None) -> TwistdServer:
+                 preexec_fn=None, launcher=None) -> TwistdServer:
     """Start ``twistd -n zeotwist -f filename --listen listen *args``; wait until it listens.
 
     The server writes its addresses to ``<directory>/zeotwist.address`` and
@@ -261,7 +261,9 @@ def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0
     seconds.  ``preexec_fn`` runs in the child before twistd (e.g. to set
     resource limits).  ``server_command`` replaces ``zeotwist -f ... --listen ...``
     (e.g. ``["-y", "zeotwist.tac"]`` with ``ZEOTWIST_ADDRESS_FILE`` set to
-    ``<directory>/zeotwist.address`` in ``env``).
+    ``<directory>/zeotwist.address`` in ``env``).  ``launcher`` replaces
+    ``twistd ... zeotwist`` (e.g. ``[sys.executable, "-m", "zeotwist",
+    "serve"]``; the log is then the process's output).
     """
     import os
     import subprocess
@@ -273,11 +275,12 @@ def start_twistd(filename: str, *args: str, listen: str = "tcp:0:interface=127.0
     for stale in (address_file, log_file):
         if os.path.exists(stale):
             os.remove(stale)
-    if server_command is None:
-        server_command = ["zeotwist", "-f", filename, "--listen", listen,
-                          "--address-file", address_file, *args]
-    argv = [*twistd_command(), "-n", "--pidfile=", "-l", log_file, *twistd_args,
-            *server_command]
+    options = ["-f", filename, "--listen", listen, "--address-file", address_file, *args]
+    if launcher is None:
+        argv = [*twistd_command(), "-n", "--pidfile=", "-l", log_file, *twistd_args,
+                *(server_command or ["zeotwist", *options])]
+    else:
+        argv, log_file = [*launcher, *options], None
     with open(output_file, "wb") as output:
         process = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
                                    stdout=output, stderr=subprocess.STDOUT,

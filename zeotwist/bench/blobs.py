@@ -2,7 +2,7 @@
 ``python -m zeotwist.bench.blobs``.
 
 Both servers run as subprocesses on 127.0.0.1, each serving a FileStorage
-with a blob directory (zeotwist: ``twistd -n zeotwist -f ... --blob-dir
+with a blob directory (zeotwist: ``python -m zeotwist serve -f ... --blob-dir
 ...``; ZEO: ``runzeo -C`` with a ``<filestorage>`` that has ``blob-dir``).
 Both clients are ClientStorages with a blob cache directory (ZEO:
 ``blob_dir=..., shared_blob_dir=False``), in this process.  Two workloads:
@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from zeotwist.bench.procstat import own_peak_rss_mb, peak_rss_mb
+from zeotwist.bench.servers import zeotwist_argv
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -74,11 +75,7 @@ class BenchServer:
             self.address = (host, int(port))
             return True
 
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "-n", "--pidfile=", "zeotwist", "-f", self.filename, "--blob-dir",
-                self.blob_dir, "--listen", "tcp:0:interface=%s" % HOST,
-                "--address-file", address_file]
-        return argv, ready
+        return zeotwist_argv(self.filename, address_file, "--blob-dir", self.blob_dir), ready
 
     def _zeo_argv(self):
         port = _free_port()

@@ -1,7 +1,8 @@
 """Start and stop the two servers the benchmark compares, as subprocesses.
 
-* zeotwist: ``twistd -n --pidfile= zeotwist -f FILE --listen
-  tcp:0:interface=127.0.0.1 --address-file F``; ready when F appears.
+* zeotwist: ``python -m zeotwist serve -f FILE --listen
+  tcp:0:interface=127.0.0.1 --address-file F`` (the server without twistd's
+  machinery, as runzeo is ZEO's; :func:`zeotwist_argv`); ready when F appears.
 * ZEO 6: ``python -m ZEO.runzeo -a 127.0.0.1:PORT -f FILE`` on a port found
   free by binding port 0; ready when the port accepts a connection.
 
@@ -24,7 +25,13 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 #: Seconds a server may take to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 10.0
-_TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def zeotwist_argv(filename: str, address_file: str, *options: str) -> list:
+    """The command that serves ``filename`` on an ephemeral loopback port and
+    writes its address to ``address_file`` (also the blob bench's server)."""
+    return [sys.executable, "-m", "zeotwist", "serve", "-f", filename,
+            "--listen", "tcp:0:interface=%s" % HOST, "--address-file", address_file, *options]
 
 
 class ServerError(RuntimeError):
@@ -55,10 +62,8 @@ class Server:
         if os.path.exists(address_file):
             os.unlink(address_file)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "zeotwist",
-             "-f", self.filename, "--listen", "tcp:0:interface=%s" % HOST,
-             "--address-file", address_file]
-            + (["--client-conflict-resolution"] if self.client_resolution else []),
+            zeotwist_argv(self.filename, address_file,
+                          *(["--client-conflict-resolution"] if self.client_resolution else [])),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=os.path.dirname(self.filename))
         self._wait(lambda: os.path.exists(address_file))
