@@ -27,6 +27,7 @@ from zeotwist.client import threadreads
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.client.threadreads import PARKED, REACTOR, RETURNING, THREAD
+from zeotwist.client.threadwrites import ThreadAnswer, ThreadLoad
 from zeotwist.errors import ClientDisconnected
 from zeotwist.testing import start_server
 from zeotwist.wire import commands as C
@@ -209,7 +210,9 @@ def test_other_questions_of_threads_are_read_by_the_reactor():
     w = world()
     proto, sock, owner, script, cache, events, store = w
     parked(w)
-    assert proto.ask_from_thread(b"t1", b"vote", object()) is True      # not a load
+    vote = ThreadAnswer(proto, b"t1", "Vote", None, None, None)
+    assert proto.ask_from_thread(b"vote", vote) is True                 # asks no reading
+    assert not vote.reading
     assert sock.sent[-1] == b"vote" and proto.read_state == RETURNING
     run_queued(owner)
     assert proto.read_state == REACTOR and reading(sock)
@@ -357,9 +360,10 @@ def counting_reads(monkeypatch):
     from zeotwist.client.protocol import ClientProtocol
     counted, original = [], ClientProtocol.read_answer
 
-    def read_answer(self, load, timeout):
-        counted.append(load.oid)
-        return original(self, load, timeout)
+    def read_answer(self, waiter, timeout):
+        if isinstance(waiter, ThreadLoad):      # not a commit's Vote or Finish
+            counted.append(waiter.oid)
+        return original(self, waiter, timeout)
 
     monkeypatch.setattr(ClientProtocol, "read_answer", read_answer)
     return counted

@@ -168,11 +168,13 @@ class Client(StorageCallsMixin):
 
     # -- visibility: the cache, then ZODB, then last_transaction() ---------------------
     def make_visible(self, tid: bytes, event: Invalidation | None, update=None,
-                     then=None) -> None:
+                     then=None, later=None) -> None:
         """Make ``tid`` this client's last transaction: under the visibility
         lock, ``update()`` the cache, deliver ``event`` to the
         ``before_visible`` subscribers, set the cache's last tid and run
-        ``then()``; deliver ``event`` to everyone else after."""
+        ``then()``; deliver ``event`` to everyone else after (from another
+        thread than the reactor's: ``later(stage_two, listened)`` has the
+        reactor thread call ``stage_two()``)."""
         with self.visibility_lock:
             try:
                 if update is not None:
@@ -183,7 +185,11 @@ class Client(StorageCallsMixin):
                 self.cache.last_tid = tid
                 if then is not None:
                     then()
-        if event is not None:
+        if event is None:
+            return
+        if later is not None:
+            later(self.events.stage_two(event), self.events.listened())
+        else:
             self.events.publish(event)
 
     def apply_invalidation(self, tid: bytes, oids) -> None:
@@ -194,10 +200,11 @@ class Client(StorageCallsMixin):
                 invalidate_one(oid, tid)
         self.make_visible(tid, Invalidation(tid, tuple(oids)), invalidate)
 
-    def committed(self, tid: bytes, written: dict, resolved, callback) -> None:
+    def committed(self, tid: bytes, written: dict, resolved, callback, later=None) -> None:
         """This client committed ``tid``: refresh the cache with ``written``
         (oid -> data, None when not kept), invalidate the oids the server
-        ``resolved`` without our data (undone), run ZODB's ``callback(tid)``."""
+        ``resolved`` without our data (undone), run ZODB's ``callback(tid)``
+        (``later``: see :meth:`make_visible`)."""
         changed = [oid for oid in resolved if oid not in written]   # undone
 
         def refresh():
@@ -212,7 +219,7 @@ class Client(StorageCallsMixin):
                 callback(tid)
 
         event = Invalidation(tid, tuple(written) + tuple(changed), local=True)
-        self.make_visible(tid, event, refresh)
+        self.make_visible(tid, event, refresh, later=later)
 
     def store_prefetched(self, records: list) -> None:
         """Cache the records that rode along with a LoadBefore answer

@@ -300,7 +300,7 @@ class Connector:
         """
         server_tid, oids = answer["last_tid"], answer["oids"]
         client = self._client
-        mine = client.cache.last_tid        # changes only on this (the reactor) thread
+        mine = client.cache.last_tid        # the old connection's threads are done (its loss)
         use = self._use(proto)
         if server_tid < mine and not self.allow_older_server:
             raise ServerOlderThanCache(

@@ -72,6 +72,18 @@ class InvalidationEvents:
         the visibility lock)."""
         _call_each(self._early, event)
 
+    def listened(self) -> bool:
+        """Anyone to tell at stage two (a subscriber, a waiter)."""
+        return bool(self._subscriptions or self._waiters)
+
+    def stage_two(self, event: Invalidation):
+        """Stage two of ``event``, made visible now by a thread other than
+        the reactor's, to call on the reactor thread later: to the
+        subscribers of now (one who subscribes meanwhile gets the events
+        after this one, as if it had run now), the waiters of then."""
+        subscriptions = list(self._subscriptions)
+        return lambda: self.publish(event, subscriptions)
+
     def next_after(self, tid: bytes) -> Deferred:
         """A fresh Deferred of the first :class:`Invalidation` with a tid > ``tid``.
 
@@ -87,10 +99,10 @@ class InvalidationEvents:
     def _cancel_waiter(self, d: Deferred) -> None:
         self._waiters = [(t, w) for t, w in self._waiters if w is not d]
 
-    def publish(self, event: Invalidation) -> None:
+    def publish(self, event: Invalidation, subscriptions=None) -> None:
         """Stage two: ``event``'s tid is visible now."""
         self.last = event
-        _call_each(self._subscriptions, event)
+        _call_each(self._subscriptions if subscriptions is None else subscriptions, event)
         if self._waiters:
             ready = [w for t, w in self._waiters if event.tid > t]
             self._waiters = [(t, w) for t, w in self._waiters if not event.tid > t]

@@ -128,6 +128,8 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
     timed_out = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self._later:                 # commits a reading thread made visible
+            self.publish_pending()
         if self._greeting is not None:
             # A zeotwist server speaks only to answer (AMP boxes), or sends
             # its ZEO probe to a client silent for a while; a ZEO server
@@ -261,6 +263,7 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
         if self.wrong_server is not None:       # what the waiting calls should hear
             reason = Failure(self.wrong_server)
         self.stop_thread_writes()               # before AMP fails the questions
+        self.publish_pending()
         # The owner first: a caller whose call fails here and calls again
         # (synchronously, in its errback) waits for the next connection
         # instead of meeting this dead one.

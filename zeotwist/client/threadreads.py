@@ -1,13 +1,15 @@
-"""A blocking load whose answer the asking thread reads itself.
+"""A blocking load, or a small commit's Vote and Finish, whose answer the
+asking thread reads itself.
 
 With :mod:`~zeotwist.client.threadwrites` alone a cold
 ``ClientStorage.loadBefore`` wakes two threads per answer: the reactor
 thread (``epoll`` returns, it reads and stores the answer) and then the
 application thread (a lock the reactor releases; the thread then waits
 for the GIL the reactor still holds).  Here, while one thread loads object
-after object, the reactor thread stops reading the socket (it is *parked*)
-and the loading thread reads its own answer: ``send``, ``recv`` (a ``poll``
-inside), no other thread woken.
+after object, or commits transaction after transaction, the reactor thread
+stops reading the socket (it is *parked*) and the loading or committing
+thread reads its own answer: ``send``, ``recv`` (a ``poll`` inside), no
+other thread woken.
 
 Who reads the socket is one state, changed under ``send_lock`` (the lock
 every write takes, see threadwrites):
@@ -16,12 +18,12 @@ every write takes, see threadwrites):
   handed a thread its load's answer, with nothing else awaited (no
   question outstanding, no partial box buffered, nothing queued to
   write), the reactor stops reading: ``PARKED``.
-* ``PARKED``: nobody reads.  The next thread load (when the thread may
-  write, threadwrites' conditions) makes its thread the reader:
-  ``THREAD``.  Every write the reactor makes (a question of its own, an
-  abort, anything) and a timer every ``PARK_CHECK`` seconds take the
-  socket back (``REACTOR``); a thread's other question (a vote) asks the
-  reactor to (``RETURNING``).  So an idle client reads what the server
+* ``PARKED``: nobody reads.  The next thread load, Vote or Finish (when
+  the thread may write, threadwrites' conditions) makes its thread the
+  reader: ``THREAD``.  Every write the reactor makes (a question of its
+  own, an abort, anything) and a timer every ``PARK_CHECK`` seconds take
+  the socket back (``REACTOR``); a thread's question that reads nothing
+  asks the reactor to (``RETURNING``).  So an idle client reads what the server
   sends (invalidations, a lost connection) at most ``PARK_CHECK`` late.
 * ``THREAD``: one thread reads.  Any other question (the reactor's,
   another thread's load or vote) is still sent, and the reader hands the
@@ -38,7 +40,15 @@ every write takes, see threadwrites):
 MVCC: the reader stores its answer before it stops reading, and it
 consumes bytes only when its answer is all of them, so every box is
 still handled in arrival order and an answer reaches the cache before
-any invalidation that follows it.  The reader reads through a duplicate
+any invalidation that follows it.  A Finish read so is made visible by the
+committing thread, as the reactor would (the cache refreshed, ZODB's
+callback and the ``before_visible`` subscribers under the visibility lock,
+then the last tid), under ``send_lock``: lock order ``send_lock``, then
+the visibility lock, then ZODB's (which never call the storage while held).
+The event's second stage (reactor programs' subscribers) still runs on the
+reactor thread, before the reactor handles any later box
+(:meth:`ThreadReads.publish_later`).  Only plain answers are read so: a
+conflict, ``to_resolve`` or an error goes to the reactor.  The reader reads through a duplicate
 of the socket's descriptor: Twisted may close its own while a thread is
 in ``recv``, and the number must not be reused under the reader; the
 connection's loss shuts that duplicate down, which wakes the reader.
@@ -54,6 +64,8 @@ from zeotwist import twistedcompat
 from zeotwist.wire import fast, prefetch
 
 REACTOR, PARKED, THREAD, RETURNING = "reactor", "parked", "thread", "returning"
+#: ``own_answer``: the bytes so far are the start of a box, not all of it
+MORE = "more"
 #: seconds between the reactor's looks at a parked socket nobody reads
 PARK_CHECK = 0.002
 #: bytes one ``recv`` of the reading thread asks for
@@ -75,10 +87,12 @@ class ThreadReads:
     _park_timer = None
     _rsock = None           # the reader's duplicate of the socket
     _rsock_timeout = _SLICE
+    _later = ()             # commits reading threads made visible: publish_later
 
     # -- the reactor thread ------------------------------------------------------
-    def thread_load_answered(self) -> None:
-        """A thread's load was answered on the reactor thread (this burst)."""
+    def thread_answered(self) -> None:
+        """A thread's load, vote or finish was answered on the reactor
+        thread (this burst)."""
         self._answered_thread = True
 
     def maybe_park(self) -> None:
@@ -127,6 +141,7 @@ class ThreadReads:
                 self._unpark()
             elif state == THREAD and not self._gone:
                 self._park_timer = self.owner.reactor.callLater(PARK_CHECK, self._park_check)
+        self.publish_pending()
 
     def _unpark(self) -> None:
         """PARKED or RETURNING -> REACTOR (reactor thread, under the lock)."""
@@ -146,6 +161,29 @@ class ThreadReads:
             self._unpark()
         elif state == THREAD:
             self._give_back = True
+
+    def publish_later(self, stage_two, listened: bool) -> None:
+        """A reading thread made its own commit visible, under the lock:
+        the event's second stage (``stage_two()``: reactor programs'
+        subscribers and waiters) runs on the reactor thread, before it
+        handles any box it reads after this (:meth:`publish_pending` at
+        every ``dataReceived``), at the latest at the park timer, and at
+        once when someone ``listened``."""
+        if not self._later:
+            self._later = []
+        self._later.append(stage_two)
+        if listened and len(self._later) == 1:
+            self.owner.reactor.callFromThread(self.publish_pending)
+
+    def publish_pending(self) -> None:
+        """Reactor thread: the second stage of what reading threads made
+        visible, in order."""
+        if not self._later:
+            return
+        with self.send_lock:
+            later, self._later = self._later, ()
+        for stage_two in later:
+            stage_two()
 
     def _take_back(self, data: bytes) -> None:
         """RETURNING -> REACTOR: the bytes the reader handed over come
@@ -218,44 +256,42 @@ class ThreadReads:
             self._give_back = True          # after the reader's answer
         return False
 
-    def read_answer(self, load, timeout: float | None) -> None:
-        """The reader's part of ``load.wait()``: read until the whole answer
-        to ``load`` is in, handle it here, or hand what came to the reactor.
-        Raises TimeoutError after ``timeout``, or what a signal handler
-        raised while the thread waited (then the bytes read so far went to
-        the reactor, which handles the answer when it comes)."""
-        data, found, error = self._receive(load.tag, timeout)
-        with self.send_lock:    # which connectionLost takes: see _store_own
-            own = found is not None and self._store_own(load.tag, found)
+    def read_answer(self, waiter, timeout: float | None) -> None:
+        """The reader's part of ``waiter.wait()``: read until the whole
+        answer to ``waiter`` (a ThreadLoad, or a ThreadAnswer: a commit's
+        Vote or Finish) is in, have it ``take`` it here, or hand what came
+        to the reactor.  Raises TimeoutError after ``timeout``, or what a
+        signal handler raised while the thread waited (then the bytes read
+        so far went to the reactor, which handles the answer when it comes)."""
+        data, found, error = self._receive(waiter, timeout)
+        with self.send_lock:    # which connectionLost takes: see _take_own
+            own = found is not None and self._take_own(waiter.tag, found)
             rsock = self._done_reading(data, own)
         if rsock is not None:
             rsock.close()
         if error is not None:
             raise error
 
-    def _store_own(self, tag: bytes, found: tuple) -> bool:
-        """Under the lock: the reader's answer ``found`` (and the records
-        prefetched with it) into the cache; False once the connection is
-        gone (its error waits).  The lock keeps a lost connection's
-        ``connectionLost`` (and so the next connection's verification of the
-        cache) behind this store: a record stored after that verification
-        would stay current for good, stale, its invalidation lost with the
-        connection."""
-        receiver = None if self._gone else \
-            twistedcompat.amp_take_receiver(self, tag, "stored")
+    def _take_own(self, tag: bytes, found) -> bool:
+        """Under the lock: the reader's answer ``found`` handled here
+        (``receiver.take``: a load's record and the records prefetched with
+        it into the cache; a Finish's commit made visible); False once the
+        connection is gone (its error waits).  The lock keeps a lost
+        connection's ``connectionLost`` (and so the next connection's
+        verification of the cache) behind this: a record stored after that
+        verification would stay current for good, stale, its invalidation
+        lost with the connection."""
+        receiver = None if self._gone else twistedcompat.amp_take_receiver(self, tag, "take")
         if receiver is None:
             return False
-        value, records = found
-        if records is not None:
-            self.owner.prefetched(self, records)
-        receiver.stored(value)
+        receiver.take(found)
         return True
 
-    def _receive(self, tag: bytes, timeout: float | None) -> tuple:
-        """``(bytes, found, error)``: ``found`` is ``(record, prefetched
-        records or None)`` when the bytes are exactly the whole answer
-        ``tag``, else None; ``error``, None or what the reader raises once
-        the bytes are handed over: TimeoutError, or what a signal handler
+    def _receive(self, waiter, timeout: float | None) -> tuple:
+        """``(bytes, found, error)``: ``found`` is what ``waiter.own_answer``
+        made of the bytes when they are exactly the whole answer it waits
+        for, else None; ``error``, None or what the reader raises once the
+        bytes are handed over: TimeoutError, or what a signal handler
         raised in ``recv`` (KeyboardInterrupt, an alarm's exception)."""
         sock, buf = self._rsock, b""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -281,19 +317,11 @@ class ThreadReads:
             if not chunk:
                 return buf, None, None      # the end: the reactor reads it too
             buf = buf + chunk if buf else chunk
-            match = fast.match_load_before_answer(buf, 0)
-            if match is not None:           # the usual answer, read from the bytes
-                own = match[0] == tag and match[2] == len(buf)
-                return buf, ((match[1], None) if own else None), None
-            end, box = scan_box(buf)
-            if end == 0 and len(buf) < READ_LIMIT:
-                continue                    # a box not whole yet
-            if end != len(buf) or box.get(amp.ANSWER) != tag:
+            found = waiter.own_answer(buf)
+            if found is not MORE:
+                return buf, found, None
+            if len(buf) >= READ_LIMIT:
                 return buf, None, None
-            try:                            # with prefetched records, or cut in pieces
-                return buf, parse_load_answer(box, self), None
-            except Exception:
-                return buf, None, None      # the reactor drops the connection for it
 
     def _set_timeout(self, seconds: float) -> None:
         self._rsock.settimeout(seconds)
@@ -359,6 +387,15 @@ def scan_box(buf: bytes) -> tuple:
         box[buf[off + 2:kend]] = buf[kend + 2:vend]
         off = vend
     return 0, None
+
+
+def whole_answer(buf: bytes, tag: bytes):
+    """The answer box ``tag`` when ``buf`` is exactly that whole box;
+    MORE while the box at its start is not whole yet; else None."""
+    end, box = scan_box(buf)
+    if end == 0:
+        return MORE
+    return box if end == len(buf) and box.get(amp.ANSWER) == tag else None
 
 
 def parse_load_answer(box, proto) -> tuple:

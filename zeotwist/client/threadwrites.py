@@ -47,12 +47,9 @@ from _thread import allocate_lock
 from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
-from zeotwist.client.threadreads import ThreadReads, parse_load_answer
+from zeotwist.client.threadreads import MORE, ThreadReads, parse_load_answer, whole_answer
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import fast
-
-#: ask_from_thread's answer: sent, and the asking thread reads the answer
-READ = "read"
 
 #: tags of questions asked from other threads ("t1", "t2", ... never AMP's
 #: own hexadecimal ones); ``next`` on a count is atomic
@@ -113,19 +110,16 @@ class ThreadWrites(ThreadReads):
         with the record found, before the waiter wakes."""
         tag = thread_tag()
         load = ThreadLoad(self, tag, oid, store)
-        sent = self.ask_from_thread(tag, fast.load_before_request(tag, oid, tid), load, True)
-        if not sent:
-            return None
-        load.reading = sent == READ
-        return load
+        return load if self.ask_from_thread(fast.load_before_request(tag, oid, tid), load,
+                                            True) else None
 
-    def ask_from_thread(self, tag: bytes, frame: bytes, receiver, read: bool = False):
+    def ask_from_thread(self, frame: bytes, receiver, read: bool = False) -> bool:
         """From a thread other than the reactor's: send ``frame`` (which
-        ends with the question ``tag``, from :func:`thread_tag`), its answer
-        to go to ``receiver`` (AMP's ``callback``/``errback``/``addErrback``);
-        False, with nothing sent, when this thread may not write now; READ
-        when, asked to ``read``, the thread is to read the answer itself
-        (threadreads), else True."""
+        ends with the question ``receiver.tag``, from :func:`thread_tag`),
+        its answer to go to ``receiver`` (a ``_ThreadWaiter``); False, with
+        nothing sent, when this thread may not write now.  With ``read``,
+        ``receiver.reading`` says whether the thread is to read the answer
+        itself (threadreads)."""
         transport, lock = self.transport, self.send_lock
         if lock is None or transport is None or \
                 getattr(type(transport), "writeSomeData", None) is None:
@@ -134,15 +128,15 @@ class ThreadWrites(ThreadReads):
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
                     or not twistedcompat.idle_seen_from_thread(transport):
                 return False
-            reads = self.thread_asks(read)  # who reads the answer
-            twistedcompat.amp_expect_answer_from_thread(self, tag, receiver)
+            receiver.reading = self.thread_asks(read)   # who reads the answer
+            twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
             sent = transport.writeSomeData(frame)
             if not isinstance(sent, int):
                 sent = 0                    # an error: the reactor finds it too
             if sent < len(frame):
                 self._handoff = [frame[sent:]]
                 self.owner.reactor.callFromThread(self._flush_handoff)
-        return READ if reads else True
+        return True
 
 
 def thread_tag() -> bytes:
@@ -153,15 +147,19 @@ def thread_tag() -> bytes:
 class _ThreadWaiter:
     """What ThreadAnswer and ThreadLoad share: they stand where AMP keeps a
     question's Deferred; the thread that asked waits on :attr:`lock`, which
-    the reactor thread releases once ``result`` or ``error`` is set."""
+    is released once ``result`` or ``error`` is set: by the reactor thread,
+    or by the asking thread itself when it reads the answer (``reading``,
+    threadreads: ``own_answer`` recognises it in the bytes, ``take``
+    handles it)."""
 
-    __slots__ = ("proto", "lock", "result", "error")
+    __slots__ = ("proto", "tag", "lock", "result", "error", "reading")
 
-    def __init__(self, proto):
-        self.proto = proto
+    def __init__(self, proto, tag: bytes):
+        self.proto, self.tag = proto, tag
         self.lock = allocate_lock()
         self.lock.acquire()
         self.result = self.error = None
+        self.reading = False        # the waiting thread reads the answer (threadreads)
 
     def addErrback(self, *args, **kw):
         return self
@@ -179,6 +177,12 @@ class _ThreadWaiter:
     def wait(self, timeout: float | None):
         """The answer (what ``result`` holds), or raise the error;
         TimeoutError after ``timeout``."""
+        if self.reading:
+            self.reading = False
+            start = time.monotonic()
+            self.proto.read_answer(self, timeout)
+            if timeout is not None:
+                timeout -= time.monotonic() - start
         if not self.lock.acquire(True, -1 if timeout is None else max(timeout, 0.0)):
             raise TimeoutError(timeout)
         if self.error is not None:
@@ -194,29 +198,48 @@ class ThreadAnswer(_ThreadWaiter):
     returns the error to raise), then the waiting thread wakes.  The answer
     is handled even when the waiter has stopped waiting (its timeout): a
     Finish the server answers late is still a commit the cache must learn
-    of, as on the Deferred path (ClientTransaction.finish)."""
+    of, as on the Deferred path (ClientTransaction.finish).
 
-    __slots__ = ("name", "parse", "then", "failed")
+    With ``here`` (``(read, then)``), the asking thread may read the answer
+    itself (threadreads): ``read(box)`` parses the plain answer (None for
+    anything else, which the reactor then handles as above) and
+    ``then(value)`` runs in that thread, under the protocol's send lock."""
 
-    def __init__(self, proto, name: str, parse, then, failed):
-        super().__init__(proto)
+    __slots__ = ("name", "parse", "then", "failed", "here")
+
+    def __init__(self, proto, tag: bytes, name: str, parse, then, failed, here=None):
+        super().__init__(proto, tag)
         self.name, self.parse, self.then, self.failed = name, parse, then, failed
+        self.here = here
 
     def callback(self, box) -> None:
+        self.proto.thread_answered()
         try:
             value = self.parse(box)
         except Exception as e:
             self.proto.protocolViolation("bad %s answer: %s" % (self.name, e))
             self.error = ClientDisconnected("bad answer from server: %s" % e)
         else:
-            try:
-                self.result = self.then(value)
-            except Exception as e:
-                self.error = e
+            self._then(self.then, value)
+
+    def _then(self, then, value) -> None:
+        try:
+            self.result = then(value)
+        except Exception as e:
+            self.error = e
         self.lock.release()
 
     def _failure(self, error: Exception) -> Exception:
         return self.failed(error)
+
+    def own_answer(self, buf: bytes):
+        """threadreads: the plain answer parsed when ``buf`` is all of it."""
+        box = whole_answer(buf, self.tag)
+        return box if box is None or box is MORE else self.here[0](box)
+
+    def take(self, value) -> None:
+        """threadreads: the answer ``own_answer`` found, read by the asking thread."""
+        self._then(self.here[1], value)
 
 
 def read_load_answer(proto, box):
@@ -234,21 +257,11 @@ class ThreadLoad(_ThreadWaiter):
     thread: the answer is parsed and stored on the reactor thread, then
     the waiting thread is woken by releasing :attr:`lock`."""
 
-    __slots__ = ("tag", "oid", "store", "reading")
+    __slots__ = ("oid", "store")
 
     def __init__(self, proto, tag: bytes, oid: bytes, store):
-        super().__init__(proto)
-        self.tag, self.oid, self.store = tag, oid, store
-        self.reading = False        # the waiting thread reads the answer (threadreads)
-
-    def wait(self, timeout: float | None):
-        if self.reading:
-            self.reading = False
-            start = time.monotonic()
-            self.proto.read_answer(self, timeout)
-            if timeout is not None:
-                timeout -= time.monotonic() - start
-        return super().wait(timeout)
+        super().__init__(proto, tag)
+        self.oid, self.store = oid, store
 
     def callback(self, box) -> None:
         proto = self.proto
@@ -264,7 +277,30 @@ class ThreadLoad(_ThreadWaiter):
     def answered(self, value) -> None:
         """The answer, read on the reactor thread: ``(data, start, end)`` or
         None; stored, then the thread woken."""
-        self.proto.thread_load_answered()
+        self.proto.thread_answered()
+        self.stored(value)
+
+    def own_answer(self, buf: bytes):
+        """threadreads: ``(record, prefetched records or None)`` when
+        ``buf`` is exactly the whole answer to this load."""
+        match = fast.match_load_before_answer(buf, 0)
+        if match is not None:               # the usual answer, read from the bytes
+            own = match[0] == self.tag and match[2] == len(buf)
+            return (match[1], None) if own else None
+        box = whole_answer(buf, self.tag)
+        if box is None or box is MORE:
+            return box
+        try:                                # with prefetched records, or cut in pieces
+            return parse_load_answer(box, self.proto)
+        except Exception:
+            return None                     # the reactor drops the connection for it
+
+    def take(self, found) -> None:
+        """threadreads: the answer, read by the loading thread: its
+        prefetched records and its record into the cache, then wake."""
+        value, records = found
+        if records is not None:
+            self.proto.owner.prefetched(self.proto, records)
         self.stored(value)
 
     def stored(self, value) -> None:

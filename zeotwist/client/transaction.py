@@ -209,11 +209,12 @@ class ClientTransaction:
         if begin is None or store is None:
             return None
         tag = thread_tag()
-        answer = ThreadAnswer(proto, "Vote", lambda box: _vote_answer(box, proto),
-                              self._voted, lambda e: self._answer_failed(e, refused=True))
+        answer = ThreadAnswer(proto, tag, "Vote", lambda box: _vote_answer(box, proto),
+                              self._voted, lambda e: self._answer_failed(e, refused=True),
+                              (fast.read_vote_answer, self._voted))
         self._proto = proto         # read on the reactor thread only once the answer is in
-        if not proto.ask_from_thread(tag, b"".join((begin, store, fast.vote_request(tag))),
-                                     answer):
+        if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
+                                     answer, True):
             self._proto = None
             return None
         self._stream = bytearray()
@@ -221,15 +222,21 @@ class ClientTransaction:
 
     def finish_from_thread(self, callback=None):
         """:meth:`finish` from the committing thread, likewise: a
-        ``ThreadAnswer`` (its result: the tid) or None."""
+        ``ThreadAnswer`` (its result: the tid) or None.  Read by this
+        thread (threadreads), a plain answer makes the commit visible here
+        (under the protocol's send lock, so before any box that follows it
+        and before a lost connection's end), the second stage of the
+        event on the reactor thread (``publish_later``)."""
         proto = self._proto
         if proto is None or proto is not self._client.protocol \
                 or calls_pending(self._client.reactor):
             return None
         tag = thread_tag()
-        answer = ThreadAnswer(proto, "Finish", lambda box: _finish_answer(box, proto),
-                              lambda a: self._finished(a, callback), self._answer_failed)
-        return answer if proto.ask_from_thread(tag, fast.finish_request(tag), answer) else None
+        answer = ThreadAnswer(
+            proto, tag, "Finish", lambda box: _finish_answer(box, proto),
+            lambda a: self._finished(a, callback), self._answer_failed,
+            (fast.read_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
+        return answer if proto.ask_from_thread(fast.finish_request(tag), answer, True) else None
 
     def _answer_failed(self, error, refused=False):
         """The error a thread's Vote or Finish raises (as :meth:`_lost` and
@@ -334,9 +341,9 @@ class ClientTransaction:
             raise self._proto.lost_transaction("")
         return failure
 
-    def _finished(self, answer, callback):
+    def _finished(self, answer, callback, later=None):
         tid = answer["tid"]
-        self._client.committed(tid, self._written, set(self.resolved), callback)
+        self._client.committed(tid, self._written, set(self.resolved), callback, later)
         return tid
 
     def abort(self) -> Deferred:
