@@ -48,6 +48,8 @@ def require_tls(what: str) -> None:
     except ImportError:
         raise TLSConfigError("%s needs TLS support, which is not installed (no pyOpenSSL): %s"
                              % (what, INSTALL)) from None
+    from zeotwist.lazytls import restore
+    restore()           # Twisted's modules imported without it get it back
 
 
 def is_tls_endpoint(description: str) -> bool:

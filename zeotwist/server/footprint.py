@@ -27,7 +27,8 @@ its own needs a server started otherwise (``twistd -y``, the tac file).
 """
 import importlib
 import sys
-from contextlib import contextmanager
+
+from zeotwist.lazytls import openssl_hidden
 
 #: Twisted's modules that the reactor imports and that carry TLS support
 #: when pyOpenSSL imports (``startTLS`` on TCP connections, ``listenSSL``)
@@ -37,20 +38,6 @@ PLAIN_ENDPOINTS = ("tcp:", "tcp6:", "unix:")
 
 #: whether the plugin imported the server's modules with pyOpenSSL hidden
 _deferred = False
-
-
-@contextmanager
-def openssl_hidden():
-    """Within: ``import OpenSSL`` fails, unless it was imported already."""
-    if "OpenSSL" in sys.modules:
-        yield False
-        return
-    sys.modules["OpenSSL"] = None
-    try:
-        yield True
-    finally:
-        if sys.modules.get("OpenSSL", ...) is None:
-            del sys.modules["OpenSSL"]
 
 
 def import_tap():

@@ -1,0 +1,118 @@
+"""A client without TLS does not load pyOpenSSL even where it is installed,
+and Twisted's TLS works in its process all the same once something uses it
+(zeotwist.lazytls; docs/performance.md "Memory").  Each case runs in a fresh
+interpreter, against servers of this process on 127.0.0.1 (plain and TLS)."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from zeotwist.testing import start_server
+
+from certs import make_pki
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+#: run first in each child: what the server address arguments are
+PRELUDE = """
+import sys
+import zeotwist
+plain_host, plain_port, tls_port, ca, ca_dir = sys.argv[1:6]
+TLS_MODULES = ("OpenSSL", "cryptography", "service_identity", "twisted.internet.ssl",
+               "twisted.protocols.tls", "twisted.web")
+def loaded():
+    return sorted(m for m, module in sys.modules.items()
+                  if module is not None and m.startswith(TLS_MODULES))
+def plain_client():
+    storage = zeotwist.ClientStorage((plain_host, int(plain_port)), wait_timeout=10)
+    storage.new_oid()                   # a round trip
+    return storage
+"""
+#: after a plain client: Twisted's TLS support is whole again
+WHOLE = """
+from twisted.internet import endpoints, posixbase, tcp
+from twisted.internet.interfaces import IReactorSSL, ITLSTransport
+from twisted.protocols import amp
+from zeotwist.lazytls import lacking
+assert not lacking(), lacking()
+assert hasattr(tcp.Client, "startTLS") and hasattr(tcp.Server, "startTLS")
+assert ITLSTransport.implementedBy(tcp.Client) and ITLSTransport.implementedBy(tcp.Server)
+assert IReactorSSL.implementedBy(posixbase.PosixReactorBase)
+assert posixbase.tls is not None and amp.ssl is not None
+assert endpoints.TLSMemoryBIOFactory is not None
+print("whole")
+"""
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lazytls")
+    pki = make_pki(tmp)
+    server = start_server(str(tmp / "data.fs"), listen=LOOPBACK, listen_tls=[LOOPBACK],
+                          tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    try:
+        host, plain_port = server.addresses[0].rsplit(":", 1)
+        tls_port = server.addresses[1].rsplit(":", 1)[1]
+        yield [host, plain_port, tls_port, str(pki.ca), str(pki.ca_dir)]
+    finally:
+        server.stop()
+
+
+def run(servers, *code: str) -> str:
+    program = PRELUDE + "".join(textwrap.dedent(c) for c in code)
+    done = subprocess.run([sys.executable, "-c", program, *servers],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_plain_client_loads_no_tls_where_pyopenssl_is_installed(servers):
+    out = run(servers, """
+        storage = plain_client()
+        print(loaded())
+        storage.close()
+        """)
+    assert out.strip() == "[]"
+
+
+def test_a_tls_client_after_a_plain_one_in_the_same_process(servers):
+    out = run(servers, """
+        import ZODB
+        plain = plain_client()
+        assert loaded() == [], loaded()
+        db = ZODB.DB(zeotwist.ClientStorage(("127.0.0.1", int(tls_port)), wait_timeout=10,
+                                            tls=dict(ca=ca)))
+        with db.transaction() as conn:
+            conn.root()["x"] = "over TLS"
+        db.close()
+        plain.close()
+        """, WHOLE)
+    assert out.split() == ["whole"]
+
+
+def test_twisted_tls_of_the_program_s_own_after_a_plain_client(servers):
+    """The program's own Twisted TLS: importing twisted.internet.ssl makes
+    Twisted whole, and wrapClientTLS works."""
+    out = run(servers, """
+        from twisted.internet import ssl
+        """, WHOLE)
+    assert out.split() == ["whole"]
+    out = run(servers, """
+        storage = plain_client()
+        from twisted.internet import ssl
+        """, WHOLE)
+    assert out.split() == ["whole"]
+
+
+def test_tls_endpoint_strings_after_a_plain_client(servers):
+    """A tls: string is parsed (its TLS names restored) without anything
+    having imported twisted.internet.ssl first."""
+    out = run(servers, """
+        storage = plain_client()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import clientFromString
+        endpoint = clientFromString(reactor, "tls:127.0.0.1:%s:trustRoots=%s"
+                                    % (tls_port, ca_dir.replace(":", "\\\\:")))
+        print(type(endpoint).__name__)
+        """, WHOLE)
+    assert out.split() == ["_WrapperEndpoint", "whole"]

@@ -1,0 +1,233 @@
+"""Twisted's TLS support loaded when TLS is first used, not when Twisted is.
+
+Twisted's TCP transport, its reactor base, its endpoints and AMP each import
+pyOpenSSL (and with it ``cryptography`` and ``service_identity``) when it is
+installed, whether or not anything uses TLS: about 13 MB of a client's
+resident memory, 40 % of a whole ZEO client's (docs/performance.md,
+"Memory").  Each of them does without it when the import fails, and then
+lacks TLS for good: no ``startTLS`` on TCP connections, ``wrapClientTLS``
+says "OpenSSL not available", ``tls:`` endpoint strings fail, no
+``connectSSL``, no AMP ``StartTLS``.
+
+So zeotwist imports those four modules with pyOpenSSL hidden
+(:func:`import_plain`; the client does, before its first module), and gives
+them their TLS support back (:func:`restore`) as soon as anything in the
+process may use it:
+
+* when ``twisted.internet.ssl`` has been imported, by anyone (an import
+  hook): every TLS use of Twisted's starts there (``optionsForClientTLS``,
+  ``CertificateOptions``, ``PrivateCertificate``, context factories);
+* when ``wrapClientTLS``, ``wrapServerTLS`` or a ``tls:`` endpoint string
+  is used (those functions call :func:`restore` first until it has run);
+* when zeotwist itself is asked for TLS (:func:`zeotwist.tls.require_tls`).
+
+:func:`restore` imports pyOpenSSL and Twisted's TLS modules and puts what
+the plain import left out back: the TLS mixins into the TCP transport's
+classes (so existing and new connections get ``startTLS``), the ``tls`` and
+``ssl`` modules into the reactor base and AMP, the TLS names into the
+endpoints module.  What it patches is Twisted's, named in
+:data:`~zeotwist.twistedcompat` style and checked by
+``tests/test_lazytls.py`` (the Twisted versions of pyproject.toml).
+
+Nothing is hidden when pyOpenSSL was imported already (the process uses TLS
+or imported Twisted's transports first) or is not installed.
+"""
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from contextlib import contextmanager
+from functools import wraps
+
+#: Twisted's modules that import pyOpenSSL if they can, in import order
+TLS_MODULES = ("twisted.internet.tcp", "twisted.internet.posixbase",
+               "twisted.internet.endpoints", "twisted.protocols.amp")
+#: endpoints' functions that need its TLS names; wrapped to restore them first
+_ENDPOINT_CALLS = ("wrapClientTLS", "wrapServerTLS", "_parseClientTLS")
+
+#: module name -> whether it was imported without TLS and still lacks it
+_lacking = set()
+#: what :func:`_arrange` replaced by :func:`_restoring` wrappers: (owner, name, original)
+_wrapped = []
+
+
+@contextmanager
+def openssl_hidden():
+    """Within: ``import OpenSSL`` fails, unless it was imported already
+    (or is hidden already: yields False then)."""
+    if "OpenSSL" in sys.modules:
+        yield False
+        return
+    sys.modules["OpenSSL"] = None
+    try:
+        yield True
+    finally:
+        if sys.modules.get("OpenSSL", ...) is None:
+            del sys.modules["OpenSSL"]
+
+
+def import_plain(modules=TLS_MODULES) -> bool:
+    """Import ``modules`` (Twisted's) with pyOpenSSL hidden, and arrange for
+    :func:`restore` (see the module docstring); whether anything lacks TLS."""
+    if importlib.util.find_spec("OpenSSL") is None:
+        return False                    # not installed (or hidden by the caller)
+    with openssl_hidden():
+        for name in modules:
+            importlib.import_module(name)
+    _lacking.update(name for name in TLS_MODULES if _lacks_tls(name))
+    if _lacking:
+        _arrange()
+    return bool(_lacking)
+
+
+def _lacks_tls(name: str) -> bool:
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    if name == "twisted.internet.tcp":
+        return module._TLSConnectionMixin.__module__ == name
+    if name == "twisted.internet.posixbase":
+        return module.tls is None
+    if name == "twisted.internet.endpoints":
+        return module.TLSMemoryBIOFactory is None
+    return module.ssl is None           # twisted.protocols.amp
+
+
+def lacking() -> set:
+    """The names of Twisted's modules that still lack their TLS support."""
+    return set(_lacking)
+
+
+def restore(_imported: str = "") -> None:
+    """Give Twisted's modules imported without pyOpenSSL their TLS support
+    back; ImportError if pyOpenSSL is not installed.  Idempotent."""
+    if not _lacking:
+        return
+    from twisted.internet import _newtls, endpoints, posixbase, ssl, tcp
+    from twisted.internet.interfaces import IReactorSSL, ITLSTransport
+    from twisted.protocols import _sni, amp, tls
+    from zope.interface import classImplements
+    if any(getattr(m.__spec__, "_initializing", False) for m in (ssl, tls, _sni, _newtls)
+           if m.__name__ != _imported):
+        raise ImportError("Twisted's TLS modules are still being imported")
+    if "twisted.internet.tcp" in _lacking:
+        real = {tcp._TLSConnectionMixin: _newtls.ConnectionMixin,
+                tcp._TLSClientMixin: _newtls.ClientMixin,
+                tcp._TLSServerMixin: _newtls.ServerMixin}
+        for cls in (tcp.Connection, tcp.BaseClient, tcp.Server):
+            cls.__bases__ = tuple(real.get(base, base) for base in cls.__bases__)
+        tcp._TLSConnectionMixin, tcp._TLSClientMixin, tcp._TLSServerMixin = real.values()
+        tcp.ITLSTransport = ITLSTransport
+        classImplements(tcp.Connection, ITLSTransport)
+    if "twisted.internet.posixbase" in _lacking:
+        posixbase.tls, posixbase.ssl = tls, ssl
+        classImplements(posixbase.PosixReactorBase, IReactorSSL)
+    if "twisted.protocols.amp" in _lacking:
+        amp.ssl = ssl
+        for name in ("DN", "Certificate", "CertificateOptions", "KeyPair"):
+            setattr(amp, name, getattr(ssl, name))
+    if "twisted.internet.endpoints" in _lacking:
+        from OpenSSL.SSL import Error
+        endpoints.SSLError = Error
+        for name in ("Certificate", "CertificateOptions", "KeyPair", "PrivateCertificate",
+                     "optionsForClientTLS", "trustRootFromCertificates"):
+            setattr(endpoints, name, getattr(ssl, name))
+        endpoints.SNIConnectionCreator = _sni.SNIConnectionCreator
+        endpoints._TLSServerEndpoint = _sni.TLSServerEndpoint
+        endpoints.autoReloadingDirectoryOfPEMs = _sni.autoReloadingDirectoryOfPEMs
+        endpoints._TLSMemoryBIOFactory = endpoints.TLSMemoryBIOFactory = tls.TLSMemoryBIOFactory
+    _lacking.clear()
+    for owner, name, original in _wrapped:
+        setattr(owner, name, original)
+    del _wrapped[:]
+    _SSLImported.remove()
+
+
+def _restoring(function):
+    @wraps(function)
+    def call(*args, **kw):
+        restore()
+        return function(*args, **kw)
+    return call
+
+
+def _arrange() -> None:
+    """Make the first TLS use in the process call :func:`restore`."""
+    if "twisted.internet.endpoints" in _lacking and not _wrapped:
+        endpoints = sys.modules["twisted.internet.endpoints"]
+        for owner, name in [(endpoints, n) for n in _ENDPOINT_CALLS] + [
+                (endpoints._TLSServerEndpointParser, "parseStreamServer")]:
+            original = getattr(owner, name)
+            _wrapped.append((owner, name, original))
+            setattr(owner, name, _restoring(original))
+    _SSLImported.install()
+
+
+class _SSLImported(importlib.abc.MetaPathFinder):
+    """Calls :func:`restore` once ``twisted.internet.ssl`` has been imported."""
+
+    NAME = "twisted.internet.ssl"
+    _installed = None
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed is None and cls.NAME not in sys.modules:
+            cls._installed = cls()
+            sys.meta_path.insert(0, cls._installed)
+
+    @classmethod
+    def remove(cls) -> None:
+        if cls._installed is not None and cls._installed in sys.meta_path:
+            sys.meta_path.remove(cls._installed)
+        cls._installed = None
+
+    def find_spec(self, name, path, target=None):
+        if name != self.NAME:
+            return None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        else:
+            return None
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_restore(module):
+            exec_module(module)
+            try:
+                restore(module.__name__)
+            except ImportError:     # a module it needs is still being imported: at first use
+                pass
+        spec.loader = _Loader(loader, exec_then_restore)
+        return spec
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader, exec_module):
+        self._loader, self.exec_module = loader, exec_module
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+def plain_before(package: str) -> None:
+    """Run :func:`import_plain` just before the first submodule of
+    ``package`` is imported (the client's: ``import zeotwist``, which a
+    server does too, imports only the empty package)."""
+    sys.meta_path.insert(0, _FirstSubmodule(package + "."))
+
+
+class _FirstSubmodule(importlib.abc.MetaPathFinder):
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def find_spec(self, name, path, target=None):
+        if name.startswith(self.prefix) and self in sys.meta_path:
+            sys.meta_path.remove(self)
+            import_plain()
+        return None
