@@ -21,7 +21,7 @@ import zeotwist
 from zeotwist import ClientStorage
 from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.reactorthread import background_reactor, blocking_call
-from zeotwist.errors import ClientDisconnected, NotLoggedIn, UnknownStorage, Unauthorized
+from zeotwist.errors import NotLoggedIn, UnknownStorage, Unauthorized
 from zeotwist.server.auth import StorageUser
 from zeotwist.server.userfile import (
     NO_PASSWORD, hash_password, parse_rights, read_entries, set_user, verify_password)

@@ -75,6 +75,31 @@ def test_refused_connection_times_out_with_the_reason(world):
         result(d, endpoint)
 
 
+def test_a_call_waits_wait_timeout_for_a_reconnection(world):
+    """A call made while the server is away waits for a reconnection: it is
+    answered if one comes within wait_timeout, and fails exactly then if not
+    (what the live tests see as the message "within 1 s")."""
+    clock, server, endpoint = world
+    client = make_client(clock, endpoint, wait_timeout=3)
+    endpoint.refuse = True
+    endpoint.drop()
+    assert not client.is_connected
+    answered = client.info()
+    clock.advance(1.5)
+    assert not answered.called
+    endpoint.refuse = False
+    clock.advance(1)                 # the next retry reconnects; the call goes out
+    assert result(answered, endpoint)["last_tid"] == server.last_tid
+    endpoint.refuse = True
+    endpoint.drop()
+    failed = client.info()
+    clock.advance(2.999)
+    assert not failed.called
+    clock.advance(0.001)
+    with pytest.raises(ClientDisconnected, match="^no connection .* within 3 s"):
+        result(failed, endpoint)
+
+
 def test_commit_sequence_updates_cache_events_and_other_clients(world):
     clock, server, endpoint = world
     writer = make_client(clock, endpoint)

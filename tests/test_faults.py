@@ -10,7 +10,6 @@ import random
 import signal
 import socket
 import threading
-import time
 
 import pytest
 import transaction
@@ -26,8 +25,10 @@ from procutil import (  # noqa: F401 (fixtures)
     child_env, children, push_until_closed, raw_connect, start_twistd, twistd_server,
     wait_closed, wait_for)
 
-#: How long another client may wait for the lock a dead or broken holder had.
-RECOVERY_BOUND = 10.0
+#: A hang guard, not a bound on recovery: what frees the lock is read from
+#: the server's log (in the SIGKILL and garbage cases the transaction timeout
+#: is an hour, so only the holder's lost connection can have freed it).
+HANG_GUARD = 60.0
 
 
 def local_client(server, **kw):
@@ -75,7 +76,7 @@ SHORT_TIMEOUT = 2.0
 def test_lock_holder_fault_releases_commit_lock(tmp_path, children, fault):
     """The holder dies (SIGKILL), breaks the protocol (a malformed frame while
     alive), or hangs (SIGSTOP: only the server's transaction timeout helps)."""
-    timeout = SHORT_TIMEOUT if fault == "sigstop" else 60
+    timeout = SHORT_TIMEOUT if fault == "sigstop" else 3600
     server = start_twistd(str(tmp_path / "data.fs"), "--transaction-timeout", str(timeout),
                           env=child_env())
     storage = local_client(server, server_sync=True)
@@ -92,7 +93,6 @@ def test_lock_holder_fault_releases_commit_lock(tmp_path, children, fault):
                  "the waiter to queue for the commit lock")
         assert waiter.lines.empty()
 
-        start = time.monotonic()
         if fault == "sigkill":
             os.kill(holder.pid, signal.SIGKILL)
         elif fault == "sigstop":
@@ -100,23 +100,20 @@ def test_lock_holder_fault_releases_commit_lock(tmp_path, children, fault):
         else:
             holder.send("go")
             holder.expect("garbage-sent")
-        tid = waiter.expect("committed", timeout=RECOVERY_BOUND)
-        waited = time.monotonic() - start
-        print("[liveness] %s: holder stalled -> waiter committed in %.2f s" % (fault, waited))
-        assert waited < RECOVERY_BOUND
+        tid = waiter.expect("committed", timeout=HANG_GUARD)
         waiter.finish()
         if fault == "garbage":
             assert holder.process.poll() is None     # alive: the frame alone did it
 
-        # A third client commits promptly too, and sees the waiter's commit.
+        # Nobody waits for the lock now: a third client commits, and sees
+        # the waiter's commit.
+        assert storage.server_status()["waiting"] == 0
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
         assert root["after"] == "waiter"
         assert storage.lastTransaction().hex() == tid
-        start = time.monotonic()
         root["third"] = fault
         tm.commit()
-        assert time.monotonic() - start < RECOVERY_BOUND
         # The holder's voted data was aborted, never committed.
         with pytest.raises(POSKeyError):
             storage.load(holder_oid)
@@ -131,8 +128,8 @@ def test_lock_holder_fault_releases_commit_lock(tmp_path, children, fault):
     log = server.log()
     if fault == "garbage":
         assert "protocol violation" in log and "key length 65534" in log, log
-    if fault == "sigstop":
-        assert "held the commit lock too long" in log, log
+    # the transaction timeout freed the lock in the SIGSTOP case, and only there
+    assert ("held the commit lock too long" in log) == (fault == "sigstop"), log
 
 
 # -- 6. hostile bytes on raw sockets ------------------------------------------------------
@@ -240,7 +237,7 @@ def test_hostile_bytes_cost_a_connection_not_memory(twistd_server):
 
         def watch(sock):
             try:
-                idle_closed.append(wait_closed(sock, 5 + 5))
+                idle_closed.append(wait_closed(sock, HANG_GUARD))
             except BaseException as e:
                 idle_closed.append(e)
 
@@ -285,12 +282,13 @@ def test_hostile_bytes_cost_a_connection_not_memory(twistd_server):
                 sock.close()
 
         for t in watchers:
-            t.join(15)
+            t.join(HANG_GUARD)
         silent.close()
         partial.close()
+        # closed by the server (its handshake timeout: test_protocol pins
+        # when, on a Clock; the log lines may be rate-limited away here)
         assert len(idle_closed) == 2, idle_closed
-        for idle in idle_closed:        # the 5 s handshake timeout, not something else
-            assert isinstance(idle, float) and 3 < idle < 10, idle
+        assert all(isinstance(idle, float) for idle in idle_closed), idle_closed
 
         # An ordinary client still works: the old connection and a new one.
         root["after"] = 2

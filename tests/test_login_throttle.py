@@ -19,7 +19,7 @@ from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.server.userfile import DEFAULT_ITERATIONS, set_user
 from zeotwist.server.loginguard import (
-    PEER_FREE, USER_FREE, LoginThrottle, LoginThrottled, PasswordChecks)
+    CHECK_THREADS, PEER_FREE, USER_FREE, LoginThrottle, LoginThrottled, PasswordChecks)
 
 from procutil import child_env, start_twistd, wait_closed
 from test_hardening_live import make_box
@@ -122,7 +122,11 @@ def connect_from(address, source: str) -> socket.socket:
 
 def test_real_user_logs_in_during_a_login_flood(auth_twistd):
     """Issue 12: 200 Logins (12 KB) cost 28.7 CPU-seconds and a real user's
-    login hit the 5 s handshake timeout."""
+    login hit the 5 s handshake timeout.  Now the flood's peer is throttled
+    after PEER_FREE failures and its queued checks are dropped unrun: the
+    answers say which logins were checked.  (That another peer's login waits
+    behind at most CHECK_THREADS of a flood's checks is pinned in memory by
+    test_checks_are_bounded_fair_across_peers_and_skip_the_unwanted.)"""
     server = auth_twistd
     cost = check_cost()
     cpu_before = server_cpu_seconds(server.pid)
@@ -132,32 +136,33 @@ def test_real_user_logs_in_during_a_login_flood(auth_twistd):
             sock = connect_from(server.address, "127.0.0.2")
             sock.sendall(login_box("mallory%d" % i, "guess"))
             flood.append(sock)
-        start = time.monotonic()
-        storage = ClientStorage(server.address, reactor=background_reactor(), wait_timeout=10,
+        # wait_timeout is a hang guard: a login starved by the flood fails it
+        storage = ClientStorage(server.address, reactor=background_reactor(), wait_timeout=30,
                                 username="alice", password="alice-secret")
-        took = time.monotonic() - start
         storage.close()
-        refused = closed = 0
+        answers, closed = [], 0
         for sock in flood:      # refused, or closed unchecked by the handshake timeout
             try:
-                answer = BoxReader(sock).box()
+                answers.append(BoxReader(sock).box())
             except ConnectionError:
                 closed += 1
-                continue
-            assert answer.get(b"_error_code") == b"UNAUTHORIZED", answer
-            refused += 1
         cpu = server_cpu_seconds(server.pid) - cpu_before
     finally:
         for sock in flood:
             sock.close()
-    print("[login flood] 200 logins from 127.0.0.2: alice logged in after %.2f s; "
-          "%d refused, %d closed unchecked; server CPU %.2f s (one check %.3f s)"
-          % (took, refused, closed, cpu, cost))
-    assert refused + closed == 200
-    assert took < 3.0
-    # 200 checks unthrottled; the peer's free failures plus what was in flight
-    assert cpu < (PEER_FREE + 20) * cost + 2.0, cpu
+    assert all(a.get(b"_error_code") == b"UNAUTHORIZED" for a in answers), answers
+    checked = [a for a in answers if b"wrong password" in a[b"_error_description"]]
+    unchecked = [a for a in answers
+                 if b"too many failed logins from 127.0.0.2" in a[b"_error_description"]]
+    print("[login flood] 200 logins from 127.0.0.2: %d checked, %d refused unchecked, "
+          "%d closed unchecked; server CPU %.2f s (one check %.3f s)"
+          % (len(checked), len(unchecked), closed, cpu, cost))
+    assert len(checked) + len(unchecked) + closed == 200
+    # the peer's free failures, the checks in flight when it was throttled, and
+    # one more each time its (doubling) wait ran out while the flood went on
+    assert PEER_FREE <= len(checked) <= PEER_FREE + CHECK_THREADS + 8, len(checked)
     log = server.log()
+    assert log.count("logged in as 'alice'") == 1, log
     assert log.count("failed password login") <= 20, log      # rate-limited
     assert "Traceback" not in log
 

@@ -47,13 +47,18 @@ def commit(client, pump, records, oids=None):
     return voted, call(client, pump, C.Finish)["tid"]
 
 
+def two_links(world):
+    """Two registered clients, each ``(client, server session, pump, recorder)``."""
+    clock, servers = world
+    links = [connect_in_memory(servers, clock) for _ in range(2)]
+    for client, _, pump, _ in links:
+        register(client, pump)
+    return links
+
+
 def two_clients(world):
     """Two registered clients: ``(a, pump_a, b, pump_b, b's recorder)``."""
-    clock, servers = world
-    a, _, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, rec_b = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    (a, _, pa, _), (b, _, pb, rec_b) = two_links(world)
     return a, pa, b, pb, rec_b
 
 
@@ -139,11 +144,8 @@ def test_read_only_session_cannot_commit(world):
 
 
 def test_lock_waiter_is_served_when_holder_disconnects(world):
-    clock, servers = world
-    a, sa, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, _ = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    _, servers = world
+    (a, sa, pa, _), (b, _, pb, _) = two_links(world)
     oid = call(a, pa, C.NewOids, count=2)["oids"]
     open_txn(a, encode_store(oid[0], z64, b"a"))
     call(a, pa, C.Vote)                              # a holds the lock
@@ -366,11 +368,8 @@ def test_transaction_cap(tmp_path):
 
 
 def test_client_stopped_before_vote_delays_nobody(world):
-    clock, servers = world
-    a, _, pa, _ = connect_in_memory(servers, clock)
-    b, _, pb, _ = connect_in_memory(servers, clock)
-    register(a, pa)
-    register(b, pb)
+    _, servers = world
+    a, pa, b, pb, _ = two_clients(world)
     oids = call(a, pa, C.NewOids, count=2)["oids"]
     open_txn(a, encode_store(oids[0], z64, b"a"))
     pa.flush()                   # a stops here: stores sent, never votes

@@ -12,7 +12,6 @@ a real condition under a deadline.
 import os
 import shutil
 import signal
-import time
 
 import pytest
 import pytest_twisted
@@ -329,19 +328,21 @@ async def test_server_killed_and_restarted_under_threaded_and_reactor_clients(tm
         tm_t.abort()
         conn_t.close()
 
-        # The server goes away for good: S's calls fail after its wait_timeout.
+        # The server goes away for good: S's calls wait for a reconnection
+        # and fail when its wait_timeout (1 s) runs out.  The message is the
+        # timeout's own (a refusal or a lost call says otherwise); that the
+        # timeout fires after wait_timeout and not before is pinned on a
+        # Clock (test_client_memory.test_a_call_waits_wait_timeout_for_a_reconnection).
         await threads.deferToThread(server.kill)
 
         def call_s():
             wait_for(lambda: not cs_s.client.is_connected, WAIT, "S to notice")
-            start = time.monotonic()
             with pytest.raises(ClientDisconnected) as info:
                 cs_s.server_status()
-            return time.monotonic() - start, str(info.value)
+            return str(info.value)
 
-        took, message = await threads.deferToThread(call_s)
-        assert 0.9 <= took < 5, took
-        assert "within 1 s" in message
+        message = await threads.deferToThread(call_s)
+        assert message.startswith("no connection to the zeotwist server within 1 s"), message
     finally:
         if r is not None:
             await r.stop()

@@ -5,7 +5,6 @@ and against a real twistd (the 32-byte record that made it allocate 1 GiB).
 import datetime
 import os
 import pickle
-import time
 
 import pytest
 from BTrees.OOBTree import OOBucket
@@ -132,16 +131,14 @@ def test_a_32_byte_record_no_longer_costs_the_server_a_gigabyte(tmp_path):
         _, tid1 = commit(z64, record)
         commit(tid1, record)
         before = server.peak_rss()
-        start = time.monotonic()
         voted, tid = commit(tid1, BOMB + pickle.dumps({}, 3))   # stale: resolution
-        took = time.monotonic() - start
         growth = server.peak_rss() - before
-        print("bomb: vote answered in %.3f s, peak RSS %d -> %d MiB (+%.1f MiB)"
-              % (took, before >> 20, server.peak_rss() >> 20, growth / 2**20))
+        print("bomb: peak RSS %d -> %d MiB (+%.1f MiB)"
+              % (before >> 20, server.peak_rss() >> 20, growth / 2**20))
+        # refused as a conflict, by name (before anything is built), not built
         assert tid is None and voted[b"conflicts"][:8] == oid
-        assert growth < 64 * 2**20
-        assert took < 5
         assert "not resolving conflict" in server.log() and "bytearray" in server.log()
+        assert growth < 64 * 2**20
         c.close()
     finally:
         server.stop()
