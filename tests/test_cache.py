@@ -157,3 +157,14 @@ def test_the_structures_of_a_small_revision_stay_small():
     finally:
         tracemalloc.stop()
     assert per_revision < 180, per_revision
+
+
+def test_the_revisions_of_one_transaction_share_its_tid():
+    """Each answer brings its own copy of the tid; the cache keeps one
+    (48 bytes less per revision; docs/performance.md, "Memory")."""
+    c = ClientCache()
+    for i in range(3):
+        c.store(p64(i), bytes(p64(7)), None, b"data")     # equal, not the same object
+    starts = [c.load(p64(i))[1] for i in range(3)]
+    assert starts == [p64(7)] * 3
+    assert starts[0] is starts[1] is starts[2]

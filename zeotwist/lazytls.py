@@ -33,7 +33,6 @@ Nothing is hidden when pyOpenSSL was imported already (the process uses TLS
 or imported Twisted's transports first) or is not installed.
 """
 import importlib
-import importlib.abc
 import importlib.util
 import sys
 from contextlib import contextmanager
@@ -69,6 +68,8 @@ def openssl_hidden():
 def import_plain(modules=TLS_MODULES) -> bool:
     """Import ``modules`` (Twisted's) with pyOpenSSL hidden, and arrange for
     :func:`restore` (see the module docstring); whether anything lacks TLS."""
+    if "twisted.python.compat" not in sys.modules:
+        lazy_import("http.cookiejar")   # Twisted's compat imports it (for a deprecated alias)
     if importlib.util.find_spec("OpenSSL") is None:
         return False                    # not installed (or hidden by the caller)
     with openssl_hidden():
@@ -78,6 +79,27 @@ def import_plain(modules=TLS_MODULES) -> bool:
     if _lacking:
         _arrange()
     return bool(_lacking)
+
+
+def lazy_import(name: str) -> None:
+    """Import module ``name`` (of a package) lazily: it runs at its first use.
+
+    ``http.cookiejar`` is one: Twisted's ``twisted.python.compat`` imports it
+    at start-up (only to offer it under its Python 2 name), and with it
+    ``urllib.request``, ``http.client``, ``email``, ``calendar``: 1.3 MB of
+    a client's resident memory.  The module is set on its package too, so
+    ``from http import cookiejar`` does not load it yet."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    package, _, child = name.rpartition(".")
+    setattr(sys.modules[package], child, module)
 
 
 def _lacks_tls(name: str) -> bool:
@@ -163,7 +185,7 @@ def _arrange() -> None:
     _SSLImported.install()
 
 
-class _SSLImported(importlib.abc.MetaPathFinder):
+class _SSLImported:
     """Calls :func:`restore` once ``twisted.internet.ssl`` has been imported."""
 
     NAME = "twisted.internet.ssl"
@@ -204,7 +226,7 @@ class _SSLImported(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     def __init__(self, loader, exec_module):
         self._loader, self.exec_module = loader, exec_module
 
@@ -222,7 +244,7 @@ def plain_before(package: str) -> None:
     sys.meta_path.insert(0, _FirstSubmodule(package + "."))
 
 
-class _FirstSubmodule(importlib.abc.MetaPathFinder):
+class _FirstSubmodule:
     def __init__(self, prefix: str):
         self.prefix = prefix
 

@@ -18,6 +18,9 @@ from threading import Lock
 #: memory can reach about twice its size; counting that would make a cache
 #: of the same size hold half as many records (docs/performance.md, "Memory").
 ENTRY_OVERHEAD = 120
+#: Distinct start tids kept for sharing (see ``ClientCache._tids``) before
+#: the table is emptied and started again.
+TIDS_SHARED = 4096
 
 
 def _oid_of(key) -> bytes:
@@ -37,6 +40,10 @@ class ClientCache:
         # revision).
         self._entries: OrderedDict = OrderedDict()
         self._older: dict = {}                       # oid -> [start, ...]
+        # Start tids seen lately, each kept once: the revisions one transaction
+        # wrote share one tid object (48 bytes less per revision; the answers
+        # that bring them carry a copy each).
+        self._tids: dict = {}
         self._bytes = 0
         self.last_tid: bytes | None = None
         self.hits = self.misses = self.evictions = 0
@@ -94,6 +101,10 @@ class ClientCache:
             latest = entries.get(oid)
             if latest is not None and latest[0] == start or start in self._older.get(oid, ()):
                 return                  # known already
+            tids = self._tids
+            if len(tids) >= TIDS_SHARED:
+                tids.clear()
+            start = tids.setdefault(start, start)
             if end is None:
                 if latest is not None:
                     if latest[0] > start:
@@ -143,6 +154,7 @@ class ClientCache:
         with self._lock:
             self._entries.clear()
             self._older.clear()
+            self._tids.clear()
             self._bytes = 0
 
     # -- persistence (see zeotwist.client.cachefile) -----------------------------
