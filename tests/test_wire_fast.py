@@ -244,6 +244,27 @@ def test_vote_and_finish_answers_are_amps_own(resolved):
     assert fast.read_finish_answer(parse_one(frame)) == {"tid": TID}
 
 
+@pytest.mark.parametrize("resolved", [[], [OID], [OID, TID]])
+def test_vote_and_finish_answers_matched_byte_for_byte(resolved):
+    """What a committing thread reads of its own answers (threadreads):
+    the same values as the box path, None for anything else."""
+    vote, finish = fast.vote_answer(b"t12", resolved), fast.finish_answer(b"t12", TID)
+    assert fast.match_vote_answer(vote, b"t12") == {"resolved": resolved, "conflicts": b""}
+    assert fast.match_finish_answer(finish, b"t12") == {"tid": TID}
+    for frame, match in ((vote, fast.match_vote_answer), (finish, fast.match_finish_answer)):
+        assert match(frame, b"t13") is None and match(frame, b"t1") is None   # another tag
+        assert all(match(frame[:i], b"t12") is None for i in range(len(frame)))
+        assert match(frame + frame[:3], b"t12") is None
+    assert fast.match_finish_answer(vote, b"t12") is None
+    assert fast.match_vote_answer(finish, b"t12") is None
+    conflicts = amp_frame(C.Vote, {"resolved": [], "conflicts": OID + TID + START},
+                          amp.ANSWER, b"t12", response=True)
+    assert fast.match_vote_answer(conflicts, b"t12") is None
+    ragged = fast.vote_answer(b"t12", [OID])
+    ragged = ragged[:-12] + b"\x00\x07" + ragged[-10:-3] + ragged[-2:]
+    assert fast.match_vote_answer(ragged, b"t12") is None
+
+
 def test_unusual_vote_and_finish_answers_are_left_to_amp():
     assert fast.vote_answer(b"t1", [OID] * (fast.MAX_VALUE // 8 + 1)) is None
     conflicts = amp_frame(C.Vote, {"resolved": [], "conflicts": OID + TID + START},

@@ -200,10 +200,11 @@ class ThreadAnswer(_ThreadWaiter):
     Finish the server answers late is still a commit the cache must learn
     of, as on the Deferred path (ClientTransaction.finish).
 
-    With ``here`` (``(read, then)``), the asking thread may read the answer
-    itself (threadreads): ``read(box)`` parses the plain answer (None for
-    anything else, which the reactor then handles as above) and
-    ``then(value)`` runs in that thread, under the protocol's send lock."""
+    With ``here`` (``(match, then)``), the asking thread may read the
+    answer itself (threadreads): ``match(bytes, tag)`` reads the plain
+    answer from the bytes (None for anything else, which the reactor then
+    handles as above) and ``then(value)`` runs in that thread, under the
+    protocol's send lock."""
 
     __slots__ = ("name", "parse", "then", "failed", "here")
 
@@ -234,8 +235,10 @@ class ThreadAnswer(_ThreadWaiter):
 
     def own_answer(self, buf: bytes):
         """threadreads: the plain answer parsed when ``buf`` is all of it."""
-        box = whole_answer(buf, self.tag)
-        return box if box is None or box is MORE else self.here[0](box)
+        value = self.here[0](buf, self.tag)
+        if value is not None:
+            return value
+        return MORE if whole_answer(buf, self.tag) is MORE else None
 
     def take(self, value) -> None:
         """threadreads: the answer ``own_answer`` found, read by the asking thread."""

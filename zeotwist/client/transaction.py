@@ -211,7 +211,7 @@ class ClientTransaction:
         tag = thread_tag()
         answer = ThreadAnswer(proto, tag, "Vote", lambda box: _vote_answer(box, proto),
                               self._voted, lambda e: self._answer_failed(e, refused=True),
-                              (fast.read_vote_answer, self._voted))
+                              (fast.match_vote_answer, self._voted))
         self._proto = proto         # read on the reactor thread only once the answer is in
         if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
                                      answer, True):
@@ -235,7 +235,7 @@ class ClientTransaction:
         answer = ThreadAnswer(
             proto, tag, "Finish", lambda box: _finish_answer(box, proto),
             lambda a: self._finished(a, callback), self._answer_failed,
-            (fast.read_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
+            (fast.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
         return answer if proto.ask_from_thread(fast.finish_request(tag), answer, True) else None
 
     def _answer_failed(self, error, refused=False):

@@ -458,6 +458,33 @@ def read_finish_answer(box) -> dict | None:
     return {"tid": box[b"tid"]}
 
 
+def match_vote_answer(buf: bytes, tag: bytes) -> dict | None:
+    """:func:`read_vote_answer`'s dict when ``buf`` is exactly the frame
+    :func:`vote_answer` makes for ``tag``, read from the bytes (a thread
+    reading its own answer: zeotwist.client.threadreads); else None."""
+    c = _VOTED
+    head = len(c[0]) + 2 + len(tag) + len(c[1])
+    if len(buf) < head + 2 + len(c[2]) or not buf.endswith(c[2]) \
+            or buf[:head] != b"".join((c[0], _H(len(tag)), tag, c[1])):
+        return None
+    size = (buf[head] << 8) | buf[head + 1]
+    if size % 8 or head + 2 + size + len(c[2]) != len(buf):
+        return None
+    return {"resolved": [buf[i:i + 8] for i in range(head + 2, head + 2 + size, 8)],
+            "conflicts": b""}
+
+
+def match_finish_answer(buf: bytes, tag: bytes) -> dict | None:
+    """:func:`read_finish_answer`'s dict when ``buf`` is exactly the frame
+    :func:`finish_answer` makes for ``tag``; else None."""
+    c = _FINISHED
+    head = len(c[0]) + 2 + len(tag) + len(c[1])
+    if len(buf) != head + 8 + len(c[2]) or not buf.endswith(c[2]) \
+            or buf[:head] != b"".join((c[0], _H(len(tag)), tag, c[1])):
+        return None
+    return {"tid": buf[head:head + 8]}
+
+
 # -- Invalidate ---------------------------------------------------------------------
 _INVALIDATE = C.Invalidate
 _INVALIDATE_FRAME, slots = _template(_fields(
