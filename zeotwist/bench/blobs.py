@@ -11,17 +11,21 @@ Both clients are ClientStorages with a blob cache directory (ZEO:
 * small: ``--small-count`` blobs of ``--small-kb`` KB, 100 per transaction.
 
 "store" times the commits (the upload included); "load" times ``loadBlob``
-of every blob by a second client with an empty cache (the download).
-Figures are MB/s of blob data, best of ``--repeat`` runs.  With ``--json``
-(how ``python -m zeotwist.bench`` runs it, one system per round) the output
-is one JSON line instead of the table: per operation the rate, and the peak
-RSS of the server and of this client process.
+of every blob by a second client with an empty cache (the download).  Each
+run starts a server on a fresh directory and removes all it wrote
+afterwards; ``--warmup`` untimed runs come first, then ``--repeat`` timed
+ones, the systems alternating (:func:`one_run`).  Figures are MB/s of blob
+data, the median of the timed runs.  With ``--json`` (how ``python -m
+zeotwist.bench`` runs it, one system per round) the output is one JSON
+line instead of the table: per operation the rate, and the peak RSS of the
+server and of this client process.
 """
 import argparse
 import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +37,8 @@ from zeotwist.bench.servers import zeotwist_argv
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
 SMALL_PER_TXN = 100
+#: blobs of this size or more are large: a run removes their files at once
+LARGE = 2**20
 
 
 class BenchServer:
@@ -179,21 +185,54 @@ def load(server, cache: str, refs: list) -> float:
         storage.close()
 
 
-def run_case(server, work: str, name: str, count: int, size: int, per_txn: int,
-             repeat: int) -> dict:
-    best_store = best_load = None
-    for r in range(repeat):
-        sources = _payloads(count, size, work, "%s-%s-%d" % (server.system, name, r))
-        caches = [os.path.join(work, "%s-%s-%d-%s" % (server.system, name, r, side))
-                  for side in ("w", "r")]
-        seconds, refs = store(server, caches[0], sources, per_txn)
-        best_store = seconds if best_store is None else min(best_store, seconds)
-        seconds = load(server, caches[1], refs)
-        best_load = seconds if best_load is None else min(best_load, seconds)
-        for directory in caches:
+def one_run(system: str, work: str, name: str, count: int, size: int,
+            per_txn: int) -> tuple:
+    """One store and load of the case with a server of its own on a fresh
+    directory: ``(store seconds, load seconds, server peak RSS MB)``.
+
+    A run of large blobs removes everything it wrote once it is measured:
+    its files (sources, server blobs, caches) would otherwise pile up in
+    the page cache, and each later run would write into never-touched
+    memory, several times slower on this VM.  A run of small ones keeps its
+    files (the caller removes ``work``): on ext4, creating a file skips the
+    inodes deleted in the last minutes, at a cost per deleted inode, so
+    removing a thousand files slows the next run's file creations
+    (docs/performance.md, "Blobs: a fair measurement").  The dirty pages of
+    the sources (and of the store) are written back (``os.sync``) before
+    each timed phase, so no phase pays for an earlier one's write-back.
+    """
+    directory = tempfile.mkdtemp(prefix="%s-%s-" % (system, name), dir=work)
+    server = BenchServer(system, directory).start()
+    try:
+        sources = _payloads(count, size, directory, "src")
+        caches = [os.path.join(directory, side) for side in ("cache-w", "cache-r")]
+        os.sync()
+        store_s, refs = store(server, caches[0], sources, per_txn)
+        os.sync()
+        load_s = load(server, caches[1], refs)
+        return store_s, load_s, peak_rss_mb(server.process.pid)
+    finally:
+        server.stop()
+        if size >= LARGE:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_case(systems: list, work: str, name: str, count: int, size: int, per_txn: int,
+             repeat: int, warmup: int = 1) -> dict:
+    """``warmup`` untimed runs per system (they touch fresh memory first),
+    then ``repeat`` timed ones, the systems alternating (their order
+    reversed every run); ``{system: {"store", "load" (median MB/s), "rss"}}``."""
+    times = {system: [] for system in systems}
+    for r in range(warmup + repeat):
+        for system in (systems if r % 2 == 0 else systems[::-1]):
+            got = one_run(system, work, name, count, size, per_txn)
+            if r >= warmup:
+                times[system].append(got)
     mb = count * size / 1e6
-    return dict(store=mb / best_store, load=mb / best_load)
+    return {system: dict(store=mb / statistics.median(t[0] for t in runs),
+                         load=mb / statistics.median(t[1] for t in runs),
+                         rss=max((t[2] for t in runs if t[2] is not None), default=None))
+            for system, runs in times.items()}
 
 
 def main(argv=None) -> int:
@@ -203,9 +242,11 @@ def main(argv=None) -> int:
     parser.add_argument("--large-count", type=int, default=4, help="large blobs per run")
     parser.add_argument("--small-kb", type=int, default=10, help="size of a small blob (KB)")
     parser.add_argument("--small-count", type=int, default=1000, help="small blobs per run")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per case (best kept)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs per case (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     parser.add_argument("--systems", default="zeotwist,zeo",
-                        help="comma-separated: zeotwist, zeo")
+                        help="comma-separated: zeotwist, zeo (alternated run by run)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON line (rates and peak RSS) instead of the table")
     parser.add_argument("--workdir", help="where servers and caches live (default: a "
@@ -216,17 +257,10 @@ def main(argv=None) -> int:
              ("small", args.small_count, args.small_kb * 1000, SMALL_PER_TXN)]
     results = {}
     try:
-        for system in args.systems.split(","):
-            directory = os.path.join(work, system)
-            os.makedirs(directory, exist_ok=True)
-            server = BenchServer(system, directory).start()
-            try:
-                for name, count, size, per_txn in cases:
-                    results[system, name] = run_case(server, directory, name, count, size,
-                                                     per_txn, args.repeat)
-                results[system, "rss"] = peak_rss_mb(server.process.pid)
-            finally:
-                server.stop()
+        for name, count, size, per_txn in cases:
+            got = run_case(args.systems.split(","), work, name, count, size, per_txn,
+                           args.repeat, args.warmup)
+            results.update(((system, name), rates) for system, rates in got.items())
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -237,7 +271,7 @@ def main(argv=None) -> int:
 def json_rows(results: dict, cases) -> str:
     """``{system: {"rows": {"blob-large-store": {"rate", "count", "seconds", "extra"}}}}``."""
     out = {}
-    for system in {s for s, _ in results}:
+    for system in dict.fromkeys(s for s, _ in results):
         rows = out.setdefault(system, {"rows": {}})["rows"]
         for name, count, size, _ in cases:
             for op in ("store", "load"):
@@ -245,13 +279,13 @@ def json_rows(results: dict, cases) -> str:
                 rows["blob-%s-%s" % (name, op)] = {
                     "rate": rate, "count": count * size / 1e6, "seconds": count * size / 1e6 / rate,
                     "extra": {"rss_mb": own_peak_rss_mb(),
-                              "server_rss_mb": results[system, "rss"]}}
+                              "server_rss_mb": results[system, name]["rss"]}}
     return json.dumps(out)
 
 
 def report(results: dict, cases) -> str:
     systems = sorted({s for s, _ in results}, key=lambda s: s != "zeotwist")
-    lines = ["blob throughput, MB/s (best of runs; higher is better)", ""]
+    lines = ["blob throughput, MB/s (median of runs; higher is better)", ""]
     head = "%-34s" % "case" + "".join("%12s" % s for s in systems)
     if len(systems) == 2:
         head += "%12s" % "ratio"

@@ -182,7 +182,7 @@ def blobs(settings: Settings, system: str, directory: str) -> dict:
     work = os.path.join(directory, "blobs-%s" % system)
     os.makedirs(work)
     argv = [sys.executable, "-m", "zeotwist.bench.blobs", "--workdir", work, "--json",
-            "--systems", system, "--repeat", "1"] + list(
+            "--systems", system, "--repeat", "2", "--warmup", "1"] + list(
                 QUICK_BLOBS if settings.quick else ()) + list(settings.blob_args)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=BLOBS_TIMEOUT,
