@@ -99,11 +99,11 @@ def test_nothing_listening_is_a_retry_logged_once(tmp_path):
         with socket.socket() as bound:                   # bound, not listening: refused
             bound.bind(("127.0.0.1", 0))
             port = bound.getsockname()[1]
-            start = time.monotonic()
-            with pytest.raises(ClientDisconnected, match="Connection refused"):
+            # retried until wait_timeout: the timeout's message, naming the refusal
+            with pytest.raises(ClientDisconnected,
+                               match="^no connection .* within 1.5 s .*Connection refused"):
                 ClientStorage(("127.0.0.1", port), reactor=background_reactor(),
                               wait_timeout=1.5)
-            assert time.monotonic() - start >= 1.5       # retried until wait_timeout
             assert len(lines) == 1 and lines[0]["log_level"].name == "warn"
             cs = ClientStorage(("127.0.0.1", port), reactor=background_reactor(),
                                wait=False, wait_timeout=10)

@@ -132,9 +132,9 @@ def test_commits_through_either_server_reach_clients_of_both_in_tid_order(
 
 
 def test_a_commit_reaches_the_other_servers_clients_by_notification(pg_dsn, closing):
-    # a poll interval far longer than the test: only notifications can be quick
-    s1 = serve(pg_dsn, closing, poll_interval=30)
-    s2 = serve(pg_dsn, closing, poll_interval=30)
+    # a poll interval far longer than the test: only notifications bring commits over
+    s1 = serve(pg_dsn, closing, poll_interval=3600)
+    s2 = serve(pg_dsn, closing, poll_interval=3600)
     assert s1.server.feed.listener is not None and s2.server.feed.listener is not None
     a, b = client(s1.address), client(s2.address)
     closing(a)
@@ -145,9 +145,8 @@ def test_a_commit_reaches_the_other_servers_clients_by_notification(pg_dsn, clos
     for i in range(10):
         tid = commit(db_a, x=i)
         start = time.monotonic()
-        wait_for(lambda: reached(b, tid), 5, "the other server's client")
+        wait_for(lambda: reached(b, tid), 60, "the other server's client")  # a hang guard
         latencies.append(time.monotonic() - start)
-    assert max(latencies) < 5           # far below the 30 s poll interval
     assert s2.server.feed.stats["notifications"] >= 1
     print("fan-out latency through NOTIFY: median %.1f ms, max %.1f ms"
           % (1000 * statistics.median(latencies), 1000 * max(latencies)))

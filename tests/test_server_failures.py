@@ -19,6 +19,7 @@ from ZODB.POSException import StorageError
 from ZODB.utils import p64, z64
 
 from zeotwist.testing import connect_in_memory, memory_server, start_twistd
+from zeotwist.tools import tid_time
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import encode_store
 
@@ -133,8 +134,9 @@ def test_a_failed_pack_says_why_once_and_gc_free_packs_still_work(tmp_path):
         c.send(C.TpcBegin, user=b"", description=b"", extension=b"")
         c.send(C.StoreData, data=encode_store(z64, z64, b"\x80\x03garbage"))   # the root
         c.ask(C.Vote)
-        c.ask(C.Finish)
-        time.sleep(0.01)          # the pack time must be after the commit's tid
+        tid = c.ask(C.Finish)[b"tid"]
+        while time.time() <= tid_time(tid):     # the pack time must follow the commit's tid
+            time.sleep(0.001)                   # polling the clock, bounded by the tid's time
         failed = c.ask(C.Pack, time=time.time(), gc=True)
         text = failed.get(amp.ERROR_DESCRIPTION, b"").decode()
         assert failed.get(amp.ERROR_CODE) == b"STORAGE", failed
