@@ -25,16 +25,20 @@ process may use it:
 the plain import left out back: the TLS mixins into the TCP transport's
 classes (so existing and new connections get ``startTLS``), the ``tls`` and
 ``ssl`` modules into the reactor base and AMP, the TLS names into the
-endpoints module.  What it patches is Twisted's, named in
-:data:`~zeotwist.twistedcompat` style and checked by
-``tests/test_lazytls.py`` (the Twisted versions of pyproject.toml).
+endpoints module.  Those are Twisted's private names (as in
+:mod:`zeotwist.twistedcompat`), checked by ``tests/test_lazytls.py`` on the
+Twisted versions pyproject.toml allows.
 
 Nothing is hidden when pyOpenSSL was imported already (the process uses TLS
 or imported Twisted's transports first) or is not installed.
+
+Also: :func:`import_plain` makes ``http.cookiejar``, which Twisted imports
+and never uses, load at its first use (:func:`lazy_import`): 1.4 MB more.
 """
 import importlib
 import importlib.util
 import sys
+import threading
 from contextlib import contextmanager
 from functools import wraps
 
@@ -46,6 +50,8 @@ _ENDPOINT_CALLS = ("wrapClientTLS", "wrapServerTLS", "_parseClientTLS")
 
 #: module name -> whether it was imported without TLS and still lacks it
 _lacking = set()
+#: held by :func:`restore` (re-entered when its own import of ``twisted.internet.ssl`` runs the hook)
+_restoring_lock = threading.RLock()
 #: what :func:`_arrange` replaced by :func:`_restoring` wrappers: (owner, name, original)
 _wrapped = []
 
@@ -125,6 +131,11 @@ def restore(_imported: str = "") -> None:
     back; ImportError if pyOpenSSL is not installed.  Idempotent."""
     if not _lacking:
         return
+    with _restoring_lock:
+        _restore(_imported)
+
+
+def _restore(_imported: str) -> None:
     from twisted.internet import _newtls, endpoints, posixbase, ssl, tcp
     from twisted.internet.interfaces import IReactorSSL, ITLSTransport
     from twisted.protocols import _sni, amp, tls
