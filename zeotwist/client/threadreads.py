@@ -70,6 +70,7 @@ MORE = "more"
 PARK_CHECK = 0.002
 #: bytes one ``recv`` of the reading thread asks for
 READ_SIZE = 2**16
+_ONE_READ = (READ_SIZE,)
 #: a reader that holds this many bytes of an unfinished box hands them over
 READ_LIMIT = 2**20
 #: the reading socket's timeout: a wait without a deadline wakes this often
@@ -152,6 +153,8 @@ class ThreadReads:
         transport = self.transport
         if transport is not None and transport.connected and not transport.disconnecting:
             transport.startReading()
+        if self._later:     # no timer now, maybe no box to come (a one-way write)
+            self.owner.reactor.callLater(0, self.publish_pending)
 
     def reactor_writes(self) -> None:
         """Every write on the reactor thread, under the lock: whatever it
@@ -264,64 +267,74 @@ class ThreadReads:
         signal handler raised while the thread waited (then the bytes read
         so far went to the reactor, which handles the answer when it comes)."""
         data, found, error = self._receive(waiter, timeout)
-        with self.send_lock:    # which connectionLost takes: see _take_own
-            own = found is not None and self._take_own(waiter.tag, found)
-            rsock = self._done_reading(data, own)
+        own = False
+        with self.send_lock:    # which connectionLost takes: see _own_receiver
+            try:
+                receiver = None if found is None else self._own_receiver(waiter.tag)
+                if receiver is not None:
+                    own = True          # its bytes are consumed, whatever take raises
+                    receiver.take(found)
+            finally:                    # never leave the socket to this thread
+                rsock = self._done_reading(data, own)
         if rsock is not None:
             rsock.close()
         if error is not None:
             raise error
 
-    def _take_own(self, tag: bytes, found) -> bool:
-        """Under the lock: the reader's answer ``found`` handled here
-        (``receiver.take``: a load's record and the records prefetched with
-        it into the cache; a Finish's commit made visible); False once the
-        connection is gone (its error waits).  The lock keeps a lost
-        connection's ``connectionLost`` (and so the next connection's
-        verification of the cache) behind this: a record stored after that
-        verification would stay current for good, stale, its invalidation
-        lost with the connection."""
-        receiver = None if self._gone else twistedcompat.amp_take_receiver(self, tag, "take")
-        if receiver is None:
-            return False
-        receiver.take(found)
-        return True
+    def _own_receiver(self, tag: bytes):
+        """Under the lock: the receiver to ``take`` the reader's answer
+        here (a load's record and the records prefetched with it into the
+        cache; a Finish's commit made visible); None once the connection is
+        gone (its error waits).  The lock keeps a lost connection's
+        ``connectionLost`` (and so the next connection's verification of
+        the cache) behind the take: a record stored after that verification
+        would stay current for good, stale, its invalidation lost with the
+        connection."""
+        return None if self._gone else twistedcompat.amp_take_receiver(self, tag, "take")
 
     def _receive(self, waiter, timeout: float | None) -> tuple:
         """``(bytes, found, error)``: ``found`` is what ``waiter.own_answer``
         made of the bytes when they are exactly the whole answer it waits
         for, else None; ``error``, None or what the reader raises once the
         bytes are handed over: TimeoutError, or what a signal handler
-        raised in ``recv`` (KeyboardInterrupt, an alarm's exception)."""
-        sock, buf = self._rsock, b""
+        raised in ``recv`` or while the reader looked at the bytes
+        (KeyboardInterrupt, an alarm's exception)."""
+        sock, got = self._rsock, []
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = _wait(timeout)       # the same at every load: no settimeout call
-        while True:
-            if self._rsock_timeout != wait:
-                self._set_timeout(wait)
-            try:
-                chunk = sock.recv(READ_SIZE)
-            except TimeoutError:
-                chunk = None
-            except OSError:
-                return buf, None, None      # the reactor meets the error too
-            except BaseException as e:      # else the socket stays the thread's
-                return buf, None, e
-            if deadline is not None:    # what is left, at most
-                left = deadline - time.monotonic()
-                if chunk is None and left <= 0:
-                    return buf, None, TimeoutError(timeout)
-                wait = _wait(left)
-            if chunk is None:
-                continue
-            if not chunk:
-                return buf, None, None      # the end: the reactor reads it too
-            buf = buf + chunk if buf else chunk
-            found = waiter.own_answer(buf)
-            if found is not MORE:
-                return buf, found, None
-            if len(buf) >= READ_LIMIT:
-                return buf, None, None
+        try:
+            while True:
+                if self._rsock_timeout != wait:
+                    self._set_timeout(wait)
+                read = len(got)
+                try:
+                    # Appended inside C (list.extend of map): an exception a
+                    # signal handler raises once recv returned cannot drop
+                    # the chunk, as it could between ``chunk = recv()``'s
+                    # call and its assignment.
+                    got.extend(map(sock.recv, _ONE_READ))
+                except TimeoutError:
+                    pass
+                except OSError:
+                    return b"".join(got), None, None    # the reactor meets the error too
+                if deadline is not None:    # what is left, at most
+                    left = deadline - time.monotonic()
+                    if len(got) == read and left <= 0:
+                        return b"".join(got), None, TimeoutError(timeout)
+                    wait = _wait(left)
+                if len(got) == read:
+                    continue
+                if not got[-1]:
+                    return b"".join(got), None, None    # the end: the reactor reads it too
+                if len(got) > 1:
+                    got[:] = [b"".join(got)]
+                found = waiter.own_answer(got[0])
+                if found is not MORE:
+                    return got[0], found, None
+                if len(got[0]) >= READ_LIMIT:
+                    return got[0], None, None
+        except BaseException as e:  # a signal handler's, wherever it lands: else the
+            return b"".join(got), None, e   # socket would stay the thread's, bytes lost
 
     def _set_timeout(self, seconds: float) -> None:
         self._rsock.settimeout(seconds)
