@@ -121,3 +121,78 @@ def test_tls_endpoint_strings_after_a_plain_client(servers):
         print(type(endpoint).__name__)
         """, WHOLE)
     assert out.split() == ["_WrapperEndpoint", "whole"]
+
+
+#: a TLS handshake with the test's TLS server over Twisted, with a context of
+#: pyOpenSSL's own (nothing imports twisted.internet.ssl): ``connect(factory)``
+HANDSHAKE = """
+from zope.interface import implementer
+from twisted.internet import protocol, reactor
+from twisted.internet.interfaces import IHandshakeListener
+from OpenSSL import SSL
+
+class Context:
+    def getContext(self):
+        return SSL.Context(SSL.TLS_METHOD)
+
+@implementer(IHandshakeListener)
+class Handshake(protocol.Protocol):
+    def connectionMade(self):
+        if STARTTLS:
+            self.transport.startTLS(Context())
+    def handshakeCompleted(self):
+        print("handshake")
+        self.transport.abortConnection()
+
+class Factory(protocol.ClientFactory):
+    protocol = Handshake
+    def clientConnectionLost(self, connector, reason):
+        reactor.stop()
+    clientConnectionFailed = clientConnectionLost
+
+def start():
+    try:
+        connect(Factory())
+    except Exception as e:
+        print(type(e).__name__, e)
+        reactor.stop()
+
+reactor.callWhenRunning(start)
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("first", ["", "import service_identity"])
+@pytest.mark.parametrize("how", ["connectSSL", "startTLS"])
+def test_twisted_tls_with_a_pyopenssl_context_after_a_plain_client(servers, how, first):
+    """A program that builds its context with pyOpenSSL alone (never
+    importing twisted.internet.ssl) and connects with the reactor's
+    connectSSL, or starts TLS on a TCP connection: importing OpenSSL gives
+    Twisted its TLS back, or else (pyOpenSSL imported by service_identity,
+    which Twisted's TLS modules import: they cannot be whole then) its
+    first use does."""
+    out = run(servers, """
+        storage = plain_client()
+        %s
+        STARTTLS = %r
+        def connect(factory):
+            from twisted.internet import reactor
+            if STARTTLS:
+                reactor.connectTCP("127.0.0.1", int(tls_port), factory)
+            else:
+                reactor.connectSSL("127.0.0.1", int(tls_port), factory, Context())
+        """ % (first, how == "startTLS"), HANDSHAKE, WHOLE)
+    assert out.split() == ["handshake", "whole"]
+
+
+def test_ssl_client_endpoint_strings_after_a_plain_client(servers):
+    """An ssl: client string (endpoints' own parser table) after a plain
+    client, nothing having imported twisted.internet.ssl or OpenSSL."""
+    out = run(servers, """
+        storage = plain_client()
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import clientFromString
+        endpoint = clientFromString(reactor, "ssl:127.0.0.1:%s" % tls_port)
+        print(type(endpoint).__name__)
+        """, WHOLE)
+    assert out.split() == ["SSL4ClientEndpoint", "whole"]

@@ -14,11 +14,19 @@ So zeotwist imports those four modules with pyOpenSSL hidden
 them their TLS support back (:func:`restore`) as soon as anything in the
 process may use it:
 
-* when ``twisted.internet.ssl`` has been imported, by anyone (an import
-  hook): every TLS use of Twisted's starts there (``optionsForClientTLS``,
-  ``CertificateOptions``, ``PrivateCertificate``, context factories);
-* when ``wrapClientTLS``, ``wrapServerTLS`` or a ``tls:`` endpoint string
-  is used (those functions call :func:`restore` first until it has run);
+* when pyOpenSSL has been imported, by anyone (an import hook): every
+  TLS use needs it, also a program's context built with pyOpenSSL alone
+  for ``connectSSL`` or ``startTLS`` (never importing
+  ``twisted.internet.ssl``).  When Twisted's own TLS modules import it,
+  they are not whole yet: the hook tries again as each of them (and
+  ``twisted.internet.ssl``, where Twisted's TLS uses start) is imported;
+* when ``wrapClientTLS``, ``wrapServerTLS``, a ``tls:`` or ``ssl:``
+  client endpoint string, the reactor's ``connectSSL`` or ``listenSSL``
+  or a TCP connection's ``startTLS`` is used (those call :func:`restore`
+  first until it has run: endpoints need Twisted's TLS names before
+  anything imports pyOpenSSL, and the hook's attempt fails when pyOpenSSL
+  is imported by a module that Twisted's TLS modules import in turn,
+  service_identity);
 * when zeotwist itself is asked for TLS (:func:`zeotwist.tls.require_tls`).
 
 :func:`restore` imports pyOpenSSL and Twisted's TLS modules and puts what
@@ -84,6 +92,11 @@ def import_plain(modules=TLS_MODULES) -> bool:
     _lacking.update(name for name in TLS_MODULES if _lacks_tls(name))
     if _lacking:
         _arrange()
+        if sys.modules.get("OpenSSL") is not None:     # by another thread, meanwhile
+            try:
+                restore()
+            except ImportError:
+                pass            # being imported: the hook restores once it is
     return bool(_lacking)
 
 
@@ -171,9 +184,17 @@ def _restore(_imported: str) -> None:
         endpoints._TLSMemoryBIOFactory = endpoints.TLSMemoryBIOFactory = tls.TLSMemoryBIOFactory
     _lacking.clear()
     for owner, name, original in _wrapped:
-        setattr(owner, name, original)
+        _put(owner, name, original)
     del _wrapped[:]
     _SSLImported.remove()
+
+
+def _put(owner, name: str, value) -> None:
+    """``owner``'s attribute ``name`` (its item, for a dict) set to ``value``."""
+    if isinstance(owner, dict):
+        owner[name] = value
+    else:
+        setattr(owner, name, value)
 
 
 def _restoring(function):
@@ -188,23 +209,44 @@ def _arrange() -> None:
     """Make the first TLS use in the process call :func:`restore`."""
     if "twisted.internet.endpoints" in _lacking and not _wrapped:
         endpoints = sys.modules["twisted.internet.endpoints"]
+        parsers = endpoints._clientParsers      # ssl: strings' parser, called from there
         for owner, name in [(endpoints, n) for n in _ENDPOINT_CALLS] + [
-                (endpoints._TLSServerEndpointParser, "parseStreamServer")]:
-            original = getattr(owner, name)
+                (endpoints._TLSServerEndpointParser, "parseStreamServer"), (parsers, "SSL")]:
+            original = parsers[name] if owner is parsers else getattr(owner, name)
             _wrapped.append((owner, name, original))
-            setattr(owner, name, _restoring(original))
+            _put(owner, name, _restoring(original))
+    if "twisted.internet.posixbase" in _lacking:    # a context of pyOpenSSL's own
+        base = sys.modules["twisted.internet.posixbase"].PosixReactorBase
+        for name in ("connectSSL", "listenSSL"):
+            _wrapped.append((base, name, getattr(base, name)))
+            setattr(base, name, _restoring(getattr(base, name)))
+    if "twisted.internet.tcp" in _lacking:          # left out of the classes once restored
+        sys.modules["twisted.internet.tcp"]._TLSConnectionMixin.startTLS = _start_tls
     _SSLImported.install()
 
 
-class _SSLImported:
-    """Calls :func:`restore` once ``twisted.internet.ssl`` has been imported."""
+def _start_tls(self, *args, **kw):
+    """A TCP connection's ``startTLS`` before :func:`restore` (which puts
+    Twisted's own in its class)."""
+    restore()
+    if type(self).startTLS is _start_tls:   # still lacking (never: restore raised)
+        raise AttributeError("startTLS")
+    return self.startTLS(*args, **kw)
 
-    NAME = "twisted.internet.ssl"
+
+class _SSLImported:
+    """Calls :func:`restore` once pyOpenSSL, or one of Twisted's TLS
+    modules, has been imported (the first of them that finds the others
+    whole does it)."""
+
+    NAMES = frozenset({"OpenSSL", "twisted.internet.ssl", "twisted.internet._sslverify",
+                       "twisted.internet._newtls", "twisted.protocols.tls",
+                       "twisted.protocols._sni"})
     _installed = None
 
     @classmethod
     def install(cls) -> None:
-        if cls._installed is None and cls.NAME not in sys.modules:
+        if cls._installed is None:
             cls._installed = cls()
             sys.meta_path.insert(0, cls._installed)
 
@@ -215,7 +257,7 @@ class _SSLImported:
         cls._installed = None
 
     def find_spec(self, name, path, target=None):
-        if name != self.NAME:
+        if name not in self.NAMES:
             return None
         for finder in sys.meta_path:
             if finder is not self and hasattr(finder, "find_spec"):
@@ -231,8 +273,8 @@ class _SSLImported:
             exec_module(module)
             try:
                 restore(module.__name__)
-            except ImportError:     # a module it needs is still being imported: at first use
-                pass
+            except Exception:   # what it imports needs a module still being imported
+                pass            # (service_identity imports OpenSSL): at the next or first use
         spec.loader = _Loader(loader, exec_then_restore)
         return spec
 
