@@ -1,4 +1,5 @@
-"""The server process's glibc ``malloc``: keep freed buffers of up to 32 MiB.
+"""The server process's glibc ``malloc``: keep freed buffers of up to 32 MiB,
+one arena, and give what was freed back every few seconds.
 
 Blob pieces and big records pass through buffers of about 1 MiB (a socket
 read, a file read, a frame), and a big record's load reads it whole (10 MB
@@ -10,16 +11,19 @@ system past its trim threshold, so each such buffer costs a page fault per
 throughput (docs/performance.md, "Blob transfers"); a 10 MB record read
 into a fresh mapping cost 2,441 faults, about 6 ms of a 10 ms load
 ("Big records after other work").  :func:`tune_malloc`
-sets both thresholds once, for the ``twistd zeotwist`` process only (a
+sets both thresholds once, for the server process only (``twistd zeotwist``,
+``zeotwist serve``; a
 program embedding the server or the client keeps its own settings).  An
 environment that already sets them (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``) wins.
 
 The cost: up to ``TRIM_THRESHOLD`` bytes of freed memory stay with the
-process instead of going back to the system.
+process instead of going back to the system, until :func:`trim_periodically`
+gives them back (every :data:`TRIM_INTERVAL` seconds, ``malloc_trim``: tens of
+microseconds; a burst of big loads meanwhile pays the page faults once per
+interval, not once per load).
 """
 import ctypes
-import ctypes.util
 import os
 
 #: allocations up to this size come from the heap (glibc's default: 128 KiB,
@@ -29,35 +33,64 @@ MMAP_THRESHOLD = 32 * 2**20
 #: free memory kept at the top of the heap before it is given back (twice
 #: the mmap threshold, as glibc's own adaptive setting keeps)
 TRIM_THRESHOLD = 64 * 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3       # glibc's malloc.h
+#: seconds between two :func:`release_free_memory` calls of a running server
+TRIM_INTERVAL = 5.0
+#: malloc arenas: one, shared by every thread (glibc's default: up to 8 per
+#: core, one per thread that allocates).  A worker thread's arena keeps what
+#: it freed at its top, which ``malloc_trim`` gives back only for the main
+#: arena: a 10 MB store voted in a storage thread left 10 MB resident for
+#: good; with one arena the next allocation of any thread reuses it, and
+#: the trim gives it back (threads take turns under the GIL anyway)
+ARENA_MAX = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8     # glibc's malloc.h
 
 
-def _libc():
-    return ctypes.CDLL(ctypes.util.find_library("c") or None)
+def _libc_function(name: str, argtypes: list):
+    """A C library function of this process (None without it: not glibc).
+    The process's own symbols, not ``ctypes.util.find_library``, which runs
+    ``ldconfig`` in a subprocess."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
 def release_free_memory() -> bool:
-    """Give the memory that start-up freed (imports, reading the index) back
-    to the system now (glibc ``malloc_trim``; the trim threshold above keeps
-    it otherwise); False without glibc."""
-    try:
-        malloc_trim = _libc().malloc_trim
-    except (OSError, AttributeError):
+    """Give freed memory back to the system now (glibc ``malloc_trim``: the
+    free top of every arena, and the free pages within them; the trim
+    threshold above keeps it otherwise); False without glibc."""
+    malloc_trim = _libc_function("malloc_trim", [ctypes.c_size_t])
+    if malloc_trim is None:
         return False
-    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     malloc_trim(0)
     return True
 
 
+def trim_periodically(reactor, interval: float = TRIM_INTERVAL):
+    """:func:`release_free_memory` now (what start-up freed: 0.5-1 MB) and
+    every ``interval`` seconds (what a burst of big records or blob pieces
+    freed: up to tens of MB); the LoopingCall, or None without glibc."""
+    if not release_free_memory():
+        return None
+    from twisted.internet.task import LoopingCall
+    loop = LoopingCall(release_free_memory)
+    loop.clock = reactor
+    loop.start(interval, now=False)
+    return loop
+
+
 def tune_malloc() -> bool:
-    """Set glibc's mmap and trim thresholds (above); False where there is
-    no glibc ``mallopt`` or the environment sets them already."""
+    """Set glibc's mmap and trim thresholds and its arena count (above);
+    False where there is no glibc ``mallopt`` or the environment sets the
+    thresholds already (``MALLOC_ARENA_MAX`` in the environment wins too)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False
-    try:
-        mallopt = _libc().mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        mallopt(_M_ARENA_MAX, ARENA_MAX)
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -25,7 +25,7 @@ from zeotwist.server import footprint
 from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, read_config
 from zeotwist.server.service import (   # ServerService & co. are imported from here too
     FileStorageFile, ServerService, StorageOpenError, format_address, open_storage)
-from zeotwist.server.malloc import release_free_memory, tune_malloc
+from zeotwist.server.malloc import trim_periodically, tune_malloc
 from zeotwist.server.settings import (
     DEFAULT_LISTEN, FLAG, LIST, VALUE, ServerSettings, cli_name, help_text, layered,
     option_fields)
@@ -196,7 +196,7 @@ _add_list_options(Options)
 def makeService(options: Options) -> ServerService:
     from twisted.internet import reactor
     tune_malloc()               # buffers of ~1 MiB without a page fault per 4 KiB
-    reactor.callWhenRunning(release_free_memory)    # what start-up freed: 0.5-1 MB
+    reactor.callWhenRunning(trim_periodically, reactor)   # freed memory back, now and then
     if options.eventlog is not None:        # a zeo.conf's <eventlog>
         log_to_python_logging(options.eventlog)
     else:
