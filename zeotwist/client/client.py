@@ -273,7 +273,7 @@ class Client(StorageCallsMixin):
         proto = self.connector.protocol
         if proto is None or oid + tid in self._loads or calls_pending(self.reactor):
             return None
-        return proto.load_before_from_thread(oid, tid, self.cache.store)
+        return proto.load_before_from_thread(oid, tid, self.cache.store, self.cache.make_room)
 
     def catch_up(self, timeout: float) -> None:
         """From a thread other than the reactor's: handle what the server

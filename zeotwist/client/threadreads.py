@@ -61,11 +61,11 @@ import time
 from twisted.protocols import amp
 
 from zeotwist import twistedcompat
+from zeotwist.client.longreads import MORE, LongAnswer
 from zeotwist.wire import fast, prefetch
 
 REACTOR, PARKED, THREAD, RETURNING = "reactor", "parked", "thread", "returning"
-#: ``own_answer``: the bytes so far are the start of a box, not all of it
-MORE = "more"
+# MORE (``own_answer``): the bytes so far are the start of a box, not all of it
 #: seconds between the reactor's looks at a parked socket nobody reads
 PARK_CHECK = 0.002
 #: bytes one ``recv`` of the reading thread asks for
@@ -298,43 +298,55 @@ class ThreadReads:
         for, else None; ``error``, None or what the reader raises once the
         bytes are handed over: TimeoutError, or what a signal handler
         raised in ``recv`` or while the reader looked at the bytes
-        (KeyboardInterrupt, an alarm's exception)."""
-        sock, got = self._rsock, []
+        (KeyboardInterrupt, an alarm's exception).  A big record's answer is
+        read through a ``longreads.LongAnswer``, which then stands for the bytes."""
+        sock, got, long = self._rsock, [], None
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = _wait(timeout)       # the same at every load: no settimeout call
         try:
             while True:
                 if self._rsock_timeout != wait:
                     self._set_timeout(wait)
-                read = len(got)
+                came = None         # None: nothing (a timeout); False: the end
                 try:
-                    # Appended inside C (list.extend of map): an exception a
-                    # signal handler raises once recv returned cannot drop
-                    # the chunk, as it could between ``chunk = recv()``'s
-                    # call and its assignment.
-                    got.extend(map(sock.recv, _ONE_READ))
+                    if long is not None:
+                        came = long.receive(sock)
+                    else:
+                        # Appended inside C (list.extend of map): an exception
+                        # a signal handler raises once recv returned cannot
+                        # drop the chunk, as it could between ``chunk =
+                        # recv()``'s call and its assignment.
+                        got.extend(map(sock.recv, _ONE_READ))
+                        came = bool(got[-1])
                 except TimeoutError:
                     pass
                 except OSError:
-                    return b"".join(got), None, None    # the reactor meets the error too
+                    return long or b"".join(got), None, None    # the reactor meets it too
                 if deadline is not None:    # what is left, at most
                     left = deadline - time.monotonic()
-                    if len(got) == read and left <= 0:
-                        return b"".join(got), None, TimeoutError(timeout)
+                    if came is None and left <= 0:
+                        return long or b"".join(got), None, TimeoutError(timeout)
                     wait = _wait(left)
-                if len(got) == read:
+                if came is None:
                     continue
-                if not got[-1]:
-                    return b"".join(got), None, None    # the end: the reactor reads it too
+                if not came:
+                    return long or b"".join(got), None, None    # the end: the reactor's too
+                if long is not None:        # a big record, read into its own bytes
+                    found = long.answer()
+                    if found is not MORE:
+                        return long, found, None
+                    continue
                 if len(got) > 1:
                     got[:] = [b"".join(got)]
                 found = waiter.own_answer(got[0])
-                if found is not MORE:
+                if type(found) is LongAnswer:
+                    long = found
+                elif found is not MORE:
                     return got[0], found, None
-                if len(got[0]) >= READ_LIMIT:
+                elif len(got[0]) >= READ_LIMIT:
                     return got[0], None, None
         except BaseException as e:  # a signal handler's, wherever it lands: else the
-            return b"".join(got), None, e   # socket would stay the thread's, bytes lost
+            return long or b"".join(got), None, e   # socket would stay the thread's
 
     def _set_timeout(self, seconds: float) -> None:
         self._rsock.settimeout(seconds)
@@ -350,6 +362,8 @@ class ThreadReads:
             self.read_state = REACTOR
             return rsock
         if not own or self._give_back:
+            if not own and type(data) is LongAnswer:
+                data = data.received()
             self.read_state = RETURNING
             self.owner.reactor.callFromThread(self._take_back, b"" if own else data)
         else:

@@ -47,6 +47,7 @@ from _thread import allocate_lock
 from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
+from zeotwist.client import longreads
 from zeotwist.client.threadreads import MORE, ThreadReads, parse_load_answer, whole_answer
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import fast
@@ -103,13 +104,14 @@ class ThreadWrites(ThreadReads):
                 self._gone = True
                 self.stop_thread_reads()
 
-    def load_before_from_thread(self, oid: bytes, tid: bytes, store):
+    def load_before_from_thread(self, oid: bytes, tid: bytes, store, make_room=None):
         """From a thread other than the reactor's: send LoadBefore and return a
         :class:`ThreadLoad` to wait on, or None (send it the usual way).
         ``store(oid, start, end, data)`` is called on the reactor thread
-        with the record found, before the waiter wakes."""
+        with the record found, before the waiter wakes; ``make_room(size)``,
+        before a big record of ``size`` bytes is read (ClientCache.make_room)."""
         tag = thread_tag()
-        load = ThreadLoad(self, tag, oid, store)
+        load = ThreadLoad(self, tag, oid, store, make_room)
         return load if self.ask_from_thread(fast.load_before_request(tag, oid, tid), load,
                                             True) else None
 
@@ -260,11 +262,11 @@ class ThreadLoad(_ThreadWaiter):
     thread: the answer is parsed and stored on the reactor thread, then
     the waiting thread is woken by releasing :attr:`lock`."""
 
-    __slots__ = ("oid", "store")
+    __slots__ = ("oid", "store", "make_room")
 
-    def __init__(self, proto, tag: bytes, oid: bytes, store):
+    def __init__(self, proto, tag: bytes, oid: bytes, store, make_room=None):
         super().__init__(proto, tag)
-        self.oid, self.store = oid, store
+        self.oid, self.store, self.make_room = oid, store, make_room
 
     def callback(self, box) -> None:
         proto = self.proto
@@ -285,18 +287,27 @@ class ThreadLoad(_ThreadWaiter):
 
     def own_answer(self, buf: bytes):
         """threadreads: ``(record, prefetched records or None)`` when
-        ``buf`` is exactly the whole answer to this load."""
+        ``buf`` is exactly the whole answer to this load; a
+        :class:`~zeotwist.client.longreads.LongAnswer` when it begins one
+        whose record is a long entry (the reader reads the rest through it)."""
         match = fast.match_load_before_answer(buf, 0)
         if match is not None:               # the usual answer, read from the bytes
             own = match[0] == self.tag and match[2] == len(buf)
             return (match[1], None) if own else None
+        long = longreads.start(buf, self.tag, self.proto.maxBoxBytes, self._parse,
+                               self.make_room)
+        if long is not None:                # a big record: read into its own bytes
+            return long
         box = whole_answer(buf, self.tag)
         if box is None or box is MORE:
             return box
         try:                                # with prefetched records, or cut in pieces
-            return parse_load_answer(box, self.proto)
+            return self._parse(box)
         except Exception:
             return None                     # the reactor drops the connection for it
+
+    def _parse(self, box) -> tuple:
+        return parse_load_answer(box, self.proto)
 
     def take(self, found) -> None:
         """threadreads: the answer, read by the loading thread: its

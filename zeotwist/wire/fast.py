@@ -272,6 +272,31 @@ def match_load_before_answer(buf: bytes, off: int) -> tuple | None:
             stop)
 
 
+def match_load_before_long_head(buf: bytes, off: int) -> tuple | None:
+    """``(tag, size, at)`` when ``buf`` holds at ``off`` the head of an
+    answer to LoadBefore ``tag`` whose record is a long entry (as
+    :func:`load_before_answer_parts` frames one for a peer that reads them)
+    of ``size`` bytes, starting at ``at``; ``()`` for the start of such a
+    head, not whole yet; None for anything else.  The head is the same
+    whatever follows the record."""
+    c, n = _LOAD_ANSWERS[True, False, False], len(buf)
+    if not buf.startswith(c[0], off):
+        return () if c[0].startswith(buf[off:]) else None
+    at = off + len(c[0])
+    if n < at + 2:
+        return ()
+    tag_at = at + 2
+    tag_end = tag_at + ((buf[at] << 8) | buf[at + 1])
+    size_at = tag_end + len(c[1])
+    if n < tag_end:
+        return ()
+    if not c[1].startswith(buf[tag_end:size_at]):
+        return None
+    if n < size_at + 4:
+        return ()
+    return buf[tag_at:tag_end], int.from_bytes(buf[size_at:size_at + 4], "big"), size_at + 4
+
+
 def read_load_before_answer(box, proto) -> tuple | None:
     """``(data, start, end)`` or None from a LoadBefore answer box; raises
     on a malformed one (a record over 64 KiB is read through the declaration)."""
