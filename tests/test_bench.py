@@ -179,3 +179,19 @@ def test_group_results_combine_and_lost_updates_are_counted():
     assert combine([_proc(5, 0, 10, True), _proc(5, 0, 9, True)])["extra"]["lost"] == 1
     assert combine([_proc(5, 3, 8, False), _proc(5, 0, 4, False)])["extra"]["lost"] == 1
     assert "lost" not in combine([{"count": 3, "seconds": 1.0, "extra": {"samples": [1]}}])["extra"]
+
+
+def test_the_bench_runs_zeotwist_from_bytecode_as_zeo_runs():
+    """ZEO's modules come with their bytecode (pip writes it); the bench
+    writes zeotwist's, so its processes do not compile them from source
+    where PYTHONDONTWRITEBYTECODE is set (docs/performance.md, "Memory")."""
+    import importlib.util
+    import os
+
+    import zeotwist.wire.prefetch
+    from zeotwist.bench.__main__ import precompile
+    cached = importlib.util.cache_from_source(zeotwist.wire.prefetch.__file__)
+    if os.path.exists(cached):
+        os.unlink(cached)
+    precompile()
+    assert os.path.exists(cached)

@@ -98,6 +98,20 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def precompile() -> None:
+    """Write the bytecode of zeotwist's modules, as ``pip install`` does.
+
+    ZEO's modules come with theirs; a zeotwist checkout run where
+    ``PYTHONDONTWRITEBYTECODE`` is set (this project's machines) has none,
+    and then every client and server process compiles its zeotwist modules
+    from source: 1-2 MB more of peak memory each (docs/performance.md,
+    "Memory").  Best effort: nothing is written to a read-only tree."""
+    import compileall
+    import os
+    import zeotwist
+    compileall.compile_dir(os.path.dirname(zeotwist.__file__), quiet=2)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     # SIGTERM unwinds like Ctrl-C, so the servers' finally blocks run.
@@ -113,6 +127,7 @@ def main(argv=None) -> int:
                         records=args.records, record_mb=args.record_mb,
                         cases=args.cases, quick=args.quick, local=args.local,
                         blob_args=tuple(shlex.split(args.blob_args)))
+    precompile()
     try:
         results = run(settings, systems)
     except (BenchError, ServerError) as e:
