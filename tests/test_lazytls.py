@@ -196,3 +196,46 @@ def test_ssl_client_endpoint_strings_after_a_plain_client(servers):
         print(type(endpoint).__name__)
         """, WHOLE)
     assert out.split() == ["SSL4ClientEndpoint", "whole"]
+
+
+def test_a_thread_importing_twisted_tls_while_another_restores_does_not_deadlock(servers):
+    """Thread A restores (a first use: its wrapClientTLS, connectSSL...)
+    while thread B imports twisted.internet.ssl, which runs the import
+    hook while B holds that import's lock: B must not wait for A's
+    restore, which waits for B's import.  (30 s: a hang guard.)"""
+    out = run(servers, """
+        import os, threading
+        from zeotwist import lazytls
+        storage = plain_client()
+        a_restores, b_imports = threading.Event(), threading.Event()
+        real = lazytls._restore
+
+        def restore_once_b_imports(imported):
+            a_restores.set()
+            b_imports.wait(30)
+            real(imported)
+
+        class Watch:        # B holds twisted.internet.ssl's import lock when it looks for these
+            def find_spec(self, name, path, target=None):
+                if name in ("OpenSSL", "twisted.internet._sslverify") \\
+                        and threading.current_thread().name == "B":
+                    b_imports.set()
+                return None
+
+        def b():
+            a_restores.wait(30)
+            import twisted.internet.ssl
+
+        lazytls._restore = restore_once_b_imports
+        sys.meta_path.insert(0, Watch())
+        threads = [threading.Thread(target=lazytls.restore, name="A"),
+                   threading.Thread(target=b, name="B")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        if any(t.is_alive() for t in threads):
+            print("deadlock", flush=True)
+            os._exit(0)
+        """, WHOLE)
+    assert out.split() == ["whole"]

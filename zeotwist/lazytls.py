@@ -94,7 +94,7 @@ def import_plain(modules=TLS_MODULES) -> bool:
         _arrange()
         if sys.modules.get("OpenSSL") is not None:     # by another thread, meanwhile
             try:
-                restore()
+                restore(wait=False)     # (in an import: see restore)
             except ImportError:
                 pass            # being imported: the hook restores once it is
     return bool(_lacking)
@@ -139,13 +139,19 @@ def lacking() -> set:
     return set(_lacking)
 
 
-def restore(_imported: str = "") -> None:
+def restore(_imported: str = "", wait: bool = True) -> None:
     """Give Twisted's modules imported without pyOpenSSL their TLS support
-    back; ImportError if pyOpenSSL is not installed.  Idempotent."""
+    back; ImportError if pyOpenSSL is not installed.  Idempotent.  Without
+    ``wait`` (the import hook, which holds an import's lock): nothing when
+    another thread is restoring, whose imports may wait for that lock."""
     if not _lacking:
         return
-    with _restoring_lock:
+    if not _restoring_lock.acquire(wait):
+        return
+    try:
         _restore(_imported)
+    finally:
+        _restoring_lock.release()
 
 
 def _restore(_imported: str) -> None:
@@ -272,7 +278,7 @@ class _SSLImported:
         def exec_then_restore(module):
             exec_module(module)
             try:
-                restore(module.__name__)
+                restore(module.__name__, wait=False)
             except Exception:   # what it imports needs a module still being imported
                 pass            # (service_identity imports OpenSSL): at the next or first use
         spec.loader = _Loader(loader, exec_then_restore)
