@@ -68,11 +68,13 @@ def run(servers, *code: str) -> str:
 
 def test_a_plain_client_loads_no_tls_where_pyopenssl_is_installed(servers):
     """Nor http.cookiejar (urllib.request, http.client, email), which
-    Twisted imports and does not use: it loads when first used."""
+    Twisted imports and does not use: it loads when first used; nor hashlib
+    (OpenSSL's digests), which only a persistent cache file needs."""
     out = run(servers, """
         storage = plain_client()
         print(loaded())
-        print(sorted(m for m in ("urllib.request", "http.client", "email") if m in sys.modules))
+        print(sorted(m for m in ("urllib.request", "http.client", "email", "hashlib")
+                     if m in sys.modules))
         storage.close()
         import http.cookiejar
         print(http.cookiejar.CookieJar().__class__.__name__)
