@@ -235,9 +235,12 @@ def _start_tls(self, *args, **kw):
     """A TCP connection's ``startTLS`` before :func:`restore` (which puts
     Twisted's own in its class)."""
     restore()
-    if type(self).startTLS is _start_tls:   # still lacking (never: restore raised)
+    if getattr(type(self).startTLS, "lacking_tls", False):     # never: restore raised
         raise AttributeError("startTLS")
     return self.startTLS(*args, **kw)
+
+
+_start_tls.lacking_tls = True
 
 
 class _SSLImported:
@@ -310,5 +313,8 @@ class _FirstSubmodule:
     def find_spec(self, name, path, target=None):
         if name.startswith(self.prefix) and self in sys.meta_path:
             sys.meta_path.remove(self)
+            # A finder runs under the global import lock (importlib's
+            # _find_spec, Python 3.10-3.13): another thread's import waits
+            # for the end of this one and never meets pyOpenSSL hidden.
             import_plain()
         return None
