@@ -41,8 +41,14 @@ _deferred = False
 
 
 def import_tap():
-    """The plugin's import of :mod:`zeotwist.server.tap` (see the module docstring)."""
+    """The plugin's import of :mod:`zeotwist.server.tap` (see the module
+    docstring); under ``zeotwist serve``, where Twisted is not imported yet,
+    ``http.cookiejar`` too is left to its first use (0.2 MB; Twisted's
+    compat imports it, nothing in a server uses it)."""
     global _deferred
+    if "twisted.python.compat" not in sys.modules:
+        from zeotwist.lazytls import lazy_import
+        lazy_import("http.cookiejar")
     with openssl_hidden() as hidden:
         tap = importlib.import_module("zeotwist.server.tap")
     _deferred = _deferred or hidden

@@ -22,11 +22,11 @@ import sys
 
 def main(argv: list) -> int:
     """Parse ``argv`` (the server's options), serve until stopped; the exit status."""
+    from zeotwist.server.footprint import import_tap
+    tap = import_tap()          # first: Twisted without pyOpenSSL, http.cookiejar lazy
     from twisted.python import usage
 
     from zeotwist.errors import StartupFailed
-    from zeotwist.server.footprint import import_tap
-    tap = import_tap()          # without pyOpenSSL unless the options ask for TLS
     options = tap.Options()
     options.synopsis = "Usage: zeotwist serve [options]"
     try:
