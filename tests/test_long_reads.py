@@ -8,8 +8,12 @@ without the reactor, and the reader takes no byte past its answer; a
 connection lost, or a signal, mid-record hands every byte read to the
 reactor in order and caches nothing; a record announced over the box limit
 is left to the reactor, which refuses it.  The cache makes room for a big
-record before it arrives.  Live: cold loads of big records against a real
-server take this path.
+record before it arrives.  The reactor's parser, on the client, writes a
+long value into its own object too (every cut of the bytes; a connection
+lost midway caches nothing), and reads the rest of it straight from the
+socket; the server's keeps pieces of what came (a client's announced size
+takes no memory).  Live: cold loads of big records against a real server
+take these paths.
 """
 import os
 
@@ -21,12 +25,15 @@ from twisted.python.failure import Failure
 from ZODB.tests.MinPO import MinPO
 from ZODB.utils import maxtid, p64
 
-from zeotwist.client import longreads
+from zeotwist import twistedcompat
 from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
+from zeotwist.client.longreads import ValueBuffer
 from zeotwist.client.threadreads import PARKED, RETURNING
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import fast
-from tests.test_thread_loads import OID, TID
+from zeotwist.server.session import ServerSession
+from tests.test_long_entries import BIG, END, START, Receiver
+from tests.test_thread_loads import OID, TID, connected
 from tests.test_thread_reads import (  # noqa: F401 (served: a fixture)
     invalidate, parked, read_only, run_queued, served, storage, world)
 
@@ -202,15 +209,18 @@ def test_the_cache_makes_room_for_a_big_record_before_it_arrives():
     assert made == [len(RECORD)]
 
 
-def test_live_cold_loads_of_big_records_are_read_by_the_thread(served, monkeypatch):
-    started = []
-    real = longreads.LongAnswer.__init__
+def test_live_cold_loads_of_big_records_are_read_into_their_own_objects(served, monkeypatch):
+    """Whoever reads each answer (the loading thread, or the reactor when
+    its park timer took the socket back), the record is written into one
+    object of its size."""
+    made = []
+    real = ValueBuffer.__init__
 
-    def counting(self, head, size, parse):
-        started.append(size)
-        real(self, head, size, parse)
+    def counting(self, size):
+        made.append(size)
+        real(self, size)
 
-    monkeypatch.setattr(longreads.LongAnswer, "__init__", counting)
+    monkeypatch.setattr(ValueBuffer, "__init__", counting)
     records = [os.urandom(3 * MB) + bytes([i]) for i in range(4)]
     db = ZODB.DB(storage(served))
     try:
@@ -222,6 +232,7 @@ def test_live_cold_loads_of_big_records_are_read_by_the_thread(served, monkeypat
         oids = [root[i]._p_oid for i in range(len(records))]
     finally:
         db.close()
+    del made[:]
     reader = storage(served)
     try:
         fs = served.server.storage
@@ -229,4 +240,78 @@ def test_live_cold_loads_of_big_records_are_read_by_the_thread(served, monkeypat
             assert reader.loadBefore(oid, maxtid) == fs.loadBefore(oid, maxtid)
     finally:
         reader.close()
-    assert len(started) >= 2, started                  # the first is the reactor's
+    assert len(made) == len(records) and min(made) > 3 * MB, made
+
+
+# -- the reactor's parser ------------------------------------------------------------
+
+class ClientReceiver(Receiver):
+    long_buffer = ValueBuffer
+
+
+@pytest.mark.parametrize("cut", [1, 7, 4096, 65536, 10**9])
+def test_the_clients_parser_writes_a_long_value_into_its_own_object_at_every_cut(cut):
+    frame = fast.load_before_answer(b"1", (BIG, START, END), long_values=True) * 2
+    r, buffers = ClientReceiver(), []
+    for off in range(0, len(frame), cut):
+        r.dataReceived(frame[off:off + cut])
+        if r._long is not None:
+            buffers.append(r._long[2])
+    assert [box[b"data"] for box in r.boxes] == [BIG, BIG] and r.violations == []
+    assert all(type(b) is ValueBuffer for b in buffers)
+    if cut < len(BIG):                                  # (else each came whole)
+        assert {id(b.value()) for b in buffers} == {id(box[b"data"]) for box in r.boxes}
+
+
+def test_the_servers_parser_keeps_only_what_came_of_an_announced_value():
+    assert ServerSession.long_buffer is None and Receiver.long_buffer is None
+    r = Receiver()
+    r.dataReceived(fast.store_data(bytes(3 * 2**20), long_values=True)[:1000])
+    pieces = r._long[2]
+    assert type(pieces) is list and sum(len(p) for p in pieces) < 1000
+
+
+def test_a_connection_lost_midway_through_the_reactors_read_caches_nothing():
+    proto, sock, owner = connected()
+    made = []
+    load = proto.load_before_from_thread(OID, TID, lambda *a: made.append(a))
+    assert not load.reading                             # the reactor reads this one
+    proto.dataReceived(big_answer(load.tag)[:5 * MB])
+    assert type(proto._long[2]) is ValueBuffer
+    proto.connectionLost(Failure(ConnectionLost("gone")))
+    with pytest.raises(ClientDisconnected):
+        load.wait(0)
+    assert made == []
+
+
+def test_live_the_reactor_reads_the_rest_of_a_big_record_from_the_socket(served, monkeypatch):
+    """A load through the Deferred API (the reactor reads its answer): the
+    record's bytes after the first read come straight from the socket."""
+    taken = []
+    real = twistedcompat.read_into
+
+    def counting(transport, view):
+        n = real(transport, view)
+        taken.append(n)
+        return n
+
+    monkeypatch.setattr(twistedcompat, "read_into", counting)
+    record = os.urandom(3 * MB)
+    db = ZODB.DB(storage(served))
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root["big"] = MinPO(record)
+        tm.commit()
+        oid = root["big"]._p_oid
+    finally:
+        db.close()
+    reader = storage(served)
+    try:
+        from zeotwist.client.reactorthread import blocking_call
+        client = reader.client
+        got = blocking_call(client.reactor, client.load_before, oid, maxtid, timeout=10)
+        assert got == served.server.storage.loadBefore(oid, maxtid)
+    finally:
+        reader.close()
+    assert sum(taken) > MB, taken

@@ -216,6 +216,24 @@ def test_read_size_sets_and_restores_the_recv_size():
     compat.read_size(StringTransport(), 2**20)             # nothing for other transports
 
 
+def test_read_into_takes_what_has_arrived_on_the_socket_without_waiting():
+    import socket
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)                               # as Twisted's sockets are
+    fd = _Socketish(take=10)
+    fd.getHandle = lambda: ours
+    assert "self.socket.recv" in inspect.getsource(tcp.Connection.doRead)
+    view = memoryview(bytearray(10))
+    assert compat.read_into(fd, view) == 0                # nothing yet: no wait
+    theirs.sendall(b"abcdefghijklmn")
+    assert compat.read_into(fd, view) == 10 and bytes(view) == b"abcdefghij"
+    theirs.close()
+    assert compat.read_into(fd, view[:8]) == 4 and bytes(view[:4]) == b"klmn"
+    assert compat.read_into(fd, view) == 0 and ours.recv(1) == b""   # the end stays
+    assert compat.read_into(StringTransport(), view) == 0  # not a socket transport
+    ours.close()
+
+
 def test_tls_flush_clock_is_moved():
     from twisted.internet.ssl import optionsForClientTLS
     from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -318,7 +336,7 @@ def test_logging_begun(monkeypatch):
                                   "calls_pending", "idle_seen_from_thread", "amp_take_receiver",
                                   "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
-                                  "discard_output",
+                                  "discard_output", "read_into",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "service_protocol", "silence_lost_notification",
                                   "logging_begun", "stopped_by_signal", "forget_exit_signal"])

@@ -12,6 +12,7 @@ Runs wherever its callers run (the reactor thread, except
 :func:`private_reactor`, which builds a reactor for its own thread).
 """
 import importlib
+import socket
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorCore
@@ -190,6 +191,26 @@ def read_size(transport, size: int | None = None) -> None:
             transport.__dict__.pop("bufferSize", None)
         else:
             transport.bufferSize = size
+
+
+def read_into(transport, view) -> int:
+    """Read what has already arrived on a socket transport's socket into
+    ``view`` (at most its length), without waiting, past Twisted's own
+    ``doRead``: the bytes read.  0 for other transports (TLS: Twisted
+    decrypts), and it stops at the connection's end or an error, which
+    Twisted's next read meets (an end stays readable)."""
+    if not isinstance(transport, FileDescriptor) or not hasattr(transport, "getHandle"):
+        return 0
+    sock, total, size = transport.getHandle(), 0, len(view)
+    while total < size and isinstance(sock, socket.socket):
+        try:
+            n = sock.recv_into(view[total:])
+        except OSError:     # BlockingIOError: nothing more yet
+            break
+        if not n:
+            break
+        total += n
+    return total
 
 
 def discard_output(transport) -> None:

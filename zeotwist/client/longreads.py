@@ -5,13 +5,17 @@ one value over 64 KiB, 10 MB in the bench) used to arrive as pieces that
 were joined once: the kernel copied the record into the pieces, the join
 copied it again into fresh memory, and while the client cache filled, that
 fresh memory cost a page fault per 4 KiB (docs/performance.md, "Big
-records").  :class:`LongAnswer` reads the value with ``recv_into`` into the
-very ``bytes`` object the cache and the caller then get: it is allocated
-zero-filled (``bytes(size)``: ``calloc``, whose fresh pages are mapped on
-first write, by the kernel's copy) inside an ``io.BytesIO``, whose
-``getbuffer()`` writes into it and whose ``getvalue()`` hands the object
-itself back once the view is released (CPython; elsewhere ``getvalue``
-copies, which is correct, only slower).  No copy besides the kernel's.
+records").  Now the value is read with ``recv_into`` into the very
+``bytes`` object the cache and the caller then get (:class:`ValueBuffer`):
+it is allocated zero-filled (``bytes(size)``: ``calloc``, whose fresh pages
+are mapped on first write, by the kernel's copy) inside an ``io.BytesIO``,
+whose ``getbuffer()`` writes into it and whose ``getvalue()`` hands the
+object itself back once the view is released (CPython; elsewhere
+``getvalue`` copies, which is correct, only slower).  No copy besides the
+kernel's: by the loading thread (:class:`LongAnswer`), or by the reactor
+(``ClientProtocol.long_buffer``: the parser of :mod:`zeotwist.wire.framing`
+copies what Twisted read, then reads the rest of the value from the socket
+itself, ``twistedcompat.read_into``).
 
 The rest of the answer (its tail: ``end``, ``found``, ``prefetch``,
 ``start``) is read field by field with ``recv`` calls of exactly the bytes
@@ -20,8 +24,8 @@ the next field needs, so the reader never takes a byte past its answer
 
 The value's size comes from the server, and is checked before anything is
 allocated (:func:`start`: the connection's box limit, as the reactor's
-parser checks it).  Used by the loading thread
-(:mod:`~zeotwist.client.threadreads`); no locks, no Twisted.
+parser checks it; a client trusts its server that far, a server never
+allocates for a client's announced size).  No locks, no Twisted.
 """
 import io
 
@@ -56,6 +60,30 @@ def start(buf: bytes, tag: bytes, limit: int, parse, make_room=None):
     return answer
 
 
+class ValueBuffer:
+    """A ``bytes`` object of ``size`` bytes, written in place through
+    :attr:`view` (zero-filled at first: ``calloc``), then handed out whole
+    by :meth:`value` without a copy (CPython's ``io.BytesIO``: see above)."""
+
+    __slots__ = ("_bio", "view", "_value")
+
+    def __init__(self, size: int):
+        self._bio = io.BytesIO(bytes(size))
+        self.view = self._bio.getbuffer()
+        self._value = None
+
+    def value(self) -> bytes:
+        """The object, once written (no more writes after this)."""
+        if self._value is None:
+            self.view.release()
+            self._value = self._bio.getvalue()
+        return self._value
+
+    def written(self, n: int):
+        """Its first ``n`` bytes (a view), at any time."""
+        return (self._value if self._value is not None else self._bio.getbuffer())[:n]
+
+
 class LongAnswer:
     """A long LoadBefore answer being read: its head (read), its value
     (``size`` bytes), its tail; ``parse(box)`` makes the reader's result of
@@ -65,14 +93,12 @@ class LongAnswer:
     exception a signal handler raises between two steps cannot lose a
     read (threadreads hands :meth:`received` to the reactor then)."""
 
-    __slots__ = ("head", "size", "parse", "counts", "tails", "_bio", "_view", "_value")
+    __slots__ = ("head", "size", "parse", "counts", "tails", "_buffer")
 
     def __init__(self, head: bytes, size: int, parse):
         self.head, self.size, self.parse = head, size, parse
         self.counts, self.tails = [0], []
-        self._bio = io.BytesIO(bytes(size))        # the record's own bytes object
-        self._view = self._bio.getbuffer()
-        self._value = None
+        self._buffer = ValueBuffer(size)            # the record's own bytes object
 
     def have(self) -> int:
         """Value bytes read so far."""
@@ -83,7 +109,7 @@ class LongAnswer:
 
     def take(self, piece) -> None:
         """Value bytes already read (with the head)."""
-        self._view[:len(piece)] = piece
+        self._buffer.view[:len(piece)] = piece
         self.counts[:] = [len(piece)]
 
     def receive(self, sock) -> bool:
@@ -92,7 +118,7 @@ class LongAnswer:
         connection's end.  Raises what ``sock`` raises."""
         have = self.have()
         if have < self.size:
-            self.counts.extend(map(sock.recv_into, (self._view[have:],)))
+            self.counts.extend(map(sock.recv_into, (self._buffer.view[have:],)))
             return self.counts[-1] > 0
         self.tails.extend(map(sock.recv, (self._tail()[0],)))
         return bool(self.tails[-1])
@@ -134,21 +160,13 @@ class LongAnswer:
         need, box = self._tail()
         if need:
             return None if need < 0 else MORE
-        box[b"data"] = self.value()
+        box[b"data"] = self._buffer.value()
         try:
             return self.parse(box)
         except Exception:
             return None                 # the reactor drops the connection for it
 
-    def value(self) -> bytes:
-        """The record, once all of it is read (the buffer's own object)."""
-        if self._value is None:
-            self._view.release()
-            self._value = self._bio.getvalue()
-        return self._value
-
     def received(self) -> bytes:
         """Every byte read so far, in order (what the reactor is handed
         when the reader does not keep them)."""
-        value = self._value if self._value is not None else self._bio.getbuffer()
-        return b"".join((self.head, value[:self.have()], *self.tails))
+        return b"".join((self.head, self._buffer.written(self.have()), *self.tails))

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected, TransactionTimeout, VoteTimeout, WrongServer
+from zeotwist.client.longreads import ValueBuffer
 from zeotwist.client.threadwrites import ThreadWrites, read_load_answer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
@@ -80,6 +81,8 @@ class _LoadAnswer:
 class ClientProtocol(ThreadWrites, BoundedAMP):
     maxBoxBytes = CLIENT_MAX_BOX_BYTES
     maxBoxKeys = CLIENT_MAX_BOX_KEYS
+    #: a big record (or blob piece) read into its own bytes object
+    long_buffer = ValueBuffer
     #: the server reads long entries (its Register answer said so)
     long_values = False
 

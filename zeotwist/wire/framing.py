@@ -157,6 +157,11 @@ class BoundedAMP(amp.AMP):
 
     #: a long entry's value being collected: (key, length, pieces, bytes so far)
     _long = None
+    #: ``long_buffer(size)``: where a long entry's value of ``size`` bytes is
+    #: written as it arrives (its ``view``, then ``value()``), or None: kept
+    #: in pieces, joined once.  The server keeps None: a client's announced
+    #: size takes no memory before its bytes come.
+    long_buffer = None
 
     def _parse(self, data: bytes) -> None:
         off = 0
@@ -207,13 +212,17 @@ class BoundedAMP(amp.AMP):
                     box[key] = buf[vstart:vstart + vlen]
                     off = vstart + vlen
                     continue
+                self._box, self._boxBytes, self._buf = box, size, b""
+                first = memoryview(buf)[vstart:]
+                if self.long_buffer is not None:    # into the value's own object
+                    self._long = (key, vlen, self.long_buffer(vlen), 0)
+                    self._collect_long(first)       # (what follows is in the socket)
+                    return
                 # The rest arrives in later reads: keep the pieces (views,
                 # not copies) and join them once (no re-buffering of a
                 # growing value).
-                first = memoryview(buf)[vstart:]
                 self._long = (key, vlen, [first], len(first))
                 twistedcompat.read_size(self.transport, LONG_READ)
-                self._box, self._boxBytes, self._buf = box, size, b""
                 return
             if klen == 0:
                 off += 2
@@ -254,6 +263,8 @@ class BoundedAMP(amp.AMP):
         it begins (else None)."""
         key, vlen, pieces, have = self._long
         need = vlen - have
+        if type(pieces) is not list:
+            return self._fill_long(key, vlen, pieces, have, data)
         if len(data) < need:
             pieces.append(data)
             self._long = (key, vlen, pieces, have + len(data))
@@ -263,6 +274,22 @@ class BoundedAMP(amp.AMP):
         twistedcompat.read_size(self.transport)
         self._box[key] = b"".join(pieces)       # the value's one copy
         return need
+
+    def _fill_long(self, key: bytes, vlen: int, buffer, have: int, data) -> int | None:
+        """:meth:`_collect_long` into a ``long_buffer``: ``data``, then
+        what has arrived in the socket (``read_into``: the value's bytes
+        only, straight from the kernel)."""
+        taken = min(vlen - have, len(data))
+        buffer.view[have:have + taken] = memoryview(data)[:taken]
+        have += taken
+        if have < vlen:
+            have += twistedcompat.read_into(self.transport, buffer.view[have:])
+        if have < vlen:
+            self._long = (key, vlen, buffer, have)
+            return None
+        self._long = None
+        self._box[key] = buffer.value()
+        return taken
 
     def ampBoxReceived(self, box):
         # A box that is neither a command nor the answer to a question we
