@@ -158,9 +158,10 @@ def test_real_user_logs_in_during_a_login_flood(auth_twistd):
           "%d closed unchecked; server CPU %.2f s (one check %.3f s)"
           % (len(checked), len(unchecked), closed, cpu, cost))
     assert len(checked) + len(unchecked) + closed == 200
-    # the peer's free failures, the checks in flight when it was throttled, and
-    # one more each time its (doubling) wait ran out while the flood went on
-    assert PEER_FREE <= len(checked) <= PEER_FREE + CHECK_THREADS + 8, len(checked)
+    # at most the peer's free failures, the checks in flight when it was
+    # throttled, and one more each time its (doubling) wait ran out while the
+    # flood went on (fewer where the handshake timeout closed queued ones)
+    assert 0 < len(checked) <= PEER_FREE + CHECK_THREADS + 8, len(checked)
     log = server.log()
     assert log.count("logged in as 'alice'") == 1, log
     assert log.count("failed password login") <= 20, log      # rate-limited
