@@ -6,7 +6,8 @@ interrupts the reader (a signal handler's exception while it parses, an
 error while it stores its answer) must leave the socket to the reactor
 with every byte it read, never owned by the thread; and the second stage
 of a commit the thread made visible must run even when the reactor takes
-the socket back without reading anything.
+the socket back without reading anything; and another client's invalidation in the
+same bytes as the Finish answer comes after the commit, in order.
 """
 import os
 import signal
@@ -15,9 +16,9 @@ import pytest
 from ZODB.utils import p64
 
 from zeotwist.client.threadreads import PARKED, RETURNING, THREAD
-from tests.test_thread_commit_reads import TID1, Committing
+from tests.test_thread_commit_reads import TID1, TID2, Committing
 from tests.test_thread_loads import OID, answer
-from tests.test_thread_reads import a_thread_reads, run_queued
+from tests.test_thread_reads import a_thread_reads, invalidate, run_queued
 from zeotwist.wire import fast
 
 
@@ -106,3 +107,24 @@ def test_the_second_stage_runs_when_the_reactor_takes_the_socket_back_after_a_re
     c.owner.reactor.advance(0)
     assert c.client.events.last is not None and c.client.events.last.tid == TID1
     assert waiter.called and waiter.result.tid == TID1
+
+
+def test_another_client_s_invalidation_right_after_the_finish_answer_comes_after_it():
+    """The Finish answer (TID1) and another client's Invalidate (TID2) in
+    one ``recv``: the thread consumes neither; the reactor makes TID1
+    visible, then applies TID2, and both events reach everyone in order."""
+    c = Committing()
+    c.owner.invalidated = lambda p, tid, oids: c.client.apply_invalidation(tid, oids)
+    seen = []
+    c.client.events.subscribe(lambda e: seen.append(e.tid))
+    c.voted()
+    finish = c.finish()
+    c.script.chunks = [fast.finish_answer(finish.tag, TID1) + invalidate(TID2, OID)]
+    c.proto.read_answer(finish, 1)
+    finish.reading = False
+    assert c.proto.read_state == RETURNING and c.visible == [] and seen == []
+    run_queued(c.owner)                         # the reactor handles both boxes
+    assert finish.wait(0) == TID1
+    assert c.visible == [("zodb", TID1, True), ("early", TID1), ("early", TID2)]
+    assert seen == [TID1, TID2] and c.client.last_transaction() == TID2
+    assert c.client.cache.loadBefore(OID, TID2) == (b"new", TID1, TID2)
