@@ -5,12 +5,16 @@ what has arrived first.  A real server on 127.0.0.1, blocking clients; the
 reactor's own look at a parked socket is pushed out of the way, so the
 test, not timing, decides that the socket is still parked."""
 import select
+import threading
 
 from ZODB.utils import z64
 
 from tests.test_review_races import _commit, _wait_for
 from tests.test_review_threadreads import _parked, no_park_timer  # noqa: F401 (fixture)
-from zeotwist.client.threadreads import PARKED
+from zeotwist import ClientStorage
+from zeotwist.client.reactorthread import _start_private_reactor, background_reactor
+from zeotwist.client.threadreads import PARKED, REACTOR
+from zeotwist.testing import start_server
 
 
 def _arrived(proto) -> bool:
@@ -42,3 +46,52 @@ def test_nothing_arrived_leaves_the_socket_parked(server, make_client, no_park_t
     proto = _parked(reader, y)
     assert reader.lastTransaction() == tid
     assert proto.read_state == PARKED       # no hand-off when nothing came
+
+
+def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path):
+    """The reactor reads the socket (not parked) but has not got to what
+    arrived: a thread that starts a transaction (a committer elsewhere told
+    it of its commit) waits for the reactor's next turn instead of starting
+    behind.  The reader's reactor is held busy by the test; the server and
+    the writer run on reactors of their own."""
+    server_reactor, writer_reactor = _start_private_reactor(), _start_private_reactor()
+    srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
+    writer = ClientStorage(srv.address, reactor=writer_reactor, wait_timeout=10)
+    reader = ClientStorage(srv.address, reactor=background_reactor(), wait_timeout=10)
+    reactor = background_reactor()
+    busy, release = threading.Event(), threading.Event()
+    try:
+        x = writer.new_oid()
+        first = _commit(writer, x, z64, b"one")
+        reader.ping()
+        assert reader.load(x)[0] == b"one"
+        proto = reader._client.connector.protocol
+        _wait_for(lambda: proto.read_state == REACTOR, "the reactor reads the reader's socket")
+        reactor.callFromThread(lambda: (busy.set(), release.wait(60)))
+        assert busy.wait(30)
+        second = _commit(writer, x, first, b"two")
+        _wait_for(lambda: _arrived_on(proto), "the invalidation reached the reader's socket")
+        # released once the reader's thread has asked the busy reactor for its turn
+        queued = len(reactor.threadCallQueue)
+        releaser = threading.Thread(target=lambda: (_wait_for(
+            lambda: len(reactor.threadCallQueue) > queued or release.is_set(),
+            "the reader asks for a turn"), release.set()), daemon=True)
+        releaser.start()
+        try:
+            assert reader.lastTransaction() == second
+        finally:
+            release.set()
+        releaser.join(30)
+        assert reader.load(x)[0] == b"two"
+    finally:
+        release.set()
+        for cs in (reader, writer):
+            cs.close()
+        srv.stop()
+        for r in (server_reactor, writer_reactor):
+            r.callFromThread(r.stop)
+
+
+def _arrived_on(proto) -> bool:
+    fd = proto.transport.getHandle().fileno()
+    return bool(select.select([fd], [], [], 0)[0])

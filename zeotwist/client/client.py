@@ -30,7 +30,6 @@ from zeotwist.client.cache import ClientCache
 from zeotwist.client.connector import Connector
 from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.reactorthread import in_reactor_thread
-from zeotwist.client.threadreads import PARKED
 from zeotwist.client.storagecalls import StorageCallsMixin
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected, UsageError
@@ -279,8 +278,7 @@ class Client(StorageCallsMixin):
         """From a thread other than the reactor's: handle what the server
         has sent so far before going on (``ThreadReads.catch_up``)."""
         proto = self.connector.protocol
-        if proto is not None and proto.read_state == PARKED \
-                and not in_reactor_thread(self.reactor):
+        if proto is not None and not in_reactor_thread(self.reactor):
             proto.catch_up(timeout)
 
     def _loaded(self, result, oid, key):

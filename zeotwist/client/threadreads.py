@@ -54,6 +54,7 @@ in ``recv``, and the number must not be reused under the reader; the
 connection's loss shuts that duplicate down, which wakes the reader.
 """
 import os
+import select
 import socket
 import threading
 import time
@@ -218,23 +219,38 @@ class ThreadReads:
 
     def catch_up(self, timeout: float) -> None:
         """A thread about to start a transaction (ZODB asks
-        ``ClientStorage.lastTransaction``): while the socket is parked, what
-        the server sent meanwhile (an invalidation) waits in it for up to
-        ``PARK_CHECK``.  Read it now, hand it to the reactor and wait until
-        the reactor has handled it, so a parked client starts a transaction
-        no further behind than a reading one.  Nothing to do (no wait) when
-        nothing has arrived, or when the reactor no longer runs (nobody
-        would handle it)."""
+        ``ClientStorage.lastTransaction``): what the server has sent so far
+        (an invalidation) is handled before it goes on, so the transaction
+        sees every commit whose invalidation has reached this client.
+
+        * Parked: it waits in the socket for up to ``PARK_CHECK``.  Read it
+          now, hand it to the reactor and wait until the reactor has
+          handled it.
+        * The reactor reads, but has not read yet what waits in the socket
+          (it is busy, or this thread got there first: a committer that
+          read its own Finish answer, told by another thread or process of
+          a commit, outruns the reactor): wait until the reactor has made
+          a turn that read it (:func:`_after_a_turn`).
+
+        Nothing to do (no wait) when nothing has arrived, while another
+        thread reads (it hands what is not its own to the reactor), or when
+        the reactor no longer runs (nobody would handle it)."""
+        reactor = self.owner.reactor
         with self.send_lock:
-            if self.read_state != PARKED or self._gone or self._rsock is None \
-                    or not self.owner.reactor.running:
+            if self._gone or not reactor.running:
                 return
-            data = _pending(self._rsock)
-            if data == b"":
-                return
-            self.read_state = RETURNING     # the reactor reads again, after ``data``
+            state = self.read_state
             handled = threading.Event()
-            self.owner.reactor.callFromThread(self._take_back_then, data or b"", handled.set)
+            if state == PARKED and self._rsock is not None:
+                data = _pending(self._rsock)
+                if data == b"":
+                    return
+                self.read_state = RETURNING     # the reactor reads again, after ``data``
+                reactor.callFromThread(self._take_back_then, data or b"", handled.set)
+            elif state in (REACTOR, RETURNING) and _arrived(self.transport):
+                reactor.callFromThread(_after_a_turn, reactor, handled.set)
+            else:
+                return
         handled.wait(timeout)
 
     def _take_back_then(self, data: bytes, then) -> None:
@@ -369,6 +385,24 @@ class ThreadReads:
         else:
             self.read_state = PARKED
         return None
+
+
+def _arrived(transport) -> bool:
+    """Whether bytes wait unread in ``transport``'s socket (asked from a
+    thread while the reactor may close it: False then)."""
+    try:
+        fd = transport.getHandle().fileno()
+        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _after_a_turn(reactor, then) -> None:
+    """Reactor thread: call ``then`` after the reactor's next look at its
+    descriptors.  A ``callLater(0)`` made here may still run in this same
+    round of calls (before any socket is read); one made from it waits for
+    the next round, which comes after the reactor has polled and read."""
+    reactor.callLater(0, reactor.callLater, 0, then)
 
 
 def _pending(sock) -> bytes | None:
