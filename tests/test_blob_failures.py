@@ -11,6 +11,8 @@ with a blob directory in a temp dir, the client's blob cache in another).
   (``.dl``) file in the cache; loading it again after the reconnection works.
 * A short or inconsistent piece from the server is refused with a
   StorageError, not written as the blob.
+* The loading thread asks for a blob's first piece itself: a one-piece
+  blob needs no reactor-driven download, a bigger one continues in one.
 
 The in-process server and the blocking ClientStorage share the background
 reactor (docs/testing.md), so the server-side hooks below run on the
@@ -204,3 +206,34 @@ def test_a_bad_piece_from_the_server_is_refused(world, tmp_path, monkeypatch, fa
     assert partial_files(tmp_path) == []
     with open(cs.loadBlob(oid, serial), "rb") as f:     # the connection is fine
         assert f.read() == BIG
+
+
+# -- the first piece asked by the loading thread (client/blobtransfer.first_piece_from_thread)
+
+def test_a_one_piece_blob_loads_without_the_reactor_download(world, tmp_path, monkeypatch):
+    """The loading thread asks for the first piece itself: a blob of one
+    piece never goes through ``Client.fetch_blob``; a bigger one continues
+    there from the piece received; a missing one raises POSKeyError."""
+    from ZODB.POSException import POSKeyError
+    from zeotwist.client.client import Client
+    srv, cs, db = world
+    commit_blobs(db, {"small": b"s" * 10_000, "big": BIG})
+    refs = blob_refs(db)
+    for key in refs:
+        os.remove(cs.blob_cache.lookup(*refs[key]))
+    fetched = []
+    fetch = Client.fetch_blob
+
+    def fetch_blob(client, oid, serial, f, idle_timeout=None, first=None):
+        fetched.append((oid, None if first is None else len(first["data"])))
+        return fetch(client, oid, serial, f, idle_timeout, first)
+
+    monkeypatch.setattr(Client, "fetch_blob", fetch_blob)
+    with open(cs.loadBlob(*refs["small"]), "rb") as f:
+        assert f.read() == b"s" * 10_000
+    with open(cs.loadBlob(*refs["big"]), "rb") as f:
+        assert f.read() == BIG
+    assert fetched == [(refs["big"][0], MB)]
+    with pytest.raises(POSKeyError):
+        cs.loadBlob(refs["small"][0], b"\0" * 7 + b"\1")
+    assert partial_files(tmp_path) == []

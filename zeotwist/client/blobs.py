@@ -27,7 +27,9 @@ from twisted.logger import Logger
 from ZODB.POSException import POSKeyError, ReadOnlyError, Unsupported
 
 from zeotwist.client.blobcache import BlobCache
+from zeotwist.client.blobtransfer import first_piece_from_thread
 from zeotwist.errors import UsageError
+from zeotwist.fileio import write_sliced
 
 _log = Logger()
 
@@ -144,12 +146,24 @@ class BlobStorageMixin:
         f, partial = blobs.new_file(oid, ".dl")
         try:
             with f:
-                size = self._call(self._client.fetch_blob, oid, serial, f, self._timeout,
-                                  timeout=NO_DEADLINE)
+                size = self._download(oid, serial, f)
             return blobs.add(oid, serial, partial), size
         except BaseException:
             _remove_quietly(partial)
             raise
+
+    def _download(self, oid, serial, f) -> int:
+        """Write blob (``oid``, ``serial``) to ``f``; its size.  This thread
+        asks for the first piece itself when it may (a blob of one piece:
+        no reactor thread hand-off); the rest, if any, comes through the
+        reactor thread (``Client.fetch_blob``)."""
+        client = self._client
+        first = self._ask_from_thread(first_piece_from_thread, None, client, oid, serial)
+        if first is not None and len(first["data"]) == first["size"]:
+            write_sliced(f, first["data"])          # all of it
+            return first["size"]
+        return self._call(client.fetch_blob, oid, serial, f, self._timeout, first,
+                          timeout=NO_DEADLINE)
 
     @blob_method
     def openCommittedBlobFile(self, oid: bytes, serial: bytes, blob=None):

@@ -14,23 +14,30 @@
   requests of 1 MiB, 4 in flight (120 KB, 16 in flight, from an older
   server), and writes each chunk to a file, in order, as it arrives: the
   server never holds more than those few chunks for us.
+* :func:`first_piece_from_thread`: the thread that loads a blob asks for
+  its first piece itself (and may read the answer itself), as a cold load
+  does (:mod:`~zeotwist.client.threadwrites`): a blob of one piece costs
+  no reactor thread hand-off; a bigger one continues in a BlobDownload.
 
 A transfer may last long (a big blob, a slow network), so rather than a
 deadline for the whole of it, both kinds take an ``idle_timeout``: they fail
 with ClientDisconnected when they make no progress for that long.
 
 Runs on the reactor thread (the file reads and writes included: sequential
-pieces of at most 1 MiB of local files).
+pieces of at most 1 MiB of local files), except first_piece_from_thread.
 """
 from collections import deque
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from ZODB.POSException import StorageError
 from zope.interface import implementer
 
 from zeotwist import twistedcompat
+from zeotwist.client.threadreads import MORE, whole_answer
+from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
 from zeotwist.fileio import write_sliced
 from zeotwist.wire import commands as C
@@ -257,10 +264,17 @@ class BlobDownload:
         self._in_flight = 0
         self._done = None
 
-    def start(self) -> Deferred:
+    def start(self, first: dict | None = None) -> Deferred:
+        """Begin; ``first``: the answer to the first piece (offset 0, asked
+        for with ``length`` = ``chunk``), already received
+        (:func:`first_piece_from_thread`)."""
         d = self._done = Deferred(lambda d: self._stop())
         self._watchdog.start()
-        self._ask()                 # the first answer tells the size
+        if first is None:
+            self._ask()             # the first answer tells the size
+        else:
+            self._asked, self._in_flight = self.chunk, 1
+            self._got(first, 0)
         return d
 
     def _stalled(self) -> None:
@@ -323,3 +337,42 @@ class BlobDownload:
         d, self._done = self._done, None
         if d is not None:
             d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+
+
+def first_piece_from_thread(client, oid: bytes, serial: bytes):
+    """From a thread other than the reactor's: send the LoadBlobChunk of
+    blob (``oid``, ``serial``)'s first piece (``BLOB_LOAD_MAX`` bytes at
+    most) from this thread over ``client``'s connection; a
+    ``ThreadAnswer`` to ``wait()`` on (its result: the answer, ``{"data",
+    "size"}``), or None when this thread may not send it (as
+    ``Client.load_from_thread``: not connected, calls handed to the
+    reactor before, ``ThreadWrites.ask_from_thread``).  A plain answer
+    (under 64 KiB) may be read by this thread itself (threadreads); any
+    other (a long entry, an error) is read by the reactor, as usual."""
+    proto = client.connector.protocol
+    if proto is None or twistedcompat.calls_pending(client.reactor):
+        return None
+    tag = thread_tag()
+    box = C.LoadBlobChunk.makeArguments(
+        dict(oid=oid, serial=serial, offset=0, length=C.BLOB_LOAD_MAX), proto)
+    box[amp.COMMAND] = C.LoadBlobChunk.commandName
+    box[amp.ASK] = tag
+
+    def parse(answer_box):
+        return C.LoadBlobChunk.parseResponse(answer_box, proto)
+
+    def match(buf: bytes, tag: bytes):
+        found = whole_answer(buf, tag)
+        if found is None or found is MORE:
+            return None
+        try:
+            return parse(found)
+        except Exception:       # malformed: the reactor reads it and drops the link
+            return None
+
+    answer = ThreadAnswer(proto, tag, "LoadBlobChunk", parse, _same, _same, (match, _same))
+    return answer if proto.ask_from_thread(box.serialize(), answer, True) else None
+
+
+def _same(value):
+    return value

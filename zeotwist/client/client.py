@@ -410,7 +410,7 @@ class Client(StorageCallsMixin):
 
     # -- blobs ---------------------------------------------------------------------
     def fetch_blob(self, oid: bytes, serial: bytes, f,
-                   idle_timeout: float | None = None) -> Deferred:
+                   idle_timeout: float | None = None, first: dict | None = None) -> Deferred:
         """Download blob (``oid``, ``serial``) into the binary file object ``f``.
 
         The chunks (1 MiB, 4 in flight; 120 KB, 16 in flight, from an
@@ -419,11 +419,14 @@ class Client(StorageCallsMixin):
         or fails with POSKeyError if the server has no such blob.
         Cancelling the Deferred stops the writes; with ``idle_timeout`` it
         fails with ClientDisconnected after that many seconds without progress.
+        ``first``: the answer to the first piece, already received
+        (``blobtransfer.first_piece_from_thread``).
         """
         from zeotwist.client.blobtransfer import BlobDownload
         proto = self.connector.protocol
         if proto is None:
             return self.when_connected().addCallback(
-                lambda _: self.fetch_blob(oid, serial, f, idle_timeout))
+                lambda _: self.fetch_blob(oid, serial, f, idle_timeout, first))
         return BlobDownload(proto, oid, serial, f, reactor=self.reactor,
-                            idle_timeout=idle_timeout).start()
+                            idle_timeout=idle_timeout).start(first)
+

@@ -188,7 +188,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
     def _ask_from_thread(self, ask, fallback, *args):
         """A round trip this thread sends itself when it can (``ask(*args)``:
         a ThreadAnswer, or None; zeotwist.client.threadwrites), else
-        ``fallback(*args)`` through the reactor thread."""
+        ``fallback(*args)`` through the reactor thread (None without one)."""
         reactor = self._reactor
         if not self._closed and reactor.running and not in_reactor_thread(reactor):
             answer = ask(*args)
@@ -197,7 +197,7 @@ class ClientStorage(StorageAPIMixin, BlobStorageMixin):
                     return answer.wait(self._timeout)
                 except TimeoutError:
                     raise self._timed_out() from None
-        return self._call(fallback, *args)
+        return None if fallback is None else self._call(fallback, *args)
 
     def _timed_out(self):
         return ClientDisconnected("no answer from the zeotwist server within %g s" % self._timeout)
