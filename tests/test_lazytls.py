@@ -11,6 +11,7 @@ import pytest
 from zeotwist.testing import start_server
 
 from certs import make_pki
+from procutil import wait_for
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 #: run first in each child: what the server address arguments are
@@ -241,3 +242,64 @@ def test_a_thread_importing_twisted_tls_while_another_restores_does_not_deadlock
             os._exit(0)
         """, WHOLE)
     assert out.split() == ["whole"]
+
+
+def test_a_lazy_module_loads_once_for_threads_that_meet_at_its_first_use(tmp_path, monkeypatch):
+    """lazy_import's stand-in: the first thread imports the module while
+    the others wait for it (Python 3.11's LazyLoader would give them a
+    half-run module: AttributeError), then the real module takes its place
+    in sys.modules and on the package."""
+    import threading
+    from zeotwist import lazytls
+    package = tmp_path / "zt_lazy_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "slow.py").write_text(
+        "import builtins\nsync = builtins.zt_lazy_sync\nsync['started'].set()\n"
+        "assert sync['go'].wait(60)\nsync['runs'].append(1)\nVALUE = 42\n")
+
+    class CountingLock:
+        def __init__(self):
+            self.lock, self.asked = threading.RLock(), []
+
+        def __enter__(self):
+            self.asked.append(1)
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+
+    lock = CountingLock()
+    sync = dict(started=threading.Event(), go=threading.Event(), runs=[])
+    monkeypatch.setattr(lazytls, "_lazy_lock", lock)
+    monkeypatch.setattr("builtins.zt_lazy_sync", sync, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        import zt_lazy_pkg
+        lazytls.lazy_import("zt_lazy_pkg.slow")
+        stand_in = sys.modules["zt_lazy_pkg.slow"]
+        assert zt_lazy_pkg.slow is stand_in and sync["runs"] == []   # not run yet
+        seen = []
+
+        def use():
+            try:
+                seen.append(stand_in.VALUE)
+            except Exception as e:          # noqa: BLE001 (what the test is about)
+                seen.append(e)
+        first = threading.Thread(target=use)
+        first.start()
+        assert sync["started"].wait(60)     # the first use runs the module's code
+        others = [threading.Thread(target=use) for _ in range(4)]
+        for t in others:
+            t.start()
+        wait_for(lambda: len(lock.asked) >= 5, 60, "the other threads' first use")
+        sync["go"].set()
+        for t in [first] + others:
+            t.join(60)
+        assert seen == [42] * 5 and sync["runs"] == [1]
+        assert sys.modules["zt_lazy_pkg.slow"] is zt_lazy_pkg.slow is not stand_in
+        assert stand_in.VALUE == 42         # the stand-in still answers for it
+    finally:
+        sync["go"].set()
+        for name in ("zt_lazy_pkg.slow", "zt_lazy_pkg"):
+            sys.modules.pop(name, None)

@@ -46,6 +46,7 @@ and never uses, load at its first use (:func:`lazy_import`): 1.4 MB more.
 import importlib
 import importlib.util
 import sys
+import types
 import threading
 from contextlib import contextmanager
 from functools import wraps
@@ -106,19 +107,47 @@ def lazy_import(name: str) -> None:
     ``http.cookiejar`` is one: Twisted's ``twisted.python.compat`` imports it
     at start-up (only to offer it under its Python 2 name), and with it
     ``urllib.request``, ``http.client``, ``email``, ``calendar``: 1.3 MB of
-    a client's resident memory.  The module is set on its package too, so
-    ``from http import cookiejar`` does not load it yet."""
-    if name in sys.modules:
+    a client's resident memory.  Until then ``sys.modules`` and the package
+    hold a :class:`_LazyModule` stand-in, so ``import http.cookiejar`` and
+    ``from http import cookiejar`` do not load it yet; the first attribute
+    asked of the stand-in imports the real module, which takes its place.
+
+    Not ``importlib.util.LazyLoader``: before Python 3.12.3 it is not
+    thread-safe (a second thread's first use during the first thread's
+    load sees a half-run module: AttributeError), and a server's or a web
+    application's threads may well meet there."""
+    if name in sys.modules or importlib.util.find_spec(name) is None:
         return
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        return
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
     package, _, child = name.rpartition(".")
-    setattr(sys.modules[package], child, module)
+    stand_in = _LazyModule(name)
+    sys.modules[name] = stand_in
+    setattr(sys.modules[package], child, stand_in)
+
+
+#: held while a :class:`_LazyModule` imports its module
+_lazy_lock = threading.RLock()
+
+
+class _LazyModule(types.ModuleType):
+    """The stand-in :func:`lazy_import` leaves in ``sys.modules``: the real
+    module is imported (once, under a lock) at the first attribute asked."""
+
+    def __getattr__(self, attr):
+        real = self.__dict__.get("_real")
+        if real is None:
+            real = self._load()
+        return getattr(real, attr)
+
+    def _load(self):
+        name = self.__name__
+        with _lazy_lock:
+            real = self.__dict__.get("_real")
+            if real is None:
+                if sys.modules.get(name) is self:
+                    del sys.modules[name]       # the import system loads it anew
+                real = importlib.import_module(name)    # (and sets it on the package)
+                self.__dict__["_real"] = real
+        return real
 
 
 def _lacks_tls(name: str) -> bool:
