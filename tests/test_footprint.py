@@ -115,3 +115,27 @@ def test_openssl_is_hidden_only_within(monkeypatch):
     with openssl_hidden() as hidden:         # imported already: left as it is
         assert not hidden
         import OpenSSL  # noqa: F401,F811
+
+
+def test_a_plain_server_process_gets_twisteds_tls_back_at_its_first_use():
+    """The server's start imports Twisted's modules without pyOpenSSL
+    (import_tap, settle); a storage or service of the same process that
+    makes TLS connections of its own still can: Twisted's TLS comes back
+    when it is first used (zeotwist.lazytls), as in a client's process."""
+    program = """if True:
+        import sys
+        from zeotwist.server import footprint
+        footprint.import_tap()                  # as the twistd plugin
+        from zeotwist.server.settings import ServerSettings
+        footprint.settle(ServerSettings(listen=["tcp:0"]))
+        from twisted.internet import posixbase, tcp
+        from twisted.protocols import amp
+        assert "OpenSSL" not in sys.modules and posixbase.tls is None and amp.ssl is None
+        from twisted.internet import ssl         # a TLS use of the process's own
+        assert posixbase.tls is not None and amp.ssl is ssl
+        assert tcp._TLSConnectionMixin.__module__ != "twisted.internet.tcp"
+        print("ok")
+        """
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr

@@ -90,6 +90,14 @@ def import_plain(modules=TLS_MODULES) -> bool:
     with openssl_hidden():
         for name in modules:
             importlib.import_module(name)
+    return track()
+
+
+def track() -> bool:
+    """After Twisted's modules were imported with pyOpenSSL hidden (by
+    :func:`import_plain`, or by the server's start, zeotwist.server.footprint):
+    note which lack TLS and arrange for :func:`restore` at its first use;
+    whether any does."""
     _lacking.update(name for name in TLS_MODULES if _lacks_tls(name))
     if _lacking:
         _arrange()

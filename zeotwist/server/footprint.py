@@ -17,18 +17,18 @@ without it when the import fails.  So, under twistd only:
   ``tcp:``/``tcp6:``/``unix:``), they import it as usual.
 
 pyOpenSSL is hidden only for those imports, never afterwards: code that
-imports it later gets it.  A process that imported pyOpenSSL already, or
-that imports the server's modules itself (tests, an application's own
-service, the tac file), is left as it is.  What a server without TLS options
-gives up: Twisted's own TLS in its process (``startTLS`` on its TCP
-connections, ``tls:`` client endpoints, AMP's StartTLS), which zeotwist's
-server does not use; a storage that would make Twisted TLS connections of
-its own needs a server started otherwise (``twistd -y``, the tac file).
+imports it later gets it, and Twisted's modules get their TLS back at its
+first use (``startTLS``, ``tls:``/``ssl:`` endpoints, ``listenSSL``, AMP's
+StartTLS; :mod:`zeotwist.lazytls`, as for a client), so a storage or a
+service of the same process that makes TLS connections of its own still
+can.  A process that imported pyOpenSSL already, or that imports the
+server's modules itself (tests, an application's own service, the tac
+file), is left as it is.
 """
 import importlib
 import sys
 
-from zeotwist.lazytls import openssl_hidden
+from zeotwist.lazytls import openssl_hidden, track
 
 #: Twisted's modules that the reactor imports and that carry TLS support
 #: when pyOpenSSL imports (``startTLS`` on TCP connections, ``listenSSL``)
@@ -52,6 +52,8 @@ def import_tap():
     with openssl_hidden() as hidden:
         tap = importlib.import_module("zeotwist.server.tap")
     _deferred = _deferred or hidden
+    if hidden:
+        track()
     return tap
 
 
@@ -72,4 +74,6 @@ def settle(settings) -> bool:
         if hidden:
             for name in TRANSPORT_MODULES:
                 importlib.import_module(name)
+    if hidden:
+        track()
     return hidden
