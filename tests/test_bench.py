@@ -62,7 +62,8 @@ def test_quick_bench_prints_a_rate_for_each_case(tmp_path):
     for what in ("distinct Counters", "one Counter"):
         assert "writers, %s: 4 processes, each committing 3 increments" % what in out, out
     assert len(re.findall(r"^  zeotwist\s+conflicts [0-9]+ \(all rounds\), lost updates 0, "
-                          r"longest increment [0-9.e+]+ ms \(per round\)$", out, re.M)) == 2, out
+                          r"longest increment [0-9.e+]+ ms, p99 over time [0-9.e+]+ ms$",
+                          out, re.M)) == 2, out
     # one Length, client-side resolution: no ConflictError, every conflict a re-vote
     assert "writers, 1 Length: 4 processes, each committing 3 increments" in out, out
     revotes = re.search(r"^  zeotwist\s+conflicts 0, errors 0, lost updates 0, "
@@ -168,6 +169,19 @@ def _proc(count, initial, final, shared, samples=(0.001,)):
     return {"count": count, "seconds": 1.0, "extra": {
         "initial": initial, "final": final, "shared": shared, "samples": list(samples),
         "conflicts": 1, "rss_mb": 50.0}}
+
+
+def test_the_p99_over_time_weights_each_latency_by_its_length():
+    """A closed loop's starved writer makes one long sample while others make
+    many short ones: per sample it hides under the p99, over time it is most
+    of the run (procstat.time_weighted)."""
+    from zeotwist.bench.groups import combine
+    from zeotwist.bench.procstat import time_weighted
+    samples = [0.001] * 99 + [1.0]
+    assert time_weighted(samples, 0.99) == 1.0 and time_weighted(samples, 0.05) == 0.001
+    assert time_weighted([0.002] * 10, 0.99) == 0.002
+    got = combine([{"count": 100, "seconds": 1.1, "extra": {"samples": samples}}])["extra"]
+    assert got["p99"] == 1.0 and got["p99_time"] == 1000.0      # ms
 
 
 def test_group_results_combine_and_lost_updates_are_counted():

@@ -91,7 +91,7 @@ def test_release_cancels_timer():
     assert expired == [] and clock.getDelayedCalls() == []
 
 
-# -- refused votes go first (CommitLock's retry_wait) ------------------------------
+# -- a refused client's turn (CommitLock's retry_wait, turn_after) -------------------
 
 O, P = b"\0" * 7 + b"\1", b"\0" * 7 + b"\2"     # two oids
 
@@ -102,9 +102,10 @@ def _take(lock, owner, got, oids=None):
         lambda _: got.append(owner))
 
 
-def _refused_b(clock, wait=1.0):
-    """a commits, b's vote is refused for a conflict on O: b is expected back."""
-    lock, got = CommitLock(clock, retry_wait=wait), []
+def _refused_b(clock, wait=1.0, after=0.0):
+    """a commits, b's vote is refused for a conflict on O: b is expected back
+    (its turn kept ``after`` seconds after this refusal)."""
+    lock, got = CommitLock(clock, retry_wait=wait, turn_after=after), []
     _take(lock, a, got)
     _take(lock, b, got)
     lock.release(a)
@@ -160,6 +161,27 @@ def test_oldest_refusal_first_and_a_ticket_survives_refusals():
     assert lock.holder is b
     lock.release(b)
     assert lock.holder is c
+
+
+def test_the_turn_is_kept_only_once_the_first_refusal_is_old_enough():
+    clock = Clock()
+    lock, got = _refused_b(clock, after=0.5)
+    _take(lock, a, got, [O])        # b refused just now: first come, first served
+    assert lock.holder is a
+    clock.advance(0.4)
+    lock.release(a, refused=[O])    # a is refused too, after b
+    _take(lock, b, got, [O])        # b's retry, refused (a committed meanwhile)...
+    lock.release(b, refused=[O])
+    _take(lock, c, got, [O])        # ...0.4 s after its first refusal: c goes
+    assert lock.holder is c
+    clock.advance(0.1)              # b's first refusal is 0.5 s old, a's 0.1
+    lock.release(c)
+    _take(lock, a, got, [O])        # a may store O: it waits for b's retry
+    assert lock.holder is None
+    _take(lock, b, got, [O])
+    assert lock.holder is b and got == [a, b, a, b, c, b]
+    lock.release(b)                 # b commits: its ticket is gone; a's is young
+    assert lock.holder is a
 
 
 def test_no_retry_wait_is_first_come_first_served():

@@ -139,10 +139,11 @@ PROCESSES, INCREMENTS = 4, 25
 
 @pytest.fixture
 def patient_server(tmp_path):
-    """A server whose commit lock waits up to a minute for a refused client's
-    retry: so long that no retry on a loaded machine misses its turn."""
+    """A server whose commit lock keeps a refused client's turn from its
+    first refusal and waits up to a minute for its retry: so long that no
+    retry on a loaded machine misses its turn."""
     server = start_twistd(str(tmp_path / "data.fs"), "--conflict-retry-wait", "60",
-                          env=child_env())
+                          "--conflict-turn-after", "0", env=child_env())
     yield server
     status = server.stop()
     print("--- twistd log (exit status %s) ---\n%s" % (status, server.log()))

@@ -24,7 +24,8 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
   oids)``; p50/p99 from the start of the commit to that call.
 * **writers** / **counter**: 4 client processes started together, each
   incrementing its own Counter / all one Counter (conflicts retried);
-  commits/s, p50/p99, conflicts, lost updates (must be 0).
+  commits/s, p50/p99, the longest and the p99 over time, conflicts, lost
+  updates (must be 0).
 * **resolving**: the same 4 processes all incrementing one
   ``BTrees.Length``, against a server of each system in client-side
   conflict resolution mode; commits/s, p50/p99, the ConflictErrors and

@@ -5,7 +5,8 @@ Every process is started, then each must report ready; then all get ``go``
 at once, and when all report done, ``check``.  The combined result:
 ``count`` summed, ``seconds`` the longest process's (so ``rate`` is the
 aggregate rate), p50/p99 and the longest (``max``) over every process's
-latencies, conflicts summed,
+latencies, the p99 over time (``p99_time``: each latency weighted by its
+length, ``procstat.time_weighted``), conflicts summed,
 the largest client peak RSS, and for the counter cases ``lost``: committed
 increments that the counters do not show (must be 0).
 """
@@ -14,7 +15,7 @@ import selectors
 import subprocess
 import tempfile
 
-from zeotwist.bench.procstat import latencies
+from zeotwist.bench.procstat import latencies, time_weighted
 
 #: Seconds a process may take to report ready, done, and to exit after check.
 STEP_TIMEOUT = 600.0
@@ -86,6 +87,7 @@ def combine(results: list) -> dict:
     samples = [s for e in extras for s in e.get("samples", ())]
     extra = dict(latencies(samples), processes=len(results),
                  max=max(samples) * 1e3 if samples else None,
+                 p99_time=time_weighted(samples, 0.99) * 1e3 if samples else None,
                  conflicts=sum(e.get("conflicts", 0) for e in extras),
                  errors=sum(e.get("errors", 0) for e in extras),
                  rss_mb=max((e.get("rss_mb") or 0.0) for e in extras))

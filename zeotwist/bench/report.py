@@ -182,11 +182,16 @@ def writer_notes(results: dict, settings, row: str) -> list:
     for s in SYSTEMS:
         if results.get((s, row)):
             longest = extras(results, s, row, "max")
-            out.append("  %-10s conflicts %d (all rounds), lost updates %d%s" % (
+            over_time = [m for m in extras(results, s, row, "p99_time") if m is not None]
+            out.append("  %-10s conflicts %d (all rounds), lost updates %d%s%s" % (
                 label(s), sum(extras(results, s, row, "conflicts")),
                 sum(extras(results, s, row, "lost")),
-                ", longest increment %s ms (per round)" % " / ".join(
-                    "%.3g" % m for m in longest) if longest else ""))
+                ", longest increment %s ms" % " / ".join(
+                    "%.3g" % m for m in longest) if longest else "",
+                ", p99 over time %s ms" % " / ".join(
+                    "%.3g" % m for m in over_time) if over_time else ""))
+    out.append("  (per round; p99 over time: each increment weighted by its length, the "
+               "increment in flight at a random moment)")
     return out
 
 

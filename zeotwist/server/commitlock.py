@@ -7,23 +7,35 @@ A holder that keeps the lock longer than ``timeout`` seconds is reported to
 ``on_timeout(owner)`` (the session then aborts and drops that client, which
 releases the lock through the same path as any other disconnect).
 
-**Refused votes go first.**  A holder whose vote the storage refused for
-conflicts releases with ``refused``, the conflicting oids: it takes a ticket
-(kept over its next refusals, dropped when it releases otherwise: commits or
-aborts) and is *expected* back for ``retry_wait`` seconds
-(``--conflict-retry-wait``), the time its client takes to retry from the
-commit that beat it.  The lock goes to the waiter
-with the oldest ticket, waiters without one after, in arrival order; and no
-waiter is served ahead of an expected owner with an older ticket whose
-conflicting oids it may store (``acquire``'s ``oids``: unknown means it
-may): the lock waits for that owner's vote, at most until its time runs out
-or it leaves (:meth:`CommitLock.forget`).  Without this, a client that has
-just committed starts its next transaction from an up-to-date cache, votes
-before the clients it refused have retried, and wins again: on one hot
-object, a writer lost up to 140 times in a row.  With it, the writers take
-turns, but the lock idles while the turn's owner retries: 4 writers on one
-counter lost 35-45 % of their commits/s, so it is off by default
-(``retry_wait=0``: plain FIFO; docs/performance.md, "Refused votes go first").
+**A refused client's turn, once it has waited.**  A holder whose vote the
+storage refused for conflicts releases with ``refused``, the conflicting
+oids: it takes a ticket (kept over its next refusals, dropped when it
+releases otherwise: commits or aborts) and is *expected* back for
+``retry_wait`` seconds (``--conflict-retry-wait``), the time its client
+takes to retry from the commit that beat it.  A ticket first counts
+``turn_after`` seconds after its first refusal (``--conflict-turn-after``);
+until then the lock is granted in arrival order and never waits.  From
+then on the lock goes to the waiter with the oldest counting ticket,
+waiters without one after, in arrival order; and no waiter is served ahead
+of an expected owner with an older counting ticket whose conflicting oids
+it may store (``acquire``'s ``oids``: unknown means it may): the lock waits
+for that owner's vote, at most until its time runs out or it leaves
+(:meth:`CommitLock.forget`).
+
+Why both.  In arrival order alone, a client that has just committed starts
+its next transaction from an up-to-date cache, votes before the clients it
+refused have retried, and wins again: on one hot object one writer commits
+for seconds while the others wait (ZEO 6.2 behaves so too).  Keeping the
+turn from the first refusal makes the writers alternate, but the lock idles
+while each turn's owner handles its ConflictError and retries (about 3 ms
+per commit against 1.4 for a writer committing again): 4 writers on one
+counter lost 35-45 % of their commits/s.  Kept only after ``turn_after``
+(0.1 s), it bounds an increment's wait to about that, for about a fifth of
+the commits/s: every writer progresses, where first come, first served
+runs them one after another (docs/performance.md, "A refused client's
+turn, after 0.1 s").
+``retry_wait=0``: first come, first served; ``turn_after=0``: the turn is
+kept from the first refusal.
 
 Pure logic: no I/O; the clock is injected.  Runs on the reactor thread.
 """
@@ -38,8 +50,10 @@ from zeotwist.server.stats import Timings
 
 #: Seconds the lock keeps the turn of a client whose vote was refused for
 #: conflicts, for its retry (a few ms in a retry loop, more for a retried
-#: request); 0, the default: first come, first served (see the docstring).
-DEFAULT_RETRY_WAIT = 0.0
+#: request); 0: first come, first served (see the docstring).
+DEFAULT_RETRY_WAIT = 0.05
+#: Seconds after a client's first refusal before the lock keeps its turn.
+DEFAULT_TURN_AFTER = 0.1
 _LAST = float("inf")            # the rank of a waiter without a ticket
 
 
@@ -59,15 +73,18 @@ class _Waiter:
 class CommitLock:
     def __init__(self, clock: IReactorTime, timeout: float | None = None,
                  on_timeout: Callable[[Hashable], None] | None = None,
-                 retry_wait: float = DEFAULT_RETRY_WAIT):
+                 retry_wait: float = DEFAULT_RETRY_WAIT,
+                 turn_after: float = DEFAULT_TURN_AFTER):
         self._clock = clock
         self._timeout = timeout
         self._on_timeout = on_timeout
         self._retry_wait = retry_wait
+        self._turn_after = turn_after
         self._holder = None
         self._timer = None
         self._waiters: deque = deque()
         self._tickets: dict = {}        # owner -> ticket (refused; lower: older)
+        self._since: dict = {}          # owner -> when its first refusal was
         self._next_ticket = 0
         self._expected: dict = {}       # owner -> (deadline, its conflicting oids)
         self._hold = None               # the call that ends a wait for the expected
@@ -124,19 +141,24 @@ class CommitLock:
         if refused and self._retry_wait > 0:
             if owner not in self._tickets:
                 self._tickets[owner] = self._next_ticket
+                self._since[owner] = now
                 self._next_ticket += 1
             self._expected[owner] = (now + self._retry_wait, refused)
         else:
-            self._tickets.pop(owner, None)
+            self._drop_ticket(owner)
         self._grant_next()
 
     def forget(self, owner) -> None:
         """``owner`` leaves the queue, and its turn if it was expected (its
         transaction ended otherwise, or its client went away)."""
         self._withdraw(owner)
-        self._tickets.pop(owner, None)
+        self._drop_ticket(owner)
         if self._expected.pop(owner, None) is not None:
             self._grant_next()          # someone may have waited for it
+
+    def _drop_ticket(self, owner) -> None:
+        self._tickets.pop(owner, None)
+        self._since.pop(owner, None)
 
     def _withdraw(self, owner) -> None:
         self._asked.pop(owner, None)
@@ -148,16 +170,17 @@ class CommitLock:
     def _grant_next(self) -> None:
         if self._holder is not None or not self._waiters:
             return
-        if not self._tickets:           # nobody refused: arrival order
+        expected = self._expected_now()
+        rank = self._turns()
+        if not rank:                    # nobody's turn is kept: arrival order
             self._grant(self._waiters.popleft())
             return
-        expected = self._expected_now()
-        rank = self._tickets.get
+        rank = rank.get
         until = None
         for waiter in sorted(self._waiters, key=lambda w: rank(w.owner, _LAST)):
             mine = rank(waiter.owner, _LAST)
             blocking = [deadline for owner, (deadline, oids) in expected.items()
-                        if self._tickets[owner] < mine and waiter.may_store(oids)]
+                        if rank(owner, _LAST) < mine and waiter.may_store(oids)]
             if not blocking:
                 self._waiters.remove(waiter)
                 self._grant(waiter)
@@ -171,8 +194,18 @@ class CommitLock:
         for owner, (deadline, _) in list(self._expected.items()):
             if deadline <= now:
                 del self._expected[owner]
-                self._tickets.pop(owner, None)
+                self._drop_ticket(owner)
         return self._expected
+
+    def _turns(self) -> dict:
+        """owner -> ticket, for the tickets old enough to keep their turn
+        (first refused ``turn_after`` seconds ago or more).  A younger one
+        needs no timer: until it comes of age the lock is granted in
+        arrival order, never left idle, and every grant looks again."""
+        if not self._tickets:
+            return {}
+        now, after, since = self._clock.seconds(), self._turn_after, self._since
+        return {o: t for o, t in self._tickets.items() if now - since[o] >= after}
 
     def _hold_until(self, deadline: float) -> None:
         self._cancel_hold()

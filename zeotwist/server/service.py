@@ -197,6 +197,7 @@ class ServerService(service.Service):
                 storage, name, reactor=self.reactor, read_only=s.read_only,
                 transaction_timeout=s.transaction_timeout or None,
                 conflict_retry_wait=s.conflict_retry_wait,
+                conflict_turn_after=s.conflict_turn_after,
                 max_transaction_bytes=s.max_transaction_bytes,
                 invalidation_queue_size=s.invalidation_queue_size,
                 conflict_classes=self.conflict_classes,

@@ -106,6 +106,7 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
         self._handshake_timer = self._grace_timer = self._probe_timer = None
         if self.server is not None:
             self.server.unregister(self)
+            self.gone = True        # an abort still in the storage thread keeps no turn
             self._abort_txn()
         self.release_budgets()                      # guards: budgets and timers
         self._stop_output_check()                   # output

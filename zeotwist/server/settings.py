@@ -33,7 +33,7 @@ from ZConfig.datatypes import SocketBindingAddress
 from twisted.internet.endpoints import serverFromString
 
 from zeotwist.server.budgets import DEFAULT_MAX_SPOOL, DEFAULT_MEMORY_BUDGET
-from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT
+from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, DEFAULT_TURN_AFTER
 from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT
 from zeotwist.server.iterators import DEFAULT_ITERATOR_TIMEOUT, DEFAULT_MAX_ITERATORS
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
@@ -155,10 +155,15 @@ class ServerSettings:
         "before its client is disconnected (0 = no limit)", coerce=float)
     conflict_retry_wait: float = option(
         DEFAULT_RETRY_WAIT, "Seconds the commit lock keeps the turn of a client whose "
-        "vote was refused for conflicts, for its retry: other transactions that may "
-        "store the same objects wait meanwhile, so the last committer cannot win "
-        "every time; bounds the wait on a hot object, costs commits/s "
-        "(0 = first come, first served)", coerce=float, minimum=0)
+        "vote was refused for conflicts (see --conflict-turn-after), for its retry: "
+        "other transactions that may store the same objects wait meanwhile, so the "
+        "last committer cannot win every time (0 = first come, first served)",
+        coerce=float, minimum=0)
+    conflict_turn_after: float = option(
+        DEFAULT_TURN_AFTER, "Seconds after a client's first refused vote before the "
+        "commit lock keeps its turn (--conflict-retry-wait): bounds the wait on a hot "
+        "object to about this; lower is fairer and costs commits/s (0 = from the "
+        "first refusal)", coerce=float, minimum=0)
     handshake_timeout: float = option(
         5.0, "Seconds a new connection has to register before it is closed", coerce=float)
     max_transaction_bytes: int = option(

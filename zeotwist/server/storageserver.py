@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from ZODB.POSException import StorageError
 from twisted.protocols import amp
 
-from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, CommitLock
+from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, DEFAULT_TURN_AFTER, CommitLock
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
@@ -52,6 +52,7 @@ class StorageServer:
     def __init__(self, storage, name: str = "1", *, reactor, read_only: bool = False,
                  transaction_timeout: float | None = DEFAULT_TRANSACTION_TIMEOUT,
                  conflict_retry_wait: float = DEFAULT_RETRY_WAIT,
+                 conflict_turn_after: float = DEFAULT_TURN_AFTER,
                  max_transaction_bytes: int = 2**31, threads=None,
                  invalidation_queue_size: int = DEFAULT_INVALIDATION_QUEUE_SIZE,
                  oid_reservation_path: str | None = "auto",
@@ -73,7 +74,7 @@ class StorageServer:
         self.max_transaction_bytes = max_transaction_bytes
         self.sessions: set = set()
         self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out,
-                               conflict_retry_wait)
+                               conflict_retry_wait, conflict_turn_after)
         self.last_tid = storage.lastTransaction()
         #: ZODB storage interfaces the served storage provides, by name; the
         #: client declares exactly these (see OPTIONAL_INTERFACES)

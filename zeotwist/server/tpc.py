@@ -35,6 +35,9 @@ _log = Logger(namespace="zeotwist.server.session")
 class TransactionResponders(amp.CommandLocator):
     """The session's transaction, from TpcBegin to Finish or Abort."""
 
+    #: the connection has ended: a vote refused now keeps no turn (CommitLock)
+    gone = False
+
     @C.TpcBegin.responder
     def tpc_begin(self, user, description, extension, tid=None, status=None):
         if self._txn is not None and not self._txn.state.final:
@@ -194,6 +197,6 @@ class TransactionResponders(amp.CommandLocator):
         # nothing is in progress there).
         d = server.commit_call(commit.abort, txn)
         d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
-        d.addBoth(lambda _: server.lock.release(self, refused))
+        d.addBoth(lambda _: server.lock.release(self, () if self.gone else refused))
         return d
 
