@@ -30,7 +30,7 @@ from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
 from zeotwist.client.longreads import ValueBuffer
 from zeotwist.client.threadreads import PARKED, RETURNING
 from zeotwist.errors import ClientDisconnected
-from zeotwist.wire import fast
+from zeotwist.wire import fast, prefetch
 from zeotwist.server.session import ServerSession
 from tests.test_long_entries import BIG, END, START, Receiver
 from tests.test_thread_loads import OID, TID, connected
@@ -127,6 +127,20 @@ def test_a_10mb_record_split_across_many_reads_is_read_by_the_thread_into_one_ob
     found = cache.loadBefore(OID, maxtid if end is None else end)
     assert found[0] == RECORD
     assert found[0] is load.result[0]                      # one object: no copy kept
+
+
+def test_a_big_record_with_records_prefetched_beside_it():
+    """A record over 64 KiB (not over 1 MiB, which the server scans for
+    references) may carry a ``prefetch`` value of up to 65,000 bytes in
+    its tail: the thread reads it too and caches those records first."""
+    proto, owner, cache, events, load = thread_load(None)
+    record, near = RECORD[:300_000], [(p64(40 + i), bytes(6400), p64(3), None) for i in range(10)]
+    frame = fast.load_before_answer(load.tag, (record, p64(3), p64(7)),
+                                    prefetch.encode(near), long_values=True)
+    proto._rsock = stream = Stream(*cuts(frame, [5000] * 60))
+    assert load.wait(1) == (record, p64(3), p64(7))
+    assert stream.pieces == [] and owner.queued == []
+    assert owner.prefetched_records == near
 
 
 def test_the_reader_takes_no_byte_past_its_big_answer():

@@ -36,7 +36,7 @@ from zeotwist.wire import fast
 #: ``answer()``: not whole yet (the value shared with threadreads)
 MORE = "more"
 #: a tail longer than this is not a LoadBefore answer's: the reactor decides
-TAIL_LIMIT = 2**16
+TAIL_LIMIT = 2**18
 
 
 def start(buf: bytes, tag: bytes, limit: int, parse, make_room=None):
