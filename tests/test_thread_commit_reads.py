@@ -28,7 +28,7 @@ from ZODB.utils import p64
 
 from zeotwist.client import threadreads
 from zeotwist.client.client import Client
-from zeotwist.client.threadreads import PARKED, RETURNING
+from zeotwist.client.threadreads import PARKED, REACTOR, RETURNING
 from zeotwist.client.threadwrites import ThreadAnswer
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected
@@ -330,3 +330,29 @@ def test_a_subscriber_added_after_a_thread_read_commit_does_not_get_it():
     waiter = c.client.events.next_after(p64(1))
     c.owner.reactor.advance(threadreads.PARK_CHECK)
     assert seen == [] and waiter.result.tid == TID1
+
+
+def test_while_other_clients_commit_the_reactor_reads_the_commits_answers():
+    """An invalidation between two Finish answers: the next commit's
+    answers are the reactor's (a reader would hand each invalidation over:
+    two more wake-ups), and it does not park for them; a quiet commit
+    later, the committing thread reads again."""
+    c = Committing()
+    c.committed()
+    c.proto.read_state = REACTOR            # the timer took the socket back
+    c.proto.dataReceived(invalidate(TID2, p64(5)))      # another client's commit
+    c.txn = ClientTransaction(c.client, TransactionMetaData())
+    vote = c.vote()
+    assert not vote.reading
+    c.proto.dataReceived(fast.vote_answer(vote.tag, []))
+    finish = c.finish()
+    assert not finish.reading
+    c.proto.dataReceived(fast.finish_answer(finish.tag, p64(0x40)))
+    assert finish.wait(0) == p64(0x40)
+    assert c.proto.read_state == REACTOR and not c.proto.quiet_commits
+    c.txn = ClientTransaction(c.client, TransactionMetaData())
+    vote = c.vote()                         # nothing came meanwhile
+    c.proto.dataReceived(fast.vote_answer(vote.tag, []))
+    finish = c.finish()
+    c.proto.dataReceived(fast.finish_answer(finish.tag, p64(0x50)))
+    assert c.proto.quiet_commits and c.proto.read_state == PARKED

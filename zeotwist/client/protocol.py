@@ -111,6 +111,7 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
         if invalidation is None:
             super().ampBoxReceived(box)
             return
+        self.invalidations += 1
         try:
             self.owner.invalidated(self, *invalidation)
         except Exception:           # as AMP's path: a one-way command failed
@@ -243,6 +244,7 @@ class ClientProtocol(ThreadWrites, BoundedAMP):
 
     @C.Invalidate.responder
     def invalidate(self, tid, oids):
+        self.invalidations += 1
         self.owner.invalidated(self, tid, oids)
         return {}
 

@@ -91,6 +91,26 @@ class ThreadReads:
     _rsock_timeout = _SLICE
     _later = ()             # commits reading threads made visible: publish_later
 
+    #: Invalidate boxes handled so far (reactor thread)
+    invalidations = 0
+    #: no other client's commit reached this one between its last two
+    #: Finish answers: its commits' answers are read by the committing
+    #: thread.  Else (others commit too) the reactor reads them, as every
+    #: invalidation would make the reader hand over (two more wake-ups).
+    quiet_commits = True
+    _commits_mark = 0
+
+    def commit_answered(self) -> None:
+        """A Finish answer, on either thread: note whether the commits are quiet."""
+        seen = self.invalidations
+        self.quiet_commits, self._commits_mark = seen == self._commits_mark, seen
+
+    def commits_quiet(self) -> bool:
+        """Whether a commit's answers are for the committing thread to read:
+        no other client's commit came in the last interval between two
+        Finish answers, nor since."""
+        return self.quiet_commits and self.invalidations == self._commits_mark
+
     # -- the reactor thread ------------------------------------------------------
     def thread_answered(self) -> None:
         """A thread's load, vote or finish was answered on the reactor

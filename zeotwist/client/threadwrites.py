@@ -216,7 +216,11 @@ class ThreadAnswer(_ThreadWaiter):
         self.here = here
 
     def callback(self, box) -> None:
-        self.proto.thread_answered()
+        proto = self.proto
+        if self.name == "Finish":
+            proto.commit_answered()
+        if proto.commits_quiet():
+            proto.thread_answered()     # the next one is read by the thread
         try:
             value = self.parse(box)
         except Exception as e:
@@ -244,6 +248,8 @@ class ThreadAnswer(_ThreadWaiter):
 
     def take(self, value) -> None:
         """threadreads: the answer ``own_answer`` found, read by the asking thread."""
+        if self.name == "Finish":
+            self.proto.commit_answered()
         self._then(self.here[1], value)
 
 

@@ -214,7 +214,7 @@ class ClientTransaction:
                               (fast.match_vote_answer, self._voted))
         self._proto = proto         # read on the reactor thread only once the answer is in
         if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
-                                     answer, True):
+                                     answer, proto.commits_quiet()):
             self._proto = None
             return None
         self._stream = bytearray()
@@ -236,7 +236,8 @@ class ClientTransaction:
             proto, tag, "Finish", lambda box: _finish_answer(box, proto),
             lambda a: self._finished(a, callback), self._answer_failed,
             (fast.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
-        return answer if proto.ask_from_thread(fast.finish_request(tag), answer, True) else None
+        return answer if proto.ask_from_thread(fast.finish_request(tag), answer,
+                                               proto.commits_quiet()) else None
 
     def _answer_failed(self, error, refused=False):
         """The error a thread's Vote or Finish raises (as :meth:`_lost` and
