@@ -33,6 +33,7 @@ from ZODB.utils import p64, u64, z64
 
 from test_conformance import ZeotwistStorageTestBase, _collect_check_methods
 from zeotwist import ClientStorage
+from zeotwist.tools import tid_time
 from zeotwist.client.reactorthread import background_reactor, blocking_call
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.server import storageapi
@@ -378,7 +379,7 @@ def test_pack_command_packs_a_running_server(server, make_client):
     kept = _zeotwist_cli("pack", address, "--days", "1")
     assert kept.returncode == 0, kept.stderr
     assert len(cs.history(oid, 10)) == 3       # nothing older than a day
-    while time.time() <= _tid_time(revs[-1]):
+    while time.time() <= tid_time(revs[-1]):
         time.sleep(0.01)                       # the pack time must follow the last commit
     packed = _zeotwist_cli("pack", address)
     assert packed.returncode == 0, packed.stderr
@@ -394,11 +395,6 @@ def test_pack_command_reports_errors(server):
                         "--wait-timeout", "1")
     assert bad.returncode == 1
     assert "cannot connect" in bad.stderr and "nope" in bad.stderr
-
-
-def _tid_time(tid):
-    from persistent.TimeStamp import TimeStamp
-    return TimeStamp(tid).timeTime()
 
 
 def test_pack_does_not_hold_up_commits(server, make_client, monkeypatch):
@@ -451,7 +447,7 @@ def test_server_may_allow_read_only_clients_to_pack(tmp_path):
                                read_only=True)
         try:
             oid, revs = _three_revisions(writer)
-            while time.time() <= _tid_time(revs[-1]):
+            while time.time() <= tid_time(revs[-1]):
                 time.sleep(0.01)
             reader.pack()
             assert len(writer.history(oid, 10)) == 1
@@ -677,7 +673,7 @@ def test_allow_read_only_pack_config_key(tmp_path):
 def test_pack_without_waiting(server, make_client):
     cs = make_client()
     oid, revs = _three_revisions(cs)
-    while time.time() <= _tid_time(revs[-1]):
+    while time.time() <= tid_time(revs[-1]):
         time.sleep(0.01)
     cs.pack(wait=False)                        # ZEO's spelling: returns at once
     _wait_for(lambda: len(cs.history(oid, 10)) == 1, "the pack to finish")

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import tempfile
 import time
 
 from zeotwist.bench.procstat import own_peak_rss_mb, peak_rss_mb
-from zeotwist.bench.servers import zeotwist_argv
+from zeotwist.bench.servers import accepts, free_port, zeotwist_argv
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 60.0
@@ -84,14 +83,14 @@ class BenchServer:
         return zeotwist_argv(self.filename, address_file, "--blob-dir", self.blob_dir), ready
 
     def _zeo_argv(self):
-        port = _free_port()
+        port = free_port()
         self.address = (HOST, port)
         config = os.path.join(self.directory, "zeo.conf")
         with open(config, "w") as f:
             f.write("<zeo>\n  address %s:%d\n</zeo>\n<filestorage>\n  path %s\n"
                     "  blob-dir %s\n</filestorage>\n" % (HOST, port, self.filename,
                                                           self.blob_dir))
-        return [sys.executable, "-m", "ZEO.runzeo", "-C", config], lambda: _accepts(port)
+        return [sys.executable, "-m", "ZEO.runzeo", "-C", config], lambda: accepts(HOST, port)
 
     def client(self, cache: str):
         """A ClientStorage of this system with the blob cache ``cache``."""
@@ -111,20 +110,6 @@ class BenchServer:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def _payloads(count: int, size: int, work: str, tag: str) -> list:
