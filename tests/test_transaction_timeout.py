@@ -11,6 +11,7 @@ transaction that does not vote in time) is met the same way, as VoteTimeout.
 """
 import re
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 import pytest_twisted
@@ -217,6 +218,22 @@ def test_a_vote_pending_at_the_timeout_fails_with_it(tmp_path, log):
         running.stop()
 
 
+@asynccontextmanager
+async def one_stored(tmp_path, description: str, data: bytes, **settings):
+    """Within: a server with ``settings`` (serve_and_connect) and a Deferred-API
+    client whose transaction ``description`` stored ``data`` as a new object:
+    (client, oid, txn).  Both are stopped at the end."""
+    svc, client, _ = await serve_and_connect(tmp_path, **settings)
+    try:
+        oid = await client.new_oid()
+        txn = client.begin(description=description)
+        txn.store(oid, z64, data)
+        yield client, oid, txn
+    finally:
+        await client.stop()
+        await svc.stopService()
+
+
 async def serve_and_connect(tmp_path, **settings):
     """A server of tmp_path/data.fs with ``settings`` on the test's reactor,
     and a Deferred-API client of it: (service, client, port)."""
@@ -247,11 +264,8 @@ async def the_next_commits(client, oid) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_deferred_api_finish_fails_with_transaction_timeout(tmp_path, log):
-    svc, client, _ = await serve_and_connect(tmp_path, transaction_timeout=TIMEOUT)
-    try:
-        oid = await client.new_oid()
-        txn = client.begin(description="stalls")
-        txn.store(oid, z64, b"stalled")
+    async with one_stored(tmp_path, "stalls", b"stalled",
+                          transaction_timeout=TIMEOUT) as (client, oid, txn):
         with pytest.raises(TransactionTimeout) as caught:
             await txn.vote()        # (on a loaded machine the vote itself may time out)
             await log.heard.addTimeout(PATIENCE, reactor)    # the server's notice came
@@ -260,9 +274,6 @@ async def test_deferred_api_finish_fails_with_transaction_timeout(tmp_path, log)
         await txn.abort()
         await the_next_commits(client, oid)
         assert_one_server_line(log)
-    finally:
-        await client.stop()
-        await svc.stopService()
 
 
 # -- the vote timeout ------------------------------------------------------------------
@@ -334,11 +345,8 @@ def test_vote_timeout_to_a_client_that_does_not_ask_for_its_notice(tmp_path, log
 
 @pytest_twisted.ensureDeferred
 async def test_deferred_api_vote_fails_with_vote_timeout(tmp_path, log):
-    svc, client, _ = await serve_and_connect(tmp_path, vote_timeout=TIMEOUT)
-    try:
-        oid = await client.new_oid()
-        txn = client.begin(description="does not vote in time")
-        txn.store(oid, z64, BIG)                          # TpcBegin is sent
+    async with one_stored(tmp_path, "does not vote in time", BIG,    # TpcBegin is sent
+                          vote_timeout=TIMEOUT) as (client, oid, txn):
         await log.heard.addTimeout(PATIENCE, reactor)    # the server's notice came
         with pytest.raises(VoteTimeout) as caught:
             await txn.vote()
@@ -346,6 +354,3 @@ async def test_deferred_api_vote_fails_with_vote_timeout(tmp_path, log):
         await txn.abort()
         await the_next_commits(client, oid)
         assert_one_server_line(log, VOTE_LINE)
-    finally:
-        await client.stop()
-        await svc.stopService()
