@@ -7,8 +7,8 @@ Login (with credentials), Register, then Verify when the cache already
 covers some transactions.  :attr:`Connector.protocol` is set only once the
 cache is up to date, under the client's visibility lock, together with the
 cache's last tid.  It also owns the read-only fallback (try the other
-servers, then register read-only) and the :class:`WritableProbe` that
-moves back to a writable server.
+servers, then register read-only); :class:`~zeotwist.client.fallback.WritableProbe`
+moves it back to a writable server.
 
 The connector is the owner every :class:`~zeotwist.client.protocol.ClientProtocol`
 reports to (``invalidated``, ``connection_lost``); it hands the client only
@@ -24,6 +24,7 @@ from ZODB.POSException import ReadOnlyError
 
 from zeotwist import twistedcompat
 from zeotwist.client.events import Invalidation
+from zeotwist.client.fallback import WritableProbe
 from zeotwist.client.protocol import ClientFactory, peer_text
 from zeotwist.errors import (
     ProtocolVersionError, ServerOlderThanCache, Unauthorized, UnknownStorage, WrongServer)
@@ -366,69 +367,3 @@ class Connector:
         if proto is not None and self.server_read_only and proto.transport is not None:
             _log.info("zeotwist: a writable server is back; reconnecting to it")
             proto.transport.loseConnection()
-
-
-class _Silent:
-    """The owner a probe connection reports to: it wants nothing."""
-
-    def __init__(self, reactor):
-        self.reactor = reactor
-
-    def invalidated(self, proto, tid, oids) -> None:
-        pass
-
-    def connection_lost(self, proto, reason) -> None:
-        pass
-
-
-class WritableProbe:
-    """While a ``read_only_fallback`` client sits on a read-only server, look
-    for a writable one every ``interval`` seconds (a throwaway connection and
-    a writable Register); when one answers, tell the connector to move."""
-
-    def __init__(self, connector: Connector, interval: float):
-        self._connector = connector
-        self._interval = interval
-        self._call = None
-        self._stopped = False
-
-    def schedule(self) -> None:
-        if self._stopped or (self._call is not None and self._call.active()):
-            return
-        self._call = self._connector.reactor.callLater(self._interval, self._run)
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-
-    def _run(self) -> None:
-        connector = self._connector
-        if not (connector.protocol is not None and connector.server_read_only):
-            return
-        endpoints = list(getattr(connector.endpoint, "endpoints", [connector.endpoint]))
-        factory = ClientFactory(_Silent(connector.reactor))
-
-        def try_index(i):
-            if i == len(endpoints):
-                self.schedule()
-                return
-            d = endpoints[i].connect(factory)
-            d.addCallback(lambda proto: self._try_register(proto, i))
-            d.addErrback(lambda f: False)
-            d.addCallback(lambda found: None if found else try_index(i + 1))
-
-        try_index(0)
-
-    def _try_register(self, proto, index):
-        d = self._connector.send_register(proto, False)
-
-        def done(result):
-            if proto.transport is not None:
-                proto.transport.loseConnection()
-            if isinstance(result, dict):
-                self._connector.writable_server_found(index)
-                return True
-            return False
-
-        return d.addBoth(done)
