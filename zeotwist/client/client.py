@@ -276,7 +276,8 @@ class Client(StorageCallsMixin):
 
     def catch_up(self, timeout: float) -> None:
         """From a thread other than the reactor's: handle what the server
-        has sent so far before going on (``ThreadReads.catch_up``)."""
+        has sent so far before going on (``CommitReads.catch_up``,
+        :mod:`zeotwist.client.commitreads`)."""
         proto = self.connector.protocol
         if proto is not None and not in_reactor_thread(self.reactor):
             proto.catch_up(timeout)

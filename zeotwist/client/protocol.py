@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 from zeotwist import twistedcompat
 from zeotwist.errors import ClientDisconnected, TransactionTimeout, VoteTimeout, WrongServer
 from zeotwist.client.longreads import ValueBuffer
-from zeotwist.client.threadwrites import ThreadWrites, read_load_answer
+from zeotwist.client.commitreads import CommitReads
+from zeotwist.client.threadwrites import read_load_answer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
 from zeotwist.wire import fast
@@ -78,7 +79,7 @@ class _LoadAnswer:
         self.result.errback(convert_failure(reason))
 
 
-class ClientProtocol(ThreadWrites, BoundedAMP):
+class ClientProtocol(CommitReads, BoundedAMP):
     maxBoxBytes = CLIENT_MAX_BOX_BYTES
     maxBoxKeys = CLIENT_MAX_BOX_KEYS
     #: a big record (or blob piece) read into its own bytes object

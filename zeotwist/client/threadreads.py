@@ -40,23 +40,16 @@ every write takes, see threadwrites):
 MVCC: the reader stores its answer before it stops reading, and it
 consumes bytes only when its answer is all of them, so every box is
 still handled in arrival order and an answer reaches the cache before
-any invalidation that follows it.  A Finish read so is made visible by the
-committing thread, as the reactor would (the cache refreshed, ZODB's
-callback and the ``before_visible`` subscribers under the visibility lock,
-then the last tid), under ``send_lock``: lock order ``send_lock``, then
-the visibility lock, then ZODB's (which never call the storage while held).
-The event's second stage (reactor programs' subscribers) still runs on the
-reactor thread, before the reactor handles any later box
-(:meth:`ThreadReads.publish_later`).  Only plain answers are read so: a
-conflict, ``to_resolve`` or an error goes to the reactor.  The reader reads through a duplicate
+any invalidation that follows it.  What is particular to a commit's Vote
+and Finish (which commits the thread reads, a Finish made visible by the
+committing thread, a transaction's start catching up) is in
+:mod:`~zeotwist.client.commitreads`.  The reader reads through a duplicate
 of the socket's descriptor: Twisted may close its own while a thread is
 in ``recv``, and the number must not be reused under the reader; the
 connection's loss shuts that duplicate down, which wakes the reader.
 """
 import os
-import select
 import socket
-import threading
 import time
 
 from twisted.protocols import amp
@@ -81,7 +74,8 @@ _MIN_WAIT = 0.001
 
 
 class ThreadReads:
-    """The ClientProtocol mixin (under ThreadWrites): who reads the socket."""
+    """The ClientProtocol mixin (under ThreadWrites, and CommitReads, whose
+    ``publish_pending`` it calls): who reads the socket."""
 
     read_state = REACTOR
     _give_back = False      # THREAD: the reactor wrote; the reader hands the socket back
@@ -89,27 +83,7 @@ class ThreadReads:
     _park_timer = None
     _rsock = None           # the reader's duplicate of the socket
     _rsock_timeout = _SLICE
-    _later = ()             # commits reading threads made visible: publish_later
-
-    #: Invalidate boxes handled so far (reactor thread)
-    invalidations = 0
-    #: no other client's commit reached this one between its last two
-    #: Finish answers: its commits' answers are read by the committing
-    #: thread.  Else (others commit too) the reactor reads them, as every
-    #: invalidation would make the reader hand over (two more wake-ups).
-    quiet_commits = True
-    _commits_mark = 0
-
-    def commit_answered(self) -> None:
-        """A Finish answer, on either thread: note whether the commits are quiet."""
-        seen = self.invalidations
-        self.quiet_commits, self._commits_mark = seen == self._commits_mark, seen
-
-    def commits_quiet(self) -> bool:
-        """Whether a commit's answers are for the committing thread to read:
-        no other client's commit came in the last interval between two
-        Finish answers, nor since."""
-        return self.quiet_commits and self.invalidations == self._commits_mark
+    _later = ()             # commits made visible by reading threads (commitreads)
 
     # -- the reactor thread ------------------------------------------------------
     def thread_answered(self) -> None:
@@ -186,29 +160,6 @@ class ThreadReads:
         elif state == THREAD:
             self._give_back = True
 
-    def publish_later(self, stage_two, listened: bool) -> None:
-        """A reading thread made its own commit visible, under the lock:
-        the event's second stage (``stage_two()``: reactor programs'
-        subscribers and waiters) runs on the reactor thread, before it
-        handles any box it reads after this (:meth:`publish_pending` at
-        every ``dataReceived``), at the latest at the park timer, and at
-        once when someone ``listened``."""
-        if not self._later:
-            self._later = []
-        self._later.append(stage_two)
-        if listened and len(self._later) == 1:
-            self.owner.reactor.callFromThread(self.publish_pending)
-
-    def publish_pending(self) -> None:
-        """Reactor thread: the second stage of what reading threads made
-        visible, in order."""
-        if not self._later:
-            return
-        with self.send_lock:
-            later, self._later = self._later, ()
-        for stage_two in later:
-            stage_two()
-
     def _take_back(self, data: bytes) -> None:
         """RETURNING -> REACTOR: the bytes the reader handed over come
         before any the reactor reads next."""
@@ -236,48 +187,6 @@ class ThreadReads:
         else:
             self._rsock = None
             rsock.close()
-
-    def catch_up(self, timeout: float) -> None:
-        """A thread about to start a transaction (ZODB asks
-        ``ClientStorage.lastTransaction``): what the server has sent so far
-        (an invalidation) is handled before it goes on, so the transaction
-        sees every commit whose invalidation has reached this client.
-
-        * Parked: it waits in the socket for up to ``PARK_CHECK``.  Read it
-          now, hand it to the reactor and wait until the reactor has
-          handled it.
-        * The reactor reads, but has not read yet what waits in the socket
-          (it is busy, or this thread got there first: a committer that
-          read its own Finish answer, told by another thread or process of
-          a commit, outruns the reactor): wait until the reactor has made
-          a turn that read it (:func:`_after_a_turn`).
-
-        Nothing to do (no wait) when nothing has arrived, while another
-        thread reads (it hands what is not its own to the reactor), or when
-        the reactor no longer runs (nobody would handle it)."""
-        reactor = self.owner.reactor
-        with self.send_lock:
-            if self._gone or not reactor.running:
-                return
-            state = self.read_state
-            handled = threading.Event()
-            if state == PARKED and self._rsock is not None:
-                data = _pending(self._rsock)
-                if data == b"":
-                    return
-                self.read_state = RETURNING     # the reactor reads again, after ``data``
-                reactor.callFromThread(self._take_back_then, data or b"", handled.set)
-            elif state in (REACTOR, RETURNING) and _arrived(self.transport):
-                reactor.callFromThread(_after_a_turn, reactor, handled.set)
-            else:
-                return
-        handled.wait(timeout)
-
-    def _take_back_then(self, data: bytes, then) -> None:
-        try:
-            self._take_back(data)
-        finally:
-            then()
 
     # -- the reading thread ------------------------------------------------------
     def thread_asks(self, read: bool) -> bool:
@@ -405,41 +314,6 @@ class ThreadReads:
         else:
             self.read_state = PARKED
         return None
-
-
-def _arrived(transport) -> bool:
-    """Whether bytes wait unread in ``transport``'s socket (asked from a
-    thread while the reactor may close it: False then)."""
-    try:
-        fd = transport.getHandle().fileno()
-        return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _after_a_turn(reactor, then) -> None:
-    """Reactor thread: call ``then`` after the reactor's next look at its
-    descriptors.  A ``callLater(0)`` made here may still run in this same
-    round of calls (before any socket is read); one made from it waits for
-    the next round, which comes after the reactor has polled and read."""
-    reactor.callLater(0, reactor.callLater, 0, then)
-
-
-def _pending(sock) -> bytes | None:
-    """What has arrived on ``sock`` so far, without waiting: ``b""`` when
-    nothing has, None at the connection's end or error (the reactor meets
-    it when it reads again)."""
-    data, fd = b"", sock.fileno()
-    while True:
-        try:    # the descriptor is non-blocking; sock.recv would wait its timeout first
-            chunk = os.read(fd, READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return data
-        except OSError:
-            return data or None
-        if not chunk:
-            return data or None
-        data += chunk
 
 
 def _wait(left: float | None) -> float:
