@@ -15,6 +15,7 @@ from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.server.footprint import needs_tls, openssl_hidden
 from zeotwist.server.settings import ServerSettings
+from zeotwist.server.startup import plain_tcp
 from zeotwist.testing import start_twistd
 
 #: site-packages directories a server of a FileStorage without TLS does not map
@@ -73,9 +74,10 @@ def test_the_server_modules_do_not_import_the_client():
 def test_the_server_modules_leave_out_what_a_plain_server_does_not_use():
     """pickletools (0.5 MB of opcode tables) comes with the first client
     pickle the server reads (a conflict to resolve), twisted.web with
-    --metrics; a server that has neither does not carry them."""
+    --metrics, Twisted's endpoints module with a listen string that is not
+    plain tcp:; a server that has none of them does not carry them."""
     assert imported_by("zeotwist.server.tap, zeotwist.server.service",
-                       ("pickletools", "twisted.web")) == []
+                       ("pickletools", "twisted.web", "twisted.internet.endpoints")) == []
     from zeotwist.server.unpickling import PickleRefused, check_opcodes, pickle_class_name
     check_opcodes(b"\x80\x03K\x01.")                   # still read when needed
     assert pickle_class_name(b"\x80\x03cfoo\nBar\nq\x00.") == ("foo", "Bar")
@@ -134,6 +136,47 @@ def test_a_plain_server_process_gets_twisteds_tls_back_at_its_first_use():
         from twisted.internet import ssl         # a TLS use of the process's own
         assert posixbase.tls is not None and amp.ssl is ssl
         assert tcp._TLSConnectionMixin.__module__ != "twisted.internet.tcp"
+        print("ok")
+        """
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
+
+
+@pytest.mark.parametrize("description", [
+    "tcp:8100", "tcp:0:interface=127.0.0.1", "tcp:8100:backlog=7:interface=::1",
+    "tcp:8100:backlog=7:interface=10.0.0.1",
+    "tcp:port=8100", "tcp:8100:127.0.0.1", "tcp:x", "tcp:8100:interface=a\\:b", "tcp:8100:",
+    "tcp:8100:interface=a:interface=b", "tcp: 8100", "tcp:8100:backlog=-1", "tcp:８１",
+    "TCP:8100", "tcp6:8100", "unix:/tmp/s", "tcp:8100:other=1", "tcp:8100:interface=a=b"])
+def test_a_plain_tcp_listen_string_is_read_as_twisted_reads_it(description):
+    """listen_on reads plain tcp: strings itself (sparing twisted.internet.endpoints):
+    what it reads is what Twisted's parser makes of the string; the rest it leaves to it."""
+    from twisted.internet.endpoints import _parseServer
+    got = plain_tcp(description)
+    if got is not None:
+        port, options = got
+        assert _parseServer(description, None) == ("TCP", (port, None), options)
+
+
+def test_a_plain_server_imports_twisteds_endpoints_only_for_other_strings():
+    """A plain tcp: server does without twisted.internet.endpoints; a unix: one
+    imports it as the plugin did, pyOpenSSL hidden, and Twisted's TLS still comes
+    back at its first use (zeotwist.lazytls), for the endpoints module too."""
+    program = """if True:
+        import sys
+        from zeotwist.server import footprint
+        footprint.import_tap()                  # as the twistd plugin
+        from zeotwist.server.settings import ServerSettings
+        settings = ServerSettings(listen=["tcp:0", "unix:/tmp/s"])
+        footprint.settle(settings)
+        assert "twisted.internet.endpoints" not in sys.modules
+        endpoints = footprint.endpoints()       # listen_on's, for the unix: string
+        assert "OpenSSL" not in sys.modules and endpoints.TLSMemoryBIOFactory is None
+        assert endpoints.wrapClientTLS.__wrapped__ is not None     # restores first
+        from twisted.internet import ssl         # a TLS use of the process's own
+        assert endpoints.TLSMemoryBIOFactory is not None and endpoints.SSLError is not None
+        assert not hasattr(endpoints.wrapClientTLS, "__wrapped__")
         print("ok")
         """
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,

@@ -249,23 +249,30 @@ def _restoring(function):
 
 
 def _arrange() -> None:
-    """Make the first TLS use in the process call :func:`restore`."""
-    if "twisted.internet.endpoints" in _lacking and not _wrapped:
+    """Make the first TLS use in the process call :func:`restore` (again
+    after another :func:`track`: what is wrapped already stays as it is)."""
+    if "twisted.internet.endpoints" in _lacking:
         endpoints = sys.modules["twisted.internet.endpoints"]
         parsers = endpoints._clientParsers      # ssl: strings' parser, called from there
         for owner, name in [(endpoints, n) for n in _ENDPOINT_CALLS] + [
                 (endpoints._TLSServerEndpointParser, "parseStreamServer"), (parsers, "SSL")]:
-            original = parsers[name] if owner is parsers else getattr(owner, name)
-            _wrapped.append((owner, name, original))
-            _put(owner, name, _restoring(original))
+            _wrap(owner, name)
     if "twisted.internet.posixbase" in _lacking:    # a context of pyOpenSSL's own
         base = sys.modules["twisted.internet.posixbase"].PosixReactorBase
         for name in ("connectSSL", "listenSSL"):
-            _wrapped.append((base, name, getattr(base, name)))
-            setattr(base, name, _restoring(getattr(base, name)))
+            _wrap(base, name)
     if "twisted.internet.tcp" in _lacking:          # left out of the classes once restored
         sys.modules["twisted.internet.tcp"]._TLSConnectionMixin.startTLS = _start_tls
     _SSLImported.install()
+
+
+def _wrap(owner, name: str) -> None:
+    """``owner``'s ``name`` (its item, for a dict) calls :func:`restore` first, until it has run."""
+    if any(o is owner and n == name for o, n, _ in _wrapped):
+        return
+    original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+    _wrapped.append((owner, name, original))
+    _put(owner, name, _restoring(original))
 
 
 def _start_tls(self, *args, **kw):

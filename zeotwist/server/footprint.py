@@ -16,6 +16,10 @@ without it when the import fails.  So, under twistd only:
   does (``--listen-tls``, a listen or metrics endpoint that is not plain
   ``tcp:``/``tcp6:``/``unix:``), they import it as usual.
 
+Twisted's endpoints module itself is imported only for a listen string that
+is not plain ``tcp:`` (:func:`zeotwist.server.startup.listen_on`); then by
+:func:`endpoints`, which hides pyOpenSSL as the plugin's import did.
+
 pyOpenSSL is hidden only for those imports, never afterwards: code that
 imports it later gets it, and Twisted's modules get their TLS back at its
 first use (``startTLS``, ``tls:``/``ssl:`` endpoints, ``listenSSL``, AMP's
@@ -55,6 +59,20 @@ def import_tap():
     if hidden:
         track()
     return tap
+
+
+def endpoints():
+    """``twisted.internet.endpoints``, imported (if it is not yet) as the
+    plugin's import of the server's modules imported Twisted: with
+    pyOpenSSL hidden when that import hid it; a TLS endpoint gets it back
+    at its first use (:mod:`zeotwist.lazytls`)."""
+    name = "twisted.internet.endpoints"
+    if _deferred and name not in sys.modules:
+        with openssl_hidden() as hidden:
+            importlib.import_module(name)
+        if hidden:
+            track()
+    return importlib.import_module(name)
 
 
 def needs_tls(settings) -> bool:

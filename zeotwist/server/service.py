@@ -18,7 +18,6 @@ from dataclasses import replace
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,7 +29,7 @@ from zeotwist.server.metrics import metrics_site, missing_dependency
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
 from zeotwist.server.startup import (
-    StartupReporter, listen_problem, private_unix_socket, stop_on_early_sigterm)
+    StartupReporter, listen_on, listen_problem, private_unix_socket, stop_on_early_sigterm)
 from zeotwist.server.storagesafety import check_audited
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.tls import TLSConfigError, listen_tls, require_tls, server_options
@@ -258,15 +257,15 @@ class ServerService(service.Service):
         factory.noisy = False               # no "Starting factory <...>" lines
         self.factory = factory
         tls = self.tls_options()            # TLSConfigError as is, before any listening
-        ds = [self._listen_one(desc, lambda desc: serverFromString(
-            self.reactor, private_unix_socket(desc)).listen(factory)) for desc in s.listen]
+        ds = [self._listen_one(desc, lambda desc: listen_on(
+            self.reactor, private_unix_socket(desc), factory)) for desc in s.listen]
         ds += [self._listen_one(desc, lambda desc: listen_tls(
             self.reactor, private_unix_socket(desc), factory, tls)) for desc in s.listen_tls]
         if s.metrics:                       # the last port: Prometheus's /metrics
             if missing_dependency():
                 raise StartupFailed(missing_dependency())
-            ds.append(self._listen_one(s.metrics, lambda desc: serverFromString(
-                self.reactor, private_unix_socket(desc)).listen(metrics_site(self))))
+            ds.append(self._listen_one(s.metrics, lambda desc: listen_on(
+                self.reactor, private_unix_socket(desc), metrics_site(self))))
         outcome = []
         d = defer.DeferredList(ds, consumeErrors=True)
         d.addCallback(self._listened).addBoth(outcome.append)

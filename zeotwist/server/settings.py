@@ -30,13 +30,14 @@ from dataclasses import dataclass, field, fields
 
 import ZConfig.datatypes
 from ZConfig.datatypes import SocketBindingAddress
-from twisted.internet.endpoints import serverFromString
 
 from zeotwist.server.budgets import DEFAULT_MAX_SPOOL, DEFAULT_MEMORY_BUDGET
 from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, DEFAULT_TURN_AFTER
 from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT
 from zeotwist.server.iterators import DEFAULT_ITERATOR_TIMEOUT, DEFAULT_MAX_ITERATORS
 from zeotwist.server.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING_OUTPUT, FD_RESERVE
+from zeotwist.server.footprint import endpoints
+from zeotwist.server.startup import plain_tcp
 from zeotwist.server.storageserver import (
     DEFAULT_INVALIDATION_QUEUE_SIZE, DEFAULT_POLL_INTERVAL, DEFAULT_PREFETCH_BYTES,
     DEFAULT_PREFETCH_COUNT, DEFAULT_TRANSACTION_TIMEOUT)
@@ -59,8 +60,10 @@ def listen_endpoint(value: str) -> str:
     value = value.strip()
     if is_tls_endpoint(value):
         require_tls("listening on %r" % (value,))
+    if plain_tcp(value) is not None:
+        return value            # read as Twisted does, without its endpoints module
     try:
-        serverFromString(_NoReactor(), value)
+        endpoints().serverFromString(_NoReactor(), value)
     except Exception as e:    # whatever the endpoint parser objects to
         if value.isdigit():
             raise ValueError(

@@ -14,8 +14,9 @@ and exits with status 1 (the daemon's launching process too), and
 duplicate is closed once the server listens, so a supervisor reading the
 terminal's pipe sees it end.
 
-Also here: the readable text of a listening failure, and the default
-permissions of Unix sockets (0600: the owner only).
+Also here: the readable text of a listening failure, the default
+permissions of Unix sockets (0600: the owner only), and listening on an
+endpoint string (:func:`listen_on`).
 
 Runs on the reactor thread (or before the reactor runs).
 """
@@ -23,6 +24,8 @@ import errno
 import os
 import signal
 import sys
+
+from twisted.internet.defer import Deferred, execute
 
 from zeotwist.errors import StartupFailed
 
@@ -66,6 +69,41 @@ def _endpoint_params(description: str) -> set:
     a last field ending in a lone ``\\``, which Twisted cannot parse, is not read)."""
     fields = _endpoint_fields(description + ":")[:-1]
     return {field.split("=", 1)[0] for field in fields if "=" in field}
+
+
+def plain_tcp(description: str) -> tuple | None:
+    """``(port, {"interface": ..., "backlog": ...})`` of a plain ``tcp:``
+    endpoint string (``tcp:PORT``, ``interface=`` and ``backlog=`` as keys,
+    no escapes), exactly as Twisted's ``serverFromString`` reads it; None
+    for anything else (Twisted's parser reads that)."""
+    if "\\" in description:
+        return None
+    kind, *fields = description.split(":")
+    if kind != "tcp":
+        return None
+    positional = [f for f in fields if "=" not in f]
+    keys = dict(f.split("=", 1) for f in fields if "=" in f)
+    if len(positional) != 1 or len(keys) + len(positional) != len(fields) \
+            or not set(keys) <= {"interface", "backlog"}:
+        return None
+    port, backlog = positional[0], keys.get("backlog", "50")
+    if not (port.isascii() and port.isdigit() and backlog.isascii() and backlog.isdigit()):
+        return None
+    return int(port), {"interface": keys.get("interface", ""), "backlog": int(backlog)}
+
+
+def listen_on(reactor, description: str, factory) -> Deferred:
+    """``serverFromString(reactor, description).listen(factory)``; a plain
+    ``tcp:`` string (:func:`plain_tcp`) listens as Twisted's TCP endpoint
+    does, without importing ``twisted.internet.endpoints``: that module and
+    what it imports (stdio, process endpoints, the resolver's) are 0.5 MB
+    of a server's resident memory (docs/performance.md, "Memory")."""
+    tcp = plain_tcp(description)
+    if tcp is None:
+        from zeotwist.server.footprint import endpoints
+        return endpoints().serverFromString(reactor, description).listen(factory)
+    port, options = tcp
+    return execute(reactor.listenTCP, port, factory, **options)
 
 
 def unix_path(description: str) -> str | None:
