@@ -39,9 +39,10 @@ Cases (docs/performance.md says more; ``--cases`` picks some):
   rewritten once) and garbage (10 % dropped from the BTree), written once
   with a local FileStorage; the time of ``storage.pack(time.time(),
   referencesf)`` from a client; seconds, lower is better.
-* **blobs**: ``python -m zeotwist.bench.blobs --json`` per system and
-  round (blob store and load throughput, large and small blobs; its own
-  server); MB/s.
+* **blobs**: ``python -m zeotwist.bench.blobs --json`` once per round for
+  both systems, alternated run by run (blob store and load throughput,
+  large and small blobs; each run a fresh client process with a server of
+  its own); MB/s.
 
 Every row also gets the peak RSS of the client process(es) and of the
 server during that case, and with both systems their ratios zeotwist/ZEO.

@@ -12,13 +12,15 @@ Both clients are ClientStorages with a blob cache directory (ZEO:
 
 "store" times the commits (the upload included); "load" times ``loadBlob``
 of every blob by a second client with an empty cache (the download).  Each
-run starts a server on a fresh directory and removes all it wrote
-afterwards; ``--warmup`` untimed runs come first, then ``--repeat`` timed
-ones, the systems alternating (:func:`one_run`).  Figures are MB/s of blob
+run is a fresh client process (``--one-run``) with a server of its own on a
+fresh directory; ``--warmup`` untimed runs come first, then ``--repeat``
+timed ones, the systems alternating run by run (:func:`run_case`), so
+whatever the machine's file system state costs (docs/performance.md,
+"Blobs: a fair measurement") falls on both alike.  Figures are MB/s of blob
 data, the median of the timed runs.  With ``--json`` (how ``python -m
-zeotwist.bench`` runs it, one system per round) the output is one JSON
-line instead of the table: per operation the rate, and the peak RSS of the
-server and of this client process.
+zeotwist.bench`` runs it, once per round for both systems) the output is
+one JSON line instead of the table: per system and operation the rate, and
+the peak RSS of the server and of the client process.
 """
 import argparse
 import json
@@ -172,8 +174,23 @@ def load(server, cache: str, refs: list) -> float:
 
 def one_run(system: str, work: str, name: str, count: int, size: int,
             per_txn: int) -> tuple:
+    """:func:`run_here` in a fresh process (``--one-run``): neither system's
+    client shares a process (its threads, its heap, its imports) with the
+    other's.  ``(store s, load s, server peak RSS MB, client peak RSS MB)``."""
+    argv = [sys.executable, "-m", "zeotwist.bench.blobs", "--workdir", work, "--one-run",
+            system, name, str(count), str(size), str(per_txn)]
+    done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise RuntimeError("%s %s blob run failed (status %d):\n%s" % (
+            system, name, done.returncode, done.stderr[-3000:]))
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def run_here(system: str, work: str, name: str, count: int, size: int,
+             per_txn: int) -> tuple:
     """One store and load of the case with a server of its own on a fresh
-    directory: ``(store seconds, load seconds, server peak RSS MB)``.
+    directory, in this process: ``(store seconds, load seconds, server peak
+    RSS MB, this process's peak RSS MB)``.
 
     A run of large blobs removes everything it wrote once it is measured:
     its files (sources, server blobs, caches) would otherwise pile up in
@@ -195,7 +212,7 @@ def one_run(system: str, work: str, name: str, count: int, size: int,
         store_s, refs = store(server, caches[0], sources, per_txn)
         os.sync()
         load_s = load(server, caches[1], refs)
-        return store_s, load_s, peak_rss_mb(server.process.pid)
+        return store_s, load_s, peak_rss_mb(server.process.pid), own_peak_rss_mb()
     finally:
         server.stop()
         if size >= LARGE:
@@ -216,7 +233,8 @@ def run_case(systems: list, work: str, name: str, count: int, size: int, per_txn
     mb = count * size / 1e6
     return {system: dict(store=mb / statistics.median(t[0] for t in runs),
                          load=mb / statistics.median(t[1] for t in runs),
-                         rss=max((t[2] for t in runs if t[2] is not None), default=None))
+                         rss=max((t[2] for t in runs if t[2] is not None), default=None),
+                         client_rss=max(t[3] for t in runs))
             for system, runs in times.items()}
 
 
@@ -236,7 +254,15 @@ def main(argv=None) -> int:
                         help="print one JSON line (rates and peak RSS) instead of the table")
     parser.add_argument("--workdir", help="where servers and caches live (default: a "
                         "temporary directory, removed afterwards)")
+    parser.add_argument("--one-run", nargs=5, metavar=("SYSTEM", "CASE", "COUNT", "SIZE",
+                                                       "PER_TXN"),
+                        help="(internal) one run in this process; prints its JSON figures")
     args = parser.parse_args(argv)
+    if args.one_run:
+        system, name, count, size, per_txn = args.one_run
+        print(json.dumps(run_here(system, args.workdir, name, int(count), int(size),
+                                  int(per_txn))))
+        return 0
     work = args.workdir or tempfile.mkdtemp(prefix="zeotwist-blob-bench-")
     cases = [("large", args.large_count, args.large_mb * 10**6, 1),
              ("small", args.small_count, args.small_kb * 1000, SMALL_PER_TXN)]
@@ -263,7 +289,7 @@ def json_rows(results: dict, cases) -> str:
                 rate = results[system, name][op]
                 rows["blob-%s-%s" % (name, op)] = {
                     "rate": rate, "count": count * size / 1e6, "seconds": count * size / 1e6 / rate,
-                    "extra": {"rss_mb": own_peak_rss_mb(),
+                    "extra": {"rss_mb": results[system, name]["client_rss"],
                               "server_rss_mb": results[system, name]["rss"]}}
     return json.dumps(out)
 

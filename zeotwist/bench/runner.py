@@ -11,9 +11,11 @@ tpc cases as groups of processes started together,
 another fresh copy, started in client-side conflict resolution mode.  The ``pack``
 case has a database of its own (:func:`zeotwist.bench.packing.build`, also
 written once and copied): a second server is started on a fresh copy of it
-after the first has stopped.  The ``blobs`` case runs ``python -m
-zeotwist.bench.blobs --json`` for the system, which starts a blob server of
-its own.  Rates are ``count / seconds`` as timed inside the client process
+after the first has stopped.  The ``blobs`` case runs once per round for
+both systems, after their other cases: ``python -m zeotwist.bench.blobs
+--json``, which alternates them run by run, each run a fresh client
+process with a blob server of its own (one system per round would leave
+whatever the file system's state costs at that moment to one of them).  Rates are ``count / seconds`` as timed inside the client process
 (the pack case reports its seconds); the server's peak RSS is reset before
 each case and read after it.  :mod:`zeotwist.bench.report` prints
 per-system medians over the rounds and ratios of those medians, with the
@@ -149,14 +151,18 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         results = {(s, row): [] for s in systems for row, _, _, _ in rows}
         for r in range(settings.rounds if rows else 0):
             order = systems if r % 2 == 0 else tuple(reversed(systems))
+            got = {system: one_round(system, tmp, oidfile, settings,
+                                     os.path.join(tmp, "r%d" % r)) for system in order}
+            if "blobs" in settings.cases:
+                for system, blob_rows in blobs(settings, order, os.path.join(
+                        tmp, "r%d" % r)).items():
+                    got[system].update(blob_rows)
             for system in order:
-                got = one_round(system, tmp, oidfile, settings,
-                                os.path.join(tmp, "r%d" % r))
-                for row, result in got.items():
+                for row, result in got[system].items():
                     results[system, row].append(result)
                 say("round %d  %-10s %s" % (r + 1, label(system), "   ".join(
                     ("%s %.2fs" if row in TIMED else "%s %.0f") % (
-                        row, got[row]["seconds" if row in TIMED else "rate"])
+                        row, got[system][row]["seconds" if row in TIMED else "rate"])
                     for row, _, _, _ in rows)))
             if settings.local:
                 for row, result in local_round(tmp, oidfile, settings,
@@ -176,13 +182,13 @@ def run(settings: Settings, systems=SYSTEMS, out=None) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def blobs(settings: Settings, system: str, directory: str) -> dict:
-    """Run ``python -m zeotwist.bench.blobs --json`` for ``system`` (small
-    with ``quick``); its rows."""
-    work = os.path.join(directory, "blobs-%s" % system)
+def blobs(settings: Settings, systems: tuple, directory: str) -> dict:
+    """Run ``python -m zeotwist.bench.blobs --json`` for ``systems``, in
+    this order (small with ``quick``); ``{system: {row: result}}``."""
+    work = os.path.join(directory, "blobs")
     os.makedirs(work)
     argv = [sys.executable, "-m", "zeotwist.bench.blobs", "--workdir", work, "--json",
-            "--systems", system, "--repeat", "2", "--warmup", "1"] + list(
+            "--systems", ",".join(systems), "--repeat", "2", "--warmup", "1"] + list(
                 QUICK_BLOBS if settings.quick else ()) + list(settings.blob_args)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=BLOBS_TIMEOUT,
@@ -192,7 +198,9 @@ def blobs(settings: Settings, system: str, directory: str) -> dict:
     if done.returncode != 0:
         raise BenchError("the blob bench failed (status %d):\n%s" % (
             done.returncode, done.stderr[-3000:]))
-    return json.loads(done.stdout.strip().splitlines()[-1])[system]["rows"]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return {system: {row: parse_result(json.dumps(result))
+                     for row, result in got[system]["rows"].items()} for system in systems}
 
 
 def scaleout(settings: Settings) -> str:
@@ -275,8 +283,8 @@ def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
               directory: str) -> dict:
     """Serve a fresh copy of the populated database with ``system`` and run
     each selected case once against it; then, for ``pack``, a fresh copy of
-    the pack case's database with another server of ``system``; then, for
-    ``blobs``, the blob bench (which starts its own server).  ``{row: result}``."""
+    the pack case's database with another server of ``system`` (``blobs``
+    runs for both systems at once, :func:`blobs`).  ``{row: result}``."""
     os.makedirs(directory, exist_ok=True)
     got = {}
     if any(c in settings.cases for c in POPULATED_CASES):
@@ -310,9 +318,6 @@ def one_round(system: str, tmp: str, oidfile: str, settings: Settings,
         finally:
             server.stop()
         got["pack"].update(size_before=size, size_after=os.path.getsize(filename))
-    if "blobs" in settings.cases:
-        for row, result in blobs(settings, system, directory).items():
-            got[row] = parse_result(json.dumps(result))
     return got
 
 
