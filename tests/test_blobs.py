@@ -312,6 +312,47 @@ def test_a_blob_file_in_the_cache_tmp_is_taken_over_where_it_is(blob_server, cli
     assert listing(tmp_path / "cache" / "tmp") == []
 
 
+def test_a_blob_file_elsewhere_is_moved_without_a_placeholder(blob_server, clients, tmp_path,
+                                                              monkeypatch):
+    """storeBlob moves a file from outside tmp/ next to its cached place
+    under a name of its own, creating no placeholder file (an inode) for it;
+    the names stay distinct per upload and per process."""
+    from zeotwist.client import blobcache
+    made = []
+    real_mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(blobcache.tempfile, "mkstemp",
+                        lambda *a, **kw: made.append(kw) or real_mkstemp(*a, **kw))
+    srv = blob_server()
+    cs = clients(srv.address, blob_dir=str(tmp_path / "cache"))
+    t = TransactionMetaData()
+    cs.tpc_begin(t)
+    oids = []
+    for i in range(2):
+        src = tmp_path / ("elsewhere-%d.bin" % i)
+        src.write_bytes(b"e%d" % i * 3000)
+        oids.append(cs.new_oid())
+        cs.storeBlob(oids[-1], z64, b"record", str(src), "", t)
+        assert not src.exists()
+    assert made == []                                  # no placeholder file
+    cs.tpc_vote(t)
+    tid = cs.tpc_finish(t)
+    for i, oid in enumerate(oids):
+        with open(cs.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == b"e%d" % i * 3000
+    oid = b"\0" * 7 + b"\1"
+    names = {blobcache.upload_name(oid) for _ in range(3)}
+    assert len(names) == 3
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                       # the child's names are its own
+        os.write(w, blobcache.upload_name(oid).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(r, 200).decode()
+    os.close(r), os.close(w)
+    assert child not in names and str(pid) in child
+
+
 # -- the shared blob directory: only names inside it ------------------------------------
 
 def _atime_is_updated_by_reads(tmp_path) -> bool:

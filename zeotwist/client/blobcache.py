@@ -19,6 +19,7 @@ own arrival triggered, so one blob larger than the whole cache still works.
 
 Runs in the threads that call the storage (never the reactor's).
 """
+import itertools
 import os
 import re
 import tempfile
@@ -70,6 +71,23 @@ def lock_file(path: str, timeout: float | None):
                 raise BlobCacheLocked("%s stayed locked for %g s" % (path, timeout))
             time.sleep(delay)            # polling the holder's release, bounded above
             delay = min(delay * 2, 0.05)
+
+
+#: numbers the upload files of this process (``next`` is atomic in CPython)
+_uploads = itertools.count()
+#: set per process: a forked child's names differ from its parent's
+_process = None
+
+
+def upload_name(oid: bytes) -> str:
+    """A file name for an upload of ``oid`` that no other thread or process
+    sharing the cache directory uses: the process id, a token drawn once per
+    process, and a count."""
+    global _process
+    pid = os.getpid()
+    if _process is None or _process[0] != pid:
+        _process = (pid, os.urandom(4).hex())
+    return "%s-%d-%s-%d.upload" % (oid.hex(), pid, _process[1], next(_uploads))
 
 
 class BlobCache:
@@ -133,12 +151,16 @@ class BlobCache:
         put theirs, under unique names) stays there: moving it next to the
         cached blob cost a placeholder file's creation per blob, 0.4 ms of
         about 2.4 (docs/performance.md, "Small blobs").  Another file is
-        moved (or copied) next to where the committed blob will be cached.
+        moved (or copied) next to where the committed blob will be cached,
+        under a name unique to this process (:func:`upload_name`) rather
+        than over a placeholder file made for it: a rename creates no
+        inode, the placeholder did (docs/performance.md, "Small blobs: no
+        placeholder file per upload").
         """
         if os.path.dirname(os.path.abspath(filename)) == os.path.abspath(self.temp_dir):
             return filename
-        f, path = self.new_file(oid, ".upload")
-        f.close()
+        directory = self.fshelper.getPathForOID(oid, create=True)
+        path = os.path.join(directory, upload_name(oid))
         ZODB.blob.rename_or_copy_blob(filename, path, chmod=False)
         return path
 
