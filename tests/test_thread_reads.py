@@ -232,12 +232,35 @@ def test_the_timer_takes_an_idle_parked_socket_back():
     proto, sock, owner, script, cache, events, store = w
     parked(w)
     clock = owner.reactor
+    clock.advance(threadreads.PARK_CHECK)            # no thread took it: the reactor reads
+    assert proto.read_state == REACTOR and reading(sock)
+    assert not clock.getDelayedCalls()
+
+
+def test_while_a_thread_keeps_reading_the_timer_looks_less_often():
+    """A thread that took the parked socket since the timer's last look
+    (it reads now, or read and will ask again): the next look comes
+    PARK_BUSY later, and the first look that finds no new thread read
+    takes the socket back.  (Looks every PARK_CHECK woke the reactor every
+    other commit of a committing thread.)"""
+    w = world()
+    proto, sock, owner, script, cache, events, store = w
+    parked(w)
+    clock = owner.reactor
     load = proto.load_before_from_thread(OID, TID, store)
     clock.advance(threadreads.PARK_CHECK)            # a thread reads: looked at again later
     assert proto.read_state == THREAD and not reading(sock)
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [
+        threadreads.PARK_CHECK + threadreads.PARK_BUSY]
     script.chunks = [answer(load.tag)]
     load.wait(1)
-    clock.advance(threadreads.PARK_CHECK)
+    second = proto.load_before_from_thread(OID2, TID, store)     # and again, parked between
+    script.chunks = [answer(second.tag)]
+    second.wait(1)
+    assert proto.read_state == PARKED
+    clock.advance(threadreads.PARK_BUSY)             # it took the socket since the last look
+    assert proto.read_state == PARKED and not reading(sock)
+    clock.advance(threadreads.PARK_BUSY)             # nobody since: the reactor reads
     assert proto.read_state == REACTOR and reading(sock)
     assert not clock.getDelayedCalls()
 

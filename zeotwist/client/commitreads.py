@@ -92,9 +92,9 @@ class CommitReads(ThreadWrites):
         (an invalidation) is handled before it goes on, so the transaction
         sees every commit whose invalidation has reached this client.
 
-        * Parked: it waits in the socket for up to ``PARK_CHECK``.  Read it
-          now, hand it to the reactor and wait until the reactor has
-          handled it.
+        * Parked: it waits in the socket (for up to ``PARK_CHECK`` or
+          ``PARK_BUSY``: threadreads).  Read it now, hand it to the
+          reactor and wait until the reactor has handled it.
         * The reactor reads, but has not read yet what waits in the socket
           (it is busy, or this thread got there first: a committer that
           read its own Finish answer, told by another thread or process of

@@ -21,10 +21,16 @@ every write takes, see threadwrites):
 * ``PARKED``: nobody reads.  The next thread load, Vote or Finish (when
   the thread may write, threadwrites' conditions) makes its thread the
   reader: ``THREAD``.  Every write the reactor makes (a question of its
-  own, an abort, anything) and a timer every ``PARK_CHECK`` seconds take
-  the socket back (``REACTOR``); a thread's question that reads nothing
-  asks the reactor to (``RETURNING``).  So an idle client reads what the server
-  sends (invalidations, a lost connection) at most ``PARK_CHECK`` late.
+  own, an abort, anything) and a timer take the socket back (``REACTOR``);
+  a thread's question that reads nothing asks the reactor to
+  (``RETURNING``).  The timer looks ``PARK_CHECK`` seconds after the
+  reactor parked the socket, then every ``PARK_BUSY`` seconds while a
+  thread keeps reading (it reads, or took the socket since the last look:
+  its next question reads whatever came meanwhile), and takes the socket
+  back at the first look that finds no thread has taken it since the last.
+  So an idle client reads what the server sends (invalidations, a lost
+  connection) at most ``PARK_CHECK`` late, or ``PARK_BUSY`` late right after
+  a run of thread reads.
 * ``THREAD``: one thread reads.  Any other question (the reactor's,
   another thread's load or vote) is still sent, and the reader hands the
   socket back after its own answer.  The reader consumes the bytes it
@@ -60,8 +66,12 @@ from zeotwist.wire import fast, prefetch
 
 REACTOR, PARKED, THREAD, RETURNING = "reactor", "parked", "thread", "returning"
 # MORE (``own_answer``): the bytes so far are the start of a box, not all of it
-#: seconds between the reactor's looks at a parked socket nobody reads
+#: seconds from parking to the reactor's first look at the socket
 PARK_CHECK = 0.002
+#: seconds between its looks while a thread keeps reading: looks every
+#: PARK_CHECK woke the reactor (and made it take the GIL) every other
+#: commit of a committing thread (docs/performance.md)
+PARK_BUSY = 0.016
 #: bytes one ``recv`` of the reading thread asks for
 READ_SIZE = 2**16
 _ONE_READ = (READ_SIZE,)
@@ -81,6 +91,7 @@ class ThreadReads:
     _give_back = False      # THREAD: the reactor wrote; the reader hands the socket back
     _answered_thread = False   # this burst handed a thread load its answer
     _park_timer = None
+    _thread_took = False    # a thread took the parked socket since the timer's last look
     _rsock = None           # the reader's duplicate of the socket
     _rsock_timeout = _SLICE
     _later = ()             # commits made visible by reading threads (commitreads)
@@ -107,7 +118,7 @@ class ThreadReads:
                 except OSError:
                     return
             transport.stopReading()
-            self.read_state = PARKED
+            self.read_state, self._thread_took = PARKED, False
         self._park_timer = self.owner.reactor.callLater(PARK_CHECK, self._park_check)
 
     def reading_socket(self, transport) -> socket.socket:
@@ -132,11 +143,11 @@ class ThreadReads:
     def _park_check(self) -> None:
         self._park_timer = None
         with self.send_lock:
-            state = self.read_state
-            if state == PARKED:
+            state, took, self._thread_took = self.read_state, self._thread_took, False
+            if state == PARKED and not took:
                 self._unpark()
-            elif state == THREAD and not self._gone:
-                self._park_timer = self.owner.reactor.callLater(PARK_CHECK, self._park_check)
+            elif state in (PARKED, THREAD) and not self._gone:     # a thread keeps reading
+                self._park_timer = self.owner.reactor.callLater(PARK_BUSY, self._park_check)
         self.publish_pending()
 
     def _unpark(self) -> None:
@@ -196,7 +207,7 @@ class ThreadReads:
         state = self.read_state
         if state == PARKED:
             if read:
-                self.read_state = THREAD
+                self.read_state, self._thread_took = THREAD, True
                 return True
             self.read_state = RETURNING     # the reactor reads again, soon
             self.owner.reactor.callFromThread(self._take_back, b"")
