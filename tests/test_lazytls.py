@@ -83,6 +83,22 @@ def test_a_plain_client_loads_no_tls_where_pyopenssl_is_installed(servers):
     assert out.split("\n")[:3] == ["[]", "[]", "CookieJar"]
 
 
+def test_a_plain_client_loads_twisteds_process_support_at_its_first_use(servers):
+    """twisted.internet.process (pty, tty, termios) waits for its first use
+    (lazytls.LAZY_MODULES), which finds it whole."""
+    out = run(servers, """
+        storage = plain_client()
+        print(sorted(m for m in ("pty", "tty", "termios", "twisted.internet._baseprocess")
+                     if m in sys.modules))
+        from twisted.internet import process
+        print(type(process).__name__)
+        from twisted.internet.process import Process        # its first use
+        print(Process.__module__, "pty" in sys.modules)
+        storage.close()
+        """)
+    assert out.split("\n")[:3] == ["[]", "_LazyModule", "twisted.internet.process True"]
+
+
 def test_a_tls_client_after_a_plain_one_in_the_same_process(servers):
     out = run(servers, """
         import ZODB

@@ -41,7 +41,8 @@ Nothing is hidden when pyOpenSSL was imported already (the process uses TLS
 or imported Twisted's transports first) or is not installed.
 
 Also: :func:`import_plain` makes ``http.cookiejar``, which Twisted imports
-and never uses, load at its first use (:func:`lazy_import`): 1.4 MB more.
+and never uses, load at its first use (:func:`lazy_import`): 1.4 MB more;
+and Twisted's process support (``LAZY_MODULES``): 0.3 MB.
 """
 import importlib
 import importlib.util
@@ -54,6 +55,13 @@ from functools import wraps
 #: Twisted's modules that import pyOpenSSL if they can, in import order
 TLS_MODULES = ("twisted.internet.tcp", "twisted.internet.posixbase",
                "twisted.internet.endpoints", "twisted.protocols.amp")
+#: Modules Twisted imports at start-up that a client seldom or never uses,
+#: loaded at their first use instead (:func:`lazy_import`): ``http.cookiejar``
+#: (see there); the process support, ``twisted.internet.process`` with
+#: ``pty``, ``tty``, ``termios``, ``grp``, ``pwd`` (its first use: a
+#: ``spawnProcess``, or a reactor run in the main thread, which reaps child
+#: processes): 0.3 MB (docs/performance.md, "Memory").
+LAZY_MODULES = ("http.cookiejar", "twisted.internet.process")
 #: endpoints' functions that need its TLS names; wrapped to restore them first
 _ENDPOINT_CALLS = ("wrapClientTLS", "wrapServerTLS", "_parseClientTLS")
 
@@ -83,8 +91,10 @@ def openssl_hidden():
 def import_plain(modules=TLS_MODULES) -> bool:
     """Import ``modules`` (Twisted's) with pyOpenSSL hidden, and arrange for
     :func:`restore` (see the module docstring); whether anything lacks TLS."""
-    if "twisted.python.compat" not in sys.modules:
-        lazy_import("http.cookiejar")   # Twisted's compat imports it (for a deprecated alias)
+    if "twisted.internet.base" not in sys.modules:
+        import twisted.internet         # (the package: lazy_import sets its children on it)
+        for name in LAZY_MODULES:
+            lazy_import(name)
     if importlib.util.find_spec("OpenSSL") is None:
         return False                    # not installed (or hidden by the caller)
     with openssl_hidden():
