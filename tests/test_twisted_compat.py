@@ -198,6 +198,30 @@ def test_adopted_output_is_sent_from_the_object_itself():
     assert fd.SEND_LIMIT == compat.BULK_SEND
 
 
+def test_queued_pieces_are_sent_one_by_one_never_joined_together():
+    """unjoined_writes: 1 MiB values queued behind each other go out from
+    the objects themselves, small ones joined; Twisted's doWrite alone joins
+    all of them into one new buffer (a copy of everything queued)."""
+    pieces = [bytes([i]) * 2**20 for i in range(3)]
+    fd = _Socketish(take=300_000)
+    compat.unjoined_writes(fd)
+    compat.unjoined_writes(fd)                              # idempotent
+    limit = fd.SEND_LIMIT
+    for piece in pieces:
+        fd.write(b"head")
+        fd.write(piece)
+    fd.write(b"tail")
+    buffers = []
+    while compat.pending_output(fd):
+        fd.doWrite()
+        buffers.append(fd.dataBuffer)
+    assert max(len(b) for b in buffers) == 2**20            # never two of them together
+    assert all(any(b is piece for b in buffers) for piece in pieces)
+    assert b"".join(bytes(s[:fd.take]) for s in fd.sent) == \
+        b"".join(b"head" + piece for piece in pieces) + b"tail"
+    assert fd.SEND_LIMIT == limit and fd.dataBuffer == b"" and fd._tempDataLen == 0
+
+
 def test_output_is_adopted_only_by_an_idle_socket_transport():
     fd = _Socketish(take=10)
     fd.write(b"queued")

@@ -13,6 +13,7 @@ Runs wherever its callers run (the reactor thread, except
 """
 import importlib
 import socket
+import weakref
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorCore
@@ -180,6 +181,45 @@ def bulk_sends(transport) -> None:
     reactor turns.  Nothing for other transports."""
     if isinstance(transport, FileDescriptor):
         transport.SEND_LIMIT = max(BULK_SEND, FileDescriptor.SEND_LIMIT)
+
+
+def unjoined_writes(transport) -> None:
+    """Make a socket transport send what is queued (``transport.write``)
+    piece by piece: a piece of ``BULK_SEND`` bytes or more from the object
+    itself, smaller ones joined up to about that size.  Twisted's
+    ``doWrite`` joins *everything* queued into one new buffer as soon as
+    less than ``SEND_LIMIT`` is left to send: with a few 1 MiB blob pieces
+    or big records queued behind each other, a copy of all of them while
+    they are still held (measured: docs/performance.md, "Memory").  Here
+    ``doWrite`` hands Twisted's one piece at a time, with ``SEND_LIMIT``
+    kept at most what that piece has left, so Twisted's own join never
+    runs; Twisted's ``doWrite`` does the rest (the sends, the end of the
+    output, a close waiting for it).  Nothing for other transports (TLS
+    writes its own); idempotent."""
+    if isinstance(transport, FileDescriptor) and "doWrite" not in transport.__dict__:
+        alive = weakref.ref(transport)      # no cycle through the instance's own dict
+        transport.doWrite = lambda: _unjoined_do_write(alive())
+
+
+def _unjoined_do_write(transport):
+    pending = transport._tempDataBuffer
+    if pending and transport.offset >= len(transport.dataBuffer):
+        count, size = 1, len(pending[0])
+        while count < len(pending) and size < BULK_SEND and len(pending[count]) < BULK_SEND:
+            size += len(pending[count])
+            count += 1
+        # the new buffer first, then the queue shortened: a thread looking
+        # (idle_seen_from_thread) never sees both empty while bytes are left
+        transport.dataBuffer = pending[0] if count == 1 else b"".join(pending[:count])
+        transport.offset = 0
+        del pending[:count]
+        transport._tempDataLen -= size
+    limit = transport.SEND_LIMIT
+    transport.SEND_LIMIT = max(1, min(limit, len(transport.dataBuffer) - transport.offset))
+    try:
+        return type(transport).doWrite(transport)
+    finally:
+        transport.SEND_LIMIT = limit
 
 
 def read_size(transport, size: int | None = None) -> None:

@@ -19,6 +19,7 @@ from collections import deque
 from twisted.internet.defer import Deferred
 
 from zeotwist.server.limits import DEFAULT_MAX_PENDING_OUTPUT, pending_output
+from zeotwist.twistedcompat import unjoined_writes
 
 
 class OutputBudget:
@@ -65,6 +66,7 @@ class OutputBudget:
     def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
         if not self._closing:   # as emit: a blob chunk the worker read after the notice
             self._count_out(len(head) + len(value) + len(tail))
+            unjoined_writes(self.transport)     # big values queued are not copied together
             super().emit_parts(head, value, tail)
 
     def _count_out(self, size: int) -> None:
