@@ -23,7 +23,7 @@ from zeotwist import ClientStorage
 from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.reactorthread import background_reactor, blocking_call
 from zeotwist.errors import NotLoggedIn, UnknownStorage, Unauthorized
-from zeotwist.server.auth import StorageUser
+from zeotwist.server.portal import StorageUser
 from zeotwist.server.userfile import (
     NO_PASSWORD, hash_password, parse_rights, read_entries, set_user, verify_password)
 from zeotwist.testing import Recorder, start_server

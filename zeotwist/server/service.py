@@ -321,7 +321,7 @@ class ServerService(service.Service):
         """The twisted.cred Portal of --auth-file, or None (no login)."""
         if self.settings.auth_file is None:
             return None
-        from zeotwist.server.auth import make_portal
+        from zeotwist.server.portal import make_portal
         return make_portal(self.settings.auth_file, self.reactor)
 
     def _listening(self, ports):

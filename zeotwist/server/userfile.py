@@ -24,9 +24,7 @@ slow on purpose (PBKDF2): the server runs it in a worker thread.
 """
 import base64
 import hashlib
-import hmac
 import os
-import secrets
 
 SCHEME = "pbkdf2-sha256"
 #: PBKDF2-HMAC-SHA256 rounds for new entries (OWASP's 2023 advice)
@@ -41,6 +39,7 @@ READ_WRITE, READ_ONLY = "rw", "ro"
 def hash_password(password: str, iterations: int = DEFAULT_ITERATIONS,
                   salt: bytes | None = None) -> str:
     """The PASSWORD field for ``password``: ``pbkdf2-sha256$N$SALT$HASH``."""
+    import secrets          # here: a server without logins imports this module's names only
     salt = salt if salt is not None else secrets.token_bytes(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
     return "%s$%d$%s$%s" % (SCHEME, iterations, base64.b64encode(salt).decode("ascii"),
@@ -68,6 +67,7 @@ def verify_password(password: str, stored: str) -> bool:
                                                                                validate=True)
     except ValueError:
         return False
+    import hmac
     mine = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
     return hmac.compare_digest(mine, digest)
 
