@@ -75,11 +75,11 @@ def test_the_server_modules_leave_out_what_a_plain_server_does_not_use():
     """pickletools (0.5 MB of opcode tables) comes with the first client
     pickle the server reads (a conflict to resolve), twisted.web with
     --metrics, Twisted's endpoints module with a listen string that is not
-    plain tcp:, twisted.cred with --auth-file; a server that has none of them
-    does not carry them."""
+    plain tcp:, twisted.cred with --auth-file, ZODB's DemoStorage with one;
+    a server that has none of them does not carry them."""
     assert imported_by("zeotwist.server.tap, zeotwist.server.service",
                        ("pickletools", "twisted.web", "twisted.internet.endpoints",
-                        "twisted.cred", "zeotwist.server.portal")) == []
+                        "twisted.cred", "zeotwist.server.portal", "ZODB.DemoStorage")) == []
     from zeotwist.server.unpickling import PickleRefused, check_opcodes, pickle_class_name
     check_opcodes(b"\x80\x03K\x01.")                   # still read when needed
     assert pickle_class_name(b"\x80\x03cfoo\nBar\nq\x00.") == ("foo", "Bar")

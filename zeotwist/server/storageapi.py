@@ -32,13 +32,12 @@ from collections import OrderedDict
 from twisted.logger import Logger
 from twisted.protocols import amp
 from ZODB.Connection import TransactionMetaData
-from ZODB.DemoStorage import DemoStorage
 from ZODB.POSException import (
     POSKeyError, ReadOnlyError, StorageError, StorageTransactionError, UndoError, Unsupported)
 
 from zeotwist.errors import PackFailed, PackStopped
 from zeotwist.server.pack import PackRun, pack_storage
-from zeotwist.server.storagesafety import filestorage_of
+from zeotwist.server.storagesafety import filestorage_of, is_demo_storage
 from zeotwist.wire import commands as C
 
 _log = Logger()
@@ -345,7 +344,7 @@ def history_entries(storage, oid: bytes, size: int) -> list:
     fs = filestorage_of(storage)
     if fs is not None:
         return fs_history(fs, oid, size)
-    if type(storage) is DemoStorage:
+    if is_demo_storage(storage):
         try:
             entries = history_entries(storage.changes, oid, size)
         except POSKeyError:
@@ -366,7 +365,7 @@ def undo_log_entries(storage, first: int, last: int) -> tuple:
     if fs is not None:
         return fs_undo_log(fs, first, last)
     undo_log = getattr(storage, "undoLog", None)
-    if undo_log is None or not storage.supportsUndo() or type(storage) is DemoStorage:
+    if undo_log is None or not storage.supportsUndo() or is_demo_storage(storage):
         return [], True
     log = undo_log(first, last)
     return [_entry(d, "id") for d in log], len(log) < last - first

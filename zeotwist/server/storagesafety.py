@@ -58,10 +58,16 @@ def _is_one_of(storage, names) -> bool:
                for n in names if n.partition(":")[0] == type(storage).__module__)
 
 
+def is_demo_storage(storage) -> bool:
+    """Whether ``storage`` is a ``ZODB.DemoStorage.DemoStorage`` (not a
+    subclass), without importing that module (a server of none never does)."""
+    return _is_one_of(storage, ("ZODB.DemoStorage:DemoStorage",))
+
+
 def inner(storage) -> list:
     """The storages directly inside ``storage`` (a DemoStorage's base and
     changes, the storage a BlobStorage wraps, a PerThreadStorage's root)."""
-    if _is_one_of(storage, ("ZODB.DemoStorage:DemoStorage",)):
+    if is_demo_storage(storage):
         return [storage.base, storage.changes]
     if type(storage) is BlobStorage:
         return [storage._BlobStorage__storage]
