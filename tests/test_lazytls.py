@@ -99,6 +99,23 @@ def test_a_plain_client_loads_twisteds_process_support_at_its_first_use(servers)
     assert out.split("\n")[:3] == ["[]", "_LazyModule", "twisted.internet.process True"]
 
 
+def test_a_plain_client_imports_no_endpoints_and_a_later_import_loads_no_tls(servers):
+    """A plain address needs no twisted.internet.endpoints (nor its stdio
+    and systemd modules); imported afterwards by the program, it comes
+    without pyOpenSSL as the client's Twisted modules did, and gets its TLS
+    names at the first TLS use."""
+    out = run(servers, """
+        storage = plain_client()
+        print(sorted(m for m in ("twisted.internet.endpoints", "twisted.internet.stdio",
+                                 "twisted.python.systemd") if m in sys.modules))
+        from twisted.internet import endpoints
+        print(loaded(), endpoints.TLSMemoryBIOFactory)
+        storage.close()
+        from twisted.internet import ssl
+        """, WHOLE)
+    assert out.split("\n")[:3] == ["[]", "[] None", "whole"]
+
+
 def test_a_tls_client_after_a_plain_one_in_the_same_process(servers):
     out = run(servers, """
         import ZODB

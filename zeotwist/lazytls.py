@@ -10,7 +10,10 @@ says "OpenSSL not available", ``tls:`` endpoint strings fail, no
 ``connectSSL``, no AMP ``StartTLS``.
 
 So zeotwist imports those four modules with pyOpenSSL hidden
-(:func:`import_plain`; the client does, before its first module), and gives
+(:func:`import_plain`; the client does, before its first module, with
+the three it needs: ``endpoints`` is imported so whenever it is first
+imported afterwards, by the client for an endpoint string or TLS, or by the
+program), and gives
 them their TLS support back (:func:`restore`) as soon as anything in the
 process may use it:
 
@@ -55,6 +58,11 @@ from functools import wraps
 #: Twisted's modules that import pyOpenSSL if they can, in import order
 TLS_MODULES = ("twisted.internet.tcp", "twisted.internet.posixbase",
                "twisted.internet.endpoints", "twisted.protocols.amp")
+ENDPOINTS = "twisted.internet.endpoints"
+#: those a client imports at once; ``endpoints`` only for an endpoint string
+#: or TLS (zeotwist.client.plainendpoint), and then, as whenever it is first
+#: imported while the others lack TLS, with pyOpenSSL hidden (``_SSLImported``)
+CLIENT_MODULES = tuple(name for name in TLS_MODULES if name != ENDPOINTS)
 #: Modules Twisted imports at start-up that a client seldom or never uses,
 #: loaded at their first use instead (:func:`lazy_import`): ``http.cookiejar``
 #: (see there); the process support, ``twisted.internet.process`` with
@@ -88,7 +96,7 @@ def openssl_hidden():
             del sys.modules["OpenSSL"]
 
 
-def import_plain(modules=TLS_MODULES) -> bool:
+def import_plain(modules=CLIENT_MODULES) -> bool:
     """Import ``modules`` (Twisted's) with pyOpenSSL hidden, and arrange for
     :func:`restore` (see the module docstring); whether anything lacks TLS."""
     if "twisted.internet.base" not in sys.modules:
@@ -300,7 +308,10 @@ _start_tls.lacking_tls = True
 class _SSLImported:
     """Calls :func:`restore` once pyOpenSSL, or one of Twisted's TLS
     modules, has been imported (the first of them that finds the others
-    whole does it)."""
+    whole does it); and imports Twisted's ``endpoints``, when first
+    imported meanwhile (a client imports it only for an endpoint string or
+    TLS, a program for its own use), as the others were: with pyOpenSSL
+    hidden, its TLS names back at their first use."""
 
     NAMES = frozenset({"OpenSSL", "twisted.internet.ssl", "twisted.internet._sslverify",
                        "twisted.internet._newtls", "twisted.protocols.tls",
@@ -320,7 +331,7 @@ class _SSLImported:
         cls._installed = None
 
     def find_spec(self, name, path, target=None):
-        if name not in self.NAMES:
+        if name not in self.NAMES and name != ENDPOINTS:
             return None
         for finder in sys.meta_path:
             if finder is not self and hasattr(finder, "find_spec"):
@@ -331,6 +342,9 @@ class _SSLImported:
             return None
         loader = spec.loader
         exec_module = loader.exec_module
+        if name == ENDPOINTS:
+            spec.loader = _Loader(loader, _without_openssl(exec_module))
+            return spec
 
         def exec_then_restore(module):
             exec_module(module)
@@ -340,6 +354,15 @@ class _SSLImported:
                 pass            # (service_identity imports OpenSSL): at the next or first use
         spec.loader = _Loader(loader, exec_then_restore)
         return spec
+
+
+def _without_openssl(exec_module):
+    def exec_plain(module):
+        with openssl_hidden() as hidden:
+            exec_module(module)
+        if hidden:
+            track()
+    return exec_plain
 
 
 class _Loader:

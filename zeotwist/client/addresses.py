@@ -7,12 +7,14 @@ client endpoint string (``tcp:…``, ``unix:…``, ``tls:…``), an object
 that already provides ``IStreamClientEndpoint``, or a *list* of any of
 these (several servers, tried in turn); with ``tls``, TLS over each
 (:func:`client_endpoint`, the connection creator from :mod:`zeotwist.tls`).
+Plain addresses become :class:`~zeotwist.client.plainendpoint.PlainEndpoint`
+objects; only endpoint strings and TLS import Twisted's ``endpoints``.
 Pure; no I/O.
 """
-from twisted.internet.endpoints import clientFromString, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 
 from zeotwist.client.failover import FailoverEndpoint
+from zeotwist.client.plainendpoint import PlainEndpoint
 from zeotwist.errors import UsageError
 from zeotwist.tls import client_creator, is_tls_endpoint, require_tls
 
@@ -50,10 +52,19 @@ def to_endpoint(reactor, address, tls=None):
     if isinstance(address, list):
         return FailoverEndpoint([to_endpoint(reactor, a) for a in address],
                                 [str(a) for a in address])
-    return _from_string(reactor, endpoint_string(address))
+    text = endpoint_string(address)
+    if isinstance(address, str) and address.startswith(_SCHEMES):
+        return _from_string(reactor, text)
+    if isinstance(address, tuple):
+        return PlainEndpoint(reactor, address[0], int(address[1]))
+    if text.startswith("unix:"):
+        return PlainEndpoint(reactor, path=address)
+    host, _, port = address.rpartition(":")
+    return PlainEndpoint(reactor, host or "localhost", int(port))
 
 
 def _from_string(reactor, text: str):
+    from twisted.internet.endpoints import clientFromString
     if is_tls_endpoint(text):
         require_tls("the address %r" % (text,))
     return clientFromString(reactor, text)
@@ -75,6 +86,7 @@ def client_endpoint(reactor, address, tls):
         if text.startswith(("tls:", "ssl:")):
             raise ValueError("%r is a TLS endpoint already; leave out tls=" % (address,))
         endpoint = _from_string(reactor, text)
+    from twisted.internet.endpoints import wrapClientTLS
     creator = client_creator(tls, _host_of(address))
     return wrapClientTLS(creator, endpoint, clock=reactor)
 
