@@ -47,12 +47,16 @@ _deferred = False
 def import_tap():
     """The plugin's import of :mod:`zeotwist.server.tap` (see the module
     docstring); under ``zeotwist serve``, where Twisted is not imported yet,
-    ``http.cookiejar`` too is left to its first use (0.2 MB; Twisted's
-    compat imports it, nothing in a server uses it)."""
+    ``http.cookiejar`` (0.2 MB; Twisted's compat imports it, nothing in a
+    server uses it) and ``twisted.persisted.sob`` (0.1 MB, twistd's saved
+    applications; ``twisted.application.service`` imports it) too are left
+    to their first use."""
     global _deferred
     if "twisted.python.compat" not in sys.modules:
         from zeotwist.lazytls import lazy_import
         lazy_import("http.cookiejar")
+        import twisted.persisted
+        lazy_import("twisted.persisted.sob")
     with openssl_hidden() as hidden:
         tap = importlib.import_module("zeotwist.server.tap")
     _deferred = _deferred or hidden
