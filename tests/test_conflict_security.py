@@ -8,13 +8,15 @@ import pickle
 
 import pytest
 from BTrees.OOBTree import OOBucket
+from persistent.mapping import PersistentMapping
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from ZODB.FileStorage import FileStorage
 from ZODB.POSException import ConflictError
 from ZODB.utils import z64
 
-from zeotwist.server.conflicts import RestrictedResolver
+from zeotwist.server.conflicts import REFUSAL_DEBUG_INTERVAL, RestrictedResolver
 from zeotwist.testing import connect_in_memory, memory_server
 from zeotwist.wire import commands as C
 from zeotwist.wire.records import encode_store
@@ -110,6 +112,27 @@ def test_allow_list_refuses_other_classes(tmp_path):
                          ("BTrees.OOBTree", "nonexistent")]:
         with pytest.raises(ConflictError):
             resolver.find_class(module, name)
+
+
+def test_a_refused_class_is_refused_by_name_and_logged_sparingly(monkeypatch):
+    """A hot object of an application class is refused hundreds of times a
+    second: from its class name, nothing scanned or unpickled; logged at
+    info once, then at debug once per REFUSAL_DEBUG_INTERVAL."""
+    clock, events = Clock(), []
+    resolver = RestrictedResolver(storage=None, clock=clock)
+    monkeypatch.setattr(resolver, "_unpickler", lambda *a: pytest.fail("unpickled"))
+    observe = lambda event: events.append(event["log_level"]) if "not resolving" in \
+        event.get("log_format", "") else None                  # noqa: E731
+    globalLogPublisher.addObserver(observe)
+    try:
+        for step in (0, 1, 1, REFUSAL_DEBUG_INTERVAL, 1):
+            clock.advance(step)
+            with pytest.raises(ConflictError) as refused:
+                resolver.resolve(b"\0" * 8, b"\1" * 8, z64, record(PersistentMapping()))
+            assert refused.value.serials == (b"\1" * 8, z64)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert events == [LogLevel.info, LogLevel.debug, LogLevel.debug]
 
 
 def test_no_resolution_at_all_over_relstorage(tmp_path, request):

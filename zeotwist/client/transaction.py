@@ -74,7 +74,6 @@ class ClientTransaction:
         self._failed = None
         #: the server answered the vote with conflicts or an error: it has
         #: aborted its side already, so :meth:`abort` needs no round trip
-        #: (set for errors; a conflict still sends Abort: see ``_voted``)
         self.ended = False
 
     def store(self, oid: bytes, serial: bytes | None, data: bytes) -> None:
@@ -288,11 +287,12 @@ class ClientTransaction:
     def _voted(self, answer):
         conflicts = answer["conflicts"]
         if conflicts:
-            # The server aborted it before answering, but tpc_abort still
-            # asks it to (one round trip): the retry then starts from every
-            # commit the server made meanwhile.  Without it, 4 writers on one
-            # counter saw twice the conflicts and one writer losing 45-92
-            # times in a row (docs/performance.md, "Figures at adf6c55").
+            # The server aborted it before answering: tpc_abort needs no
+            # round trip.  The retry starts from the current records below,
+            # and the commit lock keeps this client's turn for it
+            # (server/commitlock.py; docs/performance.md, "Cheaper
+            # refusals, strict turns").
+            self.ended = True
             if answer.get("current"):
                 self._cache_current(answer["current"])
             oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]

@@ -29,11 +29,14 @@ from ZODB._compat import PersistentPickler, _protocol
 
 from zeotwist.errors import PickleRefused, RefusedGlobal
 from zeotwist.server.unpickling import (
-    DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes)
+    DEFAULT_LIMITS, BoundedUnpickler, Limits, bounded_bytearray, check_opcodes,
+    pickle_class_name)
 from zeotwist.server.limits import MonotonicClock, RateLimitedLog
 
 _log = Logger()
 
+#: Seconds between two debug lines for the same refused kind of conflict.
+REFUSAL_DEBUG_INTERVAL = 10.0
 DEFAULT_ALLOWED = ("BTrees.*", "BTrees.Length.Length")
 #: Data types a state may contain that carry no behaviour worth abusing.
 SAFE_GLOBALS = {
@@ -55,15 +58,17 @@ def refuse_resolution(storage) -> None:
 
 
 class RestrictedResolver:
-    def __init__(self, storage, allowed=DEFAULT_ALLOWED, limits: Limits = DEFAULT_LIMITS):
-        self._refused: set = set()      # refusal reasons logged at info already
+    def __init__(self, storage, allowed=DEFAULT_ALLOWED, limits: Limits = DEFAULT_LIMITS,
+                 clock=None):
+        self._refused: dict = {}        # refusal reason -> its last debug line's time
         self.storage = storage
         self.allowed = tuple(allowed)
         self.limits = limits
         self._classes: dict = {}
         # A vote of many bad records must not write a line (let alone a
         # traceback) per record: the records are the client's mistake.
-        self._log = RateLimitedLog(MonotonicClock(), interval=10.0, burst=3)
+        self._clock = clock or MonotonicClock()
+        self._log = RateLimitedLog(self._clock, interval=10.0, burst=3)
 
     def install(self) -> None:
         """Make the storage resolve conflicts through this resolver."""
@@ -77,9 +82,7 @@ class RestrictedResolver:
         cached = self._classes.get(key)
         if cached is not None:
             return cached
-        dotted = "%s.%s" % (module, name)
-        if not any(fnmatch.fnmatchcase(dotted, pattern) for pattern in self.allowed):
-            raise RefusedGlobal("conflict resolution refuses global %s" % dotted)
+        dotted = self._check_allowed(module, name)
         try:
             obj = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
@@ -88,6 +91,23 @@ class RestrictedResolver:
             raise RefusedGlobal("%s is not a conflict-resolving class" % dotted)
         self._classes[key] = obj
         return obj
+
+    def _check_allowed(self, module: str, name: str) -> str:
+        """The dotted name, if the allow-list has it; else RefusedGlobal."""
+        dotted = "%s.%s" % (module, name)
+        if not any(fnmatch.fnmatchcase(dotted, pattern) for pattern in self.allowed):
+            raise RefusedGlobal("conflict resolution refuses global %s" % dotted)
+        return dotted
+
+    def _check_record_class(self, data: bytes) -> None:
+        """Refuse a record whose class the allow-list refuses, read from its
+        opcodes before anything is scanned or unpickled: the commonest
+        conflict (an application class) costs no unpickling, and each
+        refused vote of a hot object waits for this (docs/performance.md,
+        "Cheaper refusals, strict turns")."""
+        key = pickle_class_name(data)
+        if key[0] and key not in self._classes and key not in SAFE_GLOBALS:
+            self._check_allowed(*key)
 
     def _unpickler(self, data: bytes, refs):
         check_opcodes(data, self.limits)      # before anything is built
@@ -98,15 +118,7 @@ class RestrictedResolver:
         try:
             return self._resolve(oid, committed_serial, old_serial, new_pickle, committed_data)
         except RefusedGlobal as e:
-            # An ordinary conflict of a class the server does not resolve:
-            # the client retries.  Info once per class (the reason names
-            # it), debug after that.
-            first = str(e) not in self._refused and len(self._refused) < 1000
-            if first:
-                self._refused.add(str(e))
-            _log.emit(LogLevel.info if first else LogLevel.debug,
-                      "zeotwist: not resolving conflicts of this kind on the server "
-                      "(first on {oid}): {e}", oid=oid.hex(), e=e)
+            self._log_refusal(oid, e)
         except PickleRefused as e:
             self._log.warn("zeotwist: not resolving conflict on {oid}: {e}",
                            oid=oid.hex(), e=e)
@@ -117,7 +129,24 @@ class RestrictedResolver:
                            oid=oid.hex(), kind=type(e).__name__, e=e)
         raise ConflictError(oid=oid, serials=(committed_serial, old_serial))
 
+    def _log_refusal(self, oid: bytes, e: RefusedGlobal) -> None:
+        """An ordinary conflict of a class the server does not resolve: the
+        client retries.  Info once per class (the reason names it), then
+        debug at most every REFUSAL_DEBUG_INTERVAL seconds: a hot object
+        is refused hundreds of times a second, and a log event costs about
+        0.1 ms, paid while the commit lock waits for the refusal."""
+        reason, now = str(e), self._clock.seconds()
+        last = self._refused.get(reason)        # the last debug line's time
+        if last is not None and now - last < REFUSAL_DEBUG_INTERVAL:
+            return
+        if last is not None or len(self._refused) < 1000:
+            self._refused[reason] = now if last is not None else float("-inf")
+        _log.emit(LogLevel.info if last is None else LogLevel.debug,
+                  "zeotwist: not resolving conflicts of this kind on the server "
+                  "(first on {oid}): {e}", oid=oid.hex(), e=e)
+
     def _resolve(self, oid, committed_serial, old_serial, new_pickle, committed_data):
+        self._check_record_class(new_pickle)
         refs = PersistentReferenceFactory()
         new = self._unpickler(new_pickle, refs)
         meta = new.load()
