@@ -27,10 +27,11 @@ its next transaction from an up-to-date cache, votes before the clients it
 refused have retried, and wins again: on one hot object one writer commits
 for seconds while the others wait (ZEO 6.2 behaves so too).  Keeping the
 turn from the first refusal makes the writers alternate, but the lock idles
-while each turn's owner handles its ConflictError and retries (about 3 ms
+while each turn's owner handles its ConflictError and retries (about 2.2 ms
 per commit against 1.4 for a writer committing again): 4 writers on one
-counter lost 35-45 % of their commits/s.  Kept only after ``turn_after``
-(0.1 s), it bounds an increment's wait to about that, for about a fifth of
+counter make about ZEO's commits/s, about 0.7 of the default's
+(docs/performance.md, "Cheaper refusals, strict turns").  Kept only after
+``turn_after`` (0.1 s), it bounds an increment's wait to about that, for about a fifth of
 the commits/s: every writer progresses, where first come, first served
 runs them one after another (docs/performance.md, "A refused client's
 turn, after 0.1 s").
