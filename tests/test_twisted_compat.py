@@ -354,6 +354,28 @@ def test_logging_begun(monkeypatch):
     assert compat.logging_begun()
 
 
+def test_value_now_only_of_a_deferred_fired_with_a_value():
+    from twisted.internet.defer import Deferred, fail, succeed
+    assert compat.value_now(succeed(5)) == 5
+    d = Deferred()
+    d.callback(None)
+    assert compat.value_now(d) is None
+    waiting = Deferred()
+    assert compat.value_now(waiting) is waiting
+    failed = fail(ValueError("no"))
+    assert compat.value_now(failed) is failed
+    failed.addErrback(lambda f: None)
+    paused = succeed(1)
+    paused.pause()
+    assert compat.value_now(paused) is paused
+    outer, inner = Deferred(), Deferred()
+    outer.addCallback(lambda _: inner)
+    outer.callback(None)
+    assert compat.value_now(outer) is outer      # waits for inner
+    inner.callback(7)
+    assert compat.value_now(outer) == 7
+
+
 @pytest.mark.parametrize("name", ["amp_make_connection_quietly", "amp_connection_lost_quietly",
                                   "amp_closed", "amp_switched", "amp_expect_answer",
                                   "amp_is_outstanding", "amp_expect_answer_from_thread",
@@ -363,6 +385,7 @@ def test_logging_begun(monkeypatch):
                                   "discard_output", "read_into",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "service_protocol", "silence_lost_notification",
-                                  "logging_begun", "stopped_by_signal", "forget_exit_signal"])
+                                  "logging_begun", "stopped_by_signal", "forget_exit_signal",
+                                  "value_now"])
 def test_every_helper_is_tested_here(name):
     assert ("compat.%s(" % name) in inspect.getsource(inspect.getmodule(test_logging_begun))

@@ -12,7 +12,7 @@ which validates and maps errors.
 
 Runs on the reactor thread.
 """
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -20,7 +20,8 @@ from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.server.prefetch import may_reference
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes, fast
+from zeotwist.wire.commitframes import match_commit_question
 from zeotwist.wire.framing import BULK_MIN
 
 
@@ -28,15 +29,24 @@ class FastAnswers:
     """Loads and the commit's commands without AMP's dispatch (see the module)."""
 
     def fast_frame(self, buf: bytes, off: int) -> int:
-        """The hottest path (see BoundedAMP._parse): a LoadBefore question
-        read straight from the bytes, without a box; 0 for anything else."""
+        """The hottest path (see BoundedAMP._parse): a LoadBefore question,
+        or one of a commit's (TpcBegin, StoreData, Vote, Finish), read
+        straight from the bytes, without a box; 0 for anything else."""
         if self._held is not None or self.server is None:
             return 0
         request = fast.match_load_before_request(buf, off)
-        if request is None or not self._answer_load(*request[:3]):
-            return 0                         # the box is read as usual
+        if request is not None:
+            if not self._answer_load(*request[:3]):
+                return 0                     # the box is read as usual
+            end = request[3]
+        else:
+            question = match_commit_question(buf, off)
+            if question is None:
+                return 0
+            kind, fields, end = question
+            self.COMMIT_FRAMES[kind](self, fields)
         self._pause_if_over_budget()
-        return request[3]
+        return end
 
     def _fast_load(self, box) -> bool:
         request = fast.read_load_before_request(box)
@@ -100,16 +110,28 @@ class FastAnswers:
         tag = box.get(amp.ASK)
         if tag is None:
             return False
+        self._ask_now(command, call, args, tag)
+        return True
+
+    def _ask_now(self, command, call, args: tuple, tag: bytes) -> None:
+        """Answer the question ``tag``, ``call(*args)`` (Vote or Finish:
+        its answer, or a Deferred of it)."""
         try:
             d = call(*args)
         except (RemoteProtocolError, KeyError, TypeError, ValueError) as e:   # as guarded
-            self.protocolViolation("bad arguments to %s: %s" % (name.decode("ascii"), e))
-            return True
+            self.protocolViolation("bad arguments to %s: %s"
+                                   % (command.commandName.decode("ascii"), e))
+            return
         except Exception:
             d = fail()
+        if not isinstance(d, Deferred):     # answered at once (a small commit)
+            try:
+                self._fast_answer(d, command, tag)
+            except Exception:
+                self.unhandledError(Failure())
+            return
         d.addCallbacks(self._fast_answer, self._fast_error, (command, tag), None, (command, tag))
         d.addErrback(self.unhandledError)
-        return True
 
     def _fast_answer(self, result: dict, command, tag: bytes) -> None:
         frame = None
@@ -149,6 +171,14 @@ class FastAnswers:
             self.unhandledError(Failure())
         return True
 
+
+#: what match_commit_question found -> its handler (fast_frame), given its fields
+FastAnswers.COMMIT_FRAMES = {
+    commitframes.BEGIN: lambda self, fields: self._one_way(self.tpc_begin, *fields),
+    commitframes.STORE: lambda self, piece: self._one_way(self.store_data, piece),
+    commitframes.VOTE: lambda self, tag: self._ask_now(C.Vote, self.vote, (True,), tag),
+    commitframes.FINISH: lambda self, tag: self._ask_now(C.Finish, self.finish, (), tag),
+}
 
 #: command name -> the fast path that may handle its box (ServerSession.ampBoxReceived)
 FastAnswers.FAST_BOXES = {

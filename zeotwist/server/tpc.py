@@ -12,9 +12,10 @@ storage's worker thread, or here for a small one (``server.commit_call``).
 """
 from ZODB.POSException import (
     ConflictError, POSKeyError, ReadOnlyError, StorageTransactionError, UndoError)
-from twisted.internet.defer import maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from zeotwist.errors import (
     FinishFailed, PickleRefused, RemoteProtocolError, TransactionStateError, TransactionTooLarge)
@@ -24,6 +25,7 @@ from zeotwist.server.commit import ClientMetaData, ServerTransaction
 from zeotwist.server.resolution import Resolution
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.server.txnstate import IN_STORAGE, Event, State
+from zeotwist.twistedcompat import value_now
 from zeotwist.wire import commands as C
 from zeotwist.wire import prefetch
 
@@ -79,15 +81,25 @@ class TransactionResponders(amp.CommandLocator):
         if can_resolve and self.server.client_conflict_resolution:
             txn.resolution = Resolution()
         txn.send_current = self.prefetcher is not None
-        d = self.server.lock.acquire(self, txn.buffer.oids)
-        d.addCallback(self._lock_granted, txn)
-        d.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
-        return d
+        granted = value_now(self.server.lock.acquire(self, txn.buffer.oids))
+        if not isinstance(granted, Deferred):       # the lock was free: no callbacks
+            return self._lock_granted(None, txn)
+        return granted.addCallbacks(self._lock_granted, self._vote_failed,
+                                    (txn,), None, (txn,))
 
     def _lock_granted(self, _, txn):
-        txn.state.move(Event.LOCK_GRANTED)
+        """The lock is held: the storage's vote.  Its answer (or failure),
+        computed here when the storage ran the call inline, else a Deferred."""
         server = self.server
-        return server.commit_call(commit.vote, txn, server.last_tid, server.reads_extension)
+        try:
+            txn.state.move(Event.LOCK_GRANTED)
+            voted = value_now(server.commit_call(
+                commit.vote, txn, server.last_tid, server.reads_extension))
+        except Exception:
+            return self._vote_failed(Failure(), txn)
+        if isinstance(voted, Deferred):
+            return voted.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
+        return self._voted(voted, txn)
 
     def _revote(self, txn):
         """The client sent its resolved records: store them and vote (lock held)."""
@@ -144,20 +156,29 @@ class TransactionResponders(amp.CommandLocator):
         if txn is None or not txn.state.can(Event.FINISH):
             raise TransactionStateError("Finish without a voted transaction")
         txn.state.move(Event.FINISH)
-        d = self.server.commit_call(commit.finish, txn)
-        d.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
-        return d
+        tid = value_now(self.server.commit_call(commit.finish, txn))
+        if isinstance(tid, Deferred):
+            return tid.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
+        return self._finished(tid, txn)     # (tpc_finish ran inline: it has returned)
 
     def _finished(self, tid, txn):
+        """tpc_finish returned ``tid``: fan it out, release the lock; the answer."""
         txn.state.move(Event.FINISHED)
         if txn.finish_error is not None:
             _log.error("zeotwist: tpc_finish of storage {name!r} raised after committing "
                        "{tid}: {err}; the commit stands", name=self.server.name,
                        tid=tid.hex(), err=repr(txn.finish_error))
         # a Deferred when the feed announces our commit among others' (RelStorage)
-        d = maybeDeferred(self.server.committed, tid, txn.oids, self)
-        d.addBoth(self._release_lock)
-        return d.addCallback(lambda _: dict(tid=tid))
+        try:
+            fanned = self.server.committed(tid, txn.oids, self)
+        except Exception:
+            self.server.lock.release(self)
+            raise
+        if fanned is None:
+            self.server.lock.release(self)
+            return dict(tid=tid)
+        fanned.addBoth(self._release_lock)
+        return fanned.addCallback(lambda _: dict(tid=tid))
 
     def _release_lock(self, result):
         self.server.lock.release(self)

@@ -1,0 +1,137 @@
+"""The server reads a small commit's questions (TpcBegin, StoreData, Vote,
+Finish) straight from the bytes (zeotwist/wire/commitframes.py): the same
+fields AMP's parser reads from those bytes, nothing for any other frame,
+and no AMP box built for them by the session."""
+import pytest
+from twisted.internet.task import Clock
+from twisted.protocols import amp
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import z64
+
+from zeotwist.testing import call_in_memory, connect_in_memory, memory_server
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+from zeotwist.wire.commitframes import BEGIN, FINISH, STORE, VOTE, match_commit_question
+from zeotwist.wire.records import encode_store
+
+FRAMES = [
+    (fast.tpc_begin(b"jim", b"a commit", b"\x80\x03}q\x00."),
+     (BEGIN, (b"jim", b"a commit", b"\x80\x03}q\x00."))),
+    (fast.tpc_begin(b"", b"", b""), (BEGIN, (b"", b"", b""))),
+    (fast.tpc_begin(b"u" * fast.MAX_VALUE, b"", b"e"), (BEGIN, (b"u" * fast.MAX_VALUE, b"", b"e"))),
+    (fast.store_data(b"piece"), (STORE, b"piece")),
+    (fast.store_data(b""), (STORE, b"")),
+    (fast.store_data(b"p" * fast.MAX_VALUE), (STORE, b"p" * fast.MAX_VALUE)),
+    (fast.vote_request(b"a1"), (VOTE, b"a1")),
+    (fast.finish_request(b"a" * 30), (FINISH, b"a" * 30)),
+]
+
+
+def amp_reads(frame: bytes) -> tuple:
+    """What AMP's own parser and the command's declaration make of ``frame``."""
+    [box] = amp.parseString(frame)
+    command = {BEGIN: C.TpcBegin, STORE: C.StoreData, VOTE: C.Vote, FINISH: C.Finish}[
+        box[amp.COMMAND].decode()]
+    args = command.parseArguments(box, None)
+    if command is C.TpcBegin:
+        assert args["tid"] is None and args["status"] is None
+        return BEGIN, (args["user"], args["description"], args["extension"])
+    if command is C.StoreData:
+        return STORE, args["data"]
+    if command is C.Vote:
+        assert args == {"can_resolve": True}
+    return command.commandName.decode(), box[amp.ASK]
+
+
+@pytest.mark.parametrize("frame,expected", FRAMES)
+def test_a_commit_question_is_read_as_amps_parser_reads_it(frame, expected):
+    assert amp_reads(frame) == expected
+    before = fast.load_before_request(b"9", z64, z64)
+    buf = before + frame + frame
+    assert match_commit_question(buf, len(before)) == expected + (len(before) + len(frame),)
+    assert match_commit_question(buf, len(before) + len(frame)) == expected + (len(buf),)
+    for cut in range(len(frame)):               # not whole yet: AMP's parser waits
+        assert match_commit_question(frame[:cut], 0) is None
+
+
+def test_other_frames_are_left_to_amps_parser():
+    def frame(command, values, tag=None):
+        box = amp.AmpBox(command.makeArguments(values, None))
+        box[amp.COMMAND] = command.commandName
+        if tag is not None:
+            box[amp.ASK] = tag
+        return box.serialize()
+    others = [
+        fast.load_before_request(b"1", z64, z64),
+        fast.invalidate(z64, [z64]),
+        frame(C.Vote, {"can_resolve": False}, b"1"),
+        frame(C.Vote, {}, b"1"),
+        frame(C.TpcBegin, {"user": b"", "description": b"", "extension": b"",
+                           "tid": z64, "status": "p"}),
+        fast.store_data(b"x" * (fast.MAX_VALUE + 1), True),      # a long entry
+        frame(C.Abort, {}, b"1"),
+        fast.vote_request(b"1").replace(b"Vote", b"Votf"),
+    ]
+    for other in others:
+        assert match_commit_question(other, 0) is None, other
+
+
+def test_the_session_builds_no_box_for_a_commits_questions(tmp_path, monkeypatch):
+    from zeotwist.server.session import ServerSession
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    try:
+        client, session, pump, _ = connect_in_memory({"1": server}, clock)
+        call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                       storage="1", read_only=False)
+        pump.flush()
+        boxes, written = [], []
+        real = ServerSession.ampBoxReceived
+        monkeypatch.setattr(ServerSession, "ampBoxReceived",
+                            lambda self, box: boxes.append(dict(box)) or real(self, box))
+        monkeypatch.setattr(session.transport, "write", written.append)
+        serial = z64
+        for i in range(2):
+            record = encode_store(z64, serial, b"data %d" % i)
+            session.dataReceived(fast.tpc_begin(b"", b"", b"") + fast.store_data(record)
+                                 + fast.vote_request(b"v%d" % i))
+            assert fast.match_vote_answer(b"".join(written), b"v%d" % i) == {
+                "resolved": [], "conflicts": b""}
+            written.clear()
+            session.dataReceived(fast.finish_request(b"f%d" % i))
+            serial = fast.match_finish_answer(b"".join(written), b"f%d" % i)["tid"]
+            written.clear()
+        assert boxes == []
+        assert server.storage.load(z64) == (b"data 1", serial)
+    finally:
+        server.close()
+
+
+def test_a_small_commits_vote_and_finish_are_answered_in_the_same_call(tmp_path):
+    """With the lock free and the storage calls inline, Vote and Finish
+    return their answers, no Deferred (zeotwist.server.tpc: value_now); a
+    vote that waits for the lock gets a Deferred, answered once it is held."""
+    from twisted.internet.defer import Deferred
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    try:
+        sessions = []
+        for _ in range(2):
+            client, session, pump, _ = connect_in_memory({"1": server}, clock)
+            call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                           storage="1", read_only=False)
+            sessions.append(session)
+        first, second = sessions
+        first.tpc_begin(b"", b"", b"")
+        first.store_data(encode_store(z64, z64, b"one"))
+        assert first.vote(True) == {"resolved": [], "conflicts": b""}
+        second.tpc_begin(b"", b"", b"")
+        second.store_data(encode_store(b"\0" * 7 + b"\1", z64, b"two"))
+        waiting = second.vote(True)
+        assert isinstance(waiting, Deferred) and not waiting.called
+        answer = first.finish()
+        assert answer == {"tid": server.last_tid}
+        assert waiting.called and waiting.result == {"resolved": [], "conflicts": b""}
+        assert second.finish() == {"tid": server.last_tid} and server.last_tid > answer["tid"]
+    finally:
+        server.close()
