@@ -15,6 +15,7 @@ from zeotwist.server.limits import ConnectionLimiter, RateLimitedLog
 from zeotwist.server.txnbuffer import TransactionBuffer
 from zeotwist.testing import connect_in_memory, memory_server
 from zeotwist.wire import commands as C
+from zeotwist.wire.records import encode_store
 
 MiB = 2**20
 
@@ -179,6 +180,35 @@ def test_transaction_that_does_not_vote_in_time_is_dropped():
     client.callRemote(C.TpcBegin, user=b"", description=b"", extension=b"")
     client.callRemote(C.StoreData, data=b"s" + z64 + z64 + b"\0\0\0\1x")
     pump.flush()
+    clock.advance(29)
+    assert not session._violated
+    clock.advance(1)
+    assert session._violated
+
+
+def test_one_vote_timer_per_connection_looks_at_the_transaction_of_its_time(monkeypatch):
+    """Transactions that vote in time leave one timer (not one each, set and
+    cancelled); a later transaction that does not vote is dropped at its
+    own deadline, counted from its TpcBegin, not the first's."""
+    clock, client, session, pump = registered_pair(vote_timeout=30)
+    timers = []
+    real = clock.callLater
+    monkeypatch.setattr(clock, "callLater", lambda *a: timers.append(a[1]) or real(*a))
+    serial = z64
+    for i in range(5):                                  # one commit every 10 s
+        client.callRemote(C.TpcBegin, user=b"", description=b"", extension=b"")
+        client.callRemote(C.StoreData, data=encode_store(z64, serial, b"%d" % i))
+        client.callRemote(C.Vote)
+        serial = []
+        client.callRemote(C.Finish).addCallback(lambda a: serial.append(a["tid"]))
+        pump.flush()
+        serial = serial[0]
+        clock.advance(10)
+    assert not session._violated
+    # set at 0 s, and at 30 s (the first fired then, nothing due: no timer until the next)
+    assert timers.count(session._vote_overdue) == 2
+    client.callRemote(C.TpcBegin, user=b"", description=b"", extension=b"")
+    pump.flush()                                        # at 50 s; the timer is due at 60
     clock.advance(29)
     assert not session._violated
     clock.advance(1)

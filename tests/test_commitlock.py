@@ -81,6 +81,27 @@ def test_timeout_reports_the_holder_once():
     assert expired == [a, b]
 
 
+def test_one_timer_looks_at_the_holder_of_its_time(monkeypatch):
+    """Holders that release in time leave one timer (not one each, set and
+    cancelled); a later holder times out at its own deadline."""
+    clock = Clock()
+    expired, timers = [], []
+    real = clock.callLater
+    monkeypatch.setattr(clock, "callLater", lambda *a: timers.append(a[1]) or real(*a))
+    lock = CommitLock(clock, timeout=2.0, on_timeout=expired.append)
+    for _ in range(10):                 # a holder every 0.5 s, each for 0.1 s
+        lock.acquire(a)
+        clock.advance(0.1)
+        lock.release(a)
+        clock.advance(0.4)
+    assert len(timers) <= 3 and expired == []     # (at 0, 2 and 4 s)
+    lock.acquire(b)                     # at 5 s
+    clock.advance(1.9)
+    assert expired == []
+    clock.advance(0.1)
+    assert expired == [b]
+
+
 def test_release_cancels_timer():
     clock = Clock()
     expired = []

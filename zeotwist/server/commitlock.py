@@ -82,7 +82,8 @@ class CommitLock:
         self._retry_wait = retry_wait
         self._turn_after = turn_after
         self._holder = None
-        self._timer = None
+        self._timer = None              # the holder's timeout (see _grant)
+        self._deadline = 0.0
         self._waiters: deque = deque()
         self._tickets: dict = {}        # owner -> ticket (refused; lower: older)
         self._since: dict = {}          # owner -> when its first refusal was
@@ -133,9 +134,7 @@ class CommitLock:
         if owner is not self._holder:
             self.forget(owner)
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = self._holder = None
+        self._holder = None             # (its timer stays: see _grant)
         now = self._clock.seconds()
         self.hold_times.observe(now - self._granted_at)
         refused = frozenset(refused)
@@ -225,12 +224,23 @@ class CommitLock:
         self._granted_at = now = self._clock.seconds()
         self.wait_times.observe(now - self._asked.pop(owner, now))
         if self._timeout is not None:
-            self._timer = self._clock.callLater(self._timeout, self._expired, owner)
+            # One timer, not one per holder: a holder's deadline is noted,
+            # and the timer, when it fires, looks at the holder of the
+            # time (a commit holds the lock a millisecond; the timeout is
+            # a minute).
+            self._deadline = now + self._timeout
+            if self._timer is None:
+                self._timer = self._clock.callLater(self._timeout, self._expired)
         waiter.d.callback(None)
 
-    def _expired(self, owner) -> None:
-        self._timer = None
-        if owner is self._holder and self._on_timeout is not None:
+    def _expired(self) -> None:
+        self._timer, owner = None, self._holder
+        if owner is None:
+            return                      # the next grant sets a timer again
+        left = self._deadline - self._clock.seconds()
+        if left > 0:                    # another holder since the timer was set
+            self._timer = self._clock.callLater(left, self._expired)
+        elif self._on_timeout is not None:
             self._on_timeout(owner)
 
 

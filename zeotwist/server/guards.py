@@ -52,6 +52,7 @@ class ResourceGuards:
     _last_active = 0.0
     _last_unread = 0
     _vote_timer = None
+    _vote_due = None        # (deadline, transaction) until it votes
 
     # -- memory budgets -------------------------------------------------------
     def burst_budget(self, pending: int) -> int:
@@ -157,17 +158,28 @@ class ResourceGuards:
 
     # -- transactions that do not vote ----------------------------------------------
     def transaction_opened(self, txn) -> None:
-        self.transaction_voting()
-        if self.vote_timeout:
-            self._vote_timer = self._clock.callLater(
-                self.vote_timeout, self._vote_overdue, txn)
+        """``txn`` began: it must vote within ``vote_timeout``.  One timer
+        per connection, not one per transaction: the deadline is noted,
+        and the timer, when it fires, looks at the transaction of the time
+        (a small commit votes within a millisecond; the limit is minutes)."""
+        if not self.vote_timeout:
+            return
+        self._vote_due = (self._clock.seconds() + self.vote_timeout, txn)
+        if self._vote_timer is None:
+            self._vote_timer = self._clock.callLater(self.vote_timeout, self._vote_overdue)
 
     def transaction_voting(self) -> None:
-        timer, self._vote_timer = self._vote_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._vote_due = None
 
-    def _vote_overdue(self, txn) -> None:
-        self._vote_timer = None
+    def _vote_overdue(self) -> None:
+        self._vote_timer, due = None, self._vote_due
+        if due is None or self.transport is None:
+            return                      # the next transaction sets a timer again
+        deadline, txn = due
+        left = deadline - self._clock.seconds()
+        if left > 0:                    # a later transaction than the timer's
+            self._vote_timer = self._clock.callLater(left, self._vote_overdue)
+            return
+        self._vote_due = None
         if self._txn is txn and txn.state.can(Event.VOTE):     # still not voted
             self.vote_timed_out()
