@@ -38,9 +38,29 @@ class OutputBudget:
     #: chunk read by the storage's worker), counted as output meanwhile
     _reserved = 0
 
+    #: invalidations kept back while the client waits for the commit lock
+    #: (a list of frames), and their bytes
+    _later = None
+    _later_bytes = 0
+    #: bytes of invalidations kept back at most (more: all are sent)
+    LATER_MAX = 64 * 1024
+
     def send_frame(self, frame: bytes) -> None:
-        if self.transport is not None and not self._violated:
-            self.emit(frame)
+        """An invalidation.  While this client's vote waits for the commit
+        lock (``awaits_lock``), it is kept back and goes out with whatever
+        is written next - the vote's answer, as a rule, in the same
+        ``send()`` - instead of waking the client now: nothing reaches
+        the client before it (:meth:`emit`), so the order is the same."""
+        if self.transport is None or self._violated:
+            return
+        if self.awaits_lock() and self._later_bytes + len(frame) <= self.LATER_MAX:
+            if self._later is None:
+                self._later = []
+            self._later.append(frame)
+            self._later_bytes += len(frame)
+            return
+        self.emit(frame)
+        if self.transport is not None:
             pending = pending_output(self.transport)
             if pending > self.max_pending_output:
                 self.protocolViolation(
@@ -60,14 +80,29 @@ class OutputBudget:
 
     def emit(self, frame: bytes) -> None:
         if not self._closing:
+            if self._later is not None:         # the invalidations kept back, first
+                frame = self._take_later(frame)
             self._count_out(len(frame))
             super().emit(frame)
 
     def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
         if not self._closing:   # as emit: a blob chunk the worker read after the notice
+            if self._later is not None:
+                head = self._take_later(head)
             self._count_out(len(head) + len(value) + len(tail))
             unjoined_writes(self.transport)     # big values queued are not copied together
             super().emit_parts(head, value, tail)
+
+    def _take_later(self, frame: bytes) -> bytes:
+        later, self._later, self._later_bytes = self._later, None, 0
+        later.append(frame)
+        return b"".join(later)
+
+    def send_later(self) -> None:
+        """Write the invalidations kept back now (the client's vote no
+        longer waits for the lock, and no answer follows at once)."""
+        if self._later is not None and self.transport is not None and not self._violated:
+            self.emit(b"")
 
     def _count_out(self, size: int) -> None:
         self._unread += size

@@ -98,8 +98,16 @@ class TransactionResponders(amp.CommandLocator):
         except Exception:
             return self._vote_failed(Failure(), txn)
         if isinstance(voted, Deferred):
+            self.send_later()       # output: no answer at once to carry them
             return voted.addCallbacks(self._voted, self._vote_failed, (txn,), None, (txn,))
         return self._voted(voted, txn)
+
+    def awaits_lock(self) -> bool:
+        """Whether this client's vote waits for the commit lock: the
+        invalidations sent to it meanwhile wait for its answer
+        (output.send_frame), which follows the grant at once."""
+        txn = self._txn
+        return txn is not None and txn.state.state is State.LOCKING
 
     def _revote(self, txn):
         """The client sent its resolved records: store them and vote (lock held)."""
@@ -209,6 +217,7 @@ class TransactionResponders(amp.CommandLocator):
         """Undo what ``txn`` holds, having left state ``left``."""
         server = self.server
         server.stats["aborts"] += 1
+        self.send_later()           # output: what waited for the vote's answer
         if left not in IN_STORAGE:
             server.lock.release(self, refused)     # or withdraws a queued request
             txn.close_buffers()

@@ -1,0 +1,106 @@
+"""An invalidation to a client whose vote waits for the commit lock is kept
+back and written with what the client gets next (as a rule its vote's
+answer, in one write), never after anything else (zeotwist/server/output.py,
+``send_frame``); a client that waits for nothing gets it at once."""
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from ZODB.FileStorage import FileStorage
+from ZODB.utils import p64, z64
+
+from zeotwist.server.storagecalls import SynchronousCalls
+from zeotwist.server.storageserver import StorageServer
+from zeotwist.testing import call_in_memory, connect_in_memory
+from zeotwist.wire import commands as C
+from zeotwist.wire import fast
+from zeotwist.wire.records import encode_store
+
+
+class Calls(SynchronousCalls):
+    """Storage calls inline, or, while ``later`` is set, answered when the test says."""
+
+    later = False
+
+    def __init__(self):
+        self.waiting = []
+
+    def inline_or_in_order(self, f, *args):
+        if not self.later:
+            return self.in_order(f, *args)
+        d = Deferred()
+        self.waiting.append(lambda: d.callback(f(*args)))
+        return d
+
+
+@pytest.fixture
+def world(tmp_path):
+    clock, calls = Clock(), Calls()
+    server = StorageServer(FileStorage(str(tmp_path / "data.fs")), reactor=clock, threads=calls)
+    links = []
+    for _ in range(3):
+        client, session, pump, _ = connect_in_memory({"1": server}, clock)
+        call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                       storage="1", read_only=False)
+        written = []
+        session.transport.write = written.append
+        links.append((session, written))
+    yield server, calls, links
+    server.close()
+
+
+def vote(session, oid: int, tag: bytes) -> None:
+    session.dataReceived(fast.tpc_begin(b"", b"", b"") + fast.store_data(
+        encode_store(p64(oid), z64, b"data")) + fast.vote_request(tag))
+
+
+def test_a_waiting_voters_invalidation_goes_out_with_its_vote_answer(world):
+    server, _, [(a, to_a), (b, to_b), (c, to_c)] = world
+    vote(a, 1, b"va")
+    vote(b, 2, b"vb")                       # waits for the lock
+    assert b.awaits_lock() and to_b == []
+    a.dataReceived(fast.finish_request(b"fa"))
+    tid = server.last_tid
+    invalidation = fast.invalidate(tid, [p64(1)])
+    assert to_c == [invalidation]           # waits for nothing: at once
+    # b was granted the lock as a released it, and voted: one write, in order
+    assert to_b == [invalidation + fast.vote_answer(b"vb", [])]
+    assert not b.awaits_lock()
+
+
+def test_kept_back_while_the_vote_waits_then_written_before_anything_else(world):
+    server, calls, [(a, to_a), (b, to_b), (c, to_c)] = world
+    vote(a, 1, b"va")
+    vote(b, 2, b"vb")
+    calls.later = True                      # a's finish, b's vote: not at once
+    a.dataReceived(fast.finish_request(b"fa"))
+    assert to_b == []
+    calls.waiting.pop(0)()                  # a's tpc_finish returns
+    invalidation = fast.invalidate(server.last_tid, [p64(1)])
+    # b's vote went to the storage's thread: what waited for it is written now
+    assert to_b == [invalidation]
+    calls.waiting.pop(0)()
+    assert to_b == [invalidation, fast.vote_answer(b"vb", [])]
+
+
+def test_an_abort_while_waiting_writes_what_was_kept_back_first(world):
+    server, _, [(a, to_a), (b, to_b), (c, to_c)] = world
+    vote(a, 1, b"va")
+    vote(c, 3, b"vc")
+    vote(b, 2, b"vb")
+    a.dataReceived(fast.finish_request(b"fa"))      # c is granted; b still waits
+    first = fast.invalidate(server.last_tid, [p64(1)])
+    assert to_b == [] and b.awaits_lock()
+    b._abort_txn()                                  # an Abort, a lost link, a timeout
+    assert to_b == [first] and not b.awaits_lock()
+    c.dataReceived(fast.finish_request(b"fc"))
+    assert to_b == [first, fast.invalidate(server.last_tid, [p64(3)])]
+
+
+def test_no_more_than_a_bound_is_kept_back(world, monkeypatch):
+    server, _, [(a, to_a), (b, to_b), (c, to_c)] = world
+    monkeypatch.setattr(type(b), "LATER_MAX", 1)
+    vote(a, 1, b"va")
+    vote(b, 2, b"vb")
+    a.dataReceived(fast.finish_request(b"fa"))
+    invalidation = fast.invalidate(server.last_tid, [p64(1)])
+    assert to_b == [invalidation, fast.vote_answer(b"vb", [])]      # written at once
