@@ -237,3 +237,104 @@ def test_a_one_piece_blob_loads_without_the_reactor_download(world, tmp_path, mo
     with pytest.raises(POSKeyError):
         cs.loadBlob(refs["small"][0], b"\0" * 7 + b"\1")
     assert partial_files(tmp_path) == []
+
+
+# -- small blobs sent by the committing thread (client/blobtxn.py) -----------------------
+
+def uploads_seen(monkeypatch) -> list:
+    """The blob file numbers that go to the reactor's BlobUploads from now on."""
+    from zeotwist.client.blobtransfer import BlobUploads
+    seen = []
+    add = BlobUploads.add
+
+    def recording(uploads, proto, number, path, idle_timeout=None):
+        seen.append(number)
+        return add(uploads, proto, number, path, idle_timeout)
+
+    monkeypatch.setattr(BlobUploads, "add", recording)
+    return seen
+
+
+def store_files(cs, tmp_path, blobs: list, commit: bool = True):
+    """storeBlob each of ``blobs`` (bytes), in order, in one transaction;
+    ``[(oid, tid)]`` once committed (or aborted: ``tid`` None)."""
+    meta = TransactionMetaData()
+    cs.tpc_begin(meta)
+    oids = []
+    for i, data in enumerate(blobs):
+        src = tmp_path / ("source-%d" % i)
+        src.write_bytes(data)
+        oids.append(cs.new_oid())
+        cs.storeBlob(oids[-1], b"\0" * 8, b"record", str(src), "", meta)
+    if not commit:
+        cs.tpc_abort(meta)
+        return [(oid, None) for oid in oids]
+    cs.tpc_vote(meta)
+    tid = cs.tpc_finish(meta)
+    return [(oid, tid) for oid in oids]
+
+
+def test_small_blobs_go_from_the_thread_and_after_a_streamed_one_in_order(world, tmp_path,
+                                                                         monkeypatch):
+    """A blob of one piece is sent by the committing thread (no upload on
+    the reactor); once one went to the uploads (a bigger one), every later
+    one follows it there, so no two blob files' pieces interleave."""
+    srv, cs, db = world
+    seen = uploads_seen(monkeypatch)
+    blobs = [b"a" * 10_000, b"b" * 5_000, BIG[:3 * MB], b"c" * 10_000, b""]
+    refs = store_files(cs, tmp_path, blobs)
+    assert seen == [2, 3, 4]
+    for (oid, tid), data in zip(refs, blobs):
+        os.remove(cs.blob_cache.lookup(oid, tid))      # read back from the server
+        with open(cs.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == data
+    del seen[:]
+    refs = store_files(cs, tmp_path, [b"d" * 20_000, b"e"])      # a fresh transaction
+    assert seen == []
+    assert spool_files(tmp_path) == [] and partial_files(tmp_path) == []
+
+
+def test_small_blobs_fall_back_to_the_uploads_when_the_thread_may_not_write(
+        world, tmp_path, monkeypatch):
+    from zeotwist.client.threadwrites import ThreadWrites
+    srv, cs, db = world
+    monkeypatch.setattr(ThreadWrites, "send_from_thread", lambda proto, frame: False)
+    seen = uploads_seen(monkeypatch)
+    blobs = [b"f" * 10_000, b"g" * 3]
+    refs = store_files(cs, tmp_path, blobs)
+    assert seen == [0, 1]
+    for (oid, tid), data in zip(refs, blobs):
+        os.remove(cs.blob_cache.lookup(oid, tid))
+        with open(cs.loadBlob(oid, tid), "rb") as f:
+            assert f.read() == data
+
+
+def test_connection_lost_after_a_small_blob_from_the_thread(world, tmp_path, monkeypatch):
+    """The server cuts the connection once the thread's small blob is
+    spooled: the vote fails with ClientDisconnected, nothing is committed
+    or left behind; an aborted transaction of small blobs leaves nothing."""
+    srv, cs, db = world
+    commit_blobs(db, {"kept": KEPT})
+    last = cs.lastTransaction()
+    seen = uploads_seen(monkeypatch)
+    append = server_blobs.BlobSpool.append
+
+    def append_then_cut(spool, blob, data):
+        append(spool, blob, data)
+        cut_server_side(srv)
+
+    monkeypatch.setattr(server_blobs.BlobSpool, "append", append_then_cut)
+    with pytest.raises(ClientDisconnected):
+        store_files(cs, tmp_path, [b"h" * 10_000])
+    cs.tpc_abort(cs._transaction) if cs._transaction is not None else None
+    monkeypatch.setattr(server_blobs.BlobSpool, "append", append)
+    assert seen == []                                # it went from the thread
+    reconnected(cs, srv)
+    assert spool_files(tmp_path) == [] and partial_files(tmp_path) == []
+    assert srv.server.storage.lastTransaction() == last
+    store_files(cs, tmp_path, [b"i" * 10_000, b"j" * 100], commit=False)
+    cs.sync()                                        # a round trip after the Abort
+    assert spool_files(tmp_path) == [] and partial_files(tmp_path) == []
+    assert srv.server.storage.lastTransaction() == last
+    assert seen == []
+    assert contents(db, cs) == {"kept": KEPT}

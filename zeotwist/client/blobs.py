@@ -28,6 +28,7 @@ from ZODB.POSException import POSKeyError, ReadOnlyError, Unsupported
 
 from zeotwist.client.blobcache import BlobCache
 from zeotwist.client.blobtransfer import first_piece_from_thread
+from zeotwist.client.reactorthread import in_reactor_thread
 from zeotwist.errors import UsageError
 from zeotwist.fileio import write_sliced
 
@@ -219,6 +220,10 @@ class BlobStorageMixin:
             return
         path = self._blobs.take_over(oid, blobfilename)
         self._blob_files.append((oid, path))
+        reactor = self._reactor
+        if reactor.running and not in_reactor_thread(reactor) \
+                and txn.send_blob_from_thread(number, path):
+            return              # a small file, sent by this thread (client/blobtxn.py)
         # Not waited for here (one thread hand-off and wait per blob saved,
         # what a transaction of many small blobs is made of): the vote waits
         # for every upload and fails with the first upload's error.

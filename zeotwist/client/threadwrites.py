@@ -130,8 +130,9 @@ class ThreadWrites(ThreadReads):
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
                     or not twistedcompat.idle_seen_from_thread(transport):
                 return False
-            receiver.reading = self.thread_asks(read)   # who reads the answer
-            twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
+            if receiver is not None:        # None: a one-way frame (send_from_thread)
+                receiver.reading = self.thread_asks(read)   # who reads the answer
+                twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
             sent = transport.writeSomeData(frame)
             if not isinstance(sent, int):
                 sent = 0                    # an error: the reactor finds it too
@@ -139,6 +140,11 @@ class ThreadWrites(ThreadReads):
                 self._handoff = [frame[sent:]]
                 self.owner.reactor.callFromThread(self._flush_handoff)
         return True
+
+    def send_from_thread(self, frame: bytes) -> bool:
+        """:meth:`ask_from_thread` for a frame of one-way boxes (a small
+        blob's StoreBlobChunk, ``ClientTransaction.send_blob_from_thread``)."""
+        return self.ask_from_thread(frame, None)
 
 
 def thread_tag() -> bytes:

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from ZODB.POSException import ConflictError, StorageTransactionError
 from ZODB.utils import z64
 
+from zeotwist.client.blobtxn import BlobTransaction
 from zeotwist.client.resolve import ConflictResolver
 from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
@@ -49,7 +50,7 @@ def _finish_answer(box, proto) -> dict:
     return fast.read_finish_answer(box) or C.Finish.parseResponse(box, proto)
 
 
-class ClientTransaction:
+class ClientTransaction(BlobTransaction):
     """The client side of one two-phase commit.
 
     ``store``/``check_current_serial`` only encode into a local buffer; full
@@ -198,12 +199,12 @@ class ClientTransaction:
         and Vote can leave in one frame from here: a ``ThreadAnswer`` to
         ``wait()`` on, or None (nothing sent: take :meth:`vote_once`)."""
         proto = self._client.protocol
-        if self._proto is not None or self._failed is not None or proto is None \
-                or self._blob_count or self.tid is not None or self.status != " " \
-                or len(self._stream) > C.STORE_CHUNK or calls_pending(self._client.reactor):
+        if self._failed is not None or proto is None or self._proto not in (None, proto) \
+                or self._blob_streamed or len(self._stream) > C.STORE_CHUNK \
+                or calls_pending(self._client.reactor):
             return None
-        meta = self.meta
-        begin = fast.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes)
+        # the transaction may be open already: by this thread's small blobs
+        begin = b"" if self._proto is not None else self._begin_frame()
         store = fast.store_data(self._stream, proto.long_values) if self._stream else b""
         if begin is None or store is None:
             return None
@@ -211,13 +212,22 @@ class ClientTransaction:
         answer = ThreadAnswer(proto, tag, "Vote", lambda box: _vote_answer(box, proto),
                               self._voted, lambda e: self._answer_failed(e, refused=True),
                               (fast.match_vote_answer, self._voted))
-        self._proto = proto         # read on the reactor thread only once the answer is in
+        opens, self._proto = self._proto is None, proto   # read by the reactor only later
         if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
                                      answer, proto.commits_quiet()):
-            self._proto = None
+            if opens:
+                self._proto = None
             return None
         self._stream = bytearray()
         return answer
+
+    def _begin_frame(self) -> bytes | None:
+        """The TpcBegin frame a committing thread may send itself, or None
+        (a restore's tid or status, or fields too long for the fast path)."""
+        if self.tid is not None or self.status != " ":
+            return None
+        meta = self.meta
+        return fast.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes)
 
     def finish_from_thread(self, callback=None):
         """:meth:`finish` from the committing thread, likewise: a
@@ -356,69 +366,3 @@ class ClientTransaction:
         d = proto.call(C.Abort)
         d.addErrback(lambda f: f.trap(ClientDisconnected) and None)
         return d.addCallback(lambda _: None)
-
-    # -- blobs ---------------------------------------------------------------------
-    #: blob files numbered so far; the uploads (a BlobUploads) once one began
-    _blob_count = 0
-    _blob_uploads = None
-
-    def store_blob(self, oid: bytes, serial: bytes | None, data: bytes, path: str) -> Deferred:
-        """storeBlob: ``data`` is the record, ``path`` the blob file, which
-        is uploaded (the caller keeps it).  Fires once its last chunk is
-        handed to the connection; :meth:`vote` waits for that anyway."""
-        return self.send_blob_file(self.blob_record(oid, serial, data), path)
-
-    def store_blob_shared(self, oid: bytes, serial: bytes | None, data: bytes,
-                          name: str) -> None:
-        """storeBlob in the shared-blob-directory mode: ``name`` is the blob
-        file's path relative to the server's blob directory, in its ``tmp``."""
-        self.send_blob_name(self.blob_record(oid, serial, data), name)
-
-    def blob_record(self, oid: bytes, serial: bytes | None, data: bytes,
-                    restore: bool = False, prev_txn: bytes | None = None) -> int:
-        """Add a storeBlob (or restoreBlob) record for the next blob file to
-        the stream and return that file's number, for :meth:`send_blob_file`
-        or :meth:`send_blob_name`.  Called like :meth:`store`."""
-        from zeotwist.wire.records import encode_blob, encode_restore_blob
-        number = self._blob_count
-        self._blob_count += 1
-        if restore:
-            self._stream += encode_restore_blob(oid, serial, number, data, prev_txn)
-            self._written[oid] = None            # invalidated, not cached
-        else:
-            self._stream += encode_blob(oid, serial or z64, number, data)
-            self._remember_written(oid, data)
-        if len(self._stream) >= C.STORE_CHUNK:
-            self._flush()
-        return number
-
-    def send_blob_file(self, number: int, path: str,
-                       idle_timeout: float | None = None) -> Deferred:
-        """Upload the file at ``path`` as blob file ``number`` (reactor
-        thread), after the uploads already queued; fires when its last chunk
-        is handed to the connection, whose buffer paces the reads.  With
-        ``idle_timeout``, fails after that many seconds without progress."""
-        from zeotwist.client.blobtransfer import BlobUploads
-        self._send(b"")                 # opens the transaction on the server first
-        if self._failed is not None:
-            return fail(self._failed)
-        if self._blob_uploads is None:
-            self._blob_uploads = BlobUploads(self._client.reactor)
-        d = self._blob_uploads.add(self._proto, number, path, idle_timeout)
-        return d.addErrback(self._blob_failed)
-
-    def send_blob_name(self, number: int, name: str) -> None:
-        """Shared blob directory: blob file ``number`` is the file ``name``
-        (reactor thread).  The server checks the name; a refusal fails the vote."""
-        self._send(b"")
-        if self._failed is None:
-            self._proto.send(C.StoreBlobShared, blob=number, name=name)
-
-    def _blob_failed(self, failure):
-        if self._failed is None:        # the server is missing a blob file now
-            self._failed = failure.value
-        return failure
-
-    def _blobs_pending(self) -> Deferred | None:
-        uploads = self._blob_uploads
-        return None if uploads is None else uploads.idle()
