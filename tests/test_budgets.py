@@ -62,6 +62,30 @@ def test_spool_moves_to_disk_when_the_memory_budget_is_spent():
     assert budgets.spool.total == 0 and budgets.spool_memory.total == 0
 
 
+def test_a_small_stream_stays_in_its_pieces_a_larger_one_moves_to_a_file(monkeypatch):
+    """A small commit's stream makes no spooled file (txnbuffer's
+    SMALL_SPOOL_BYTES); past that size its pieces move into one, the
+    records read the same either way, and memory is counted both ways."""
+    import tempfile
+    from zeotwist.server import txnbuffer
+    from zeotwist.wire.records import encode_store
+    made = []
+    real = tempfile.SpooledTemporaryFile
+    monkeypatch.setattr(txnbuffer.tempfile, "SpooledTemporaryFile",
+                        lambda *a, **kw: made.append(1) or real(*a, **kw))
+    budgets = MemoryBudget(Clock())
+    records = [encode_store(bytes([0] * 7 + [i]), z64, b"r%d" % i * 1000) for i in range(40)]
+    buffer = TransactionBuffer(budgets=budgets)
+    for i, record in enumerate(records):
+        buffer.append(record)
+        assert bool(made) == (buffer.size > txnbuffer.SMALL_SPOOL_BYTES), i
+        assert budgets.spool_memory.held(buffer) == buffer.size
+        assert [r[3] for r in buffer.records()] == [r[21:] for r in records[:i + 1]]
+    assert made == [1]
+    buffer.close()
+    assert budgets.spool_memory.total == 0
+
+
 def test_total_spool_refuses_the_transaction_that_overflows_it():
     budgets = MemoryBudget(Clock(), max_spool=1000)
     first, second = TransactionBuffer(budgets=budgets), TransactionBuffer(budgets=budgets)

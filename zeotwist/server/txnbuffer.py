@@ -1,9 +1,11 @@
 """The server's buffer for one client transaction's store stream.
 
 Stores arrive as pieces of a byte stream (:mod:`zeotwist.wire.records`)
-before the client votes.  They are kept in a spooled temporary file: in
-memory up to ``spool_bytes``, on disk past that, refused past ``max_bytes``
-(the refusal is reported at vote).  Nothing here touches the storage.
+before the client votes.  Up to ``SMALL_SPOOL_BYTES`` (a small commit)
+they are kept as the list of pieces; past that in a spooled temporary file:
+in memory up to ``spool_bytes``, on disk past that, refused past
+``max_bytes`` (the refusal is reported at vote).  Nothing here touches the
+storage.
 
 With a server-wide :class:`~zeotwist.server.budgets.MemoryBudget`, the
 in-memory part also counts against its ``spool_memory`` budget (past it
@@ -13,6 +15,7 @@ total (past it the transaction is refused at vote, its stores dropped).
 Appends run on the reactor thread; :meth:`TransactionBuffer.records` runs in
 the storage thread once the session has stopped appending.
 """
+import io
 import tempfile
 from typing import Iterator
 
@@ -24,10 +27,17 @@ DEFAULT_SPOOL_BYTES = 8 * 2**20
 OIDS_SCAN_BYTES = 64 * 1024
 
 
+#: A stream of at most this many bytes stays a list of its pieces (a small
+#: commit's one piece): no spooled file is made, written, sought and read.
+SMALL_SPOOL_BYTES = 64 * 1024
+
+
 class TransactionBuffer:
     def __init__(self, spool_bytes: int = DEFAULT_SPOOL_BYTES, max_bytes: int = 2**31,
                  budgets=None):
-        self._file = tempfile.SpooledTemporaryFile(max_size=spool_bytes)
+        self._spool_bytes = spool_bytes
+        self._file = None           # the spooled file, once the stream outgrows _pieces
+        self._pieces: list | None = []
         self._max = max_bytes
         self._budgets = budgets
         self.size = 0
@@ -40,17 +50,31 @@ class TransactionBuffer:
     def append(self, piece: bytes) -> None:
         if not self._claim(len(piece)):
             return                  # keep nothing more; reported at vote
-        budgets = self._budgets
-        if budgets is not None and not getattr(self._file, "_rolled", True):
+        budgets, f = self._budgets, self._file
+        if f is None and self.size + len(piece) > SMALL_SPOOL_BYTES:
+            f = self._to_file()
+        if budgets is not None and not (f is not None and getattr(f, "_rolled", True)):
             memory = budgets.spool_memory
             if memory.total - memory.held(self) + self.size + len(piece) > memory.cap:
-                self._file.rollover()       # the server's in-memory spool is full
+                f = f or self._to_file()
+                f.rollover()                # the server's in-memory spool is full
                 memory.release(self)
-        self._file.write(piece)
+        if f is None:
+            self._pieces.append(piece)
+        else:
+            f.write(piece)
         self.size += len(piece)
         if budgets is not None:
-            rolled = getattr(self._file, "_rolled", True)
+            rolled = f is not None and getattr(f, "_rolled", True)
             budgets.spool_memory.set(self, 0 if rolled else self.size)
+
+    def _to_file(self):
+        """The spooled file, holding what the pieces held."""
+        f = self._file = tempfile.SpooledTemporaryFile(max_size=self._spool_bytes)
+        for piece in self._pieces:
+            f.write(piece)
+        self._pieces = None
+        return f
 
     def reserve(self, nbytes: int) -> bool:
         """Count ``nbytes`` sent beside the stream (blob chunks) against the
@@ -77,8 +101,11 @@ class TransactionBuffer:
     def _refuse(self, why: str) -> bool:
         """The transaction will fail at vote: drop what it spooled now."""
         self.too_large, self._refusal = True, why
-        self._file.seek(0)
-        self._file.truncate(0)
+        if self._file is None:
+            self._pieces = []
+        else:
+            self._file.seek(0)
+            self._file.truncate(0)
         if self._budgets is not None:
             self._budgets.spool.release(self)
             self._budgets.spool_memory.release(self)
@@ -87,6 +114,9 @@ class TransactionBuffer:
     def records(self, kinds=None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
         if self.too_large:
             raise TransactionTooLarge(self._refusal)
+        if self._file is None:
+            stream = b"".join(self._pieces)
+            return iter_records(io.BytesIO(stream), kinds, len(stream))
         stream_bytes = self._file.seek(0, 2)    # the stream alone (size counts blobs too)
         self._file.seek(0)
         return iter_records(self._file, kinds, stream_bytes)
@@ -107,7 +137,9 @@ class TransactionBuffer:
         return frozenset(oid for _, oid in named)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        self._pieces = None
         if self._budgets is not None:
             self._budgets.spool.release(self)
             self._budgets.spool_memory.release(self)
