@@ -50,12 +50,17 @@ class OutputBudget:
         lock (``awaits_lock``), it is kept back and goes out with whatever
         is written next - the vote's answer, as a rule, in the same
         ``send()`` - instead of waking the client now: nothing reaches
-        the client before it (:meth:`emit`), so the order is the same."""
+        the client before it (:meth:`emit`), so the order is the same.
+        At the latest it goes when the committer lets the lock go, before
+        the committer's answer (``StorageServer.send_kept_back``): a vote
+        that still waits then (another was granted first) must not hold
+        back a commit that the committer may already tell others about."""
         if self.transport is None or self._violated:
             return
         if self.awaits_lock() and self._later_bytes + len(frame) <= self.LATER_MAX:
             if self._later is None:
                 self._later = []
+                self.server.kept_back.append(self)      # sent by then at the latest
             self._later.append(frame)
             self._later_bytes += len(frame)
             return

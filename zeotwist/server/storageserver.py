@@ -73,6 +73,9 @@ class StorageServer:
         self.reactor = reactor
         self.max_transaction_bytes = max_transaction_bytes
         self.sessions: set = set()
+        #: sessions keeping an invalidation back for their vote's answer
+        #: (output.send_frame), until the committer releases the lock
+        self.kept_back: list = []
         self.lock = CommitLock(reactor, transaction_timeout, self._lock_timed_out,
                                conflict_retry_wait, conflict_turn_after)
         self.last_tid = storage.lastTransaction()
@@ -191,6 +194,17 @@ class StorageServer:
         for session in others:      # (a session dropped meanwhile leaves the set)
             session.send_frame(frame)
             self.traffic["invalidations"] += 1
+        if committer is None or self.lock.holder is not committer:
+            self.send_kept_back()       # no release of the lock follows: now
+
+    def send_kept_back(self) -> None:
+        """The commit fanned out last is announced to its committer now
+        (it released the lock; ``fan_out`` for others' commits): what
+        sessions whose vote still waits for the lock kept back goes out
+        first (the next holder's vote answer took its own along)."""
+        kept, self.kept_back = self.kept_back, []
+        for session in kept:
+            session.send_later()
 
     def reset_history(self, tid: bytes) -> None:
         """Others' commits up to ``tid`` are unknown: no cache can be

@@ -180,16 +180,19 @@ class TransactionResponders(amp.CommandLocator):
         try:
             fanned = self.server.committed(tid, txn.oids, self)
         except Exception:
-            self.server.lock.release(self)
+            self._release_lock(None)
             raise
         if fanned is None:
-            self.server.lock.release(self)
+            self._release_lock(None)
             return dict(tid=tid)
         fanned.addBoth(self._release_lock)
         return fanned.addCallback(lambda _: dict(tid=tid))
 
     def _release_lock(self, result):
+        """The commit is fanned out: the lock passes on, and what voters
+        still waiting for it kept back goes out before this answer."""
         self.server.lock.release(self)
+        self.server.send_kept_back()
         return result
 
     def _finish_failed(self, failure, txn):
