@@ -332,27 +332,29 @@ def test_a_subscriber_added_after_a_thread_read_commit_does_not_get_it():
     assert seen == [] and waiter.result.tid == TID1
 
 
-def test_while_other_clients_commit_the_reactor_reads_the_commits_answers():
-    """An invalidation between two Finish answers: the next commit's
-    answers are the reactor's (a reader would hand each invalidation over:
-    two more wake-ups), and it does not park for them; a quiet commit
-    later, the committing thread reads again."""
+def test_other_clients_commits_before_the_answers_are_applied_by_the_committing_thread():
+    """Invalidations that come before the Vote answer (in pieces) and
+    before the Finish answer: the committing thread applies them itself,
+    in order, as the reactor would (cache, before_visible subscribers,
+    last tid), and wakes no reactor; their second stage waits for it."""
     c = Committing()
-    c.committed()
-    c.proto.read_state = REACTOR            # the timer took the socket back
-    c.proto.dataReceived(invalidate(TID2, p64(5)))      # another client's commit
-    c.txn = ClientTransaction(c.client, TransactionMetaData())
+    c.owner.invalidated_by_thread = lambda p, tid, oids, later: \
+        c.client.apply_invalidation(tid, oids, later)           # as the Connector's
+    other = p64(5)
+    c.client.cache.store(other, p64(1), None, b"old")
+    first, second = invalidate(p64(0x18), other), invalidate(p64(0x1c), p64(6))
     vote = c.vote()
-    assert not vote.reading
-    c.proto.dataReceived(fast.vote_answer(vote.tag, []))
+    c.script.chunks = [first[:10], first[10:] + fast.vote_answer(vote.tag, [])]
+    assert vote.wait(1) == [] and c.proto.read_state == PARKED
+    assert c.client.cache.loadBefore(other, p64(0x30)) is None       # ended at 0x18
+    assert c.client.last_transaction() == p64(0x18)
     finish = c.finish()
-    assert not finish.reading
-    c.proto.dataReceived(fast.finish_answer(finish.tag, p64(0x40)))
-    assert finish.wait(0) == p64(0x40)
-    assert c.proto.read_state == REACTOR and not c.proto.quiet_commits
-    c.txn = ClientTransaction(c.client, TransactionMetaData())
-    vote = c.vote()                         # nothing came meanwhile
-    c.proto.dataReceived(fast.vote_answer(vote.tag, []))
-    finish = c.finish()
-    c.proto.dataReceived(fast.finish_answer(finish.tag, p64(0x50)))
-    assert c.proto.quiet_commits and c.proto.read_state == PARKED
+    c.script.chunks = [second, fast.finish_answer(finish.tag, TID1)]
+    assert finish.wait(1) == TID1 and c.proto.read_state == PARKED
+    assert c.visible == [("early", p64(0x18)), ("early", p64(0x1c)),
+                         ("zodb", TID1, True), ("early", TID1)]
+    assert c.proto.invalidations == 2 and c.owner.queued == []
+    assert c.events == []                   # nothing went to the reactor's path
+    assert c.client.events.last is None     # the second stage: on the reactor, later
+    c.owner.reactor.advance(threadreads.PARK_CHECK)
+    assert c.client.events.last.tid == TID1

@@ -191,13 +191,14 @@ class Client(StorageCallsMixin):
         else:
             self.events.publish(event)
 
-    def apply_invalidation(self, tid: bytes, oids) -> None:
-        """Another client committed ``tid`` changing ``oids`` (pushed by the server)."""
+    def apply_invalidation(self, tid: bytes, oids, later=None) -> None:
+        """Another client committed ``tid`` changing ``oids`` (pushed by the
+        server); ``later``: see :meth:`make_visible`."""
         def invalidate():
             invalidate_one = self.cache.invalidate
             for oid in oids:
                 invalidate_one(oid, tid)
-        self.make_visible(tid, Invalidation(tid, tuple(oids)), invalidate)
+        self.make_visible(tid, Invalidation(tid, tuple(oids)), invalidate, later=later)
 
     def committed(self, tid: bytes, written: dict, resolved, callback, later=None) -> None:
         """This client committed ``tid``: refresh the cache with ``written``

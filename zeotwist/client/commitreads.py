@@ -5,13 +5,19 @@ transaction's start catching up with what has arrived.
 The blocking ``ClientStorage`` sends a small commit's ``Vote`` and
 ``Finish`` from the committing thread (``ClientTransaction.vote_from_thread``,
 ``finish_from_thread``; :mod:`~zeotwist.client.threadwrites`), each waited
-on as a :class:`~zeotwist.client.threadwrites.ThreadAnswer`.  While this
-client's commits are *quiet* (no other client's commit came between its
-last two ``Finish`` answers nor since: :meth:`CommitReads.commits_quiet`),
-the committing thread reads the answer itself off the parked socket
-(:mod:`~zeotwist.client.threadreads`); otherwise every invalidation would
-make the reader hand the socket over (two more wake-ups), and the reactor
-reads.
+on as a :class:`~zeotwist.client.threadwrites.ThreadAnswer`, and reads the
+answer itself off the parked socket (:mod:`~zeotwist.client.threadreads`).
+
+Other clients' commits (plain ``Invalidate`` boxes) that come before a
+reading thread's answer, or wait in the parked socket when a transaction
+starts (:meth:`CommitReads.catch_up`), are applied by that thread, in
+arrival order, as the reactor applies them (:meth:`CommitReads.take_invalidations`:
+the cache, ``before_visible`` subscribers such as ZODB's ``DB.invalidate``
+under the visibility lock, then the last tid; the second stage on the
+reactor thread), so they cost no hand-over to the reactor: without that,
+every invalidation made the reader hand the socket over (two more
+wake-ups), and the committing thread read only while no other client
+committed.
 
 A ``Finish`` read so is made visible by the committing thread, as the
 reactor would (the cache refreshed, ZODB's callback and the
@@ -36,32 +42,46 @@ import os
 import select
 import threading
 
+from twisted.python.failure import Failure
+
 from zeotwist.client.threadreads import PARKED, READ_SIZE, REACTOR, RETURNING
 from zeotwist.client.threadwrites import ThreadWrites
+from zeotwist.wire import fast
 
 
 class CommitReads(ThreadWrites):
     """The ClientProtocol mixin: the commit side of who reads the socket."""
 
-    #: Invalidate boxes handled so far (reactor thread)
+    #: Invalidate boxes applied so far (by the reactor or a reading thread)
     invalidations = 0
-    #: no other client's commit reached this one between its last two
-    #: Finish answers: its commits' answers are read by the committing
-    #: thread.  Else (others commit too) the reactor reads them, as every
-    #: invalidation would make the reader hand over (two more wake-ups).
-    quiet_commits = True
-    _commits_mark = 0
 
-    def commit_answered(self) -> None:
-        """A Finish answer, on either thread: note whether the commits are quiet."""
-        seen = self.invalidations
-        self.quiet_commits, self._commits_mark = seen == self._commits_mark, seen
-
-    def commits_quiet(self) -> bool:
-        """Whether a commit's answers are for the committing thread to read:
-        no other client's commit came in the last interval between two
-        Finish answers, nor since."""
-        return self.quiet_commits and self.invalidations == self._commits_mark
+    def take_invalidations(self, buf: bytes, locked: bool = False) -> int:
+        """A reading thread: apply the plain Invalidate boxes at the start of
+        ``buf``, in order, as the reactor's ``ampBoxReceived`` would; the
+        bytes they took (the rest goes on as before: the reader's answer,
+        or bytes for the reactor).  Under ``send_lock`` (``locked``: the
+        caller holds it), as the reader's own answer: a lost connection's
+        ``connectionLost`` (and the next connection's verification of the
+        cache) comes after, never between.  An owner without
+        ``invalidated_by_thread`` leaves them to the reactor (0)."""
+        apply = getattr(self.owner, "invalidated_by_thread", None)
+        if apply is None or fast.match_invalidate(buf) is None:
+            return 0
+        if not locked:
+            with self.send_lock:
+                return self.take_invalidations(buf, True)
+        off, later = 0, self.publish_later
+        while not self._gone:
+            match = fast.match_invalidate(buf, off)
+            if match is None:
+                break
+            tid, oids, off = match
+            self.invalidations += 1
+            try:
+                apply(self, tid, oids, later)
+            except Exception:   # as the reactor's path: the connection is dropped
+                self.owner.reactor.callFromThread(self.unhandledError, Failure())
+        return off
 
     def publish_later(self, stage_two, listened: bool) -> None:
         """A reading thread made its own commit visible, under the lock:
@@ -112,6 +132,8 @@ class CommitReads(ThreadWrites):
             handled = threading.Event()
             if state == PARKED and self._rsock is not None:
                 data = _pending(self._rsock)
+                if data:        # other clients' commits: applied here
+                    data = data[self.take_invalidations(data, True):]
                 if data == b"":
                     return
                 self.read_state = RETURNING     # the reactor reads again, after ``data``

@@ -199,6 +199,13 @@ class Connector:
         if proto is self.protocol:        # else: a handshake's, or a dead connection's
             self._client.apply_invalidation(tid, oids)
 
+    def invalidated_by_thread(self, proto, tid: bytes, oids, later) -> None:
+        """:meth:`invalidated`, read by a thread other than the reactor's
+        (zeotwist.client.commitreads): ``later`` has the reactor thread run
+        the event's second stage."""
+        if proto is self.protocol:
+            self._client.apply_invalidation(tid, oids, later)
+
     def prefetched(self, proto, records: list) -> None:
         if proto is self.protocol:        # as for invalidated: the live connection only
             self._client.store_prefetched(records)

@@ -223,10 +223,7 @@ class ThreadAnswer(_ThreadWaiter):
 
     def callback(self, box) -> None:
         proto = self.proto
-        if self.name == "Finish":
-            proto.commit_answered()
-        if proto.commits_quiet():
-            proto.thread_answered()     # the next one is read by the thread
+        proto.thread_answered()         # the next one is read by the thread
         try:
             value = self.parse(box)
         except Exception as e:
@@ -254,8 +251,6 @@ class ThreadAnswer(_ThreadWaiter):
 
     def take(self, value) -> None:
         """threadreads: the answer ``own_answer`` found, read by the asking thread."""
-        if self.name == "Finish":
-            self.proto.commit_answered()
         self._then(self.here[1], value)
 
 

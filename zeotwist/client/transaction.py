@@ -214,7 +214,7 @@ class ClientTransaction(BlobTransaction):
                               (fast.match_vote_answer, self._voted))
         opens, self._proto = self._proto is None, proto   # read by the reactor only later
         if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
-                                     answer, proto.commits_quiet()):
+                                     answer, True):
             if opens:
                 self._proto = None
             return None
@@ -246,7 +246,7 @@ class ClientTransaction(BlobTransaction):
             lambda a: self._finished(a, callback), self._answer_failed,
             (fast.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
         return answer if proto.ask_from_thread(fast.finish_request(tag), answer,
-                                               proto.commits_quiet()) else None
+                                               True) else None
 
     def _answer_failed(self, error, refused=False):
         """The error a thread's Vote or Finish raises (as :meth:`_lost` and

@@ -542,6 +542,24 @@ def read_invalidate(box) -> tuple | None:
     return tid, [packed[i:i + 8] for i in range(0, len(packed), 8)]
 
 
+def match_invalidate(buf: bytes, off: int = 0) -> tuple | None:
+    """``(tid, oids, end)`` when the frame :func:`invalidate` makes starts
+    at ``off`` in ``buf`` and is whole (``end``: where it ends), read from
+    the bytes (a thread reading the socket: zeotwist.client.commitreads);
+    else None."""
+    c = _INVALIDATE_FRAME
+    start = off + len(c[0]) + 2
+    if len(buf) < start or not buf.startswith(c[0], off):
+        return None
+    size = (buf[start - 2] << 8) | buf[start - 1]
+    at = start + size + len(c[1])
+    end = at + 8 + len(c[2])
+    if size % 8 or len(buf) < end or not buf.startswith(c[1], start + size) \
+            or not buf.startswith(c[2], at + 8):
+        return None
+    return buf[at:at + 8], [buf[i:i + 8] for i in range(start, start + size, 8)], end
+
+
 def box_parts(box) -> tuple:
     """``(head, value, tail)``: the AMP box ``box`` serialized with its
     values over 64 KiB as long entries (a peer that reads them), ``value``
