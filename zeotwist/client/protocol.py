@@ -86,6 +86,9 @@ class ClientProtocol(CommitReads, BoundedAMP):
     long_buffer = ValueBuffer
     #: the server reads long entries (its Register answer said so)
     long_values = False
+    #: this connection's last vote was refused for conflicts, with no commit
+    #: since (ClientTransaction._voted)
+    refused_last = False
 
     def __init__(self, owner):
         super().__init__()

@@ -297,12 +297,16 @@ class ClientTransaction(BlobTransaction):
     def _voted(self, answer):
         conflicts = answer["conflicts"]
         if conflicts:
-            # The server aborted it before answering: tpc_abort needs no
-            # round trip.  The retry starts from the current records below,
-            # and the commit lock keeps this client's turn for it
-            # (server/commitlock.py; docs/performance.md, "Cheaper
-            # refusals, strict turns").
-            self.ended = True
+            # The server aborted it before answering: after a first refusal
+            # tpc_abort needs no round trip (the commit lock keeps a refused
+            # client's turn for its retry, which starts from the current
+            # records below).  After a refusal in a row it still makes one:
+            # a client losing to a writer that commits again (first come,
+            # first served) then retries after the commits it lets it see,
+            # not at once to be refused again (docs/performance.md,
+            # "Cheaper refusals, strict turns").
+            proto = self._proto
+            self.ended, proto.refused_last = not proto.refused_last, True
             if answer.get("current"):
                 self._cache_current(answer["current"])
             oid, committed, sent = conflicts[:8], conflicts[8:16], conflicts[16:24]
@@ -354,6 +358,7 @@ class ClientTransaction(BlobTransaction):
 
     def _finished(self, answer, callback, later=None):
         tid = answer["tid"]
+        self._proto.refused_last = False
         self._client.committed(tid, self._written, set(self.resolved), callback, later)
         return tid
 
