@@ -26,24 +26,25 @@ TIMEOUT = 30
 
 @implementer(IStreamClientEndpoint)
 class PlainEndpoint:
-    """A TCP (``host``, ``port``) or Unix socket (``path``) client endpoint."""
+    """A TCP (``host``, ``port``) or Unix socket (``path``) client endpoint
+    (Twisted's endpoints' attribute names: ``_host``, ``_port``, ``_path``)."""
 
     def __init__(self, reactor, host: str | None = None, port: int = 0,
                  path: str | None = None, timeout: float = TIMEOUT):
-        self._reactor, self.host, self.port, self.path = reactor, host, port, path
+        self._reactor, self._host, self._port, self._path = reactor, host, port, path
         self._timeout = timeout
 
     def __repr__(self) -> str:
-        where = self.path if self.path is not None else "%s:%d" % (self.host, self.port)
+        where = self._path if self._path is not None else "%s:%d" % (self._host, self._port)
         return "<PlainEndpoint %s>" % (where,)
 
     def connect(self, factory) -> Deferred:
         try:
             wrapping = _WrappingFactory(factory)
-            if self.path is not None:
-                self._reactor.connectUNIX(self.path, wrapping, timeout=self._timeout)
+            if self._path is not None:
+                self._reactor.connectUNIX(self._path, wrapping, timeout=self._timeout)
             else:
-                self._reactor.connectTCP(self.host, self.port, wrapping, timeout=self._timeout)
+                self._reactor.connectTCP(self._host, self._port, wrapping, timeout=self._timeout)
             return wrapping.connected
         except BaseException:
             return fail()
