@@ -31,8 +31,12 @@ BATCH_FLUSH_BYTES = 2**20
 #: A value this long is sent from its own object, not copied into a frame
 #: (``BoundedAMP.emit_parts``).
 BULK_MIN = 2**20
-#: Bytes read per ``recv`` while a long entry's value arrives (else 64 KiB).
-LONG_READ = 2**20
+#: Bytes read per ``recv`` while a long entry's value arrives (else 64 KiB),
+#: on a side without ``long_buffer`` (the server).  Each ``recv`` allocates
+#: this much and shrinks it to what came: 1 MiB left the server's heap 2-4 MB
+#: bigger during a blob upload than 512 KiB, at the same rate (measured:
+#: docs/performance.md, "Memory").
+LONG_READ = 2**19
 #: Limits for boxes a client accepts from its server (records of any size
 #: come back in one box, so the byte limit is generous but still finite).
 CLIENT_MAX_BOX_BYTES = 2**31
