@@ -336,3 +336,60 @@ def test_a_lazy_module_loads_once_for_threads_that_meet_at_its_first_use(tmp_pat
         sync["go"].set()
         for name in ("zt_lazy_pkg.slow", "zt_lazy_pkg"):
             sys.modules.pop(name, None)
+
+
+def test_another_thread_imports_openssl_while_endpoints_is_first_imported():
+    """Twisted's endpoints, first imported after a plain client (by the
+    client for an endpoint string, or by the program), runs with pyOpenSSL
+    hidden; another thread that imports pyOpenSSL meanwhile (its first TLS
+    use) must get it, not ModuleNotFoundError: the hiding is the importing
+    thread's alone.  Thread A is held inside endpoints' import (at its
+    import of twisted.internet.stdio) while thread B imports OpenSSL.SSL."""
+    program = textwrap.dedent("""
+        import sys, threading
+        import zeotwist.client.storage      # a plain client's imports
+        assert "OpenSSL" not in sys.modules and "twisted.internet.endpoints" not in sys.modules
+        inside, imported = threading.Event(), threading.Event()
+
+        class Hold:         # A, running stdio within endpoints' import: wait there for B
+            def find_spec(self, name, path, target=None):
+                if name != "twisted.internet.stdio" or threading.current_thread().name != "A":
+                    return None
+                for finder in sys.meta_path:
+                    spec = finder is not self and finder.find_spec(name, path, target)
+                    if spec:
+                        break
+                run = spec.loader.exec_module
+
+                def exec_module(module):    # (not under the global import lock, as finders are)
+                    inside.set()
+                    imported.wait(30)
+                    run(module)
+                spec.loader.exec_module = exec_module
+                return spec
+
+        def a():
+            import twisted.internet.endpoints
+
+        def b():
+            inside.wait(30)
+            try:
+                import OpenSSL.SSL
+                print("imported")
+            except ImportError as e:
+                print("refused", e)
+            imported.set()
+
+        sys.meta_path.insert(0, Hold())
+        threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        from twisted.internet import endpoints
+        print("endpoints", endpoints.TLSMemoryBIOFactory is not None or "lacking")
+        """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "imported", done.stdout

@@ -81,19 +81,35 @@ _restoring_lock = threading.RLock()
 _wrapped = []
 
 
+_hiding = threading.local()      # ``on`` in a thread within openssl_hidden
+
+
 @contextmanager
 def openssl_hidden():
-    """Within: ``import OpenSSL`` fails, unless it was imported already
-    (or is hidden already: yields False then)."""
-    if "OpenSSL" in sys.modules:
+    """Within: ``import OpenSSL`` fails in this thread (not in others: their
+    first TLS use), unless it was imported already (or is hidden already:
+    yields False then)."""
+    if "OpenSSL" in sys.modules or getattr(_hiding, "on", False):
         yield False
         return
-    sys.modules["OpenSSL"] = None
+    _hiding.on = True
     try:
         yield True
     finally:
-        if sys.modules.get("OpenSSL", ...) is None:
-            del sys.modules["OpenSSL"]
+        _hiding.on = False
+
+
+class _HideOpenSSL:
+    """The finder that refuses pyOpenSSL to a thread within :func:`openssl_hidden`."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if getattr(_hiding, "on", False) and name.partition(".")[0] == "OpenSSL":
+            raise ModuleNotFoundError("pyOpenSSL hidden (zeotwist.lazytls)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _HideOpenSSL)
 
 
 def import_plain(modules=CLIENT_MODULES) -> bool:
