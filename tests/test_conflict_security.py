@@ -135,6 +135,26 @@ def test_a_refused_class_is_refused_by_name_and_logged_sparingly(monkeypatch):
     assert events == [LogLevel.info, LogLevel.debug, LogLevel.debug]
 
 
+def test_refusals_of_more_classes_than_remembered_log_at_debug(monkeypatch):
+    """Info once per refused class for the first 1000 classes; a client that
+    makes conflicts of ever new class names gets debug lines after that,
+    not an info line each."""
+    resolver = RestrictedResolver(storage=None, clock=Clock())
+    monkeypatch.setattr(resolver, "_unpickler", lambda *a: pytest.fail("unpickled"))
+    events = []
+    observe = lambda event: events.append(event["log_level"]) if "not resolving" in \
+        event.get("log_format", "") else None                  # noqa: E731
+    globalLogPublisher.addObserver(observe)
+    try:
+        for n in range(1003):
+            with pytest.raises(ConflictError):
+                resolver.resolve(b"\0" * 8, b"\1" * 8, z64,
+                                 b"\x80\x03capp%d\nThing\nq\x00.N." % n)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert events == [LogLevel.info] * 1000 + [LogLevel.debug] * 3
+
+
 def test_no_resolution_at_all_over_relstorage(tmp_path, request):
     """--client-conflict-resolution: RelStorage's vote resolves nothing either."""
     clock = Clock()

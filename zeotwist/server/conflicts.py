@@ -139,9 +139,10 @@ class RestrictedResolver:
         last = self._refused.get(reason)        # the last debug line's time
         if last is not None and now - last < REFUSAL_DEBUG_INTERVAL:
             return
-        if last is not None or len(self._refused) < 1000:
+        first = last is None and len(self._refused) < 1000      # (else debug, unremembered)
+        if last is not None or first:
             self._refused[reason] = now if last is not None else float("-inf")
-        _log.emit(LogLevel.info if last is None else LogLevel.debug,
+        _log.emit(LogLevel.info if first else LogLevel.debug,
                   "zeotwist: not resolving conflicts of this kind on the server "
                   "(first on {oid}): {e}", oid=oid.hex(), e=e)
 
