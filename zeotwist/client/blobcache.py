@@ -154,8 +154,8 @@ class BlobCache:
         moved (or copied) next to where the committed blob will be cached,
         under a name unique to this process (:func:`upload_name`) rather
         than over a placeholder file made for it: a rename creates no
-        inode, the placeholder did (docs/performance.md, "Small blobs: no
-        placeholder file per upload").
+        inode, the placeholder did (docs/performance.md, "Small blobs: a
+        store's costs per blob").
         """
         if os.path.dirname(os.path.abspath(filename)) == os.path.abspath(self.temp_dir):
             return filename
