@@ -31,8 +31,8 @@ while each turn's owner handles its ConflictError and retries (about 2.2 ms
 per commit against 1.4 for a writer committing again): 4 writers on one
 counter make about ZEO's commits/s, about 0.7 of the default's
 (docs/performance.md, "Cheaper refusals, strict turns").  Kept only after
-``turn_after`` (0.1 s), it bounds an increment's wait to about that, for about a fifth of
-the commits/s: every writer progresses, where first come, first served
+``turn_after`` (0.05 s; 0.1 s until issue 10's sixth session), it bounds an
+increment's wait to about that, for about a fifth of the commits/s: every writer progresses, where first come, first served
 runs them one after another (docs/performance.md, "A refused client's
 turn, after 0.1 s").
 ``retry_wait=0``: first come, first served; ``turn_after=0``: the turn is
@@ -54,7 +54,7 @@ from zeotwist.server.stats import Timings
 #: request); 0: first come, first served (see the docstring).
 DEFAULT_RETRY_WAIT = 0.05
 #: Seconds after a client's first refusal before the lock keeps its turn.
-DEFAULT_TURN_AFTER = 0.1
+DEFAULT_TURN_AFTER = 0.05
 _LAST = float("inf")            # the rank of a waiter without a ticket
 
 
