@@ -301,6 +301,20 @@ def test_bad_frames_close_the_connection(world, garbage):
     assert rec.lost
 
 
+@pytest.mark.parametrize("name", [b"St\xa4reData", b"\xff", b"Vote\x80"])
+def test_a_command_name_not_ascii_is_an_unknown_command(world, name):
+    """A registered client's command name that is not ASCII: AMP's lookup
+    decodes it as ASCII and raised (an unhandled error, logged with its
+    traceback: the autouse fixture fails the test); it is a protocol
+    violation like any unknown command, one line."""
+    clock, servers = world
+    a, sa, pa, rec = connect_in_memory(servers, clock)
+    register(a, pa)
+    sa.dataReceived(amp.AmpBox({b"_ask": b"9", b"_command": name}).serialize())
+    pa.flush()
+    assert rec.lost and sa._violated
+
+
 def test_oversized_box_refused_before_buffering(world):
     clock, servers = world
     a, sa, pa, rec = connect_in_memory(servers, clock)

@@ -307,6 +307,8 @@ class BoundedAMP(amp.AMP):
         super().ampBoxReceived(box)
 
     def locateResponder(self, name):
+        if not name.isascii():          # AMP's lookup decodes it as ASCII: it would raise
+            return self._unknownCommand
         responder = super().locateResponder(name)
         if responder is None:
             return self._unknownCommand
