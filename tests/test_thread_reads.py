@@ -447,3 +447,27 @@ def test_a_reader_racing_commits_never_keeps_a_stale_record(served, monkeypatch)
     finally:
         writer.close()
         reader.close()
+
+
+def test_a_malformed_answer_to_a_threads_question_wakes_the_thread():
+    """A Vote or Finish answer the thread's parser refuses (handled on the
+    reactor thread): the connection is dropped and the waiting thread
+    raises ClientDisconnected at once, not after its timeout (it waited
+    on a lock nobody released)."""
+    violations = []
+
+    class Proto:
+        def thread_answered(self):
+            pass
+
+        def protocolViolation(self, why):
+            violations.append(why)
+
+    def parse(box):
+        raise ValueError("no tid")
+
+    vote = ThreadAnswer(Proto(), b"t1", "Vote", parse, None, None)
+    vote.callback(amp.AmpBox())
+    assert violations == ["bad Vote answer: no tid"]
+    with pytest.raises(ClientDisconnected):
+        vote.wait(0)

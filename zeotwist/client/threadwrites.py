@@ -229,6 +229,7 @@ class ThreadAnswer(_ThreadWaiter):
         except Exception as e:
             self.proto.protocolViolation("bad %s answer: %s" % (self.name, e))
             self.error = ClientDisconnected("bad answer from server: %s" % e)
+            self.lock.release()         # the waiting thread raises it now
         else:
             self._then(self.then, value)
 
