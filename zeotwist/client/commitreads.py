@@ -129,16 +129,17 @@ class CommitReads(ThreadWrites):
             if self._gone or not reactor.running:
                 return
             state = self.read_state
-            handled = threading.Event()
             if state == PARKED and self._rsock is not None:
                 data = _pending(self._rsock)
                 if data:        # other clients' commits: applied here
                     data = data[self.take_invalidations(data, True):]
-                if data == b"":
+                if data == b"":     # the usual case: no Event made
                     return
                 self.read_state = RETURNING     # the reactor reads again, after ``data``
+                handled = threading.Event()
                 reactor.callFromThread(self._take_back_then, data or b"", handled.set)
             elif state in (REACTOR, RETURNING) and _arrived(self.transport):
+                handled = threading.Event()
                 reactor.callFromThread(_after_a_turn, reactor, handled.set)
             else:
                 return
