@@ -165,9 +165,9 @@ def test_a_small_commit_is_sent_by_the_committing_thread(make_client, monkeypatc
     assert refused.value.serials == (serial, z64)
     cs.tpc_abort(t)                         # no Abort: the server has aborted it
     assert handed == []
-    t = TransactionMetaData()               # over one store piece: the reactor's path
-    cs.tpc_begin(t)
-    cs.store(oid, serial, b"x" * (C.STORE_CHUNK + 1), "", t)
+    t = TransactionMetaData()               # over one store piece: opened by the reactor,
+    cs.tpc_begin(t)                         # voted from here once it has (384af14), else
+    cs.store(oid, serial, b"x" * (C.STORE_CHUNK + 1), "", t)   # through it: either way
     cs.tpc_vote(t)
     big = cs.tpc_finish(t)
-    assert len(handed) == 1 and cs.load(oid) == (b"x" * (C.STORE_CHUNK + 1), big)
+    assert len(handed) <= 1 and cs.load(oid) == (b"x" * (C.STORE_CHUNK + 1), big)
