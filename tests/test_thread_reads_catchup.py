@@ -95,3 +95,55 @@ def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path)
 def _arrived_on(proto) -> bool:
     fd = proto.transport.getHandle().fileno()
     return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_transaction_starts_after_what_the_reactor_has_read_but_not_handled(tmp_path):
+    """The reactor has taken the invalidation out of the socket (its
+    ``recv`` gives up the GIL) but not handled it yet: the socket is empty,
+    and a thread starting a transaction must still wait for it.  The
+    reader's reactor is held inside the reader's ``dataReceived`` by the
+    test, between the read and the handling; the server and the writer run
+    on reactors of their own."""
+    server_reactor, writer_reactor = _start_private_reactor(), _start_private_reactor()
+    srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
+    writer = ClientStorage(srv.address, reactor=writer_reactor, wait_timeout=10)
+    reader = ClientStorage(srv.address, reactor=background_reactor(), wait_timeout=10)
+    reactor = background_reactor()
+    inside, release = threading.Event(), threading.Event()
+    try:
+        x = writer.new_oid()
+        first = _commit(writer, x, z64, b"one")
+        reader.ping()
+        assert reader.load(x)[0] == b"one"
+        proto = reader._client.connector.protocol
+        _wait_for(lambda: proto.read_state == REACTOR, "the reactor reads the reader's socket")
+        handle = proto.dataReceived
+
+        def held(data):                     # read, not handled: the socket is empty
+            proto.dataReceived = handle
+            inside.set()
+            release.wait(60)
+            handle(data)
+
+        proto.dataReceived = held
+        second = _commit(writer, x, first, b"two")
+        assert inside.wait(30)
+        assert not _arrived_on(proto)
+        queued = len(reactor.threadCallQueue)
+        releaser = threading.Thread(target=lambda: (_wait_for(
+            lambda: len(reactor.threadCallQueue) > queued or release.is_set(),
+            "the reader asks for a turn"), release.set()), daemon=True)
+        releaser.start()
+        try:
+            assert reader.lastTransaction() == second
+        finally:
+            release.set()
+        releaser.join(30)
+        assert reader.load(x)[0] == b"two"
+    finally:
+        release.set()
+        for cs in (reader, writer):
+            cs.close()
+        srv.stop()
+        for r in (server_reactor, writer_reactor):
+            r.callFromThread(r.stop)

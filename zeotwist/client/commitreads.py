@@ -32,7 +32,11 @@ conflict, ``to_resolve`` or an error goes to the reactor.
 Because a committer that read its own ``Finish`` can tell another thread of
 its commit before the reactor has handled what else arrived,
 :meth:`CommitReads.catch_up` makes a thread starting a transaction
-(``lastTransaction``) wait for what has arrived so far to be handled.
+(``lastTransaction``) wait for what has arrived so far to be handled: what
+waits in the socket, and what the reactor has taken out of it but not yet
+handled (it is inside the transport's ``doRead``: ``recv`` gives up the GIL,
+and the thread can run between that ``recv`` and the boxes' handling;
+:meth:`CommitReads.track_reactor_reads`).
 
 :class:`CommitReads` is the ClientProtocol mixin above
 :class:`~zeotwist.client.threadwrites.ThreadWrites`; its methods run on the
@@ -41,6 +45,7 @@ thread each says.
 import os
 import select
 import threading
+import weakref
 
 from twisted.python.failure import Failure
 
@@ -54,6 +59,17 @@ class CommitReads(ThreadWrites):
 
     #: Invalidate boxes applied so far (by the reactor or a reading thread)
     invalidations = 0
+    #: the reactor is inside the transport's ``doRead`` (track_reactor_reads)
+    reactor_reading = False
+
+    def track_reactor_reads(self) -> None:
+        """connectionMade: mark :attr:`reactor_reading` while the reactor
+        reads this connection's socket and handles what it read (a plain
+        socket transport; TLS reads through the transport under it)."""
+        transport = self.transport
+        if getattr(type(transport), "doRead", None) is not None \
+                and "doRead" not in transport.__dict__:
+            transport.doRead = _TrackedRead(transport, self)
 
     def take_invalidations(self, buf: bytes, locked: bool = False) -> int:
         """A reading thread: apply the plain Invalidate boxes at the start of
@@ -118,8 +134,9 @@ class CommitReads(ThreadWrites):
         * The reactor reads, but has not read yet what waits in the socket
           (it is busy, or this thread got there first: a committer that
           read its own Finish answer, told by another thread or process of
-          a commit, outruns the reactor): wait until the reactor has made
-          a turn that read it (:func:`_after_a_turn`).
+          a commit, outruns the reactor), or has read it but is still
+          handling it (:attr:`reactor_reading`): wait until the reactor has
+          made a turn that read and handled it (:func:`_after_a_turn`).
 
         Nothing to do (no wait) when nothing has arrived, while another
         thread reads (it hands what is not its own to the reactor), or when
@@ -138,7 +155,11 @@ class CommitReads(ThreadWrites):
                 self.read_state = RETURNING     # the reactor reads again, after ``data``
                 handled = threading.Event()
                 reactor.callFromThread(self._take_back_then, data or b"", handled.set)
-            elif state in (REACTOR, RETURNING) and _arrived(self.transport):
+            elif state == RETURNING or (state == REACTOR and (
+                    # this order: bytes the socket no longer holds were read
+                    # by a doRead that is still marked, or that has handled them
+                    _arrived(self.transport) or self.reactor_reading)):
+                # (RETURNING: a reader's bytes wait in the reactor's queue)
                 handled = threading.Event()
                 reactor.callFromThread(_after_a_turn, reactor, handled.set)
             else:
@@ -150,6 +171,26 @@ class CommitReads(ThreadWrites):
             self._take_back(data)
         finally:
             then()
+
+
+class _TrackedRead:
+    """A transport's ``doRead`` that marks its protocol's
+    ``reactor_reading`` while it runs (weak references: no cycle through
+    the transport's own dict)."""
+    __slots__ = ("_transport", "_proto")
+
+    def __init__(self, transport, proto):
+        self._transport, self._proto = weakref.ref(transport), weakref.ref(proto)
+
+    def __call__(self):
+        transport, proto = self._transport(), self._proto()
+        if proto is None:
+            return type(transport).doRead(transport)
+        proto.reactor_reading = True
+        try:
+            return type(transport).doRead(transport)
+        finally:
+            proto.reactor_reading = False
 
 
 def _arrived(transport) -> bool:

@@ -124,6 +124,7 @@ class ClientProtocol(CommitReads, BoundedAMP):
     def connectionMade(self):
         super().connectionMade()
         self.start_thread_writes()      # loads sent from the application's thread
+        self.track_reactor_reads()      # catch_up: what the reactor is reading
         use_clock(self.transport, getattr(self.owner, "reactor", None))   # TLS: see zeotwist.tls
 
     # -- what answers: a zeotwist server, or a ZEO server ----------------------------
