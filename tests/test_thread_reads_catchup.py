@@ -4,6 +4,7 @@ it: ``lastTransaction`` (ZODB's snapshot at every transaction start) reads
 what has arrived first.  A real server on 127.0.0.1, blocking clients; the
 reactor's own look at a parked socket is pushed out of the way, so the
 test, not timing, decides that the socket is still parked."""
+import contextlib
 import select
 import threading
 
@@ -48,41 +49,18 @@ def test_nothing_arrived_leaves_the_socket_parked(server, make_client, no_park_t
     assert proto.read_state == PARKED       # no hand-off when nothing came
 
 
-def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path):
-    """The reactor reads the socket (not parked) but has not got to what
-    arrived: a thread that starts a transaction (a committer elsewhere told
-    it of its commit) waits for the reactor's next turn instead of starting
-    behind.  The reader's reactor is held busy by the test; the server and
-    the writer run on reactors of their own."""
+@contextlib.contextmanager
+def _reader_and_writer(tmp_path):
+    """A server and a writer on reactors of their own, a reader on the
+    background reactor (which the test holds); yields (writer, reader,
+    the reader's reactor, release: the Event that lets it go)."""
     server_reactor, writer_reactor = _start_private_reactor(), _start_private_reactor()
     srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
     writer = ClientStorage(srv.address, reactor=writer_reactor, wait_timeout=10)
     reader = ClientStorage(srv.address, reactor=background_reactor(), wait_timeout=10)
-    reactor = background_reactor()
-    busy, release = threading.Event(), threading.Event()
+    release = threading.Event()
     try:
-        x = writer.new_oid()
-        first = _commit(writer, x, z64, b"one")
-        reader.ping()
-        assert reader.load(x)[0] == b"one"
-        proto = reader._client.connector.protocol
-        _wait_for(lambda: proto.read_state == REACTOR, "the reactor reads the reader's socket")
-        reactor.callFromThread(lambda: (busy.set(), release.wait(60)))
-        assert busy.wait(30)
-        second = _commit(writer, x, first, b"two")
-        _wait_for(lambda: _arrived_on(proto), "the invalidation reached the reader's socket")
-        # released once the reader's thread has asked the busy reactor for its turn
-        queued = len(reactor.threadCallQueue)
-        releaser = threading.Thread(target=lambda: (_wait_for(
-            lambda: len(reactor.threadCallQueue) > queued or release.is_set(),
-            "the reader asks for a turn"), release.set()), daemon=True)
-        releaser.start()
-        try:
-            assert reader.lastTransaction() == second
-        finally:
-            release.set()
-        releaser.join(30)
-        assert reader.load(x)[0] == b"two"
+        yield writer, reader, background_reactor(), release
     finally:
         release.set()
         for cs in (reader, writer):
@@ -90,6 +68,48 @@ def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path)
         srv.stop()
         for r in (server_reactor, writer_reactor):
             r.callFromThread(r.stop)
+
+
+def _last_transaction_released_when_asked(reader, reactor, release) -> bytes:
+    """``reader.lastTransaction()`` while the reactor is held: the hold is
+    released only once the reader's thread has asked the reactor for a turn
+    (or when the call has returned, too early: the test's assertion fails)."""
+    queued = len(reactor.threadCallQueue)
+    releaser = threading.Thread(target=lambda: (_wait_for(
+        lambda: len(reactor.threadCallQueue) > queued or release.is_set(),
+        "the reader asks for a turn"), release.set()), daemon=True)
+    releaser.start()
+    try:
+        return reader.lastTransaction()
+    finally:
+        release.set()
+        releaser.join(30)
+
+
+def _reading_and_loaded(writer, reader):
+    x = writer.new_oid()
+    first = _commit(writer, x, z64, b"one")
+    reader.ping()
+    assert reader.load(x)[0] == b"one"
+    proto = reader._client.connector.protocol
+    _wait_for(lambda: proto.read_state == REACTOR, "the reactor reads the reader's socket")
+    return x, first, proto
+
+
+def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path):
+    """The reactor reads the socket (not parked) but has not got to what
+    arrived: a thread that starts a transaction (a committer elsewhere told
+    it of its commit) waits for the reactor's next turn instead of starting
+    behind.  The reader's reactor is held busy by the test."""
+    with _reader_and_writer(tmp_path) as (writer, reader, reactor, release):
+        x, first, proto = _reading_and_loaded(writer, reader)
+        busy = threading.Event()
+        reactor.callFromThread(lambda: (busy.set(), release.wait(60)))
+        assert busy.wait(30)
+        second = _commit(writer, x, first, b"two")
+        _wait_for(lambda: _arrived_on(proto), "the invalidation reached the reader's socket")
+        assert _last_transaction_released_when_asked(reader, reactor, release) == second
+        assert reader.load(x)[0] == b"two"
 
 
 def _arrived_on(proto) -> bool:
@@ -100,24 +120,12 @@ def _arrived_on(proto) -> bool:
 def test_a_transaction_starts_after_what_the_reactor_has_read_but_not_handled(tmp_path):
     """The reactor has taken the invalidation out of the socket (its
     ``recv`` gives up the GIL) but not handled it yet: the socket is empty,
-    and a thread starting a transaction must still wait for it.  The
-    reader's reactor is held inside the reader's ``dataReceived`` by the
-    test, between the read and the handling; the server and the writer run
-    on reactors of their own."""
-    server_reactor, writer_reactor = _start_private_reactor(), _start_private_reactor()
-    srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
-    writer = ClientStorage(srv.address, reactor=writer_reactor, wait_timeout=10)
-    reader = ClientStorage(srv.address, reactor=background_reactor(), wait_timeout=10)
-    reactor = background_reactor()
-    inside, release = threading.Event(), threading.Event()
-    try:
-        x = writer.new_oid()
-        first = _commit(writer, x, z64, b"one")
-        reader.ping()
-        assert reader.load(x)[0] == b"one"
-        proto = reader._client.connector.protocol
-        _wait_for(lambda: proto.read_state == REACTOR, "the reactor reads the reader's socket")
-        handle = proto.dataReceived
+    and a thread starting a transaction must still wait for it.  The test
+    holds the reader's reactor inside the reader's ``dataReceived``, between
+    the read and the handling."""
+    with _reader_and_writer(tmp_path) as (writer, reader, reactor, release):
+        x, first, proto = _reading_and_loaded(writer, reader)
+        inside, handle = threading.Event(), proto.dataReceived
 
         def held(data):                     # read, not handled: the socket is empty
             proto.dataReceived = handle
@@ -129,21 +137,5 @@ def test_a_transaction_starts_after_what_the_reactor_has_read_but_not_handled(tm
         second = _commit(writer, x, first, b"two")
         assert inside.wait(30)
         assert not _arrived_on(proto)
-        queued = len(reactor.threadCallQueue)
-        releaser = threading.Thread(target=lambda: (_wait_for(
-            lambda: len(reactor.threadCallQueue) > queued or release.is_set(),
-            "the reader asks for a turn"), release.set()), daemon=True)
-        releaser.start()
-        try:
-            assert reader.lastTransaction() == second
-        finally:
-            release.set()
-        releaser.join(30)
+        assert _last_transaction_released_when_asked(reader, reactor, release) == second
         assert reader.load(x)[0] == b"two"
-    finally:
-        release.set()
-        for cs in (reader, writer):
-            cs.close()
-        srv.stop()
-        for r in (server_reactor, writer_reactor):
-            r.callFromThread(r.stop)
