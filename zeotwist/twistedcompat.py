@@ -220,6 +220,37 @@ def unjoined_writes(transport) -> None:
         transport.doWrite = lambda: _unjoined_do_write(alive())
 
 
+def marked_reads(transport, owner, attribute: str) -> None:
+    """Set ``owner.<attribute>`` True while the reactor is inside the socket
+    transport's ``doRead`` (its ``recv`` gives up the GIL: another thread
+    can run between the read and the handling of what was read), False
+    otherwise.  Nothing for other transports (TLS reads through the one
+    under it); idempotent."""
+    if getattr(type(transport), "doRead", None) is not None \
+            and "doRead" not in transport.__dict__:
+        transport.doRead = _MarkedRead(transport, owner, attribute)
+
+
+class _MarkedRead:
+    """A transport's ``doRead`` (:func:`marked_reads`); weak references: no
+    cycle through the transport's own dict."""
+    __slots__ = ("_transport", "_owner", "_attribute")
+
+    def __init__(self, transport, owner, attribute: str):
+        self._transport, self._owner = weakref.ref(transport), weakref.ref(owner)
+        self._attribute = attribute
+
+    def __call__(self):
+        transport, owner = self._transport(), self._owner()
+        if owner is None:
+            return type(transport).doRead(transport)
+        setattr(owner, self._attribute, True)
+        try:
+            return type(transport).doRead(transport)
+        finally:
+            setattr(owner, self._attribute, False)
+
+
 def _unjoined_do_write(transport):
     pending = transport._tempDataBuffer
     if pending and transport.offset >= len(transport.dataBuffer):

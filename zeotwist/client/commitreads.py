@@ -45,11 +45,11 @@ thread each says.
 import os
 import select
 import threading
-import weakref
 
 from twisted.python.failure import Failure
 
 from zeotwist.client.threadreads import PARKED, READ_SIZE, REACTOR, RETURNING
+from zeotwist import twistedcompat
 from zeotwist.client.threadwrites import ThreadWrites
 from zeotwist.wire import fast
 
@@ -66,10 +66,7 @@ class CommitReads(ThreadWrites):
         """connectionMade: mark :attr:`reactor_reading` while the reactor
         reads this connection's socket and handles what it read (a plain
         socket transport; TLS reads through the transport under it)."""
-        transport = self.transport
-        if getattr(type(transport), "doRead", None) is not None \
-                and "doRead" not in transport.__dict__:
-            transport.doRead = _TrackedRead(transport, self)
+        twistedcompat.marked_reads(self.transport, self, "reactor_reading")
 
     def take_invalidations(self, buf: bytes, locked: bool = False) -> int:
         """A reading thread: apply the plain Invalidate boxes at the start of
@@ -171,26 +168,6 @@ class CommitReads(ThreadWrites):
             self._take_back(data)
         finally:
             then()
-
-
-class _TrackedRead:
-    """A transport's ``doRead`` that marks its protocol's
-    ``reactor_reading`` while it runs (weak references: no cycle through
-    the transport's own dict)."""
-    __slots__ = ("_transport", "_proto")
-
-    def __init__(self, transport, proto):
-        self._transport, self._proto = weakref.ref(transport), weakref.ref(proto)
-
-    def __call__(self):
-        transport, proto = self._transport(), self._proto()
-        if proto is None:
-            return type(transport).doRead(transport)
-        proto.reactor_reading = True
-        try:
-            return type(transport).doRead(transport)
-        finally:
-            proto.reactor_reading = False
 
 
 def _arrived(transport) -> bool:

@@ -33,7 +33,7 @@ def match_commit_question(buf: bytes, off: int) -> tuple | None:
     :data:`FINISH` (the tag) as :mod:`zeotwist.wire.fast` frames it,
     ``end`` where it stops; None for anything else."""
     if buf.startswith(_ASK, off):
-        p = off + 6
+        p = off + len(_ASK)
         if len(buf) < p + 2:
             return None
         q = p + 2 + ((buf[p] << 8) | buf[p + 1])
