@@ -31,7 +31,7 @@ from zeotwist.client.reactorthread import background_reactor, blocking_call
 from zeotwist.errors import ClientDisconnected
 from zeotwist.server import blobs as server_blobs
 from zeotwist.testing import start_server
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 
 from test_blobs import blob_refs, commit_blobs
 
@@ -138,8 +138,8 @@ def test_a_piece_cut_short_by_the_client_is_never_stored(world, tmp_path):
     def send_and_cut():
         txn._send(b"")                       # TpcBegin goes out first
         proto = txn._proto
-        whole = fast.store_blob_chunk(0, b"a" * MB, proto.long_values)
-        second = fast.store_blob_chunk(0, b"b" * MB, proto.long_values)
+        whole = commitframes.store_blob_chunk(0, b"a" * MB, proto.long_values)
+        second = commitframes.store_blob_chunk(0, b"b" * MB, proto.long_values)
         proto.transport.write(whole + second[:len(second) // 2])
         proto.transport.loseConnection()     # after what was written has gone
 

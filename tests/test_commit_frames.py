@@ -10,20 +10,20 @@ from ZODB.utils import z64
 
 from zeotwist.testing import call_in_memory, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import boxlayout, commitframes, loadframes
 from zeotwist.wire.commitframes import BEGIN, FINISH, STORE, VOTE, match_commit_question
 from zeotwist.wire.records import encode_store
 
 FRAMES = [
-    (fast.tpc_begin(b"jim", b"a commit", b"\x80\x03}q\x00."),
+    (commitframes.tpc_begin(b"jim", b"a commit", b"\x80\x03}q\x00."),
      (BEGIN, (b"jim", b"a commit", b"\x80\x03}q\x00."))),
-    (fast.tpc_begin(b"", b"", b""), (BEGIN, (b"", b"", b""))),
-    (fast.tpc_begin(b"u" * fast.MAX_VALUE, b"", b"e"), (BEGIN, (b"u" * fast.MAX_VALUE, b"", b"e"))),
-    (fast.store_data(b"piece"), (STORE, b"piece")),
-    (fast.store_data(b""), (STORE, b"")),
-    (fast.store_data(b"p" * fast.MAX_VALUE), (STORE, b"p" * fast.MAX_VALUE)),
-    (fast.vote_request(b"a1"), (VOTE, b"a1")),
-    (fast.finish_request(b"a" * 30), (FINISH, b"a" * 30)),
+    (commitframes.tpc_begin(b"", b"", b""), (BEGIN, (b"", b"", b""))),
+    (commitframes.tpc_begin(b"u" * boxlayout.MAX_VALUE, b"", b"e"), (BEGIN, (b"u" * boxlayout.MAX_VALUE, b"", b"e"))),
+    (commitframes.store_data(b"piece"), (STORE, b"piece")),
+    (commitframes.store_data(b""), (STORE, b"")),
+    (commitframes.store_data(b"p" * boxlayout.MAX_VALUE), (STORE, b"p" * boxlayout.MAX_VALUE)),
+    (commitframes.vote_request(b"a1"), (VOTE, b"a1")),
+    (commitframes.finish_request(b"a" * 30), (FINISH, b"a" * 30)),
 ]
 
 
@@ -46,7 +46,7 @@ def amp_reads(frame: bytes) -> tuple:
 @pytest.mark.parametrize("frame,expected", FRAMES)
 def test_a_commit_question_is_read_as_amps_parser_reads_it(frame, expected):
     assert amp_reads(frame) == expected
-    before = fast.load_before_request(b"9", z64, z64)
+    before = loadframes.load_before_request(b"9", z64, z64)
     buf = before + frame + frame
     assert match_commit_question(buf, len(before)) == expected + (len(before) + len(frame),)
     assert match_commit_question(buf, len(before) + len(frame)) == expected + (len(buf),)
@@ -62,15 +62,15 @@ def test_other_frames_are_left_to_amps_parser():
             box[amp.ASK] = tag
         return box.serialize()
     others = [
-        fast.load_before_request(b"1", z64, z64),
-        fast.invalidate(z64, [z64]),
+        loadframes.load_before_request(b"1", z64, z64),
+        commitframes.invalidate(z64, [z64]),
         frame(C.Vote, {"can_resolve": False}, b"1"),
         frame(C.Vote, {}, b"1"),
         frame(C.TpcBegin, {"user": b"", "description": b"", "extension": b"",
                            "tid": z64, "status": "p"}),
-        fast.store_data(b"x" * (fast.MAX_VALUE + 1), True),      # a long entry
+        commitframes.store_data(b"x" * (boxlayout.MAX_VALUE + 1), True),      # a long entry
         frame(C.Abort, {}, b"1"),
-        fast.vote_request(b"1").replace(b"Vote", b"Votf"),
+        commitframes.vote_request(b"1").replace(b"Vote", b"Votf"),
     ]
     for other in others:
         assert match_commit_question(other, 0) is None, other
@@ -93,13 +93,13 @@ def test_the_session_builds_no_box_for_a_commits_questions(tmp_path, monkeypatch
         serial = z64
         for i in range(2):
             record = encode_store(z64, serial, b"data %d" % i)
-            session.dataReceived(fast.tpc_begin(b"", b"", b"") + fast.store_data(record)
-                                 + fast.vote_request(b"v%d" % i))
-            assert fast.match_vote_answer(b"".join(written), b"v%d" % i) == {
+            session.dataReceived(commitframes.tpc_begin(b"", b"", b"") + commitframes.store_data(record)
+                                 + commitframes.vote_request(b"v%d" % i))
+            assert commitframes.match_vote_answer(b"".join(written), b"v%d" % i) == {
                 "resolved": [], "conflicts": b""}
             written.clear()
-            session.dataReceived(fast.finish_request(b"f%d" % i))
-            serial = fast.match_finish_answer(b"".join(written), b"f%d" % i)["tid"]
+            session.dataReceived(commitframes.finish_request(b"f%d" % i))
+            serial = commitframes.match_finish_answer(b"".join(written), b"f%d" % i)["tid"]
             written.clear()
         assert boxes == []
         assert server.storage.load(z64) == (b"data 1", serial)

@@ -21,7 +21,7 @@ from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.testing import Recorder
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes, loadframes
 from zeotwist.wire.framing import BoundedAMP
 
 
@@ -52,7 +52,7 @@ def test_vote_leaves_with_the_transaction_in_one_write():
     assert proto.transport.writes == 1
     boxes = amp.parseString(proto.transport.value())
     assert [b[amp.COMMAND] for b in boxes] == [b"TpcBegin", b"StoreData", b"Vote"]
-    assert fast.read_store_data(boxes[1]) == (
+    assert commitframes.read_store_data(boxes[1]) == (
         b"s" + p64(1) + z64 + (10).to_bytes(4, "big") + b"record one"
         + b"s" + p64(2) + z64 + (10).to_bytes(4, "big") + b"record two")
 
@@ -80,9 +80,10 @@ def test_steady_oid_allocation_never_waits_for_the_server(make_client, monkeypat
 
 def test_a_big_record_round_trips_through_a_live_server(make_client, monkeypatch):
     seen, collected = [], []
-    for name in ("read_store_data", "read_load_before_answer"):
-        real = getattr(fast, name)
-        monkeypatch.setattr(fast, name, lambda box, *a, real=real: (
+    for module, name in ((commitframes, "read_store_data"),
+                         (loadframes, "read_load_before_answer")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda box, *a, real=real: (
             b"data" in box and seen.append(sorted(box)), real(box, *a))[1])
     real_collect = BoundedAMP._collect_long
     monkeypatch.setattr(BoundedAMP, "_collect_long", lambda self, data: (

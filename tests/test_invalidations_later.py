@@ -12,7 +12,7 @@ from zeotwist.server.storagecalls import SynchronousCalls
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.testing import call_in_memory, connect_in_memory
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from zeotwist.wire.records import encode_store
 
 
@@ -49,8 +49,8 @@ def world(tmp_path):
 
 
 def vote(session, oid: int, tag: bytes) -> None:
-    session.dataReceived(fast.tpc_begin(b"", b"", b"") + fast.store_data(
-        encode_store(p64(oid), z64, b"data")) + fast.vote_request(tag))
+    session.dataReceived(commitframes.tpc_begin(b"", b"", b"") + commitframes.store_data(
+        encode_store(p64(oid), z64, b"data")) + commitframes.vote_request(tag))
 
 
 def test_a_waiting_voters_invalidation_goes_out_with_its_vote_answer(world):
@@ -58,12 +58,12 @@ def test_a_waiting_voters_invalidation_goes_out_with_its_vote_answer(world):
     vote(a, 1, b"va")
     vote(b, 2, b"vb")                       # waits for the lock
     assert b.awaits_lock() and to_b == []
-    a.dataReceived(fast.finish_request(b"fa"))
+    a.dataReceived(commitframes.finish_request(b"fa"))
     tid = server.last_tid
-    invalidation = fast.invalidate(tid, [p64(1)])
+    invalidation = commitframes.invalidate(tid, [p64(1)])
     assert to_c == [invalidation]           # waits for nothing: at once
     # b was granted the lock as a released it, and voted: one write, in order
-    assert to_b == [invalidation + fast.vote_answer(b"vb", [])]
+    assert to_b == [invalidation + commitframes.vote_answer(b"vb", [])]
     assert not b.awaits_lock()
 
 
@@ -72,14 +72,14 @@ def test_kept_back_while_the_vote_waits_then_written_before_anything_else(world)
     vote(a, 1, b"va")
     vote(b, 2, b"vb")
     calls.later = True                      # a's finish, b's vote: not at once
-    a.dataReceived(fast.finish_request(b"fa"))
+    a.dataReceived(commitframes.finish_request(b"fa"))
     assert to_b == []
     calls.waiting.pop(0)()                  # a's tpc_finish returns
-    invalidation = fast.invalidate(server.last_tid, [p64(1)])
+    invalidation = commitframes.invalidate(server.last_tid, [p64(1)])
     # b's vote went to the storage's thread: what waited for it is written now
     assert to_b == [invalidation]
     calls.waiting.pop(0)()
-    assert to_b == [invalidation, fast.vote_answer(b"vb", [])]
+    assert to_b == [invalidation, commitframes.vote_answer(b"vb", [])]
 
 
 def test_a_voter_behind_another_has_the_invalidation_before_the_committers_answer(world):
@@ -97,16 +97,16 @@ def test_a_voter_behind_another_has_the_invalidation_before_the_committers_answe
     vote(c, 3, b"vc")
     vote(b, 2, b"vb")
     log.clear()
-    a.dataReceived(fast.finish_request(b"fa"))      # c is granted; b still waits
+    a.dataReceived(commitframes.finish_request(b"fa"))      # c is granted; b still waits
     tid = server.last_tid
-    first = fast.invalidate(tid, [p64(1)])
-    assert log == [("c", first + fast.vote_answer(b"vc", [])), ("b", first),
-                   ("a", fast.finish_answer(b"fa", tid))]
+    first = commitframes.invalidate(tid, [p64(1)])
+    assert log == [("c", first + commitframes.vote_answer(b"vc", [])), ("b", first),
+                   ("a", commitframes.finish_answer(b"fa", tid))]
     assert b.awaits_lock()
     b._abort_txn()                                  # an Abort, a lost link, a timeout
     assert log[3:] == [] and not b.awaits_lock()
-    c.dataReceived(fast.finish_request(b"fc"))
-    assert ("b", fast.invalidate(server.last_tid, [p64(3)])) in log[3:]
+    c.dataReceived(commitframes.finish_request(b"fc"))
+    assert ("b", commitframes.invalidate(server.last_tid, [p64(3)])) in log[3:]
 
 
 def test_no_more_than_a_bound_is_kept_back(world, monkeypatch):
@@ -114,6 +114,6 @@ def test_no_more_than_a_bound_is_kept_back(world, monkeypatch):
     monkeypatch.setattr(type(b), "LATER_MAX", 1)
     vote(a, 1, b"va")
     vote(b, 2, b"vb")
-    a.dataReceived(fast.finish_request(b"fa"))
-    invalidation = fast.invalidate(server.last_tid, [p64(1)])
-    assert to_b == [invalidation, fast.vote_answer(b"vb", [])]      # written at once
+    a.dataReceived(commitframes.finish_request(b"fa"))
+    invalidation = commitframes.invalidate(server.last_tid, [p64(1)])
+    assert to_b == [invalidation, commitframes.vote_answer(b"vb", [])]      # written at once

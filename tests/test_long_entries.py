@@ -18,7 +18,7 @@ from ZODB.utils import maxtid, z64
 
 from zeotwist.testing import call_in_memory as _call, connect_in_memory, memory_server
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import boxlayout, commitframes, loadframes
 from zeotwist.wire.framing import BoundedAMP
 from zeotwist.wire.records import encode_store
 
@@ -64,8 +64,8 @@ def split_form(command, values, response=False, tag_key=None, tag=None) -> bytes
 @pytest.mark.parametrize("cut", [1, 7, 4096, 65536, 10**9])
 @pytest.mark.parametrize("end", [None, END])
 def test_load_answer_in_one_entry_reads_as_amps_split_form(cut, end):
-    frame = fast.load_before_answer(b"a1", (BIG, START, end), long_values=True)
-    assert fast.long_entry(b"data", BIG) in frame
+    frame = loadframes.load_before_answer(b"a1", (BIG, START, end), long_values=True)
+    assert boxlayout.long_entry(b"data", BIG) in frame
     assert len(frame) < len(BIG) + 100          # not cut into keys: no per-piece headers
     r = feed(frame + frame, cut)                # two boxes back to back
     assert r.violations == [] and len(r.boxes) == 2
@@ -73,34 +73,34 @@ def test_load_answer_in_one_entry_reads_as_amps_split_form(cut, end):
     [expected] = amp.parseString(split_form(C.LoadBefore, values, True, amp.ANSWER, b"a1"))
     assert b"data.1" in expected and b"data.1" not in r.boxes[0]
     for box in r.boxes:
-        assert fast.read_load_before_answer(amp.AmpBox(box), None) == (BIG, START, end)
+        assert loadframes.read_load_before_answer(amp.AmpBox(box), None) == (BIG, START, end)
         assert C.LoadBefore.parseResponse(amp.AmpBox(box), None) == \
             C.LoadBefore.parseResponse(amp.AmpBox(expected), None)
 
 
 @pytest.mark.parametrize("cut", [3, 65536, 10**9])
 def test_store_data_piece_in_one_entry(cut):
-    frame = fast.store_data(memoryview(BIG), long_values=True)
+    frame = commitframes.store_data(memoryview(BIG), long_values=True)
     r = feed(frame, cut)
     assert r.violations == [] and len(r.boxes) == 1
-    assert fast.read_store_data(r.boxes[0]) == BIG
+    assert commitframes.read_store_data(r.boxes[0]) == BIG
     assert C.StoreData.parseArguments(r.boxes[0], None) == {"data": BIG}
 
 
-@pytest.mark.parametrize("piece", [b"", b"small", b"z" * fast.MAX_VALUE])
+@pytest.mark.parametrize("piece", [b"", b"small", b"z" * boxlayout.MAX_VALUE])
 def test_a_short_store_piece_is_amps_own_either_way(piece):
     expected = split_form(C.StoreData, {"data": piece})
-    assert fast.store_data(piece) == expected
-    assert fast.store_data(memoryview(piece), long_values=True) == expected
+    assert commitframes.store_data(piece) == expected
+    assert commitframes.store_data(memoryview(piece), long_values=True) == expected
     [box] = amp.parseString(expected)
-    assert fast.read_store_data(box) == piece
+    assert commitframes.read_store_data(box) == piece
 
 
 def test_without_long_values_a_big_value_is_left_to_amps_split():
-    assert fast.store_data(BIG) is None
-    assert fast.load_before_answer(b"1", (BIG, START, None)) is None
+    assert commitframes.store_data(BIG) is None
+    assert loadframes.load_before_answer(b"1", (BIG, START, None)) is None
     [box] = amp.parseString(split_form(C.StoreData, {"data": BIG}))
-    assert fast.read_store_data(box) is None        # AMP's path joins it
+    assert commitframes.read_store_data(box) is None        # AMP's path joins it
 
 
 def _header(key: bytes, vlen: int) -> bytes:
@@ -128,7 +128,7 @@ def test_malformed_or_oversize_long_entries_are_refused_on_their_header(head, wh
 def test_a_long_entry_counts_against_the_keys_and_bytes_of_its_box():
     r = Receiver()
     r.maxBoxBytes = 300000
-    two = b"".join((fast.long_entry(b"a", BIG), fast.long_entry(b"b", BIG), b"\0\0"))
+    two = b"".join((boxlayout.long_entry(b"a", BIG), boxlayout.long_entry(b"b", BIG), b"\0\0"))
     r.dataReceived(two)
     assert r.violations and "larger than 300000" in r.violations[0]
 
@@ -166,9 +166,10 @@ def test_long_entries_only_between_peers_that_declared_them(world, monkeypatch, 
     client.long_values = bool(declared)             # as the connector sets it
     assert session.long_values is bool(declared)
     seen = []
-    for name in ("read_store_data", "read_load_before_answer"):
-        real = getattr(fast, name)
-        monkeypatch.setattr(fast, name, lambda box, *a, real=real: (
+    for module, name in ((commitframes, "read_store_data"),
+                         (loadframes, "read_load_before_answer")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda box, *a, real=real: (
             b"data" in box and seen.append(sorted(box)), real(box, *a))[1])
     oid = _call(client, pump, C.NewOids, count=1)["oids"][0]
     data = bytes(range(256)) * (3 * 2**20 // 256)        # 3 MiB: four pieces
@@ -187,7 +188,7 @@ def test_long_entries_only_between_peers_that_declared_them(world, monkeypatch, 
 @pytest.mark.parametrize("end", [None, END])
 def test_a_long_entry_beside_a_prefetch_value(end):
     prefetched = b"p" * 300
-    frame = fast.load_before_answer(b"9", (BIG, START, end), prefetched, long_values=True)
+    frame = loadframes.load_before_answer(b"9", (BIG, START, end), prefetched, long_values=True)
     [box] = feed(frame, 5000).boxes
     values = {"found": True, "data": BIG, "start": START, "end": end, "prefetch": prefetched}
     [expected] = amp.parseString(split_form(C.LoadBefore, values, True, amp.ANSWER, b"9"))
@@ -208,8 +209,8 @@ def test_a_big_answer_is_sent_from_its_record_in_order_with_other_frames(corked)
     proto = BoundedAMP()
     proto.makeConnection(fd)
     record = bytes(range(256)) * (3 * BULK_MIN // 256)
-    head, data, tail = fast.load_before_answer_parts(b"7", (record, START, None), None, True)
-    assert head + data + tail == fast.load_before_answer(b"7", (record, START, None), None, True)
+    head, data, tail = loadframes.load_before_answer_parts(b"7", (record, START, None), None, True)
+    assert head + data + tail == loadframes.load_before_answer(b"7", (record, START, None), None, True)
     if corked:
         with proto.corked():
             proto.emit(b"before")
@@ -224,7 +225,7 @@ def test_a_big_answer_is_sent_from_its_record_in_order_with_other_frames(corked)
     assert sent == b"before" + head + record + tail + b"after"
     assert any(getattr(s, "obj", s) is record for s in fd.sent)
     r = feed(sent[len(b"before"):-len(b"after")], 2**20)
-    assert fast.read_load_before_answer(r.boxes[0], None) == (record, START, None)
+    assert loadframes.read_load_before_answer(r.boxes[0], None) == (record, START, None)
 
 
 # -- blob pieces of 1 MiB: one long entry each way ------------------------------------
@@ -234,18 +235,18 @@ BLOB_PIECE = bytes(range(256)) * (C.BLOB_CHUNK_LONG // 256)
 
 @pytest.mark.parametrize("cut", [1000, 65536, 2**20 + 7])
 def test_a_1mib_blob_chunk_in_one_entry(cut):
-    frame = fast.store_blob_chunk(4, BLOB_PIECE, long_values=True)
+    frame = commitframes.store_blob_chunk(4, BLOB_PIECE, long_values=True)
     r = feed(frame, cut)
     assert r.violations == [] and len(r.boxes) == 1
-    assert fast.read_store_blob_chunk(r.boxes[0]) == (4, BLOB_PIECE)
+    assert commitframes.read_store_blob_chunk(r.boxes[0]) == (4, BLOB_PIECE)
     assert C.StoreBlobChunk.parseArguments(r.boxes[0], None) == {"blob": 4, "data": BLOB_PIECE}
     with pytest.raises(Exception):          # never over 64 KiB without long entries
-        fast.store_blob_chunk(4, BLOB_PIECE)
+        commitframes.store_blob_chunk(4, BLOB_PIECE)
 
 
 @pytest.mark.parametrize("declared", [False, True])
 def test_a_load_blob_chunk_answer_is_one_long_entry_to_a_peer_that_reads_them(declared):
-    """LongBytes: the answer's data goes whole (BoundedAMP.sendBox, fast.box_parts)
+    """LongBytes: the answer's data goes whole (BoundedAMP.sendBox, boxlayout.box_parts)
     to a peer that declared long entries, cut into AMP values to one that did not;
     both read back as the same answer."""
     sender = Receiver()
@@ -255,7 +256,7 @@ def test_a_load_blob_chunk_answer_is_one_long_entry_to_a_peer_that_reads_them(de
     box[amp.ANSWER] = b"3"
     sender.sendBox(box)
     frame = sender.transport.value()
-    assert (fast.long_entry(b"data", BLOB_PIECE) in frame) == declared
+    assert (boxlayout.long_entry(b"data", BLOB_PIECE) in frame) == declared
     assert (b"data.1" in frame) != declared
     r = feed(frame, 65536)
     assert r.violations == []

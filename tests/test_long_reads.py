@@ -30,7 +30,7 @@ from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
 from zeotwist.client.longreads import ValueBuffer
 from zeotwist.client.threadreads import PARKED, RETURNING
 from zeotwist.errors import ClientDisconnected
-from zeotwist.wire import fast, prefetch
+from zeotwist.wire import commitframes, loadframes, prefetch
 from zeotwist.server.session import ServerSession
 from tests.test_long_entries import BIG, END, START, Receiver
 from tests.test_thread_loads import OID, TID, connected
@@ -87,7 +87,7 @@ class Stream:
 
 
 def big_answer(tag, data=RECORD, end=None):
-    return fast.load_before_answer(tag, (data, p64(3), end), long_values=True)
+    return loadframes.load_before_answer(tag, (data, p64(3), end), long_values=True)
 
 
 def thread_load(stream, make_room=None):
@@ -135,7 +135,7 @@ def test_a_big_record_with_records_prefetched_beside_it():
     its tail: the thread reads it too and caches those records first."""
     proto, owner, cache, events, load = thread_load(None)
     record, near = RECORD[:300_000], [(p64(40 + i), bytes(6400), p64(3), None) for i in range(10)]
-    frame = fast.load_before_answer(load.tag, (record, p64(3), p64(7)),
+    frame = loadframes.load_before_answer(load.tag, (record, p64(3), p64(7)),
                                     prefetch.encode(near), long_values=True)
     proto._rsock = stream = Stream(*cuts(frame, [5000] * 60))
     assert load.wait(1) == (record, p64(3), p64(7))
@@ -265,7 +265,7 @@ class ClientReceiver(Receiver):
 
 @pytest.mark.parametrize("cut", [1, 7, 4096, 65536, 10**9])
 def test_the_clients_parser_writes_a_long_value_into_its_own_object_at_every_cut(cut):
-    frame = fast.load_before_answer(b"1", (BIG, START, END), long_values=True) * 2
+    frame = loadframes.load_before_answer(b"1", (BIG, START, END), long_values=True) * 2
     r, buffers = ClientReceiver(), []
     for off in range(0, len(frame), cut):
         r.dataReceived(frame[off:off + cut])
@@ -280,7 +280,7 @@ def test_the_clients_parser_writes_a_long_value_into_its_own_object_at_every_cut
 def test_the_servers_parser_keeps_only_what_came_of_an_announced_value():
     assert ServerSession.long_buffer is None and Receiver.long_buffer is None
     r = Receiver()
-    r.dataReceived(fast.store_data(bytes(3 * 2**20), long_values=True)[:1000])
+    r.dataReceived(commitframes.store_data(bytes(3 * 2**20), long_values=True)[:1000])
     pieces = r._long[2]
     assert type(pieces) is list and sum(len(p) for p in pieces) < 1000
 

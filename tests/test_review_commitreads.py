@@ -19,7 +19,7 @@ from zeotwist.client.threadreads import PARKED, RETURNING, THREAD
 from tests.test_thread_commit_reads import TID1, TID2, Committing
 from tests.test_thread_loads import OID, answer
 from tests.test_thread_reads import a_thread_reads, invalidate, run_queued
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 
 
 class Interrupted(Exception):
@@ -44,7 +44,7 @@ def test_a_signal_while_the_thread_parses_its_finish_answer_hands_everything_ove
     bytes and the socket go to the reactor, which makes the commit visible."""
     c = Committing()
     c.voted()
-    match = fast.match_finish_answer
+    match = commitframes.match_finish_answer
     signals = [sigusr1]
 
     def signalled(buf, tag):
@@ -52,9 +52,9 @@ def test_a_signal_while_the_thread_parses_its_finish_answer_hands_everything_ove
             signals.pop()()                     # its handler raises here
         return match(buf, tag)
 
-    monkeypatch.setattr(fast, "match_finish_answer", signalled)
+    monkeypatch.setattr(commitframes, "match_finish_answer", signalled)
     finish = c.finish()
-    frame = fast.finish_answer(finish.tag, TID1)
+    frame = commitframes.finish_answer(finish.tag, TID1)
     c.script.chunks = [frame]
     with pytest.raises(Interrupted):
         finish.wait(1)
@@ -94,7 +94,7 @@ def test_the_second_stage_runs_when_the_reactor_takes_the_socket_back_after_a_re
     c = Committing()
     c.voted()
     finish = c.finish()
-    frame = fast.finish_answer(finish.tag, TID1)
+    frame = commitframes.finish_answer(finish.tag, TID1)
 
     def reactor_writes_meanwhile():
         c.proto.emit(b"one-way")                # e.g. a reactor program's StoreData
@@ -119,7 +119,7 @@ def test_another_client_s_invalidation_right_after_the_finish_answer_comes_after
     c.client.events.subscribe(lambda e: seen.append(e.tid))
     c.voted()
     finish = c.finish()
-    c.script.chunks = [fast.finish_answer(finish.tag, TID1) + invalidate(TID2, OID)]
+    c.script.chunks = [commitframes.finish_answer(finish.tag, TID1) + invalidate(TID2, OID)]
     c.proto.read_answer(finish, 1)
     finish.reading = False
     assert c.proto.read_state == RETURNING and c.visible == [] and seen == []

@@ -84,7 +84,7 @@ def test_a_client_gone_in_the_middle_of_a_big_answer_frees_its_output(server, ma
     import socket
     from twisted.protocols import amp
     from zeotwist.wire import commands as C
-    from zeotwist.wire import fast
+    from zeotwist.wire import loadframes
     from rawamp import RawClient
     cs = make_client()
     oid = cs.new_oid()
@@ -97,7 +97,7 @@ def test_a_client_gone_in_the_middle_of_a_big_answer_frees_its_output(server, ma
                          read_only=True, long_values=True)
         assert amp.ANSWER in answer, answer
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.sock.sendall(fast.load_before_request(b"9", oid, b"\xff" * 8))
+        raw.sock.sendall(loadframes.load_before_request(b"9", oid, b"\xff" * 8))
         assert raw.sock.recv(100)           # the answer has begun
         raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         raw.close()                         # a reset, the answer half sent
@@ -227,7 +227,7 @@ def test_loaders_that_do_not_read_cannot_spend_the_output_budget_many_times(
     from zeotwist.server.session import ServerSession
     from zeotwist.testing import start_server
     from zeotwist.wire import commands as C
-    from zeotwist.wire import fast
+    from zeotwist.wire import loadframes
 
     size, connections = 8 * 2**20, 8
     monkeypatch.setattr(ServerSession, "OUTPUT_CHECK_INTERVAL", 3600.0)
@@ -246,7 +246,7 @@ def test_loaders_that_do_not_read_cannot_spend_the_output_budget_many_times(
             assert amp.ANSWER in answer, answer
             raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         for raw in raws:        # registered while the budget had room; now each asks
-            raw.sock.sendall(fast.load_before_request(b"9", oid, b"\xff" * 8))
+            raw.sock.sendall(loadframes.load_before_request(b"9", oid, b"\xff" * 8))
         loaders = lambda: [s for s in list(served.sessions) if s.read_only]     # noqa: E731
         _wait_for(lambda: len(loaders()) == connections and all(
             s._unread >= size or s._held or s.transport is None for s in loaders()),
@@ -303,8 +303,8 @@ def test_a_big_value_the_reactor_writes_waits_behind_a_threads_unfinished_frame(
     proto, sock, owner = connected()
     sock.room = 5
     load = proto.load_before_from_thread(OID, TID, stored()[1])
-    from zeotwist.wire import fast
-    fast_request = fast.load_before_request(load.tag, OID, TID)
+    from zeotwist.wire import loadframes
+    fast_request = loadframes.load_before_request(load.tag, OID, TID)
     assert sock.sent == [fast_request[:5]]
     sock.room = 10**9
     value = b"v" * BULK_MIN

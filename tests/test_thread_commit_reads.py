@@ -33,7 +33,7 @@ from zeotwist.client.threadwrites import ThreadAnswer
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from tests.test_thread_loads import OID
 from tests.test_thread_reads import invalidate, parked, run_queued, served, storage, world
 
@@ -75,13 +75,13 @@ class Committing:
         """Vote and Finish (TID1), both answers read by this thread."""
         self.voted()
         finish = self.finish()
-        self.script.chunks = [fast.finish_answer(finish.tag, TID1)]
+        self.script.chunks = [commitframes.finish_answer(finish.tag, TID1)]
         assert finish.wait(1) == TID1
 
     def voted(self):
         """Vote, answered by this thread: the socket is parked again."""
         vote = self.vote()
-        self.script.chunks = [fast.vote_answer(vote.tag, [])]
+        self.script.chunks = [commitframes.vote_answer(vote.tag, [])]
         assert vote.wait(1) == [] and self.proto.read_state == PARKED
         return vote
 
@@ -90,12 +90,12 @@ def test_the_committing_thread_reads_its_vote_and_finish_answers():
     c = Committing()
     vote = c.vote()
     assert vote.reading
-    c.script.chunks = [fast.vote_answer(vote.tag, [])]
+    c.script.chunks = [commitframes.vote_answer(vote.tag, [])]
     assert vote.wait(1) == []
     assert c.proto.read_state == PARKED and c.owner.queued == []
     finish = c.finish()
     assert finish.reading
-    c.script.chunks = [fast.finish_answer(finish.tag, TID1)]
+    c.script.chunks = [commitframes.finish_answer(finish.tag, TID1)]
     assert finish.wait(1) == TID1
     assert c.proto.read_state == PARKED and c.owner.queued == []     # no reactor turn
     # visible here: the cache refreshed, ZODB's callback under the lock, the last tid
@@ -110,7 +110,7 @@ def test_the_second_stage_of_the_commit_runs_on_the_reactor_before_the_next_box(
     c.client.events.subscribe(lambda e: seen.append(e.tid))
     c.voted()
     finish = c.finish()
-    c.script.chunks = [fast.finish_answer(finish.tag, TID1)]
+    c.script.chunks = [commitframes.finish_answer(finish.tag, TID1)]
     assert finish.wait(1) == TID1 and seen == []
     assert [f.__name__ for f, a in c.owner.queued] == ["publish_pending"]   # someone listens
     c.proto.dataReceived(invalidate(TID2, OID))     # the reactor reads before that call ran
@@ -131,7 +131,7 @@ def test_without_listeners_the_second_stage_waits_for_the_park_timer():
 def test_a_vote_answer_in_pieces_is_read_whole():
     c = Committing()
     vote = c.vote()
-    frame = fast.vote_answer(vote.tag, [OID])
+    frame = commitframes.vote_answer(vote.tag, [OID])
     c.script.chunks = [frame[:1], frame[1:9], frame[9:-1], frame[-1:]]
     assert vote.wait(1) == [] and c.txn.resolved == [OID]
     assert c.proto.read_state == PARKED and c.owner.queued == []
@@ -140,7 +140,7 @@ def test_a_vote_answer_in_pieces_is_read_whole():
 def test_an_invalidation_before_the_vote_answer_goes_to_the_reactor_first():
     c = Committing()
     vote = c.vote()
-    c.script.chunks = [invalidate(TID1, OID) + fast.vote_answer(vote.tag, [])]
+    c.script.chunks = [invalidate(TID1, OID) + commitframes.vote_answer(vote.tag, [])]
     vote.proto.read_answer(vote, 1)
     vote.reading = False
     assert c.proto.read_state == RETURNING and c.events == []
@@ -154,13 +154,13 @@ def test_an_invalidation_before_the_finish_answer_is_applied_first():
     c.owner.invalidated = lambda p, tid, oids: c.client.apply_invalidation(tid, oids)
     c.voted()
     finish = c.finish()
-    c.script.chunks = [invalidate(TID1, p64(5)), fast.finish_answer(finish.tag, TID2)]
+    c.script.chunks = [invalidate(TID1, p64(5)), commitframes.finish_answer(finish.tag, TID2)]
     c.proto.read_answer(finish, 1)              # the invalidation alone: handed over
     finish.reading = False
     assert c.proto.read_state == RETURNING and c.visible == []
     run_queued(c.owner)
     assert c.visible == [("early", TID1)] and c.client.last_transaction() == TID1
-    c.proto.dataReceived(fast.finish_answer(finish.tag, TID2))     # the reactor reads it
+    c.proto.dataReceived(commitframes.finish_answer(finish.tag, TID2))     # the reactor reads it
     assert finish.wait(0) == TID2
     assert c.visible == [("early", TID1), ("zodb", TID2, True), ("early", TID2)]
     assert c.client.last_transaction() == TID2
@@ -185,7 +185,7 @@ def test_the_end_of_the_connection_during_the_finish_fails_it():
     c = Committing()
     c.voted()
     finish = c.finish()
-    frame = fast.finish_answer(finish.tag, TID1)
+    frame = commitframes.finish_answer(finish.tag, TID1)
     c.script.chunks = [frame[:5], b""]
     c.proto.read_answer(finish, 1)
     finish.reading = False
@@ -203,7 +203,7 @@ def test_a_connection_lost_while_the_thread_reads_the_vote_fails_it():
 
     def lost():
         c.proto.connectionLost(Failure(ConnectionLost("gone")))
-        return fast.vote_answer(vote.tag, [])       # read, but the connection is gone
+        return commitframes.vote_answer(vote.tag, [])       # read, but the connection is gone
 
     c.script.chunks = [lost]
     with pytest.raises(ClientDisconnected):
@@ -218,7 +218,7 @@ def test_a_connection_lost_while_the_thread_reads_the_finish_leaves_the_cache_al
 
     def lost():
         c.proto.connectionLost(Failure(ConnectionLost("gone")))
-        return fast.finish_answer(finish.tag, TID1)
+        return commitframes.finish_answer(finish.tag, TID1)
 
     c.script.chunks = [lost]
     with pytest.raises(ClientDisconnected):
@@ -230,7 +230,7 @@ def test_a_finish_answered_after_the_timeout_still_reaches_the_cache():
     c = Committing()
     c.voted()
     finish = c.finish()
-    frame = fast.finish_answer(finish.tag, TID1)
+    frame = commitframes.finish_answer(finish.tag, TID1)
     c.script.chunks = [frame[:7], TimeoutError()]
     with pytest.raises(TimeoutError):
         finish.wait(0)
@@ -344,12 +344,12 @@ def test_other_clients_commits_before_the_answers_are_applied_by_the_committing_
     c.client.cache.store(other, p64(1), None, b"old")
     first, second = invalidate(p64(0x18), other), invalidate(p64(0x1c), p64(6))
     vote = c.vote()
-    c.script.chunks = [first[:10], first[10:] + fast.vote_answer(vote.tag, [])]
+    c.script.chunks = [first[:10], first[10:] + commitframes.vote_answer(vote.tag, [])]
     assert vote.wait(1) == [] and c.proto.read_state == PARKED
     assert c.client.cache.loadBefore(other, p64(0x30)) is None       # ended at 0x18
     assert c.client.last_transaction() == p64(0x18)
     finish = c.finish()
-    c.script.chunks = [second, fast.finish_answer(finish.tag, TID1)]
+    c.script.chunks = [second, commitframes.finish_answer(finish.tag, TID1)]
     assert finish.wait(1) == TID1 and c.proto.read_state == PARKED
     assert c.visible == [("early", p64(0x18)), ("early", p64(0x1c)),
                          ("zodb", TID1, True), ("early", TID1)]

@@ -26,7 +26,7 @@ from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.errors import ClientDisconnected
 from zeotwist.testing import Recorder, start_server
-from zeotwist.wire import fast
+from zeotwist.wire import loadframes
 
 OID, TID = p64(1), p64(9)
 
@@ -72,7 +72,7 @@ def stored():
 
 
 def answer(tag, data=b"rec", start=p64(3)):
-    return fast.load_before_answer(tag, (data, start, None))
+    return loadframes.load_before_answer(tag, (data, start, None))
 
 
 def test_a_thread_load_is_written_by_the_thread_and_answered_without_the_reactor_queue():
@@ -80,7 +80,7 @@ def test_a_thread_load_is_written_by_the_thread_and_answered_without_the_reactor
     records, store = stored()
     load = proto.load_before_from_thread(OID, TID, store)
     assert load is not None and owner.queued == []
-    assert sock.sent == [fast.load_before_request(load.tag, OID, TID)]
+    assert sock.sent == [loadframes.load_before_request(load.tag, OID, TID)]
     assert load.tag.startswith(b"t")                    # never one of AMP's own tags
     proto.dataReceived(answer(load.tag))
     assert load.wait(0) == (b"rec", p64(3), None)
@@ -91,7 +91,7 @@ def test_the_rest_of_a_partly_sent_frame_goes_before_later_writes():
     proto, sock, owner = connected()
     sock.room = 5
     load = proto.load_before_from_thread(OID, TID, stored()[1])
-    frame = fast.load_before_request(load.tag, OID, TID)
+    frame = loadframes.load_before_request(load.tag, OID, TID)
     assert sock.sent == [frame[:5]] and len(owner.queued) == 1
     sock.room = 10**9
     proto.emit(b"LATER")                                  # the reactor writes meanwhile

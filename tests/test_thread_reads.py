@@ -31,7 +31,7 @@ from zeotwist.client.threadwrites import ThreadAnswer, ThreadLoad
 from zeotwist.errors import ClientDisconnected
 from zeotwist.testing import start_server
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast, prefetch
+from zeotwist.wire import commitframes, loadframes, prefetch
 from tests.test_thread_loads import OID, TID, Socket, answer, connected
 
 OID2 = p64(2)
@@ -121,7 +121,7 @@ def read_only(proto, load):
 
 
 def invalidate(tid, *oids):
-    return fast.invalidate(tid, oids) or amp.AmpBox(
+    return commitframes.invalidate(tid, oids) or amp.AmpBox(
         C.Invalidate.makeArguments({"tid": tid, "oids": list(oids)}, None)).serialize()
 
 
@@ -132,7 +132,7 @@ def test_after_a_thread_load_the_reactor_parks_and_the_next_answer_is_read_by_it
     parked(w)
     load = proto.load_before_from_thread(OID, TID, store)
     assert load.reading and proto.read_state == THREAD
-    assert sock.sent[-1] == fast.load_before_request(load.tag, OID, TID)
+    assert sock.sent[-1] == loadframes.load_before_request(load.tag, OID, TID)
     script.chunks = [answer(load.tag)]
     assert load.wait(1) == (b"rec", p64(3), None)
     assert events == [("store", OID, p64(3), None)]
@@ -150,7 +150,7 @@ def test_an_answer_in_pieces_is_read_whole_by_the_thread():
 
 def test_a_missing_record_read_by_the_thread():
     proto, sock, owner, script, cache, events, store, load = a_thread_reads()
-    script.chunks = [fast.load_before_answer(load.tag, None)]
+    script.chunks = [loadframes.load_before_answer(load.tag, None)]
     assert load.wait(1) is None and events == [] and proto.read_state == PARKED
 
 
@@ -325,7 +325,7 @@ def test_the_reading_socket_is_closed_with_the_connection():
 def test_an_answer_with_prefetched_records_is_read_by_the_thread():
     proto, sock, owner, script, cache, events, store, load = a_thread_reads()
     records = [(p64(7), b"child", p64(2), None)]
-    frame = fast.load_before_answer(load.tag, (b"rec", p64(3), None), prefetch.encode(records))
+    frame = loadframes.load_before_answer(load.tag, (b"rec", p64(3), None), prefetch.encode(records))
     script.chunks = [frame[:30], frame[30:]]
     assert load.wait(1) == (b"rec", p64(3), None)
     assert owner.prefetched_records == records and events == [("store", OID, p64(3), None)]

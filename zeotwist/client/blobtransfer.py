@@ -41,7 +41,7 @@ from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
 from zeotwist.fileio import write_sliced
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 
 #: LoadBlobChunk requests kept in flight by one download, and the most
 #: bytes they ask for together.
@@ -148,7 +148,7 @@ class BlobUpload:
                 self._end(Failure())
                 return
             if data or first:       # an empty blob is still one (empty) chunk
-                self.proto.emit(fast.store_blob_chunk(self.number, data, self.long_values))
+                self.proto.emit(commitframes.store_blob_chunk(self.number, data, self.long_values))
                 self.sent += len(data)
                 first = False
             if len(data) < self.chunk:

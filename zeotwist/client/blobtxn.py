@@ -30,7 +30,7 @@ from ZODB.utils import z64
 
 from zeotwist.twistedcompat import calls_pending
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from zeotwist.wire.records import encode_blob, encode_restore_blob
 
 
@@ -95,7 +95,7 @@ class BlobTransaction:
             self._blob_streamed = True
             return False
         opens, self._proto = self._proto is None, proto   # read by the reactor only later
-        if proto.send_from_thread(begin + fast.store_blob_chunk(number, data, proto.long_values)):
+        if proto.send_from_thread(begin + commitframes.store_blob_chunk(number, data, proto.long_values)):
             return True
         if opens:
             self._proto = None

@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zeotwist.client.threadreads import PARKED, READ_SIZE, REACTOR, RETURNING
 from zeotwist import twistedcompat
 from zeotwist.client.threadwrites import ThreadWrites
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 
 
 class CommitReads(ThreadWrites):
@@ -78,14 +78,14 @@ class CommitReads(ThreadWrites):
         cache) comes after, never between.  An owner without
         ``invalidated_by_thread`` leaves them to the reactor (0)."""
         apply = getattr(self.owner, "invalidated_by_thread", None)
-        if apply is None or fast.match_invalidate(buf) is None:
+        if apply is None or commitframes.match_invalidate(buf) is None:
             return 0
         if not locked:
             with self.send_lock:
                 return self.take_invalidations(buf, True)
         off, later = 0, self.publish_later
         while not self._gone:
-            match = fast.match_invalidate(buf, off)
+            match = commitframes.match_invalidate(buf, off)
             if match is None:
                 break
             tid, oids, off = match

@@ -1,6 +1,6 @@
 """A big record read straight into its own ``bytes`` object.
 
-A LoadBefore answer whose record is a long entry (:mod:`zeotwist.wire.fast`:
+A LoadBefore answer whose record is a long entry (:mod:`zeotwist.wire.boxlayout`:
 one value over 64 KiB, 10 MB in the bench) used to arrive as pieces that
 were joined once: the kernel copied the record into the pieces, the join
 copied it again into fresh memory, and while the client cache filled, that
@@ -31,7 +31,7 @@ import io
 
 from twisted.protocols import amp
 
-from zeotwist.wire import fast
+from zeotwist.wire import boxlayout, loadframes
 
 #: ``answer()``: not whole yet (the value shared with threadreads)
 MORE = "more"
@@ -47,11 +47,11 @@ def start(buf: bytes, tag: bytes, limit: int, parse, make_room=None):
     over the limit: the reactor reads those, and refuses the latter).
     ``make_room(size)`` is called first (the cache evicts what the record
     will displace, so that its memory is reused for the record's)."""
-    head = fast.match_load_before_long_head(buf, 0)
+    head = loadframes.match_load_before_long_head(buf, 0)
     if not head:
         return None if head is None else MORE
     own, size, at = head
-    if own != tag or size <= fast.MAX_VALUE or at + size > limit or len(buf) - at > size:
+    if own != tag or size <= boxlayout.MAX_VALUE or at + size > limit or len(buf) - at > size:
         return None
     if make_room is not None:
         make_room(size)

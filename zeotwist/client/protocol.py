@@ -27,7 +27,7 @@ from zeotwist.client.commitreads import CommitReads
 from zeotwist.client.threadwrites import read_load_answer
 from zeotwist.tls import use_clock
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes, loadframes
 from zeotwist.wire import zeo
 from zeotwist.wire.codes import rebuild
 from zeotwist.wire.framing import (
@@ -98,7 +98,7 @@ class ClientProtocol(CommitReads, BoundedAMP):
         """The hottest path (see BoundedAMP._parse): a plain LoadBefore
         answer read straight from the bytes, without a box, and handed to
         the load waiting for it; 0 for anything else."""
-        match = fast.match_load_before_answer(buf, off)
+        match = loadframes.match_load_before_answer(buf, off)
         if match is None:
             return 0
         tag, value, end = match
@@ -111,7 +111,7 @@ class ClientProtocol(CommitReads, BoundedAMP):
     def ampBoxReceived(self, box):
         # Every commit of another client: applied here, in box order, as
         # AMP's responder below would (without its dispatch and Deferreds).
-        invalidation = fast.read_invalidate(box)
+        invalidation = commitframes.read_invalidate(box)
         if invalidation is None:
             super().ampBoxReceived(box)
             return
@@ -178,10 +178,10 @@ class ClientProtocol(CommitReads, BoundedAMP):
 
     def tpc_begin(self, user: bytes, description: bytes, extension: bytes,
                   tid: bytes | None = None, status: str | None = None) -> None:
-        """Open a transaction (one-way); framed by :mod:`zeotwist.wire.fast`
+        """Open a transaction (one-way); framed by :mod:`zeotwist.wire.commitframes`
         unless it is a restore's (``tid``/``status``) or a field is over 64 KiB."""
         frame = None if tid is not None or status is not None else \
-            fast.tpc_begin(user, description, extension)
+            commitframes.tpc_begin(user, description, extension)
         if frame is None:
             self.send(C.TpcBegin, user=user, description=description, extension=extension,
                       tid=tid, status=status)
@@ -190,8 +190,8 @@ class ClientProtocol(CommitReads, BoundedAMP):
 
     def store_data(self, piece) -> None:
         """The hot path of the store stream: one StoreData of ``piece``
-        (bytes or a memoryview), framed by :mod:`zeotwist.wire.fast`."""
-        frame = fast.store_data(piece, self.long_values)
+        (bytes or a memoryview), framed by :mod:`zeotwist.wire.commitframes`."""
+        frame = commitframes.store_data(piece, self.long_values)
         if frame is None:           # over 64 KiB to a server without long entries
             self.send(C.StoreData, data=bytes(piece))
         elif self.transport is not None and not twistedcompat.amp_closed(self):
@@ -209,12 +209,12 @@ class ClientProtocol(CommitReads, BoundedAMP):
             raise ValueError("oids and tids are 8 bytes")
         answer = _LoadAnswer(self)
         tag = twistedcompat.amp_expect_answer(self, answer)
-        self.emit(fast.load_before_request(tag, oid, tid))
+        self.emit(loadframes.load_before_request(tag, oid, tid))
         return answer.result
 
     def call_frame(self, command, frame) -> Deferred:
         """Like :meth:`call`, the question framed by ``frame(tag)`` (from
-        :mod:`zeotwist.wire.fast`) instead of AMP's generic encoding."""
+        :mod:`zeotwist.wire.commitframes`) instead of AMP's generic encoding."""
         if twistedcompat.amp_closed(self) or self.transport is None:
             return fail(ClientDisconnected("not connected"))
         d = Deferred()

@@ -62,7 +62,7 @@ from twisted.protocols import amp
 
 from zeotwist import twistedcompat
 from zeotwist.client.longreads import MORE, LongAnswer
-from zeotwist.wire import fast, prefetch
+from zeotwist.wire import boxlayout, loadframes, prefetch
 
 REACTOR, PARKED, THREAD, RETURNING = "reactor", "parked", "thread", "returning"
 # MORE (``own_answer``): the bytes so far are the start of a box, not all of it
@@ -347,7 +347,7 @@ def scan_box(buf: bytes) -> tuple:
         klen = (buf[off] << 8) | buf[off + 1]
         if klen == 0:
             return off + 2, box
-        if klen == fast.LONG_MARK:
+        if klen == boxlayout.LONG_MARK:
             return -1, None
         kend = off + 2 + klen
         if kend + 2 > n:
@@ -372,5 +372,5 @@ def whole_answer(buf: bytes, tag: bytes):
 def parse_load_answer(box, proto) -> tuple:
     """``(record, prefetched records or None)`` from a LoadBefore answer
     box (``record``: ``(data, start, end)`` or None); raises on a malformed one."""
-    value = fast.read_load_before_answer(box, proto)
+    value = loadframes.read_load_before_answer(box, proto)
     return value, (prefetch.decode(box[b"prefetch"]) if b"prefetch" in box else None)

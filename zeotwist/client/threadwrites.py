@@ -50,7 +50,7 @@ from zeotwist import twistedcompat
 from zeotwist.client import longreads
 from zeotwist.client.threadreads import MORE, ThreadReads, parse_load_answer, whole_answer
 from zeotwist.errors import ClientDisconnected
-from zeotwist.wire import fast
+from zeotwist.wire import loadframes
 
 #: tags of questions asked from other threads ("t1", "t2", ... never AMP's
 #: own hexadecimal ones); ``next`` on a count is atomic
@@ -112,7 +112,7 @@ class ThreadWrites(ThreadReads):
         before a big record of ``size`` bytes is read (ClientCache.make_room)."""
         tag = thread_tag()
         load = ThreadLoad(self, tag, oid, store, make_room)
-        return load if self.ask_from_thread(fast.load_before_request(tag, oid, tid), load,
+        return load if self.ask_from_thread(loadframes.load_before_request(tag, oid, tid), load,
                                             True) else None
 
     def ask_from_thread(self, frame: bytes, receiver, read: bool = False) -> bool:
@@ -298,7 +298,7 @@ class ThreadLoad(_ThreadWaiter):
         ``buf`` is exactly the whole answer to this load; a
         :class:`~zeotwist.client.longreads.LongAnswer` when it begins one
         whose record is a long entry (the reader reads the rest through it)."""
-        match = fast.match_load_before_answer(buf, 0)
+        match = loadframes.match_load_before_answer(buf, 0)
         if match is not None:               # the usual answer, read from the bytes
             own = match[0] == self.tag and match[2] == len(buf)
             return (match[1], None) if own else None

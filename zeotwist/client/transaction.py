@@ -26,7 +26,7 @@ from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
 from zeotwist.twistedcompat import calls_pending
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from zeotwist.wire import prefetch
 from zeotwist.wire.records import (
     encode_check, encode_delete, encode_restore, encode_store, encode_undo, store_head)
@@ -41,13 +41,13 @@ def _utf8(value) -> bytes:
 
 
 def _vote_answer(box, proto) -> dict:
-    """A Vote answer parsed: a plain one by zeotwist.wire.fast, else by AMP."""
-    return fast.read_vote_answer(box) or C.Vote.parseResponse(box, proto)
+    """A Vote answer parsed: a plain one by zeotwist.wire.commitframes, else by AMP."""
+    return commitframes.read_vote_answer(box) or C.Vote.parseResponse(box, proto)
 
 
 def _finish_answer(box, proto) -> dict:
     """A Finish answer parsed, likewise."""
-    return fast.read_finish_answer(box) or C.Finish.parseResponse(box, proto)
+    return commitframes.read_finish_answer(box) or C.Finish.parseResponse(box, proto)
 
 
 class ClientTransaction(BlobTransaction):
@@ -185,7 +185,7 @@ class ClientTransaction(BlobTransaction):
         self._flush_now()
         if self._failed is not None:
             return fail(self._failed)
-        d = self._proto.call_frame(C.Vote, fast.vote_request)
+        d = self._proto.call_frame(C.Vote, commitframes.vote_request)
         d.addErrback(self._lost)
         return d.addCallbacks(self._voted, self._vote_refused)
 
@@ -205,15 +205,15 @@ class ClientTransaction(BlobTransaction):
             return None
         # the transaction may be open already: by this thread's small blobs
         begin = b"" if self._proto is not None else self._begin_frame()
-        store = fast.store_data(self._stream, proto.long_values) if self._stream else b""
+        store = commitframes.store_data(self._stream, proto.long_values) if self._stream else b""
         if begin is None or store is None:
             return None
         tag = thread_tag()
         answer = ThreadAnswer(proto, tag, "Vote", lambda box: _vote_answer(box, proto),
                               self._voted, lambda e: self._answer_failed(e, refused=True),
-                              (fast.match_vote_answer, self._voted))
+                              (commitframes.match_vote_answer, self._voted))
         opens, self._proto = self._proto is None, proto   # read by the reactor only later
-        if not proto.ask_from_thread(b"".join((begin, store, fast.vote_request(tag))),
+        if not proto.ask_from_thread(b"".join((begin, store, commitframes.vote_request(tag))),
                                      answer, True):
             if opens:
                 self._proto = None
@@ -227,7 +227,7 @@ class ClientTransaction(BlobTransaction):
         if self.tid is not None or self.status != " ":
             return None
         meta = self.meta
-        return fast.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes)
+        return commitframes.tpc_begin(_utf8(meta.user), _utf8(meta.description), meta.extension_bytes)
 
     def finish_from_thread(self, callback=None):
         """:meth:`finish` from the committing thread, likewise: a
@@ -244,8 +244,8 @@ class ClientTransaction(BlobTransaction):
         answer = ThreadAnswer(
             proto, tag, "Finish", lambda box: _finish_answer(box, proto),
             lambda a: self._finished(a, callback), self._answer_failed,
-            (fast.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
-        return answer if proto.ask_from_thread(fast.finish_request(tag), answer,
+            (commitframes.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
+        return answer if proto.ask_from_thread(commitframes.finish_request(tag), answer,
                                                True) else None
 
     def _answer_failed(self, error, refused=False):
@@ -340,7 +340,7 @@ class ClientTransaction(BlobTransaction):
             return fail(ClientDisconnected("connection lost before finish"))
         if self._proto is not self._client.protocol:
             return fail(self._proto.lost_transaction("connection lost before finish"))
-        d = self._proto.call_frame(C.Finish, fast.finish_request)
+        d = self._proto.call_frame(C.Finish, commitframes.finish_request)
         d.addErrback(self._lost).addCallback(self._finished, callback)
         # A caller that stops waiting (the blocking API's timeout cancels)
         # must not stop the answer from reaching the cache: the server may

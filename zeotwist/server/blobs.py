@@ -35,7 +35,7 @@ from zeotwist.errors import BlobPathRefused, RemoteProtocolError
 from zeotwist.fileio import write_sliced
 from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from zeotwist.wire.records import decode_blob, decode_restore_blob
 from zeotwist.wire.framing import peer_text
 
@@ -49,7 +49,7 @@ class BlobResponders(amp.CommandLocator):
         # StoreBlobChunk goes straight to the spool, without AMP's argument
         # machinery.  Anything unusual takes the ordinary path, which
         # validates and drops a misbehaving client.
-        chunk = fast.read_store_blob_chunk(box) if self.server is not None else None
+        chunk = commitframes.read_store_blob_chunk(box) if self.server is not None else None
         if chunk is not None:
             try:
                 self.store_blob_chunk(*chunk)

@@ -20,7 +20,7 @@ from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.server.prefetch import may_reference
 from zeotwist.wire import commands as C
-from zeotwist.wire import commitframes, fast
+from zeotwist.wire import boxlayout, commitframes, loadframes
 from zeotwist.wire.commitframes import match_commit_question
 from zeotwist.wire.framing import BULK_MIN
 
@@ -34,7 +34,7 @@ class FastAnswers:
         straight from the bytes, without a box; 0 for anything else."""
         if self._held is not None or self.server is None:
             return 0
-        request = fast.match_load_before_request(buf, off)
+        request = loadframes.match_load_before_request(buf, off)
         if request is not None:
             if not self._answer_load(*request[:3]):
                 return 0                     # the box is read as usual
@@ -49,7 +49,7 @@ class FastAnswers:
         return end
 
     def _fast_load(self, box) -> bool:
-        request = fast.read_load_before_request(box)
+        request = loadframes.read_load_before_request(box)
         return request is not None and self._answer_load(*request)
 
     def _answer_load(self, ask: bytes, oid: bytes, tid: bytes) -> bool:
@@ -60,14 +60,14 @@ class FastAnswers:
         except Exception:
             return False
         if r is not None and len(r[0]) > (
-                fast.MAX_LONG_VALUE if self.long_values else fast.MAX_VALUE):
+                boxlayout.MAX_LONG_VALUE if self.long_values else boxlayout.MAX_VALUE):
             return False                     # AMP's path splits it (and prefetches)
         prefetched = self._prefetch(oid, r, tid)
         self.server.stats["loads"] += 1
         if r is None or len(r[0]) < BULK_MIN:
-            self.emit(fast.load_before_answer(ask, r, prefetched, self.long_values))
+            self.emit(loadframes.load_before_answer(ask, r, prefetched, self.long_values))
         else:           # a big record is written from its own object, not copied
-            self.emit_parts(*fast.load_before_answer_parts(ask, r, prefetched, self.long_values))
+            self.emit_parts(*loadframes.load_before_answer_parts(ask, r, prefetched, self.long_values))
         return True
 
     def _prefetch(self, oid: bytes, r: tuple, tid: bytes) -> bytes | None:
@@ -85,12 +85,12 @@ class FastAnswers:
 
     def _fast_store(self, box) -> bool:
         """A plain StoreData, handled without AMP's dispatch (every commit)."""
-        data = fast.read_store_data(box)
+        data = commitframes.read_store_data(box)
         return data is not None and self._one_way(self.store_data, data)
 
     def _fast_begin(self, box) -> bool:
         """A plain TpcBegin (no restore tid or status), likewise."""
-        fields = fast.read_tpc_begin(box)
+        fields = commitframes.read_tpc_begin(box)
         return fields is not None and self._one_way(self.tpc_begin, *fields)
 
     def _fast_ask(self, box) -> bool:
@@ -136,9 +136,9 @@ class FastAnswers:
     def _fast_answer(self, result: dict, command, tag: bytes) -> None:
         frame = None
         if command is C.Finish:
-            frame = fast.finish_answer(tag, result["tid"])
+            frame = commitframes.finish_answer(tag, result["tid"])
         elif not result["conflicts"] and "to_resolve" not in result:
-            frame = fast.vote_answer(tag, result["resolved"])
+            frame = commitframes.vote_answer(tag, result["resolved"])
         if frame is None:           # conflicts, big lists: AMP's encoding
             answer = command.makeResponse(result, self)
             answer[amp.ANSWER] = tag

@@ -73,7 +73,7 @@ class ServerSession(ZeoProbe, OutputBudget, FastAnswers, TransactionResponders, 
         self._handshake_timer = None
         self.server = None          # the StorageServer, once registered
         self.read_only = True
-        self.long_values = False    # the client reads long entries (wire.fast)
+        self.long_values = False    # the client reads long entries (wire.boxlayout)
         self._txn: ServerTransaction | None = None
         #: reference prefetch for this client, if it asked and the server allows
         self.prefetcher: Prefetcher | None = None

@@ -33,7 +33,7 @@ from zeotwist.server.stats import traffic_counters
 from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.server.storagesafety import components, reads_extension
 from zeotwist.server.unpickling import guard_zodb
-from zeotwist.wire import fast
+from zeotwist.wire import commitframes
 from zeotwist.wire.commands import Invalidate
 
 _log = Logger()
@@ -186,7 +186,7 @@ class StorageServer:
                 others.append(session)
         if not others:
             return
-        frame = fast.invalidate(tid, oids)
+        frame = commitframes.invalidate(tid, oids)
         if frame is None:           # over 64 KiB of oids: AMP's split form
             box = amp.AmpBox(Invalidate.makeArguments({"tid": tid, "oids": oids}, None))
             box[amp.COMMAND] = Invalidate.commandName

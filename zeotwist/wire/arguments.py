@@ -69,7 +69,7 @@ class BigBytes(amp.Argument):
 
 class LongBytes(BigBytes):
     """``BigBytes`` that goes as one value, a long entry
-    (:mod:`zeotwist.wire.fast`), to a peer that reads them (``proto.long_values``)
+    (:mod:`zeotwist.wire.boxlayout`), to a peer that reads them (``proto.long_values``)
     instead of being cut into 64 KiB pieces; the receiver sees the same box."""
 
     def toBox(self, name, strings, objects, proto):

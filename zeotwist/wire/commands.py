@@ -33,7 +33,7 @@ class Register(_Command):
         (b"storage", amp.Unicode()),
         (b"read_only", amp.Boolean()),
         (b"prefetch", amp.Boolean(optional=True)),
-        # this peer reads long entries (zeotwist.wire.fast); absent: False
+        # this peer reads long entries (zeotwist.wire.boxlayout); absent: False
         (b"long_values", amp.Boolean(optional=True)),
         # this peer understands TransactionTimedOut; absent: False (the
         # server drops it without a word, as servers before that command did)

@@ -4,7 +4,7 @@ Stock ``BinaryBoxProtocol`` buffers an unterminated box without bound and
 parses one string at a time through ``getattr``.  :class:`BoundedAMP` keeps
 AMP's wire format and dispatch but parses boxes itself, refusing a box that
 announces more keys or bytes than the receiver allows *before* buffering the
-excess.  It also reads the *long entries* of :mod:`zeotwist.wire.fast` (one
+excess.  It also reads the *long entries* of :mod:`zeotwist.wire.boxlayout` (one
 value over 64 KiB in one piece, collected once, never re-buffered).  A violation calls :meth:`BoundedAMP.protocolViolation`, which logs
 one line and drops the connection.
 
@@ -18,7 +18,7 @@ from ZODB.POSException import POSError
 
 from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
-from zeotwist.wire.fast import LONG_MARK, box_parts
+from zeotwist.wire.boxlayout import LONG_MARK, box_parts
 
 _log = Logger()
 
@@ -187,7 +187,7 @@ class BoundedAMP(amp.AMP):
                     continue
             klen = (buf[off] << 8) | buf[off + 1]
             if klen == LONG_MARK:
-                # A long entry (zeotwist.wire.fast): one value over 64 KiB,
+                # A long entry (zeotwist.wire.boxlayout): one value over 64 KiB,
                 # bounded like any other before a byte of it is kept.
                 if n - off < 4:
                     break
