@@ -8,7 +8,7 @@ those (see docs/security.md); the server covers each:
 * ``FileStorage``: the extension stays bytes; conflict resolution goes
   through :class:`~zeotwist.server.conflicts.RestrictedResolver`; its
   ``history``/``undoLog`` (which unpickle the extension) are not called,
-  the server reads the file itself (``storageapi.fs_history``).
+  the server reads the file itself (``history.fs_history``).
 * ``MappingStorage``: unpickles the extension in ``tpc_finish`` (the server
   gives it the restricted, bounded decoding, done at vote) and names the
   class of a stale record in its ConflictError (``unpickling.guard_zodb``).
