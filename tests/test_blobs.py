@@ -584,15 +584,15 @@ async def test_deferred_api_upload_is_paced_even_when_started_in_a_callback(
         rblob_server, tmp_path, monkeypatch):
     from twisted.internet import reactor
     import zeotwist
-    from zeotwist.wire import framing
+    from zeotwist.wire import sending
     writes = []
-    real_write_now = framing.write_now
+    real_write_now = sending.write_now
 
     def write_now(transport, data):
         writes.append(len(data))
         real_write_now(transport, data)
 
-    monkeypatch.setattr(framing, "write_now", write_now)
+    monkeypatch.setattr(sending, "write_now", write_now)
     client = await zeotwist.connect(reactor, rblob_server, wait_timeout=10)
     try:
         data = os.urandom(12 * 2**20 + 5)

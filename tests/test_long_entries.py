@@ -204,7 +204,7 @@ def test_a_big_answer_is_sent_from_its_record_in_order_with_other_frames(corked)
     slices of the record object itself, and frames collected before it or
     emitted after it keep their places."""
     from test_twisted_compat import _Socketish
-    from zeotwist.wire.framing import BULK_MIN
+    from zeotwist.wire.sending import BULK_MIN
     fd = _Socketish(take=300_000)
     proto = BoundedAMP()
     proto.makeConnection(fd)

@@ -299,7 +299,7 @@ def test_a_big_value_the_reactor_writes_waits_behind_a_threads_unfinished_frame(
     middle of the thread's frame and the server reads garbage."""
     from test_thread_loads import OID, TID, connected, stored
     from zeotwist.wire import commands as C
-    from zeotwist.wire.framing import BULK_MIN
+    from zeotwist.wire.sending import BULK_MIN
     proto, sock, owner = connected()
     sock.room = 5
     load = proto.load_before_from_thread(OID, TID, stored()[1])

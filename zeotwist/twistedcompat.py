@@ -136,7 +136,7 @@ def value_now(d):
 
 # -- transports (twisted.internet.abstract.FileDescriptor) -----------------------------
 # Request/response traffic writes straight to an idle socket instead of
-# waiting a reactor turn (framing.write_now); the server measures what a
+# waiting a reactor turn (sending.write_now); the server measures what a
 # client leaves unread (limits).
 
 
@@ -183,7 +183,7 @@ def adopt_output(transport, data: bytes) -> bool:
     """Make ``data`` the send buffer of an idle socket transport itself
     (``dataBuffer``), so that Twisted sends it in slices of that object:
     ``transport.write`` would queue it behind a list that ``doWrite`` joins,
-    and ``framing.write_now`` would copy what the socket did not take, both
+    and ``sending.write_now`` would copy what the socket did not take, both
     a copy of ``data``.  False (nothing done) when the transport is not an
     idle socket transport; the caller then writes ``data`` as usual."""
     if getattr(type(transport), "writeSomeData", None) is None or not nothing_queued(transport):

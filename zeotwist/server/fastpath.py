@@ -22,7 +22,7 @@ from zeotwist.server.prefetch import may_reference
 from zeotwist.wire import commands as C
 from zeotwist.wire import boxlayout, commitframes, loadframes
 from zeotwist.wire.commitframes import match_commit_question
-from zeotwist.wire.framing import BULK_MIN
+from zeotwist.wire.sending import BULK_MIN
 
 
 class FastAnswers:

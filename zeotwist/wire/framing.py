@@ -4,9 +4,11 @@ Stock ``BinaryBoxProtocol`` buffers an unterminated box without bound and
 parses one string at a time through ``getattr``.  :class:`BoundedAMP` keeps
 AMP's wire format and dispatch but parses boxes itself, refusing a box that
 announces more keys or bytes than the receiver allows *before* buffering the
-excess.  It also reads the *long entries* of :mod:`zeotwist.wire.boxlayout` (one
-value over 64 KiB in one piece, collected once, never re-buffered).  A violation calls :meth:`BoundedAMP.protocolViolation`, which logs
-one line and drops the connection.
+excess.  It also reads the *long entries* of :mod:`zeotwist.wire.boxlayout`
+(one value over 64 KiB in one piece, collected once, never re-buffered).  A
+violation calls :meth:`BoundedAMP.protocolViolation`, which logs one line
+and drops the connection.  How it writes (a burst's answers in one write,
+big values from their own object) is :mod:`zeotwist.wire.sending`.
 
 Runs on the reactor thread.
 """
@@ -18,7 +20,8 @@ from ZODB.POSException import POSError
 
 from zeotwist import twistedcompat
 from zeotwist.errors import RemoteProtocolError
-from zeotwist.wire.boxlayout import LONG_MARK, box_parts
+from zeotwist.wire.boxlayout import LONG_MARK
+from zeotwist.wire.sending import BatchedSender
 
 _log = Logger()
 
@@ -26,11 +29,6 @@ _log = Logger()
 #: 1 MiB pieces, so 4 MiB leaves room while bounding memory per connection.
 SERVER_MAX_BOX_BYTES = 4 * 2**20
 SERVER_MAX_BOX_KEYS = 128
-#: A burst's answers are written together up to this many bytes.
-BATCH_FLUSH_BYTES = 2**20
-#: A value this long is sent from its own object, not copied into a frame
-#: (``BoundedAMP.emit_parts``).
-BULK_MIN = 2**20
 #: Bytes read per ``recv`` while a long entry's value arrives (else 64 KiB),
 #: on a side without ``long_buffer`` (the server).  Each ``recv`` allocates
 #: this much and shrinks it to what came: 1 MiB left the server's heap 2-4 MB
@@ -43,14 +41,12 @@ CLIENT_MAX_BOX_BYTES = 2**31
 CLIENT_MAX_BOX_KEYS = 2**31 // amp.MAX_VALUE_LENGTH + 64
 
 
-class BoundedAMP(amp.AMP):
-    """AMP with a bounded box parser and a single protocol-violation path."""
+class BoundedAMP(BatchedSender, amp.AMP):
+    """AMP with a bounded box parser and a single protocol-violation path
+    (and the sending side of :class:`~zeotwist.wire.sending.BatchedSender`)."""
 
     maxBoxBytes = SERVER_MAX_BOX_BYTES
     maxBoxKeys = SERVER_MAX_BOX_KEYS
-    #: the peer reads long entries (it said so in Register or its answer)
-    long_values = False
-
     #: ``fast_frame(buf, off)``: handles a whole box it recognises at ``off``
     #: straight from the bytes and returns where it ends, else 0 (None: none)
     fast_frame = None
@@ -58,7 +54,6 @@ class BoundedAMP(amp.AMP):
     _buf = b""
     _box = None
     _boxBytes = 0
-    _violated = False
 
     def makeConnection(self, transport):
         # AMP's own logs "connection established (HOST:IPv4Address(...)
@@ -76,74 +71,6 @@ class BoundedAMP(amp.AMP):
                 setNoDelay(True)
             except OSError:  # Unix sockets and friends have no Nagle
                 pass
-
-    _batch = None
-    _batch_bytes = 0
-
-    def sendBox(self, box) -> None:
-        if twistedcompat.amp_switched(self):
-            raise amp.ProtocolSwitched("This connection has switched: no AMP traffic allowed.")
-        if self.transport is None:
-            raise amp.ConnectionLost()
-        if self.long_values and any(len(v) > amp.MAX_VALUE_LENGTH for v in box.values()):
-            self.emit_parts(*box_parts(box))        # a LongBytes value, one long entry
-        else:
-            self.emit(box.serialize())
-
-    def emit(self, frame: bytes) -> None:
-        """Send serialized boxes, in order with every other box.
-
-        While incoming data is being handled, frames are collected and sent
-        with one write when it is done: a burst of pipelined requests gets
-        its answers in one system call instead of one each.
-        """
-        batch = self._batch
-        if batch is not None:
-            batch.append(frame)
-            self._batch_bytes += len(frame)
-            if self._batch_bytes >= BATCH_FLUSH_BYTES and self.transport is not None:
-                # big answers: written as they come, not joined into one
-                # copy of everything the burst produced
-                self.write_out(b"".join(batch))
-                batch.clear()
-                self._batch_bytes = 0
-        elif self.transport is not None:
-            self.write_out(frame)
-
-    def write_out(self, data: bytes) -> None:
-        """Where every byte this protocol sends goes (one place, so a
-        subclass can order it with writes from another thread)."""
-        write_now(self.transport, data)
-
-    def emit_parts(self, head: bytes, value: bytes, tail: bytes) -> None:
-        """Send the frame ``head + value + tail``, in order with every other
-        box, without copying a big ``value`` into it: the head (and any
-        frames collected before it) goes out first, then the transport
-        sends ``value`` from the object itself (``adopt_output``), then the
-        tail.  A value under ``BULK_MIN`` bytes is simply joined."""
-        if len(value) < BULK_MIN:
-            self.emit(b"".join((head, value, tail)))
-            return
-        transport = self.transport
-        if transport is None:
-            return
-        batch = self._batch
-        if batch:                               # what the burst answered before
-            batch.append(head)
-            head = b"".join(batch)
-            batch.clear()
-            self._batch_bytes = 0
-        write_now(transport, head)
-        if not twistedcompat.adopt_output(transport, value):
-            transport.write(value)              # queued behind others: Twisted joins
-        transport.write(tail)
-
-    def corked(self) -> "_Cork":
-        """``with proto.corked(): ...``: the boxes sent inside go out in one
-        write at the end (a commit's TpcBegin, StoreData and Vote: one
-        system call and one packet instead of three).  Inside a burst that
-        is already collected (``dataReceived``), it adds nothing."""
-        return _Cork(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._violated:
@@ -362,50 +289,6 @@ class BoundedAMP(amp.AMP):
         _log.warn(fmt, **kw)
 
 
-class _Cork:
-    """The context manager of :meth:`BoundedAMP.corked`."""
-
-    __slots__ = ("proto", "batch")
-
-    def __init__(self, proto: BoundedAMP):
-        self.proto, self.batch = proto, None
-
-    def __enter__(self) -> None:
-        if self.proto._batch is None:
-            self.batch = self.proto._batch = []
-            self.proto._batch_bytes = 0
-
-    def __exit__(self, *exc) -> None:
-        proto, batch = self.proto, self.batch
-        if batch is None:
-            return
-        proto._batch = None
-        if batch and proto.transport is not None and not proto._violated:
-            proto.write_out(b"".join(batch) if len(batch) > 1 else batch[0])
-
-
-def write_now(transport, data: bytes) -> None:
-    """Write ``data``, trying the socket at once when nothing is queued.
-
-    ``transport.write`` only buffers until the next reactor turn; for
-    request/response traffic that costs a whole extra turn per message.  When
-    the transport's buffer is empty we hand the bytes to the socket directly
-    and queue only what it did not take, so ordering is unchanged.
-    """
-    # Only a real socket transport: a wrapper such as TLS's forwards unknown
-    # attributes to the socket under it, whose writeSomeData bypasses TLS.
-    if getattr(type(transport), "writeSomeData", None) is None:
-        transport.write(data)
-        return
-    send = transport.writeSomeData
-    if send is None or not twistedcompat.nothing_queued(transport):
-        transport.write(data)
-        return
-    sent = send(data)
-    if not isinstance(sent, int):      # an error: let the transport report it
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
 
 
 def peer_text(transport) -> str:
