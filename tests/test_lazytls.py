@@ -85,7 +85,7 @@ def test_a_plain_client_loads_no_tls_where_pyopenssl_is_installed(servers):
 
 def test_a_plain_client_loads_twisteds_process_support_at_its_first_use(servers):
     """twisted.internet.process (pty, tty, termios) waits for its first use
-    (lazytls.LAZY_MODULES), which finds it whole."""
+    (lazymodules.LAZY_MODULES), which finds it whole."""
     out = run(servers, """
         storage = plain_client()
         print(sorted(m for m in ("pty", "tty", "termios", "twisted.internet._baseprocess")
@@ -283,7 +283,7 @@ def test_a_lazy_module_loads_once_for_threads_that_meet_at_its_first_use(tmp_pat
     half-run module: AttributeError), then the real module takes its place
     in sys.modules and on the package."""
     import threading
-    from zeotwist import lazytls
+    from zeotwist import lazymodules
     package = tmp_path / "zt_lazy_pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -304,12 +304,12 @@ def test_a_lazy_module_loads_once_for_threads_that_meet_at_its_first_use(tmp_pat
 
     lock = CountingLock()
     sync = dict(started=threading.Event(), go=threading.Event(), runs=[])
-    monkeypatch.setattr(lazytls, "_lazy_lock", lock)
+    monkeypatch.setattr(lazymodules, "_lazy_lock", lock)
     monkeypatch.setattr("builtins.zt_lazy_sync", sync, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
         import zt_lazy_pkg
-        lazytls.lazy_import("zt_lazy_pkg.slow")
+        lazymodules.lazy_import("zt_lazy_pkg.slow")
         stand_in = sys.modules["zt_lazy_pkg.slow"]
         assert zt_lazy_pkg.slow is stand_in and sync["runs"] == []   # not run yet
         seen = []

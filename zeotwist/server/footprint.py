@@ -53,7 +53,7 @@ def import_tap():
     to their first use."""
     global _deferred
     if "twisted.python.compat" not in sys.modules:
-        from zeotwist.lazytls import lazy_import
+        from zeotwist.lazymodules import lazy_import
         lazy_import("http.cookiejar")
         import twisted.persisted
         lazy_import("twisted.persisted.sob")
