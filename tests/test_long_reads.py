@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from ZODB.tests.MinPO import MinPO
 from ZODB.utils import maxtid, p64
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat
 from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
 from zeotwist.client.longreads import ValueBuffer
 from zeotwist.client.threadreads import PARKED, RETURNING
@@ -302,14 +302,14 @@ def test_live_the_reactor_reads_the_rest_of_a_big_record_from_the_socket(served,
     """A load through the Deferred API (the reactor reads its answer): the
     record's bytes after the first read come straight from the socket."""
     taken = []
-    real = twistedcompat.read_into
+    real = transportcompat.read_into
 
     def counting(transport, view):
         n = real(transport, view)
         taken.append(n)
         return n
 
-    monkeypatch.setattr(twistedcompat, "read_into", counting)
+    monkeypatch.setattr(transportcompat, "read_into", counting)
     record = os.urandom(3 * MB)
     db = ZODB.DB(storage(served))
     try:

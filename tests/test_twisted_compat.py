@@ -1,6 +1,7 @@
-"""Every private Twisted name zeotwist uses (all in zeotwist/twistedcompat.py)
-still exists and still does what we rely on.  When one of these fails after
-a Twisted upgrade, fix twistedcompat.py and the Twisted range in pyproject.toml.
+"""Every private Twisted name zeotwist uses (all in zeotwist/twistedcompat.py
+and, the socket transports' ones, zeotwist/transportcompat.py) still exists
+and still does what we rely on.  When one of these fails after a Twisted
+upgrade, fix that module and the Twisted range in pyproject.toml.
 """
 import inspect
 
@@ -18,7 +19,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.runtime import platform
 
-from zeotwist import twistedcompat as compat
+from zeotwist import transportcompat, twistedcompat as compat
 
 
 def connected_amp():
@@ -147,16 +148,16 @@ def test_transport_buffers():
     for name in ("_tempDataBuffer", "_tempDataLen", "_writeDisconnected", "dataBuffer",
                  "offset"):
         assert hasattr(fd, name), name
-    assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
-    assert compat.idle_seen_from_thread(fd)
+    assert transportcompat.nothing_queued(fd) and transportcompat.pending_output(fd) == 0
+    assert transportcompat.idle_seen_from_thread(fd)
     fd.write(b"abc")
-    assert not compat.nothing_queued(fd) and compat.pending_output(fd) == 3
-    assert not compat.idle_seen_from_thread(fd)
+    assert not transportcompat.nothing_queued(fd) and transportcompat.pending_output(fd) == 3
+    assert not transportcompat.idle_seen_from_thread(fd)
     fd.dataBuffer, fd._tempDataBuffer = b"abc", []     # doWrite moved it, not yet sent
-    assert not compat.idle_seen_from_thread(fd)
+    assert not transportcompat.idle_seen_from_thread(fd)
     fd.dataBuffer, fd._tempDataLen = b"", 0
-    compat.discard_output(fd)
-    assert compat.nothing_queued(fd) and compat.pending_output(fd) == 0
+    transportcompat.discard_output(fd)
+    assert transportcompat.nothing_queued(fd) and transportcompat.pending_output(fd) == 0
 
 
 class _Socketish(abstract.FileDescriptor):
@@ -185,17 +186,17 @@ class _Socketish(abstract.FileDescriptor):
 def test_adopted_output_is_sent_from_the_object_itself():
     data = bytes(range(256)) * (3 * 2**20 // 256)          # 3 MiB
     fd = _Socketish(take=700_000)
-    assert compat.adopt_output(fd, data)
-    assert fd.dataBuffer is data and compat.pending_output(fd) == len(data)
+    assert transportcompat.adopt_output(fd, data)
+    assert fd.dataBuffer is data and transportcompat.pending_output(fd) == len(data)
     fd.write(b"tail")                                      # queued behind it, in order
-    while compat.pending_output(fd):
+    while transportcompat.pending_output(fd):
         fd.doWrite()
     # doWrite slices the adopted object itself (no copy) until less than
     # SEND_LIMIT of it is left, then joins that rest with what follows
     assert fd.sent[0] is data
     assert isinstance(fd.sent[1], memoryview) and fd.sent[1].obj is data
     assert b"".join(bytes(s[:fd.take]) for s in fd.sent) == data + b"tail"
-    assert fd.SEND_LIMIT == compat.BULK_SEND
+    assert fd.SEND_LIMIT == transportcompat.BULK_SEND
 
 
 def test_queued_pieces_are_sent_one_by_one_never_joined_together():
@@ -204,15 +205,15 @@ def test_queued_pieces_are_sent_one_by_one_never_joined_together():
     all of them into one new buffer (a copy of everything queued)."""
     pieces = [bytes([i]) * 2**20 for i in range(3)]
     fd = _Socketish(take=300_000)
-    compat.unjoined_writes(fd)
-    compat.unjoined_writes(fd)                              # idempotent
+    transportcompat.unjoined_writes(fd)
+    transportcompat.unjoined_writes(fd)                              # idempotent
     limit = fd.SEND_LIMIT
     for piece in pieces:
         fd.write(b"head")
         fd.write(piece)
     fd.write(b"tail")
     buffers = []
-    while compat.pending_output(fd):
+    while transportcompat.pending_output(fd):
         fd.doWrite()
         buffers.append(fd.dataBuffer)
     assert max(len(b) for b in buffers) == 2**20            # never two of them together
@@ -225,19 +226,19 @@ def test_queued_pieces_are_sent_one_by_one_never_joined_together():
 def test_output_is_adopted_only_by_an_idle_socket_transport():
     fd = _Socketish(take=10)
     fd.write(b"queued")
-    assert not compat.adopt_output(fd, b"x" * 10)          # behind queued bytes: no
-    assert not compat.adopt_output(StringTransport(), b"x")   # not a socket transport
+    assert not transportcompat.adopt_output(fd, b"x" * 10)          # behind queued bytes: no
+    assert not transportcompat.adopt_output(StringTransport(), b"x")   # not a socket transport
 
 
 def test_read_size_sets_and_restores_the_recv_size():
     fd = _Socketish(take=10)
     default = fd.bufferSize
     assert "self.bufferSize" in inspect.getsource(tcp.Connection.doRead)
-    compat.read_size(fd, 2**20)
+    transportcompat.read_size(fd, 2**20)
     assert fd.bufferSize == 2**20
-    compat.read_size(fd)
+    transportcompat.read_size(fd)
     assert fd.bufferSize == default == abstract.FileDescriptor.bufferSize
-    compat.read_size(StringTransport(), 2**20)             # nothing for other transports
+    transportcompat.read_size(StringTransport(), 2**20)             # nothing for other transports
 
 
 def test_read_into_takes_what_has_arrived_on_the_socket_without_waiting():
@@ -248,13 +249,13 @@ def test_read_into_takes_what_has_arrived_on_the_socket_without_waiting():
     fd.getHandle = lambda: ours
     assert "self.socket.recv" in inspect.getsource(tcp.Connection.doRead)
     view = memoryview(bytearray(10))
-    assert compat.read_into(fd, view) == 0                # nothing yet: no wait
+    assert transportcompat.read_into(fd, view) == 0                # nothing yet: no wait
     theirs.sendall(b"abcdefghijklmn")
-    assert compat.read_into(fd, view) == 10 and bytes(view) == b"abcdefghij"
+    assert transportcompat.read_into(fd, view) == 10 and bytes(view) == b"abcdefghij"
     theirs.close()
-    assert compat.read_into(fd, view[:8]) == 4 and bytes(view[:4]) == b"klmn"
-    assert compat.read_into(fd, view) == 0 and ours.recv(1) == b""   # the end stays
-    assert compat.read_into(StringTransport(), view) == 0  # not a socket transport
+    assert transportcompat.read_into(fd, view[:8]) == 4 and bytes(view[:4]) == b"klmn"
+    assert transportcompat.read_into(fd, view) == 0 and ours.recv(1) == b""   # the end stays
+    assert transportcompat.read_into(StringTransport(), view) == 0  # not a socket transport
     ours.close()
 
 

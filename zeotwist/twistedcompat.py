@@ -1,21 +1,19 @@
-"""Every use of a private Twisted name, in one place.
+"""Every use of a private Twisted name but the socket transports' ones.
 
 zeotwist reaches under Twisted's public API in a few places, each for a
 measured reason (named below).  Nothing else in zeotwist touches a name
 Twisted keeps private: a Twisted release that renames one breaks this
-module only, and tests/test_twisted_compat.py fails loudly, naming it.
-Where a missing name has a safe answer, the code here degrades to it at
-run time (the test still fails).  The
-tested Twisted range is declared in pyproject.toml.
+module only, or :mod:`zeotwist.transportcompat` (the socket transports'
+names), and tests/test_twisted_compat.py fails loudly, naming it.  Where a
+missing name has a safe answer, the code here degrades to it at run time
+(the test still fails).  The tested Twisted range is declared in
+pyproject.toml.
 
 Runs wherever its callers run (the reactor thread, except
 :func:`private_reactor`, which builds a reactor for its own thread).
 """
 import importlib
-import socket
-import weakref
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorCore
 from twisted.protocols import amp
@@ -132,185 +130,6 @@ def value_now(d):
         if not isinstance(result, (Failure, Deferred)):
             return result
     return d
-
-
-# -- transports (twisted.internet.abstract.FileDescriptor) -----------------------------
-# Request/response traffic writes straight to an idle socket instead of
-# waiting a reactor turn (sending.write_now); the server measures what a
-# client leaves unread (limits).
-
-
-def nothing_queued(transport) -> bool:
-    """A connected socket transport with nothing buffered, not closing nor
-    aborted: bytes written to its socket now keep their order.  (An
-    ``abortConnection`` leaves ``connected`` set until ``connectionLost``
-    runs a turn later; what is written meanwhile must not reach the peer.)"""
-    return (getattr(transport, "connected", False) and not transport.disconnecting
-            and not getattr(transport, "_writeDisconnected", True)
-            and not getattr(transport, "_aborting", False)
-            and not transport.dataBuffer and not transport._tempDataBuffer
-            and getattr(transport, "producer", None) is None)
-
-
-def idle_seen_from_thread(transport) -> bool:
-    """:func:`nothing_queued`, asked from a thread other than the reactor's
-    while the reactor thread may be in ``doWrite``.  That moves
-    ``_tempDataBuffer`` into ``dataBuffer`` (assigned first, then the
-    former emptied) and empties ``dataBuffer`` only once the socket took all
-    of it, so reading them in this order never sees both empty while bytes
-    are still to be written (the reverse order can)."""
-    if not getattr(transport, "connected", False) or transport.disconnecting \
-            or getattr(transport, "_writeDisconnected", True) \
-            or getattr(transport, "_aborting", False) \
-            or getattr(transport, "producer", None) is not None:
-        return False
-    return not transport._tempDataBuffer and not transport.dataBuffer
-
-
-def pending_output(transport) -> int:
-    """Bytes written to ``transport`` but not yet taken by the socket (0 if
-    the transport does not say)."""
-    buffered = getattr(transport, "_tempDataLen", 0)
-    data = getattr(transport, "dataBuffer", b"")
-    return buffered + len(data) - getattr(transport, "offset", 0)
-
-
-#: what one ``send`` may take of an adopted buffer (Twisted's own limit is 128 KiB)
-BULK_SEND = 2**20
-
-
-def adopt_output(transport, data: bytes) -> bool:
-    """Make ``data`` the send buffer of an idle socket transport itself
-    (``dataBuffer``), so that Twisted sends it in slices of that object:
-    ``transport.write`` would queue it behind a list that ``doWrite`` joins,
-    and ``sending.write_now`` would copy what the socket did not take, both
-    a copy of ``data``.  False (nothing done) when the transport is not an
-    idle socket transport; the caller then writes ``data`` as usual."""
-    if getattr(type(transport), "writeSomeData", None) is None or not nothing_queued(transport):
-        return False
-    transport.dataBuffer, transport.offset = data, 0
-    bulk_sends(transport)
-    transport.startWriting()
-    return True
-
-
-def bulk_sends(transport) -> None:
-    """Let a socket transport hand up to ``BULK_SEND`` bytes to one
-    ``send`` (``SEND_LIMIT``, 128 KiB by default): a big value in fewer
-    reactor turns.  Nothing for other transports."""
-    if isinstance(transport, FileDescriptor):
-        transport.SEND_LIMIT = max(BULK_SEND, FileDescriptor.SEND_LIMIT)
-
-
-def unjoined_writes(transport) -> None:
-    """Make a socket transport send what is queued (``transport.write``)
-    piece by piece: a piece of ``BULK_SEND`` bytes or more from the object
-    itself, smaller ones joined up to about that size.  Twisted's
-    ``doWrite`` joins *everything* queued into one new buffer as soon as
-    less than ``SEND_LIMIT`` is left to send: with a few 1 MiB blob pieces
-    or big records queued behind each other, a copy of all of them while
-    they are still held (measured: docs/performance.md, "Memory").  Here
-    ``doWrite`` hands Twisted's one piece at a time, with ``SEND_LIMIT``
-    kept at most what that piece has left, so Twisted's own join never
-    runs; Twisted's ``doWrite`` does the rest (the sends, the end of the
-    output, a close waiting for it).  Nothing for other transports (TLS
-    writes its own); idempotent."""
-    if isinstance(transport, FileDescriptor) and "doWrite" not in transport.__dict__:
-        alive = weakref.ref(transport)      # no cycle through the instance's own dict
-        transport.doWrite = lambda: _unjoined_do_write(alive())
-
-
-def marked_reads(transport, owner, attribute: str) -> None:
-    """Set ``owner.<attribute>`` True while the reactor is inside the socket
-    transport's ``doRead`` (its ``recv`` gives up the GIL: another thread
-    can run between the read and the handling of what was read), False
-    otherwise.  Nothing for other transports (TLS reads through the one
-    under it); idempotent."""
-    if getattr(type(transport), "doRead", None) is not None \
-            and "doRead" not in transport.__dict__:
-        transport.doRead = _MarkedRead(transport, owner, attribute)
-
-
-class _MarkedRead:
-    """A transport's ``doRead`` (:func:`marked_reads`); weak references: no
-    cycle through the transport's own dict."""
-    __slots__ = ("_transport", "_owner", "_attribute")
-
-    def __init__(self, transport, owner, attribute: str):
-        self._transport, self._owner = weakref.ref(transport), weakref.ref(owner)
-        self._attribute = attribute
-
-    def __call__(self):
-        transport, owner = self._transport(), self._owner()
-        if owner is None:
-            return type(transport).doRead(transport)
-        setattr(owner, self._attribute, True)
-        try:
-            return type(transport).doRead(transport)
-        finally:
-            setattr(owner, self._attribute, False)
-
-
-def _unjoined_do_write(transport):
-    pending = transport._tempDataBuffer
-    if pending and transport.offset >= len(transport.dataBuffer):
-        count, size = 1, len(pending[0])
-        while count < len(pending) and size < BULK_SEND and len(pending[count]) < BULK_SEND:
-            size += len(pending[count])
-            count += 1
-        # the new buffer first, then the queue shortened: a thread looking
-        # (idle_seen_from_thread) never sees both empty while bytes are left
-        transport.dataBuffer = pending[0] if count == 1 else b"".join(pending[:count])
-        transport.offset = 0
-        del pending[:count]
-        transport._tempDataLen -= size
-    limit = transport.SEND_LIMIT
-    transport.SEND_LIMIT = max(1, min(limit, len(transport.dataBuffer) - transport.offset))
-    try:
-        return type(transport).doWrite(transport)
-    finally:
-        transport.SEND_LIMIT = limit
-
-
-def read_size(transport, size: int | None = None) -> None:
-    """Read up to ``size`` bytes per ``recv`` from a socket transport
-    (``bufferSize``; None: Twisted's default, 64 KiB) -- while a long value
-    arrives, fewer reactor turns.  Nothing for other transports."""
-    if isinstance(transport, FileDescriptor):
-        if size is None:
-            transport.__dict__.pop("bufferSize", None)
-        else:
-            transport.bufferSize = size
-
-
-def read_into(transport, view) -> int:
-    """Read what has already arrived on a socket transport's socket into
-    ``view`` (at most its length), without waiting, past Twisted's own
-    ``doRead``: the bytes read.  0 for other transports (TLS: Twisted
-    decrypts), and it stops at the connection's end or an error, which
-    Twisted's next read meets (an end stays readable)."""
-    if not isinstance(transport, FileDescriptor) or not hasattr(transport, "getHandle"):
-        return 0
-    sock, total, size = transport.getHandle(), 0, len(view)
-    while total < size and isinstance(sock, socket.socket):
-        try:
-            n = sock.recv_into(view[total:])
-        except OSError:     # BlockingIOError: nothing more yet
-            break
-        if not n:
-            break
-        total += n
-    return total
-
-
-def discard_output(transport) -> None:
-    """Drop what ``transport`` still holds for its peer, at once: an aborted
-    connection's buffers are otherwise freed only when ``connectionLost``
-    runs, a reactor turn later, and the server's memory budget has already
-    handed that room to other connections (nothing for other transports)."""
-    if hasattr(transport, "_tempDataBuffer") and hasattr(transport, "dataBuffer"):
-        transport.dataBuffer, transport.offset = b"", 0
-        transport._tempDataBuffer, transport._tempDataLen = [], 0
 
 
 # -- TLS (twisted.protocols.tls) ---------------------------------------------------------

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from ZODB.POSException import StorageError
 from zope.interface import implementer
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat, twistedcompat
 from zeotwist.client.threadreads import MORE, whole_answer
 from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
 from zeotwist.errors import ClientDisconnected
@@ -134,7 +134,7 @@ class BlobUpload:
             self._end(Failure())
             return
         self._transport = transport
-        twistedcompat.bulk_sends(transport)           # a chunk in one send, not eight
+        transportcompat.bulk_sends(transport)           # a chunk in one send, not eight
         if self._done is not None:
             self.resumeProducing()
 

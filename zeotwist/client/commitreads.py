@@ -49,7 +49,7 @@ import threading
 from twisted.python.failure import Failure
 
 from zeotwist.client.threadreads import PARKED, READ_SIZE, REACTOR, RETURNING
-from zeotwist import twistedcompat
+from zeotwist import transportcompat
 from zeotwist.client.threadwrites import ThreadWrites
 from zeotwist.wire import commitframes
 
@@ -66,7 +66,7 @@ class CommitReads(ThreadWrites):
         """connectionMade: mark :attr:`reactor_reading` while the reactor
         reads this connection's socket and handles what it read (a plain
         socket transport; TLS reads through the transport under it)."""
-        twistedcompat.marked_reads(self.transport, self, "reactor_reading")
+        transportcompat.marked_reads(self.transport, self, "reactor_reading")
 
     def take_invalidations(self, buf: bytes, locked: bool = False) -> int:
         """A reading thread: apply the plain Invalidate boxes at the start of

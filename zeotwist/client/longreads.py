@@ -15,7 +15,7 @@ object itself back once the view is released (CPython; elsewhere
 kernel's: by the loading thread (:class:`LongAnswer`), or by the reactor
 (``ClientProtocol.long_buffer``: the parser of :mod:`zeotwist.wire.framing`
 copies what Twisted read, then reads the rest of the value from the socket
-itself, ``twistedcompat.read_into``).
+itself, ``transportcompat.read_into``).
 
 The rest of the answer (its tail: ``end``, ``found``, ``prefetch``,
 ``start``) is read field by field with ``recv`` calls of exactly the bytes

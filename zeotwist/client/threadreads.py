@@ -60,7 +60,7 @@ import time
 
 from twisted.protocols import amp
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat, twistedcompat
 from zeotwist.client.longreads import MORE, LongAnswer
 from zeotwist.wire import boxlayout, loadframes, prefetch
 
@@ -138,7 +138,7 @@ class ThreadReads:
                 and self._batch is None
                 and getattr(type(transport), "writeSomeData", None) is not None
                 and hasattr(transport, "getHandle")
-                and twistedcompat.idle_seen_from_thread(transport))
+                and transportcompat.idle_seen_from_thread(transport))
 
     def _park_check(self) -> None:
         self._park_timer = None

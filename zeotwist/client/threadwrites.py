@@ -15,7 +15,7 @@ ever calls the socket's ``send`` (``writeSomeData``), and only
 * under :attr:`ThreadWrites.send_lock`, which every write of the protocol
   on the reactor thread also takes (:meth:`ThreadWrites.write_out`);
 * when the transport holds nothing still to be written
-  (:func:`~zeotwist.twistedcompat.idle_seen_from_thread`), so the frame
+  (:func:`~zeotwist.transportcompat.idle_seen_from_thread`), so the frame
   cannot overtake bytes written before it;
 * on a plain socket transport (TLS, in-memory and other transports: no);
 
@@ -46,7 +46,7 @@ from _thread import allocate_lock
 
 from twisted.python.failure import Failure
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat, twistedcompat
 from zeotwist.client import longreads
 from zeotwist.client.threadreads import MORE, ThreadReads, parse_load_answer, whole_answer
 from zeotwist.errors import ClientDisconnected
@@ -128,7 +128,7 @@ class ThreadWrites(ThreadReads):
             return False
         with lock:
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
-                    or not twistedcompat.idle_seen_from_thread(transport):
+                    or not transportcompat.idle_seen_from_thread(transport):
                 return False
             if receiver is not None:        # None: a one-way frame (send_from_thread)
                 receiver.reading = self.thread_asks(read)   # who reads the answer

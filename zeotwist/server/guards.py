@@ -23,7 +23,7 @@ Runs on the reactor thread.
 """
 from zeotwist.server.limits import pending_output
 from zeotwist.server.txnstate import Event
-from zeotwist.twistedcompat import discard_output
+from zeotwist.transportcompat import discard_output
 from zeotwist.wire.framing import SERVER_MAX_BOX_BYTES
 
 #: The largest box a connection may send before it has registered.

@@ -25,7 +25,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 # pending_output is re-exported: the server's sessions import it from here
-from zeotwist.twistedcompat import pending_output, port_logger, set_port_logger  # noqa: F401
+from zeotwist.transportcompat import pending_output  # noqa: F401
+from zeotwist.twistedcompat import port_logger, set_port_logger
 from zeotwist.wire.framing import address_text
 
 _log = Logger()

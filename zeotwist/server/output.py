@@ -19,7 +19,7 @@ from collections import deque
 from twisted.internet.defer import Deferred
 
 from zeotwist.server.limits import DEFAULT_MAX_PENDING_OUTPUT, pending_output
-from zeotwist.twistedcompat import unjoined_writes
+from zeotwist.transportcompat import unjoined_writes
 
 
 class OutputBudget:

@@ -18,7 +18,7 @@ from twisted.protocols import amp
 
 from ZODB.POSException import POSError
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat, twistedcompat
 from zeotwist.errors import RemoteProtocolError
 from zeotwist.wire.boxlayout import LONG_MARK
 from zeotwist.wire.sending import BatchedSender
@@ -153,7 +153,7 @@ class BoundedAMP(BatchedSender, amp.AMP):
                 # not copies) and join them once (no re-buffering of a
                 # growing value).
                 self._long = (key, vlen, [first], len(first))
-                twistedcompat.read_size(self.transport, LONG_READ)
+                transportcompat.read_size(self.transport, LONG_READ)
                 return
             if klen == 0:
                 off += 2
@@ -202,7 +202,7 @@ class BoundedAMP(BatchedSender, amp.AMP):
             return None
         pieces.append(memoryview(data)[:need] if len(data) > need else data)
         self._long = None
-        twistedcompat.read_size(self.transport)
+        transportcompat.read_size(self.transport)
         self._box[key] = b"".join(pieces)       # the value's one copy
         return need
 
@@ -214,7 +214,7 @@ class BoundedAMP(BatchedSender, amp.AMP):
         buffer.view[have:have + taken] = memoryview(data)[:taken]
         have += taken
         if have < vlen:
-            have += twistedcompat.read_into(self.transport, buffer.view[have:])
+            have += transportcompat.read_into(self.transport, buffer.view[have:])
         if have < vlen:
             self._long = (key, vlen, buffer, have)
             return None

@@ -17,7 +17,7 @@ with writes from another thread: zeotwist.client.threadwrites).
 """
 from twisted.protocols import amp
 
-from zeotwist import twistedcompat
+from zeotwist import transportcompat, twistedcompat
 from zeotwist.wire.boxlayout import box_parts
 
 #: A burst's answers are written together up to this many bytes.
@@ -93,7 +93,7 @@ class BatchedSender:
             batch.clear()
             self._batch_bytes = 0
         write_now(transport, head)
-        if not twistedcompat.adopt_output(transport, value):
+        if not transportcompat.adopt_output(transport, value):
             transport.write(value)              # queued behind others: Twisted joins
         transport.write(tail)
 
@@ -140,7 +140,7 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
         return
     send = transport.writeSomeData
-    if send is None or not twistedcompat.nothing_queued(transport):
+    if send is None or not transportcompat.nothing_queued(transport):
         transport.write(data)
         return
     sent = send(data)
