@@ -116,6 +116,22 @@ def test_a_plain_client_imports_no_endpoints_and_a_later_import_loads_no_tls(ser
     assert out.split("\n")[:3] == ["[]", "[] None", "whole"]
 
 
+def test_a_client_opened_from_configuration_loads_no_tls_nor_endpoints(servers):
+    """``<zeotwistclient>`` with a plain address: zeotwist.config imports the
+    endpoints (which, imported first, would load pyOpenSSL) only to check
+    an endpoint string."""
+    out = run(servers, """
+        import ZODB.config
+        storage = ZODB.config.storageFromString(
+            "%%import zeotwist\\n<zeotwistclient>\\nserver %s:%s\\nwait-timeout 10\\n"
+            "</zeotwistclient>\\n" % (plain_host, plain_port))
+        storage.new_oid()
+        print(loaded(), "twisted.internet.endpoints" in sys.modules)
+        storage.close()
+        """)
+    assert out.split("\n")[:1] == ["[] False"]
+
+
 def test_a_tls_client_after_a_plain_one_in_the_same_process(servers):
     out = run(servers, """
         import ZODB

@@ -23,7 +23,6 @@ reactor object, so a program (or a test) that needs a particular one sets
 
 Parsing runs in the caller's thread and does no I/O; ``open()`` connects.
 """
-from twisted.internet.endpoints import clientFromString
 from ZConfig.datatypes import inet_connection_address
 from ZODB.config import BaseConfig
 
@@ -63,6 +62,7 @@ def server_address(value: str):
     if text is not None and text == value:            # an endpoint string
         if is_tls_endpoint(text):
             require_tls("the address %r" % (value,))
+        from twisted.internet.endpoints import clientFromString   # not for plain addresses
         try:
             clientFromString(_NoReactor(), text)
         except Exception as e:   # whatever the endpoint parser objects to
