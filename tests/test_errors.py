@@ -83,7 +83,8 @@ def test_transaction_timeout_is_a_storage_transaction_error_and_still_a_disconne
 
 
 def test_server_service_argument_mistakes_are_usage_errors_and_still_type_errors(tmp_path):
-    from zeotwist.server.service import ServerService, open_storage
+    from zeotwist.server.openstorages import open_storage
+    from zeotwist.server.service import ServerService
     path = str(tmp_path / "data.fs")
     cases = [
         (lambda: ServerService(), "needs a filename or storages"),

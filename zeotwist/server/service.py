@@ -5,7 +5,7 @@
 the storages of a configuration file.  Every server option is read from
 one :class:`~zeotwist.server.settings.ServerSettings` (``service.settings``).
 Each storage gets its own :class:`StorageServer` (commit lock, worker
-thread, invalidations).  A storage that cannot be opened stops the server
+thread, invalidations: :mod:`zeotwist.server.openstorages`).  A storage that cannot be opened stops the server
 with :class:`StorageOpenError`; when the service is the process (twistd),
 every start-up failure is one line on the starting terminal and a non-zero
 exit (:mod:`zeotwist.server.startup`).  Runs on the reactor thread.
@@ -26,50 +26,16 @@ from zeotwist.errors import ConfigError, StartupFailed, StorageOpenError, UsageE
 from zeotwist.server.config import DEFAULT_STORAGE_NAME, describe, read_config
 from zeotwist.server.limits import AcceptGuard
 from zeotwist.server.metrics import metrics_site, missing_dependency
+from zeotwist.server.openstorages import FileStorageFile, open_servers
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
 from zeotwist.server.startup import (
     StartupReporter, listen_on, listen_problem, private_unix_socket, stop_on_early_sigterm)
-from zeotwist.server.storagesafety import check_audited
-from zeotwist.server.storageserver import StorageServer
 from zeotwist.tls import TLSConfigError, listen_tls, require_tls, server_options
 from zeotwist.twistedcompat import forget_exit_signal, stopped_by_signal
 
 _log = Logger()
 
-
-class FileStorageFile:
-    """Opens a FileStorage at ``path`` (created if missing, unless read-only)."""
-
-    def __init__(self, path: str, read_only: bool = False, **options):
-        self.path = path
-        self.read_only = read_only
-        self.options = options
-
-    def open(self):
-        from ZODB.FileStorage import FileStorage
-        create = not os.path.exists(self.path) and not self.read_only
-        return FileStorage(self.path, read_only=self.read_only, create=create, **self.options)
-
-    def describe(self) -> str:
-        return "FileStorage %s" % self.path
-
-    def __repr__(self):
-        return "<FileStorageFile %s>" % self.path
-
-
-def open_storage(opener):
-    """A storage from a :meth:`ServerService.from_storages` value: a storage
-    as is, a ZODB storage section (or anything with ``open()``) opened, or a
-    callable called."""
-    if hasattr(opener, "loadBefore"):
-        return opener
-    if hasattr(opener, "open"):
-        return opener.open()
-    if callable(opener):
-        return opener()
-    raise UsageError("cannot make a storage of %r: give a storage, a storage section "
-                     "(anything with open()) or a callable" % (opener,))
 
 class ServerService(service.Service):
     """Opens the storages, serves them on every endpoint, closes them on stop.
@@ -165,53 +131,10 @@ class ServerService(service.Service):
         return self._reactor
 
     def open_storages(self) -> None:
-        """Open every storage and give each its StorageServer (idempotent).
-
-        If one cannot be opened, those already open are closed again, the
-        cause is logged and :class:`StorageOpenError` raised.
-        """
-        if self.servers:
-            return
-        _log.info("zeotwist {version} starting (ZODB {zodb}, Twisted {twisted}, "
-                  "Python {python})", **versions())
-        opened = {}
-        try:
-            for name, opener in self.storages.items():
-                opened[name] = self._open_one(name, opener)
-        except StorageOpenError as e:
-            for server in opened.values():
-                server.close()
-            _log.critical("zeotwist {err}; not starting", err=e)
-            raise
-        self.servers.update(opened)
-
-    def _open_one(self, name, opener):
-        what = describe(opener)
-        storage = None
-        try:
-            storage = open_storage(opener)
-            s = self.settings
-            check_audited(name, storage, s.allow_unaudited_storage)
-            server = StorageServer(
-                storage, name, reactor=self.reactor, read_only=s.read_only,
-                transaction_timeout=s.transaction_timeout or None,
-                conflict_retry_wait=s.conflict_retry_wait,
-                conflict_turn_after=s.conflict_turn_after,
-                max_transaction_bytes=s.max_transaction_bytes,
-                invalidation_queue_size=s.invalidation_queue_size,
-                conflict_classes=self.conflict_classes,
-                client_conflict_resolution=s.client_conflict_resolution,
-                poll_interval=s.poll_interval,
-                prefetch_count=s.prefetch_count, prefetch_bytes=s.prefetch_bytes)
-            server.allow_read_only_pack = s.allow_read_only_pack
-            return server
-        except Exception as e:
-            if storage is not None and storage is not opener:
-                try:
-                    storage.close()
-                except Exception:
-                    pass
-            raise StorageOpenError(name, what, e) from e
+        """Open every storage and give each its StorageServer (idempotent;
+        :func:`~zeotwist.server.openstorages.open_servers`)."""
+        if not self.servers:
+            self.servers.update(open_servers(self.storages, self.settings, self.reactor))
 
     def privilegedStartService(self):
         # Under twistd: after daemonizing, before the reactor runs and before
@@ -405,17 +328,3 @@ def _write_atomically(path: str, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
-
-
-def versions() -> dict:
-    """zeotwist's version and those of what it runs on (the start-up line)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    def of(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "?"
-    return dict(version=of("zeotwist"), zodb=of("ZODB"), twisted=of("Twisted"),
-                python=platform.python_version())

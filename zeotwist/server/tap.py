@@ -23,8 +23,9 @@ from twisted.python import usage
 
 from zeotwist.server import footprint
 from zeotwist.server.config import DEFAULT_STORAGE_NAME, ConfigError, read_config
+from zeotwist.server.openstorages import FileStorageFile, open_storage
 from zeotwist.server.service import (   # ServerService & co. are imported from here too
-    FileStorageFile, ServerService, StorageOpenError, format_address, open_storage)
+    ServerService, StorageOpenError, format_address)
 from zeotwist.server.malloc import trim_periodically, tune_malloc
 from zeotwist.server.settings import (
     DEFAULT_LISTEN, FLAG, LIST, VALUE, ServerSettings, cli_name, help_text, layered,
