@@ -4,8 +4,9 @@ import shlex
 import signal
 import sys
 
+from zeotwist.bench.clients import BenchError
 from zeotwist.bench.parallel import MAX_WRITERS
-from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, BenchError, ServerError, Settings, run
+from zeotwist.bench.runner import CASE_NAMES, SYSTEMS, ServerError, Settings, run
 
 QUICK = dict(objects=500, commits=50, rounds=1, hot_reads=2000, passes=1, pack_objects=2000,
              holders=5, writer_commits=20, iterations=20, records=2, record_mb=1.0,

@@ -31,6 +31,7 @@ class LocalTarget:
 def local_round(tmp: str, oidfile: str, settings, directory: str) -> dict:
     """``{row: result}`` of the selected local cases, on one fresh copy."""
     from zeotwist.bench import runner
+    from zeotwist.bench.clients import client
     cases = [c for c in LOCAL_CASES if c in settings.cases]
     if not cases:
         return {}
@@ -39,6 +40,6 @@ def local_round(tmp: str, oidfile: str, settings, directory: str) -> dict:
                                            "local.fs"))
     got = {}
     for case in cases:
-        result = runner.client(target, case, oidfile, runner.case_params(settings, case))
+        result = client(target, case, oidfile, runner.case_params(settings, case))
         got.update(result.get("rows") or {case: result})
     return got

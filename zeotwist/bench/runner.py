@@ -3,10 +3,10 @@
 One FileStorage is populated here, then copied for every server run, so both
 systems serve byte-identical data.  A round, for each system in turn (the
 order alternates between rounds), starts that system's server on a fresh
-copy, runs one fresh client process per selected case against it (the
-hotset case with a writer process beside it; the writers, counter, oids and
-tpc cases as groups of processes started together,
-:mod:`zeotwist.bench.groups`), and stops it, in a ``finally``.  The
+copy, runs one fresh client process per selected case against it
+(:mod:`zeotwist.bench.clients`; the hotset case with a writer process
+beside it; the writers, counter, oids and tpc cases as groups of processes
+started together, :mod:`zeotwist.bench.groups`), and stops it, in a ``finally``.  The
 ``resolving`` case runs its group against another server of the system, on
 another fresh copy, started in client-side conflict resolution mode.  The ``pack``
 case has a database of its own (:func:`zeotwist.bench.packing.build`, also
@@ -25,14 +25,13 @@ import datetime
 import json
 import os
 import platform
-import selectors
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from zeotwist.bench.groups import GroupError, run_group
+from zeotwist.bench.clients import BenchError, client, group, parse_result, with_writer
 from zeotwist.bench.local import local_round
 from zeotwist.bench.packing import build
 from zeotwist.bench.procstat import peak_rss_mb, reset_peak
@@ -82,22 +81,14 @@ POPULATED_CASES = tuple(c for c in CASE_NAMES[:CASE_NAMES.index("pack")]
 #: Cases run as a group of client processes started together: concurrency levels.
 GROUP_CASES = {"writers": None, "counter": None, "resolving": None,
                "oids": (1, 2), "tpc": (1, 2)}
-#: Seconds one client process may run.
-CLIENT_TIMEOUT = 900.0
 #: Seconds the blob bench may run.
 BLOBS_TIMEOUT = 3600.0
 #: ``python -m zeotwist.bench.blobs`` options of a ``--quick`` run.
 QUICK_BLOBS = ("--large-mb", "2", "--large-count", "2", "--small-count", "100")
-#: Seconds the writer may take to connect and report ready, and to exit.
-WRITER_TIMEOUT = 120.0
 #: Client cache bytes per populated object in the hotset case: with Items of
 #: ~57 bytes, zeotwist's cache (120 bytes accounted per entry) holds about
 #: 23 % of them and ZEO's (43) about 40 %: the 10 % hot set fits, the rest not.
 HOTSET_CACHE_PER_OBJECT = 40
-
-
-class BenchError(RuntimeError):
-    """A client process failed."""
 
 
 @dataclass
@@ -330,93 +321,4 @@ def fresh_copy(base: str, directory: str, name: str) -> str:
     return filename
 
 
-def argv_for(server: Server, case: str, oidfile: str, params: dict) -> list:
-    return [sys.executable, "-m", "zeotwist.bench.workload", case, server.system,
-            server.address, oidfile] + ["%s=%s" % kv for kv in sorted(params.items())]
-
-
-def group(server: Server, case: str, oidfile: str, n: int, params: dict) -> dict:
-    """Run ``n`` processes of ``case`` side by side; the combined result."""
-    argvs = [argv_for(server, case, oidfile, dict(params, index=i)) for i in range(n)]
-    try:
-        result = run_group(argvs)
-    except GroupError as e:
-        server.check()
-        raise BenchError("%s %s: %s" % (server.system, case, e))
-    result["rate"] = result["count"] / result["seconds"]
-    return result
-
-
-def client(server: Server, case: str, oidfile: str, params: dict) -> dict:
-    """Run one workload in a fresh process; its result, with ``rate`` in operations/s."""
-    try:
-        done = subprocess.run(argv_for(server, case, oidfile, params), capture_output=True,
-                              text=True, timeout=CLIENT_TIMEOUT, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise BenchError("%s %s client ran over %g s" % (server.system, case, CLIENT_TIMEOUT))
-    if done.returncode != 0:
-        server.check()
-        raise BenchError("%s %s client failed (status %d):\n%s" % (
-            server.system, case, done.returncode, done.stderr[-3000:]))
-    return parse_result(done.stdout)
-
-
-def parse_result(stdout: str) -> dict:
-    """The client's last line: one result, or ``{"rows": {row: result}}``;
-    each result gets ``rate`` (operations/s) unless it has one."""
-    result = json.loads(stdout.strip().splitlines()[-1])
-    for one in (result.get("rows") or {"": result}).values():
-        one.setdefault("extra", {})
-        one.setdefault("rate", one["count"] / one["seconds"])
-    return result
-
-
-def with_writer(server: Server, oidfile: str, params: dict, rate: float) -> dict:
-    """The hotset client, with a writer process committing ``rate`` times a
-    second from before it starts until it has finished."""
-    errors = tempfile.TemporaryFile(mode="w+")
-    writer = subprocess.Popen(
-        argv_for(server, "writer", oidfile, {"rate": float(rate)}), text=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
-    try:
-        wait_ready(writer, errors, server)
-        result = client(server, "hotset", oidfile, params)
-        writer.stdin.close()
-        try:
-            writer.wait(WRITER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise BenchError("%s writer did not stop within %g s" % (
-                server.system, WRITER_TIMEOUT))
-        if writer.returncode != 0:
-            raise BenchError("%s writer failed (status %d):\n%s" % (
-                server.system, writer.returncode, tail(errors)))
-        wrote = parse_result(writer.stdout.read())
-        result["extra"].update(writer_rate=wrote["rate"],
-                               writer_conflicts=wrote["extra"]["conflicts"])
-        return result
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-            writer.wait()
-        errors.close()
-
-
-def wait_ready(writer, errors, server: Server) -> None:
-    with selectors.DefaultSelector() as sel:
-        sel.register(writer.stdout, selectors.EVENT_READ)
-        if not sel.select(WRITER_TIMEOUT):
-            raise BenchError("%s writer not ready after %g s" % (server.system, WRITER_TIMEOUT))
-    line = writer.stdout.readline()
-    if not line or not json.loads(line).get("ready"):
-        server.check()
-        writer.wait(WRITER_TIMEOUT)
-        raise BenchError("%s writer failed (status %s):\n%s" % (
-            server.system, writer.returncode, tail(errors)))
-
-
-def tail(f, size: int = 3000) -> str:
-    f.seek(0)
-    return f.read()[-size:]
-
-
-__all__ = ["run", "Settings", "BenchError", "ServerError", "SYSTEMS", "ROWS", "CASE_NAMES"]
+__all__ = ["run", "Settings", "ServerError", "SYSTEMS", "ROWS", "CASE_NAMES"]
