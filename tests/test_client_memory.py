@@ -208,9 +208,9 @@ def test_oids_are_not_reused_after_reconnection(world):
     clock, server, endpoint = world
     client = make_client(clock, endpoint)
     first = result(client.new_oid(), endpoint)
-    assert client.take_oid() is not None         # the pool was filled
+    assert client.oids.take() is not None        # the pool was filled
     endpoint.drop()
     clock.advance(1)
     endpoint.flush()
-    assert client.take_oid() is None             # emptied at registration
+    assert client.oids.take() is None            # emptied at registration
     assert result(client.new_oid(), endpoint) > first

@@ -16,7 +16,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 from ZODB.utils import p64, z64
 
-from zeotwist.client import client as client_module
+from zeotwist.client.oids import OID_BATCH
 from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.testing import Recorder
@@ -64,16 +64,16 @@ def test_steady_oid_allocation_never_waits_for_the_server(make_client, monkeypat
     monkeypatch.setattr(cs, "_call", lambda f, *a, **kw: (waited.append(f), real_call(f, *a, **kw))[1])
     first = cs.new_oid()                 # the empty pool: one round trip, 100 oids
     assert len(waited) == 1
-    pool = cs.client._oids
+    pool = cs.client.oids
     deadline = time.monotonic() + 10     # the background refill has landed
-    while len(pool) < 2 * client_module.OID_BATCH - 1 and time.monotonic() < deadline:
+    while len(pool) < 2 * OID_BATCH - 1 and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert len(pool) == 2 * client_module.OID_BATCH - 1
+    assert len(pool) == 2 * OID_BATCH - 1
     oids = [first] + [cs.new_oid() for _ in range(150)]
     assert len(waited) == 1              # 150 more oids, no round trip waited for
     assert len(set(oids)) == len(oids)
     deadline = time.monotonic() + 10
-    while cs.client._refilling and time.monotonic() < deadline:
+    while cs.client.oids.refilling and time.monotonic() < deadline:
         time.sleep(0.001)
     assert len(set(oids) | set(pool)) == len(oids) + len(pool)   # never twice
 
@@ -123,13 +123,13 @@ def test_a_refill_answered_on_a_former_connection_is_dropped(tmp_path):
             pump.flush()
             assert isinstance(out[0], dict)
             client.connector.protocol = proto
-            client._refilling = True
-            client._refill_oids()            # asked on proto, not answered yet
+            client.oids.refilling = True
+            client.oids.refill()             # asked on proto, not answered yet
             if reconnected:
                 client.connector.protocol = object()     # a new connection meanwhile
             pump.flush()
-            assert client._refilling is False
-            assert len(client._oids) == (0 if reconnected else client_module.OID_BATCH)
+            assert client.oids.refilling is False
+            assert len(client.oids) == (0 if reconnected else OID_BATCH)
     finally:
         server.close()
 

@@ -17,7 +17,6 @@ Runs on the reactor thread (the two-phase commit is in
 :mod:`zeotwist.client.transaction`).
 """
 import random
-from collections import deque
 from threading import RLock
 
 from twisted.application.internet import backoffPolicy
@@ -29,6 +28,7 @@ from ZODB.utils import maxtid, z64
 from zeotwist.client.cache import ClientCache
 from zeotwist.client.connector import Connector
 from zeotwist.client.events import Invalidation, InvalidationEvents
+from zeotwist.client.oids import OidPool
 from zeotwist.client.reactorthread import in_reactor_thread
 from zeotwist.client.storagecalls import StorageCallsMixin
 from zeotwist.client.transaction import ClientTransaction
@@ -36,8 +36,6 @@ from zeotwist.errors import ClientDisconnected, UsageError
 from zeotwist.twistedcompat import calls_pending
 from zeotwist.tls import describe_error
 from zeotwist.wire import commands as C
-
-OID_BATCH = 100
 
 
 def _from_connector(name: str, doc: str | None = None) -> property:
@@ -99,7 +97,8 @@ class Client(StorageCallsMixin):
         self.events = InvalidationEvents()
         #: ``storage_factory(client)`` makes the ClientStorage of :meth:`open_db`
         self._storage_factory = storage_factory
-        self._oids: deque = deque()
+        #: new object ids, topped up a batch ahead (:mod:`zeotwist.client.oids`)
+        self.oids = OidPool(reactor, lambda: self.connector.protocol, self.call)
         self._loads: dict = {}
         # capped exponential backoff; up to 0.25 s of jitter spreads out
         # many clients reconnecting to a restarted server
@@ -108,7 +107,7 @@ class Client(StorageCallsMixin):
         self.connector = Connector(
             self, endpoint, retry_policy, credentials=credentials,
             read_only_fallback=read_only_fallback and not read_only,
-            fallback_check_interval=fallback_check_interval, on_register=self._oids.clear,
+            fallback_check_interval=fallback_check_interval, on_register=self.oids.clear,
             allow_older_server=allow_older_server)
         # never hand out an oid twice across servers/restarts: the pool is
         # emptied at every registration (on_register above)
@@ -316,60 +315,9 @@ class Client(StorageCallsMixin):
         """One round trip; every invalidation sent before it has arrived after it."""
         return self.call(C.LastTransaction).addCallback(lambda r: r["tid"])
 
-    _refilling = False      # a NewOids to top the pool up is on its way
-
-    def take_oid(self) -> bytes | None:
-        """An oid from the local pool, or None when it is empty (any thread).
-
-        Once the pool holds less than a batch, the next batch is asked for
-        in the background (through the reactor), so a thread allocating
-        oids steadily takes them from the pool and never waits for a round
-        trip (ZEO's client waits once per 100)."""
-        try:
-            oid = self._oids.popleft()
-        except IndexError:
-            return None
-        if len(self._oids) < OID_BATCH and not self._refilling:   # inline: per oid
-            self._top_up(self.reactor.callFromThread)
-        return oid
-
-    def _top_up(self, schedule) -> None:
-        """Under a batch left in the pool: ``schedule(_refill_oids)`` once."""
-        if len(self._oids) < OID_BATCH and not self._refilling:
-            self._refilling = True
-            schedule(self._refill_oids)
-
-    def _refill_oids(self) -> None:
-        """Top the oid pool up by one batch (reactor thread).  Oids answered
-        on a connection that is no longer the current one are dropped, as
-        the pool is emptied at every registration."""
-        proto = self.connector.protocol
-        if proto is None:
-            self._refilling = False
-            return
-
-        def got(answer):
-            if self.connector.protocol is proto:
-                self._oids.extend(answer["oids"])
-
-        def done(_):
-            self._refilling = False
-
-        proto.call(C.NewOids, count=OID_BATCH).addCallbacks(got, lambda f: None) \
-            .addBoth(done)
-
     def new_oid(self) -> Deferred:
-        if self._oids:
-            return succeed(self._oids.popleft())
-        d = self.call(C.NewOids, count=OID_BATCH)
-
-        def got(r):
-            self._oids.extend(r["oids"])
-            oid = self._oids.popleft()
-            self._top_up(lambda refill: refill())     # on the reactor thread already
-            return oid
-
-        return d.addCallback(got)
+        """A fresh object id (from the pool, :attr:`oids`, else the server)."""
+        return self.oids.new_oid()
 
     def new_oids(self, count: int) -> Deferred:
         """A list of ``count`` fresh object ids (from the pool, then the server)."""

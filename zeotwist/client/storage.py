@@ -342,7 +342,7 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
     def new_oid(self) -> bytes:
         if self.isReadOnly():
             raise ReadOnlyError()
-        oid = self._client.take_oid()
+        oid = self._client.oids.take()
         return oid if oid is not None else self._call(self._client.new_oid)
 
 
