@@ -22,9 +22,12 @@ SERVE_LISTING_MODULES = [sys.executable, "-c", (
     "sys.exit(main(['serve'] + sys.argv[1:]))\n")]
 #: what twistd brings and a server has no use for; and http.cookiejar and
 #: twisted.persisted.sob (twistd's saved applications), which Twisted imports
-#: and nothing uses (zeotwist.server.footprint.import_tap)
+#: and nothing uses (zeotwist.server.footprint.import_tap); and ZConfig (only
+#: -C reads a file), importlib.metadata with email (zeotwist.installed reads
+#: the start-up line's versions), MappingStorage
 NOT_LOADED = ("twisted.scripts", "twisted.application.app", "twisted.trial",
-              "unittest", "pdb", "argparse", "http.cookiejar", "twisted.persisted.sob")
+              "unittest", "pdb", "argparse", "http.cookiejar", "twisted.persisted.sob",
+              "ZConfig", "importlib.metadata", "email", "ZODB.MappingStorage")
 
 
 def test_serve_serves_and_loads_none_of_twistds_machinery(tmp_path):
