@@ -133,6 +133,35 @@ def test_a_conflict_fails_the_vote_and_frees_the_server(world):
     assert server.lock.holder is None
 
 
+def test_a_link_cut_during_the_handshake_is_one_retry_then_registered(world):
+    """The Register is lost with its link: the connection's loss and the
+    handshake's failure make one retry (zeotwist.client.reconnect)."""
+    clock, server, endpoint = world
+    client = Client(clock, endpoint, retry_policy=lambda attempt: 1.0)
+    client.start()                   # connected; Register written, not delivered
+    endpoint.links[-1][0].transport.getOutBuffer()      # and lost on the way
+    endpoint.drop()
+    assert not client.is_connected and len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    endpoint.flush()
+    assert client.is_connected and client.connections == 1 and endpoint.attempts == 2
+
+
+def test_stop_during_the_handshake_closes_the_connection_and_ends(world):
+    clock, server, endpoint = world
+    client = Client(clock, endpoint, retry_policy=lambda attempt: 1.0)
+    client.start()
+    waiting = []
+    client.when_connected().addBoth(waiting.append)
+    stopped = client.stop()
+    endpoint.flush()
+    assert result(stopped, endpoint) is None
+    assert waiting[0].check(ClientDisconnected)
+    assert not client.is_connected and len(server.sessions) == 0
+    clock.advance(10)
+    assert endpoint.attempts == 1 and clock.getDelayedCalls() == []
+
+
 def test_verification_after_reconnection_invalidates_what_changed(world):
     clock, server, endpoint = world
     client = make_client(clock, endpoint)

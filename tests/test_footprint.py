@@ -1,7 +1,8 @@
 """What a ``twistd zeotwist`` server loads: not pyOpenSSL without TLS
 (zeotwist.server.footprint), not RelStorage without a RelStorage, not the
-client package (docs/performance.md, "Memory").  The TLS servers of
-tests/test_tls.py (``--listen-tls``, an ``ssl:`` string) are the other side."""
+client package (docs/performance.md, "Memory"); and what a client leaves
+out.  The TLS servers of tests/test_tls.py (``--listen-tls``, an ``ssl:``
+string) are the other side; a client's TLS is in tests/test_lazytls.py."""
 import ast
 import subprocess
 import sys
@@ -97,6 +98,15 @@ def test_the_bench_puts_nothing_of_zeotwists_client_into_a_zeo_client_process():
         "zeotwist.bench.graph, zeotwist.bench.records, zeotwist.bench.writes, "
         "zeotwist.bench.pipelined, zeotwist.bench.packing",
         ("twisted", "OpenSSL", "cryptography", "zeotwist.client.")) == []
+
+
+def test_the_client_keeps_its_connection_without_twisted_application():
+    """zeotwist.client.reconnect, not Twisted's ClientService: no
+    twisted.application, twisted.plugin (twisted.python.modules, zipfile)
+    nor automat in a client (1.1 MB)."""
+    assert imported_by("zeotwist.client.storage, zeotwist.client.interaction",
+                       ("twisted.application", "twisted.plugin", "twisted.python.modules",
+                        "zipfile", "automat")) == []
 
 
 def test_which_settings_need_tls():

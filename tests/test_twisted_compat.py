@@ -6,7 +6,6 @@ upgrade, fix that module and the Twisted range in pyproject.toml.
 import inspect
 
 import pytest
-from twisted.application.internet import ClientService
 from twisted.internet import abstract, tcp
 from twisted.internet.base import ReactorBase
 from twisted.internet.defer import succeed
@@ -316,30 +315,6 @@ def test_exit_signal_is_what_twistd_exits_with_and_can_be_forgotten():
             reactor.removeReader(reader)
 
 
-def test_client_service_proxy():
-    proxies = []
-
-    class Endpoint:
-        def connect(self, factory):
-            proto = factory.buildProtocol(None)
-            proto.makeConnection(StringTransport())
-            return succeed(proto)
-
-    def prepare(proxy):
-        proxies.append(proxy)
-
-    service = ClientService(Endpoint(), Factory.forProtocol(Protocol), clock=Clock(),
-                            prepareConnection=prepare)
-    service.startService()
-    [proxy] = proxies
-    assert "_protocol" in vars(proxy) and "_lostNotification" in vars(proxy)
-    inner = compat.service_protocol(proxy)
-    assert type(inner) is Protocol and inner is not proxy
-    compat.silence_lost_notification(proxy)
-    proxy.connectionLost(Failure(Exception("gone")))     # ClientService not told
-    assert service.whenConnected().called               # still "connected"
-
-
 def test_logging_begun(monkeypatch):
     import io
     import types
@@ -385,7 +360,6 @@ def test_value_now_only_of_a_deferred_fired_with_a_value():
                                   "amp_decode_fields", "nothing_queued", "pending_output",
                                   "discard_output", "read_into",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
-                                  "service_protocol", "silence_lost_notification",
                                   "logging_begun", "stopped_by_signal", "forget_exit_signal",
                                   "value_now"])
 def test_every_helper_is_tested_here(name):

@@ -196,24 +196,6 @@ def private_reactor():
     return reactor
 
 
-# -- ClientService (twisted.application.internet) -------------------------------------------
-# The handshake runs as ``prepareConnection``, which gets a proxy around our
-# protocol; a handshake that fails must not be reported as a lost connection
-# too (ClientService has no transition for that while connecting).
-
-
-def service_protocol(proxy):
-    """Our protocol behind ClientService's proxy (``_protocol``); the proxy
-    itself if it has none (it forwards everything to the protocol)."""
-    return getattr(proxy, "_protocol", proxy)
-
-
-def silence_lost_notification(proxy) -> None:
-    """The proxy's connection loss is not reported to ClientService."""
-    if hasattr(proxy, "_lostNotification"):
-        proxy._lostNotification = lambda reason: None
-
-
 # -- twisted.logger -------------------------------------------------------------------------
 def logging_begun() -> bool:
     """The application has begun Twisted logging: ``beginLoggingTo`` sets

@@ -1,7 +1,7 @@
 """Client: the Deferred API to one storage on a zeotwist server.
 
 Every method returns a Deferred (or a plain value where nothing needs the
-network).  The connection lifecycle (ClientService, Login, Register, Verify,
+network).  The connection lifecycle (reconnection, Login, Register, Verify,
 read-only fallback) belongs to :mod:`zeotwist.client.connector`, so
 ``when_connected`` fires only for a registered connection whose cache is up
 to date.  Invalidations reach subscribers through :attr:`Client.events`
@@ -16,10 +16,8 @@ hold stale objects (:meth:`Client.make_visible`).
 Runs on the reactor thread (the two-phase commit is in
 :mod:`zeotwist.client.transaction`).
 """
-import random
 from threading import RLock
 
-from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from ZODB.POSException import POSKeyError, ReadOnlyError
@@ -30,6 +28,7 @@ from zeotwist.client.connector import Connector
 from zeotwist.client.events import Invalidation, InvalidationEvents
 from zeotwist.client.oids import OidPool
 from zeotwist.client.reactorthread import in_reactor_thread
+from zeotwist.client.reconnect import backoff
 from zeotwist.client.storagecalls import StorageCallsMixin
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.errors import ClientDisconnected, UsageError
@@ -102,8 +101,7 @@ class Client(StorageCallsMixin):
         self._loads: dict = {}
         # capped exponential backoff; up to 0.25 s of jitter spreads out
         # many clients reconnecting to a restarted server
-        retry_policy = retry_policy or backoffPolicy(
-            initialDelay=0.05, maxDelay=5.0, jitter=lambda: random.random() * 0.25)
+        retry_policy = retry_policy or backoff()
         self.connector = Connector(
             self, endpoint, retry_policy, credentials=credentials,
             read_only_fallback=read_only_fallback and not read_only,

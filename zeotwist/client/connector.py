@@ -1,8 +1,8 @@
 """The connection lifecycle of one :class:`~zeotwist.client.client.Client`.
 
 A :class:`Connector` keeps one *registered* connection to the server: it
-owns Twisted's ``ClientService`` (capped exponential backoff, injected
-clock), and runs the handshake as the service's ``prepareConnection`` step:
+owns a :class:`~zeotwist.client.reconnect.Reconnector` (capped exponential
+backoff, injected clock), and runs the handshake as its ``handshake`` step:
 Login (with credentials), Register, then Verify when the cache already
 covers some transactions.  :attr:`Connector.protocol` is set only once the
 cache is up to date, under the client's visibility lock, together with the
@@ -16,16 +16,15 @@ the invalidations of the registered connection.
 
 Runs on the reactor thread.
 """
-from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from ZODB.POSException import ReadOnlyError
 
-from zeotwist import twistedcompat
 from zeotwist.client.events import Invalidation
 from zeotwist.client.fallback import WritableProbe
 from zeotwist.client.protocol import ClientFactory, peer_text
+from zeotwist.client.reconnect import Reconnector
 from zeotwist.errors import (
     ProtocolVersionError, ServerOlderThanCache, Unauthorized, UnknownStorage, WrongServer)
 from zeotwist.tls import describe_error
@@ -35,24 +34,6 @@ from zeotwist.wire import commands as C
 PERMANENT = (UnknownStorage, ReadOnlyError, Unauthorized, WrongServer, ProtocolVersionError)
 
 _log = Logger()
-
-
-class _ErrorKeepingEndpoint:
-    """The endpoint ClientService connects through: a failed attempt (refused,
-    unreachable, a TLS failure before the connection is up) becomes the
-    connector's last error, which ``Client.when_connected`` reports."""
-
-    def __init__(self, endpoint, connector: "Connector"):
-        self._endpoint, self._connector = endpoint, connector
-
-    def connect(self, factory):
-        d = self._endpoint.connect(factory)
-        d.addErrback(self._failed)
-        return d
-
-    def _failed(self, failure):
-        self._connector.unreachable(failure.value)
-        return failure
 
 
 class Connector:
@@ -71,10 +52,8 @@ class Connector:
         self.allow_older_server = allow_older_server
         self.fallback_check_interval = fallback_check_interval
         self._on_register = on_register or (lambda: None)
-        self._retry_policy = retry_policy
         self._refusals = 0           # read-only refusals since the last success
         self._probe = None
-        self._handshaking = None     # ClientService's proxy while we register
         #: a connection loss we asked for (stop, new address): not a warning
         self._leaving = False
         #: the registered, verified protocol, or None
@@ -94,42 +73,30 @@ class Connector:
         self.server_read_only = client.read_only
         self.server_interfaces: tuple = ()
         self.supports_undo = False
-        self._service = self._make_service(endpoint)
+        #: keeps the connection: attempts, the handshake (:meth:`_register`), retries
+        self.keeper = Reconnector(endpoint, ClientFactory(self), self._register, retry_policy,
+                                  self.reactor, self.unreachable)
 
-    def _make_service(self, endpoint) -> ClientService:
-        return ClientService(
-            _ErrorKeepingEndpoint(endpoint, self), ClientFactory(self),
-            retryPolicy=self._retry_policy, clock=self.reactor,
-            prepareConnection=self._register)
-
-    # -- the service -------------------------------------------------------------
+    # -- the connection ------------------------------------------------------------
     def start(self) -> None:
         self._leaving = False
-        self._service.startService()
+        self.keeper.start()
 
     def stop(self) -> Deferred:
         self._leaving = True
         if self._probe is not None:
             self._probe.stop()
-        self._abandon_handshake()
         for d in list(self._waiting):
             d.cancel()
-        return self._service.stopService()
-
-    def _abandon_handshake(self) -> None:
-        # Stopping ClientService mid-handshake moves it to Stopped, which has
-        # no transition for the proxy's later connection loss (NoTransition).
-        if self._handshaking is not None:
-            twistedcompat.silence_lost_notification(self._handshaking)
+        return self.keeper.stop()
 
     def set_endpoint(self, endpoint) -> Deferred:
         """Drop the current connection and connect to ``endpoint`` from now on;
-        fires once the old connection is closed and the new service runs."""
-        old, self.endpoint = self._service, endpoint
-        self._service = self._make_service(endpoint)
+        fires once the old connection is closed and the next attempt begun."""
+        self.endpoint = endpoint
         self._leaving = True
-        self._abandon_handshake()
-        d = old.stopService()
+        d = self.keeper.stop()
+        self.keeper.endpoint = endpoint
         d.addCallback(lambda _: self.start())
         return d
 
@@ -138,10 +105,8 @@ class Connector:
         with the refusal once every server refused this client permanently,
         and is cancelled when the client stops.
 
-        The connector keeps these itself rather than asking ClientService's
-        ``whenConnected``: while a lost connection's calls fail (in its
-        ``connectionLost``), ClientService has not heard of the loss yet
-        and would answer with that dead connection."""
+        The connector keeps these itself: only it knows when a connection is
+        registered and its cache verified."""
         if self.protocol is not None:
             return succeed(self.protocol)
         if self.refused is not None:
@@ -218,13 +183,10 @@ class Connector:
                      else LogLevel.warn)
             _log.emit(level, "zeotwist client lost its connection: {why}",
                       why=reason.getErrorMessage())
+        self.keeper.connection_lost(proto)        # a retry, or the end of a stop
 
     # -- the handshake -----------------------------------------------------------------
-    def _register(self, wrapper):
-        # ClientService hands us its proxy around our protocol; we keep the
-        # protocol itself, since that is what reports to this connector.
-        proto = twistedcompat.service_protocol(wrapper)
-        self._handshaking = wrapper
+    def _register(self, proto):
         d = self._login(proto).addCallback(
             lambda _: self.send_register(proto, self._client.read_only))
         if self.read_only_fallback:
@@ -232,13 +194,8 @@ class Connector:
         d.addCallback(self._registered, proto)
         d.addCallback(self._wake_waiting, proto)
         # a failed Register or Verify (a server older than the cache) alike
-        d.addErrback(self._register_failed, proto, wrapper)
-        d.addBoth(self._handshake_over)
+        d.addErrback(self._register_failed, proto)
         return d
-
-    def _handshake_over(self, result):
-        self._handshaking = None
-        return result
 
     def _login(self, proto) -> Deferred:
         """Login (when the client has credentials), before Register."""
@@ -338,7 +295,7 @@ class Connector:
         _log.info("zeotwist cache verified: {n} objects changed while disconnected",
                   n=len(oids))
 
-    def _register_failed(self, failure, proto, wrapper):
+    def _register_failed(self, failure, proto):
         error = self.last_error = self._refused(failure.value, proto)
         if error is not failure.value:
             failure = Failure(error)
@@ -351,14 +308,7 @@ class Connector:
         self._count_refusal(error)
         if hasattr(self.endpoint, "skip_current"):
             self.endpoint.skip_current()     # the next attempt tries the next server
-        # ClientService (Twisted 26.10) has no transition for a connection
-        # lost while it is still "connecting" (our handshake): it raises
-        # NoTransition.  A failed handshake is reported through the returned
-        # failure instead, so silence the proxy's lost-notification first.
-        twistedcompat.silence_lost_notification(wrapper)
-        if proto.transport is not None:
-            proto.transport.loseConnection()
-        return failure
+        return failure                       # the keeper closes the connection, retries
 
     # -- read-only fallback ------------------------------------------------------------
     def _schedule_writable_probe(self) -> None:
