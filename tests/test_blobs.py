@@ -4,21 +4,19 @@
   as ZEO's own tests use it) for both blob modes: a blob cache directory,
   and a blob directory shared with the server.  Each of its tests is one
   pytest case here; each storage it makes starts its own server.
-* A 200 MB blob stored and loaded back with client and server in separate
-  processes, their peak memory (``VmHWM``) measured.
 * A shared-blob-directory client cannot make the server read or move a
   file outside its blob directory.
 * The blob cache stays within ``blob_cache_size``.
+* The Deferred API's uploads are paced; blobs over TLS.
+
+The 200 MB blob with bounded memory is tests/test_blob_memory.py; the blob
+commands in memory and stalled transfers tests/test_blob_transfers.py.
 
 The blocking ClientStorage runs on the background reactor (docs/testing.md);
 the in-process servers do too.
 """
-import hashlib
-import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import textwrap
 import unittest
@@ -37,7 +35,7 @@ from ZODB.utils import z64
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import background_reactor
 from zeotwist.errors import BlobPathRefused
-from zeotwist.testing import start_server, start_twistd
+from zeotwist.testing import start_server
 
 
 # -- ZODB's reusable blob suite ------------------------------------------------------
@@ -470,101 +468,6 @@ def test_one_blob_larger_than_the_cache_is_still_served(blob_server, clients, tm
     writer.close()
 
 
-# -- a 200 MB blob, client and server in separate processes, memory measured ---------------
-
-BIG_MB = 200
-
-_BIG_CLIENT = textwrap.dedent('''
-    import hashlib, json, os, sys, time
-    import transaction, ZODB
-    from ZODB.blob import Blob
-    from zeotwist import ClientStorage
-
-    def peak():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-
-    host, port = sys.argv[1].rsplit(":", 1)
-    work, megabytes = sys.argv[2], int(sys.argv[3])
-    source = os.path.join(work, "big.bin")
-    digest = hashlib.sha256()
-    block = bytearray(os.urandom(2**20))
-    with open(source, "wb") as f:
-        for i in range(megabytes):
-            block[:8] = i.to_bytes(8, "big")
-            f.write(block)
-            digest.update(block)
-    del block
-
-    def database(cache):
-        return ZODB.DB(ClientStorage((host, int(port)), blob_dir=os.path.join(work, cache),
-                                     wait_timeout=30))
-
-    db = database("cache-store")
-    conn = db.open()
-    base = peak()
-    t0 = time.monotonic()
-    blob = Blob()
-    blob.consumeFile(source)
-    conn.root.big = blob
-    transaction.commit()
-    store = time.monotonic() - t0
-    db.close()
-
-    db = database("cache-load")           # an empty cache: the blob is downloaded
-    conn = db.open()
-    t0 = time.monotonic()
-    check = hashlib.sha256()
-    with conn.root.big.open() as f:
-        for piece in iter(lambda: f.read(2**20), b""):
-            check.update(piece)
-    load = time.monotonic() - t0
-    db.close()
-    print(json.dumps(dict(base=base, peak=peak(), store_s=store, load_s=load,
-                          same=check.hexdigest() == digest.hexdigest())))
-''')
-
-
-def _peak(pid) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM for %d" % pid)
-
-
-def test_200mb_blob_with_bounded_memory_on_both_sides(tmp_path):
-    server = start_twistd(str(tmp_path / "data.fs"), "--blob-dir", str(tmp_path / "blobs"))
-    try:
-        server_base = _peak(server.pid)
-        script = tmp_path / "big_client.py"
-        script.write_text(_BIG_CLIENT)
-        host, port = server.address
-        out = subprocess.run(
-            [sys.executable, str(script), "%s:%d" % (host, port), str(tmp_path), str(BIG_MB)],
-            capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr + server.log()
-        server_peak = _peak(server.pid)
-    finally:
-        server.stop()
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert figures["same"]
-    client_growth = figures["peak"] - figures["base"]
-    server_growth = server_peak - server_base
-    mb = 2**20
-    print("\n200 MB blob: store %.2f s (%.0f MB/s), load %.2f s (%.0f MB/s); peak RSS growth: "
-          "client %.1f MB (peak %.1f MB), server %.1f MB (peak %.1f MB)" % (
-              figures["store_s"], BIG_MB / figures["store_s"], figures["load_s"],
-              BIG_MB / figures["load_s"], client_growth / mb, figures["peak"] / mb,
-              server_growth / mb, server_peak / mb))
-    assert client_growth < 100 * mb
-    assert server_growth < 100 * mb
-    # the committed blob is in the server's blob directory, nothing left in its tmp
-    assert os.listdir(str(tmp_path / "blobs" / "tmp")) == []
-
-
 # -- the Deferred API, in the running (pytest-twisted) reactor ------------------------------
 
 @pytest.fixture
@@ -620,186 +523,6 @@ async def test_deferred_api_upload_is_paced_even_when_started_in_a_callback(
         await client.stop()
 
 
-# -- protocol misuse, in memory (a Clock, synchronous storage calls) ------------------------
-
-@pytest.fixture
-def memory_world(tmp_path):
-    from twisted.internet.task import Clock
-    from ZODB.FileStorage import FileStorage
-    from zeotwist.testing import memory_server
-    clock = Clock()
-    servers = {
-        "1": memory_server(FileStorage(str(tmp_path / "b.fs"), blob_dir=str(tmp_path / "blobs")),
-                           clock),
-        "plain": memory_server(FileStorage(str(tmp_path / "p.fs")), clock),
-    }
-    yield clock, servers, tmp_path
-    for server in servers.values():
-        server.close()
-
-
-def _session(world, storage="1"):
-    from zeotwist.testing import connect_in_memory
-    from zeotwist.wire import commands as C
-    clock, servers, _ = world
-    client, session, pump, rec = connect_in_memory(servers, clock)
-    out = []
-    client.call(C.Register, protocol=C.PROTOCOL_VERSION, storage=storage,
-                read_only=False).addBoth(out.append)
-    pump.flush()
-    assert isinstance(out[0], dict)
-    return client, session, pump, rec
-
-
-def _vote(client, pump):
-    from zeotwist.wire import commands as C
-    out = []
-    client.call(C.Vote).addBoth(out.append)
-    pump.flush()
-    return out[0] if out else None
-
-
-@pytest.mark.parametrize("misuse", ["chunk-outside-txn", "out-of-order", "no-blobs-storage",
-                                    "negative-offset", "unsent-blob-file"])
-def test_blob_protocol_misuse_drops_the_connection(memory_world, misuse):
-    from zeotwist.wire import commands as C
-    from zeotwist.wire.records import encode_blob
-    client, session, pump, rec = _session(
-        memory_world, "plain" if misuse == "no-blobs-storage" else "1")
-    oid = b"\0" * 7 + b"\1"
-    if misuse == "chunk-outside-txn":
-        client.send(C.StoreBlobChunk, blob=0, data=b"x")
-    elif misuse == "negative-offset":
-        client.call(C.LoadBlobChunk, oid=oid, serial=z64, offset=-1).addErrback(lambda f: None)
-    else:
-        client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-        if misuse == "out-of-order":
-            client.send(C.StoreBlobChunk, blob=1, data=b"x")
-        elif misuse == "no-blobs-storage":
-            client.send(C.StoreBlobChunk, blob=0, data=b"x")
-        else:
-            client.send(C.StoreBlobChunk, blob=0, data=b"x")
-            client.send(C.StoreData, data=encode_blob(oid, z64, 1, b"record"))
-            _vote(client, pump)
-    pump.flush()
-    assert rec.lost, misuse
-    assert session.server.lock.waiting() == 0
-    spool_dir = memory_world[2] / "blobs" / "tmp"
-    assert not spool_dir.exists() or os.listdir(str(spool_dir)) == []
-
-
-def test_blob_chunks_and_records_commit_in_memory(memory_world):
-    from zeotwist.wire import commands as C
-    from zeotwist.wire.records import encode_blob
-    client, session, pump, rec = _session(memory_world)
-    oid = b"\0" * 7 + b"\1"
-    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    client.send(C.StoreBlobChunk, blob=0, data=b"first ")
-    client.send(C.StoreBlobChunk, blob=0, data=b"blob")
-    client.send(C.StoreBlobChunk, blob=1, data=b"")          # an empty one
-    client.send(C.StoreData, data=encode_blob(oid, z64, 0, b"record 1")
-                + encode_blob(oid[:7] + b"\2", z64, 1, b"record 2"))
-    assert _vote(client, pump) == dict(resolved=[], conflicts=b"", to_resolve=None, current=None)
-    out = []
-    client.call(C.Finish).addBoth(out.append)
-    pump.flush()
-    tid = out[0]["tid"]
-    got = []
-    client.call(C.LoadBlobChunk, oid=oid, serial=tid, offset=0).addBoth(got.append)
-    client.call(C.LoadBlobChunk, oid=oid, serial=tid, offset=6).addBoth(got.append)
-    client.call(C.LoadBlobChunk, oid=oid[:7] + b"\2", serial=tid, offset=0).addBoth(got.append)
-    pump.flush()
-    assert got == [dict(data=b"first blob", size=10), dict(data=b"blob", size=10),
-                   dict(data=b"", size=0)]
-    assert not rec.lost
-    assert os.listdir(str(memory_world[2] / "blobs" / "tmp")) == []
-
-
-# -- transfers that stop making progress (a Clock, fake connections) ------------------------
-
-class _SilentProto:
-    """A connection whose server never answers and whose transport, once
-    written to, stays full (it never asks the producer to resume)."""
-
-    def __init__(self):
-        from twisted.internet.defer import Deferred
-        self.asked = []
-        self.transport = self
-        self.producer = None
-        self._Deferred = Deferred
-
-    def call(self, command, **kw):
-        self.asked.append(kw)
-        return self._Deferred()
-
-    def emit(self, frame):
-        if self.producer is not None:
-            self.producer.pauseProducing()
-
-    def registerProducer(self, producer, streaming):
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
-
-
-def test_a_stalled_download_fails_after_its_idle_timeout(tmp_path):
-    from twisted.internet.task import Clock
-    from zeotwist.client.blobtransfer import BlobDownload
-    from zeotwist.errors import ClientDisconnected
-    clock, proto, out = Clock(), _SilentProto(), []
-    with open(str(tmp_path / "partial"), "wb") as f:
-        BlobDownload(proto, b"\0" * 8, b"\1" * 8, f, reactor=clock,
-                     idle_timeout=30).start().addBoth(out.append)
-        clock.advance(29)
-        assert out == [] and len(proto.asked) == 1
-        clock.advance(2)
-    assert out and out[0].check(ClientDisconnected)
-    assert "no progress for 30 s" in str(out[0].value)
-
-
-def test_a_stalled_upload_fails_after_its_idle_timeout_but_a_slow_one_does_not(tmp_path):
-    from twisted.internet.task import Clock
-    from zeotwist.client.blobtransfer import BlobUpload
-    from zeotwist.errors import ClientDisconnected
-    src = tmp_path / "blob"
-    src.write_bytes(b"x" * 500_000)
-    clock, proto, out = Clock(), _SilentProto(), []
-    upload = BlobUpload(clock, proto, 0, str(src), idle_timeout=30)
-    upload.start().addBoth(out.append)
-    clock.advance(0)                               # begins in a turn of its own
-    assert upload.sent > 0 and proto.producer is upload
-    for _ in range(5):                             # slow but moving: one chunk per 20 s
-        clock.advance(20)
-        upload.resumeProducing()
-    assert out == []
-    clock.pump([1] * 61)                           # then stuck
-    assert out and out[0].check(ClientDisconnected)
-    assert proto.producer is None                  # unregistered
-
-
-def test_a_spool_write_error_fails_the_vote_not_the_connection(tmp_path):
-    from ZODB.POSException import StorageError
-    from zeotwist.server.blobs import BlobSpool
-
-    class FullDisk:
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-        def close(self):
-            pass
-
-    spool = BlobSpool(str(tmp_path))
-    spool.append(0, b"first")
-    spool._file = FullDisk()                  # the disk fills up
-    spool.append(0, b"more")                  # kept, not raised
-    spool.append(1, b"next blob")             # ignored from now on
-    with pytest.raises(StorageError, match="No space left"):
-        spool.take(0)
-    spool.close()
-    assert os.listdir(str(tmp_path)) == []
-
-
 def test_blobs_over_tls(tmp_path):
     """Uploads register a producer with the connection's transport: under TLS
     that is the TLS wrapper, which must pace them (and flush) too."""
@@ -827,24 +550,3 @@ def test_blobs_over_tls(tmp_path):
         db.close()
     finally:
         srv.stop()
-
-
-def test_read_only_session_spools_and_moves_nothing(memory_world):
-    from zeotwist.testing import connect_in_memory
-    from zeotwist.wire import commands as C
-    from zeotwist.wire.records import encode_blob
-    from ZODB.POSException import ReadOnlyError
-    clock, servers, tmp_path = memory_world
-    client, session, pump, rec = connect_in_memory(servers, clock)
-    client.call(C.Register, protocol=C.PROTOCOL_VERSION, storage="1", read_only=True)
-    pump.flush()
-    shared = tmp_path / "blobs" / "tmp" / "someone-elses.tmp"
-    shared.write_bytes(b"in flight")
-    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
-    client.send(C.StoreBlobChunk, blob=0, data=b"x" * 1000)
-    client.send(C.StoreBlobShared, blob=1, name="tmp/someone-elses.tmp")
-    client.send(C.StoreData, data=encode_blob(b"\0" * 7 + b"\1", z64, 0, b"r"))
-    answer = _vote(client, pump)
-    assert answer is not None and answer.check(ReadOnlyError)
-    assert not rec.lost
-    assert os.listdir(str(tmp_path / "blobs" / "tmp")) == ["someone-elses.tmp"]

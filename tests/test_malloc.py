@@ -28,3 +28,26 @@ def test_a_running_server_gives_back_what_a_big_record_freed(tmp_path):
                  % (idle / MiB, server.rss() / MiB))
     finally:
         server.stop()
+
+
+def test_blob_pieces_freed_go_back_once_they_stop_coming(monkeypatch):
+    """trim_after_burst: a trim BURST_QUIET seconds after the last blob
+    piece, not at every piece (a transfer keeps its buffers for reuse), and
+    not only at the next periodic trim: a blob load right after a store
+    then starts from the memory before it (docs/performance.md, "Memory")."""
+    from twisted.internet.task import Clock
+    from zeotwist.server import malloc
+    trims = []
+    monkeypatch.setattr(malloc, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(malloc, "_burst", None)
+    clock = Clock()
+    malloc.trim_periodically(clock)
+    assert len(trims) == 1                          # at start
+    for _ in range(10):                             # a transfer's pieces
+        malloc.trim_after_burst()
+        clock.advance(malloc.BURST_QUIET / 2)
+    assert len(trims) == 1
+    clock.advance(malloc.BURST_QUIET)               # the pieces stopped
+    assert len(trims) == 2
+    clock.advance(malloc.TRIM_INTERVAL - clock.seconds())
+    assert len(trims) == 3                          # the periodic one, as before

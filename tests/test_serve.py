@@ -20,11 +20,16 @@ SERVE_LISTING_MODULES = [sys.executable, "-c", (
     "    m for m, v in sys.modules.items() if type(v).__name__ != '_LazyModule')))\n"
     "from zeotwist.cli import main\n"
     "sys.exit(main(['serve'] + sys.argv[1:]))\n")]
-#: what twistd brings and a server has no use for; and http.cookiejar and
-#: twisted.persisted.sob (twistd's saved applications), which Twisted imports
-#: and nothing uses (zeotwist.server.footprint.import_tap)
+#: what twistd brings and a server has no use for; what Twisted imports and
+#: a plain server does not use (zeotwist.server.footprint.LAZY_MODULES); and
+#: ZConfig (only -C reads a file), importlib.metadata with email and zipfile
+#: (zeotwist.installed reads the start-up line's versions), MappingStorage
 NOT_LOADED = ("twisted.scripts", "twisted.application.app", "twisted.trial",
-              "unittest", "pdb", "argparse", "http.cookiejar", "twisted.persisted.sob")
+              "unittest", "pdb", "argparse", "http.cookiejar", "twisted.persisted.sob",
+              "decimal", "_decimal", "html.entities", "twisted.internet.process",
+              "twisted.internet.unix", "twisted.internet.udp", "twisted.python.modules",
+              "twisted.python.zippath", "ZConfig", "importlib.metadata", "email", "zipfile",
+              "ZODB.MappingStorage")
 
 
 def test_serve_serves_and_loads_none_of_twistds_machinery(tmp_path):

@@ -1,56 +1,123 @@
-"""Modules loaded at their first use, not when they are imported.
+"""Modules imported lazily: a stand-in in ``sys.modules`` until first use.
 
-Twisted imports at start-up modules that a client (or server) seldom or
-never uses: ``http.cookiejar`` (with ``urllib.request``, ``http.client``,
-``email``, ``calendar``: 1.4 MB of a client's resident memory) and its
-process support (0.3 MB) (docs/performance.md, "Memory").
-:func:`lazy_import` leaves a stand-in in their place that imports the real
-module at its first attribute; :func:`zeotwist.lazytls.import_plain` does
-so for ``LAZY_MODULES``, the server's start for its own
-(zeotwist.server.footprint).
+Twisted imports, at start-up, modules that a zeotwist client or server seldom
+or never uses: ``http.cookiejar`` (``twisted.python.compat``, only to offer
+it under its Python 2 name), the child-process support, the Unix-socket and
+UDP transports, ``decimal`` (for AMP's ``Decimal`` argument type), the HTML
+entity tables; each costs resident memory in every process
+(docs/performance.md, "Memory").  :func:`lazy_import` puts a
+:class:`_LazyModule` stand-in in their place: ``import X``, ``import a.X``
+and ``from a import X`` give the stand-in and run nothing; the first
+attribute asked of it imports the real module (once, under a lock), which
+then takes its place in ``sys.modules`` and on its package.  An attribute
+that a module's importer takes at once (``from X import name``) can be given
+to the stand-in ready-made: :func:`forward` (a function that imports the
+module when it is first called), :class:`LazyMapping`.
 
-Runs in whichever thread imports or first uses such a module.
+Not ``importlib.util.LazyLoader``: before Python 3.12.3 it is not
+thread-safe (a second thread's first use during the first thread's load
+sees a half-run module: AttributeError), and a server's or a web
+application's threads may well meet there; and any ``import X`` of a module
+already in ``sys.modules`` reads its ``__spec__``, which runs a LazyLoader
+module at once.  The stand-in's ``__spec__`` is None, as a new module's.
+
+:func:`zeotwist.lazytls.import_plain` defers :data:`LAZY_MODULES` for a
+client; the server's start its own (zeotwist.server.footprint).  Runs in
+whichever thread imports or first uses such a module.
 """
 import importlib
 import importlib.util
 import sys
 import threading
 import types
+from collections.abc import Mapping
 
 #: Modules Twisted imports at start-up that a client seldom or never uses,
 #: loaded at their first use instead (:func:`lazy_import`): ``http.cookiejar``
-#: (see there); the process support, ``twisted.internet.process`` with
-#: ``pty``, ``tty``, ``termios``, ``grp``, ``pwd`` (its first use: a
-#: ``spawnProcess``, or a reactor run in the main thread, which reaps child
-#: processes): 0.3 MB (docs/performance.md, "Memory").
+#: (with ``urllib.request``, ``http.client``, ``email``, ``calendar``: 1.4 MB
+#: of a client's resident memory); the process support,
+#: ``twisted.internet.process`` with ``pty``, ``tty``, ``termios``, ``grp``,
+#: ``pwd`` (its first use: a ``spawnProcess``, or a reactor run in the main
+#: thread, which reaps child processes): 0.3 MB (docs/performance.md, "Memory").
 LAZY_MODULES = ("http.cookiejar", "twisted.internet.process")
-
-
-def lazy_import(name: str) -> None:
-    """Import module ``name`` (of a package) lazily: it runs at its first use.
-
-    ``http.cookiejar`` is one: Twisted's ``twisted.python.compat`` imports it
-    at start-up (only to offer it under its Python 2 name), and with it
-    ``urllib.request``, ``http.client``, ``email``, ``calendar``: 1.3 MB of
-    a client's resident memory.  Until then ``sys.modules`` and the package
-    hold a :class:`_LazyModule` stand-in, so ``import http.cookiejar`` and
-    ``from http import cookiejar`` do not load it yet; the first attribute
-    asked of the stand-in imports the real module, which takes its place.
-
-    Not ``importlib.util.LazyLoader``: before Python 3.12.3 it is not
-    thread-safe (a second thread's first use during the first thread's
-    load sees a half-run module: AttributeError), and a server's or a web
-    application's threads may well meet there."""
-    if name in sys.modules or importlib.util.find_spec(name) is None:
-        return
-    package, _, child = name.rpartition(".")
-    stand_in = _LazyModule(name)
-    sys.modules[name] = stand_in
-    setattr(sys.modules[package], child, stand_in)
-
 
 #: held while a :class:`_LazyModule` imports its module
 _lazy_lock = threading.RLock()
+
+
+def lazy_import(name: str, **attributes) -> None:
+    """Let module ``name`` run at its first use (see the module docstring);
+    ``attributes`` are the stand-in's own until then.  Nothing when it is
+    imported already or cannot be found.  A submodule's stand-in is in place
+    before its package is imported, if it is not yet (``html`` imports
+    ``html.entities`` in its own first lines)."""
+    if name in sys.modules:
+        return
+    package, _, child = name.rpartition(".")
+    if package and package not in sys.modules:
+        from importlib.machinery import PathFinder
+        parent = importlib.util.find_spec(package)
+        spec = parent and PathFinder.find_spec(name, parent.submodule_search_locations)
+    else:
+        spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    stand_in = _LazyModule(name)
+    stand_in.__dict__.update(attributes, _package=spec.submodule_search_locations is not None)
+    sys.modules[name] = stand_in
+    if package:
+        setattr(importlib.import_module(package), child, stand_in)
+
+
+def real_module(name: str):
+    """Module ``name``, imported now if it is a stand-in yet."""
+    module = sys.modules.get(name)
+    if isinstance(module, _LazyModule):
+        return module._load()
+    return module if module is not None else importlib.import_module(name)
+
+
+def loaded(name: str):
+    """Module ``name`` if its code has run, else None (a stand-in not used yet)."""
+    module = sys.modules.get(name)
+    if isinstance(module, _LazyModule):
+        return module.__dict__.get("_real")
+    return module
+
+
+def forward(name: str, attr: str):
+    """A function that calls function ``attr`` of module ``name``, imported
+    at the first call: for a stand-in whose importer takes the function at
+    once (``from name import attr``) and calls it later, if ever."""
+    def call(*args, **kw):
+        return getattr(real_module(name), attr)(*args, **kw)
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = "%s.%s, imported at the first call (zeotwist.lazymodules)" % (name, attr)
+    return call
+
+
+class LazyMapping(Mapping):
+    """Mapping ``attr`` of module ``name``, read-only, imported at the first
+    look-up: for a stand-in whose importer takes the mapping at once and
+    reads it later, if ever (``html`` takes ``html.entities.html5``)."""
+
+    def __init__(self, name: str, attr: str):
+        self._name, self._attr = name, attr
+
+    def _mapping(self):
+        return getattr(real_module(self._name), self._attr)
+
+    def __getitem__(self, key):
+        return self._mapping()[key]
+
+    def __contains__(self, key):
+        return key in self._mapping()
+
+    def __iter__(self):
+        return iter(self._mapping())
+
+    def __len__(self):
+        return len(self._mapping())
 
 
 class _LazyModule(types.ModuleType):
@@ -60,6 +127,9 @@ class _LazyModule(types.ModuleType):
     def __getattr__(self, attr):
         real = self.__dict__.get("_real")
         if real is None:
+            if attr == "__path__" and not self.__dict__.get("_package"):
+                # asked by every ``from name import x``; a module has none
+                raise AttributeError(attr)
             real = self._load()
         return getattr(real, attr)
 

@@ -33,6 +33,7 @@ from twisted.protocols import amp
 
 from zeotwist.errors import BlobPathRefused, RemoteProtocolError
 from zeotwist.fileio import write_sliced
+from zeotwist.server.malloc import trim_after_burst
 from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
 from zeotwist.wire import commitframes
@@ -63,6 +64,7 @@ class BlobResponders(amp.CommandLocator):
         spool = self._blob_spool("StoreBlobChunk")
         if spool is not None and self._txn.buffer.reserve(len(data)):
             spool.append(blob, data)
+        trim_after_burst()
         return {}
 
     @C.StoreBlobShared.responder
@@ -110,6 +112,7 @@ class BlobResponders(amp.CommandLocator):
         threads = server.threads
         call = threads.inline_or_in_order if server.inline_commit_bytes else threads.in_order
         d = call(read_blob_chunk, server.storage, oid, serial, offset, length)
+        trim_after_burst()
         if not d.called:        # answered later, outside this burst: counted now
             self.reserve_output(length, d)
         return d

@@ -31,8 +31,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import ZConfig
-
 # ConfigError: defined in zeotwist.errors, importable from here as before
 from zeotwist.errors import ConfigError
 from zeotwist.server.settings import (   # the schema names the datatypes here
@@ -50,6 +48,7 @@ def load_schema():
     """The server schema (parsed once per process)."""
     global _schema
     if _schema is None:
+        import ZConfig
         _schema = ZConfig.loadSchema(SCHEMA)
     return _schema
 
@@ -93,6 +92,7 @@ def read_config(path: str) -> ServerConfig:
     line) for syntax errors, unknown section types or keys, failed
     ``%import`` and bad values, and for storage names that collide.
     """
+    import ZConfig
     try:
         conf, _ = ZConfig.loadConfig(load_schema(), path)
     except ZConfig.ConfigurationError as e:

@@ -28,10 +28,16 @@ service of the same process that makes TLS connections of its own still
 can.  A process that imported pyOpenSSL already, or that imports the
 server's modules itself (tests, an application's own service, the tac
 file), is left as it is.
+
+Under ``zeotwist serve`` (not twistd, which imports Twisted before the
+plugin), modules that Twisted imports and a server uses only for what it is
+not asked to do are left to their first use (:data:`LAZY_MODULES`,
+:mod:`zeotwist.lazymodules`).
 """
 import importlib
 import sys
 
+from zeotwist.lazymodules import LazyMapping, forward, lazy_import, loaded
 from zeotwist.lazytls import openssl_hidden, track
 
 #: Twisted's modules that the reactor imports and that carry TLS support
@@ -44,19 +50,50 @@ PLAIN_ENDPOINTS = ("tcp:", "tcp6:", "unix:")
 _deferred = False
 
 
+def _reap_all_processes() -> None:
+    """``twisted.internet.process.reapAllProcesses`` once that module has
+    run.  The reactor calls it when it starts and at each ``SIGCHLD``; it
+    reaps only the processes spawned through that module, so before the
+    module runs there is none to reap."""
+    process = loaded("twisted.internet.process")
+    if process is not None:
+        process.reapAllProcesses()
+
+
+#: Modules that Twisted (or what it imports) loads at start-up and a server
+#: uses only for what it is not asked to do, left to their first use under
+#: ``zeotwist serve`` (:func:`import_tap`), with their stand-ins' own
+#: attributes: those their importers take at once.  1.6 MB of resident
+#: memory together (docs/performance.md, "Memory").
+LAZY_MODULES = {
+    "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
+    "twisted.persisted.sob": {},    # twisted.application.service: twistd's saved applications
+    "decimal": {},                  # AMP: its Decimal argument type
+    "html.entities": {              # html, for twisted.python.compat's escape: unescape's table
+        "html5": LazyMapping("html.entities", "html5")},
+    "twisted.internet.process": {   # spawnProcess; the reactor reaps children
+        "reapAllProcesses": _reap_all_processes},
+    "twisted.internet.unix": {},    # the reactor: listenUNIX, connectUNIX
+    "twisted.internet.udp": {},     # the reactor: listenUDP (and unix's datagram ports)
+    "twisted.python.modules": {     # twisted.plugin (twistd's plugin discovery)
+        "getModule": forward("twisted.python.modules", "getModule")},
+}
+
+
+def defer_unused() -> None:
+    """Leave :data:`LAZY_MODULES` to their first use: before Twisted is
+    imported (else too late for some: nothing for those)."""
+    for name, attributes in LAZY_MODULES.items():
+        lazy_import(name, **attributes)
+
+
 def import_tap():
     """The plugin's import of :mod:`zeotwist.server.tap` (see the module
     docstring); under ``zeotwist serve``, where Twisted is not imported yet,
-    ``http.cookiejar`` (0.2 MB; Twisted's compat imports it, nothing in a
-    server uses it) and ``twisted.persisted.sob`` (0.1 MB, twistd's saved
-    applications; ``twisted.application.service`` imports it) too are left
-    to their first use."""
+    :data:`LAZY_MODULES` too are left to their first use."""
     global _deferred
     if "twisted.python.compat" not in sys.modules:
-        from zeotwist.lazymodules import lazy_import
-        lazy_import("http.cookiejar")
-        import twisted.persisted
-        lazy_import("twisted.persisted.sob")
+        defer_unused()
     with openssl_hidden() as hidden:
         tap = importlib.import_module("zeotwist.server.tap")
     _deferred = _deferred or hidden

@@ -35,6 +35,8 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 64 * 2**20
 #: seconds between two :func:`release_free_memory` calls of a running server
 TRIM_INTERVAL = 5.0
+#: seconds without blob pieces after which :func:`trim_after_burst` trims
+BURST_QUIET = 0.05
 #: malloc arenas: one, shared by every thread (glibc's default: up to 8 per
 #: core, one per thread that allocates).  A worker thread's arena keeps what
 #: it freed at its top, which ``malloc_trim`` gives back only for the main
@@ -68,12 +70,42 @@ def release_free_memory() -> bool:
     return True
 
 
+class _BurstTrim:
+    """Trims once blob pieces stop coming (:func:`trim_after_burst`)."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.call = None
+
+    def note(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.reset(BURST_QUIET)
+        else:
+            self.call = self.reactor.callLater(BURST_QUIET, release_free_memory)
+
+
+_burst = None       # the server's _BurstTrim, once trim_periodically ran
+
+
+def trim_after_burst() -> None:
+    """A blob piece went through (reactor thread): once none has for
+    :data:`BURST_QUIET` seconds, give what the transfers freed back, not
+    at the next periodic trim (up to 5 s later, when the next transfer may
+    have begun on top of it: a blob load right after a store).  Nothing
+    outside a server process (:func:`trim_periodically` not run)."""
+    if _burst is not None:
+        _burst.note()
+
+
 def trim_periodically(reactor, interval: float = TRIM_INTERVAL):
     """:func:`release_free_memory` now (what start-up freed: 0.5-1 MB) and
     every ``interval`` seconds (what a burst of big records or blob pieces
-    freed: up to tens of MB); the LoopingCall, or None without glibc."""
+    freed: up to tens of MB); the LoopingCall, or None without glibc.
+    Also arms :func:`trim_after_burst`."""
+    global _burst
     if not release_free_memory():
         return None
+    _burst = _BurstTrim(reactor)
     from twisted.internet.task import LoopingCall
     loop = LoopingCall(release_free_memory)
     loop.clock = reactor

@@ -110,12 +110,7 @@ def _open_one(name: str, opener, s: ServerSettings, reactor) -> StorageServer:
 def versions() -> dict:
     """zeotwist's version and those of what it runs on (the start-up line)."""
     import platform
-    from importlib.metadata import PackageNotFoundError, version
 
-    def of(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "?"
-    return dict(version=of("zeotwist"), zodb=of("ZODB"), twisted=of("Twisted"),
-                python=platform.python_version())
+    from zeotwist.installed import version
+    return dict(version=version("zeotwist"), zodb=version("ZODB"),
+                twisted=version("Twisted"), python=platform.python_version())

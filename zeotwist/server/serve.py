@@ -23,7 +23,7 @@ import sys
 def main(argv: list) -> int:
     """Parse ``argv`` (the server's options), serve until stopped; the exit status."""
     from zeotwist.server.footprint import import_tap
-    tap = import_tap()          # first: Twisted without pyOpenSSL, http.cookiejar lazy
+    tap = import_tap()          # first: Twisted without pyOpenSSL, unused modules lazy
     from twisted.python import usage
 
     from zeotwist.errors import StartupFailed

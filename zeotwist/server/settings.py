@@ -28,9 +28,6 @@ import os
 import socket
 from dataclasses import dataclass, field, fields
 
-import ZConfig.datatypes
-from ZConfig.datatypes import SocketBindingAddress
-
 from zeotwist.server.budgets import DEFAULT_MAX_SPOOL, DEFAULT_MEMORY_BUDGET
 from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, DEFAULT_TURN_AFTER
 from zeotwist.server.guards import DEFAULT_VOTE_TIMEOUT
@@ -81,6 +78,7 @@ def _escape(text: str) -> str:
 
 def zeo_address(value: str) -> str:
     """The ``address`` key: ZEO's PORT, HOST:PORT or PATH, as an endpoint string."""
+    from ZConfig.datatypes import SocketBindingAddress
     addr = SocketBindingAddress(value.strip())
     if addr.family == getattr(socket, "AF_UNIX", None):
         return "unix:" + _escape(addr.address)
@@ -93,6 +91,7 @@ def zeo_address(value: str) -> str:
 
 def byte_size(value: str) -> int:
     """``64MB``, ``2GB``, ``512KB`` or plain bytes (ZConfig's byte-size)."""
+    import ZConfig.datatypes
     return ZConfig.datatypes.Registry().get("byte-size")(value)
 
 

@@ -18,6 +18,7 @@ another server; docs/scale-out.md).
 
 Runs on the reactor thread, except the functions passed to ``threads``.
 """
+import sys
 import time
 
 from twisted.logger import Logger
@@ -274,10 +275,13 @@ OPTIONAL_INTERFACES = (
 
 def local_storage(storage) -> bool:
     """Whether ``storage`` keeps its data in this process's files or memory
-    (FileStorage, MappingStorage): no network round trip in its calls."""
+    (FileStorage, MappingStorage): no network round trip in its calls.
+    ``ZODB.MappingStorage`` is looked for, not imported: a storage of a
+    class whose module was never imported cannot exist (storagesafety)."""
     from ZODB.FileStorage import FileStorage
-    from ZODB.MappingStorage import MappingStorage
-    return isinstance(storage, (FileStorage, MappingStorage))
+    mapping = sys.modules.get("ZODB.MappingStorage")
+    return isinstance(storage, FileStorage) or (
+        mapping is not None and isinstance(storage, mapping.MappingStorage))
 
 
 def provided_interfaces(storage) -> list:
