@@ -67,14 +67,25 @@ def test_a_reactor_run_in_the_main_thread_reaps_what_it_spawns():
 
 
 def test_the_reactor_listens_on_unix_sockets_and_udp_once_asked(tmp_path):
+    path = str(tmp_path / "s")
     assert run("""
         from twisted.internet import protocol
-        print(loaded("twisted.internet.unix") is None, loaded("twisted.internet.udp") is None)
+        print(loaded("twisted.internet.unix") is None, loaded("twisted.internet.udp") is None,
+              loaded("twisted.python.filepath") is None)
         port = reactor.listenUNIX(%r, protocol.Factory.forProtocol(protocol.Protocol))
         udp = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
         print(type(port).__module__, type(udp).__module__)
-        """ % str(tmp_path / "s")) == ["True", "True", "twisted.internet.unix",
-                                       "twisted.internet.udp"]
+        print(port.getHost().name == %r.encode(), port.getHost())
+        """ % (path, path)) == ["True", "True", "True", "twisted.internet.unix",
+                                "twisted.internet.udp", "True", "UNIXAddress(%r)" % path]
+
+
+def test_amps_path_argument_reads_a_filepath_once_used():
+    assert run("""
+        from twisted.protocols import amp
+        print(loaded("twisted.python.filepath") is None)
+        print(type(amp.Path().fromString(b"/tmp")).__name__)
+        """) == ["True", "FilePath"]
 
 
 def test_twisteds_plugin_discovery_finds_modules_through_the_stand_in():

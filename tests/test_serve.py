@@ -28,8 +28,8 @@ NOT_LOADED = ("twisted.scripts", "twisted.application.app", "twisted.trial",
               "unittest", "pdb", "argparse", "http.cookiejar", "twisted.persisted.sob",
               "decimal", "_decimal", "html.entities", "twisted.internet.process",
               "twisted.internet.unix", "twisted.internet.udp", "twisted.python.modules",
-              "twisted.python.zippath", "ZConfig", "importlib.metadata", "email", "zipfile",
-              "ZODB.MappingStorage")
+              "twisted.python.zippath", "twisted.python.filepath", "ZConfig",
+              "importlib.metadata", "email", "zipfile", "ZODB.MappingStorage")
 
 
 def test_serve_serves_and_loads_none_of_twistds_machinery(tmp_path):

@@ -63,7 +63,7 @@ def _reap_all_processes() -> None:
 #: Modules that Twisted (or what it imports) loads at start-up and a server
 #: uses only for what it is not asked to do, left to their first use under
 #: ``zeotwist serve`` (:func:`import_tap`), with their stand-ins' own
-#: attributes: those their importers take at once.  1.6 MB of resident
+#: attributes: those their importers take at once.  About 1.9 MB of resident
 #: memory together (docs/performance.md, "Memory").
 LAZY_MODULES = {
     "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
@@ -77,6 +77,9 @@ LAZY_MODULES = {
     "twisted.internet.udp": {},     # the reactor: listenUDP (and unix's datagram ports)
     "twisted.python.modules": {     # twisted.plugin (twistd's plugin discovery)
         "getModule": forward("twisted.python.modules", "getModule")},
+    "twisted.python.filepath": {    # AMP's Path argument; Unix socket addresses
+        name: forward("twisted.python.filepath", name)
+        for name in ("_asFilesystemBytes", "_coerceToFilesystemEncoding")},
 }
 
 
