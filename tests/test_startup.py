@@ -258,34 +258,6 @@ def test_zeo_conf_runs_unchanged(tmp_path):
     assert file_root(paths["fs"])["zeo"] == "conf"
 
 
-def test_sigterm_before_the_reactor_runs_stops_it_once_it_runs(tmp_path):
-    """twistd starts the service (it listens, writes its pid and address
-    files, and a daemon's launcher returns) before it runs the reactor,
-    whose handler makes SIGTERM a clean stop: a supervisor that sends
-    SIGTERM as soon as the pid file appears must get that clean stop, not
-    a process killed by the signal."""
-    from twisted.internet.testing import MemoryReactorClock
-
-    from zeotwist.server.service import ServerService
-    reactor = MemoryReactorClock()
-    service = ServerService(str(tmp_path / "d.fs"), ["tcp:8100:interface=127.0.0.1"],
-                            reactor=reactor, pid_filename=str(tmp_path / "pid"),
-                            stop_reactor_on_failure=True)
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        service.privilegedStartService()
-        assert (tmp_path / "pid").read_text() == "%d\n" % os.getpid()
-        handler = signal.getsignal(signal.SIGTERM)
-        assert callable(handler) and handler is not before
-        handler(signal.SIGTERM, None)                   # the signal arrives now
-        assert reactor.whenRunningHooks == [(reactor.stop, (), {})]
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN   # once is enough
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        for server in service.servers.values():
-            server.close()
-
-
 def test_sigterm_stops_a_zeo_conf_server_with_an_eventlog_while_busy(tmp_path):
     """An unconfirmed report: ``twistd -n zeotwist -C zeo.conf`` with an
     <eventlog> once did not stop on SIGTERM.  Here it is stopped while one

@@ -298,6 +298,7 @@ def test_exit_signal_is_what_twistd_exits_with_and_can_be_forgotten():
     import signal
 
     from twisted.application import app
+    from twisted.internet import base
     from twisted.scripts import twistd
     reactor = compat.private_reactor()
     try:
@@ -306,6 +307,12 @@ def test_exit_signal_is_what_twistd_exits_with_and_can_be_forgotten():
         assert compat.stopped_by_signal(reactor) == signal.SIGTERM
         compat.forget_exit_signal(reactor)
         assert compat.stopped_by_signal(reactor) is None
+        compat.set_exit_signal(reactor, signal.SIGINT)
+        assert compat.stopped_by_signal(reactor) == signal.SIGINT
+        # the handlers a running reactor installs, and the logger they log through
+        assert compat.reactor_signal_handlers(reactor)[signal.SIGTERM] == reactor.sigTerm
+        assert "self.sigTerm" in inspect.getsource(ReactorBase._signalsFactory)
+        assert compat.reactor_logger() is base._log
         # twistd takes the reactor's _exitSignal and ends the process with it
         assert "reactor._exitSignal" in inspect.getsource(app.ApplicationRunner.startReactor)
         assert "_exitWithSignal" in inspect.getsource(twistd.runApp)

@@ -187,6 +187,33 @@ def forget_exit_signal(reactor) -> None:
         reactor._exitSignal = None
 
 
+def reactor_signal_handlers(reactor) -> dict:
+    """``{signal number: handler}``: the reactor's own SIGINT, SIGTERM
+    (and SIGBREAK where it exists) handlers, as a reactor run in the main
+    thread installs them (``_signalsFactory``: ``sigInt``, ``sigTerm``,
+    ``sigBreak``).  They log from inside the signal handler
+    (:mod:`zeotwist.server.stopsignals` says why that can hang a server,
+    and replaces them)."""
+    import signal
+    names = {"SIGINT": "sigInt", "SIGTERM": "sigTerm", "SIGBREAK": "sigBreak"}
+    return {getattr(signal, sig): getattr(reactor, method) for sig, method in names.items()
+            if hasattr(signal, sig) and hasattr(reactor, method)}
+
+
+def reactor_logger():
+    """The Logger the reactor's signal handlers log through (``base._log``:
+    ``Received SIGTERM, shutting down.`` under ``twisted.internet.base``)."""
+    from twisted.internet import base
+    from twisted.logger import Logger
+    return getattr(base, "_log", None) or Logger(namespace=base.__name__)
+
+
+def set_exit_signal(reactor, signum: int) -> None:
+    """Record ``signum`` as the signal that stopped ``reactor``, as its own
+    handlers do (twistd then ends the process with it)."""
+    reactor._exitSignal = signum
+
+
 def private_reactor():
     """A new reactor of the platform's default class that leaves Twisted's
     global io-thread marker alone (``_registerAsIOThread``), for a thread

@@ -30,7 +30,8 @@ from zeotwist.server.openstorages import FileStorageFile, open_servers
 from zeotwist.server.session import SessionFactory
 from zeotwist.server.settings import ServerSettings, check_tls_auth, layered
 from zeotwist.server.startup import (
-    StartupReporter, listen_on, listen_problem, private_unix_socket, stop_on_early_sigterm)
+    StartupReporter, listen_on, listen_problem, private_unix_socket)
+from zeotwist.server.stopsignals import SignalStop
 from zeotwist.tls import TLSConfigError, listen_tls, require_tls, server_options
 from zeotwist.twistedcompat import forget_exit_signal, stopped_by_signal
 
@@ -142,9 +143,10 @@ class ServerService(service.Service):
         super().privilegedStartService()
         if self._reporter is not None:
             # The pid and address files appear before twistd runs the
-            # reactor (which then handles SIGTERM): a SIGTERM meanwhile stops
-            # it cleanly once it runs, instead of killing the process.
-            stop_on_early_sigterm(self.reactor)
+            # reactor: a SIGTERM meanwhile stops it cleanly once it runs,
+            # instead of killing the process; once it runs, SIGTERM and
+            # SIGINT are handled without logging in the signal handler.
+            SignalStop.install(self.reactor)
         try:
             self.open_storages()
             self.tls_options()

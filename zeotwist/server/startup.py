@@ -22,7 +22,6 @@ Runs on the reactor thread (or before the reactor runs).
 """
 import errno
 import os
-import signal
 import sys
 
 from twisted.internet.defer import Deferred, execute
@@ -173,22 +172,6 @@ class StartupReporter:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-
-
-def stop_on_early_sigterm(reactor) -> None:
-    """Until ``reactor`` runs and installs its own handlers, a SIGTERM
-    asks it to stop as soon as it runs (a clean stop: storages closed, pid
-    file removed, status 0) rather than killing the process at once
-    (twistd starts the service, which listens and writes its pid file,
-    before it runs the reactor).  Nothing once the reactor runs."""
-    if getattr(reactor, "running", False):
-        return
-
-    def stop_once_running(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # one is enough
-        reactor.callWhenRunning(reactor.stop)
-
-    signal.signal(signal.SIGTERM, stop_once_running)
 
 
 def _quiet_excepthook(kind, value, tb, _previous=sys.excepthook):
