@@ -115,7 +115,7 @@ def test_a_server_stopped_by_sigterm_before_and_while_its_reactor_runs(
     """ServerService as the process (twistd, ``zeotwist serve``): a SIGTERM
     before the reactor runs stops it once it runs; the running reactor's
     handlers are SignalStop's; the stop is clean and forgets the signal
-    (status 0)."""
+    (status 0); once the reactor has stopped, signals are ignored."""
     events = []
     globalLogPublisher.addObserver(events.append)
     reactor = private_reactor()
@@ -135,6 +135,9 @@ def test_a_server_stopped_by_sigterm_before_and_while_its_reactor_runs(
         reactor.run()
         assert guard.active(), "the early SIGTERM did not stop the reactor"
         guard.cancel()
+        # on its way out, the process ignores signals: its exit status stays
+        assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) \
+            == signal.SIG_IGN
     finally:
         globalLogPublisher.removeObserver(events.append)
         for server in service.servers.values():
@@ -216,15 +219,18 @@ def churn(address: str, stop: threading.Event) -> None:
             s.close()
 
 
-@pytest.mark.parametrize("how", ["twistd", "serve"])
-def test_sigterm_while_the_server_logs_heavily(tmp_path, how):
+@pytest.mark.parametrize("how, signum, status", [
+    ("twistd", signal.SIGTERM, 0), ("serve", signal.SIGTERM, 0),
+    ("twistd", signal.SIGINT, -signal.SIGINT)])     # twistd's way for Ctrl-C: killed by it
+def test_signals_while_the_server_logs_heavily(tmp_path, how, signum, status):
     """Four threads connect and hang up as fast as they can (the server logs
-    each connection opening and closing) while SIGTERMs arrive: the first
-    stops it, the others are said, status 0, the storage closed."""
+    each connection opening and closing) while five signals arrive: the
+    first stops the server, the others change nothing; the exit status is
+    the usual one, the storage closed."""
     sock = str(tmp_path / "s.sock")
     launcher = None if how == "twistd" else [sys.executable, "-m", "zeotwist", "serve"]
     server = start_twistd(str(tmp_path / "d.fs"), listen="unix:" + sock, launcher=launcher,
-                          env=child_env())
+                          env=child_env(), preexec_fn=_default_sigint)
     stop = threading.Event()
     threads = [threading.Thread(target=churn, args=(sock, stop)) for _ in range(4)]
     try:
@@ -232,15 +238,20 @@ def test_sigterm_while_the_server_logs_heavily(tmp_path, how):
             t.start()
         wait_for(lambda: server.log().count("closed") >= 200, 60, "heavy logging")
         for _ in range(5):
-            server.process.send_signal(signal.SIGTERM)
-        status = server.process.wait(60)
+            server.process.send_signal(signum)
+        exited = server.process.wait(60)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
         server.stop()
     log = server.log()
-    assert status == 0, log[-3000:]
-    assert log.count("Received SIGTERM, shutting down.") == 1, log[-3000:]
+    assert exited == status, log[-3000:]
+    name = signal.Signals(signum).name
+    assert log.count("Received %s, shutting down." % name) == 1, log[-3000:]
     assert "zeotwist closed storage '1'" in log
 
+
+def _default_sigint():
+    # a child of a shell's background job would inherit SIGINT ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -21,7 +21,8 @@ byte to its waker pipe (``callFromThread``: no lock, no log).  The rest is
 the same logger, the signal recorded as twistd expects (SIGTERM is then a
 status-0 exit: :meth:`ServerService.stopService`), and the reactor stopped.
 A second signal while the stop goes on is logged and changes nothing
-(SIGKILL ends a stop that does not end).  Before the reactor runs, a
+(SIGKILL ends a stop that does not end); once the reactor has stopped,
+signals are ignored while the process exits.  Before the reactor runs, a
 SIGTERM is queued the same way and stops it as soon as it runs.
 """
 import signal
@@ -48,6 +49,7 @@ class SignalStop:
         them, right after (no log line is written in between), rather than
         with ``callWhenRunning`` (after the other triggers, which may log)."""
         stop = cls(reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", stop.ignore_late)
         if getattr(reactor, "running", False):
             stop.replace()
             return stop
@@ -65,6 +67,17 @@ class SignalStop:
         for signum, own in reactor_signal_handlers(self.reactor).items():
             if signal.getsignal(signum) in (own, self.noted):
                 signal.signal(signum, self.noted)
+
+    def ignore_late(self) -> None:
+        """Once the reactor has stopped, the process is on its way out
+        (twistd then removes its pid file): later signals are ignored, so
+        the exit status stays what the first made it (Python puts the
+        default action back for its own handlers as it finalizes: a late
+        SIGTERM would kill the process instead)."""
+        if _on_main_thread():
+            for signum in reactor_signal_handlers(self.reactor):
+                if signal.getsignal(signum) == self.noted:
+                    signal.signal(signum, signal.SIG_IGN)
 
     def noted(self, signum: int, frame) -> None:
         """The signal handler: queues :meth:`stop` for the reactor thread
