@@ -99,6 +99,44 @@ def test_a_plain_client_loads_twisteds_process_support_at_its_first_use(servers)
     assert out.split("\n")[:3] == ["[]", "_LazyModule", "twisted.internet.process True"]
 
 
+def test_a_plain_client_leaves_twisteds_unused_modules_to_their_first_use(servers):
+    """decimal (AMP's Decimal argument), html.entities (html, for Twisted's
+    escape), the Unix and UDP transports, twisted.python.filepath
+    (lazymodules.LAZY_MODULES) have not run in a connected client; used
+    afterwards, they work."""
+    out = run(servers, """
+        from zeotwist.lazymodules import loaded
+        storage = plain_client()
+        print([m for m in ("decimal", "_decimal", "html.entities", "twisted.internet.unix",
+                           "twisted.internet.udp", "twisted.python.filepath", "pathlib")
+               if loaded(m) is not None])
+        import decimal, html
+        from twisted.protocols import amp
+        print(amp.Decimal().fromString(b"1.25") + 1, html.unescape("&notin;") == "\\u2209")
+        storage.close()
+        """)
+    assert out.split("\n")[:2] == ["[]", "2.25 True"]
+
+
+def test_a_plain_client_connects_to_a_unix_socket_with_the_transport_loaded_then(tmp_path):
+    path = str(tmp_path / "zeo.sock")
+    server = start_server(str(tmp_path / "data.fs"), listen="unix:" + path)
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import sys
+            import zeotwist
+            from zeotwist.lazymodules import loaded
+            assert loaded("twisted.internet.unix") is None
+            storage = zeotwist.ClientStorage(sys.argv[1], wait_timeout=10)
+            print(storage.new_oid() is not None, loaded("twisted.internet.unix") is not None)
+            storage.close()
+            """), path], capture_output=True, text=True, timeout=120)
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
+
+
 def test_a_plain_client_imports_no_endpoints_and_a_later_import_loads_no_tls(servers):
     """A plain address needs no twisted.internet.endpoints (nor its stdio
     and systemd modules); imported afterwards by the program, it comes

@@ -32,15 +32,6 @@ import threading
 import types
 from collections.abc import Mapping
 
-#: Modules Twisted imports at start-up that a client seldom or never uses,
-#: loaded at their first use instead (:func:`lazy_import`): ``http.cookiejar``
-#: (with ``urllib.request``, ``http.client``, ``email``, ``calendar``: 1.4 MB
-#: of a client's resident memory); the process support,
-#: ``twisted.internet.process`` with ``pty``, ``tty``, ``termios``, ``grp``,
-#: ``pwd`` (its first use: a ``spawnProcess``, or a reactor run in the main
-#: thread, which reaps child processes): 0.3 MB (docs/performance.md, "Memory").
-LAZY_MODULES = ("http.cookiejar", "twisted.internet.process")
-
 #: held while a :class:`_LazyModule` imports its module
 _lazy_lock = threading.RLock()
 
@@ -143,3 +134,44 @@ class _LazyModule(types.ModuleType):
                 real = importlib.import_module(name)    # (and sets it on the package)
                 self.__dict__["_real"] = real
         return real
+
+
+def _reap_all_processes() -> None:
+    """``twisted.internet.process.reapAllProcesses`` once that module has
+    run.  The reactor calls it when it starts and at each ``SIGCHLD`` (run in
+    the main thread); it reaps only the processes spawned through that
+    module, so before the module runs there is none to reap."""
+    process = loaded("twisted.internet.process")
+    if process is not None:
+        process.reapAllProcesses()
+
+
+#: Modules that Twisted (or what it imports) loads at start-up and a client
+#: or a server uses only for what it is not asked to do, left to their first
+#: use (:func:`defer`), with their stand-ins' own attributes: those their
+#: importers take at once.  A client's resident memory: ``http.cookiejar``
+#: (with ``urllib.request``, ``http.client``, ``email``, ``calendar``) 1.4 MB,
+#: ``html.entities`` 0.45, ``decimal`` 0.35, the process support (``pty``,
+#: ``tty``, ``termios``, ``grp``, ``pwd``) 0.3, ``unix`` and ``udp`` 0.1,
+#: ``twisted.python.filepath`` (with ``pathlib``) 0.3 (docs/performance.md, "Memory").  The server adds its own
+#: (zeotwist.server.footprint).
+LAZY_MODULES = {
+    "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
+    "decimal": {},                  # AMP: its Decimal argument type
+    "html.entities": {              # html, for twisted.python.compat's escape: unescape's table
+        "html5": LazyMapping("html.entities", "html5")},
+    "twisted.internet.process": {   # spawnProcess; the reactor reaps children
+        "reapAllProcesses": _reap_all_processes},
+    "twisted.internet.unix": {},    # the reactor: listenUNIX, connectUNIX
+    "twisted.internet.udp": {},     # the reactor: listenUDP (and unix's datagram ports)
+    "twisted.python.filepath": {    # AMP's Path argument; Unix socket addresses
+        name: forward("twisted.python.filepath", name)
+        for name in ("_asFilesystemBytes", "_coerceToFilesystemEncoding")},
+}
+
+
+def defer(modules: dict = LAZY_MODULES) -> None:
+    """Leave ``modules`` (name -> the stand-in's attributes) to their first
+    use: before Twisted is imported (else too late for some: nothing for those)."""
+    for name, attributes in modules.items():
+        lazy_import(name, **attributes)

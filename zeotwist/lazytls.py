@@ -43,9 +43,10 @@ Twisted versions pyproject.toml allows.
 Nothing is hidden when pyOpenSSL was imported already (the process uses TLS
 or imported Twisted's transports first) or is not installed.
 
-Also: :func:`import_plain` makes ``http.cookiejar``, which Twisted imports
-and never uses, load at its first use (:mod:`zeotwist.lazymodules`): 1.4 MB
-more; and Twisted's process support (``LAZY_MODULES``): 0.3 MB.
+Also: :func:`import_plain` leaves the modules Twisted imports and a client
+seldom or never uses (``http.cookiejar``, ``decimal``, ``html.entities``, the
+process support, the Unix and UDP transports: 2.6 MB) to their first use
+(:data:`zeotwist.lazymodules.LAZY_MODULES`).
 """
 import importlib
 import importlib.util
@@ -54,7 +55,7 @@ import threading
 from contextlib import contextmanager
 from functools import wraps
 
-from zeotwist.lazymodules import LAZY_MODULES, lazy_import
+from zeotwist.lazymodules import defer
 
 #: Twisted's modules that import pyOpenSSL if they can, in import order
 TLS_MODULES = ("twisted.internet.tcp", "twisted.internet.posixbase",
@@ -110,9 +111,7 @@ def import_plain(modules=CLIENT_MODULES) -> bool:
     """Import ``modules`` (Twisted's) with pyOpenSSL hidden, and arrange for
     :func:`restore` (see the module docstring); whether anything lacks TLS."""
     if "twisted.internet.base" not in sys.modules:
-        import twisted.internet         # (the package: lazy_import sets its children on it)
-        for name in LAZY_MODULES:
-            lazy_import(name)
+        defer()                         # (lazymodules.LAZY_MODULES)
     if importlib.util.find_spec("OpenSSL") is None:
         return False                    # not installed (or hidden by the caller)
     with openssl_hidden():

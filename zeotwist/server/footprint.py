@@ -37,7 +37,8 @@ not asked to do are left to their first use (:data:`LAZY_MODULES`,
 import importlib
 import sys
 
-from zeotwist.lazymodules import LazyMapping, forward, lazy_import, loaded
+from zeotwist import lazymodules
+from zeotwist.lazymodules import forward
 from zeotwist.lazytls import openssl_hidden, track
 
 #: Twisted's modules that the reactor imports and that carry TLS support
@@ -50,44 +51,22 @@ PLAIN_ENDPOINTS = ("tcp:", "tcp6:", "unix:")
 _deferred = False
 
 
-def _reap_all_processes() -> None:
-    """``twisted.internet.process.reapAllProcesses`` once that module has
-    run.  The reactor calls it when it starts and at each ``SIGCHLD``; it
-    reaps only the processes spawned through that module, so before the
-    module runs there is none to reap."""
-    process = loaded("twisted.internet.process")
-    if process is not None:
-        process.reapAllProcesses()
-
-
 #: Modules that Twisted (or what it imports) loads at start-up and a server
 #: uses only for what it is not asked to do, left to their first use under
-#: ``zeotwist serve`` (:func:`import_tap`), with their stand-ins' own
-#: attributes: those their importers take at once.  About 1.9 MB of resident
-#: memory together (docs/performance.md, "Memory").
-LAZY_MODULES = {
-    "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
-    "twisted.persisted.sob": {},    # twisted.application.service: twistd's saved applications
-    "decimal": {},                  # AMP: its Decimal argument type
-    "html.entities": {              # html, for twisted.python.compat's escape: unescape's table
-        "html5": LazyMapping("html.entities", "html5")},
-    "twisted.internet.process": {   # spawnProcess; the reactor reaps children
-        "reapAllProcesses": _reap_all_processes},
-    "twisted.internet.unix": {},    # the reactor: listenUNIX, connectUNIX
-    "twisted.internet.udp": {},     # the reactor: listenUDP (and unix's datagram ports)
-    "twisted.python.modules": {     # twisted.plugin (twistd's plugin discovery)
-        "getModule": forward("twisted.python.modules", "getModule")},
-    "twisted.python.filepath": {    # AMP's Path argument; Unix socket addresses
-        name: forward("twisted.python.filepath", name)
-        for name in ("_asFilesystemBytes", "_coerceToFilesystemEncoding")},
-}
+#: ``zeotwist serve`` (:func:`import_tap`): a client's
+#: (:data:`zeotwist.lazymodules.LAZY_MODULES`) and two of twistd's.  About
+#: 1.9 MB of resident memory together (docs/performance.md, "Memory").
+LAZY_MODULES = dict(
+    lazymodules.LAZY_MODULES,
+    **{"twisted.persisted.sob": {},    # twisted.application.service: twistd's saved applications
+       "twisted.python.modules": {     # twisted.plugin (twistd's plugin discovery)
+           "getModule": forward("twisted.python.modules", "getModule")}})
 
 
 def defer_unused() -> None:
     """Leave :data:`LAZY_MODULES` to their first use: before Twisted is
     imported (else too late for some: nothing for those)."""
-    for name, attributes in LAZY_MODULES.items():
-        lazy_import(name, **attributes)
+    lazymodules.defer(LAZY_MODULES)
 
 
 def import_tap():
