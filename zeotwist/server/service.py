@@ -141,12 +141,12 @@ class ServerService(service.Service):
         # Under twistd: after daemonizing, before the reactor runs and before
         # privileges are dropped (ports below 1024, root-only key files).
         super().privilegedStartService()
-        if self._reporter is not None:
-            # The pid and address files appear before twistd runs the
-            # reactor: a SIGTERM meanwhile stops it cleanly once it runs,
-            # instead of killing the process; once it runs, SIGTERM and
-            # SIGINT are handled without logging in the signal handler.
-            SignalStop.install(self.reactor)
+        # Once the reactor runs, SIGTERM and SIGINT are handled without
+        # logging in the signal handler (also in one's own .tac file).  As
+        # the process: the pid and address files appear before twistd runs
+        # the reactor, and a SIGTERM meanwhile stops it cleanly once it
+        # runs, instead of killing the process.
+        SignalStop.install(self.reactor, early=self._reporter is not None)
         try:
             self.open_storages()
             self.tls_options()

@@ -14,16 +14,18 @@ Python logging's streams (a ``zeo.conf`` ``<eventlog>``) are not safe to
 write from a handler either (``reentrant call inside BufferedWriter``).
 
 So a server process (``twistd zeotwist``, the .tac file, ``zeotwist
-serve``) installs :meth:`SignalStop.noted` instead, once the reactor
-runs: it only appends the stop to the reactor's call queue and writes one
+serve``, a ServerService in one's own .tac file: its
+``privilegedStartService``) installs :meth:`SignalStop.noted` instead,
+once the reactor runs: it only appends the stop to the reactor's call queue and writes one
 byte to its waker pipe (``callFromThread``: no lock, no log).  The rest is
 :meth:`SignalStop.stop`, on the reactor thread: the same log line through
 the same logger, the signal recorded as twistd expects (SIGTERM is then a
 status-0 exit: :meth:`ServerService.stopService`), and the reactor stopped.
 A second signal while the stop goes on is logged and changes nothing
 (SIGKILL ends a stop that does not end); once the reactor has stopped,
-signals are ignored while the process exits.  Before the reactor runs, a
-SIGTERM is queued the same way and stops it as soon as it runs.
+signals are ignored while the process exits.  When the service is the
+process, a SIGTERM before the reactor runs is queued the same way and
+stops it as soon as it runs.
 """
 import signal
 import threading
@@ -42,9 +44,9 @@ class SignalStop:
         self.received: int | None = None
 
     @classmethod
-    def install(cls, reactor) -> "SignalStop":
-        """SIGTERM asks for a stop from now on (before the reactor runs, it
-        stops it once it runs); once the reactor runs, :meth:`replace` its
+    def install(cls, reactor, early: bool = True) -> "SignalStop":
+        """SIGTERM asks for a stop from now on (``early``: before the reactor
+        runs, it stops it once it runs); once the reactor runs, :meth:`replace` its
         handlers: in the same "during startup" step in which it installs
         them, right after (no log line is written in between), rather than
         with ``callWhenRunning`` (after the other triggers, which may log)."""
@@ -53,7 +55,7 @@ class SignalStop:
         if getattr(reactor, "running", False):
             stop.replace()
             return stop
-        if _on_main_thread():
+        if early and _on_main_thread():
             signal.signal(signal.SIGTERM, stop.noted)
         reactor.addSystemEventTrigger("during", "startup", stop.replace)
         return stop
