@@ -170,17 +170,20 @@ class Client(StorageCallsMixin):
         ``before_visible`` subscribers, set the cache's last tid and run
         ``then()``; deliver ``event`` to everyone else after (from another
         thread than the reactor's: ``later(stage_two, listened)`` has the
-        reactor thread call ``stage_two()``)."""
+        reactor thread call ``stage_two()``).  The tid becomes visible only
+        once the rest is done.  Run again after an exception cut it short
+        (a signal handler's, in an application thread applying
+        invalidations: commitreads.take_invalidations), it does each step
+        once: ``update`` is idempotent for an invalidation, the subscribers
+        not called yet are called, ``later`` is given the event once."""
         with self.visibility_lock:
-            try:
-                if update is not None:
-                    update()
-                if event is not None:
-                    self.events.publish_before_visible(event)
-            finally:
-                self.cache.last_tid = tid
-                if then is not None:
-                    then()
+            if update is not None:
+                update()
+            if event is not None:
+                self.events.publish_before_visible(event)
+            self.cache.last_tid = tid
+            if then is not None:
+                then()
         if event is None:
             return
         if later is not None:

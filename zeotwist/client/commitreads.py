@@ -68,45 +68,73 @@ class CommitReads(ThreadWrites):
         socket transport; TLS reads through the transport under it)."""
         transportcompat.marked_reads(self.transport, self, "reactor_reading")
 
-    def take_invalidations(self, buf: bytes, locked: bool = False) -> int:
+    def take_invalidations(self, got: list, locked: bool = False) -> bool:
         """A reading thread: apply the plain Invalidate boxes at the start of
-        ``buf``, in order, as the reactor's ``ampBoxReceived`` would; the
-        bytes they took (the rest goes on as before: the reader's answer,
-        or bytes for the reactor).  Under ``send_lock`` (``locked``: the
-        caller holds it), as the reader's own answer: a lost connection's
-        ``connectionLost`` (and the next connection's verification of the
-        cache) comes after, never between.  An owner without
-        ``invalidated_by_thread`` leaves them to the reactor (0)."""
+        ``got[0]`` (bytes read), in order, as the reactor's ``ampBoxReceived``
+        would, and drop them from ``got`` (the rest goes on as before: the
+        reader's answer, or bytes for the reactor); False when there were
+        none.  Under ``send_lock`` (``locked``: the caller holds it), as the
+        reader's own answer: a lost connection's ``connectionLost`` (and the
+        next connection's verification of the cache) comes after, never
+        between.  An owner without ``invalidated_by_thread`` leaves them to
+        the reactor.
+
+        An exception a signal handler raises in this thread
+        (KeyboardInterrupt) may land anywhere in here: before the boxes are
+        dropped from ``got`` it leaves them all to the reactor; after, each
+        is still applied once (what it cut short is done again, each step
+        once: ``Client.make_visible``), and the exception is raised after."""
         apply = getattr(self.owner, "invalidated_by_thread", None)
-        if apply is None or commitframes.match_invalidate(buf) is None:
-            return 0
+        if apply is None or commitframes.match_invalidate(got[0]) is None:
+            return False
         if not locked:
             with self.send_lock:
-                return self.take_invalidations(buf, True)
-        off, later = 0, self.publish_later
+                return self.take_invalidations(got, True)
+        buf, found, off = got[0], [], 0
         while not self._gone:
             match = commitframes.match_invalidate(buf, off)
             if match is None:
                 break
-            tid, oids, off = match
-            self.invalidations += 1
+            found.append(match)
+            off = match[2]
+        count, rest = len(found), [buf[off:]] if off < len(buf) else []
+        done, again, cut = 0, -1, None
+        while done < count:
             try:
-                apply(self, tid, oids, later)
-            except Exception:   # as the reactor's path: the connection is dropped
-                self.owner.reactor.callFromThread(self.unhandledError, Failure())
-        return off
+                if got and got[0] is buf:
+                    got[:] = rest       # the boxes are this thread's from here
+                    self.invalidations += count
+                while done < count:
+                    tid, oids, _ = found[done]
+                    apply(self, tid, oids, self.publish_later)
+                    done += 1
+            except BaseException as e:
+                if got and got[0] is buf:
+                    raise               # none taken: all left to the reactor
+                if again != done:       # once more: the rest of what it cut short
+                    again, cut = done, cut or e
+                else:                   # it raised twice: as the reactor's path
+                    done += 1           # would, the connection is dropped
+                    self.owner.reactor.callFromThread(self.unhandledError, Failure(e))
+        if cut is not None:
+            raise cut
+        return count > 0
 
     def publish_later(self, stage_two, listened: bool) -> None:
         """A reading thread made its own commit visible, under the lock:
         the event's second stage (``stage_two()``: reactor programs'
-        subscribers and waiters) runs on the reactor thread, before it
-        handles any box it reads after this (:meth:`publish_pending` at
-        every ``dataReceived``), at the latest at the park timer, and at
-        once when someone ``listened``."""
-        if not self._later:
-            self._later = []
-        self._later.append(stage_two)
-        if listened and len(self._later) == 1:
+        subscribers and waiters; ``stage_two.args[0]``, the event) runs on
+        the reactor thread, before it handles any box it reads after this
+        (:meth:`publish_pending` at every ``dataReceived``), at the latest
+        at the park timer, and at once when someone ``listened``.  The same
+        event again (take_invalidations after an interruption) is dropped."""
+        later = self._later
+        if later and later[-1].args[0] == stage_two.args[0]:
+            return
+        if not later:
+            self._later = later = []
+        later.append(stage_two)
+        if listened and len(later) == 1:
             self.owner.reactor.callFromThread(self.publish_pending)
 
     def publish_pending(self) -> None:
@@ -144,14 +172,22 @@ class CommitReads(ThreadWrites):
                 return
             state = self.read_state
             if state == PARKED and self._rsock is not None:
-                data = _pending(self._rsock)
-                if data:        # other clients' commits: applied here
-                    data = data[self.take_invalidations(data, True):]
-                if data == b"":     # the usual case: no Event made
+                got = []
+                try:
+                    ended = _pending(self._rsock, got)
+                    if len(got) > 1:
+                        got[:] = [b"".join(got)]
+                    if got:         # other clients' commits: applied here
+                        self.take_invalidations(got, True)
+                except BaseException:   # a signal handler's: what was read is not lost
+                    self.read_state = RETURNING
+                    reactor.callFromThread(self._take_back, b"".join(got))
+                    raise
+                if not got and not ended:   # the usual case: no Event made
                     return
-                self.read_state = RETURNING     # the reactor reads again, after ``data``
+                self.read_state = RETURNING     # the reactor reads again, after ``got``
                 handled = threading.Event()
-                reactor.callFromThread(self._take_back_then, data or b"", handled.set)
+                reactor.callFromThread(self._take_back_then, b"".join(got), handled.set)
             elif state == RETURNING or (state == REACTOR and (
                     # this order: bytes the socket no longer holds were read
                     # by a doRead that is still marked, or that has handled them
@@ -188,18 +224,19 @@ def _after_a_turn(reactor, then) -> None:
     reactor.callLater(0, reactor.callLater, 0, then)
 
 
-def _pending(sock) -> bytes | None:
-    """What has arrived on ``sock`` so far, without waiting: ``b""`` when
-    nothing has, None at the connection's end or error (the reactor meets
-    it when it reads again)."""
-    data, fd = b"", sock.fileno()
+def _pending(sock, got: list) -> bool:
+    """Append to ``got`` what has arrived on ``sock`` so far, without
+    waiting; True at the connection's end or an error (the reactor meets it
+    when it reads again).  Each chunk is appended inside C (list.extend of
+    map), as the reader's: an exception a signal handler raises once a read
+    returned cannot drop it."""
+    fd, size = (sock.fileno(),), (READ_SIZE,)
     while True:
         try:    # the descriptor is non-blocking; sock.recv would wait its timeout first
-            chunk = os.read(fd, READ_SIZE)
+            got.extend(map(os.read, fd, size))
         except (BlockingIOError, InterruptedError):
-            return data
+            return False
         except OSError:
-            return data or None
-        if not chunk:
-            return data or None
-        data += chunk
+            return True
+        if not got[-1]:
+            return True

@@ -17,6 +17,7 @@ thread.  Subscriber exceptions are logged, never propagated into the
 protocol.
 """
 from dataclasses import dataclass
+from functools import partial
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -38,10 +39,12 @@ class Invalidation:
 
 
 class Subscription:
-    def __init__(self, events: "InvalidationEvents", callback, before_visible: bool = False):
+    def __init__(self, events: "InvalidationEvents", callback, before_visible: bool = False,
+                 idempotent: bool = False):
         self._events = events
         self.callback = callback
         self.before_visible = before_visible
+        self.idempotent = idempotent
 
     def cancel(self) -> None:
         """Stop receiving events (idempotent)."""
@@ -54,11 +57,17 @@ class InvalidationEvents:
         self._early: list[Subscription] = []
         self._waiters: list[tuple[bytes, Deferred]] = []
         self.last: Invalidation | None = None
+        #: the event stage one delivers, its subscribers, how many were called
+        self._round: list = [None, (), 0]
 
-    def subscribe(self, callback, *, before_visible: bool = False) -> Subscription:
+    def subscribe(self, callback, *, before_visible: bool = False,
+                  idempotent: bool = False) -> Subscription:
         """``callback(Invalidation)`` for every transaction from now on;
-        with ``before_visible``, under the visibility lock (see above)."""
-        sub = Subscription(self, callback, before_visible)
+        with ``before_visible``, under the visibility lock (see above).
+        ``idempotent``: a ``before_visible`` callback that an exception cut
+        short (a signal handler's) is called again with the same event,
+        rather than never again (ZODB's ``DB.invalidate``)."""
+        sub = Subscription(self, callback, before_visible, idempotent)
         (self._early if before_visible else self._subscriptions).append(sub)
         return sub
 
@@ -69,20 +78,35 @@ class InvalidationEvents:
 
     def publish_before_visible(self, event: Invalidation) -> None:
         """Stage one: the ``before_visible`` subscribers (the caller holds
-        the visibility lock)."""
-        _call_each(self._early, event)
+        the visibility lock), each called once per event.  Called again
+        with the same event (an exception a signal handler raised in the
+        application thread cut the first call short:
+        commitreads.take_invalidations), it calls only those not called yet."""
+        round_ = self._round
+        if round_[0] != event:
+            round_ = self._round = [event, list(self._early), 0]
+        subscriptions = round_[1]
+        while round_[2] < len(subscriptions):
+            at = round_[2]
+            sub = subscriptions[at]
+            round_[2] = at + (not sub.idempotent)   # else counted before the call: once
+            try:
+                sub.callback(event)
+            except Exception:
+                _log.failure("invalidation subscriber {cb!r} failed", cb=sub.callback)
+            round_[2] = at + 1
 
     def listened(self) -> bool:
         """Anyone to tell at stage two (a subscriber, a waiter)."""
         return bool(self._subscriptions or self._waiters)
 
-    def stage_two(self, event: Invalidation):
+    def stage_two(self, event: Invalidation) -> partial:
         """Stage two of ``event``, made visible now by a thread other than
         the reactor's, to call on the reactor thread later: to the
         subscribers of now (one who subscribes meanwhile gets the events
-        after this one, as if it had run now), the waiters of then."""
-        subscriptions = list(self._subscriptions)
-        return lambda: self.publish(event, subscriptions)
+        after this one, as if it had run now), the waiters of then.
+        ``args[0]`` is the event."""
+        return partial(self.publish, event, list(self._subscriptions))
 
     def next_after(self, tid: bytes) -> Deferred:
         """A fresh Deferred of the first :class:`Invalidation` with a tid > ``tid``.

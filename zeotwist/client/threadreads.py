@@ -294,11 +294,8 @@ class ThreadReads:
                     continue
                 if len(got) > 1:
                     got[:] = [b"".join(got)]
-                taken = self.take_invalidations(got[0])     # other clients' commits
-                if taken:
-                    got[:] = [got[0][taken:]] if taken < len(got[0]) else []
-                    if not got:
-                        continue
+                if self.take_invalidations(got) and not got:    # other clients' commits
+                    continue
                 found = waiter.own_answer(got[0])
                 if type(found) is LongAnswer:
                     long = found
