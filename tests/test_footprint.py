@@ -103,10 +103,12 @@ def test_the_bench_puts_nothing_of_zeotwists_client_into_a_zeo_client_process():
 def test_the_client_keeps_its_connection_without_twisted_application():
     """zeotwist.client.reconnect, not Twisted's ClientService: no
     twisted.application, twisted.plugin (twisted.python.modules, zipfile)
-    nor automat in a client (1.1 MB)."""
+    nor automat in a client (1.1 MB); the blob cache, blob transfers and the
+    persistent cache file come with a blob_dir, a blob or a cache file."""
     assert imported_by("zeotwist.client.storage, zeotwist.client.interaction",
                        ("twisted.application", "twisted.plugin", "twisted.python.modules",
-                        "zipfile", "automat")) == []
+                        "zipfile", "automat", "zeotwist.client.blobcache",
+                        "zeotwist.client.blobtransfer", "zeotwist.client.cachefile")) == []
 
 
 def test_which_settings_need_tls():

@@ -153,7 +153,8 @@ def _reap_all_processes() -> None:
 #: (with ``urllib.request``, ``http.client``, ``email``, ``calendar``) 1.4 MB,
 #: ``html.entities`` 0.45, ``decimal`` 0.35, the process support (``pty``,
 #: ``tty``, ``termios``, ``grp``, ``pwd``) 0.3, ``unix`` and ``udp`` 0.1,
-#: ``twisted.python.filepath`` (with ``pathlib``) 0.3 (docs/performance.md, "Memory").  The server adds its own
+#: ``twisted.python.filepath`` (with ``pathlib``) 0.3, ``twisted.logger._json``
+#: (with ``uuid``) 0.15 (docs/performance.md, "Memory").  The server adds its own
 #: (zeotwist.server.footprint).
 LAZY_MODULES = {
     "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
@@ -167,6 +168,10 @@ LAZY_MODULES = {
     "twisted.python.filepath": {    # AMP's Path argument; Unix socket addresses
         name: forward("twisted.python.filepath", name)
         for name in ("_asFilesystemBytes", "_coerceToFilesystemEncoding")},
+    "twisted.logger._json": {       # twisted.logger's JSON log files (with uuid)
+        name: forward("twisted.logger._json", name)
+        for name in ("eventAsJSON", "eventFromJSON", "jsonFileLogObserver",
+                     "eventsFromJSONLogFile")},
 }
 
 

@@ -21,16 +21,18 @@ in the threads that call the storage and wait for the
 """
 import os
 import tempfile
+from typing import TYPE_CHECKING
 
 import ZODB.blob
 from twisted.logger import Logger
 from ZODB.POSException import POSKeyError, ReadOnlyError, Unsupported
 
-from zeotwist.client.blobcache import BlobCache
-from zeotwist.client.blobtransfer import first_piece_from_thread
 from zeotwist.client.reactorthread import in_reactor_thread
 from zeotwist.errors import UsageError
 from zeotwist.fileio import write_sliced
+
+if TYPE_CHECKING:        # imported when a blob_dir is given: a client without one needs none
+    from zeotwist.client.blobcache import BlobCache
 
 _log = Logger()
 
@@ -96,6 +98,7 @@ class BlobStorageMixin:
         if self.shared_blob_dir:
             self._blobs = SharedBlobDirectory(self.blob_dir)
         else:
+            from zeotwist.client.blobcache import BlobCache     # with a blob_dir only
             self._blobs = BlobCache(self.blob_dir, blob_cache_size, blob_cache_size_check,
                                     lock_timeout=self._timeout)
 
@@ -105,7 +108,7 @@ class BlobStorageMixin:
         return None if self._blobs is None else self._blobs.fshelper
 
     @property
-    def blob_cache(self) -> BlobCache | None:
+    def blob_cache(self) -> "BlobCache | None":
         """The blob cache (None without blob_dir or in the shared mode)."""
         return None if self.shared_blob_dir else self._blobs
 
@@ -158,6 +161,7 @@ class BlobStorageMixin:
         asks for the first piece itself when it may (a blob of one piece:
         no reactor thread hand-off); the rest, if any, comes through the
         reactor thread (``Client.fetch_blob``)."""
+        from zeotwist.client.blobtransfer import first_piece_from_thread
         client = self._client
         first = self._ask_from_thread(first_piece_from_thread, None, client, oid, serial)
         if first is not None and len(first["data"]) == first["size"]:

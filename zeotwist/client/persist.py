@@ -15,7 +15,6 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from zeotwist.client.cachefile import CacheFile
 from zeotwist.errors import ForeignCacheFile
 
 _log = Logger()
@@ -28,6 +27,7 @@ class CachePersister:
         self.cache = cache
         self.path = path
         self.interval = interval
+        from zeotwist.client.cachefile import CacheFile     # a client without one needs none
         self._file = CacheFile(path)
         self._file.open()       # CacheLockedError, ForeignCacheFile: raised to the caller
         self._lock = threading.Lock()

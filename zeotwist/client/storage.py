@@ -25,7 +25,6 @@ from zeotwist.client.blobs import BlobStorageMixin
 from zeotwist.client.storagecommit import StorageCommitMixin
 from zeotwist.client.storageapi import StorageAPIMixin
 from zeotwist.client.cache import ClientCache
-from zeotwist.client.cachefile import cache_path as persistent_cache_path
 from zeotwist.client.persist import DEFAULT_SAVE_INTERVAL, CachePersister
 from zeotwist.client.client import Client
 from zeotwist.client.resolve import ConflictResolver
@@ -99,6 +98,7 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         cache = ClientCache(cache_size)
         persister = None
         if client is not None or cache_path is not None:
+            from zeotwist.client.cachefile import cache_path as persistent_cache_path
             persister = CachePersister(
                 cache, cache_path or persistent_cache_path(client, var, storage),
                 cache_save_interval)
