@@ -55,7 +55,7 @@ class Committing:
         self.client.connector.protocol = self.proto
         self.visible = []
         self.client.events.subscribe(lambda e: self.visible.append(("early", e.tid)),
-                                     before_visible=True)
+                                     before_visible=True, any_thread=True)
         self.txn = ClientTransaction(self.client, TransactionMetaData())
         self.txn.store(OID, p64(1), b"new")
 

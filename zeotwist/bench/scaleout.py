@@ -98,7 +98,7 @@ def fan_out_latency(a, b, db_a, commits: int) -> list:
         with arrived:
             heard[event.tid] = time.monotonic()
             arrived.notify_all()
-    b.client.events.subscribe(note, before_visible=True)
+    b.client.events.subscribe(note, before_visible=True, any_thread=True)
     latencies = []
     for i in range(commits):
         commit(db_a, "latency", i)

@@ -76,8 +76,9 @@ class CommitReads(ThreadWrites):
         none.  Under ``send_lock`` (``locked``: the caller holds it), as the
         reader's own answer: a lost connection's ``connectionLost`` (and the
         next connection's verification of the cache) comes after, never
-        between.  An owner without ``invalidated_by_thread`` leaves them to
-        the reactor.
+        between.  An owner without ``invalidated_by_thread``, or with a
+        ``before_visible`` subscriber that must run on the reactor thread
+        (``events_on_threads``), leaves them to the reactor.
 
         An exception a signal handler raises in this thread
         (KeyboardInterrupt) may land anywhere in here: before the boxes are
@@ -85,7 +86,8 @@ class CommitReads(ThreadWrites):
         is still applied once (what it cut short is done again, each step
         once: ``Client.make_visible``), and the exception is raised after."""
         apply = getattr(self.owner, "invalidated_by_thread", None)
-        if apply is None or commitframes.match_invalidate(got[0]) is None:
+        if apply is None or commitframes.match_invalidate(got[0]) is None \
+                or not getattr(self.owner, "events_on_threads", True):
             return False
         if not locked:
             with self.send_lock:
@@ -179,15 +181,13 @@ class CommitReads(ThreadWrites):
                         got[:] = [b"".join(got)]
                     if got:         # other clients' commits: applied here
                         self.take_invalidations(got, True)
+                    if not got and not ended:   # the usual case: no Event made
+                        return
+                    handled = threading.Event()
+                    self._hand_back(got, handled.set)
                 except BaseException:   # a signal handler's: what was read is not lost
-                    self.read_state = RETURNING
-                    reactor.callFromThread(self._take_back, b"".join(got))
+                    self._hand_back(got, None)
                     raise
-                if not got and not ended:   # the usual case: no Event made
-                    return
-                self.read_state = RETURNING     # the reactor reads again, after ``got``
-                handled = threading.Event()
-                reactor.callFromThread(self._take_back_then, b"".join(got), handled.set)
             elif state == RETURNING or (state == REACTOR and (
                     # this order: bytes the socket no longer holds were read
                     # by a doRead that is still marked, or that has handled them
@@ -199,11 +199,22 @@ class CommitReads(ThreadWrites):
                 return
         handled.wait(timeout)
 
-    def _take_back_then(self, data: bytes, then) -> None:
+    def _hand_back(self, got: list, then) -> None:
+        """Under the lock, parked: the reactor reads again, the bytes in
+        ``got`` first, then calls ``then()`` (unless None).  Called again
+        with the same list (an exception cut the first call short), the
+        bytes still go once."""
+        self.read_state = RETURNING
+        self.owner.reactor.callFromThread(self._take_back_from, got, then)
+
+    def _take_back_from(self, got: list, then) -> None:
+        data = b"".join(got)
+        got.clear()
         try:
             self._take_back(data)
         finally:
-            then()
+            if then is not None:
+                then()
 
 
 def _arrived(transport) -> bool:

@@ -164,6 +164,12 @@ class Connector:
         if proto is self.protocol:        # else: a handshake's, or a dead connection's
             self._client.apply_invalidation(tid, oids)
 
+    @property
+    def events_on_threads(self) -> bool:
+        """Every ``before_visible`` subscriber may run on an application
+        thread (else the reactor makes every event visible: events.py)."""
+        return self._client.events.on_threads
+
     def invalidated_by_thread(self, proto, tid: bytes, oids, later) -> None:
         """:meth:`invalidated`, read by a thread other than the reactor's
         (zeotwist.client.commitreads): ``later`` has the reactor thread run

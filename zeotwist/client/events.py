@@ -12,9 +12,10 @@ by the server, its own commit, or the catch-up of a verification - is one
 * ``subscribe(callback)`` and :meth:`InvalidationEvents.next_after`: after
   the tid is visible, for reactor programs.
 
-This is the client's only subscription mechanism.  Runs on the reactor
-thread.  Subscriber exceptions are logged, never propagated into the
-protocol.
+This is the client's only subscription mechanism.  Subscribers run on the
+reactor thread (zeotwist's own ``any_thread`` ones also on an application
+thread: :meth:`InvalidationEvents.subscribe`).  Subscriber exceptions are
+logged, never propagated into the protocol.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -40,11 +41,12 @@ class Invalidation:
 
 class Subscription:
     def __init__(self, events: "InvalidationEvents", callback, before_visible: bool = False,
-                 idempotent: bool = False):
+                 idempotent: bool = False, any_thread: bool = False):
         self._events = events
         self.callback = callback
         self.before_visible = before_visible
         self.idempotent = idempotent
+        self.any_thread = any_thread
 
     def cancel(self) -> None:
         """Stop receiving events (idempotent)."""
@@ -59,22 +61,33 @@ class InvalidationEvents:
         self.last: Invalidation | None = None
         #: the event stage one delivers, its subscribers, how many were called
         self._round: list = [None, (), 0]
+        #: every ``before_visible`` subscriber may run on another thread than the reactor's
+        self.on_threads = True
 
     def subscribe(self, callback, *, before_visible: bool = False,
-                  idempotent: bool = False) -> Subscription:
+                  idempotent: bool = False, any_thread: bool = False) -> Subscription:
         """``callback(Invalidation)`` for every transaction from now on;
         with ``before_visible``, under the visibility lock (see above).
         ``idempotent``: a ``before_visible`` callback that an exception cut
         short (a signal handler's) is called again with the same event,
-        rather than never again (ZODB's ``DB.invalidate``)."""
-        sub = Subscription(self, callback, before_visible, idempotent)
+        rather than never again (ZODB's ``DB.invalidate``).
+
+        ``any_thread`` (zeotwist's own: ClientStorage's ZODB DB): the
+        ``before_visible`` callback may also run on an application thread
+        that reads its own answer and holds the connection's send lock
+        (zeotwist.client.commitreads), so it must never call the client or
+        the storage.  While any other ``before_visible`` callback is
+        subscribed, every event is delivered on the reactor thread."""
+        sub = Subscription(self, callback, before_visible, idempotent, any_thread)
         (self._early if before_visible else self._subscriptions).append(sub)
+        self.on_threads = all(s.any_thread for s in self._early)
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
         for group in (self._early, self._subscriptions):
             if sub in group:
                 group.remove(sub)
+        self.on_threads = all(s.any_thread for s in self._early)
 
     def publish_before_visible(self, event: Invalidation) -> None:
         """Stage one: the ``before_visible`` subscribers (the caller holds

@@ -174,7 +174,8 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         self._tls = None
         self._client = client
         self._subscription = client.events.subscribe(self._invalidate_db,
-                                                     before_visible=True, idempotent=True)
+                                                     before_visible=True, idempotent=True,
+                                                     any_thread=True)
 
     # -- plumbing --------------------------------------------------------------
     def _call(self, f, *args, timeout=None):
@@ -208,7 +209,8 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
     def _invalidate_db(self, event) -> None:
         """Tell ZODB's DB of other clients' transactions, before their tid
         is visible (the DB learns of our own through tpc_finish's callback).
-        Idempotent: called again if an exception cut it short."""
+        Idempotent: called again if an exception cut it short; it never
+        calls the storage, so it may run on a thread holding the send lock."""
         db = self._db
         if db is None or event.local:
             return

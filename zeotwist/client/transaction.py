@@ -235,7 +235,9 @@ class ClientTransaction(BlobTransaction):
         thread (threadreads), a plain answer makes the commit visible here
         (under the protocol's send lock, so before any box that follows it
         and before a lost connection's end), the second stage of the
-        event on the reactor thread (``publish_later``)."""
+        event on the reactor thread (``publish_later``).  Not while a
+        ``before_visible`` subscriber must run on the reactor thread (the
+        reactor reads the answer then: events.py)."""
         proto = self._proto
         if proto is None or proto is not self._client.protocol \
                 or calls_pending(self._client.reactor):
@@ -246,7 +248,7 @@ class ClientTransaction(BlobTransaction):
             lambda a: self._finished(a, callback), self._answer_failed,
             (commitframes.match_finish_answer, lambda a: self._finished(a, callback, proto.publish_later)))
         return answer if proto.ask_from_thread(commitframes.finish_request(tag), answer,
-                                               True) else None
+                                               self._client.events.on_threads) else None
 
     def _answer_failed(self, error, refused=False):
         """The error a thread's Vote or Finish raises (as :meth:`_lost` and
