@@ -1,7 +1,7 @@
 """The commit lock: FIFO, withdrawal, timeout (pure logic, Clock-driven)."""
 from twisted.internet.task import Clock
 
-from zeotwist.server.commitlock import CommitLock
+from zeotwist.server.commitlock import PARK_GRACE, CommitLock
 
 
 class Owner:
@@ -201,8 +201,10 @@ def test_the_turn_is_kept_only_once_the_first_refusal_is_old_enough():
     assert lock.holder is None
     _take(lock, b, got, [O])
     assert lock.holder is b and got == [a, b, a, b, c, b]
-    lock.release(b)                 # b commits: its ticket is gone; a's is young
-    assert lock.holder is a
+    lock.release(b)                 # b commits: its ticket is gone; a's is young,
+    assert lock.holder is None      # parked while b may come back (the grace)...
+    clock.advance(PARK_GRACE)
+    assert lock.holder is a         # ...and b did not
 
 
 def test_no_retry_wait_is_first_come_first_served():
@@ -220,3 +222,86 @@ def test_a_transaction_names_the_oids_it_may_store():
     assert buffer.oids(limit=10) is None             # too long to read: unknown
     buffer.append(encode_undo(b"\0" * 8))
     assert buffer.oids() is None                     # an undo's oids: unknown
+
+
+# -- a young ticket's votes on the refused objects are parked (PARK_GRACE) ----------
+
+def _young_b(clock, after=1.0):
+    """a commits, b is refused on O (its ticket young for ``after`` s), a votes
+    again and b's retry on O waits behind it."""
+    lock, got = _refused_b(clock, after=after)
+    _take(lock, a, got, [O])
+    _take(lock, b, got, [O])
+    assert lock.holder is a
+    return lock, got
+
+
+def test_a_young_ticket_waits_while_the_last_committer_comes_back():
+    clock = Clock()
+    lock, got = _young_b(clock)
+    for _ in range(3):
+        lock.release(a)             # a commits: b's retry would be refused now
+        assert lock.holder is None  # b is parked: a may come back
+        _take(lock, a, got, [O])    # it does: a goes first, b still waits
+        assert lock.holder is a
+    assert got == [a, b, a, a, a, a] and lock.waiting() == 1
+
+
+def test_a_parked_vote_goes_when_no_one_comes_back():
+    clock = Clock()
+    lock, got = _young_b(clock)
+    lock.release(a)
+    clock.advance(PARK_GRACE / 2)
+    assert lock.holder is None
+    clock.advance(PARK_GRACE / 2)   # the lock stayed free: nobody else wants O
+    assert lock.holder is b
+
+
+def test_a_waiter_on_the_refused_objects_goes_before_a_parked_one():
+    lock, got = _young_b(Clock())
+    _take(lock, c, got, None)       # no ticket; unknown oids: it may store O
+    lock.release(a)
+    assert lock.holder is c         # before b, which asked first
+
+
+def test_a_parked_vote_gets_its_turn_when_its_ticket_comes_of_age():
+    clock = Clock()
+    lock, got = _young_b(clock, after=0.5)
+    for _ in range(4):              # a keeps committing, 0.1 s a commit
+        clock.advance(0.1)
+        lock.release(a)
+        _take(lock, a, got, [O])
+        assert lock.holder is a     # b is parked
+    clock.advance(0.1)
+    lock.release(a)
+    assert lock.holder is b         # 0.5 s after its refusal: b's turn
+    lock.release(b, refused=[O])    # its stale vote is refused...
+    _take(lock, a, got, [O])
+    assert lock.holder is None      # ...a waits for its retry
+    _take(lock, b, got, [O])
+    assert lock.holder is b
+    lock.release(b)
+    assert lock.holder is a
+
+
+def test_a_refused_client_storing_other_objects_is_not_parked():
+    lock, got = _refused_b(Clock(), after=1.0)
+    _take(lock, a, got, [O])
+    _take(lock, b, got, [P])        # b's retry stores P, not O
+    lock.release(a)
+    assert lock.holder is b
+
+
+def test_strict_turns_and_first_come_first_served_park_nothing():
+    clock = Clock()
+    lock, got = _refused_b(clock, wait=0)       # first come, first served
+    _take(lock, a, got, [O])
+    _take(lock, b, got, [O])
+    lock.release(a)
+    assert lock.holder is b
+    lock, got = _refused_b(clock, after=0)      # strict: b's retry is its turn
+    _take(lock, b, got, [O])
+    assert lock.holder is b
+    lock.release(b)
+    _take(lock, a, got, [O])
+    assert lock.holder is a

@@ -14,6 +14,7 @@ from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import z64
 
 from test_client_resolution import HeldCalls
+from zeotwist.server.commitlock import PARK_GRACE
 from zeotwist.server.storageserver import StorageServer
 from zeotwist.testing import connect_in_memory
 from zeotwist.wire import commands as C
@@ -85,7 +86,11 @@ def test_a_young_refusal_keeps_no_turn_an_old_one_does(world):
     tid4 = commit(y, oid, tid3, 4)          # y's turn
     x.pump.flush()
     assert waiting and waiting[0]["conflicts"][:8] == oid   # x read before tid4
-    assert commit(x, oid, tid4, 5) > tid4
+    voted = x.send_vote(oid, tid4, 5)       # x, its ticket young: parked...
+    assert voted == [] and server.lock.holder is None
+    server.reactor.advance(PARK_GRACE)      # ...while y may come back; it did not
+    x.pump.flush()
+    assert voted and voted[0]["conflicts"] == b"" and x.ask(C.Finish)["tid"] > tid4
 
 
 def test_a_client_gone_after_its_refused_vote_keeps_no_turn(world):
@@ -112,3 +117,29 @@ def test_a_client_gone_while_its_refused_vote_is_aborted(world):
     y.drop()
     threads.release()
     assert commit(x, oid, tid1, 2) > tid1
+
+
+def test_a_refused_retry_waits_instead_of_being_refused_again(world):
+    """y, refused once, retries while x keeps committing (x's next vote
+    always comes first): its retry waits for its turn instead of being
+    granted after each of x's commits and refused as stale."""
+    server, threads, x, y, oid = world
+    tid = commit(x, oid, z64, 0)
+    refused(y, oid, z64, 1)                 # y's first refusal: a young ticket
+    retry, refusals = [], 0
+    for value in range(1, 6):
+        threads.held = True
+        x.send_vote(oid, tid, value)        # x holds the lock (its vote in the thread)
+        if retry or value == 1:             # y retries from the current record
+            refusals += bool(retry)
+            assert not retry or retry[0]["conflicts"][:8] == oid, retry
+            retry = y.send_vote(oid, tid, value)
+        threads.release()
+        x.pump.flush()
+        tid = x.ask(C.Finish)["tid"]
+        y.pump.flush()
+    assert refusals == 0 and retry == []    # parked: x came back every time
+    server.reactor.advance(PARK_GRACE)      # x does not come back now
+    y.pump.flush()
+    assert retry[0]["conflicts"][:8] == oid     # its stale vote, refused once
+    assert commit(y, oid, tid, 6) > tid

@@ -13,30 +13,44 @@ oids: it takes a ticket (kept over its next refusals, dropped when it
 releases otherwise: commits or aborts) and is *expected* back for
 ``retry_wait`` seconds (``--conflict-retry-wait``), the time its client
 takes to retry from the commit that beat it.  A ticket first counts
-``turn_after`` seconds after its first refusal (``--conflict-turn-after``);
-until then the lock is granted in arrival order and never waits.  From
-then on the lock goes to the waiter with the oldest counting ticket,
+``turn_after`` seconds after its first refusal (``--conflict-turn-after``).
+From then on the lock goes to the waiter with the oldest counting ticket,
 waiters without one after, in arrival order; and no waiter is served ahead
 of an expected owner with an older counting ticket whose conflicting oids
 it may store (``acquire``'s ``oids``: unknown means it may): the lock waits
 for that owner's vote, at most until its time runs out or it leaves
 (:meth:`CommitLock.forget`).
 
-Why both.  In arrival order alone, a client that has just committed starts
-its next transaction from an up-to-date cache, votes before the clients it
+**Parked until then.**  While its ticket is young, a vote that may store
+the oids of its owner's last refusal is *parked* while another owner is
+active on them: a waiter without a ticket may store one of them (it goes
+first), or the last commit, less than ``grace`` (``PARK_GRACE``, 5 ms)
+ago, may have stored one (its committer may come back for its next one:
+the lock stays free meanwhile).  Granted then it would be refused again
+(the committer has moved the object on), or win, ending the committer's
+run with a switch.  A waiter storing other objects is not parked; nobody
+coming back within the grace means nobody else wants those objects, and
+the parked vote goes.  When the ticket comes of age, the turn above is
+kept: its stale vote is refused once more and its retry commits.
+
+Why.  In arrival order alone, a client that has just committed starts its
+next transaction from an up-to-date cache, votes before the clients it
 refused have retried, and wins again: on one hot object one writer commits
-for seconds while the others wait (ZEO 6.2 behaves so too).  Keeping the
-turn from the first refusal makes the writers alternate, but the lock idles
-while each turn's owner handles its ConflictError and retries (about 2.2 ms
-per commit against 1.4 for a writer committing again): 4 writers on one
-counter make about ZEO's commits/s, about 0.7 of the default's
-(docs/performance.md, "Cheaper refusals, strict turns").  Kept only after
-``turn_after`` (0.05 s; 0.1 s until issue 10's sixth session), it bounds an
-increment's wait to about that, for about a fifth of the commits/s: every writer progresses, where first come, first served
-runs them one after another (docs/performance.md, "A refused client's
-turn, after 0.1 s").
-``retry_wait=0``: first come, first served; ``turn_after=0``: the turn is
-kept from the first refusal.
+for seconds while the others wait (ZEO 6.2 behaves so too, unbounded).
+Keeping the turn from the first refusal makes the writers alternate, but
+the lock idles while each turn's owner handles its ConflictError and
+retries: 4 writers on one counter make about ZEO's commits/s
+(docs/performance.md, "Cheaper refusals, strict turns").  Kept after a
+while without parking, the losers retried in the meantime, each refused
+10-130 times, and now and then won between two of the committer's votes:
+every switch of writer is an increment that waited, 7 % of them at 0.05 s
+("A refused client's turn, after 0.1 s").  Parked, the losers wait once,
+without burning CPU, and the writers switch only when a ticket comes of
+age: with 0.4 s (the default) about 5 of 1,000 increments wait, each at
+most about 0.4 s, at 2.5x ZEO's commits/s ("Parked until their turn").
+``retry_wait=0``: first come, first served (no tickets, nothing parked);
+``turn_after=0``: the turn is kept from the first refusal (no young
+ticket, nothing parked).
 
 Pure logic: no I/O; the clock is injected.  Runs on the reactor thread.
 """
@@ -53,8 +67,13 @@ from zeotwist.server.stats import Timings
 #: conflicts, for its retry (a few ms in a retry loop, more for a retried
 #: request); 0: first come, first served (see the docstring).
 DEFAULT_RETRY_WAIT = 0.05
-#: Seconds after a client's first refusal before the lock keeps its turn.
-DEFAULT_TURN_AFTER = 0.05
+#: Seconds after a client's first refusal before the lock keeps its turn;
+#: until then its votes on the refused objects are parked (see the docstring).
+DEFAULT_TURN_AFTER = 0.4
+#: Seconds the lock stays free for the last committer to come back before it
+#: grants a parked vote: a few of that client's commit-to-next-vote (about
+#: 0.7 ms); no one coming in that time means no one else wants the objects.
+PARK_GRACE = 0.005
 _LAST = float("inf")            # the rank of a waiter without a ticket
 
 
@@ -64,29 +83,42 @@ class _Waiter:
     def __init__(self, owner, d: Deferred, oids):
         self.owner, self.d, self._oids, self._known = owner, d, oids, oids is None
 
+    def read_oids(self) -> None:
+        """Computes its oids (once: now, or when first needed)."""
+        if not self._known:
+            self._oids, self._known = self._oids(), True
+
     def may_store(self, oids: frozenset) -> bool:
         """Whether this waiter's transaction may store one of ``oids``."""
-        if not self._known:             # computed once, when first needed
-            self._oids, self._known = self._oids(), True
+        self.read_oids()
         return self._oids is None or not self._oids.isdisjoint(oids)
+
+    def stored(self, oids: frozenset) -> bool:
+        """After its commit: whether it may have stored one of ``oids``
+        (unknown unless computed before its vote, see ``CommitLock._grant``)."""
+        return not self._known or self.may_store(oids)
 
 
 class CommitLock:
     def __init__(self, clock: IReactorTime, timeout: float | None = None,
                  on_timeout: Callable[[Hashable], None] | None = None,
                  retry_wait: float = DEFAULT_RETRY_WAIT,
-                 turn_after: float = DEFAULT_TURN_AFTER):
+                 turn_after: float = DEFAULT_TURN_AFTER, grace: float = PARK_GRACE):
         self._clock = clock
         self._timeout = timeout
         self._on_timeout = on_timeout
         self._retry_wait = retry_wait
         self._turn_after = turn_after
+        self._grace = grace
         self._holder = None
+        self._held_by: _Waiter | None = None    # the holder's request
+        self._committed = (float("-inf"), None)     # the last commit: when, whose
         self._timer = None              # the holder's timeout (see _grant)
         self._deadline = 0.0
         self._waiters: deque = deque()
         self._tickets: dict = {}        # owner -> ticket (refused; lower: older)
         self._since: dict = {}          # owner -> when its first refusal was
+        self._refused: dict = {}        # owner -> the oids of its last refusal
         self._next_ticket = 0
         self._expected: dict = {}       # owner -> (deadline, its conflicting oids)
         self._hold = None               # the call that ends a wait for the expected
@@ -144,8 +176,11 @@ class CommitLock:
                 self._since[owner] = now
                 self._next_ticket += 1
             self._expected[owner] = (now + self._retry_wait, refused)
+            self._refused[owner] = refused
         else:
             self._drop_ticket(owner)
+            self._committed = (now, self._held_by)
+        self._held_by = None
         self._grant_next()
 
     def forget(self, owner) -> None:
@@ -159,6 +194,7 @@ class CommitLock:
     def _drop_ticket(self, owner) -> None:
         self._tickets.pop(owner, None)
         self._since.pop(owner, None)
+        self._refused.pop(owner, None)
 
     def _withdraw(self, owner) -> None:
         self._asked.pop(owner, None)
@@ -172,12 +208,19 @@ class CommitLock:
             return
         expected = self._expected_now()
         rank = self._turns()
+        parked, until = self._parked(rank)
         if not rank:                    # nobody's turn is kept: arrival order
-            self._grant(self._waiters.popleft())
+            for waiter in self._waiters:
+                if waiter not in parked:
+                    self._waiters.remove(waiter)
+                    self._grant(waiter)
+                    return
+            self._hold_until(until)
             return
         rank = rank.get
-        until = None
         for waiter in sorted(self._waiters, key=lambda w: rank(w.owner, _LAST)):
+            if waiter in parked:
+                continue
             mine = rank(waiter.owner, _LAST)
             blocking = [deadline for owner, (deadline, oids) in expected.items()
                         if rank(owner, _LAST) < mine and waiter.may_store(oids)]
@@ -187,6 +230,36 @@ class CommitLock:
                 return
             until = min(blocking + ([until] if until is not None else []))
         self._hold_until(until)
+
+    def _parked(self, turns: dict) -> tuple[list, float | None]:
+        """The waiters not granted now, and until when at most: those of
+        owners with a young ticket (not in ``turns``) whose transaction
+        may store the oids of their refusal while another owner is active
+        on them: a waiter without a ticket may store one of them, or the
+        last commit, less than ``grace`` ago, may have (its committer may
+        come back).  Such a vote would be refused again, or win the turn
+        of the owner that keeps committing, ending its run early (see the
+        module's docstring)."""
+        young = [w for w in self._waiters
+                 if w.owner in self._tickets and w.owner not in turns]
+        if not young:
+            return [], None
+        refused, since = self._refused, self._since
+        at, last = self._committed
+        recent = self._clock.seconds() < at + self._grace and last is not None
+        others = [w for w in self._waiters if w.owner not in self._tickets]
+        parked, until = [], None
+        for waiter in young:
+            oids = refused.get(waiter.owner)
+            if not oids or not waiter.may_store(oids):
+                continue
+            if any(w.may_store(oids) for w in others):
+                parked.append(waiter)   # one of them goes: no wait of its own
+            elif recent and last.owner is not waiter.owner and last.stored(oids):
+                parked.append(waiter)
+                end = min(at + self._grace, since[waiter.owner] + self._turn_after)
+                until = end if until is None else min(until, end)
+        return parked, until
 
     def _expected_now(self) -> dict:
         """The owners still expected (those whose time ran out lose their ticket)."""
@@ -200,15 +273,17 @@ class CommitLock:
     def _turns(self) -> dict:
         """owner -> ticket, for the tickets old enough to keep their turn
         (first refused ``turn_after`` seconds ago or more).  A younger one
-        needs no timer: until it comes of age the lock is granted in
-        arrival order, never left idle, and every grant looks again."""
+        needs no timer of its own: every grant looks again, and a lock
+        left free for parked votes has the grace's timer (``_parked``)."""
         if not self._tickets:
             return {}
         now, after, since = self._clock.seconds(), self._turn_after, self._since
-        return {o: t for o, t in self._tickets.items() if now - since[o] >= after}
+        return {o: t for o, t in self._tickets.items() if now >= since[o] + after}
 
-    def _hold_until(self, deadline: float) -> None:
+    def _hold_until(self, deadline: float | None) -> None:
         self._cancel_hold()
+        if deadline is None:
+            return
         self._hold = self._clock.callLater(max(0.0, deadline - self._clock.seconds()),
                                            self._grant_next)
 
@@ -220,7 +295,9 @@ class CommitLock:
     def _grant(self, waiter: _Waiter) -> None:
         self._cancel_hold()
         owner = waiter.owner
-        self._holder = owner
+        self._holder, self._held_by = owner, waiter
+        if self._refused:               # its oids, for the votes it may park,
+            waiter.read_oids()          # while its records are there (before its vote)
         self._granted_at = now = self._clock.seconds()
         self.wait_times.observe(now - self._asked.pop(owner, now))
         if self._timeout is not None:

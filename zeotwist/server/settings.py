@@ -163,8 +163,9 @@ class ServerSettings:
         coerce=float, minimum=0)
     conflict_turn_after: float = option(
         DEFAULT_TURN_AFTER, "Seconds after a client's first refused vote before the "
-        "commit lock keeps its turn (--conflict-retry-wait): bounds the wait on a hot "
-        "object to about this; lower is fairer and costs commits/s (0 = from the "
+        "commit lock keeps its turn (--conflict-retry-wait); until then its retries on "
+        "those objects wait while another client commits them: bounds the wait on a "
+        "hot object to about this; lower switches writers more often (0 = from the "
         "first refusal)", coerce=float, minimum=0)
     handshake_timeout: float = option(
         5.0, "Seconds a new connection has to register before it is closed", coerce=float)
