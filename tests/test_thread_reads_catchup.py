@@ -8,9 +8,12 @@ import contextlib
 import select
 import threading
 
+import pytest
 from ZODB.utils import z64
 
+from certs import make_pki
 from tests.test_review_races import _commit, _wait_for
+from tests.test_tls import tls_address, tls_server
 from tests.test_review_threadreads import _parked, no_park_timer  # noqa: F401 (fixture)
 from zeotwist import ClientStorage
 from zeotwist.client.reactorthread import _start_private_reactor, background_reactor
@@ -49,15 +52,33 @@ def test_nothing_arrived_leaves_the_socket_parked(server, make_client, no_park_t
     assert proto.read_state == PARKED       # no hand-off when nothing came
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(params=["plain", "tls"])
+def reader_over(request, pki):
+    """How the reader reaches the server: a plain socket, or TLS (the
+    reactor reads the socket under the TLS transport)."""
+    return request.param == "tls" and pki
+
+
 @contextlib.contextmanager
-def _reader_and_writer(tmp_path):
+def _reader_and_writer(tmp_path, tls=None):
     """A server and a writer on reactors of their own, a reader on the
-    background reactor (which the test holds); yields (writer, reader,
-    the reader's reactor, release: the Event that lets it go)."""
+    background reactor (which the test holds), over TLS with ``tls`` (a
+    pki); yields (writer, reader, the reader's reactor, release: the
+    Event that lets it go)."""
     server_reactor, writer_reactor = _start_private_reactor(), _start_private_reactor()
-    srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
+    if tls:
+        srv = tls_server(tmp_path, tls, reactor=server_reactor)
+        address, options = tls_address(srv), dict(tls=dict(ca=str(tls.ca)))
+    else:
+        srv = start_server(str(tmp_path / "data.fs"), reactor=server_reactor)
+        address, options = srv.address, {}
     writer = ClientStorage(srv.address, reactor=writer_reactor, wait_timeout=10)
-    reader = ClientStorage(srv.address, reactor=background_reactor(), wait_timeout=10)
+    reader = ClientStorage(address, reactor=background_reactor(), wait_timeout=10, **options)
     release = threading.Event()
     try:
         yield writer, reader, background_reactor(), release
@@ -96,12 +117,12 @@ def _reading_and_loaded(writer, reader):
     return x, first, proto
 
 
-def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path):
+def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path, reader_over):
     """The reactor reads the socket (not parked) but has not got to what
     arrived: a thread that starts a transaction (a committer elsewhere told
     it of its commit) waits for the reactor's next turn instead of starting
     behind.  The reader's reactor is held busy by the test."""
-    with _reader_and_writer(tmp_path) as (writer, reader, reactor, release):
+    with _reader_and_writer(tmp_path, reader_over) as (writer, reader, reactor, release):
         x, first, proto = _reading_and_loaded(writer, reader)
         busy = threading.Event()
         reactor.callFromThread(lambda: (busy.set(), release.wait(60)))
@@ -113,17 +134,20 @@ def test_a_transaction_starts_after_what_the_busy_reactor_has_not_read(tmp_path)
 
 
 def _arrived_on(proto) -> bool:
-    fd = proto.transport.getHandle().fileno()
+    transport = proto.transport
+    transport = getattr(transport, "transport", transport)     # the socket's, under TLS
+    fd = transport.getHandle().fileno()
     return bool(select.select([fd], [], [], 0)[0])
 
 
-def test_a_transaction_starts_after_what_the_reactor_has_read_but_not_handled(tmp_path):
+def test_a_transaction_starts_after_what_the_reactor_has_read_but_not_handled(
+        tmp_path, reader_over):
     """The reactor has taken the invalidation out of the socket (its
     ``recv`` gives up the GIL) but not handled it yet: the socket is empty,
     and a thread starting a transaction must still wait for it.  The test
     holds the reader's reactor inside the reader's ``dataReceived``, between
     the read and the handling."""
-    with _reader_and_writer(tmp_path) as (writer, reader, reactor, release):
+    with _reader_and_writer(tmp_path, reader_over) as (writer, reader, reactor, release):
         x, first, proto = _reading_and_loaded(writer, reader)
         inside, handle = threading.Event(), proto.dataReceived
 

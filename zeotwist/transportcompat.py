@@ -102,14 +102,26 @@ def unjoined_writes(transport) -> None:
         transport.doWrite = lambda: _unjoined_do_write(alive())
 
 
+def reading_transport(transport):
+    """The socket transport whose ``doRead`` reads ``transport``'s bytes:
+    itself, or the one under a TLS transport (``transport.transport``,
+    which decrypts in that ``doRead``); None for others."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if getattr(type(candidate), "doRead", None) is not None \
+                and hasattr(candidate, "getHandle"):
+            return candidate
+    return None
+
+
 def marked_reads(transport, owner, attribute: str) -> None:
-    """Set ``owner.<attribute>`` True while the reactor is inside the socket
-    transport's ``doRead`` (its ``recv`` gives up the GIL: another thread
-    can run between the read and the handling of what was read), False
-    otherwise.  Nothing for other transports (TLS reads through the one
-    under it); idempotent."""
-    if getattr(type(transport), "doRead", None) is not None \
-            and "doRead" not in transport.__dict__:
+    """Set ``owner.<attribute>`` True while the reactor is inside the
+    ``doRead`` of the socket transport that reads ``transport``
+    (:func:`reading_transport`: its ``recv`` gives up the GIL, and another
+    thread can run between the read and the handling of what was read,
+    decrypted first under TLS), False otherwise.  Nothing for other
+    transports; idempotent."""
+    transport = reading_transport(transport)
+    if transport is not None and "doRead" not in transport.__dict__:
         transport.doRead = _MarkedRead(transport, owner, attribute)
 
 

@@ -64,8 +64,9 @@ class CommitReads(ThreadWrites):
 
     def track_reactor_reads(self) -> None:
         """connectionMade: mark :attr:`reactor_reading` while the reactor
-        reads this connection's socket and handles what it read (a plain
-        socket transport; TLS reads through the transport under it)."""
+        reads this connection's socket and handles what it read (the
+        socket transport's ``doRead``; under TLS, the one the TLS transport
+        reads through)."""
         transportcompat.marked_reads(self.transport, self, "reactor_reading")
 
     def take_invalidations(self, got: list, locked: bool = False) -> bool:
@@ -218,10 +219,10 @@ class CommitReads(ThreadWrites):
 
 
 def _arrived(transport) -> bool:
-    """Whether bytes wait unread in ``transport``'s socket (asked from a
-    thread while the reactor may close it: False then)."""
+    """Whether bytes wait unread in ``transport``'s socket (the one under
+    TLS; asked from a thread while the reactor may close it: False then)."""
     try:
-        fd = transport.getHandle().fileno()
+        fd = transportcompat.reading_transport(transport).getHandle().fileno()
         return fd >= 0 and bool(select.select([fd], [], [], 0)[0])
     except (AttributeError, OSError, ValueError):
         return False
