@@ -113,6 +113,36 @@ def test_blob_chunks_and_records_commit_in_memory(memory_world):
     assert os.listdir(str(memory_world[2] / "blobs" / "tmp")) == []
 
 
+def test_blob_pieces_stored_and_loaded_arm_the_trim_after_the_burst(memory_world, monkeypatch):
+    """The blob commands tell malloc.trim_after_burst of each piece (92bd7e4):
+    one trim BURST_QUIET seconds after the last stored piece, one after
+    the last loaded one (tests/test_malloc.py checks the timing itself)."""
+    from zeotwist.server import malloc
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.records import encode_blob
+    clock = memory_world[0]
+    trims = []
+    monkeypatch.setattr(malloc, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(malloc, "_burst", malloc._BurstTrim(clock))
+    client, session, pump, rec = _session(memory_world)
+    oid = b"\0" * 7 + b"\1"
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    client.send(C.StoreBlobChunk, blob=0, data=b"a blob")
+    client.send(C.StoreData, data=encode_blob(oid, z64, 0, b"record"))
+    _vote(client, pump)
+    clock.advance(malloc.BURST_QUIET)
+    assert trims == [1]                     # after the stored pieces
+    out = []
+    client.call(C.Finish).addBoth(out.append)
+    pump.flush()
+    client.call(C.LoadBlobChunk, oid=oid, serial=out[0]["tid"], offset=0).addBoth(out.append)
+    pump.flush()
+    assert out[1] == dict(data=b"a blob", size=6)
+    clock.advance(malloc.BURST_QUIET)
+    assert trims == [1, 1]                  # after the loaded ones
+    assert not rec.lost
+
+
 # -- transfers that stop making progress (a Clock, fake connections) ------------------------
 
 class _SilentProto:
