@@ -146,6 +146,14 @@ class CommitLock:
         None if unknown (then it waits behind every older ticket).
         Cancelling the Deferred withdraws ``owner`` from the queue.
         """
+        if self._holder is None and not self._waiters and not self._tickets \
+                and not self._expected:
+            # The lock is free and no turn is kept, nothing parked, nobody
+            # expected (a lone writer's every commit): granted as
+            # _grant_next would, without the queue's bookkeeping.
+            d = Deferred()
+            self._grant(_Waiter(owner, d, oids))
+            return d
         if owner is self._holder or any(w.owner is owner for w in self._waiters):
             raise WrongStateError("%r already holds or awaits the commit lock" % (owner,))
 
