@@ -56,6 +56,10 @@ class TransactionResponders(amp.CommandLocator):
     @C.StoreData.responder
     def store_data(self, data):
         txn = self._txn
+        if txn is not None and txn.state.state is State.OPEN:    # every commit's
+            if not txn.read_only:       # a read-only vote fails: spool nothing
+                txn.buffer.append(data)
+            return {}
         if txn is not None and txn.state.can(Event.STORE_RESOLVED):
             txn.state.move(Event.STORE_RESOLVED)
             txn.fixes.append(data)          # the client's resolved records

@@ -42,7 +42,7 @@ class TransactionBuffer:
         self._budgets = budgets
         self.size = 0
         self.too_large = False
-        self._refusal = "transaction larger than %d bytes" % max_bytes
+        self._refusal = None        # why it was refused (set when it is)
         #: called without arguments by :meth:`close`: what mixins attached to
         #: the transaction (spooled blob files) is released with it
         self.on_close: list = []
@@ -89,7 +89,7 @@ class TransactionBuffer:
         if self.too_large:
             return False
         if self.size + nbytes > self._max:
-            return self._refuse(self._refusal)
+            return self._refuse("transaction larger than %d bytes" % self._max)
         if self._budgets is not None:
             spool = self._budgets.spool
             if spool.total + nbytes > spool.cap:
