@@ -305,3 +305,12 @@ def test_strict_turns_and_first_come_first_served_park_nothing():
     lock.release(b)
     _take(lock, a, got, [O])
     assert lock.holder is a
+
+
+def test_a_parked_vote_goes_when_the_last_committer_leaves():
+    clock = Clock()
+    lock, got = _young_b(clock)
+    lock.release(a)
+    assert lock.holder is None
+    lock.forget(a)                  # a's client went away: no grace for it
+    assert lock.holder is b

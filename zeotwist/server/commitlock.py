@@ -29,8 +29,8 @@ ago, may have stored one (its committer may come back for its next one:
 the lock stays free meanwhile).  Granted then it would be refused again
 (the committer has moved the object on), or win, ending the committer's
 run with a switch.  A waiter storing other objects is not parked; nobody
-coming back within the grace means nobody else wants those objects, and
-the parked vote goes.  When the ticket comes of age, the turn above is
+coming back within the grace (or the committer leaving) means nobody else
+wants those objects, and the parked vote goes.  When the ticket comes of age, the turn above is
 kept: its stale vote is refused once more and its retry commits.
 
 Why.  In arrival order alone, a client that has just committed starts its
@@ -196,6 +196,10 @@ class CommitLock:
         transaction ended otherwise, or its client went away)."""
         self._withdraw(owner)
         self._drop_ticket(owner)
+        last = self._committed[1]
+        if last is not None and last.owner is owner:
+            self._committed = (float("-inf"), None)     # it will not come back:
+            self._grant_next()          # a vote parked for it goes
         if self._expected.pop(owner, None) is not None:
             self._grant_next()          # someone may have waited for it
 
