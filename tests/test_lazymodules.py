@@ -94,3 +94,17 @@ def test_twisteds_plugin_discovery_finds_modules_through_the_stand_in():
         print(loaded("twisted.python.modules") is None)
         print(getModule("twisted.internet").name)
         """) == ["True", "twisted.internet"]
+
+
+def test_find_spec_answers_for_a_module_not_used_yet():
+    """Libraries look for optional modules with ``importlib.util.find_spec``:
+    a stand-in answers with the real module's spec (it raised ValueError,
+    ``decimal.__spec__ is None``), and that runs nothing."""
+    assert run("""
+        import importlib.util
+        spec = importlib.util.find_spec("decimal")
+        print(spec.name, loaded("decimal") is None)
+        print(importlib.util.find_spec("html.entities").name)
+        import decimal
+        print(decimal.Decimal("1.5") * 2, loaded("decimal") is not None)
+        """) == ["decimal", "True", "html.entities", "3.0", "True"]

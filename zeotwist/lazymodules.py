@@ -19,7 +19,9 @@ thread-safe (a second thread's first use during the first thread's load
 sees a half-run module: AttributeError), and a server's or a web
 application's threads may well meet there; and any ``import X`` of a module
 already in ``sys.modules`` reads its ``__spec__``, which runs a LazyLoader
-module at once.  The stand-in's ``__spec__`` is None, as a new module's.
+module at once.  The stand-in carries the spec the import system found for
+the module (a plain attribute: reading it runs nothing), so
+``importlib.util.find_spec(name)`` answers as for the real module.
 
 :func:`zeotwist.lazytls.import_plain` defers :data:`LAZY_MODULES` for a
 client; the server's start its own (zeotwist.server.footprint).  Runs in
@@ -54,7 +56,8 @@ def lazy_import(name: str, **attributes) -> None:
     if spec is None:
         return
     stand_in = _LazyModule(name)
-    stand_in.__dict__.update(attributes, _package=spec.submodule_search_locations is not None)
+    stand_in.__dict__.update(attributes, __spec__=spec,
+                             _package=spec.submodule_search_locations is not None)
     sys.modules[name] = stand_in
     if package:
         setattr(importlib.import_module(package), child, stand_in)
