@@ -140,3 +140,28 @@ def test_new_addr_moves_the_client(tmp_path):
         db.close()
         if second is not None:
             second.stop()
+
+
+def test_a_cancelled_attempt_tries_no_further_address():
+    """Cancelling ``connect`` (Client.close, or Reconnector.stop while an
+    attempt is under way) cancels the address being tried and starts no
+    attempt at the next one, which nobody would cancel (it connected, and
+    was closed, after the client had stopped).  Endpoints whose attempts
+    stay pending until cancelled stand in for unanswered addresses."""
+    from twisted.internet.defer import CancelledError, Deferred
+    from zeotwist.client.failover import FailoverEndpoint
+    tried = []
+
+    class Pending:
+        def __init__(self, name):
+            self.name = name
+
+        def connect(self, factory):
+            tried.append(self.name)
+            return Deferred()
+
+    endpoint = FailoverEndpoint([Pending("a"), Pending("b"), Pending("c")])
+    outcome = []
+    endpoint.connect(object()).addErrback(outcome.append).cancel()
+    assert tried == ["a"]
+    assert outcome[0].check(CancelledError)

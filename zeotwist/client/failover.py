@@ -39,8 +39,10 @@ class FailoverEndpoint:
     def connect(self, factory) -> Deferred:
         attempt = [None]
         errors = []
+        cancelled = []
 
         def cancel(_):
+            cancelled.append(True)      # the next address is not tried
             if attempt[0] is not None:
                 attempt[0].cancel()
 
@@ -63,7 +65,7 @@ class FailoverEndpoint:
                 result.callback(proto)
 
             def failed(f):
-                if result.called:        # cancelled
+                if result.called or cancelled:
                     return
                 errors.append("%s: %s" % (self.labels[i], f.getErrorMessage()))
                 try_one(k + 1)
