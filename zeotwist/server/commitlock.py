@@ -142,7 +142,7 @@ class CommitLock:
         """A fresh Deferred that fires (with None) when ``owner`` holds the lock.
 
         ``oids()``, called at most once and only while some refused owner
-        is expected back: the oids ``owner``'s transaction may store, or
+        holds a ticket (a turn, a parked vote): the oids ``owner``'s transaction may store, or
         None if unknown (then it waits behind every older ticket).
         Cancelling the Deferred withdraws ``owner`` from the queue.
         """
