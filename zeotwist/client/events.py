@@ -96,7 +96,8 @@ class InvalidationEvents:
         application thread cut the first call short:
         commitreads.take_invalidations), it calls only those not called yet."""
         round_ = self._round
-        if round_[0] != event:
+        last = round_[0]
+        if last is None or last.tid != event.tid or last != event:
             round_ = self._round = [event, list(self._early), 0]
         subscriptions = round_[1]
         while round_[2] < len(subscriptions):
