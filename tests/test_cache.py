@@ -1,8 +1,10 @@
 """The client cache: MVCC revisions, invalidation, eviction (pure logic)."""
+import sys
 import threading
 
 from ZODB.utils import p64
 
+from tests.test_interrupted_invalidations import _Interrupt
 from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
 
 OID = p64(1)
@@ -168,3 +170,49 @@ def test_the_revisions_of_one_transaction_share_its_tid():
     starts = [c.load(p64(i))[1] for i in range(3)]
     assert starts == [p64(7)] * 3
     assert starts[0] is starts[1] is starts[2]
+
+
+# -- a store cut short by a signal handler's exception (KeyboardInterrupt) ---------------
+# An application thread stores what it reads (threadreads: a load's record,
+# a commit's own records): the exception may land anywhere in ClientCache.store
+# (test_interrupted_invalidations' trace, at every check point in turn).  The
+# cache may lose what that store was adding, but must neither serve a wrong
+# revision nor fail every later lookup of the object (a KeyError before).
+
+_OID1 = p64(1)
+
+
+def _filled():
+    """A cache with an ended revision of _OID1 (1-2) and its current one (2-)."""
+    cache = ClientCache(2**20)
+    cache.store(_OID1, p64(1), None, b"one")
+    cache.invalidate(_OID1, p64(2))
+    cache.store(_OID1, p64(2), None, b"two")     # "one" becomes an older revision
+    cache.invalidate(_OID1, p64(3))
+    return cache
+
+
+def test_an_interrupt_anywhere_in_a_store_leaves_the_cache_usable():
+    n = 0
+    while True:
+        n += 1
+        cache = _filled()
+        interrupt = _Interrupt(ClientCache.store.__code__, n)
+        sys.settrace(interrupt)
+        try:
+            cache.store(_OID1, p64(3), None, b"three")    # "two" moves to the older ones
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        where = "interrupted at %d: %s" % (n, interrupt.fired)
+        for before, data in ((p64(2), b"one"), (p64(3), b"two"), (p64(4), b"three")):
+            found = cache.loadBefore(_OID1, before)
+            assert found is None or found[0] == data, where
+        cache.store(_OID1, p64(9), p64(10), b"other")     # more revisions, then all evicted
+        cache.size_limit = 0
+        cache.make_room(0)
+        assert cache.loadBefore(_OID1, p64(4)) is None, where
+        if interrupt.fired is None:
+            break
+    assert n > 5

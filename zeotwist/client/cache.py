@@ -86,7 +86,10 @@ class ClientCache:
             for start in self._older.get(oid, ()):
                 if start < before:
                     key = (oid, start)
-                    _, end, data = entries[key]
+                    found = entries.get(key)
+                    if found is None:   # an update cut short (a signal handler's exception)
+                        continue
+                    _, end, data = found
                     if before <= end:
                         entries.move_to_end(key)
                         self.hits += 1
