@@ -229,7 +229,11 @@ class ThreadReads:
                 receiver = None if found is None else self._own_receiver(waiter.tag)
                 if receiver is not None:
                     own = True          # its bytes are consumed, whatever take raises
-                    receiver.take(found)
+                    try:
+                        receiver.take(found)
+                    except BaseException:   # a signal handler's, cutting it short:
+                        receiver.retake(found)  # what it left undone, then raised
+                        raise
             finally:                    # never leave the socket to this thread
                 rsock = self._done_reading(data, own)
         if rsock is not None:

@@ -176,6 +176,11 @@ class _ThreadWaiter:
         """The error to raise in the waiting thread for ``error``."""
         return error
 
+    def retake(self, found) -> None:
+        """threadreads: ``take`` was cut short by a signal handler's
+        exception, which the thread raises next: nothing more here (a load's
+        records are a cache miss at worst)."""
+
     def errback(self, reason) -> None:
         from zeotwist.client.protocol import convert_failure
         error = convert_failure(reason if isinstance(reason, Failure) else Failure(reason))
@@ -253,6 +258,17 @@ class ThreadAnswer(_ThreadWaiter):
     def take(self, value) -> None:
         """threadreads: the answer ``own_answer`` found, read by the asking thread."""
         self._then(self.here[1], value)
+
+    def retake(self, value) -> None:
+        """``take`` cut short by a signal handler's exception: ``then`` once
+        more, whatever it did already (a commit made visible is re-runnable,
+        each step once: Client.make_visible), or the commit, answered and
+        consumed, would never reach the cache (nobody sends a client its own
+        commit's invalidation)."""
+        try:
+            self.result = self.here[1](value)
+        except Exception as e:
+            self.error = e
 
 
 def read_load_answer(proto, box):
