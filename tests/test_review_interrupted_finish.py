@@ -35,12 +35,14 @@ def test_an_interrupt_while_the_thread_makes_its_own_commit_visible(server, make
     x, y = committer.new_oid(), committer.new_oid()
     serial = _commit(committer, x, z64, b"0")
     other_serial = _commit(other, y, z64, b"y")
-    n = misses = 0
+    n = misses = commits = 0
+    data = b"0"
     while True:
         n += 1
         committer.ping()
-        assert committer.loadBefore(x, maxtid)[0] == b"%d" % (n - 1 - misses)  # cached
-        data = b"%d" % (n - misses)
+        assert committer.loadBefore(x, maxtid)[0] == data     # cached, current
+        commits += 1
+        data = b"%d" % commits
         interrupt = _At(within.__code__, n)
         sys.settrace(interrupt)
         try:
