@@ -3,8 +3,11 @@ interrupted by a signal handler's exception (KeyboardInterrupt) while it
 makes its commit visible (Client.committed): the commit is on the server,
 so the client's cache must not keep serving the old revision of what it
 wrote once its view moves past that commit (nobody sends a client its own
-commit's invalidation).  Where the exception lands is decided by the trace
-function of tests/test_interrupted_invalidations.py, not by timing."""
+commit's invalidation); and one landing before the thread's read began
+(read_answer's first lines) must leave the socket to the reactor, or
+nobody reads the connection again.  Where the exception lands is decided
+by the trace function of tests/test_interrupted_invalidations.py, not by
+timing."""
 import sys
 
 import pytest
@@ -13,6 +16,7 @@ from ZODB.utils import maxtid, z64
 from tests.test_interrupted_invalidations import _Interrupt
 from tests.test_review_races import _commit, _wait_for
 from zeotwist.client.client import Client
+from zeotwist.client.threadreads import ThreadReads
 from zeotwist.client.threadwrites import ThreadAnswer
 
 
@@ -29,7 +33,8 @@ class _At(_Interrupt):
             self.seen += 1
 
 
-@pytest.mark.parametrize("within", [Client.committed, ThreadAnswer.take], ids=["committed", "take"])
+@pytest.mark.parametrize("within", [Client.committed, ThreadAnswer.take, ThreadReads.read_answer],
+                         ids=["committed", "take", "read_answer"])
 def test_an_interrupt_while_the_thread_makes_its_own_commit_visible(server, make_client, within):
     committer, other = make_client(timeout=10), make_client()
     x, y = committer.new_oid(), committer.new_oid()

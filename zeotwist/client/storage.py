@@ -190,12 +190,18 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         ``fallback(*args)`` through the reactor thread (None without one)."""
         reactor = self._reactor
         if not self._closed and reactor.running and not in_reactor_thread(reactor):
-            answer = ask(*args)
-            if answer is not None:
-                try:
-                    return answer.wait(self._timeout)
-                except TimeoutError:
-                    raise self._timed_out() from None
+            proto = self._client.protocol
+            try:
+                answer = ask(*args)
+                if answer is not None:
+                    try:
+                        return answer.wait(self._timeout)
+                    except TimeoutError:
+                        raise self._timed_out() from None
+            except BaseException:
+                if proto is not None:
+                    proto.reader_gone()     # cut short before its read began
+                raise
         return None if fallback is None else self._call(fallback, *args)
 
     def _timed_out(self):
@@ -325,12 +331,18 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         if not self._closed and reactor.running and not in_reactor_thread(reactor):
             if len(oid) != 8 or len(tid) != 8:
                 raise ValueError("oids and tids are 8 bytes")
-            load = client.load_from_thread(oid, tid)
-            if load is not None:
-                try:
-                    return load.wait(self._timeout)
-                except TimeoutError:
-                    raise self._timed_out() from None
+            proto = client.protocol
+            try:
+                load = client.load_from_thread(oid, tid)
+                if load is not None:
+                    try:
+                        return load.wait(self._timeout)
+                    except TimeoutError:
+                        raise self._timed_out() from None
+            except BaseException:
+                if proto is not None:
+                    proto.reader_gone()     # cut short before its read began
+                raise
         return self._call(client.fetch_before, oid, tid)
 
     def load(self, oid: bytes, version: str = ""):

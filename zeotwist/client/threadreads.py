@@ -56,6 +56,7 @@ connection's loss shuts that duplicate down, which wakes the reader.
 """
 import os
 import socket
+import threading
 import time
 
 from twisted.protocols import amp
@@ -92,6 +93,7 @@ class ThreadReads:
     _answered_thread = False   # this burst handed a thread load its answer
     _park_timer = None
     _thread_took = False    # a thread took the parked socket since the timer's last look
+    _reader = None          # the thread that took it (THREAD)
     _rsock = None           # the reader's duplicate of the socket
     _rsock_timeout = _SLICE
     _later = ()             # commits made visible by reading threads (commitreads)
@@ -207,7 +209,8 @@ class ThreadReads:
         state = self.read_state
         if state == PARKED:
             if read:
-                self.read_state, self._thread_took = THREAD, True
+                reader = threading.get_ident()
+                self.read_state, self._thread_took, self._reader = THREAD, True, reader
                 return True
             self.read_state = RETURNING     # the reactor reads again, soon
             self.owner.reactor.callFromThread(self._take_back, b"")
@@ -240,6 +243,19 @@ class ThreadReads:
             rsock.close()
         if error is not None:
             raise error
+
+    def reader_gone(self) -> None:
+        """The asking thread leaves with an exception (a signal handler's)
+        that landed after its question made it the reader and before its
+        read began (read_answer hands the socket back itself once it has
+        begun): the socket goes back to the reactor, which reads the answer,
+        else nobody would read this connection again."""
+        with self.send_lock:
+            if self.read_state != THREAD or self._reader != threading.get_ident():
+                return
+            rsock = self._done_reading(b"", False)
+        if rsock is not None:
+            rsock.close()
 
     def _own_receiver(self, tag: bytes):
         """Under the lock: the receiver to ``take`` the reader's answer
