@@ -186,7 +186,7 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
 
     def _ask_from_thread(self, ask, fallback, *args):
         """A round trip this thread sends itself when it can (``ask(*args)``:
-        a ThreadAnswer, or None; zeotwist.client.threadwrites), else
+        a ThreadAnswer or ThreadLoad, or None; zeotwist.client.threadwrites), else
         ``fallback(*args)`` through the reactor thread (None without one)."""
         reactor = self._reactor
         if not self._closed and reactor.running and not in_reactor_thread(reactor):
@@ -328,22 +328,10 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         # A cache miss: this thread sends the request itself when it can
         # (zeotwist.client.threadwrites), else through the reactor thread.
         reactor = self._reactor
-        if not self._closed and reactor.running and not in_reactor_thread(reactor):
-            if len(oid) != 8 or len(tid) != 8:
-                raise ValueError("oids and tids are 8 bytes")
-            proto = client.protocol
-            try:
-                load = client.load_from_thread(oid, tid)
-                if load is not None:
-                    try:
-                        return load.wait(self._timeout)
-                    except TimeoutError:
-                        raise self._timed_out() from None
-            except BaseException:
-                if proto is not None:
-                    proto.reader_gone()     # cut short before its read began
-                raise
-        return self._call(client.fetch_before, oid, tid)
+        if not self._closed and reactor.running and not in_reactor_thread(reactor) \
+                and (len(oid) != 8 or len(tid) != 8):
+            raise ValueError("oids and tids are 8 bytes")
+        return self._ask_from_thread(client.load_from_thread, client.fetch_before, oid, tid)
 
     def load(self, oid: bytes, version: str = ""):
         r = self.loadBefore(oid, maxtid)
