@@ -79,15 +79,21 @@ class Interrupted(BaseException):
 
 class InterruptedSocket:
     """The reader's socket, whose ``recv`` returns the first ``first``
-    bytes (if any), then raises as a signal handler would while the thread waits."""
+    bytes (if any), then raises once as a signal handler would while the
+    thread waits; after that it reads as the socket does (the next load may
+    find the reactor reading, or read itself: both must see the stream
+    whole, the bytes already read first)."""
 
     def __init__(self, sock, first: int):
-        self.sock, self.first = sock, first
+        self.sock, self.first, self.raised = sock, first, False
 
     def recv(self, size):
         first, self.first = self.first, 0
         if first:
             return self.sock.recv(first)
+        if self.raised:
+            return self.sock.recv(size)
+        self.raised = True
         raise Interrupted()
 
     def __getattr__(self, name):
