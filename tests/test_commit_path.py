@@ -1,10 +1,9 @@
 """The commit path's invariants that performance depends on (docs/performance.md,
 "Where the time of a commit goes"): the client writes TpcBegin, the last
 store pieces and Vote with one system call, in that order; a thread that
-allocates oids steadily takes them from the pool, refilled in the background,
-never waiting for a round trip, and never gets one twice; a big record goes
-through a live server in long entries and comes back whole."""
-import time
+allocates oids steadily takes them from the pool and asks for each next
+batch itself, without the reactor thread, and never gets one twice; a big
+record goes through a live server in long entries and comes back whole."""
 import traceback
 
 import pytest
@@ -57,25 +56,42 @@ def test_vote_leaves_with_the_transaction_in_one_write():
         + b"s" + p64(2) + z64 + (10).to_bytes(4, "big") + b"record two")
 
 
-def test_steady_oid_allocation_never_waits_for_the_server(make_client, monkeypatch):
+def test_steady_oid_allocation_asks_from_the_thread(make_client, monkeypatch):
     cs = make_client()
-    waited = []
+    through_reactor, asked, read_here = [], [], []
     real_call = cs._call
-    monkeypatch.setattr(cs, "_call", lambda f, *a, **kw: (waited.append(f), real_call(f, *a, **kw))[1])
-    first = cs.new_oid()                 # the empty pool: one round trip, 100 oids
-    assert len(waited) == 1
+    monkeypatch.setattr(cs, "_call", lambda f, *a, **kw: (
+        through_reactor.append(f), real_call(f, *a, **kw))[1])
     pool = cs.client.oids
-    deadline = time.monotonic() + 10     # the background refill has landed
-    while len(pool) < 2 * OID_BATCH - 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert len(pool) == 2 * OID_BATCH - 1
-    oids = [first] + [cs.new_oid() for _ in range(150)]
-    assert len(waited) == 1              # 150 more oids, no round trip waited for
-    assert len(set(oids)) == len(oids)
-    deadline = time.monotonic() + 10
-    while cs.client.oids.refilling and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert len(set(oids) | set(pool)) == len(oids) + len(pool)   # never twice
+    real_ask = pool.from_thread
+    monkeypatch.setattr(pool, "from_thread", lambda: (asked.append(1), real_ask())[1])
+    proto = cs.client.protocol
+    real_read = type(proto).read_answer
+    monkeypatch.setattr(proto, "read_answer", lambda waiter, timeout: (
+        read_here.append(waiter.name), real_read(proto, waiter, timeout))[1])
+    oids = [cs.new_oid() for _ in range(250)]
+    assert through_reactor == []                 # no oid waited for through the reactor
+    assert len(asked) == 3                       # one NewOids per batch of OID_BATCH
+    assert read_here and set(read_here) == {"NewOids"}     # answers read by this thread
+    assert len(pool) == 3 * OID_BATCH - 250
+    assert len(set(oids) | set(pool)) == 3 * OID_BATCH      # never twice
+    assert not pool.refilling
+
+
+def test_a_thread_asked_batch_is_not_added_twice_when_taken_again(make_client):
+    """A signal handler's exception cutting the take short runs the
+    answer's ``then`` again (ThreadAnswer.retake): nothing handed out twice."""
+    cs = make_client()
+    pool = cs.client.oids
+    answer = pool.from_thread()
+    assert answer is not None
+    batch = [p64(n) for n in range(1000, 1000 + OID_BATCH)]
+    first = answer.here[1](batch)
+    again = answer.here[1](batch)
+    assert first == again == batch[0]
+    assert sorted(pool) == sorted(batch[1:])
+    answer.wait(10)                              # the real answer: nothing more added
+    assert len(set(pool)) == len(pool)
 
 
 def test_a_big_record_round_trips_through_a_live_server(make_client, monkeypatch):

@@ -34,6 +34,23 @@ def nothing_queued(transport) -> bool:
             and getattr(transport, "producer", None) is None)
 
 
+def send_some(transport, data: bytes) -> int:
+    """``transport.writeSomeData(data)`` of a socket transport, without
+    its wrapper (a memoryview slice, ``untilConcludes``: Python retries
+    ``send`` on EINTR itself), on every write of a load, a commit or an
+    answer: the bytes the socket took; 0 when it took none or failed (the
+    transport meets the error itself at its next read or write)."""
+    try:
+        send = transport.socket.send
+    except AttributeError:
+        sent = transport.writeSomeData(data)
+        return sent if isinstance(sent, int) else 0
+    try:
+        return send(data)
+    except OSError:
+        return 0
+
+
 def idle_seen_from_thread(transport) -> bool:
     """:func:`nothing_queued`, asked from a thread other than the reactor's
     while the reactor thread may be in ``doWrite``.  That moves

@@ -36,8 +36,7 @@ from ZODB.POSException import StorageError
 from zope.interface import implementer
 
 from zeotwist import transportcompat, twistedcompat
-from zeotwist.client.threadreads import MORE, whole_answer
-from zeotwist.client.threadwrites import ThreadAnswer, thread_tag
+from zeotwist.client.threadwrites import ThreadAnswer, answer_matcher, thread_tag
 from zeotwist.errors import ClientDisconnected
 from zeotwist.fileio import write_sliced
 from zeotwist.wire import commands as C
@@ -361,16 +360,8 @@ def first_piece_from_thread(client, oid: bytes, serial: bytes):
     def parse(answer_box):
         return C.LoadBlobChunk.parseResponse(answer_box, proto)
 
-    def match(buf: bytes, tag: bytes):
-        found = whole_answer(buf, tag)
-        if found is None or found is MORE:
-            return None
-        try:
-            return parse(found)
-        except Exception:       # malformed: the reactor reads it and drops the link
-            return None
-
-    answer = ThreadAnswer(proto, tag, "LoadBlobChunk", parse, _same, _same, (match, _same))
+    answer = ThreadAnswer(proto, tag, "LoadBlobChunk", parse, _same, _same,
+                          (answer_matcher(parse), _same))
     return answer if proto.ask_from_thread(box.serialize(), answer, True) else None
 
 

@@ -1,20 +1,32 @@
-"""The client's pool of new object ids, topped up a batch ahead.
+"""The client's pool of new object ids.
 
 ZEO's client asks its server for 100 oids whenever its pool is empty, so a
-thread allocating oids steadily waits for a round trip once per 100.  Here,
-once the pool holds less than a batch, the next batch is asked for in the
-background (``NewOids`` through the reactor): such a thread takes its oids
-from the pool and never waits.  Oids are never handed out twice across
-servers or restarts: the pool is emptied at every registration
+thread allocating oids steadily waits for a round trip once per 100,
+through ZEO's I/O thread.  Here the thread takes its oids from the pool,
+and when the pool is empty it asks for the next batch itself and reads the
+answer itself (:meth:`OidPool.from_thread`, threadwrites and threadreads:
+no other thread woken), at the cost of a cold load.  Through the reactor
+(the Deferred API, or a transport a thread may not write to), the batch
+that answers an empty pool is followed by one more asked in the background
+(``NewOids`` through the reactor).  A background refill of a pool that
+threads drain (``callFromThread`` at each low-water mark, as before) lost
+to the GIL: the reactor thread waited for a thread that never blocked, and
+half the batches were waited for anyway (docs/performance.md, "Issue 10,
+eighth session").  Oids are never handed out twice across servers or
+restarts: the pool is emptied at every registration
 (:meth:`OidPool.clear`), and a batch answered on a connection that is no
 longer the current one is dropped.
 
-:meth:`OidPool.take` runs in any thread; the rest on the reactor thread.
+:meth:`OidPool.take` and :meth:`OidPool.from_thread` run in any thread; the
+rest on the reactor thread.
 """
 from collections import deque
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.protocols import amp
 
+from zeotwist.client.threadwrites import ThreadAnswer, answer_matcher, thread_tag
+from zeotwist.twistedcompat import calls_pending
 from zeotwist.wire import commands as C
 
 #: Oids asked for per NewOids.
@@ -24,7 +36,7 @@ OID_BATCH = 100
 class OidPool:
     """The oids of one :class:`~zeotwist.client.client.Client`.
 
-    :param reactor: where a background refill is scheduled from another thread.
+    :param reactor: the client's reactor.
     :param protocol: ``protocol()``: the current connection's protocol, or None.
     :param call: ``call(command, **kw)``: a Deferred of the answer, once connected.
     """
@@ -47,21 +59,17 @@ class OidPool:
         self._oids.clear()
 
     def take(self) -> bytes | None:
-        """An oid from the pool, or None when it is empty (any thread);
-        under a batch left, the next one is asked for in the background."""
+        """An oid from the pool, or None when it is empty (any thread)."""
         try:
-            oid = self._oids.popleft()
+            return self._oids.popleft()
         except IndexError:
             return None
-        if len(self._oids) < OID_BATCH and not self.refilling:   # inline: per oid
-            self._top_up(self._reactor.callFromThread)
-        return oid
 
-    def _top_up(self, schedule) -> None:
-        """Under a batch left in the pool: ``schedule(refill)`` once."""
+    def _top_up(self) -> None:
+        """Under a batch left in the pool (reactor thread): one refill at a time."""
         if len(self._oids) < OID_BATCH and not self.refilling:
             self.refilling = True
-            schedule(self.refill)
+            self.refill()
 
     def refill(self) -> None:
         """Top the pool up by one batch (reactor thread).  Oids answered on
@@ -81,6 +89,41 @@ class OidPool:
         proto.call(C.NewOids, count=OID_BATCH).addCallbacks(got, lambda f: None) \
             .addBoth(done)
 
+    def from_thread(self):
+        """From a thread other than the reactor's, the pool empty: a
+        ``ThreadAnswer`` of a NewOids this thread sends (and may read
+        itself, threadreads; its result: one of the batch's oids, the rest
+        go to the pool, or None), or None when it may not send it (as
+        ``Client.load_from_thread``): then :meth:`new_oid` through the reactor."""
+        proto = self._protocol()
+        if proto is None or calls_pending(self._reactor):
+            return None
+        tag = thread_tag()
+        box = C.NewOids.makeArguments({"count": OID_BATCH}, proto)
+        box[amp.COMMAND], box[amp.ASK] = C.NewOids.commandName, tag
+
+        def parse(answer_box) -> list:
+            return C.NewOids.parseResponse(answer_box, proto)["oids"]
+
+        taken = []
+
+        def then(oids: list):
+            """The answer, on the reactor thread or (read by the asking
+            thread) under the protocol's send lock: dropped when answered on
+            a connection no longer the current one, as a refill's.  Run
+            again after a signal handler's exception (ThreadAnswer.retake),
+            it adds nothing twice: the rest of the batch may be lost then,
+            never handed out twice."""
+            if taken or not oids or self._protocol() is not proto:
+                return taken[0] if taken else None
+            taken.append(oids[0])
+            self._oids.extend(oids[1:])
+            return oids[0]
+
+        answer = ThreadAnswer(proto, tag, "NewOids", parse, then, _same,
+                              (answer_matcher(parse), then))
+        return answer if proto.ask_from_thread(box.serialize(), answer, True) else None
+
     def new_oid(self) -> Deferred:
         """A fresh oid: from the pool, else from the server (one batch)."""
         if self._oids:
@@ -90,7 +133,11 @@ class OidPool:
         def got(r):
             self._oids.extend(r["oids"])
             oid = self._oids.popleft()
-            self._top_up(lambda refill: refill())     # on the reactor thread already
+            self._top_up()
             return oid
 
         return d.addCallback(got)
+
+
+def _same(value):
+    return value

@@ -328,8 +328,8 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         # A cache miss: this thread sends the request itself when it can
         # (zeotwist.client.threadwrites), else through the reactor thread.
         reactor = self._reactor
-        if not self._closed and reactor.running and not in_reactor_thread(reactor) \
-                and (len(oid) != 8 or len(tid) != 8):
+        if (len(oid) != 8 or len(tid) != 8) and not self._closed and reactor.running \
+                and not in_reactor_thread(reactor):
             raise ValueError("oids and tids are 8 bytes")
         return self._ask_from_thread(client.load_from_thread, client.fetch_before, oid, tid)
 
@@ -343,9 +343,13 @@ class ClientStorage(StorageCommitMixin, StorageAPIMixin, BlobStorageMixin):
         return self._call(self._client.load_serial, oid, serial)
 
     def new_oid(self) -> bytes:
-        if self.isReadOnly():
+        client = self._client
+        if self._read_only or client.server_read_only:     # isReadOnly, inline: per oid
             raise ReadOnlyError()
-        oid = self._client.oids.take()
+        pool = client.oids
+        oid = pool.take()
+        if oid is None:     # an empty pool: this thread asks (threadwrites) when it can
+            oid = self._ask_from_thread(pool.from_thread, None)
         return oid if oid is not None else self._call(self._client.new_oid)
 
 

@@ -133,9 +133,7 @@ class ThreadWrites(ThreadReads):
             if receiver is not None:        # None: a one-way frame (send_from_thread)
                 receiver.reading = self.thread_asks(read)   # who reads the answer
                 twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
-            sent = transport.writeSomeData(frame)
-            if not isinstance(sent, int):
-                sent = 0                    # an error: the reactor finds it too
+            sent = transportcompat.send_some(transport, frame)   # 0 after an error: the reactor meets it too
             if sent < len(frame):
                 self._handoff = [frame[sent:]]
                 self.owner.reactor.callFromThread(self._flush_handoff)
@@ -269,6 +267,22 @@ class ThreadAnswer(_ThreadWaiter):
             self.result = self.here[1](value)
         except Exception as e:
             self.error = e
+
+
+def answer_matcher(parse):
+    """A ThreadAnswer's ``here[0]`` for a command answered as AMP does:
+    ``match(buf, tag)`` is ``parse(box)`` when ``buf`` is exactly the plain
+    answer box ``tag``, else None (a malformed one too: the reactor reads
+    it and drops the link)."""
+    def match(buf: bytes, tag: bytes):
+        found = whole_answer(buf, tag)
+        if found is None or found is MORE:
+            return None
+        try:
+            return parse(found)
+        except Exception:
+            return None
+    return match
 
 
 def read_load_answer(proto, box):

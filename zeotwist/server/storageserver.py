@@ -29,7 +29,7 @@ from zeotwist.server.commitlock import DEFAULT_RETRY_WAIT, DEFAULT_TURN_AFTER, C
 from zeotwist.server.conflicts import DEFAULT_ALLOWED, RestrictedResolver, refuse_resolution
 from zeotwist.server.external import DEFAULT_POLL_INTERVAL, served_storage, start_feed
 from zeotwist.server.invalidations import RecentInvalidations
-from zeotwist.server.oids import OidRange, OidReservation, storage_counter
+from zeotwist.server.oids import OidRange, OidReservation, allocate, storage_counter
 from zeotwist.server.stats import traffic_counters
 from zeotwist.server.storagecalls import StorageThreads
 from zeotwist.server.storagesafety import components, reads_extension
@@ -127,8 +127,7 @@ class StorageServer:
             if self._oids is not None:
                 oids = self._oids.new_oids(count)
             else:
-                new_oid = self.storage.new_oid
-                oids = [new_oid() for _ in range(count)]
+                oids = allocate(self.storage, count)
         except OverflowError:       # a storage written before oids were bounded
             raise StorageError("storage %r has no oids left: an oid near 2**64 was "
                                "stored in it" % self.name) from None

@@ -84,7 +84,7 @@ class BoundedAMP(BatchedSender, amp.AMP):
         finally:
             self._batch = None
             if batch and self.transport is not None and not self._violated:
-                self.write_out(b"".join(batch))
+                self.write_out(batch[0] if len(batch) == 1 else b"".join(batch))
 
     #: a long entry's value being collected: (key, length, pieces, bytes so far)
     _long = None

@@ -139,12 +139,9 @@ def write_now(transport, data: bytes) -> None:
     if getattr(type(transport), "writeSomeData", None) is None:
         transport.write(data)
         return
-    send = transport.writeSomeData
-    if send is None or not transportcompat.nothing_queued(transport):
+    if not transportcompat.nothing_queued(transport):
         transport.write(data)
         return
-    sent = send(data)
-    if not isinstance(sent, int):      # an error: let the transport report it
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
+    sent = transportcompat.send_some(transport, data)   # 0 after an error: the
+    if sent < len(data):                                # transport reports it
+        transport.write(data[sent:] if sent else data)
