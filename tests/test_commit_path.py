@@ -15,7 +15,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError
 from ZODB.utils import p64, z64
 
-from zeotwist.client.oids import OID_BATCH
+from zeotwist.client.oids import OID_BATCH, OID_BATCH_MAX
 from zeotwist.client.protocol import ClientProtocol
 from zeotwist.client.transaction import ClientTransaction
 from zeotwist.testing import Recorder
@@ -71,11 +71,16 @@ def test_steady_oid_allocation_asks_from_the_thread(make_client, monkeypatch):
         read_here.append(waiter.name), real_read(proto, waiter, timeout))[1])
     oids = [cs.new_oid() for _ in range(250)]
     assert through_reactor == []                 # no oid waited for through the reactor
-    assert len(asked) == 3                       # one NewOids per batch of OID_BATCH
+    assert len(asked) == 2                       # OID_BATCH, then twice as many
     assert read_here and set(read_here) == {"NewOids"}     # answers read by this thread
     assert len(pool) == 3 * OID_BATCH - 250
     assert len(set(oids) | set(pool)) == 3 * OID_BATCH      # never twice
     assert not pool.refilling
+    more = [cs.new_oid() for _ in range(len(pool) + 2 * OID_BATCH + OID_BATCH_MAX)]
+    assert len(asked) == 4 and pool.thread_batch == OID_BATCH_MAX   # 400, then 800
+    assert len(set(oids + more)) == len(oids) + len(more)
+    pool.clear()                                 # a registration: ZEO's batch again
+    assert pool.thread_batch == OID_BATCH
 
 
 def test_a_thread_asked_batch_is_not_added_twice_when_taken_again(make_client):

@@ -5,7 +5,8 @@ thread allocating oids steadily waits for a round trip once per 100,
 through ZEO's I/O thread.  Here the thread takes its oids from the pool,
 and when the pool is empty it asks for the next batch itself and reads the
 answer itself (:meth:`OidPool.from_thread`, threadwrites and threadreads:
-no other thread woken), at the cost of a cold load.  Through the reactor
+no other thread woken), at the cost of a cold load; each such batch is
+twice the last, up to 1,000 (reset at a registration).  Through the reactor
 (the Deferred API, or a transport a thread may not write to), the batch
 that answers an empty pool is followed by one more asked in the background
 (``NewOids`` through the reactor).  A background refill of a pool that
@@ -29,8 +30,11 @@ from zeotwist.client.threadwrites import ThreadAnswer, answer_matcher, thread_ta
 from zeotwist.twistedcompat import calls_pending
 from zeotwist.wire import commands as C
 
-#: Oids asked for per NewOids.
+#: Oids asked for per NewOids (ZEO's batch); a thread's first ask.
 OID_BATCH = 100
+#: A thread that empties the pool again asks for twice its last batch, up
+#: to this (the server's limit, ``session.MAX_NEW_OIDS``).
+OID_BATCH_MAX = 1000
 
 
 class OidPool:
@@ -46,6 +50,8 @@ class OidPool:
         self._oids: deque = deque()
         #: a NewOids to top the pool up is on its way
         self.refilling = False
+        #: the next batch a thread asks for (from_thread)
+        self.thread_batch = OID_BATCH
 
     def __len__(self) -> int:
         return len(self._oids)
@@ -55,8 +61,10 @@ class OidPool:
         return iter(list(self._oids))
 
     def clear(self) -> None:
-        """Forget every oid in the pool (at a registration)."""
+        """Forget every oid in the pool (at a registration); a thread's
+        next batch is OID_BATCH again."""
         self._oids.clear()
+        self.thread_batch = OID_BATCH
 
     def take(self) -> bytes | None:
         """An oid from the pool, or None when it is empty (any thread)."""
@@ -94,12 +102,17 @@ class OidPool:
         ``ThreadAnswer`` of a NewOids this thread sends (and may read
         itself, threadreads; its result: one of the batch's oids, the rest
         go to the pool, or None), or None when it may not send it (as
-        ``Client.load_from_thread``): then :meth:`new_oid` through the reactor."""
+        ``Client.load_from_thread``): then :meth:`new_oid` through the
+        reactor.  The batch doubles at each such ask, from OID_BATCH to
+        OID_BATCH_MAX, until the next registration: a thread that keeps
+        allocating waits for a round trip once per 1,000 oids, and at most
+        as many are left unused when the connection ends."""
         proto = self._protocol()
         if proto is None or calls_pending(self._reactor):
             return None
-        tag = thread_tag()
-        box = C.NewOids.makeArguments({"count": OID_BATCH}, proto)
+        tag, count = thread_tag(), self.thread_batch
+        self.thread_batch = min(2 * count, OID_BATCH_MAX)
+        box = C.NewOids.makeArguments({"count": count}, proto)
         box[amp.COMMAND], box[amp.ASK] = C.NewOids.commandName, tag
 
         def parse(answer_box) -> list:
