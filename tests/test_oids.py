@@ -90,8 +90,16 @@ def test_a_storage_with_its_own_new_oid_is_asked_oid_by_oid():
             self.calls += 1
             return p64(self.calls)
 
+    class Proxy:                    # new_oid found through __getattr__ (a wrapper)
+        def __init__(self, base):
+            self._base = base
+
+        def __getattr__(self, name):
+            return getattr(self._base, name)
+
     c = Counter()
     assert allocate(c, 3) == [p64(1), p64(2), p64(3)] and c.calls == 3
+    assert allocate(Proxy(c), 2) == [p64(4), p64(5)] and c.calls == 5
 
 
 def test_a_batch_past_the_last_oid_hands_out_nothing(tmp_path):

@@ -110,7 +110,7 @@ def allocate(storage, count: int) -> list:
     that ``new_oid`` and ``set_max_oid`` (a store of a higher oid) take.
     100 ``new_oid`` calls cost about 57 us of the reactor thread, the
     batch about 8 (docs/performance.md)."""
-    if type(storage).new_oid is not BaseStorage.new_oid \
+    if getattr(type(storage), "new_oid", None) is not BaseStorage.new_oid \
             or not isinstance(getattr(storage, "_oid", None), bytes):
         new_oid = storage.new_oid
         return [new_oid() for _ in range(count)]
