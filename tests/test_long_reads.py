@@ -35,7 +35,7 @@ from zeotwist.server.session import ServerSession
 from tests.test_long_entries import BIG, END, START, Receiver
 from tests.test_thread_loads import OID, TID, connected
 from tests.test_thread_reads import (  # noqa: F401 (served: a fixture)
-    invalidate, parked, read_only, run_queued, served, storage, world)
+    handed, invalidate, parked, read_only, run_queued, served, storage, world)
 
 MB = 10**6
 RECORD = os.urandom(10 * MB)
@@ -161,7 +161,7 @@ def test_a_connection_lost_mid_record_fails_the_load_and_caches_nothing(cut):
     proto._rsock = Stream(frame[:cut // 2], frame[cut // 2:cut], b"")
     read_only(proto, load)
     assert proto.read_state == RETURNING
-    assert owner.queued[0][1] == (frame[:cut],)       # every byte read, for the reactor
+    assert handed(owner) == frame[:cut]       # every byte read, for the reactor
     run_queued(owner)
     proto.connectionLost(Failure(ConnectionLost("gone")))
     with pytest.raises(ClientDisconnected):
@@ -175,7 +175,7 @@ def test_a_signal_mid_record_hands_what_came_to_the_reactor_which_reads_the_rest
     proto._rsock = Stream(frame[:4 * MB], frame[4 * MB:6 * MB], KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         read_only(proto, load)
-    assert owner.queued[0][1] == (frame[:6 * MB],)
+    assert handed(owner) == frame[:6 * MB]
     run_queued(owner)
     assert events == []
     proto.dataReceived(frame[6 * MB:])                # the reactor reads the rest
@@ -190,7 +190,7 @@ def test_a_record_announced_over_the_box_limit_is_refused_not_read():
     proto._rsock = stream = Stream(frame[:100], frame[100:])
     read_only(proto, load)
     assert stream.left() == frame[100:]                # not one byte of it read
-    assert owner.queued[0][1] == (frame[:100],)
+    assert handed(owner) == frame[:100]
     run_queued(owner)                                  # the reactor's parser refuses it
     assert proto._violated
     proto.connectionLost(Failure(ConnectionLost("aborted")))   # what the abort brings
@@ -204,7 +204,7 @@ def test_another_questions_big_answer_goes_to_the_reactor():
     frame = big_answer(b"t999999")
     proto._rsock = stream = Stream(frame[:1000], frame[1000:])
     read_only(proto, load)
-    assert owner.queued[0][1] == (frame[:1000],) and stream.left() == frame[1000:]
+    assert handed(owner) == frame[:1000] and stream.left() == frame[1000:]
 
 
 def test_the_cache_makes_room_for_a_big_record_before_it_arrives():

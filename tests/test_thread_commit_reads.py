@@ -35,7 +35,7 @@ from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import commands as C
 from zeotwist.wire import commitframes
 from tests.test_thread_loads import OID
-from tests.test_thread_reads import invalidate, parked, run_queued, served, storage, world
+from tests.test_thread_reads import handed, invalidate, parked, run_queued, served, storage, world
 
 TID1, TID2 = p64(0x20), p64(0x30)
 assert served       # the live fixture
@@ -189,7 +189,7 @@ def test_the_end_of_the_connection_during_the_finish_fails_it():
     c.script.chunks = [frame[:5], b""]
     c.proto.read_answer(finish, 1)
     finish.reading = False
-    assert c.owner.queued[0][1] == (frame[:5],)
+    assert handed(c.owner) == frame[:5]
     run_queued(c.owner)
     c.proto.connectionLost(Failure(ConnectionLost("gone")))
     with pytest.raises(ClientDisconnected):

@@ -45,6 +45,14 @@ class Socket(abstract.FileDescriptor):
         self.sent.append(taken)
         return len(taken)
 
+    @property
+    def socket(self):
+        """What a thread's frame is sent to (transportcompat.socket_send)."""
+        return self
+
+    def send(self, data):
+        return self.writeSomeData(data)
+
     def flush(self):
         """The reactor's doWrite, until nothing is left."""
         while self.dataBuffer or self._tempDataBuffer:

@@ -76,6 +76,17 @@ def test_amp_take_receiver_only_of_the_kind_asked_for():
     assert compat.amp_take_receiver(proto, b"t1", "answered") is None
 
 
+def test_amp_forget_answer_only_of_the_receiver_given():
+    proto, transport = connected_amp()
+    receiver, other = Receiver(), Receiver()
+    compat.amp_expect_answer_from_thread(proto, b"t1", receiver)
+    compat.amp_forget_answer(proto, b"t1", other)                   # not its receiver
+    assert compat.amp_is_outstanding(proto, b"t1")
+    compat.amp_forget_answer(proto, b"t1", receiver)
+    assert not compat.amp_is_outstanding(proto, b"t1") and not compat.amp_awaits_answers(proto)
+    compat.amp_forget_answer(proto, b"t1", receiver)                # gone already: nothing
+
+
 def test_calls_pending_until_the_reactor_ran_them():
     reactor = compat.private_reactor()      # a real one, never run
     assert hasattr(reactor, "threadCallQueue") and not compat.calls_pending(reactor)
@@ -240,6 +251,19 @@ def test_read_size_sets_and_restores_the_recv_size():
     transportcompat.read_size(StringTransport(), 2**20)             # nothing for other transports
 
 
+def test_socket_send_is_the_socket_transports_socket_send():
+    import socket
+    ours, theirs = socket.socketpair()
+    fd = _Socketish(take=10)
+    fd.socket = ours
+    assert "self.socket.send" in inspect.getsource(tcp.Connection.writeSomeData)
+    assert transportcompat.socket_send(fd)(b"abc") == 3 and theirs.recv(3) == b"abc"
+    assert transportcompat.socket_send(StringTransport()) is None   # not a socket transport
+    assert transportcompat.socket_send(None) is None
+    ours.close()
+    theirs.close()
+
+
 def test_read_into_takes_what_has_arrived_on_the_socket_without_waiting():
     import socket
     ours, theirs = socket.socketpair()
@@ -361,11 +385,11 @@ def test_value_now_only_of_a_deferred_fired_with_a_value():
 
 @pytest.mark.parametrize("name", ["amp_make_connection_quietly", "amp_connection_lost_quietly",
                                   "amp_closed", "amp_switched", "amp_expect_answer",
-                                  "amp_is_outstanding", "amp_expect_answer_from_thread",
+                                  "amp_is_outstanding", "amp_expect_answer_from_thread", "amp_forget_answer",
                                   "calls_pending", "idle_seen_from_thread", "amp_take_receiver",
                                   "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
-                                  "discard_output", "read_into",
+                                  "discard_output", "read_into", "socket_send",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "logging_begun", "stopped_by_signal", "forget_exit_signal",
                                   "value_now"])

@@ -15,7 +15,8 @@ nothing (or says so) for a transport that is not a socket's (TLS,
 ``StringTransport``).
 
 Runs wherever its callers run: the reactor thread, except
-:func:`idle_seen_from_thread` (a committing thread).
+:func:`idle_seen_from_thread` and :func:`socket_send` (a committing or
+loading thread).
 """
 import socket
 import weakref
@@ -64,6 +65,16 @@ def idle_seen_from_thread(transport) -> bool:
             or getattr(transport, "producer", None) is not None:
         return False
     return not transport._tempDataBuffer and not transport.dataBuffer
+
+
+def socket_send(transport):
+    """The ``send`` of a socket transport's socket, for a thread that
+    writes to it itself (zeotwist.client.threadwrites, under its lock and
+    when :func:`idle_seen_from_thread`); None for any other transport (TLS:
+    its ``__getattr__`` would reach the socket under it)."""
+    if getattr(type(transport), "writeSomeData", None) is None:
+        return None
+    return transport.socket.send
 
 
 def pending_output(transport) -> int:

@@ -79,6 +79,14 @@ def amp_expect_answer_from_thread(proto, tag: bytes, receiver) -> None:
     proto._outstandingRequests[tag] = receiver
 
 
+def amp_forget_answer(proto, tag: bytes, receiver) -> None:
+    """Withdraw a question :func:`amp_expect_answer_from_thread` registered
+    and that was never sent: AMP no longer waits for its answer."""
+    requests = proto._outstandingRequests
+    if requests is not None and requests.get(tag) is receiver:
+        del requests[tag]
+
+
 def amp_take_receiver(proto, tag: bytes, having: str):
     """The receiver waiting for the answer ``tag`` if it has the attribute
     ``having``, removed as AMP's ``_answerReceived`` removes it; else None

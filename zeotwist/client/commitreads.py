@@ -200,23 +200,6 @@ class CommitReads(ThreadWrites):
                 return
         handled.wait(timeout)
 
-    def _hand_back(self, got: list, then) -> None:
-        """Under the lock, parked: the reactor reads again, the bytes in
-        ``got`` first, then calls ``then()`` (unless None).  Called again
-        with the same list (an exception cut the first call short), the
-        bytes still go once."""
-        self.read_state = RETURNING
-        self.owner.reactor.callFromThread(self._take_back_from, got, then)
-
-    def _take_back_from(self, got: list, then) -> None:
-        data = b"".join(got)
-        got.clear()
-        try:
-            self._take_back(data)
-        finally:
-            if then is not None:
-                then()
-
 
 def _arrived(transport) -> bool:
     """Whether bytes wait unread in ``transport``'s socket (the one under

@@ -100,6 +100,14 @@ class StorageCommitMixin:
         try:
             tid = self._ask_from_thread(txn.finish_from_thread, txn.finish, f)
             return tid
+        except BaseException:
+            # Not finished here (a signal handler's exception, the wait's
+            # timeout, an error): ZODB's tpc_abort after this finds no
+            # transaction, so an Abort goes now, after the Finish if that
+            # went (then it ends nothing), else the server's transaction
+            # would hold the commit lock until its transaction-timeout.
+            self._reactor.callFromThread(txn.abort)
+            raise
         finally:
             self._blobs_done(tid)
             self._end_transaction()

@@ -97,6 +97,7 @@ class ThreadReads:
     _rsock = None           # the reader's duplicate of the socket
     _rsock_timeout = _SLICE
     _later = ()             # commits made visible by reading threads (commitreads)
+    _returning = None       # RETURNING: the list of bytes the reactor is to take (_hand_back)
 
     # -- the reactor thread ------------------------------------------------------
     def thread_answered(self) -> None:
@@ -173,15 +174,39 @@ class ThreadReads:
         elif state == THREAD:
             self._give_back = True
 
-    def _take_back(self, data: bytes) -> None:
-        """RETURNING -> REACTOR: the bytes the reader handed over come
-        before any the reactor reads next."""
-        with self.send_lock:
-            if self.read_state == RETURNING:
-                self._unpark()
-            gone = self._gone
-        if data and not gone and self.transport is not None:
-            self.dataReceived(data)
+    def _hand_back(self, got: list, then) -> None:
+        """Under the lock, from THREAD or PARKED: RETURNING, the reactor
+        reads again, the bytes in ``got`` (read from the socket; a
+        ``LongAnswer`` stands for its bytes) first, then calls ``then()``
+        (unless None).  An exception a signal handler raises may cut this
+        short anywhere (before the state is set, the call queued, the
+        reactor woken): the caller then calls it again with the same list,
+        and the reactor takes the bytes once (the last hand-back queued is
+        the one it takes: ``_returning``)."""
+        self.read_state = RETURNING
+        self._returning = got
+        self.owner.reactor.callFromThread(self._take_back_from, got, then)
+
+    def _take_back_from(self, got: list, then) -> None:
+        """RETURNING -> REACTOR: the bytes handed over come before any the
+        reactor reads next.  A hand-back queued again (or one a later
+        hand-back replaced) takes nothing and changes nothing."""
+        try:
+            with self.send_lock:
+                if self._returning is not got:
+                    return
+                self._returning = None
+                if self.read_state == RETURNING:
+                    self._unpark()
+                gone = self._gone
+            data = got[0].received() if len(got) == 1 and type(got[0]) is LongAnswer \
+                else b"".join(got)
+            got.clear()
+            if data and not gone and self.transport is not None:
+                self.dataReceived(data)
+        finally:
+            if then is not None:
+                then()
 
     def stop_thread_reads(self) -> None:
         """connectionLost, under the lock: wake the reader, if any (it
@@ -212,8 +237,7 @@ class ThreadReads:
                 reader = threading.get_ident()
                 self.read_state, self._thread_took, self._reader = THREAD, True, reader
                 return True
-            self.read_state = RETURNING     # the reactor reads again, soon
-            self.owner.reactor.callFromThread(self._take_back, b"")
+            self._hand_back([], None)       # the reactor reads again, soon
         elif state == THREAD:
             self._give_back = True          # after the reader's answer
         return False
@@ -226,34 +250,44 @@ class ThreadReads:
         signal handler raised while the thread waited (then the bytes read
         so far went to the reactor, which handles the answer when it comes)."""
         data, found, error = self._receive(waiter, timeout)
-        own = False
-        with self.send_lock:    # which connectionLost takes: see _own_receiver
-            try:
-                receiver = None if found is None else self._own_receiver(waiter.tag)
-                if receiver is not None:
-                    own = True          # its bytes are consumed, whatever take raises
+        try:
+            own = False
+            with self.send_lock:    # which connectionLost takes: see _own_receiver
+                try:
+                    receiver = None if found is None else self._own_receiver(waiter.tag)
+                    if receiver is not None:
+                        own = True          # its bytes are consumed, whatever take raises
+                        try:
+                            receiver.take(found)
+                        except BaseException:   # a signal handler's, cutting it short:
+                            receiver.retake(found)  # what it left undone, then raised
+                            raise
+                finally:                    # never leave the socket to this thread
+                    handed = [b"" if own else data]
                     try:
-                        receiver.take(found)
-                    except BaseException:   # a signal handler's, cutting it short:
-                        receiver.retake(found)  # what it left undone, then raised
+                        rsock = self._done_reading(handed, own)
+                    except BaseException:   # cut short: once more (the bytes go once)
+                        rsock = self._done_reading(handed, own)
                         raise
-            finally:                    # never leave the socket to this thread
-                rsock = self._done_reading(data, own)
+        except BaseException:   # also one that ended the wait for the lock (contended):
+            self.reader_gone(data)  # the bytes read go to the reactor all the same
+            raise
         if rsock is not None:
             rsock.close()
         if error is not None:
             raise error
 
-    def reader_gone(self) -> None:
+    def reader_gone(self, data=b"") -> None:
         """The asking thread leaves with an exception (a signal handler's)
         that landed after its question made it the reader and before its
-        read began (read_answer hands the socket back itself once it has
-        begun): the socket goes back to the reactor, which reads the answer,
-        else nobody would read this connection again."""
+        read began, or ended its wait for the lock after it read ``data``
+        (once read_answer holds the lock, it hands the socket back itself):
+        the socket and ``data`` go back to the reactor, which reads the
+        answer, else nobody would read this connection again."""
         with self.send_lock:
             if self.read_state != THREAD or self._reader != threading.get_ident():
                 return
-            rsock = self._done_reading(b"", False)
+            rsock = self._done_reading([data], False)
         if rsock is not None:
             rsock.close()
 
@@ -330,20 +364,18 @@ class ThreadReads:
         self._rsock.settimeout(seconds)
         self._rsock_timeout = seconds
 
-    def _done_reading(self, data: bytes, own: bool):
+    def _done_reading(self, handed: list, own: bool):
         """Under the lock: THREAD -> PARKED when the reader handled its
-        ``own`` answer (``data``), else RETURNING: ``data`` and the socket
-        handed to the reactor.  The reading socket to close, once the
-        connection is gone, else None."""
+        ``own`` answer, else RETURNING: the bytes in ``handed`` (none when
+        they were its own) and the socket handed to the reactor; called
+        again with the same list if an exception cut it short.  The
+        reading socket to close, once the connection is gone, else None."""
         if self._gone:
             rsock, self._rsock = self._rsock, None
             self.read_state = REACTOR
             return rsock
         if not own or self._give_back:
-            if not own and type(data) is LongAnswer:
-                data = data.received()
-            self.read_state = RETURNING
-            self.owner.reactor.callFromThread(self._take_back, b"" if own else data)
+            self._hand_back(handed, None)
         else:
             self.read_state = PARKED
         return None

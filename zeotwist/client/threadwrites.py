@@ -10,7 +10,7 @@ that the reactor thread releases from the answer handler, with no Deferred
 in between: the reactor wakes once per load, for the answer.
 
 Twisted's transports are not thread-safe, so the application thread only
-ever calls the socket's ``send`` (``writeSomeData``), and only
+ever calls the socket's ``send`` (:func:`~zeotwist.transportcompat.socket_send`), and only
 
 * under :attr:`ThreadWrites.send_lock`, which every write of the protocol
   on the reactor thread also takes (:meth:`ThreadWrites.write_out`);
@@ -25,7 +25,10 @@ frame the socket takes only in part is handed to the reactor thread
 meanwhile queues behind that rest.  The question's tag is registered before
 the frame leaves, under the same lock that ``connectionLost`` takes before
 AMP fails every outstanding question, so a lost connection always fails the
-load (:class:`ClientDisconnected`) and never strands it.
+load (:class:`ClientDisconnected`) and never strands it.  An exception a
+signal handler raises while the thread sends (KeyboardInterrupt) leaves
+neither half a frame without its rest nor a question that was never sent
+(:meth:`ThreadWrites._cut_short`).
 
 The same path (:meth:`ThreadWrites.ask_from_thread` and :class:`ThreadAnswer`)
 carries a small commit's round trips (``ClientTransaction.vote_from_thread``,
@@ -41,6 +44,7 @@ thread loads object after object, the thread reads its load's answer
 itself instead, in the same order (:mod:`~zeotwist.client.threadreads`).
 """
 import itertools
+import threading
 import time
 from _thread import allocate_lock
 
@@ -48,7 +52,8 @@ from twisted.python.failure import Failure
 
 from zeotwist import transportcompat, twistedcompat
 from zeotwist.client import longreads
-from zeotwist.client.threadreads import MORE, ThreadReads, parse_load_answer, whole_answer
+from zeotwist.client.threadreads import (MORE, PARKED, RETURNING, THREAD, ThreadReads,
+                                         parse_load_answer, whole_answer)
 from zeotwist.errors import ClientDisconnected
 from zeotwist.wire import loadframes
 
@@ -121,23 +126,61 @@ class ThreadWrites(ThreadReads):
         its answer to go to ``receiver`` (a ``_ThreadWaiter``); False, with
         nothing sent, when this thread may not write now.  With ``read``,
         ``receiver.reading`` says whether the thread is to read the answer
-        itself (threadreads)."""
+        itself (threadreads).  An exception a signal handler raises in here
+        is raised with the connection whole (:meth:`_cut_short`)."""
         transport, lock = self.transport, self.send_lock
-        if lock is None or transport is None or \
-                getattr(type(transport), "writeSomeData", None) is None:
+        send = None if lock is None else transportcompat.socket_send(transport)
+        if send is None:
             return False
         with lock:
             if self._gone or self._handoff is not None or twistedcompat.amp_closed(self) \
                     or not transportcompat.idle_seen_from_thread(transport):
                 return False
-            if receiver is not None:        # None: a one-way frame (send_from_thread)
-                receiver.reading = self.thread_asks(read)   # who reads the answer
-                twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
-            sent = transportcompat.send_some(transport, frame)   # 0 after an error: the reactor meets it too
-            if sent < len(frame):
-                self._handoff = [frame[sent:]]
-                self.owner.reactor.callFromThread(self._flush_handoff)
+            state, sent = self.read_state, []
+            try:
+                if receiver is not None:        # None: a one-way frame (send_from_thread)
+                    receiver.reading = self.thread_asks(read)   # who reads the answer
+                    twistedcompat.amp_expect_answer_from_thread(self, receiver.tag, receiver)
+                try:    # what the socket took is appended inside C (list.extend
+                    sent.extend(map(send, (frame,)))    # of map): never lost
+                except OSError:
+                    sent.append(0)              # full, or an error the reactor finds too
+                if sent[0] < len(frame):
+                    self._handoff = [frame[sent[0]:]]
+                    self.owner.reactor.callFromThread(self._flush_handoff)
+            except BaseException:
+                self._cut_short(frame, receiver, sent, state)
+                raise
         return True
+
+    def _cut_short(self, frame: bytes, receiver, sent: list, state: str) -> None:
+        """Under the lock: :meth:`ask_from_thread` cut short by a signal
+        handler's exception (the read state was ``state`` before, ``sent``
+        holds what the socket took of ``frame``, if it was sent).  Part of
+        the frame went: the rest follows, as it would have (the answer
+        comes, to the reactor).  None of it: the question and the frame are
+        taken back, and the socket this thread took to read the answer.
+        Either way nothing is left half sent or waiting for nothing, and
+        the socket is read."""
+        went = sent[0] if sent else 0
+        if went:
+            if went < len(frame) and self._handoff is None:
+                self._handoff = [frame[went:]]
+            if self._handoff is not None:       # (queued again: it writes once)
+                self.owner.reactor.callFromThread(self._flush_handoff)
+        else:
+            self._handoff = None                # (None when the thread began)
+            if receiver is not None:
+                twistedcompat.amp_forget_answer(self, receiver.tag, receiver)
+        if state != PARKED or receiver is None:
+            return                              # thread_asks changed nothing
+        if self.read_state == THREAD and self._reader == threading.get_ident():
+            if went:                            # the reactor reads the answer
+                self._hand_back([], None)
+            else:                               # nothing asked, nothing read
+                self.read_state = PARKED
+        elif self.read_state == RETURNING:      # thread_asks' hand-back, once more
+            self._hand_back([], None)
 
     def send_from_thread(self, frame: bytes) -> bool:
         """:meth:`ask_from_thread` for a frame of one-way boxes (a small
