@@ -24,9 +24,10 @@ from ZODB.utils import maxtid, z64
 from tests.test_interrupted_invalidations import _Interrupt, _pending_on, _settled
 from tests.test_review_races import _commit, _wait_for
 from tests.test_review_threadreads import _parked, no_park_timer  # noqa: F401 (fixture)
+from zeotwist.client.storagecommit import StorageCommitMixin
 from zeotwist.client.threadreads import PARKED, ThreadReads
 from zeotwist.client.threadwrites import ThreadWrites
-from zeotwist.twistedcompat import amp_awaits_answers
+from zeotwist.twistedcompat import amp_awaits_answers, calls_pending
 
 
 def _traced(filename: str) -> bool:
@@ -128,6 +129,7 @@ def _whole(reader, writer, proto, oids, serial, where) -> bytes:
     _wait_for(lambda: not amp_awaits_answers(proto),
               lambda: "every question answered (%s)" % where())
     assert reader.client.protocol is proto, where()
+    assert reader.tpc_transaction() is None, where()    # else every tpc_begin waits
     reader.client.cache.clear()
     assert reader.loadBefore(z, maxtid)[0] == b"z", where()
     writer.ping()
@@ -152,10 +154,15 @@ def _setup(server, make_client):
 _ASK, _READ = ThreadWrites.ask_from_thread, ThreadReads.read_answer
 
 
-@pytest.mark.parametrize("step", [_load, _vote_finish], ids=["load", "commit"])
-@pytest.mark.parametrize("within, take, waiting", [
-    (_ASK, 0, False), (_ASK, 5, False), (_READ, 0, False), (_READ, 0, True)],
-    ids=["ask-whole", "ask-part", "read", "read-handed"])
+_CASES = {"ask-whole": (_ASK, 0, False), "ask-part": (_ASK, 5, False),
+          "read": (_READ, 0, False), "read-handed": (_READ, 0, True)}
+
+
+@pytest.mark.parametrize("step, within, take, waiting", [
+    (step,) + case for step in (_load, _vote_finish) for case in _CASES.values()] + [
+    (_vote_finish, StorageCommitMixin.tpc_finish, 0, False)],
+    ids=["load-" + name for name in _CASES] + ["commit-" + name for name in _CASES]
+    + ["tpc_finish"])
 def test_an_interrupt_anywhere_in_a_threads_round_trip(
         server, make_client, no_park_timer, step, within, take, waiting):  # noqa: F811
     """``take``: the socket takes the thread's frame whole, or 5 bytes of
@@ -173,7 +180,8 @@ def test_an_interrupt_anywhere_in_a_threads_round_trip(
         proto = _parked(reader, y)
         if waiting:
             _commit(writer, z, writer.loadBefore(z, maxtid)[1], b"z")
-            _wait_for(lambda: _pending_on(proto), "the invalidation came")
+            _wait_for(lambda: _pending_on(proto) and not calls_pending(reader.client.reactor),
+                      "the invalidation came")
         transport = proto.transport
         sock = transport.socket
         transport.socket = _PartSocket(sock, take, me)
@@ -223,3 +231,48 @@ def test_an_interrupted_wait_for_the_send_lock(server, make_client, no_park_time
         if refusing.fired is None:
             break
     assert n > 2, n
+
+
+@pytest.mark.parametrize("within", [StorageCommitMixin.tpc_begin, StorageCommitMixin.tpc_abort],
+                         ids=["tpc_begin", "tpc_abort"])
+def test_an_interrupt_anywhere_in_a_transactions_begin_or_abort(server, make_client, within):
+    """tpc_begin cut short anywhere, then tpc_abort (as ZODB does), or
+    tpc_abort cut short anywhere: the next transaction begins and commits
+    (none is left half begun or half ended, for which every later
+    tpc_begin would wait)."""
+    writer, reader, oids, serial = _setup(server, make_client)
+    x = oids[0]
+    n = 0
+    while True:
+        n += 1
+        done = []
+        worker = threading.Thread(target=_begin_abort_commit,
+                                  args=(reader, within, n, x, serial, done), daemon=True)
+        worker.start()
+        worker.join(10)
+        interrupt = done[0]
+        assert len(done) == 2, "interrupted at %d: %s; the next tpc_begin waits" % (
+            n, interrupt.fired)
+        serial = done[1]
+        if interrupt.fired is None:
+            break
+    assert n > 3, n
+
+
+def _begin_abort_commit(reader, within, n, x, serial, done):
+    """In a thread of its own (the test's bounds its wait): tpc_begin and
+    tpc_abort, the ``n``-th place of ``within`` interrupted, then a commit."""
+    t = TransactionMetaData()
+    interrupt = _Signal(within.__code__, n)
+    done.append(interrupt)
+    sys.settrace(interrupt)
+    try:
+        try:
+            reader.tpc_begin(t)
+        finally:
+            reader.tpc_abort(t)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+    done.append(_commit(reader, x, serial, b"%d" % n))

@@ -12,6 +12,8 @@ server leaves to the client are resolved here, in the committing thread,
 with the application's classes.  The other mixins' transactional methods
 (undo, restore, storeBlob) find the transaction through ``_check_trans``.
 """
+import threading
+
 from ZODB.POSException import ConflictError, ReadOnlyError, StorageTransactionError
 
 from zeotwist.client.reactorthread import in_reactor_thread
@@ -29,6 +31,8 @@ class StorageCommitMixin:
     ``_client``, ``_call``, ``_ask_from_thread``, ``_resolver``, blobs'
     ``_blobs_done``; ``_transaction``, ``_txn`` and ``_tpc_cond`` set by its
     ``_setup``)."""
+
+    _tpc_thread = None      # the thread whose transaction is _transaction
 
     def tpc_transaction(self):
         return self._transaction
@@ -49,11 +53,30 @@ class StorageCommitMixin:
                 if self._transaction is transaction:
                     raise StorageTransactionError(
                         "Duplicate tpc_begin calls for same transaction")
+                if self._tpc_thread == threading.get_ident():
+                    self._abandoned()
+                    break
                 self._tpc_cond.wait(30)
-            self._transaction = transaction
-            self._txn = self._client.transaction(transaction, self._dispatch)
-            self._txn.resolver = self._resolver
-            self._txn.tid, self._txn.status = tid, _status(status)   # restore
+            txn = self._client.transaction(transaction, self._dispatch)
+            txn.resolver = self._resolver
+            txn.tid, txn.status = tid, _status(status)      # restore
+            # All at once: a transaction half begun (a signal handler's
+            # exception between two) would never end, tpc_abort finding
+            # no _txn, and every later tpc_begin would wait for it.
+            self._transaction, self._txn, self._tpc_thread = \
+                transaction, txn, threading.get_ident()
+
+    def _abandoned(self) -> None:
+        """Under ``_tpc_cond``: this thread begins a transaction while its
+        previous one never ended (an exception a signal handler raised cut
+        its tpc_abort or tpc_finish short before it ended it; the thread
+        would wait for itself): that one is aborted, on the server after
+        what it sent, and forgotten."""
+        txn = self._txn
+        if txn is not None:
+            self._reactor.callFromThread(txn.abort)
+        self._blobs_done(None)
+        self._transaction = self._txn = self._tpc_thread = None
 
     def _dispatch(self, f, *args):
         if in_reactor_thread(self._reactor):
@@ -109,8 +132,10 @@ class StorageCommitMixin:
             self._reactor.callFromThread(txn.abort)
             raise
         finally:
-            self._blobs_done(tid)
-            self._end_transaction()
+            try:
+                self._blobs_done(tid)
+            finally:        # also when an exception cuts that short
+                self._end_transaction()
 
     def tpc_abort(self, transaction, timeout=None):
         if transaction is not self._transaction or self._txn is None:
@@ -121,10 +146,12 @@ class StorageCommitMixin:
         except ClientDisconnected:
             pass    # the server aborts it when the link drops
         finally:
-            self._blobs_done(None)
-            self._end_transaction()
+            try:
+                self._blobs_done(None)
+            finally:        # also when an exception cuts that short
+                self._end_transaction()
 
     def _end_transaction(self):
         with self._tpc_cond:
-            self._transaction = self._txn = None
+            self._transaction = self._txn = self._tpc_thread = None
             self._tpc_cond.notify_all()
