@@ -135,3 +135,55 @@ def test_a_small_commits_vote_and_finish_are_answered_in_the_same_call(tmp_path)
         assert second.finish() == {"tid": server.last_tid} and server.last_tid > answer["tid"]
     finally:
         server.close()
+
+
+def test_a_lone_committers_finish_answer_leaves_before_the_lock_passes_on(tmp_path, monkeypatch):
+    """Nobody waits for the lock with an invalidation kept back: the Finish
+    answer is written as soon as the commit is fanned out, then the lock is
+    released (the committer does not wait for the release); with a voter
+    waiting, the lock passes on first (its invalidation and vote answer go
+    out before the answer: tests/test_invalidations_later.py)."""
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    try:
+        sessions, written = [], []
+        for i in range(2):
+            client, session, pump, _ = connect_in_memory({"1": server}, clock)
+            call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                           storage="1", read_only=False)
+            pump.flush()
+            out = []
+            monkeypatch.setattr(session.transport, "write", out.append)
+            sessions.append(session)
+            written.append(out)
+        first, second = sessions
+        seen = []
+        real = server.lock.release
+        monkeypatch.setattr(server.lock, "release", lambda *a: seen.append(
+            commitframes.match_finish_answer(b"".join(written[0]), b"f")) or real(*a))
+        first.dataReceived(commitframes.tpc_begin(b"", b"", b"")
+                           + commitframes.store_data(encode_store(z64, z64, b"one"))
+                           + commitframes.vote_request(b"v"))
+        written[0].clear()
+        first.dataReceived(commitframes.finish_request(b"f"))
+        assert seen == [{"tid": server.last_tid}]      # answered when the lock passed on
+        serial = server.last_tid
+        # a second client's vote waits for the lock: the old order
+        seen.clear()
+        written[0].clear()
+        first.dataReceived(commitframes.tpc_begin(b"", b"", b"")
+                           + commitframes.store_data(encode_store(z64, serial, b"two"))
+                           + commitframes.vote_request(b"v"))
+        written[1].clear()                              # the first commit's invalidation
+        second.dataReceived(commitframes.tpc_begin(b"", b"", b"")
+                            + commitframes.store_data(encode_store(b"\0" * 7 + b"\1", z64, b"x"))
+                            + commitframes.vote_request(b"w"))
+        assert server.lock.holder is first and written[1] == []
+        written[0].clear()
+        first.dataReceived(commitframes.finish_request(b"f"))
+        assert seen == [None]                           # not answered yet at the release
+        assert commitframes.match_finish_answer(b"".join(written[0]), b"f") == {
+            "tid": server.last_tid}
+        assert server.lock.holder is second
+    finally:
+        server.close()

@@ -100,7 +100,7 @@ class FastAnswers:
         error class that matches), anything unusual left to that path."""
         name = box.get(amp.COMMAND)
         if name == C.Finish.commandName and len(box) == 2:
-            command, call, args = C.Finish, self.finish, ()
+            command, call, args = C.Finish, self._finish_now, ()
         elif name == C.Vote.commandName and (len(box) == 2 or len(box) == 3 and box.get(
                 b"can_resolve") in (b"True", b"False")):
             command, call = C.Vote, self.vote
@@ -110,7 +110,7 @@ class FastAnswers:
         tag = box.get(amp.ASK)
         if tag is None:
             return False
-        self._ask_now(command, call, args, tag)
+        self._ask_now(command, call, (tag,) if command is C.Finish else args, tag)
         return True
 
     def _ask_now(self, command, call, args: tuple, tag: bytes) -> None:
@@ -124,6 +124,8 @@ class FastAnswers:
             return
         except Exception:
             d = fail()
+        if d is None:                       # answered already (_finish_now)
+            return
         if not isinstance(d, Deferred):     # answered at once (a small commit)
             try:
                 self._fast_answer(d, command, tag)
@@ -132,6 +134,17 @@ class FastAnswers:
             return
         d.addCallbacks(self._fast_answer, self._fast_error, (command, tag), None, (command, tag))
         d.addErrback(self.unhandledError)
+
+    def _finish_now(self, tag: bytes):
+        """Finish, its answer written as soon as the commit is fanned out
+        (TransactionResponders._finished), with what this burst answered
+        before it, not at the burst's end; else as ``finish``."""
+        return self.finish(lambda tid: self._write_finish_answer(tag, tid))
+
+    def _write_finish_answer(self, tag: bytes, tid: bytes) -> None:
+        if not twistedcompat.amp_switched(self) and self.transport is not None:
+            self.emit(commitframes.finish_answer(tag, tid))
+            self.flush_batch()
 
     def _fast_answer(self, result: dict, command, tag: bytes) -> None:
         frame = None
@@ -177,7 +190,7 @@ FastAnswers.COMMIT_FRAMES = {
     commitframes.BEGIN: lambda self, fields: self._one_way(self.tpc_begin, *fields),
     commitframes.STORE: lambda self, piece: self._one_way(self.store_data, piece),
     commitframes.VOTE: lambda self, tag: self._ask_now(C.Vote, self.vote, (True,), tag),
-    commitframes.FINISH: lambda self, tag: self._ask_now(C.Finish, self.finish, (), tag),
+    commitframes.FINISH: lambda self, tag: self._ask_now(C.Finish, self._finish_now, (tag,), tag),
 }
 
 #: command name -> the fast path that may handle its box (ServerSession.ampBoxReceived)

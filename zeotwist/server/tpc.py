@@ -163,7 +163,9 @@ class TransactionResponders(amp.CommandLocator):
         return d.addCallback(lambda _: failure)
 
     @C.Finish.responder
-    def finish(self):
+    def finish(self, answer_now=None):
+        """``answer_now(tid)`` (the fast path's): writes the answer at once,
+        for a commit finished here (see :meth:`_finished`); then None."""
         txn = self._txn
         if txn is None or not txn.state.can(Event.FINISH):
             raise TransactionStateError("Finish without a voted transaction")
@@ -171,10 +173,15 @@ class TransactionResponders(amp.CommandLocator):
         tid = value_now(self.server.commit_call(commit.finish, txn))
         if isinstance(tid, Deferred):
             return tid.addCallbacks(self._finished, self._finish_failed, (txn,), None, (txn,))
-        return self._finished(tid, txn)     # (tpc_finish ran inline: it has returned)
+        return self._finished(tid, txn, answer_now)     # (tpc_finish ran inline: it returned)
 
-    def _finished(self, tid, txn):
-        """tpc_finish returned ``tid``: fan it out, release the lock; the answer."""
+    def _finished(self, tid, txn, answer_now=None):
+        """tpc_finish returned ``tid``: fan it out, release the lock; the
+        answer.  With ``answer_now``, when no voter waiting for the lock
+        kept this commit's invalidation back (a lone writer's every
+        commit), the answer is written first and the lock passes on after
+        it (None returned): the committer does not wait for the release,
+        and every other client was sent the invalidation before it."""
         txn.state.move(Event.FINISHED)
         if txn.finish_error is not None:
             _log.error("zeotwist: tpc_finish of storage {name!r} raised after committing "
@@ -187,6 +194,10 @@ class TransactionResponders(amp.CommandLocator):
             self._release_lock(None)
             raise
         if fanned is None:
+            if answer_now is not None and not self.server.kept_back:
+                answer_now(tid)
+                self._release_lock(None)
+                return None
             self._release_lock(None)
             return dict(tid=tid)
         fanned.addBoth(self._release_lock)

@@ -69,6 +69,16 @@ class BatchedSender:
         elif self.transport is not None:
             self.write_out(frame)
 
+    def flush_batch(self) -> None:
+        """Write what this burst collected so far now, not at its end (an
+        answer that should not wait for the rest of the burst's work)."""
+        batch = self._batch
+        if batch and self.transport is not None and not self._violated:
+            data = b"".join(batch) if len(batch) > 1 else batch[0]
+            batch.clear()
+            self._batch_bytes = 0
+            self.write_out(data)
+
     def write_out(self, data: bytes) -> None:
         """Where every byte this protocol sends goes (one place, so a
         subclass can order it with writes from another thread)."""
