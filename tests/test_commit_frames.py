@@ -187,3 +187,28 @@ def test_a_lone_committers_finish_answer_leaves_before_the_lock_passes_on(tmp_pa
         assert server.lock.holder is second
     finally:
         server.close()
+
+
+def test_the_lock_passes_on_when_writing_the_early_finish_answer_raises(tmp_path, monkeypatch):
+    clock = Clock()
+    server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
+    try:
+        client, session, pump, _ = connect_in_memory({"1": server}, clock)
+        call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                       storage="1", read_only=False)
+        pump.flush()
+        monkeypatch.setattr(session.transport, "write", lambda data: None)
+        session.dataReceived(commitframes.tpc_begin(b"", b"", b"")
+                             + commitframes.store_data(encode_store(z64, z64, b"one"))
+                             + commitframes.vote_request(b"v"))
+        assert server.lock.holder is session
+
+        def broken(tag, tid):
+            raise RuntimeError("the write failed")
+        monkeypatch.setattr(session, "_write_finish_answer", broken)
+        with pytest.raises(RuntimeError):
+            session._finish_now(b"f")
+        assert server.lock.holder is None
+        assert server.storage.load(z64)[0] == b"one"    # committed all the same
+    finally:
+        server.close()

@@ -195,8 +195,10 @@ class TransactionResponders(amp.CommandLocator):
             raise
         if fanned is None:
             if answer_now is not None and not self.server.kept_back:
-                answer_now(tid)
-                self._release_lock(None)
+                try:
+                    answer_now(tid)
+                finally:                # whatever the write raised: the lock passes on
+                    self._release_lock(None)
                 return None
             self._release_lock(None)
             return dict(tid=tid)
