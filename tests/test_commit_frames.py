@@ -76,20 +76,28 @@ def test_other_frames_are_left_to_amps_parser():
         assert match_commit_question(other, 0) is None, other
 
 
+def registered_session(server, clock, monkeypatch) -> tuple:
+    """``(session, written)``: a session registered with ``server`` whose
+    transport's writes are collected in ``written`` from now on."""
+    client, session, pump, _ = connect_in_memory({"1": server}, clock)
+    call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
+                   storage="1", read_only=False)
+    pump.flush()
+    written = []
+    monkeypatch.setattr(session.transport, "write", written.append)
+    return session, written
+
+
 def test_the_session_builds_no_box_for_a_commits_questions(tmp_path, monkeypatch):
     from zeotwist.server.session import ServerSession
     clock = Clock()
     server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
     try:
-        client, session, pump, _ = connect_in_memory({"1": server}, clock)
-        call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
-                       storage="1", read_only=False)
-        pump.flush()
-        boxes, written = [], []
+        session, written = registered_session(server, clock, monkeypatch)
+        boxes = []
         real = ServerSession.ampBoxReceived
         monkeypatch.setattr(ServerSession, "ampBoxReceived",
                             lambda self, box: boxes.append(dict(box)) or real(self, box))
-        monkeypatch.setattr(session.transport, "write", written.append)
         serial = z64
         for i in range(2):
             record = encode_store(z64, serial, b"data %d" % i)
@@ -146,17 +154,9 @@ def test_a_lone_committers_finish_answer_leaves_before_the_lock_passes_on(tmp_pa
     clock = Clock()
     server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
     try:
-        sessions, written = [], []
-        for i in range(2):
-            client, session, pump, _ = connect_in_memory({"1": server}, clock)
-            call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
-                           storage="1", read_only=False)
-            pump.flush()
-            out = []
-            monkeypatch.setattr(session.transport, "write", out.append)
-            sessions.append(session)
-            written.append(out)
-        first, second = sessions
+        (first, out1), (second, out2) = [registered_session(server, clock, monkeypatch)
+                                         for _ in range(2)]
+        written = [out1, out2]
         seen = []
         real = server.lock.release
         monkeypatch.setattr(server.lock, "release", lambda *a: seen.append(
@@ -193,11 +193,7 @@ def test_the_lock_passes_on_when_writing_the_early_finish_answer_raises(tmp_path
     clock = Clock()
     server = memory_server(FileStorage(str(tmp_path / "data.fs")), clock)
     try:
-        client, session, pump, _ = connect_in_memory({"1": server}, clock)
-        call_in_memory(client, pump, C.Register, protocol=C.PROTOCOL_VERSION,
-                       storage="1", read_only=False)
-        pump.flush()
-        monkeypatch.setattr(session.transport, "write", lambda data: None)
+        session, _ = registered_session(server, clock, monkeypatch)
         session.dataReceived(commitframes.tpc_begin(b"", b"", b"")
                              + commitframes.store_data(encode_store(z64, z64, b"one"))
                              + commitframes.vote_request(b"v"))
