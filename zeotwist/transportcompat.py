@@ -71,10 +71,14 @@ def socket_send(transport):
     """The ``send`` of a socket transport's socket, for a thread that
     writes to it itself (zeotwist.client.threadwrites, under its lock and
     when :func:`idle_seen_from_thread`); None for any other transport (TLS:
-    its ``__getattr__`` would reach the socket under it)."""
+    its ``__getattr__`` would reach the socket under it), and for one whose
+    connection is being lost (Twisted's ``connectionLost`` deletes
+    ``socket`` before the protocol hears of it: the thread then leaves the
+    call to the reactor thread)."""
     if getattr(type(transport), "writeSomeData", None) is None:
         return None
-    return transport.socket.send
+    sock = getattr(transport, "socket", None)
+    return None if sock is None else sock.send
 
 
 def pending_output(transport) -> int:
