@@ -1,7 +1,7 @@
 """The commit lock: FIFO, withdrawal, timeout (pure logic, Clock-driven)."""
 from twisted.internet.task import Clock
 
-from zeotwist.server.commitlock import PARK_GRACE, CommitLock
+from zeotwist.server.commitlock import PARK_GRACE, CancelledError, CommitLock
 
 
 class Owner:
@@ -14,7 +14,7 @@ class Owner:
         return self.name
 
 
-a, b, c = Owner("a"), Owner("b"), Owner("c")
+a, b, c, d = Owner("a"), Owner("b"), Owner("c"), Owner("d")
 
 
 def test_fifo_order_and_release():
@@ -219,9 +219,27 @@ def test_a_transaction_names_the_oids_it_may_store():
     buffer = TransactionBuffer()
     buffer.append(encode_store(O, b"\0" * 8, b"data") + encode_check(P, b"\0" * 8))
     assert buffer.oids() == {O, P}
-    assert buffer.oids(limit=10) is None             # too long to read: unknown
+    assert buffer.oids(limit=1) is None              # too many records: unknown
     buffer.append(encode_undo(b"\0" * 8))
     assert buffer.oids() is None                     # an undo's oids: unknown
+
+
+def test_a_big_transaction_names_its_oids_too():
+    """Over 64 KiB (the stream spooled): its records' headers are read, a
+    big payload skipped; records cut across pieces, headers across blocks."""
+    from zeotwist.server.txnbuffer import TransactionBuffer
+    from zeotwist.wire.records import encode_store
+    many = [(b"%08d" % i, b"x" * (i % 50)) for i in range(3000)]     # ~110 KB
+    stream = b"".join(encode_store(oid, b"\0" * 8, data) for oid, data in many)
+    stream += encode_store(O, b"\0" * 8, b"y" * 300_000) + encode_store(P, b"\0" * 8, b"z")
+    buffer = TransactionBuffer(spool_bytes=100_000)  # in memory, then on disk
+    for at in range(0, len(stream), 7777):
+        buffer.append(stream[at:at + 7777])
+    assert buffer.oids() == {oid for oid, _ in many} | {O, P}
+    assert buffer.oids(limit=3001) is None
+    buffer.append(b"s" + O)                          # a truncated record: unknown
+    assert buffer.oids() is None
+    buffer.close()
 
 
 # -- a young ticket's votes on the refused objects are parked (PARK_GRACE) ----------
@@ -259,7 +277,7 @@ def test_a_parked_vote_goes_when_no_one_comes_back():
 
 def test_a_waiter_on_the_refused_objects_goes_before_a_parked_one():
     lock, got = _young_b(Clock())
-    _take(lock, c, got, None)       # no ticket; unknown oids: it may store O
+    _take(lock, c, got, [O])        # no ticket; it stores O
     lock.release(a)
     assert lock.holder is c         # before b, which asked first
 
@@ -314,3 +332,83 @@ def test_a_parked_vote_goes_when_the_last_committer_leaves():
     assert lock.holder is None
     lock.forget(a)                  # a's client went away: no grace for it
     assert lock.holder is b
+
+
+def test_an_aborted_vote_parks_nothing():
+    """a's next vote fails otherwise, or a aborts after it: it stored
+    nothing, so b's retry goes without waiting for a to come back."""
+    clock = Clock()
+    lock, got = _young_b(clock)
+    clock.advance(PARK_GRACE)       # a's commit is past its grace
+    lock.release(a, committed=False)
+    assert lock.holder is b
+
+
+# -- oids unknown (an undo, over OIDS_SCAN_RECORDS records): nothing is parked
+# for them, and a parked vote goes when what it waited for leaves -----------------
+
+def test_a_waiter_of_unknown_oids_parks_no_vote():
+    clock = Clock()
+    lock, got = _refused_b(clock, after=1.0)    # b's ticket young
+    clock.advance(PARK_GRACE)
+    _take(lock, d, got, [P])        # d commits another object meanwhile
+    _take(lock, b, got, [O])
+    _take(lock, c, got, None)       # no ticket; unknown oids (an undo, say)
+    lock.release(d)
+    assert lock.holder is b         # b asked first; c is not known to store O
+
+
+def test_a_commit_of_unknown_oids_parks_no_vote():
+    """Commits of unknown oids back to back (an undo, or a transaction of
+    many records, within the grace of each other) do not hold a parked
+    vote until its ticket comes of age."""
+    clock = Clock()
+    lock, got = _young_b(clock)
+    _take(lock, c, got, None)
+    lock.release(a)                 # b is parked while a may come back...
+    assert lock.holder is c
+    clock.advance(PARK_GRACE / 2)
+    lock.release(c)                 # ...but c's commit is not known to store O
+    assert lock.holder is b
+
+
+def test_an_unknown_waiter_still_waits_for_a_kept_turn():
+    clock = Clock()
+    lock, got = _refused_b(clock)   # b's turn kept from its refusal
+    _take(lock, c, got, None)       # unknown: it may store O
+    assert lock.holder is None
+    _take(lock, b, got, [O])
+    assert lock.holder is b
+    lock.release(b)
+    assert lock.holder is c
+
+
+def _c_parked_behind_d(clock):
+    """c is parked behind d (no ticket, stores P, which c was refused for),
+    and d waits for b's kept turn on O; the lock is free.  d's request."""
+    lock, got = CommitLock(clock, retry_wait=1.0, turn_after=0.5), []
+    _take(lock, a, got)
+    _take(lock, b, got)
+    lock.release(a)
+    lock.release(b, refused=[O])    # b's first refusal, at 0
+    clock.advance(0.5)
+    _take(lock, b, got, [O])        # its turn (the refusal is 0.5 s old)...
+    lock.release(b, refused=[O])    # ...refused again: expected until 1.5
+    _take(lock, c, got, [P])
+    lock.release(c, refused=[P])    # c refused on P: a young ticket
+    asked = lock.acquire(d, lambda: frozenset([O, P]))  # waits for b's retry
+    _take(lock, c, got, [P])        # parked: d goes first on P
+    assert lock.holder is None and lock.waiting() == 2
+    return lock, asked
+
+
+def test_a_parked_vote_goes_when_the_waiter_it_let_go_first_leaves():
+    """d's client leaves (or its request is cancelled): c goes at once,
+    not when b's time runs out."""
+    lock, _ = _c_parked_behind_d(Clock())
+    lock.forget(d)
+    assert lock.holder is c
+    lock, asked = _c_parked_behind_d(Clock())
+    asked.addErrback(lambda f: f.trap(CancelledError))
+    asked.cancel()
+    assert lock.holder is c

@@ -3,7 +3,8 @@ drives the lock alone): two raw clients over iosim, one FileStorage, a Clock.
 
 The order of a refused client's retry (``--conflict-turn-after``), and a
 client that goes away after a refused vote: no turn is kept for it, also when
-its link drops while the refused vote's abort is still in the storage thread.
+its link drops while the refused vote's abort is still in the storage thread;
+a retry parked behind a vote that is then aborted.
 No time is asserted: the Clock moves only where a test moves it.
 """
 import pytest
@@ -143,3 +144,18 @@ def test_a_refused_retry_waits_instead_of_being_refused_again(world):
     y.pump.flush()
     assert retry[0]["conflicts"][:8] == oid     # its stale vote, refused once
     assert commit(y, oid, tid, 6) > tid
+
+
+def test_a_retry_parked_behind_a_vote_that_is_aborted_goes_at_once(world):
+    """x votes and then aborts: it stored nothing, so y's retry, parked
+    behind x, goes without waiting for x to come back (PARK_GRACE)."""
+    server, _, x, y, oid = world
+    tid1 = commit(x, oid, z64, 1)
+    refused(y, oid, z64, 1)                 # a young ticket
+    server.reactor.advance(PARK_GRACE)      # x's commit is past its grace
+    assert x.send_vote(oid, tid1, 2)[0]["conflicts"] == b""     # x holds the lock
+    retry = y.send_vote(oid, tid1, 2)
+    assert retry == []
+    x.ask(C.Abort)
+    y.pump.flush()
+    assert retry and retry[0]["conflicts"] == b"" and y.ask(C.Finish)["tid"] > tid1

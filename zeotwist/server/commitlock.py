@@ -23,15 +23,22 @@ for that owner's vote, at most until its time runs out or it leaves
 
 **Parked until then.**  While its ticket is young, a vote that may store
 the oids of its owner's last refusal is *parked* while another owner is
-active on them: a waiter without a ticket may store one of them (it goes
+active on them: a waiter without a ticket stores one of them (it goes
 first), or the last commit, less than ``grace`` (``PARK_GRACE``, 5 ms)
-ago, may have stored one (its committer may come back for its next one:
-the lock stays free meanwhile).  Granted then it would be refused again
-(the committer has moved the object on), or win, ending the committer's
-run with a switch.  A waiter storing other objects is not parked; nobody
-coming back within the grace (or the committer leaving) means nobody else
-wants those objects, and the parked vote goes.  When the ticket comes of age, the turn above is
-kept: its stale vote is refused once more and its retry commits.
+ago, stored one (its committer may come back for its next one: the lock
+stays free meanwhile; a commit whose oids were not read, no one being
+refused when it voted, counts as one that did).  Granted then it would be
+refused again (the committer has moved the object on), or win, ending the
+committer's run with a switch.  A waiter storing other objects is not
+parked; nobody coming back within the grace (or the committer leaving, or
+the waiter it let go first) means nobody else wants those objects, and the
+parked vote goes.  When the ticket comes of age, the turn above is kept:
+its stale vote is refused once more and its retry commits.  Waiters and
+commits whose oids are unknown (an undo, a stream of more records than
+``txnbuffer.OIDS_SCAN_RECORDS``) park nothing: counted as storing the
+objects, a run of them (an undo every few ms) held a refused client up to
+``turn_after``; if one does store them, the vote that was not parked is
+refused once more.  A kept turn still counts them (unknown: it may).
 
 Why.  In arrival order alone, a client that has just committed starts its
 next transaction from an up-to-date cache, votes before the clients it
@@ -89,14 +96,22 @@ class _Waiter:
             self._oids, self._known = self._oids(), True
 
     def may_store(self, oids: frozenset) -> bool:
-        """Whether this waiter's transaction may store one of ``oids``."""
+        """Whether this waiter's transaction may store one of ``oids``
+        (unknown: it may; a kept turn goes first)."""
         self.read_oids()
         return self._oids is None or not self._oids.isdisjoint(oids)
 
+    def stores(self, oids: frozenset) -> bool:
+        """Whether it is known to store one of ``oids`` (unknown: no; a
+        parked vote waits only for those, see ``CommitLock._parked``)."""
+        self.read_oids()
+        return self._oids is not None and not self._oids.isdisjoint(oids)
+
     def stored(self, oids: frozenset) -> bool:
-        """After its commit: whether it may have stored one of ``oids``
-        (unknown unless computed before its vote, see ``CommitLock._grant``)."""
-        return not self._known or self.may_store(oids)
+        """After its commit: whether it stored one of ``oids``, or may have
+        when they were not read before its vote (see ``CommitLock._grant``):
+        a commit that followed a refusal."""
+        return not self._known or self.stores(oids)
 
 
 class CommitLock:
@@ -143,7 +158,8 @@ class CommitLock:
 
         ``oids()``, called at most once and only while some refused owner
         holds a ticket (a turn, a parked vote): the oids ``owner``'s transaction may store, or
-        None if unknown (then it waits behind every older ticket).
+        None if unknown (then it waits behind every older ticket, and parks
+        no vote).
         Cancelling the Deferred withdraws ``owner`` from the queue.
         """
         if self._holder is None and not self._waiters and not self._tickets \
@@ -159,6 +175,7 @@ class CommitLock:
 
         def cancel(d):
             self._withdraw(owner)
+            self._grant_next()          # a vote parked behind it may go
 
         d = Deferred(cancel)
         self._asked[owner] = self._clock.seconds()
@@ -167,10 +184,12 @@ class CommitLock:
         self._grant_next()
         return d
 
-    def release(self, owner, refused: Iterable[bytes] = ()) -> None:
+    def release(self, owner, refused: Iterable[bytes] = (), committed: bool = True) -> None:
         """``owner`` gives the lock up, or leaves the queue; no-op otherwise.
         ``refused``: the oids its vote was refused for (conflicts): it is
-        expected to vote again (see the module's docstring)."""
+        expected to vote again (see the module's docstring).  ``committed``
+        False: its transaction was aborted (it stored nothing, so parks no
+        vote while it may come back)."""
         if owner is not self._holder:
             self.forget(owner)
             return
@@ -187,7 +206,8 @@ class CommitLock:
             self._refused[owner] = refused
         else:
             self._drop_ticket(owner)
-            self._committed = (now, self._held_by)
+            if committed:
+                self._committed = (now, self._held_by)
         self._held_by = None
         self._grant_next()
 
@@ -198,10 +218,12 @@ class CommitLock:
         self._drop_ticket(owner)
         last = self._committed[1]
         if last is not None and last.owner is owner:
-            self._committed = (float("-inf"), None)     # it will not come back:
-            self._grant_next()          # a vote parked for it goes
-        if self._expected.pop(owner, None) is not None:
-            self._grant_next()          # someone may have waited for it
+            self._committed = (float("-inf"), None)     # it will not come back
+        self._expected.pop(owner, None)
+        # Whatever waited for it goes now: a vote parked for it (the last
+        # committer, or a waiter on the refused objects that goes first),
+        # a waiter held for its turn.
+        self._grant_next()
 
     def _drop_ticket(self, owner) -> None:
         self._tickets.pop(owner, None)
@@ -247,9 +269,9 @@ class CommitLock:
         """The waiters not granted now, and until when at most: those of
         owners with a young ticket (not in ``turns``) whose transaction
         may store the oids of their refusal while another owner is active
-        on them: a waiter without a ticket may store one of them, or the
-        last commit, less than ``grace`` ago, may have (its committer may
-        come back).  Such a vote would be refused again, or win the turn
+        on them: a waiter without a ticket stores one of them, or the last
+        commit, less than ``grace`` ago, did (its committer may come back);
+        unknown oids do not count here.  Such a vote would be refused again, or win the turn
         of the owner that keeps committing, ending its run early (see the
         module's docstring)."""
         young = [w for w in self._waiters
@@ -265,7 +287,7 @@ class CommitLock:
             oids = refused.get(waiter.owner)
             if not oids or not waiter.may_store(oids):
                 continue
-            if any(w.may_store(oids) for w in others):
+            if any(w.stores(oids) for w in others):
                 parked.append(waiter)   # one of them goes: no wait of its own
             elif recent and last.owner is not waiter.owner and last.stored(oids):
                 parked.append(waiter)

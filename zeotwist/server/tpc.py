@@ -239,7 +239,8 @@ class TransactionResponders(amp.CommandLocator):
         server.stats["aborts"] += 1
         self.send_later()           # output: what waited for the vote's answer
         if left not in IN_STORAGE:
-            server.lock.release(self, refused)     # or withdraws a queued request
+            # (or withdraws a queued request)
+            server.lock.release(self, refused, committed=False)
             txn.close_buffers()
             return succeed(None)
         # The storage thread runs calls in order, so this tpc_abort runs
@@ -247,6 +248,7 @@ class TransactionResponders(amp.CommandLocator):
         # nothing is in progress there).
         d = server.commit_call(commit.abort, txn)
         d.addErrback(lambda f: _log.failure("tpc_abort failed", f))
-        d.addBoth(lambda _: server.lock.release(self, () if self.gone else refused))
+        d.addBoth(lambda _: server.lock.release(self, () if self.gone else refused,
+                                                committed=False))
         return d
 

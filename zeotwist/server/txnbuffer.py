@@ -20,11 +20,15 @@ import tempfile
 from typing import Iterator
 
 from zeotwist.errors import TransactionTooLarge
-from zeotwist.wire.records import UNDO, iter_records
+from zeotwist.wire.records import HEAD_SIZE, UNDO, iter_records, unpack_head
 
 DEFAULT_SPOOL_BYTES = 8 * 2**20
-#: TransactionBuffer.oids reads a stream of at most this many bytes (more: unknown)
-OIDS_SCAN_BYTES = 64 * 1024
+#: TransactionBuffer.oids names the oids of a stream of at most this many
+#: records (more: unknown); it reads their headers only, whatever their size
+OIDS_SCAN_RECORDS = 10_000
+#: the stream is read this many bytes at a time for its headers (a payload
+#: longer than this is skipped with a seek)
+_SCAN_BLOCK = 64 * 1024
 
 
 #: A stream of at most this many bytes stays a list of its pieces (a small
@@ -121,20 +125,24 @@ class TransactionBuffer:
         self._file.seek(0)
         return iter_records(self._file, kinds, stream_bytes)
 
-    def oids(self, limit: int = OIDS_SCAN_BYTES) -> frozenset | None:
-        """The oids the records name, if the stream is at most ``limit``
-        bytes and holds no undo (whose oids only the storage knows): else
-        None, unknown.  Reactor thread, after the last append and before
-        the storage reads the records."""
-        if self.size > limit or self.too_large:
+    def oids(self, limit: int = OIDS_SCAN_RECORDS) -> frozenset | None:
+        """The oids the records name, if the stream holds at most ``limit``
+        records and no undo (whose oids only the storage knows): else None,
+        unknown.  Reads the records' headers only (a big record's payload is
+        skipped), so a big transaction's oids are known too.  Reactor
+        thread, after the last append and before the storage reads the
+        records (the commit lock asks it only while a refused client holds
+        a ticket)."""
+        if self.too_large:
             return None
+        if self._file is None:
+            stream = b"".join(self._pieces)
+            return _named(io.BytesIO(stream), len(stream), limit)
+        size = self._file.seek(0, 2)
         try:
-            named = [(kind, oid) for kind, oid, _, _ in self.records()]
-        except Exception:           # malformed: the vote reports it
-            return None
-        if any(kind == UNDO for kind, _ in named):
-            return None
-        return frozenset(oid for _, oid in named)
+            return _named(self._file, size, limit)
+        finally:
+            self._file.seek(size)   # appends write at the position
 
     def close(self) -> None:
         if self._file is not None:
@@ -146,3 +154,24 @@ class TransactionBuffer:
         callbacks, self.on_close = self.on_close, []
         for callback in callbacks:
             callback()
+
+
+def _named(f, size: int, limit: int) -> frozenset | None:
+    """The oids named by the headers of the ``size`` bytes of records in
+    ``f``; None past ``limit`` records, at an undo, or if they are
+    malformed (the vote reports it)."""
+    oids, pos, block, base = set(), 0, b"", 0   # block: f's bytes from base on
+    for _ in range(limit):
+        if pos >= size:
+            break
+        if pos + HEAD_SIZE > base + len(block):
+            f.seek(pos)
+            block, base = f.read(_SCAN_BLOCK), pos
+            if len(block) < HEAD_SIZE:
+                return None
+        kind, oid, length = unpack_head(block, pos - base)
+        if kind == UNDO:
+            return None
+        oids.add(oid)
+        pos += HEAD_SIZE + length
+    return frozenset(oids) if pos == size else None

@@ -75,6 +75,13 @@ def encode_check(oid: bytes, serial: bytes) -> bytes:
     return encode(CHECK, oid, serial)
 
 
+def unpack_head(buffer, offset: int = 0) -> tuple[bytes, bytes, int]:
+    """``(kind, oid, length)`` of the record whose header is at ``offset``
+    in ``buffer`` (its payload's ``length`` bytes follow the header)."""
+    kind, oid, _, length = _HEAD.unpack_from(buffer, offset)
+    return kind, oid, length
+
+
 def iter_records(f: BinaryIO, kinds=None,
                  size: int | None = None) -> Iterator[tuple[bytes, bytes, bytes, bytes]]:
     """Yield ``(kind, oid, serial, payload)`` from ``f``.
