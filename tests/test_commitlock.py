@@ -412,3 +412,20 @@ def test_a_parked_vote_goes_when_the_waiter_it_let_go_first_leaves():
     asked.addErrback(lambda f: f.trap(CancelledError))
     asked.cancel()
     assert lock.holder is c
+
+
+def test_a_retry_slower_than_the_retry_wait_starts_over():
+    """A known limit, pinned: b retries after its time ran out (a slow
+    client): its ticket is gone, so a was not held for it, and b's next
+    refusal is a young ticket again, its turn 0.5 s away, not next."""
+    clock = Clock()
+    lock, got = _refused_b(clock, wait=0.05, after=0.5)     # b refused at 0
+    clock.advance(0.6)
+    _take(lock, a, got, [O])        # b is late: a is not held for it
+    assert lock.holder is a
+    _take(lock, b, got, [O])
+    lock.release(a)
+    assert lock.holder is b         # no ticket: its stale vote goes...
+    lock.release(b, refused=[O])    # ...and is refused: a new ticket
+    _take(lock, a, got, [O])
+    assert lock.holder is a         # not b's turn (kept only from 1.1 s)
