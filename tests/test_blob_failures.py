@@ -162,11 +162,11 @@ def test_connection_lost_during_a_blob_load(world, tmp_path, monkeypatch):
     read = server_blobs.read_blob_chunk
     served = []
 
-    def read_then_cut(storage, oid, serial, offset, length=None):
+    def read_then_cut(storage, oid, serial, offset, length=None, as_file=False):
         if served == [0]:        # one piece went out already; before this one's
             srv.reactor.callFromThread(cut_server_side, srv)    # answer, or the next few
         served.append(offset)
-        return read(storage, oid, serial, offset, length)
+        return read(storage, oid, serial, offset, length, as_file)
 
     monkeypatch.setattr(server_blobs, "read_blob_chunk", read_then_cut)
     with pytest.raises(ClientDisconnected):
@@ -189,8 +189,8 @@ def test_a_bad_piece_from_the_server_is_refused(world, tmp_path, monkeypatch, fa
     os.remove(cache.lookup(oid, serial))
     read = server_blobs.read_blob_chunk
 
-    def read_badly(storage, oid, serial, offset, length=None):
-        got = read(storage, oid, serial, offset, length)
+    def read_badly(storage, oid, serial, offset, length=None, as_file=False):
+        got = read(storage, oid, serial, offset, length)       # bytes, to spoil
         if offset + len(got["data"]) >= got["size"]:       # the last piece
             if fault == "short last piece":
                 got["data"] = got["data"][:-1]

@@ -5,7 +5,8 @@ server's spool driven by hand.
 * Misused blob commands (a chunk outside a transaction or out of order, a
   storage without blobs, a negative offset, a blob file never sent) drop
   the connection and leave no spool file; chunks and records commit; a
-  read-only session spools and moves nothing.
+  long chunk is spooled as it arrives, never held whole; a read-only
+  session spools and moves nothing.
 * A download or upload that stops making progress fails after its idle
   timeout (a slow one does not); a spool write error fails the vote, not
   the connection.
@@ -141,6 +142,64 @@ def test_blob_pieces_stored_and_loaded_arm_the_trim_after_the_burst(memory_world
     clock.advance(malloc.BURST_QUIET)
     assert trims == [1, 1]                  # after the loaded ones
     assert not rec.lost
+
+
+def test_a_long_blob_chunk_is_spooled_as_it_arrives_never_held_whole(memory_world):
+    """BlobResponders.long_sink: a StoreBlobChunk's long data entry goes to
+    the spool file while it arrives (SpoolSink, in SPOOL_READ pieces), not
+    collected in memory first: half of a chunk given to the parser is in
+    the spool file when the parser returns, and the parser keeps no pieces.
+    The blob then commits and loads back whole."""
+    from zeotwist.server.blobs import SPOOL_READ, SpoolSink
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.commitframes import store_blob_chunk
+    from zeotwist.wire.records import encode_blob
+    client, session, pump, rec = _session(memory_world)
+    oid = b"\0" * 7 + b"\1"
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    pump.flush()
+    data = os.urandom(3 * SPOOL_READ + 1000)
+    frame = store_blob_chunk(0, data, long_values=True)
+    head = len(frame) - len(data) - 2                      # the value ends 2 bytes early
+    session.dataReceived(frame[:head + 2 * SPOOL_READ + 10])
+    assert isinstance(session._long[2], SpoolSink)         # (key, size, sink, bytes so far)
+    spool = session._txn.blob_spool
+    with open(spool.paths[0], "rb") as f:       # written already, but for what the
+        written = f.read()                      # file object buffers (8 KiB at most)
+    assert written == data[:len(written)] and len(written) > 2 * SPOOL_READ + 10 - 2**13
+    session.dataReceived(frame[head + 2 * SPOOL_READ + 10:])
+    assert session._long is None and not rec.lost
+    client.send(C.StoreData, data=encode_blob(oid, z64, 0, b"record"))
+    assert _vote(client, pump)["conflicts"] == b""
+    out = []
+    client.call(C.Finish).addBoth(out.append)
+    pump.flush()
+    got = []
+    for offset in range(0, len(data), C.BLOB_LOAD_MAX):
+        client.call(C.LoadBlobChunk, oid=oid, serial=out[0]["tid"], offset=offset,
+                    length=C.BLOB_LOAD_MAX).addBoth(got.append)
+    pump.flush()
+    assert b"".join(g["data"] for g in got) == data
+    assert not rec.lost
+
+
+def test_a_chunk_still_arriving_when_its_transaction_ends_is_dropped(memory_world):
+    """The spool is closed (the transaction aborted) while a long chunk's
+    bytes are still arriving: the rest is not written anywhere, and no
+    spool file is left behind."""
+    from zeotwist.wire import commands as C
+    from zeotwist.wire.commitframes import store_blob_chunk
+    client, session, pump, rec = _session(memory_world)
+    client.send(C.TpcBegin, user=b"", description=b"", extension=b"")
+    pump.flush()
+    data = os.urandom(2**20)
+    frame = store_blob_chunk(0, data, long_values=True)
+    session.dataReceived(frame[:len(frame) // 2])
+    spool = session._txn.blob_spool
+    spool.close()                               # as the transaction's end does
+    session.dataReceived(frame[len(frame) // 2:])
+    assert spool.closed and spool.paths == []
+    assert os.listdir(str(memory_world[2] / "blobs" / "tmp")) == []
 
 
 # -- transfers that stop making progress (a Clock, fake connections) ------------------------

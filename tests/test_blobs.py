@@ -246,6 +246,92 @@ def test_blobs_of_many_sizes_round_trip(blob_server, clients, tmp_path):
         assert writer.blob_cache.lookup(oid, serial) is not None, key
 
 
+def _read_boxes(sock, count: int) -> list:
+    """``count`` AMP boxes from a raw socket, long entries included (as dicts)."""
+    buf, off, boxes = bytearray(), 0, []
+
+    def need(n):
+        while len(buf) < n:
+            chunk = sock.recv(2**20)
+            if not chunk:
+                raise ConnectionError("closed in the middle of a box")
+            buf.extend(chunk)
+
+    while len(boxes) < count:
+        box = {}
+        while True:
+            need(off + 2)
+            klen, off = int.from_bytes(buf[off:off + 2], "big"), off + 2
+            if klen == 0:
+                break
+            size = 2
+            if klen == 0xFFFF:                      # a long entry: its own key length, 4 bytes
+                need(off + 2)
+                klen, off, size = int.from_bytes(buf[off:off + 2], "big"), off + 2, 4
+            need(off + klen + size)
+            key = bytes(buf[off:off + klen])
+            vlen = int.from_bytes(buf[off + klen:off + klen + size], "big")
+            off += klen + size
+            need(off + vlen)
+            box[key], off = bytes(buf[off:off + vlen]), off + vlen
+        boxes.append(box)
+    return boxes
+
+
+def test_blob_pieces_asked_for_wait_in_their_file_not_in_the_servers_memory(
+        blob_server, clients, tmp_path):
+    """A client asks for eight 1 MiB pieces of a blob and reads nothing: the
+    server queues them on the connection as file pieces (FilePiece,
+    transportcompat.queue_file_piece), not as their bytes, so however many
+    wait for the socket, none is in its memory; once the client reads,
+    every piece arrives whole."""
+    import socket
+    from twisted.protocols import amp
+    from zeotwist.client.reactorthread import blocking_call
+    from zeotwist.fileio import FilePiece
+    from zeotwist.transportcompat import pending_output
+    from zeotwist.wire import commands as C
+    from procutil import wait_for
+    srv = blob_server()
+    data = os.urandom(8 * 2**20 + 5)
+    commit_blobs(ZODB.DB(clients(srv.address, blob_dir=str(tmp_path / "w"))), {"big": data})
+    oid, serial = blob_refs(ZODB.DB(clients(srv.address, blob_dir=str(tmp_path / "r"))))["big"]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2**16)
+    sock.settimeout(20)
+    sock.connect(srv.address)
+
+    def ask(tag, command, **kw):
+        box = amp.AmpBox(command.makeArguments(kw, None))
+        box[amp.COMMAND], box[amp.ASK] = command.commandName, b"%d" % tag
+        return box.serialize()
+
+    sock.sendall(ask(1, C.Register, protocol=C.PROTOCOL_VERSION, storage="1",
+                     read_only=False, long_values=True))
+    assert amp.ANSWER in _read_boxes(sock, 1)[0]
+    sock.sendall(b"".join(ask(2 + i, C.LoadBlobChunk, oid=oid, serial=serial,
+                              offset=i * 2**20, length=2**20) for i in range(8)))
+    port = sock.getsockname()[1]
+
+    def queued():
+        session = next(s for s in srv.server.sessions if s.transport.getPeer().port == port)
+        t = session.transport
+        in_memory = len(t.dataBuffer) - t.offset + sum(
+            len(b) for b in t._tempDataBuffer if type(b) is not FilePiece)
+        files = sum(type(b) is FilePiece for b in t._tempDataBuffer)
+        return pending_output(t), in_memory, files
+
+    pending, in_memory, files = wait_for(
+        lambda: (lambda q: q if q[0] > 3 * 2**20 else None)(
+            blocking_call(srv.reactor, queued, timeout=10)),
+        10, "the server's answers to wait for the socket")
+    assert files >= 3 and in_memory < 2**16, (pending, in_memory, files)
+    answers = {box[amp.ANSWER]: box for box in _read_boxes(sock, 8)}
+    assert b"".join(answers[b"%d" % (2 + i)][b"data"] for i in range(8)) == data[:8 * 2**20]
+    assert all(box[b"size"] == b"%d" % len(data) for box in answers.values())
+    sock.close()
+
+
 def test_transaction_cap_counts_blob_bytes_and_spool_is_removed(blob_server, clients, tmp_path):
     srv = blob_server(max_transaction_bytes=2**20)
     cs = clients(srv.address, blob_dir=str(tmp_path / "cache"))

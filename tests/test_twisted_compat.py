@@ -233,6 +233,85 @@ def test_queued_pieces_are_sent_one_by_one_never_joined_together():
     assert fd.SEND_LIMIT == limit and fd.dataBuffer == b"" and fd._tempDataLen == 0
 
 
+def _file_of(tmp_path, data: bytes) -> int:
+    import os
+    path = tmp_path / ("piece-%d" % len(os.listdir(str(tmp_path))))
+    path.write_bytes(data)
+    return os.open(str(path), os.O_RDONLY)
+
+
+def test_file_pieces_are_sent_from_their_files_in_order_with_bytes(tmp_path):
+    """queue_file_piece: a FilePiece queued between bytes is sent from its
+    file when its turn comes, as much as the socket takes per doWrite
+    (the rest read again at the next), counted in pending_output until
+    sent; its file is closed once sent.  Nothing of it is ever a buffer
+    of the transport."""
+    import os
+    import socket
+    from zeotwist.fileio import FilePiece
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2**16)
+    data = os.urandom(3 * 2**20 + 7)
+    fd = _Socketish(take=0)
+    fd.socket = ours
+    fd.getHandle = lambda: ours
+    fd.writeSomeData = lambda b: ours.send(b)
+    assert transportcompat.sends_files(fd) and not transportcompat.sends_files(StringTransport())
+    fd.write(b"head")                                   # queued: the piece waits for it
+    piece = FilePiece(_file_of(tmp_path, data), 5, len(data) - 5)
+    transportcompat.queue_file_piece(fd, piece)
+    fd.write(b"tail")
+    assert transportcompat.pending_output(fd) == len(data) - 5 + 8
+    got, turns = bytearray(), 0
+    while transportcompat.pending_output(fd):
+        assert not any(len(b) > 4 for b in fd._tempDataBuffer if type(b) is bytes)
+        assert len(fd.dataBuffer) <= 4                  # never the piece's bytes
+        assert fd.doWrite() is None
+        turns += 1
+        while True:                                     # the peer reads all it can
+            try:
+                got += theirs.recv(2**20)
+            except BlockingIOError:
+                break
+    assert bytes(got) == b"head" + data[5:] + b"tail"
+    assert turns > 3 and piece.fd == -1                 # the socket was full, the file closed
+    assert fd._tempDataLen == 0 and fd.dataBuffer == b""
+    ours.close()
+    theirs.close()
+
+
+def test_file_piece_sent_at_once_to_an_idle_socket_and_closed_when_dropped(tmp_path):
+    """To an idle socket transport a piece goes at once, as far as the
+    socket takes it; a piece cut short by its file fails the connection's
+    doWrite; discard_output closes the files of the pieces it drops."""
+    import os
+    import socket
+    from twisted.internet import main
+    from zeotwist.fileio import FilePiece
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fd = _Socketish(take=0)
+    fd.socket = ours
+    fd.getHandle = lambda: ours
+    small = FilePiece(_file_of(tmp_path, b"x" * 1000), 0, 1000)
+    transportcompat.queue_file_piece(fd, small)
+    assert theirs.recv(2000) == b"x" * 1000 and small.fd == -1
+    assert transportcompat.nothing_queued(fd)
+    short = FilePiece(_file_of(tmp_path, b"y" * 10), 0, 20)      # the file ends early
+    transportcompat.queue_file_piece(fd, short)         # 10 bytes sent, then its end met
+    assert theirs.recv(100) == b"y" * 10 and transportcompat.pending_output(fd) == 10
+    assert fd.doWrite() is main.CONNECTION_LOST
+    dropped = FilePiece(_file_of(tmp_path, b"z" * 10), 0, 10)
+    fd.write(b"busy")
+    transportcompat.queue_file_piece(fd, dropped)
+    transportcompat.discard_output(fd)
+    assert dropped.fd == -1 and transportcompat.pending_output(fd) == 0
+    ours.close()
+    theirs.close()
+
+
 def test_output_is_adopted_only_by_an_idle_socket_transport():
     fd = _Socketish(take=10)
     fd.write(b"queued")
@@ -390,6 +469,7 @@ def test_value_now_only_of_a_deferred_fired_with_a_value():
                                   "amp_send_box", "amp_encode_fields",
                                   "amp_decode_fields", "nothing_queued", "pending_output",
                                   "discard_output", "read_into", "socket_send",
+                                  "sends_files", "queue_file_piece",
                                   "set_tls_flush_clock", "port_logger", "private_reactor",
                                   "logging_begun", "stopped_by_signal", "forget_exit_signal",
                                   "value_now"])

@@ -5,7 +5,8 @@ The transports' buffers and reads (``twisted.internet.abstract.FileDescriptor``,
 reasons: request/response traffic writes straight to an idle socket
 instead of waiting a reactor turn (:func:`zeotwist.wire.sending.write_now`),
 a big value is sent from its own object and queued pieces are not joined
-into one copy (docs/performance.md, "Memory"), a long value is read
+into one copy (docs/performance.md, "Memory"), a blob piece is sent from
+its file (``FilePiece``, queued in place of bytes), a long value is read
 straight into its buffer, a thread sees whether the reactor is reading or
 writing, and the server measures what a client leaves unread
 (zeotwist.server.limits).  The other private Twisted names are in
@@ -21,7 +22,10 @@ loading thread).
 import socket
 import weakref
 
+from twisted.internet import main
 from twisted.internet.abstract import FileDescriptor
+
+from zeotwist.fileio import FilePiece
 
 def nothing_queued(transport) -> bool:
     """A connected socket transport with nothing buffered, not closing nor
@@ -134,6 +138,36 @@ def unjoined_writes(transport) -> None:
         transport.doWrite = lambda: _unjoined_do_write(alive())
 
 
+def sends_files(transport) -> bool:
+    """Whether :func:`queue_file_piece` works on ``transport``: a socket
+    transport of Twisted's (not TLS, which must encrypt the bytes)."""
+    return isinstance(transport, FileDescriptor) and hasattr(transport, "getHandle") \
+        and isinstance(getattr(transport, "socket", None), socket.socket)
+
+
+def queue_file_piece(transport, piece: FilePiece) -> None:
+    """Queue ``piece`` on a socket transport (:func:`sends_files`) as
+    ``transport.write`` queues bytes, in order with them: its socket takes
+    the piece's bytes from the file when the piece's turn comes (the
+    :func:`unjoined_writes` ``doWrite``; at once, as much as it takes, when
+    nothing else is queued), so they are never held in memory.  It counts
+    in :func:`pending_output` as the bytes it holds back."""
+    unjoined_writes(transport)
+    if not transport.connected or transport._writeDisconnected:
+        piece.close()
+        return
+    if nothing_queued(transport):       # what the socket takes now, at once
+        try:
+            piece.send_to(transport.socket)
+        except (OSError, EOFError):     # doWrite meets it again and reports it
+            pass
+        if not piece.left:
+            return
+    transport._tempDataBuffer.append(piece)
+    transport._tempDataLen += piece.left
+    transport.startWriting()
+
+
 def reading_transport(transport):
     """The socket transport whose ``doRead`` reads ``transport``'s bytes:
     itself, or the one under a TLS transport (``transport.transport``,
@@ -179,9 +213,21 @@ class _MarkedRead:
 
 def _unjoined_do_write(transport):
     pending = transport._tempDataBuffer
+    while pending and type(pending[0]) is FilePiece \
+            and transport.offset >= len(transport.dataBuffer):
+        piece = pending[0]
+        try:
+            sent = piece.send_to(transport.socket)
+        except (OSError, EOFError):
+            return main.CONNECTION_LOST
+        transport._tempDataLen -= sent
+        if piece.left:
+            return None         # the socket is full: doWrite again once it has room
+        del pending[0]
     if pending and transport.offset >= len(transport.dataBuffer):
         count, size = 1, len(pending[0])
-        while count < len(pending) and size < BULK_SEND and len(pending[count]) < BULK_SEND:
+        while count < len(pending) and size < BULK_SEND and len(pending[count]) < BULK_SEND \
+                and type(pending[count]) is not FilePiece:
             size += len(pending[count])
             count += 1
         # the new buffer first, then the queue shortened: a thread looking
@@ -235,5 +281,9 @@ def discard_output(transport) -> None:
     runs, a reactor turn later, and the server's memory budget has already
     handed that room to other connections (nothing for other transports)."""
     if hasattr(transport, "_tempDataBuffer") and hasattr(transport, "dataBuffer"):
+        queued = transport._tempDataBuffer
         transport.dataBuffer, transport.offset = b"", 0
         transport._tempDataBuffer, transport._tempDataLen = [], 0
+        for piece in queued:
+            if type(piece) is FilePiece:
+                piece.close()

@@ -8,7 +8,9 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
   thread to a spool file in the storage's blob temporary directory (small
   sequential writes; a chunk is at most 60 KB, or 1 MiB between peers
   that read long entries: ``BLOB_CHUNK_LONG``), counted against the
-  transaction's size cap.  In the shared-blob-directory mode the client
+  transaction's size cap.  A long chunk is written as it arrives, read
+  from the socket into one 512 KiB buffer (:class:`SpoolSink`, the
+  parser's ``long_sink``), never held whole.  In the shared-blob-directory mode the client
   sends only a file name (``StoreBlobShared``); the name is checked and the
   file moved into the spool at once.  At vote, in the storage thread, the
   store stream's blob records hand the spooled files to the storage's
@@ -19,26 +21,32 @@ A mixin of :class:`~zeotwist.server.session.ServerSession`.
   or up to 1 MiB when the client asks with ``length``) on the reactor
   thread when the storage's worker is idle, else in it
   (``self.server.threads.inline_or_in_order``); the client pulls the pieces, at
-  most 4 MiB (and 16 pieces) at a time, so the server never holds more than
-  those in memory.
+  most 4 MiB (and 16 pieces) at a time.  A piece that goes as a long entry
+  over a socket is not read: the answer carries a
+  :class:`~zeotwist.fileio.FilePiece`, which the connection sends from the
+  file in its turn, 256 KiB read at a time (``transportcompat.queue_file_piece``),
+  so the pieces waiting for a busy socket take no memory.
 """
 import os
 import stat
 import tempfile
+import threading
 
 from ZODB.POSException import POSKeyError, StorageError, Unsupported
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from zeotwist import transportcompat
 from zeotwist.errors import BlobPathRefused, RemoteProtocolError
-from zeotwist.fileio import write_sliced
-from zeotwist.server.malloc import trim_after_burst
+from zeotwist.fileio import FilePiece, write_sliced
+from zeotwist.server.malloc import burst_buffers, trim_after_burst
 from zeotwist.server.txnstate import Event
 from zeotwist.wire import commands as C
 from zeotwist.wire import commitframes
 from zeotwist.wire.records import decode_blob, decode_restore_blob
-from zeotwist.wire.framing import peer_text
+from zeotwist.wire.framing import LongSink, peer_text
+from zeotwist.wire.boxlayout import MAX_VALUE
 
 _log = Logger()
 
@@ -61,11 +69,25 @@ class BlobResponders(amp.CommandLocator):
 
     @C.StoreBlobChunk.responder
     def store_blob_chunk(self, blob, data):
+        if data is commitframes.SPOOLED:        # written as it came (long_sink)
+            return {}
         spool = self._blob_spool("StoreBlobChunk")
         if spool is not None and self._txn.buffer.reserve(len(data)):
             spool.append(blob, data)
         trim_after_burst()
         return {}
+
+    def long_sink(self, box, key, size):
+        """A StoreBlobChunk's long ``data``: into the spool as it arrives
+        (:class:`SpoolSink`), checked as :meth:`store_blob_chunk` checks a
+        whole chunk, so no chunk is ever held whole (BoundedAMP)."""
+        blob = commitframes.store_blob_chunk_head(box, key) if self.server is not None else None
+        if blob is None:
+            return super().long_sink(box, key, size)
+        spool = self._blob_spool("StoreBlobChunk")
+        if spool is not None and not self._txn.buffer.reserve(size):
+            spool = None                        # over the transaction's cap: dropped
+        return SpoolSink(self, spool, blob)
 
     @C.StoreBlobShared.responder
     def store_blob_shared(self, blob, name):
@@ -111,27 +133,118 @@ class BlobResponders(amp.CommandLocator):
         server = self.server
         threads = server.threads
         call = threads.inline_or_in_order if server.inline_commit_bytes else threads.in_order
-        d = call(read_blob_chunk, server.storage, oid, serial, offset, length)
+        # a piece that goes as a long entry, to a socket: its file, not its
+        # bytes, waits for the socket (however many are asked for, none is
+        # in memory; a piece in bytes would be copied into its frame, too)
+        as_file = self.long_values and transportcompat.sends_files(self.transport)
+        d = call(read_blob_chunk, server.storage, oid, serial, offset, length, as_file)
         trim_after_burst()
         if not d.called:        # answered later, outside this burst: counted now
             self.reserve_output(length, d)
         return d
 
 
+class SpoolSink(LongSink):
+    """A StoreBlobChunk's data written to blob file ``blob`` of ``spool``
+    as it arrives (None: dropped, as :meth:`BlobResponders.store_blob_chunk`
+    drops a chunk it may not spool).  A chunk out of order drops the link,
+    as there.  The bytes are gathered in one buffer (:data:`SPOOL_READ`),
+    so that the spool is written in pieces of that size, as the chunk's
+    whole bytes were before; it is empty whenever the parser returns."""
+
+    def __init__(self, session, spool, blob: int):
+        self.session, self.spool, self.blob = session, spool, blob
+        self._fill = 0
+
+    def write(self, piece) -> None:
+        size = len(piece)
+        if self._fill + size > SPOOL_READ:
+            self.flush()
+        if size >= SPOOL_READ:
+            self._append(piece)
+            return
+        self._buffer()[self._fill:self._fill + size] = piece
+        self._fill += size
+
+    def buffer(self, most: int) -> memoryview:
+        if self._fill == SPOOL_READ:
+            self.flush()
+        return self._buffer()[self._fill:self._fill + most]
+
+    def filled(self, count: int) -> None:
+        self._fill += count
+        if self._fill == SPOOL_READ:
+            self.flush()
+
+    def flush(self) -> None:
+        fill, self._fill = self._fill, 0
+        if fill:
+            self._append(self._buffer()[:fill])
+
+    def _append(self, piece) -> None:
+        if self.spool is None:
+            return
+        try:
+            self.spool.append(self.blob, piece)
+        except RemoteProtocolError as e:
+            self.spool = None
+            self.session.protocolViolation("bad StoreBlobChunk: %s" % e)
+
+    @staticmethod
+    def _buffer() -> memoryview:
+        buffer = getattr(_spool_buffer, "view", None)
+        if buffer is None:
+            buffer = _spool_buffer.view = memoryview(bytearray(SPOOL_READ))
+        return buffer
+
+    def value(self) -> bytes:
+        trim_after_burst()
+        return commitframes.SPOOLED
+
+
+#: bytes a StoreBlobChunk's data is gathered in, read straight from the
+#: socket (``recv_into``), before they are written to the spool: one buffer
+#: for every connection of a reactor thread (which writes it out before it
+#: reads another's), let go once the pieces stop coming
+#: (``malloc.burst_buffers``).  Written whole, 512 KiB at a time, the spool
+#: is written as fast as from whole 1 MiB chunks; pieces as they came
+#: (unaligned to the file's pages) cost 15-30% of the upload rate
+#: (docs/performance.md, "Issue 10, eighth session")
+SPOOL_READ = 2**19
+_spool_buffer = threading.local()      # .view: the buffer of this reactor thread
+
+
+def _drop_spool_buffer() -> None:
+    _spool_buffer.view = None
+
+
+burst_buffers.append(_drop_spool_buffer)
+
+
 def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int,
-                    length: int = C.BLOB_LOAD_CHUNK) -> dict:
-    """Up to ``length`` bytes of a committed blob and its size (storage thread)."""
+                    length: int = C.BLOB_LOAD_CHUNK, as_file: bool = False) -> dict:
+    """Up to ``length`` bytes of a committed blob and its size (storage
+    thread).  With ``as_file``, a piece longer than one AMP value (a long
+    entry) comes as a :class:`~zeotwist.fileio.FilePiece` of the open file,
+    not read."""
     load = getattr(storage, "loadBlob", None)
     if load is None:
         raise Unsupported("this storage has no blobs")
     path = load(oid, serial)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(offset)
-            data = f.read(length)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:       # packed away meanwhile
         raise POSKeyError(oid)
+    try:
+        size = os.fstat(fd).st_size
+        count = max(0, min(length, size - offset))
+        if as_file and count > MAX_VALUE:
+            data, fd = FilePiece(fd, offset, count), -1         # the piece closes it
+        else:
+            data = os.pread(fd, count, offset) if count else b""
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return dict(data=data, size=size)
 
 
@@ -159,6 +272,7 @@ class BlobSpool:
         self.refused: dict = {}        # blob number -> why its name was refused
         self.error = None              # why spooling failed (disk full, ...), if it did
         self._file = None              # the file receiving the last blob's chunks
+        self.closed = False            # the transaction ended: nothing more is spooled
 
     def _next(self, blob: int) -> tuple[int, str]:
         if blob != len(self.paths):
@@ -174,7 +288,7 @@ class BlobSpool:
 
         A file error (disk full) is kept, not raised: the vote reports it.
         """
-        if self.error is not None:
+        if self.error is not None or self.closed:
             return
         try:
             if blob == len(self.paths):
@@ -234,7 +348,9 @@ class BlobSpool:
                 self._failed(e)
 
     def close(self) -> None:
-        """Remove every spooled file the storage did not take."""
+        """Remove every spooled file the storage did not take; spool no
+        more (a chunk still arriving is dropped)."""
+        self.closed = True
         self._end_file()
         for path in self.paths:
             try:

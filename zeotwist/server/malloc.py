@@ -70,6 +70,12 @@ def release_free_memory() -> bool:
     return True
 
 
+#: functions that let go of buffers kept while blob pieces come (reactor
+#: thread), called once they stop, before the trim (blobs: the spool's read
+#: buffer)
+burst_buffers: list = []
+
+
 class _BurstTrim:
     """Trims once blob pieces stop coming (:func:`trim_after_burst`)."""
 
@@ -81,7 +87,12 @@ class _BurstTrim:
         if self.call is not None and self.call.active():
             self.call.reset(BURST_QUIET)
         else:
-            self.call = self.reactor.callLater(BURST_QUIET, release_free_memory)
+            self.call = self.reactor.callLater(BURST_QUIET, self._quiet)
+
+    def _quiet(self) -> None:
+        for drop in burst_buffers:
+            drop()
+        release_free_memory()
 
 
 _burst = None       # the server's _BurstTrim, once trim_periodically ran

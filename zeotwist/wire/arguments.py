@@ -7,6 +7,7 @@ while the box is being parsed, before any storage code sees it.
 from twisted.protocols import amp
 
 from zeotwist.errors import RemoteProtocolError, UsageError
+from zeotwist.fileio import FilePiece
 from zeotwist.twistedcompat import amp_decode_fields, amp_encode_fields
 
 CHUNK = amp.MAX_VALUE_LENGTH
@@ -67,14 +68,20 @@ class BigBytes(amp.Argument):
             first if len(parts) == 1 else b"".join(parts))
 
 
+_LONG_TYPES = (bytes, FilePiece)
+
+
 class LongBytes(BigBytes):
     """``BigBytes`` that goes as one value, a long entry
     (:mod:`zeotwist.wire.boxlayout`), to a peer that reads them (``proto.long_values``)
-    instead of being cut into 64 KiB pieces; the receiver sees the same box."""
+    instead of being cut into 64 KiB pieces; the receiver sees the same box.
+    The value may be a :class:`~zeotwist.fileio.FilePiece` (to such a peer
+    only), sent from its file."""
 
     def toBox(self, name, strings, objects, proto):
         value = objects.get(name.decode("ascii"))
-        if getattr(proto, "long_values", False) and type(value) is bytes and len(value) > CHUNK:
+        if getattr(proto, "long_values", False) and type(value) in _LONG_TYPES \
+                and len(value) > CHUNK:
             del objects[name.decode("ascii")]
             strings[name] = value           # BoundedAMP.sendBox frames it
             return

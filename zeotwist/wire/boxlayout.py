@@ -33,6 +33,7 @@ import struct
 from twisted.protocols import amp
 
 from zeotwist.errors import UsageError
+from zeotwist.fileio import FilePiece
 from zeotwist.wire.arguments import BigBytes, Id8
 
 #: The most bytes one AMP value holds; a longer record takes AMP's own path.
@@ -115,12 +116,14 @@ def expect_slots(slots: tuple, *names: bytes) -> None:
 def box_parts(box) -> tuple:
     """``(head, value, tail)``: the AMP box ``box`` serialized with its
     values over 64 KiB as long entries (a peer that reads them), ``value``
-    being the first of those (written as is: ``BoundedAMP.emit_parts``);
-    checked as ``AmpBox.serialize`` checks.  Used for answers whose value
+    being the first of those (written as is: ``BoundedAMP.emit_parts``; it
+    may be a ``FilePiece``, sent from its file); checked as
+    ``AmpBox.serialize`` checks.  Used for answers whose value
     is declared ``LongBytes`` (``LoadBlobChunk``)."""
     parts, big = [], None
     for key, value in sorted(box.items()):
-        if type(key) is not bytes or type(value) is not bytes:
+        if type(key) is not bytes or type(value) is not bytes and (
+                type(value) is not FilePiece or big is not None or len(value) <= MAX_VALUE):
             raise TypeError("AMP keys and values are bytes: %r" % (key,))
         if not 0 < len(key) <= amp.MAX_KEY_LENGTH:
             raise amp.TooLong(True, True, key, None)

@@ -62,7 +62,9 @@ def store_blob_chunk(number: int, data: bytes, long_values: bool = False) -> byt
 
 def read_store_blob_chunk(box) -> tuple | None:
     """``(number, data)`` of a plain StoreBlobChunk box, or None for
-    anything else (which then takes AMP's validating path)."""
+    anything else (which then takes AMP's validating path).  ``data`` may
+    be :data:`SPOOLED`: the receiver has written it already
+    (:func:`store_blob_chunk_head`)."""
     if len(box) != 3 or box.keys() != _CHUNK_KEYS \
             or box[amp.COMMAND] != _CHUNK.commandName:
         return None
@@ -70,6 +72,27 @@ def read_store_blob_chunk(box) -> tuple | None:
     if not (blob.isdigit() and len(blob) < 10):
         return None
     return int(blob), box[b"data"]
+
+
+class _Spooled(bytes):
+    """The type of :data:`SPOOLED` (an empty ``bytes`` of its own identity)."""
+
+
+#: The ``data`` of a StoreBlobChunk whose bytes the receiver wrote out as
+#: they arrived (a long entry given to a sink), instead of holding them.
+SPOOLED = _Spooled()
+
+
+def store_blob_chunk_head(box, key: bytes) -> int | None:
+    """The blob file number of a plain StoreBlobChunk whose long ``data``
+    entry (``key``) begins after the keys ``box`` has so far (AMP's order:
+    ``_command``, ``blob``, ``data``); None for anything else."""
+    if key != b"data" or len(box) != 2 or box.get(amp.COMMAND) != _CHUNK.commandName:
+        return None
+    blob = box.get(b"blob")
+    if blob is None or not (blob.isdigit() and len(blob) < 10):
+        return None
+    return int(blob)
 
 
 # -- StoreData ----------------------------------------------------------------------

@@ -145,6 +145,13 @@ class BoundedAMP(BatchedSender, amp.AMP):
                     continue
                 self._box, self._boxBytes, self._buf = box, size, b""
                 first = memoryview(buf)[vstart:]
+                sink = self.long_sink(box, key, vlen)
+                if self._violated or self.transport is None:
+                    return
+                if sink is not None:                # written as it arrives, never held
+                    self._long = (key, vlen, sink, 0)
+                    self._collect_long(first)
+                    return
                 if self.long_buffer is not None:    # into the value's own object
                     self._long = (key, vlen, self.long_buffer(vlen), 0)
                     self._collect_long(first)       # (what follows is in the socket)
@@ -195,6 +202,8 @@ class BoundedAMP(BatchedSender, amp.AMP):
         key, vlen, pieces, have = self._long
         need = vlen - have
         if type(pieces) is not list:
+            if isinstance(pieces, LongSink):
+                return self._sink_long(key, vlen, pieces, have, data)
             return self._fill_long(key, vlen, pieces, have, data)
         if len(data) < need:
             pieces.append(data)
@@ -215,12 +224,46 @@ class BoundedAMP(BatchedSender, amp.AMP):
         have += taken
         if have < vlen:
             have += transportcompat.read_into(self.transport, buffer.view[have:])
+        return self._long_so_far(key, vlen, buffer, have, taken)
+
+    def _long_so_far(self, key: bytes, vlen: int, holder, have: int, taken: int) -> int | None:
+        """A long entry of which ``have`` bytes came: kept for more (None),
+        or whole: ``holder.value()`` put in the box, and ``taken`` (where
+        what follows begins in the data just handled) returned."""
         if have < vlen:
-            self._long = (key, vlen, buffer, have)
+            self._long = (key, vlen, holder, have)
             return None
         self._long = None
-        self._box[key] = buffer.value()
+        self._box[key] = holder.value()
         return taken
+
+    def long_sink(self, box, key: bytes, size: int) -> "LongSink | None":
+        """Where the value of the long entry ``key`` (``size`` bytes) of
+        ``box`` (its keys so far) goes as it arrives, or None (collected
+        in memory, the usual way).  None here; a subclass may say
+        otherwise (the server: a StoreBlobChunk's data into its spool
+        file) or drop the link (:meth:`protocolViolation`)."""
+        return None
+
+    def _sink_long(self, key: bytes, vlen: int, sink: "LongSink", have: int,
+                   data) -> int | None:
+        """:meth:`_collect_long` into a :class:`LongSink`: ``data``, then
+        what has arrived in the socket, read into the sink's buffer
+        (``read_into``: no new buffer per ``recv``)."""
+        taken = min(vlen - have, len(data))
+        if taken:
+            sink.write(memoryview(data)[:taken])
+            have += taken
+        while have < vlen and not self._violated and self.transport is not None:
+            got = transportcompat.read_into(self.transport, sink.buffer(vlen - have))
+            if not got:
+                break
+            sink.filled(got)
+            have += got
+        if self._violated or self.transport is None:
+            return None
+        sink.flush()
+        return self._long_so_far(key, vlen, sink, have, taken)
 
     def ampBoxReceived(self, box):
         # A box that is neither a command nor the answer to a question we
@@ -289,6 +332,31 @@ class BoundedAMP(BatchedSender, amp.AMP):
         _log.warn(fmt, **kw)
 
 
+
+
+class LongSink:
+    """Where a long entry's value goes as it arrives (``BoundedAMP.long_sink``),
+    in order: :meth:`write` gets bytes that were read already (a view,
+    valid during the call only), :meth:`buffer` is where the next are read
+    from the socket and :meth:`filled` says how many came; :meth:`flush`
+    comes before the parser returns to the reactor (what the sink holds
+    must not wait for more), and :meth:`value` is what the box then holds
+    under its key.  Reactor thread."""
+
+    def write(self, piece: memoryview) -> None:
+        raise NotImplementedError
+
+    def buffer(self, most: int) -> memoryview:
+        raise NotImplementedError
+
+    def filled(self, count: int) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def value(self) -> bytes:
+        raise NotImplementedError
 
 
 def peer_text(transport) -> str:

@@ -18,6 +18,7 @@ with writes from another thread: zeotwist.client.threadwrites).
 from twisted.protocols import amp
 
 from zeotwist import transportcompat, twistedcompat
+from zeotwist.fileio import FilePiece
 from zeotwist.wire.boxlayout import box_parts
 
 #: A burst's answers are written together up to this many bytes.
@@ -89,8 +90,10 @@ class BatchedSender:
         box, without copying a big ``value`` into it: the head (and any
         frames collected before it) goes out first, then the transport
         sends ``value`` from the object itself (``adopt_output``), then the
-        tail.  A value under ``BULK_MIN`` bytes is simply joined."""
-        if len(value) < BULK_MIN:
+        tail.  A value under ``BULK_MIN`` bytes is simply joined; a
+        ``FilePiece`` (a socket transport only: ``transportcompat.sends_files``)
+        is queued as such and sent from its file."""
+        if len(value) < BULK_MIN and type(value) is not FilePiece:
             self.emit(b"".join((head, value, tail)))
             return
         transport = self.transport
@@ -103,9 +106,11 @@ class BatchedSender:
             batch.clear()
             self._batch_bytes = 0
         write_now(transport, head)
-        if not transportcompat.adopt_output(transport, value):
+        if type(value) is FilePiece:            # sent from its file, in its turn
+            transportcompat.queue_file_piece(transport, value)
+        elif not transportcompat.adopt_output(transport, value):
             transport.write(value)              # queued behind others: Twisted joins
-        transport.write(tail)
+        write_now(transport, tail)
 
     def corked(self) -> "_Cork":
         """``with proto.corked(): ...``: the boxes sent inside go out in one
