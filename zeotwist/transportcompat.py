@@ -153,12 +153,13 @@ def queue_file_piece(transport, piece: FilePiece) -> None:
     nothing else is queued), so they are never held in memory.  It counts
     in :func:`pending_output` as the bytes it holds back."""
     unjoined_writes(transport)
-    if not transport.connected or transport._writeDisconnected:
+    sock = getattr(transport, "socket", None)   # deleted once the connection is lost
+    if not transport.connected or transport._writeDisconnected or sock is None:
         piece.close()
         return
     if nothing_queued(transport):       # what the socket takes now, at once
         try:
-            piece.send_to(transport.socket)
+            piece.send_to(sock)
         except (OSError, EOFError):     # doWrite meets it again and reports it
             pass
         if not piece.left:
