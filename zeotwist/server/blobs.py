@@ -82,7 +82,9 @@ class BlobResponders(amp.CommandLocator):
         (:class:`SpoolSink`), checked as :meth:`store_blob_chunk` checks a
         whole chunk, so no chunk is ever held whole (BoundedAMP)."""
         blob = commitframes.store_blob_chunk_head(box, key) if self.server is not None else None
-        if blob is None:
+        if blob is None or self._held is not None:
+            # (reading paused: the boxes before this one are held, to run
+            # later in order; it must not be spooled ahead of them)
             return super().long_sink(box, key, size)
         spool = self._blob_spool("StoreBlobChunk")
         if spool is not None and not self._txn.buffer.reserve(size):
