@@ -191,6 +191,8 @@ def test_a_bad_piece_from_the_server_is_refused(world, tmp_path, monkeypatch, fa
 
     def read_badly(storage, oid, serial, offset, length=None, as_file=False):
         got = read(storage, oid, serial, offset, length)       # bytes, to spoil
+        if as_file:
+            as_file()       # the FILE_PIECES slot taken for it: no piece holds it
         if offset + len(got["data"]) >= got["size"]:       # the last piece
             if fault == "short last piece":
                 got["data"] = got["data"][:-1]

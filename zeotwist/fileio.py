@@ -46,10 +46,11 @@ class FilePiece:
     the piece owns ``fd`` and closes it once sent, or when closed or
     dropped.  Its ``len`` is what it had to send when made."""
 
-    __slots__ = ("fd", "offset", "left", "size")
+    __slots__ = ("fd", "offset", "left", "size", "on_close")
 
-    def __init__(self, fd: int, offset: int, count: int):
+    def __init__(self, fd: int, offset: int, count: int, on_close=None):
         self.fd, self.offset, self.left, self.size = fd, offset, count, count
+        self.on_close = on_close        # called once, when ``fd`` is closed
 
     def __len__(self) -> int:
         return self.size
@@ -80,7 +81,12 @@ class FilePiece:
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            os.close(fd)
+            try:
+                os.close(fd)
+            finally:
+                done, self.on_close = self.on_close, None
+                if done is not None:
+                    done()
 
     def __del__(self):
         self.close()

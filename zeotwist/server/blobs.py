@@ -138,7 +138,11 @@ class BlobResponders(amp.CommandLocator):
         # a piece that goes as a long entry, to a socket: its file, not its
         # bytes, waits for the socket (however many are asked for, none is
         # in memory; a piece in bytes would be copied into its frame, too)
-        as_file = self.long_values and transportcompat.sends_files(self.transport)
+        # (while this session and the server hold few such files open: each
+        # holds a file descriptor until sent, which the byte budgets do not
+        # bound; past that the piece is read, as over TLS)
+        as_file = self.long_values and transportcompat.sends_files(self.transport) \
+            and FILE_PIECES.take(self)
         d = call(read_blob_chunk, server.storage, oid, serial, offset, length, as_file)
         trim_after_burst()
         if not d.called:        # answered later, outside this burst: counted now
@@ -224,30 +228,83 @@ burst_buffers.append(_drop_spool_buffer)
 
 
 def read_blob_chunk(storage, oid: bytes, serial: bytes, offset: int,
-                    length: int = C.BLOB_LOAD_CHUNK, as_file: bool = False) -> dict:
+                    length: int = C.BLOB_LOAD_CHUNK, as_file=None) -> dict:
     """Up to ``length`` bytes of a committed blob and its size (storage
-    thread).  With ``as_file``, a piece longer than one AMP value (a long
-    entry) comes as a :class:`~zeotwist.fileio.FilePiece` of the open file,
-    not read."""
-    load = getattr(storage, "loadBlob", None)
-    if load is None:
-        raise Unsupported("this storage has no blobs")
-    path = load(oid, serial)
+    thread).  With ``as_file`` (a slot of :data:`FILE_PIECES`: called once
+    the file is closed), a piece longer than one AMP value (a long entry)
+    comes as a :class:`~zeotwist.fileio.FilePiece` of the open file, not
+    read; the slot is given back at once when no piece is made."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:       # packed away meanwhile
-        raise POSKeyError(oid)
-    try:
-        size = os.fstat(fd).st_size
-        count = max(0, min(length, size - offset))
-        if as_file and count > MAX_VALUE:
-            data, fd = FilePiece(fd, offset, count), -1         # the piece closes it
-        else:
-            data = os.pread(fd, count, offset) if count else b""
+        load = getattr(storage, "loadBlob", None)
+        if load is None:
+            raise Unsupported("this storage has no blobs")
+        path = load(oid, serial)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:       # packed away meanwhile
+            raise POSKeyError(oid)
+        try:
+            size = os.fstat(fd).st_size
+            count = max(0, min(length, size - offset))
+            if as_file and count > MAX_VALUE:
+                data, fd = FilePiece(fd, offset, count, as_file), -1    # the piece closes it
+                as_file = None
+            else:
+                data = os.pread(fd, count, offset) if count else b""
+        finally:
+            if fd >= 0:
+                os.close(fd)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        if as_file:
+            as_file()               # no piece holds the slot
     return dict(data=data, size=size)
+
+
+class FilePieces:
+    """How many blob files the answers waiting for their socket hold open
+    (:class:`~zeotwist.fileio.FilePiece`), per session and in all: each is
+    a file descriptor until sent, and the connection cap leaves only
+    ``limits.FD_RESERVE`` of them for everything else.  Past either bound
+    a piece is read into memory, as before (bounded by the byte budgets).
+    Taken on the reactor thread, given back in any thread (a piece is
+    closed where it is dropped)."""
+
+    def __init__(self, per_holder: int, total: int):
+        self.per_holder, self.total = per_holder, total
+        self._lock = threading.RLock()     # (a piece the GC closes inside take)
+        self._held: dict = {}
+        self._count = 0
+
+    def take(self, holder):
+        """A slot for ``holder``: a function to call once its file is
+        closed; or None when none is free."""
+        with self._lock:
+            mine = self._held.get(holder, 0)
+            if mine >= self.per_holder or self._count >= self.total:
+                return None
+            self._held[holder] = mine + 1
+            self._count += 1
+        given = []
+
+        def give_back() -> None:
+            with self._lock:
+                if given:
+                    return
+                given.append(True)
+                self._count -= 1
+                left = self._held[holder] - 1
+                if left:
+                    self._held[holder] = left
+                else:
+                    del self._held[holder]
+        return give_back
+
+
+#: a downloading client keeps at most 4 pieces of 1 MiB (16 of an older
+#: client's 120 KB) in flight: 16 per session; half the descriptors the
+#: connection cap leaves free in all
+FILE_PIECES = FilePieces(16, 32)
+
 
 
 def blob_directory(storage) -> str:
