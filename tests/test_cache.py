@@ -5,7 +5,7 @@ import threading
 from ZODB.utils import p64
 
 from tests.test_interrupted_invalidations import _Interrupt
-from zeotwist.client.cache import ENTRY_OVERHEAD, ClientCache
+from zeotwist.client.cache import COMPACT_MAX, ENTRY_OVERHEAD, EVICT_BATCH, UNUSED_SHARE, ClientCache
 
 OID = p64(1)
 
@@ -140,36 +140,193 @@ def test_revisions_after_invalidation_and_reload_survive_a_snapshot():
     assert restored.stats()["bytes"] == c.stats()["bytes"]
 
 
-def test_the_structures_of_a_small_revision_stay_small():
-    """Its slot in the LRU order and its tuple, without the oid, tid and
-    data objects: 138 bytes on CPython 3.11 (231 with a tuple key, a list
-    and a second dict); docs/performance.md, "Memory"."""
+def test_a_small_revision_takes_its_data_and_a_few_dozen_bytes():
+    """A current revision of 57 bytes: one bytes object (start + data, 98
+    bytes) and its slot in the dict, the oid being the caller's: about 128
+    bytes on CPython 3.11, against 228 as a tuple in an OrderedDict beside
+    its data object (docs/performance.md, "Issue 10, eighth session")."""
     import tracemalloc
     n = 5000
     oids = [p64(i) for i in range(n)]
     tids = [p64(10**6 + i) for i in range(n)]
-    datas = [b"%57d" % i for i in range(n)]
     c = ClientCache()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for oid, tid, data in zip(oids, tids, datas):
-            c.store(oid, tid, None, data)
+        for i, (oid, tid) in enumerate(zip(oids, tids)):
+            c.store(oid, tid, None, b"%57d" % i)        # the data: only the cache keeps it
         per_revision = (tracemalloc.get_traced_memory()[0] - before) / n
     finally:
         tracemalloc.stop()
-    assert per_revision < 180, per_revision
+    assert per_revision < 150, per_revision
+    assert c.load(oids[7]) == (b"%57d" % 7, tids[7])
 
 
 def test_the_revisions_of_one_transaction_share_its_tid():
-    """Each answer brings its own copy of the tid; the cache keeps one
-    (48 bytes less per revision; docs/performance.md, "Memory")."""
+    """Each answer brings its own copy of the tid; the revisions kept as
+    tuples (ended, non-current, big) share one (48 bytes less per revision;
+    docs/performance.md, "Memory")."""
     c = ClientCache()
     for i in range(3):
-        c.store(p64(i), bytes(p64(7)), None, b"data")     # equal, not the same object
-    starts = [c.load(p64(i))[1] for i in range(3)]
-    assert starts == [p64(7)] * 3
-    assert starts[0] is starts[1] is starts[2]
+        c.store(p64(i), bytes(p64(7)), p64(9), b"data")         # equal, not the same object
+    c.store(p64(3), bytes(p64(7)), None, b"x" * (COMPACT_MAX + 1))
+    c.store(p64(4), bytes(p64(7)), None, b"small")
+    c.invalidate(p64(4), p64(9))                                # ended: a tuple from now on
+    starts = [c.loadBefore(p64(i), p64(8))[1] for i in range(5)]
+    assert starts == [p64(7)] * 5
+    assert all(start is starts[0] for start in starts)
+
+
+# -- the representation: compact current revisions, big ones, ended ones ------------------
+
+def test_a_big_current_revision_is_handed_out_without_a_copy():
+    big, small = b"b" * (COMPACT_MAX + 1), b"s" * COMPACT_MAX
+    c = ClientCache()
+    c.store(p64(1), p64(5), None, big)
+    c.store(p64(2), p64(5), None, small)
+    assert c.loadBefore(p64(1), p64(6))[0] is big
+    assert c.loadBefore(p64(2), p64(6)) == (small, p64(5), None)
+    assert c.stats()["bytes"] == len(big) + len(small) + 2 * ENTRY_OVERHEAD
+    c.invalidate(p64(1), p64(8))
+    c.invalidate(p64(2), p64(8))
+    assert c.loadBefore(p64(1), p64(8))[0] is big
+    assert c.loadBefore(p64(2), p64(8)) == (small, p64(5), p64(8))
+    assert c.load(p64(1)) is None and c.load(p64(2)) is None
+    assert c.stats()["bytes"] == len(big) + len(small) + 2 * ENTRY_OVERHEAD
+
+
+def test_an_ended_compact_revision_serves_its_snapshots_and_makes_way_for_the_next():
+    c = ClientCache()
+    c.store(OID, p64(5), None, b"v5")
+    c.invalidate(OID, p64(4))                   # older than it: nothing
+    assert c.load(OID) == (b"v5", p64(5))
+    c.invalidate(OID, p64(9))
+    assert c.loadBefore(OID, p64(9)) == (b"v5", p64(5), p64(9))
+    assert c.loadBefore(OID, p64(5)) is None
+    c.store(OID, p64(9), None, b"v9")           # the ended one joins the older ones
+    assert c.loadBefore(OID, p64(7)) == (b"v5", p64(5), p64(9))
+    assert c.load(OID) == (b"v9", p64(9))
+    assert len(c) == 2 and c.stats()["bytes"] == 4 + 2 * ENTRY_OVERHEAD
+
+
+def test_a_hit_reorders_only_when_the_cache_is_more_than_half_full():
+    """Below half full nothing is near eviction: the revisions keep the
+    order they were stored in (their dict's table stays the size of its
+    keys); above, a hit makes its revision the most recently used."""
+    c = ClientCache(size=10 * (100 + ENTRY_OVERHEAD))
+    for i in range(4):
+        c.store(p64(i), p64(1), None, b"x" * 100)
+    c.load(p64(0))
+    assert [e[0] for e in c.snapshot()[1]] == [p64(0), p64(1), p64(2), p64(3)]
+    c.store(p64(4), p64(1), None, b"x" * 100)
+    c.store(p64(5), p64(1), None, b"x" * 100)   # 6 of 10: more than half
+    c.load(p64(0))
+    c.loadBefore(p64(1), p64(2))
+    assert [e[0] for e in c.snapshot()[1]] == [p64(i) for i in (2, 3, 4, 5, 0, 1)]
+
+
+def test_eviction_goes_in_batches_one_pass_each():
+    """A cache that evicts at every store scans its order once per batch of
+    size_limit // EVICT_BATCH bytes, not once per store (the keys deleted
+    at the front of a dict are scanned by every pass)."""
+    cost = 100 + ENTRY_OVERHEAD
+    c = ClientCache(size=1000 * cost)
+    stores = 20_000
+    for i in range(stores):
+        c.store(p64(i), p64(1), None, b"x" * 100)
+        assert c.stats()["bytes"] <= c.size_limit
+    evicted = stores - len(c)
+    assert c.stats()["evictions"] == evicted > 15_000
+    per_batch = c.size_limit // EVICT_BATCH // cost + 1
+    assert c._evict_passes <= evicted // per_batch + 1
+    assert len(c) >= 1000 - per_batch                   # never below the batch
+    assert c.load(p64(stores - 1)) is not None and c.load(p64(0)) is None
+
+
+# -- prefetched revisions: kept apart until their first use -------------------------------
+
+def _wire_oid(n: int) -> bytes:
+    return bytes(bytearray(p64(n)))          # equal to p64(n), another object
+
+
+def test_a_prefetched_revision_is_keyed_by_the_callers_oid_from_its_first_use():
+    c = ClientCache()
+    wire = _wire_oid(1)
+    c.store_prefetched([(wire, b"data", p64(5), None), (_wire_oid(2), b"two", p64(3), p64(6))])
+    mine = p64(1)
+    assert mine is not wire
+    assert c.loadBefore(mine, p64(9)) == (b"data", p64(5), None)
+    key = next(k for k in c._entries if k == mine)
+    assert key is mine and not c._unused
+    assert c.loadBefore(p64(2), p64(4)) == (b"two", p64(3), p64(6))   # non-current: stored as ever
+    assert c.stats()["revisions"] == 2 and c.stats()["hits"] == 2
+
+
+def test_unused_prefetched_revisions_are_invalidated_and_evicted_like_the_others():
+    c = ClientCache(size=10 * (100 + ENTRY_OVERHEAD))
+    c.store(p64(0), p64(1), None, b"x" * 100)
+    c.store_prefetched([(_wire_oid(i), b"p" * 100, p64(2), None) for i in (1, 2, 3)])
+    c.invalidate(p64(1), p64(7))
+    assert c.load(p64(1)) is None
+    assert c.loadBefore(p64(1), p64(7)) == (b"p" * 100, p64(2), p64(7))
+    c.invalidate_after(p64(2), p64(1))          # written after 1: may be stale, dropped
+    c.invalidate_after(p64(3), p64(4))          # current at 4: ends at 5
+    assert c.loadBefore(p64(2), p64(9)) is None
+    assert c.loadBefore(p64(3), p64(5)) == (b"p" * 100, p64(2), p64(5))
+    c.store(p64(3), p64(8), None, b"new")       # the ended one becomes an older revision
+    assert c.loadBefore(p64(3), p64(5)) == (b"p" * 100, p64(2), p64(5))
+    assert c.load(p64(3)) == (b"new", p64(8))
+    c.store_prefetched([(_wire_oid(4), b"q" * 100, p64(2), None)])
+    for i in range(10, 20):     # the unused ones count as the most recent: evicted last
+        c.store(p64(i), p64(1), None, b"x" * 100)
+    assert c.stats()["bytes"] <= c.size_limit and len(c) == 10
+    assert c.load(p64(0)) is None and c.load(p64(10)) is None
+    assert c.load(p64(4)) == (b"q" * 100, p64(2)) and c.load(p64(19)) is not None
+
+
+def test_unused_prefetched_revisions_beyond_their_share_join_the_others():
+    cost = 100 + ENTRY_OVERHEAD
+    c = ClientCache(size=UNUSED_SHARE * 100 * cost)      # room for 100 unused ones
+    c.store_prefetched([(_wire_oid(i), b"p" * 100, p64(2), None) for i in range(150)])
+    assert c._unused_bytes <= c.size_limit // UNUSED_SHARE
+    assert len(c._unused) + len(c._entries) == 150 and len(c._entries) >= 50
+    assert [e[0] for e in c.snapshot()[1]] == [p64(i) for i in range(150)]   # oldest first
+    assert all(c.load(p64(i)) == (b"p" * 100, p64(2)) for i in range(150))
+    assert not c._unused and c.stats()["bytes"] == 150 * cost
+
+
+def test_the_unused_prefetched_revisions_dict_is_made_anew_as_they_are_used():
+    c = ClientCache()
+    c.store_prefetched([(_wire_oid(i), b"p", p64(2), None) for i in range(1000)])
+    table = sys.getsizeof(c._unused)
+    for i in range(990):
+        assert c.load(p64(i)) == (b"p", p64(2))
+    assert len(c._unused) == 10 and sys.getsizeof(c._unused) * 8 < table
+    assert all(c.load(p64(i)) == (b"p", p64(2)) for i in range(990, 1000))
+
+
+def test_every_form_survives_a_snapshot_and_restore():
+    big = b"B" * (COMPACT_MAX + 1)
+    c = ClientCache()
+    c.store(p64(1), p64(5), None, b"compact")
+    c.store(p64(2), p64(5), None, big)
+    c.store(p64(3), p64(2), None, b"ended")
+    c.invalidate(p64(3), p64(6))
+    c.store(p64(3), p64(1), p64(2), b"older")
+    c.store_prefetched([(_wire_oid(4), b"unused", p64(4), None)])
+    last, entries = c.snapshot()
+    assert [e[0] for e in entries] == [p64(1), p64(2), p64(3), p64(3), p64(4)]
+    restored = ClientCache()
+    restored.restore(p64(9), entries)
+    for cache in (c, restored):
+        assert cache.load(p64(1)) == (b"compact", p64(5))
+        assert cache.load(p64(2)) == (big, p64(5))
+        assert cache.loadBefore(p64(3), p64(6)) == (b"ended", p64(2), p64(6))
+        assert cache.loadBefore(p64(3), p64(2)) == (b"older", p64(1), p64(2))
+        assert cache.load(p64(3)) is None
+        assert cache.load(p64(4)) == (b"unused", p64(4))
+    assert restored.stats()["bytes"] == c.stats()["bytes"]
+    assert restored.snapshot()[1] == c.snapshot()[1]
 
 
 # -- a store cut short by a signal handler's exception (KeyboardInterrupt) ---------------

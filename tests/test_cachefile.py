@@ -39,8 +39,9 @@ def cf(tmp_path):
 
 
 def sample_cache() -> ClientCache:
-    """Current and non-current revisions, with an LRU order unlike insertion order."""
-    c = ClientCache()
+    """Current and non-current revisions, with an LRU order unlike insertion order
+    (the cache more than half full, so that a hit reorders: zeotwist.client.cache)."""
+    c = ClientCache(size=2000)
     c.store(p64(1), p64(5), None, b"one@5")
     c.store(p64(2), p64(6), None, b"two@6" * 40)
     c.store(p64(1), p64(3), p64(5), b"one@3")
@@ -311,7 +312,7 @@ def test_leftover_temp_file_from_a_crash_is_ignored_and_removed(tmp_path):
 # -- ClientCache.snapshot / restore -------------------------------------------------------
 
 def test_restore_keeps_the_most_recently_used_within_the_size_limit():
-    big = ClientCache(size=10**9)
+    big = ClientCache(size=30_000)                       # more than half full: hits reorder
     for i in range(100):
         big.store(p64(i), p64(1), None, b"x" * 80)
     big.invalidate(p64(99), p64(2))

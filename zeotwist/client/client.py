@@ -227,9 +227,7 @@ class Client(StorageCallsMixin):
         its exact validity.  Called while the answer's box is handled, so
         before any later Invalidate is applied: one that ends a revision
         stored here finds it in the cache and ends it."""
-        store = self.cache.store
-        for oid, data, start, end in records:
-            store(oid, start, end, data)
+        self.cache.store_prefetched(records)
         self.prefetched += len(records)
 
     # -- reads -------------------------------------------------------------------
