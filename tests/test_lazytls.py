@@ -102,16 +102,17 @@ def test_a_plain_client_loads_twisteds_process_support_at_its_first_use(servers)
 def test_a_plain_client_leaves_twisteds_unused_modules_to_their_first_use(servers):
     """decimal (AMP's Decimal argument), html.entities (html, for Twisted's
     escape), the Unix and UDP transports, twisted.python.filepath, Twisted's
-    JSON log files with uuid (lazymodules.LAZY_MODULES) have not run in a
-    connected client; used afterwards, they work."""
+    JSON log files with uuid, urllib.parse and ipaddress
+    (lazymodules.LAZY_MODULES) have not run in a connected client; used
+    afterwards, they work."""
     out = run(servers, """
         from zeotwist.lazymodules import loaded
         storage = plain_client()
         print([m for m in ("decimal", "_decimal", "html.entities", "twisted.internet.unix",
                            "twisted.internet.udp", "twisted.python.filepath", "pathlib",
-                           "twisted.logger._json", "uuid")
+                           "twisted.logger._json", "uuid", "urllib.parse", "ipaddress")
                if loaded(m) is not None])
-        import decimal, html, io
+        import decimal, html, io, warnings
         from twisted.logger import eventsFromJSONLogFile, jsonFileLogObserver
         from twisted.protocols import amp
         print(amp.Decimal().fromString(b"1.25") + 1, html.unescape("&notin;") == "\\u2209")
@@ -119,9 +120,15 @@ def test_a_plain_client_leaves_twisteds_unused_modules_to_their_first_use(server
         jsonFileLogObserver(f)({"log_format": "x{n}", "n": 1, "log_time": 0.0})
         f.seek(0)
         print([e["n"] for e in eventsFromJSONLogFile(f)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from twisted.python.compat import urlquote, urlunquote
+            print(urlquote("a b"), urlunquote("a%2Fb"))
+        from urllib.parse import urlsplit
+        print(urlsplit("zeo://[::1]:8100/x").hostname, type(sys.modules["ipaddress"]).__name__)
         storage.close()
         """)
-    assert out.split("\n")[:3] == ["[]", "2.25 True", "[1]"]
+    assert out.split("\n")[:5] == ["[]", "2.25 True", "[1]", "a%20b a/b", "::1 module"]
 
 
 def test_a_plain_client_connects_to_a_unix_socket_with_the_transport_loaded_then(tmp_path):

@@ -157,7 +157,8 @@ def _reap_all_processes() -> None:
 #: ``html.entities`` 0.45, ``decimal`` 0.35, the process support (``pty``,
 #: ``tty``, ``termios``, ``grp``, ``pwd``) 0.3, ``unix`` and ``udp`` 0.1,
 #: ``twisted.python.filepath`` (with ``pathlib``) 0.3, ``twisted.logger._json``
-#: (with ``uuid``) 0.15 (docs/performance.md, "Memory").  The server adds its own
+#: (with ``uuid``) 0.15, ``urllib.parse`` and ``ipaddress`` 0.35 (docs/performance.md,
+#: "Memory" and "Issue 10, eighth session").  The server adds its own
 #: (zeotwist.server.footprint).
 LAZY_MODULES = {
     "http.cookiejar": {},           # twisted.python.compat: its Python 2 name
@@ -171,6 +172,9 @@ LAZY_MODULES = {
     "twisted.python.filepath": {    # AMP's Path argument; Unix socket addresses
         name: forward("twisted.python.filepath", name)
         for name in ("_asFilesystemBytes", "_coerceToFilesystemEncoding")},
+    "urllib.parse": {               # twisted.python.compat: its Python 2 names
+        name: forward("urllib.parse", name) for name in ("quote", "unquote")},
+    "ipaddress": {},                # urllib.parse: URLs with a bracketed host
     "twisted.logger._json": {       # twisted.logger's JSON log files (with uuid)
         name: forward("twisted.logger._json", name)
         for name in ("eventAsJSON", "eventFromJSON", "jsonFileLogObserver",
