@@ -30,12 +30,12 @@ per revision less than a tuple in an ``OrderedDict`` would take.
 """
 from threading import Lock
 
-#: Bytes counted per revision besides its data.  What it really takes is more:
-#: about 30–60 bytes of structure (its slot in the dict, a tuple for the
-#: revisions that are not compact) and about 45–130 of object headers (oid,
-#: start tid, data), so with small records the cache's memory can reach
-#: about twice its size; counting that would make a cache of the same size
-#: hold half as many records (docs/performance.md, "Memory").
+#: Bytes counted per revision besides its data.  What it really takes differs:
+#: about 70 bytes for a current revision of up to COMPACT_MAX bytes (its
+#: bytes object's header and start tid, its slot in the dict), about 140
+#: for an unused prefetched one, about 340 for a non-current one (its tuple,
+#: key and place in ``_older``): docs/cache.md.  Counting that would make a
+#: cache of the same size hold fewer records than ZEO's of small records.
 ENTRY_OVERHEAD = 120
 #: Distinct start tids kept for sharing (see ``ClientCache._tids``) before
 #: the table is emptied and started again.
