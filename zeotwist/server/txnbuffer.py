@@ -29,6 +29,10 @@ OIDS_SCAN_RECORDS = 10_000
 #: the stream is read this many bytes at a time for its headers (a payload
 #: longer than this is skipped with a seek)
 _SCAN_BLOCK = 64 * 1024
+#: after such a skip, this many: the header, and more small records' if they
+#: follow (a transaction of big records then costs ~_SKIP_READ bytes a record
+#: read on the reactor thread, not a whole block)
+_SKIP_READ = 512
 
 
 #: A stream of at most this many bytes stays a list of its pieces (a small
@@ -165,8 +169,9 @@ def _named(f, size: int, limit: int) -> frozenset | None:
         if pos >= size:
             break
         if pos + HEAD_SIZE > base + len(block):
+            skipped = pos > base + len(block)       # a payload past the block
             f.seek(pos)
-            block, base = f.read(_SCAN_BLOCK), pos
+            block, base = f.read(_SKIP_READ if skipped else _SCAN_BLOCK), pos
             if len(block) < HEAD_SIZE:
                 return None
         kind, oid, length = unpack_head(block, pos - base)
