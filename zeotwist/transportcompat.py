@@ -45,9 +45,8 @@ def send_some(transport, data: bytes) -> int:
     ``send`` on EINTR itself), on every write of a load, a commit or an
     answer: the bytes the socket took; 0 when it took none or failed (the
     transport meets the error itself at its next read or write)."""
-    try:
-        send = transport.socket.send
-    except AttributeError:
+    send = socket_send(transport)
+    if send is None:                    # not a socket's, or being lost
         sent = transport.writeSomeData(data)
         return sent if isinstance(sent, int) else 0
     try:
